@@ -1,0 +1,3 @@
+from tavcli.cli import main
+
+main()

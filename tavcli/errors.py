@@ -1,0 +1,17 @@
+"""The one exception type users see: what went wrong, in a line, and what to try next."""
+
+from __future__ import annotations
+
+__all__ = ["TavError"]
+
+
+class TavError(Exception):
+    """A failure caused by the user's input or environment, shown without a traceback."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if self.hint is None else f"{self.message} ({self.hint})"

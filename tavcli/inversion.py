@@ -1,0 +1,59 @@
+"""DDIM inversion: from a clip's clean latents to the noise that regenerates its structure.
+
+Each step k walks the DDIM schedule upwards, from timestep s = t_k - T/N to t_k, asking the model for
+its prediction **at the destination t_k** from the current latent x (the reference's choice):
+
+    eps  = model(x, t_k, prompt)              (v-prediction output converted to eps)
+    x0   = (x - sqrt(1 - a_s) * eps) / sqrt(a_s)
+    x'   = sqrt(a_t) * x0 + sqrt(1 - a_t) * eps
+
+with `a` the cumulative alphas and a_s = `alphas_cumprod[0]` (or 1) when s < 0. That is exactly
+`diffusers.DDIMInverseScheduler.step`, which this module calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers import DDIMInverseScheduler, SchedulerMixin
+
+from tavcli.model import VideoUNet
+
+__all__ = ["StepCallback", "ddim_inversion"]
+
+StepCallback = Callable[[int, int], None]
+"""Called after each denoising step with (steps done, steps in all)."""
+
+
+@torch.no_grad()
+def ddim_inversion(
+    unet: VideoUNet,
+    scheduler: SchedulerMixin,
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    num_steps: int,
+    on_step: StepCallback | None = None,
+) -> list[torch.Tensor]:
+    """Invert `latents` with DDIM and return every latent, from the clean input to the noisiest.
+
+    Args:
+        unet: the (tuned) video UNet.
+        scheduler: the model's scheduler; its config builds the inverse DDIM schedule.
+        latents: (b, c, f, h, w) clean latents, already multiplied by the VAE's scaling factor.
+        prompt_embeds: (b, n, d) text embedding, normally of the empty prompt; no guidance is used.
+        num_steps: number of DDIM steps N.
+        on_step: optional progress callback.
+
+    Returns:
+        N + 1 tensors shaped like `latents`: `[0]` is the input, `[-1]` the noise used for editing.
+    """
+    inverse = DDIMInverseScheduler.from_config(scheduler.config)
+    inverse.set_timesteps(num_steps, device=latents.device)
+    trajectory = [latents]
+    for done, timestep in enumerate(inverse.timesteps, start=1):
+        model_output = unet(trajectory[-1], timestep, prompt_embeds).sample
+        trajectory.append(inverse.step(model_output, timestep, trajectory[-1]).prev_sample)
+        if on_step is not None:
+            on_step(done, num_steps)
+    return trajectory

@@ -1,0 +1,215 @@
+"""Finding and loading Stable Diffusion models: a hub id, a local diffusers folder, or the built-in `tiny`.
+
+Every model, `tiny` included, ends up as a local diffusers folder loaded through the same code:
+`tiny` is built once from the configs in `tavcli/tiny/` with seeded random weights, saved with
+`save_pretrained` into the user cache, and read back like any other folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from tavcli.atomic import atomic_path
+from tavcli.errors import TavError
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "TINY_MODEL",
+    "Components",
+    "ModelSource",
+    "cache_dir",
+    "encode_prompts",
+    "load_components",
+    "resolve_model",
+]
+
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+TINY_MODEL = "tiny"
+TINY_SEED = 0
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+OFFLINE_HINT = "no model hub is reachable: use --model tiny for the built-in offline model, or a local diffusers folder"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are, and what identifies them (for cache keys and sidecars)."""
+
+    name: str  # what the user asked for: a hub id, a folder, or "tiny"
+    folder: Path
+    revision: str  # hub commit, or a fingerprint of a local folder's weights
+
+    @property
+    def identity(self) -> dict[str, str]:
+        return {"model": self.name, "revision": self.revision}
+
+
+@dataclass
+class Components:
+    """The loaded parts of a Stable Diffusion model (the UNet still 2D)."""
+
+    source: ModelSource
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    scheduler: DDIMScheduler
+
+
+def cache_dir() -> Path:
+    """tavcli's cache folder (`TAV_CACHE_DIR`, else the platform's user cache)."""
+    return Path(os.environ.get("TAV_CACHE_DIR") or platformdirs.user_cache_path("tavcli"))
+
+
+def resolve_model(name: str, allow_pickle: bool = False) -> ModelSource:
+    """Turn `--model` into a local folder: build `tiny`, check a folder, or fetch from the hub."""
+    if name == TINY_MODEL:
+        return _tiny_model()
+    path = Path(name).expanduser()
+    if path.exists():
+        return _local_model(path)
+    if not HUB_ID.match(name):
+        raise TavError(
+            f"unknown model {name!r}: not a local folder nor a hub id like 'org/name'",
+            f"e.g. {DEFAULT_MODEL}, a local diffusers folder, or --model tiny (built-in, offline)",
+        )
+    return _hub_model(name, allow_pickle)
+
+
+def _local_model(path: Path) -> ModelSource:
+    folder = path.resolve()
+    missing = [part for part in COMPONENTS if not (folder / part).is_dir()]
+    if missing:
+        raise TavError(f"{path} is not a diffusers Stable Diffusion folder (missing {', '.join(missing)})")
+    # Cheap fingerprint (names, sizes, modification times) so a changed checkpoint gets new cache keys.
+    digest = hashlib.sha256()
+    for file in sorted(p for part in COMPONENTS for p in (folder / part).rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return ModelSource(name=str(folder), folder=folder, revision=f"local-{digest.hexdigest()[:16]}")
+
+
+def _hub_model(repo_id: str, allow_pickle: bool) -> ModelSource:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    weights = ["*.safetensors"] + (["*.bin"] if allow_pickle else [])
+    patterns = ["model_index.json", *(f"{part}/*.json" for part in COMPONENTS), "tokenizer/*.txt"]
+    patterns += [f"{part}/{w}" for part in ("unet", "vae", "text_encoder") for w in weights]
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except RepositoryNotFoundError:
+        raise TavError(f"unknown model {repo_id!r}: no such repository on the hub (or it is private)") from None
+    except LocalEntryNotFoundError:
+        raise TavError(f"cannot load {repo_id!r}: the hub is unreachable and it is not cached", OFFLINE_HINT) from None
+    except HfHubHTTPError as error:
+        raise TavError(f"cannot download {repo_id!r}: {error}", OFFLINE_HINT) from None
+    return ModelSource(name=repo_id, folder=folder, revision=folder.name)
+
+
+def _tiny_model() -> ModelSource:
+    configs = resources.files("tavcli") / "tiny"
+    digest = hashlib.sha256(f"seed={TINY_SEED}\n".encode())
+    for entry in sorted(_walk(configs), key=str):
+        digest.update(entry.read_bytes())
+    revision = f"tiny-{digest.hexdigest()[:16]}"
+    folder = cache_dir() / "models" / revision
+    if not (folder / "model_index.json").exists():
+        _quiet_libraries()
+        with atomic_path(folder) as temp:
+            _build_tiny_model(configs, temp)
+    return ModelSource(name=TINY_MODEL, folder=folder, revision=revision)
+
+
+def _walk(node: Any) -> list[Any]:
+    return [leaf for child in node.iterdir() for leaf in (_walk(child) if child.is_dir() else [child])]
+
+
+def _build_tiny_model(configs: Any, folder: Path) -> None:
+    """Save an SD-shaped model with seeded random weights; deterministic for a given config."""
+    import json
+
+    def config(name: str) -> dict[str, Any]:
+        return json.loads((configs / name).read_text())
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        UNet2DConditionModel(**config("unet.json")).save_pretrained(folder / "unet")
+        AutoencoderKL(**config("vae.json")).save_pretrained(folder / "vae")
+        CLIPTextModel(CLIPTextConfig(**config("text_encoder.json"))).save_pretrained(folder / "text_encoder")
+    DDIMScheduler(**config("scheduler.json")).save_pretrained(folder / "scheduler")
+    (folder / "tokenizer").mkdir()
+    for file in (configs / "tokenizer").iterdir():
+        shutil.copyfile(str(file), folder / "tokenizer" / file.name)
+    # Written last: its presence marks a complete model.
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "tavcli": "tiny"}))
+
+
+def load_components(
+    source: ModelSource, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False
+) -> Components:
+    """Load tokenizer, text encoder, VAE, 2D UNet and DDIM scheduler from `source.folder`.
+
+    The text encoder and VAE are cast to `dtype` (they are frozen); the UNet stays float32 until
+    the caller decides (tuning needs float32 master weights).
+    """
+    _quiet_libraries()
+    folder, safe = source.folder, (None if allow_pickle else True)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=safe)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=safe)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=safe)
+        scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    except (OSError, ValueError) as error:
+        hint = None if allow_pickle else "if it has only pickled (.bin) weights and you trust it, pass --allow-pickle"
+        raise TavError(f"cannot load the model in {folder}: {_first_line(error)}", hint) from None
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False).eval()
+    text_encoder.to(device=device, dtype=dtype)
+    vae.to(device=device, dtype=dtype)
+    unet.to(device=device)
+    return Components(source, tokenizer, text_encoder, vae, unet, scheduler)
+
+
+@torch.no_grad()
+def encode_prompts(components: Components, prompts: list[str]) -> torch.Tensor:
+    """(len(prompts), n, d) CLIP text embeddings, padded to the tokenizer's full length."""
+    tokens = components.tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=components.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return components.text_encoder(tokens.input_ids.to(components.text_encoder.device))[0]
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else error.__class__.__name__
+
+
+def _quiet_libraries() -> None:
+    """tavcli draws its own progress and reports load failures itself: silence the libraries' bars and logs."""
+    import logging
+
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity(logging.CRITICAL)
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity(logging.CRITICAL)
+    transformers.utils.logging.disable_progress_bar()

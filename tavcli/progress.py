@@ -1,0 +1,32 @@
+"""How library code reports notes and progress without knowing who is watching.
+
+Library functions take a `Reporter`; the base class is silent (tests, scripts), the command line
+passes one that draws Rich progress bars on stderr.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+__all__ = ["Advance", "Reporter"]
+
+Advance = Callable[..., None]
+"""Marks one unit of a task done; keyword arguments (such as `loss=0.1`) update its shown fields."""
+
+
+class Reporter:
+    """Receives notes and progress from long-running work. This base class ignores them."""
+
+    def note(self, message: str) -> None:
+        """A one-line remark the user should see (a rounded size, a reused result)."""
+
+    @contextmanager
+    def task(self, description: str, total: int) -> Iterator[Advance]:
+        """A unit of work of `total` steps; call the yielded function after each step."""
+        yield _ignore
+
+
+def _ignore(**fields: Any) -> None:
+    pass

@@ -1,0 +1,53 @@
+"""Where and in what precision the work runs."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from tavcli.errors import TavError
+
+__all__ = ["Precision", "Runtime", "resolve_runtime"]
+
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A device and the precision the UNet computes in (autocast) and frozen modules are stored in."""
+
+    device: torch.device
+    precision: str  # fp32, fp16 or bf16
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.precision]
+
+    def autocast(self) -> AbstractContextManager[object]:
+        """Mixed precision for UNet calls: float32 weights, `dtype` matrix products."""
+        if self.precision == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def resolve_runtime(device: str = "auto", precision: Precision | str = "auto") -> Runtime:
+    """`--device auto` picks CUDA, then Apple MPS, then the CPU; `--precision auto` is fp16 on CUDA, else fp32."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise TavError(f"unknown device {device!r}", "use auto, cpu, cuda, cuda:N or mps") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise TavError(f"--device {device}: no CUDA GPU is available here", "use --device cpu")
+    if precision == "auto":
+        precision = "fp16" if chosen.type == "cuda" else "fp32"
+    if precision not in DTYPES:
+        raise TavError(f"unknown precision {precision!r}", "use auto, fp32, fp16 or bf16")
+    if precision != "fp32" and chosen.type == "cpu":
+        raise TavError(f"--precision {precision} needs a GPU; the CPU runs fp32", "use --precision fp32")
+    return Runtime(device=chosen, precision=precision)

@@ -1,0 +1,49 @@
+"""DDIM sampling with classifier-free guidance, as the reference pipeline does it.
+
+Each step runs the UNet once on a doubled batch `[uncond, cond]` and combines the two predictions:
+
+    pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+    x    = DDIMScheduler.step(pred, t, x, eta)          (eta = 0: deterministic DDIM)
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, SchedulerMixin
+
+from tavcli.inversion import StepCallback
+from tavcli.model import VideoUNet
+
+__all__ = ["ddim_sample"]
+
+
+@torch.no_grad()
+def ddim_sample(
+    unet: VideoUNet,
+    scheduler: SchedulerMixin,
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor,
+    num_steps: int,
+    guidance_scale: float,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    on_step: StepCallback | None = None,
+) -> torch.Tensor:
+    """Denoise `latents` (b, c, f, h, w) from pure noise to clean latents and return them.
+
+    `prompt_embeds` and `negative_prompt_embeds` are (b, n, d); the negative embedding is the
+    unconditional branch (the empty prompt's embedding unless the user gave a negative prompt).
+    `eta > 0` adds DDIM's stochastic term, drawn from `generator`.
+    """
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(num_steps, device=latents.device)
+    text = torch.cat([negative_prompt_embeds, prompt_embeds])
+    for done, timestep in enumerate(ddim.timesteps, start=1):
+        model_input = ddim.scale_model_input(torch.cat([latents, latents]), timestep)
+        pred_uncond, pred_cond = unet(model_input, timestep, text).sample.chunk(2)
+        pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+        latents = ddim.step(pred, timestep, latents, eta=eta, generator=generator).prev_sample
+        if on_step is not None:
+            on_step(done, num_steps)
+    return latents

@@ -1,0 +1,174 @@
+"""Reading clips and writing results with PyAV (and Pillow for GIF and PNG frames)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Literal
+
+import av
+import numpy as np
+from PIL import Image, ImageOps
+
+from tavcli.atomic import atomic_path
+from tavcli.errors import TavError
+
+__all__ = [
+    "Clip",
+    "FrameSelection",
+    "FrameSize",
+    "OutputFormat",
+    "ResizeMode",
+    "probe",
+    "read_clip",
+    "snap_to_multiple",
+    "write_video",
+]
+
+ResizeMode = Literal["crop", "stretch"]
+OutputFormat = Literal["mp4", "gif", "frames"]
+SIZE_MULTIPLE = 8  # the VAE halves the size three times and the UNet needs whole latents
+FALLBACK_FPS = Fraction(8)  # for inputs (some GIFs) that state no frame rate
+
+
+@dataclass(frozen=True)
+class FrameSelection:
+    """Which frames to take: `frames` of them, every `stride`-th, from frame `start` (0-based)."""
+
+    frames: int = 24
+    stride: int = 2
+    start: int = 0
+
+    def __post_init__(self) -> None:
+        if self.frames < 1 or self.stride < 1 or self.start < 0:
+            raise TavError("--frames and --stride must be at least 1 and --start at least 0")
+
+    @property
+    def last_index(self) -> int:
+        return self.start + (self.frames - 1) * self.stride
+
+    def indices(self) -> range:
+        return range(self.start, self.last_index + 1, self.stride)
+
+
+@dataclass(frozen=True)
+class FrameSize:
+    """Output frame size in pixels (multiples of 8) and how to fit the source into it."""
+
+    width: int = 512
+    height: int = 512
+    resize: ResizeMode = "crop"
+
+
+@dataclass
+class Clip:
+    """Selected frames as uint8 RGB (f, h, w, 3), and the frame rate they play at (source fps / stride)."""
+
+    frames: np.ndarray
+    fps: Fraction
+
+
+def snap_to_multiple(value: int, multiple: int = SIZE_MULTIPLE) -> int:
+    """Round `value` to the nearest positive multiple of `multiple` (halves round up)."""
+    return max(multiple, (value + multiple // 2) // multiple * multiple)
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    if not path.exists():
+        raise TavError(f"no such file: {path}")
+    if path.is_dir():
+        raise TavError(f"{path} is a folder, not a video file")
+    try:
+        container = av.open(str(path))
+    except PermissionError:
+        raise TavError(f"cannot read {path}: permission denied") from None
+    except (av.FFmpegError, OSError) as error:
+        raise TavError(f"{path} is not a video file PyAV can read ({error.__class__.__name__})") from None
+    if not container.streams.video:
+        container.close()
+        raise TavError(f"{path} has no video stream")
+    return container
+
+
+def probe(path: Path) -> None:
+    """Fail early, with a clear message, if `path` is not a readable video."""
+    with _open(path):
+        pass
+
+
+def _fit(image: Image.Image, size: FrameSize) -> Image.Image:
+    target = (size.width, size.height)
+    if size.resize == "stretch":
+        return image.resize(target, Image.Resampling.BICUBIC)
+    return ImageOps.fit(image, target, Image.Resampling.BICUBIC)  # scale to cover, crop the centre
+
+
+def read_clip(path: Path, selection: FrameSelection, size: FrameSize) -> Clip:
+    """Decode the selected frames of `path`, resized to `size`."""
+    wanted = set(selection.indices())
+    frames: list[np.ndarray] = []
+    decoded = 0
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        try:
+            for decoded, frame in enumerate(container.decode(stream), start=1):
+                if decoded - 1 in wanted:
+                    frames.append(np.asarray(_fit(frame.to_image(), size)))
+                    if len(frames) == selection.frames:
+                        break
+        except av.FFmpegError as error:
+            raise TavError(f"{path} could not be decoded after {decoded} frames: {error}") from None
+    if len(frames) < selection.frames:
+        raise TavError(f"{path} has {decoded} frames, too few for {_describe(selection)}", _suggest(selection, decoded))
+    fps = Fraction(rate) if rate else FALLBACK_FPS
+    return Clip(frames=np.stack(frames), fps=fps / selection.stride)
+
+
+def _describe(selection: FrameSelection) -> str:
+    return (
+        f"--frames {selection.frames} --stride {selection.stride} --start {selection.start} "
+        f"(needs {selection.last_index + 1})"
+    )
+
+
+def _suggest(selection: FrameSelection, available: int) -> str:
+    room = available - selection.start
+    if room < 1:
+        return f"use --start below {available}"
+    fits = [f"--frames {1 + (room - 1) // selection.stride} --stride {selection.stride}"]
+    if selection.frames > 1 and (room - 1) // (selection.frames - 1) >= 1:
+        fits.append(f"--frames {selection.frames} --stride {(room - 1) // (selection.frames - 1)}")
+    return "try " + " or ".join(fits)
+
+
+def write_video(frames: np.ndarray, path: Path, fmt: OutputFormat, fps: Fraction) -> Path:
+    """Write uint8 RGB frames (f, h, w, 3) atomically as H.264 mp4, GIF, or a folder of PNGs."""
+    with atomic_path(path) as temp:
+        if fmt == "mp4":
+            _write_mp4(frames, temp, fps)
+        elif fmt == "gif":
+            images = [Image.fromarray(frame) for frame in frames]
+            duration_ms = round(1000 / float(fps))
+            images[0].save(temp, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
+        elif fmt == "frames":
+            temp.mkdir()
+            for index, frame in enumerate(frames):
+                Image.fromarray(frame).save(temp / f"frame_{index:05d}.png")
+        else:
+            raise TavError(f"unknown output format {fmt!r}", "use mp4, gif or frames")
+    return path
+
+
+def _write_mp4(frames: np.ndarray, path: Path, fps: Fraction) -> None:
+    height, width = frames.shape[1:3]
+    if width % 2 or height % 2:
+        raise TavError(f"H.264 needs even frame sizes, got {width}x{height}")
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps.limit_denominator(100_000))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": "18"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())

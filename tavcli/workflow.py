@@ -1,0 +1,456 @@
+"""What `tav tune`, `tav invert` and `tav edit` do, as plain functions on a project directory.
+
+Each step looks its result up in the project's store first and computes it only when missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+import time
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tavcli import __version__
+from tavcli.errors import TavError
+from tavcli.inversion import ddim_inversion
+from tavcli.model import FrameNorm, VideoUNet, inflate_unet
+from tavcli.models import Components, ModelSource, encode_prompts, load_components, resolve_model
+from tavcli.progress import Reporter
+from tavcli.runtime import Runtime
+from tavcli.sampling import ddim_sample
+from tavcli.store import Entry, Project
+from tavcli.tune import TuneSettings, decode_latents, encode_clip, train_delta
+from tavcli.video import (
+    FrameSelection,
+    FrameSize,
+    OutputFormat,
+    ResizeMode,
+    probe,
+    read_clip,
+    snap_to_multiple,
+    write_video,
+)
+
+__all__ = [
+    "Artifact",
+    "EditSettings",
+    "Session",
+    "default_project",
+    "edit",
+    "find_project",
+    "frame_size",
+    "invert",
+    "tune",
+]
+
+PROJECT_SUFFIX = ".tav"
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """DDIM sampling settings of an edit (the reference's: 50 steps, guidance 12.5, eta 0)."""
+
+    steps: int = 50
+    guidance: float = 12.5
+    negative: str = ""
+    seed: int = 33  # only draws noise when eta > 0
+    eta: float = 0.0
+
+
+@dataclass
+class Artifact:
+    """One result a command produced or found cached: the record printed on stdout."""
+
+    kind: str
+    key: str
+    path: Path
+    cached: bool
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "key": self.key,
+            "path": str(self.path),
+            "cached": self.cached,
+            "seconds": round(self.seconds, 3),
+            **self.details,
+        }
+
+
+class Session:
+    """Models loaded in this process, shared by every command it runs."""
+
+    def __init__(self, runtime: Runtime, reporter: Reporter | None = None, allow_pickle: bool = False) -> None:
+        self.runtime = runtime
+        self.reporter = reporter or Reporter()
+        self.allow_pickle = allow_pickle
+        self._components: dict[Path, Components] = {}
+        self._tuned: dict[str, VideoUNet] = {}
+
+    def model(self, name: str) -> Components:
+        source = resolve_model(name, self.allow_pickle)
+        if source.folder not in self._components:
+            self.reporter.note(f"loading model {source.name}")
+            dtype = self.runtime.dtype
+            self._components[source.folder] = load_components(source, self.runtime.device, dtype, self.allow_pickle)
+        return self._components[source.folder]
+
+    def tuned_unet(self, project: Project, tune_entry: Entry) -> tuple[Components, VideoUNet]:
+        """The base model with `tune_entry`'s delta applied."""
+        meta = tune_entry.meta()
+        components = self.model(meta["model"]["model"])
+        _check_same_model(components.source, meta["model"])
+        if tune_entry.key not in self._tuned:
+            unet = inflate_unet(components.unet, frame_norm=tune_entry.spec["frame_norm"])
+            delta = tune_entry.tensors(self.runtime.device)
+            result = unet.load_state_dict(delta, strict=False)
+            if result.unexpected_keys:
+                raise TavError(f"tuned delta {tune_entry.path} does not fit this model", "run `tav tune` again")
+            self._tuned[tune_entry.key] = unet.eval()
+        return components, self._tuned[tune_entry.key]
+
+
+def frame_size(width: int, height: int, resize: ResizeMode, reporter: Reporter) -> FrameSize:
+    """The frame size rounded to multiples of 8, with a note when it changed."""
+    snapped = snap_to_multiple(width), snap_to_multiple(height)
+    if snapped != (width, height):
+        reporter.note(f"size {width}x{height} rounded to {snapped[0]}x{snapped[1]} (multiples of 8)")
+    if resize not in ("crop", "stretch"):
+        raise TavError(f"unknown resize mode {resize!r}", "use crop or stretch")
+    return FrameSize(width=snapped[0], height=snapped[1], resize=resize)
+
+
+def default_project(clip: Path) -> Path:
+    """`clip.mp4` -> `clip.tav/` beside it."""
+    return clip.with_name(clip.stem + PROJECT_SUFFIX)
+
+
+def find_project(given: Path | None) -> Path:
+    """`--project` if given, else the only `*.tav` folder in the current directory."""
+    if given is not None:
+        return given
+    candidates = sorted(p for p in Path.cwd().glob(f"*{PROJECT_SUFFIX}") if p.is_dir())
+    if len(candidates) == 1:
+        return candidates[0]
+    found = "none" if not candidates else ", ".join(p.name for p in candidates)
+    raise TavError(f"which project? pass --project (found {found} here)", "`tav tune CLIP PROMPT` creates CLIP.tav")
+
+
+def tune(
+    session: Session,
+    clip: Path,
+    prompt: str,
+    project_root: Path,
+    model: str,
+    selection: FrameSelection,
+    size: FrameSize,
+    settings: TuneSettings,
+    frame_norm: FrameNorm = "joint",
+    force: bool = False,
+) -> list[Artifact]:
+    """Encode the clip (once) and tune the model on it; make the tune the project's current one."""
+    _require_prompt(prompt)
+    if settings.steps < 1 or settings.learning_rate <= 0:
+        raise TavError("--steps must be at least 1 and --lr positive")
+    probe(clip)  # a bad clip should fail before a slow model load
+    components = session.model(model)
+    project = Project(project_root)
+    latents, latents_artifact = _clip_latents(session, components, project, clip, selection, size, force)
+    spec = {
+        "latents": latents.key,
+        "prompt": prompt,
+        "steps": settings.steps,
+        "learning_rate": settings.learning_rate,
+        "seed": settings.seed,
+        "precision": session.runtime.precision,
+        "frame_norm": frame_norm,
+    }
+    entry = project.entry("tunes", spec)
+    started = time.perf_counter()
+    cached = entry.complete and not force
+    if not cached:
+        delta, losses = _train(session, components, latents, prompt, settings, frame_norm)
+        entry.save(
+            delta,
+            {
+                "model": components.source.identity,
+                "clip": latents.meta()["clip"],
+                "losses": losses,
+                "seconds": time.perf_counter() - started,
+                "gradient_checkpointing": settings.gradient_checkpointing,
+                "tav_version": __version__,
+            },
+        )
+        session._tuned.pop(entry.key, None)
+    if project.state.get("tune") != entry.key:
+        project.update_state(tune=entry.key, inversion=None)
+    delta_bytes = (entry.path / "tensors.safetensors").stat().st_size
+    unet_bytes = sum(p.numel() * p.element_size() for p in components.unet.parameters())
+    details = {"prompt": prompt, "delta_bytes": delta_bytes, "base_unet_bytes": unet_bytes}
+    tuned = Artifact("tune", entry.key, entry.path, cached, time.perf_counter() - started, details)
+    return [latents_artifact, tuned]
+
+
+def _clip_latents(
+    session: Session,
+    components: Components,
+    project: Project,
+    clip: Path,
+    selection: FrameSelection,
+    size: FrameSize,
+    force: bool,
+) -> tuple[Entry, Artifact]:
+    """The clip's VAE posterior (mean, std), encoded once per model, clip content, frames and size."""
+    started = time.perf_counter()
+    spec: dict[str, Any] = {
+        "model": components.source.identity,
+        "clip_sha256": _file_sha256(clip),
+        "selection": asdict(selection),
+        "size": asdict(size),
+    }
+    entry = project.entry("latents", spec)
+    cached = entry.complete and not force
+    if not cached:
+        frames = read_clip(clip, selection, size)
+        with session.reporter.task("encoding clip", 1) as advance:
+            mean, std = encode_clip(components.vae, frames.frames)
+            advance()
+        clip_facts = {"path": str(clip.resolve()), "fps": str(frames.fps), **spec["selection"], **spec["size"]}
+        entry.save({"mean": mean, "std": std}, {"clip": clip_facts})
+    return entry, Artifact("latents", entry.key, entry.path, cached, time.perf_counter() - started)
+
+
+def _train(
+    session: Session,
+    components: Components,
+    latents: Entry,
+    prompt: str,
+    settings: TuneSettings,
+    frame_norm: FrameNorm,
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    runtime = session.runtime
+    stats = latents.tensors(runtime.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)  # the temporal layers' initial weights
+        unet = inflate_unet(components.unet, frame_norm=frame_norm)
+    losses: list[float] = []
+    with session.reporter.task("tuning", settings.steps) as advance:
+
+        def record(loss: float) -> None:
+            losses.append(loss)
+            advance(loss=loss)
+
+        delta = train_delta(
+            unet,
+            components.scheduler,
+            stats["mean"],
+            stats["std"],
+            components.vae.config.scaling_factor,
+            encode_prompts(components, [prompt]).float(),
+            settings,
+            runtime,
+            record,
+        )
+    return delta, losses
+
+
+def invert(session: Session, project_root: Path, steps: int = 50, prompt: str = "", force: bool = False) -> Artifact:
+    """DDIM-invert the clip's posterior-mean latents with the current tune; keep the whole trajectory."""
+    if steps < 1:
+        raise TavError("--steps must be at least 1")
+    project, tune_entry = _current_tune(project_root)
+    entry = project.entry("inversions", {"tune": tune_entry.key, "steps": steps, "prompt": prompt})
+    started = time.perf_counter()
+    cached = entry.complete and not force
+    if not cached:
+        components, unet = session.tuned_unet(project, tune_entry)
+        stats = project.find("latents", tune_entry.spec["latents"]).tensors(session.runtime.device)
+        latents = stats["mean"] * components.vae.config.scaling_factor
+        embeds = encode_prompts(components, [prompt]).float()
+        with session.reporter.task("inverting", steps) as advance, session.runtime.autocast():
+            trajectory = ddim_inversion(unet, components.scheduler, latents, embeds, steps, lambda *_: advance())
+        entry.save({"trajectory": torch.stack(trajectory).float()}, {"seconds": time.perf_counter() - started})
+    project.update_state(inversion=entry.key)
+    return Artifact("inversion", entry.key, entry.path, cached, time.perf_counter() - started, {"steps": steps})
+
+
+def edit(
+    session: Session,
+    project_root: Path,
+    prompts: list[str],
+    settings: EditSettings,
+    out_dir: Path | None = None,
+    fmt: OutputFormat = "mp4",
+    fps: float | None = None,
+    force: bool = False,
+) -> list[Artifact]:
+    """Render one clip per prompt from the inverted noise (inverting first if needed)."""
+    if not prompts:
+        raise TavError("give at least one edit prompt")
+    for prompt in prompts:
+        _require_prompt(prompt)
+    if settings.steps < 1:
+        raise TavError("--steps must be at least 1")
+    if fps is not None and fps <= 0:
+        raise TavError("--fps must be positive")
+    project, tune_entry = _current_tune(project_root)
+    inversion = _current_inversion(session, project, tune_entry, settings.steps)
+    out_dir = out_dir or project.root / "renders"
+    return [_edit_one(session, project, tune_entry, inversion, p, settings, out_dir, fmt, fps, force) for p in prompts]
+
+
+def _edit_one(
+    session: Session,
+    project: Project,
+    tune_entry: Entry,
+    inversion: Entry,
+    prompt: str,
+    settings: EditSettings,
+    out_dir: Path,
+    fmt: OutputFormat,
+    fps: float | None,
+    force: bool,
+) -> Artifact:
+    started = time.perf_counter()
+    runtime = session.runtime
+    spec = {"inversion": inversion.key, "prompt": prompt, **asdict(settings), "precision": runtime.precision}
+    entry = project.entry("edits", spec)
+    cached = entry.complete and not force
+    if not cached:
+        components, unet = session.tuned_unet(project, tune_entry)
+        noise = inversion.tensors(runtime.device)["trajectory"][-1]
+        embeds = encode_prompts(components, [prompt, settings.negative]).float()
+        generator = torch.Generator(runtime.device).manual_seed(settings.seed)
+        with session.reporter.task(f"editing: {prompt}", settings.steps) as advance, runtime.autocast():
+            latents = ddim_sample(
+                unet,
+                components.scheduler,
+                noise,
+                embeds[:1],
+                embeds[1:],
+                settings.steps,
+                settings.guidance,
+                eta=settings.eta,
+                generator=generator,
+                on_step=lambda *_: advance(),
+            )
+        entry.save({"latents": latents.float()}, {"seconds": time.perf_counter() - started})
+
+    clip = project.find("latents", tune_entry.spec["latents"]).meta()["clip"]
+    rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(clip["fps"])
+    suffix = "" if fmt == "frames" else f".{fmt}"
+    output = out_dir / f"{_slug(prompt)}-{entry.key[:8]}{suffix}"
+    sidecar = output.with_name(output.name + ".json") if suffix else output.with_suffix(".json")
+    rendered = cached and output.exists() and sidecar.exists()
+    if not rendered:
+        vae = session.model(tune_entry.meta()["model"]["model"]).vae
+        frames = decode_latents(vae, entry.tensors(runtime.device)["latents"])
+        write_video(frames, output, fmt, rate)
+        _write_sidecar(sidecar, project, tune_entry, inversion, entry, fmt, rate, frames.shape)
+    details = {"prompt": prompt, "sidecar": str(sidecar), "format": fmt}
+    return Artifact("edit", entry.key, output, rendered, time.perf_counter() - started, details)
+
+
+def _write_sidecar(
+    path: Path,
+    project: Project,
+    tune_entry: Entry,
+    inversion: Entry,
+    edit_entry: Entry,
+    fmt: str,
+    fps: Fraction,
+    shape: tuple[int, ...],
+) -> None:
+    """Everything needed to reproduce the output, including the commands that would."""
+    from tavcli.atomic import write_json
+
+    meta = tune_entry.meta()
+    clip, tune_spec, edit_spec = meta["clip"], tune_entry.spec, edit_entry.spec
+    tune_cmd = ["tav", "tune", clip["path"], tune_spec["prompt"], "--project", str(project.root.resolve())]
+    tune_cmd += ["--model", meta["model"]["model"], "--frames", clip["frames"], "--stride", clip["stride"]]
+    tune_cmd += ["--start", clip["start"], "--width", clip["width"], "--height", clip["height"]]
+    tune_cmd += ["--resize", clip["resize"], "--steps", tune_spec["steps"], "--lr", tune_spec["learning_rate"]]
+    tune_cmd += ["--seed", tune_spec["seed"], "--precision", tune_spec["precision"]]
+    tune_cmd += ["--frame-norm", tune_spec["frame_norm"]]
+    invert_cmd = ["tav", "invert", "--project", str(project.root.resolve()), "--steps", inversion.spec["steps"]]
+    edit_cmd = ["tav", "edit", edit_spec["prompt"], "--project", str(project.root.resolve())]
+    edit_cmd += [
+        "--steps",
+        edit_spec["steps"],
+        "--guidance",
+        edit_spec["guidance"],
+        "--negative",
+        edit_spec["negative"],
+    ]
+    edit_cmd += ["--seed", edit_spec["seed"], "--eta", edit_spec["eta"], "--format", fmt, "--fps", float(fps)]
+    write_json(
+        path,
+        {
+            "tav_version": __version__,
+            "model": meta["model"],
+            "clip": clip,
+            "tune": {"key": tune_entry.key, **tune_spec},
+            "inversion": {"key": inversion.key, **inversion.spec},
+            "edit": {"key": edit_entry.key, **edit_spec},
+            "output": {"format": fmt, "fps": str(fps), "frames": shape[0], "height": shape[1], "width": shape[2]},
+            "reproduce": [shlex.join(map(str, cmd)) for cmd in (tune_cmd, invert_cmd, edit_cmd)],
+        },
+    )
+
+
+def _current_tune(project_root: Path) -> tuple[Project, Entry]:
+    project = Project(project_root)
+    if not project_root.is_dir():
+        raise TavError(f"no project at {project_root}", "`tav tune CLIP PROMPT` creates one")
+    key = project.state.get("tune")
+    if not key:
+        raise TavError(
+            f"project {project_root} was never tuned", f"run `tav tune CLIP PROMPT --project {project_root}`"
+        )
+    return project, project.find("tunes", key)
+
+
+def _current_inversion(session: Session, project: Project, tune_entry: Entry, steps: int) -> Entry:
+    """The project's inversion for this tune, or a new one with `steps` DDIM steps."""
+    key = project.state.get("inversion")
+    if key and (project.root / "inversions" / key / "meta.json").is_file():
+        entry = project.find("inversions", key)
+        if entry.spec.get("tune") == tune_entry.key:
+            return entry
+    artifact = invert(session, project.root, steps=steps)
+    return project.find("inversions", artifact.key)
+
+
+def _check_same_model(source: ModelSource, tuned_with: dict[str, str]) -> None:
+    if source.revision != tuned_with["revision"]:
+        raise TavError(
+            f"model {source.name} has changed since this project was tuned "
+            f"({tuned_with['revision']} then, {source.revision} now)",
+            "tune again with `tav tune`",
+        )
+
+
+def _require_prompt(prompt: str) -> None:
+    if not prompt.strip():
+        raise TavError("the prompt is empty", 'describe the clip, e.g. "a man is skiing"')
+
+
+def _slug(text: str, limit: int = 48) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:limit].rstrip("-") or "edit"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,62 @@
+"""Shared fixtures: the reference's tiny model and tensors (tests/data/oracle), and an isolated cache."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+ORACLE = DATA / "oracle"
+TINY_SD = ORACLE / "tiny-sd"
+CLIP = Path(__file__).parent.parent / "tavcli" / "data" / "man-skiing.mp4"  # 48 frames, 256x256, 29.97 fps
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tav-cache")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(cache_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test touches the real user cache; the built tiny model is shared by the session."""
+    monkeypatch.setenv("TAV_CACHE_DIR", str(cache_root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def oracle_unet2d():  # type: ignore[no-untyped-def]
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(TINY_SD / "unet")
+
+
+@pytest.fixture(scope="session")
+def oracle_video_unet(oracle_unet2d):  # type: ignore[no-untyped-def]
+    """The reference's inflated tiny UNet: tiny-sd's 2D weights plus its temporal weights."""
+    from safetensors.torch import load_file
+
+    from tavcli.model import inflate_unet
+
+    unet = inflate_unet(oracle_unet2d).eval()
+    unet.load_state_dict(load_file(ORACLE / "unet3d_temporal.safetensors"), strict=False)
+    return unet
+
+
+@pytest.fixture
+def run_tav(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Run `tav ARGS...` in-process through the real entry point; return (exit code, stdout, stderr)."""
+    from tavcli.cli import main
+
+    def run(*args: str | Path) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["tav", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -1,0 +1,68 @@
+"""DDIM inversion against the reference, and the guidance batching of DDIM sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from safetensors.torch import load_file
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from tavcli.inversion import ddim_inversion
+from tavcli.sampling import ddim_sample
+
+from .conftest import ORACLE, TINY_SD
+
+
+@pytest.fixture(scope="module")
+def scheduler() -> DDIMScheduler:
+    return DDIMScheduler.from_pretrained(TINY_SD / "scheduler")
+
+
+@pytest.fixture(scope="module")
+def embed():  # type: ignore[no-untyped-def]
+    tokenizer = CLIPTokenizer.from_pretrained(TINY_SD / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(TINY_SD / "text_encoder")
+
+    def embed(prompt: str) -> torch.Tensor:
+        ids = tokenizer([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return encoder(ids)[0]
+
+    return embed
+
+
+def test_inversion_reproduces_reference(oracle_video_unet, scheduler, embed) -> None:
+    reference = load_file(ORACLE / "ddim_inversion_empty.safetensors")
+    trajectory = ddim_inversion(oracle_video_unet, scheduler, reference["latent_in"], embed(""), 10)
+    assert len(trajectory) == 11
+    assert torch.equal(trajectory[0], reference["latent_in"])
+    assert (trajectory[-1] - reference["empty.final"]).abs().max().item() <= 1e-4
+
+
+def test_inversion_feeds_the_reference_timesteps(oracle_video_unet, scheduler, embed) -> None:
+    reference = load_file(ORACLE / "ddim_inversion_empty.safetensors")
+    seen: list[int] = []
+
+    def spy(module, args, kwargs):  # type: ignore[no-untyped-def]
+        seen.append(int(args[1]))
+
+    handle = oracle_video_unet.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        ddim_inversion(oracle_video_unet, scheduler, reference["latent_in"], embed(""), 10)
+    finally:
+        handle.remove()
+    assert seen == reference["empty.unet_timesteps"].tolist()
+
+
+def test_guidance_batches_negative_then_prompt(oracle_video_unet, scheduler, embed) -> None:
+    noise = torch.randn(1, 4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    cat, dog, empty = embed("a cat"), embed("a dog"), embed("")
+
+    def sample(prompt: torch.Tensor, negative: torch.Tensor, guidance: float) -> torch.Tensor:
+        return ddim_sample(oracle_video_unet, scheduler, noise, prompt, negative, 3, guidance)
+
+    # guidance 1 keeps only the prompt's branch, guidance 0 only the negative's.
+    assert torch.allclose(sample(cat, empty, 1.0), sample(cat, dog, 1.0), atol=1e-5)
+    assert torch.allclose(sample(cat, empty, 0.0), sample(dog, empty, 0.0), atol=1e-5)
+    assert not torch.allclose(sample(cat, empty, 7.5), sample(dog, empty, 7.5), atol=1e-3)

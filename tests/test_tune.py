@@ -1,0 +1,95 @@
+"""Tuning: what is trained, that all of it gets gradients, and that runs are reproducible."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from safetensors.torch import load_file
+
+from tavcli.model import inflate_unet, trainable_parameters
+from tavcli.progress import Reporter
+from tavcli.runtime import resolve_runtime
+from tavcli.tune import TuneSettings, train_delta, training_target
+
+from .conftest import ORACLE, TINY_SD
+
+
+def _video_unet(unet2d):  # type: ignore[no-untyped-def]
+    unet = inflate_unet(unet2d)
+    # The reference's random temporal weights: a zero-initialised to_out would block their gradients.
+    unet.load_state_dict(load_file(ORACLE / "unet3d_temporal.safetensors"), strict=False)
+    return unet
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_every_trainable_tensor_gets_a_gradient(oracle_unet2d, checkpointing: bool) -> None:
+    """The reference's reentrant checkpointing leaves 42 of 112 tensors without gradient; tavcli must not."""
+    unet = _video_unet(oracle_unet2d).train()
+    params = trainable_parameters(unet)
+    unet.requires_grad_(False)
+    for param in params.values():
+        param.requires_grad_(True)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    sample = torch.randn(1, 4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    unet(sample, torch.tensor([500]), text).sample.square().mean().backward()
+    without = [name for name, p in params.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert without == []
+    frozen_with_grad = [n for n, p in unet.named_parameters() if n not in params and p.grad is not None]
+    assert frozen_with_grad == []
+
+
+def _train(unet2d, steps: int = 2, seed: int = 33, checkpointing: bool = False):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    unet = inflate_unet(unet2d)
+    mean = torch.randn(1, 4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    std = torch.full_like(mean, 0.1)
+    text = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(3))
+    losses: list[float] = []
+    settings = TuneSettings(steps=steps, learning_rate=1e-3, seed=seed, gradient_checkpointing=checkpointing)
+    scheduler = DDIMScheduler.from_pretrained(TINY_SD / "scheduler")
+    runtime = resolve_runtime("cpu", "fp32")
+    delta = train_delta(unet, scheduler, mean, std, 0.18215, text, settings, runtime, lambda loss: losses.append(loss))
+    return unet, delta, losses
+
+
+def test_training_changes_only_the_tuned_tensors_and_is_reproducible(oracle_unet2d) -> None:
+    before = {name: t.clone() for name, t in oracle_unet2d.state_dict().items()}
+    unet, delta, losses = _train(oracle_unet2d)
+    assert len(losses) == 2 and all(loss > 0 for loss in losses)
+    assert set(delta) == set(trainable_parameters(unet))
+    assert all(torch.equal(t, before[name]) for name, t in oracle_unet2d.state_dict().items())
+    changed = [name for name, t in delta.items() if name in before and not torch.equal(t, before[name])]
+    assert len(changed) == 32  # every attn1.to_q and attn2.to_q moved
+    _, again, _ = _train(oracle_unet2d)
+    assert all(torch.equal(delta[name], again[name]) for name in delta)
+    _, other_seed, _ = _train(oracle_unet2d, seed=34)
+    assert not all(torch.equal(delta[name], other_seed[name]) for name in delta)
+
+
+def test_gradient_checkpointing_gives_the_same_delta(oracle_unet2d) -> None:
+    _, plain, _ = _train(oracle_unet2d)
+    _, checkpointed, _ = _train(oracle_unet2d, checkpointing=True)
+    assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_training_target_follows_prediction_type(prediction_type: str) -> None:
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_pretrained(TINY_SD / "scheduler", prediction_type=prediction_type)
+    latents, noise = torch.randn(1, 4, 2, 8, 8), torch.randn(1, 4, 2, 8, 8)
+    timesteps = torch.tensor([700])
+    target = training_target(scheduler, latents, noise, timesteps)
+    a = scheduler.alphas_cumprod[700]
+    expected = noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
+    torch.testing.assert_close(target, expected)
+
+
+def test_reporter_base_class_is_silent() -> None:
+    reporter = Reporter()
+    reporter.note("nothing")
+    with reporter.task("work", 3) as advance:
+        advance(loss=0.5)
