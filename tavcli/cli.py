@@ -314,16 +314,20 @@ def _root(
 
 
 def main() -> None:
-    """Entry point: user errors become one red line and exit status 1 (TAV_DEBUG=1 shows the traceback)."""
+    """Entry point: user errors become one red line and exit status 1 (TAV_DEBUG=1 shows the traceback).
+
+    File-system failures (permissions, a full disk) are the environment's, not bugs: one line too.
+    """
     try:
         app()
-    except TavError as error:
+    except (TavError, OSError) as error:
         if os.environ.get("TAV_DEBUG"):
             raise
         from rich.console import Console
         from rich.markup import escape
 
+        message, hint = (error.message, error.hint) if isinstance(error, TavError) else (str(error), None)
         console = Console(stderr=True, highlight=False, soft_wrap=True)
-        hint = f" [dim]({escape(error.hint)})[/dim]" if error.hint else ""
-        console.print(f"[bold red]error:[/bold red] {escape(error.message)}{hint}")
+        shown_hint = f" [dim]({escape(hint)})[/dim]" if hint else ""
+        console.print(f"[bold red]error:[/bold red] {escape(message)}{shown_hint}")
         sys.exit(1)

@@ -92,16 +92,27 @@ class Session:
         self.runtime = runtime
         self.reporter = reporter or Reporter()
         self.allow_pickle = allow_pickle
+        self._sources: dict[str, ModelSource] = {}
         self._components: dict[Path, Components] = {}
         self._tuned: dict[str, VideoUNet] = {}
 
+    def source(self, name: str) -> ModelSource:
+        """Where model `name` is (downloading it if needed), without loading it."""
+        if name not in self._sources:
+            self._sources[name] = resolve_model(name, self.allow_pickle)
+        return self._sources[name]
+
     def model(self, name: str) -> Components:
-        source = resolve_model(name, self.allow_pickle)
+        source = self.source(name)
         if source.folder not in self._components:
             self.reporter.note(f"loading model {source.name}")
             dtype = self.runtime.dtype
             self._components[source.folder] = load_components(source, self.runtime.device, dtype, self.allow_pickle)
         return self._components[source.folder]
+
+    def forget_tuned(self, key: str) -> None:
+        """Drop a tuned UNet built from an entry that was just recomputed."""
+        self._tuned.pop(key, None)
 
     def tuned_unet(self, project: Project, tune_entry: Entry) -> tuple[Components, VideoUNet]:
         """The base model with `tune_entry`'s delta applied."""
@@ -161,9 +172,10 @@ def tune(
     if settings.steps < 1 or settings.learning_rate <= 0:
         raise TavError("--steps must be at least 1 and --lr positive")
     probe(clip)  # a bad clip should fail before a slow model load
-    components = session.model(model)
+    _require_folder(project_root, "--project")
+    source = session.source(model)
     project = Project(project_root)
-    latents, latents_artifact = _clip_latents(session, components, project, clip, selection, size, force)
+    latents, latents_artifact = _clip_latents(session, source, project, clip, selection, size, force)
     spec = {
         "latents": latents.key,
         "prompt": prompt,
@@ -177,11 +189,11 @@ def tune(
     started = time.perf_counter()
     cached = entry.complete and not force
     if not cached:
-        delta, losses = _train(session, components, latents, prompt, settings, frame_norm)
+        delta, losses = _train(session, session.model(model), latents, prompt, settings, frame_norm)
         entry.save(
             delta,
             {
-                "model": components.source.identity,
+                "model": source.identity,
                 "clip": latents.meta()["clip"],
                 "losses": losses,
                 "seconds": time.perf_counter() - started,
@@ -189,11 +201,11 @@ def tune(
                 "tav_version": __version__,
             },
         )
-        session._tuned.pop(entry.key, None)
+        session.forget_tuned(entry.key)
     if project.state.get("tune") != entry.key:
         project.update_state(tune=entry.key, inversion=None)
     delta_bytes = (entry.path / "tensors.safetensors").stat().st_size
-    unet_bytes = sum(p.numel() * p.element_size() for p in components.unet.parameters())
+    unet_bytes = sum(f.stat().st_size for f in (source.folder / "unet").glob("*.safetensors"))
     details = {"prompt": prompt, "delta_bytes": delta_bytes, "base_unet_bytes": unet_bytes}
     tuned = Artifact("tune", entry.key, entry.path, cached, time.perf_counter() - started, details)
     return [latents_artifact, tuned]
@@ -201,7 +213,7 @@ def tune(
 
 def _clip_latents(
     session: Session,
-    components: Components,
+    source: ModelSource,
     project: Project,
     clip: Path,
     selection: FrameSelection,
@@ -211,7 +223,7 @@ def _clip_latents(
     """The clip's VAE posterior (mean, std), encoded once per model, clip content, frames and size."""
     started = time.perf_counter()
     spec: dict[str, Any] = {
-        "model": components.source.identity,
+        "model": source.identity,
         "clip_sha256": _file_sha256(clip),
         "selection": asdict(selection),
         "size": asdict(size),
@@ -221,7 +233,7 @@ def _clip_latents(
     if not cached:
         frames = read_clip(clip, selection, size)
         with session.reporter.task("encoding clip", 1) as advance:
-            mean, std = encode_clip(components.vae, frames.frames)
+            mean, std = encode_clip(session.model(source.name).vae, frames.frames)
             advance()
         clip_facts = {"path": str(clip.resolve()), "fps": str(frames.fps), **spec["selection"], **spec["size"]}
         entry.save({"mean": mean, "std": std}, {"clip": clip_facts})
@@ -264,8 +276,7 @@ def _train(
 
 def invert(session: Session, project_root: Path, steps: int = 50, prompt: str = "", force: bool = False) -> Artifact:
     """DDIM-invert the clip's posterior-mean latents with the current tune; keep the whole trajectory."""
-    if steps < 1:
-        raise TavError("--steps must be at least 1")
+    _require_ddim_steps(steps)
     project, tune_entry = _current_tune(project_root)
     entry = project.entry("inversions", {"tune": tune_entry.key, "steps": steps, "prompt": prompt})
     started = time.perf_counter()
@@ -297,10 +308,11 @@ def edit(
         raise TavError("give at least one edit prompt")
     for prompt in prompts:
         _require_prompt(prompt)
-    if settings.steps < 1:
-        raise TavError("--steps must be at least 1")
+    _require_ddim_steps(settings.steps)
     if fps is not None and fps <= 0:
         raise TavError("--fps must be positive")
+    if out_dir is not None:
+        _require_folder(out_dir, "--out")
     project, tune_entry = _current_tune(project_root)
     inversion = _current_inversion(session, project, tune_entry, settings.steps)
     out_dir = out_dir or project.root / "renders"
@@ -322,6 +334,8 @@ def _edit_one(
     started = time.perf_counter()
     runtime = session.runtime
     spec = {"inversion": inversion.key, "prompt": prompt, **asdict(settings), "precision": runtime.precision}
+    if settings.eta == 0:
+        spec["seed"] = None  # deterministic DDIM draws no noise: the seed determines nothing
     entry = project.entry("edits", spec)
     cached = entry.complete and not force
     if not cached:
@@ -390,7 +404,8 @@ def _write_sidecar(
         "--negative",
         edit_spec["negative"],
     ]
-    edit_cmd += ["--seed", edit_spec["seed"], "--eta", edit_spec["eta"], "--format", fmt, "--fps", float(fps)]
+    edit_cmd += ["--eta", edit_spec["eta"], "--format", fmt, "--fps", float(fps)]
+    edit_cmd += [] if edit_spec["seed"] is None else ["--seed", edit_spec["seed"]]
     write_json(
         path,
         {
@@ -436,6 +451,17 @@ def _check_same_model(source: ModelSource, tuned_with: dict[str, str]) -> None:
             f"({tuned_with['revision']} then, {source.revision} now)",
             "tune again with `tav tune`",
         )
+
+
+def _require_ddim_steps(steps: int) -> None:
+    # SD schedulers are trained on 1000 timesteps; DDIM cannot take more steps than that.
+    if not 1 <= steps <= 1000:
+        raise TavError(f"--steps must be between 1 and 1000, not {steps}")
+
+
+def _require_folder(path: Path, option: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise TavError(f"{option} {path} is a file, not a folder")
 
 
 def _require_prompt(prompt: str) -> None:

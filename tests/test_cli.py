@@ -75,8 +75,9 @@ def test_tune_invert_edit_with_tiny_model(tmp_path: Path, run_tav) -> None:  # t
     # Editing again reuses everything; a new prompt reuses the tune and the inversion.
     code, out, _ = run_tav("edit", "a panda is skiing", "-p", project, "--steps", "3")
     assert _records(out)[0]["cached"] is True
-    code, out, _ = run_tav("tune", CLIP, "a man is skiing", "--model", "tiny", "-p", project, *SMALL)
+    code, out, err = run_tav("tune", CLIP, "a man is skiing", "--model", "tiny", "-p", project, *SMALL)
     assert all(r["cached"] for r in _records(out))
+    assert "loading model" not in err  # nothing to compute, so no model load
     inversions = list((project / "inversions").iterdir())
     code, out, _ = run_tav("edit", "a dog is skiing", "-p", project, "--steps", "3", "--format", "gif", "--fps", "5")
     assert code == 0 and _records(out)[0]["cached"] is False
@@ -142,6 +143,9 @@ BAD_INPUTS = {
     "edit-no-project": (lambda t: ["edit", "a dog", "-p", t / "none.tav"], "no project"),
     "fp16-on-cpu": (lambda t: ["tune", CLIP, "a man", "-m", "tiny", "--device", "cpu", "--precision", "fp16"], "GPU"),
     "bad-stride": (lambda t: ["tune", CLIP, "a man", "-m", "tiny", "--stride", "0"], "--stride"),
+    "project-is-a-file": (lambda t: ["tune", CLIP, "a man", "-m", "tiny", "-p", CLIP], "is a file"),
+    "too-many-steps": (lambda t: ["invert", "-p", _untuned(t), "--steps", "5000"], "between 1 and 1000"),
+    "out-is-a-file": (lambda t: ["edit", "a dog", "-p", _untuned(t), "--out", CLIP], "is a file"),
 }
 
 
