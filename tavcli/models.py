@@ -33,6 +33,7 @@ __all__ = [
     "encode_prompts",
     "load_components",
     "resolve_model",
+    "weight_files",
 ]
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -105,9 +106,10 @@ def _hub_model(repo_id: str, allow_pickle: bool) -> ModelSource:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    weights = ["*.safetensors"] + (["*.bin"] if allow_pickle else [])
     patterns = ["model_index.json", *(f"{part}/*.json" for part in COMPONENTS), "tokenizer/*.txt"]
-    patterns += [f"{part}/{w}" for part in ("unet", "vae", "text_encoder") for w in weights]
+    patterns += [
+        f"{part}/{name}" for part in ("unet", "vae", "text_encoder") for name in weight_files(part, allow_pickle)
+    ]
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
     except RepositoryNotFoundError:
@@ -117,6 +119,20 @@ def _hub_model(repo_id: str, allow_pickle: bool) -> ModelSource:
     except HfHubHTTPError as error:
         raise TavError(f"cannot download {repo_id!r}: {error}", OFFLINE_HINT) from None
     return ModelSource(name=repo_id, folder=folder, revision=folder.name)
+
+
+def weight_files(part: str, allow_pickle: bool = False) -> list[str]:
+    """Name patterns of the weights diffusers/transformers load for `part` (whole or sharded).
+
+    Hub repositories also hold variants (`.fp16.safetensors`, `non_ema`) that are never loaded;
+    these patterns leave them out of downloads and size reports.
+    """
+    safe = "model" if part == "text_encoder" else "diffusion_pytorch_model"
+    names = [f"{safe}.safetensors", f"{safe}-*.safetensors"]
+    if allow_pickle:
+        pickled = "pytorch_model" if part == "text_encoder" else "diffusion_pytorch_model"
+        names += [f"{pickled}.bin", f"{pickled}-*.bin"]
+    return names
 
 
 def _tiny_model() -> ModelSource:

@@ -20,7 +20,7 @@ from tavcli import __version__
 from tavcli.errors import TavError
 from tavcli.inversion import ddim_inversion
 from tavcli.model import FrameNorm, VideoUNet, inflate_unet
-from tavcli.models import Components, ModelSource, encode_prompts, load_components, resolve_model
+from tavcli.models import Components, ModelSource, encode_prompts, load_components, resolve_model, weight_files
 from tavcli.progress import Reporter
 from tavcli.runtime import Runtime
 from tavcli.sampling import ddim_sample
@@ -205,7 +205,8 @@ def tune(
     if project.state.get("tune") != entry.key:
         project.update_state(tune=entry.key, inversion=None)
     delta_bytes = (entry.path / "tensors.safetensors").stat().st_size
-    unet_bytes = sum(f.stat().st_size for f in (source.folder / "unet").glob("*.safetensors"))
+    unet_files = {f for name in weight_files("unet", allow_pickle=True) for f in (source.folder / "unet").glob(name)}
+    unet_bytes = sum(f.stat().st_size for f in unet_files)
     details = {"prompt": prompt, "delta_bytes": delta_bytes, "base_unet_bytes": unet_bytes}
     tuned = Artifact("tune", entry.key, entry.path, cached, time.perf_counter() - started, details)
     return [latents_artifact, tuned]

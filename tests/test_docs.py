@@ -56,3 +56,21 @@ def test_demo_renders_two_clips(tmp_path: Path, run_tav) -> None:  # type: ignor
     assert code == 0, err
     edits = [r for r in map(json.loads, out.splitlines()) if r["kind"] == "edit"]
     assert len(edits) == 2 and all(Path(r["path"]).stat().st_size > 0 for r in edits)
+
+
+def test_weight_patterns_skip_variants_that_are_never_loaded() -> None:
+    from fnmatch import fnmatch
+
+    from tavcli.models import weight_files
+
+    def kept(part: str, name: str, allow_pickle: bool = False) -> bool:
+        return any(fnmatch(name, pattern) for pattern in weight_files(part, allow_pickle))
+
+    assert kept("unet", "diffusion_pytorch_model.safetensors")
+    assert kept("unet", "diffusion_pytorch_model-00001-of-00002.safetensors")
+    assert kept("text_encoder", "model.safetensors")
+    assert not kept("unet", "diffusion_pytorch_model.fp16.safetensors")
+    assert not kept("unet", "diffusion_pytorch_model.non_ema.safetensors")
+    assert not kept("unet", "diffusion_pytorch_model.bin")
+    assert kept("unet", "diffusion_pytorch_model.bin", allow_pickle=True)
+    assert kept("text_encoder", "pytorch_model.bin", allow_pickle=True)
