@@ -7,18 +7,24 @@ Every command prints one JSON record per artifact on stdout; progress and notes 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import Enum
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 
 from tavcli import __version__
-from tavcli.errors import TavError
+from tavcli.config import Setting
+from tavcli.errors import Interrupted, TavError
 
 if TYPE_CHECKING:
+    from tavcli.store import Listing, Project
     from tavcli.workflow import Artifact, Session
 
 app = typer.Typer(
@@ -60,19 +66,39 @@ class Format(str, Enum):
     frames = "frames"
 
 
-DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"  # tavcli.models.DEFAULT_MODEL, without importing torch
 RUN = "Hardware"
 MODEL = "Model"
+STORE = "Store"
 
 ProjectOpt = Annotated[
     Optional[Path],
     typer.Option(
-        "--project", "-p", help="Project directory (default for edit/invert: the only *.tav here).", show_default=False
+        "--project",
+        "-p",
+        help="Project directory [default: $TAV_PROJECT, else the only *.tav here].",
+        show_default=False,
     ),
 ]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=RUN)]
+DeviceOpt = Annotated[
+    Optional[str],
+    typer.Option(help="auto, cpu, cuda, cuda:N or mps [default: config, else auto].", rich_help_panel=RUN),
+]
 PrecisionOpt = Annotated[
-    Precision, typer.Option(help="auto = fp16 on CUDA (mixed precision), fp32 on CPU.", rich_help_panel=RUN)
+    Optional[Precision],
+    typer.Option(
+        help="auto = fp16 on CUDA (mixed precision), fp32 on CPU [default: config, else auto].", rich_help_panel=RUN
+    ),
+]
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model",
+        "-m",
+        help="Hub id, local diffusers folder, or 'tiny' (built-in, offline) "
+        "[default: $TAV_MODEL, tav.toml, config.toml, else CompVis/stable-diffusion-v1-4].",
+        rich_help_panel=MODEL,
+        show_default=False,
+    ),
 ]
 AllowPickleOpt = Annotated[
     bool,
@@ -83,14 +109,50 @@ AllowPickleOpt = Annotated[
     ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute even if the project has the result.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout instead of a table.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show the plan and change nothing.")]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do it without asking.")]
 
 
-def _session(device: str, precision: Precision, allow_pickle: bool) -> Session:
+def _settings(project: Path | None, **flags: str | None) -> dict[str, Setting]:
+    from tavcli.config import resolve_settings
+
+    return resolve_settings(flags, project)
+
+
+def _session(settings: dict[str, Setting], allow_pickle: bool) -> Session:
     from tavcli.runtime import resolve_runtime
     from tavcli.ui import RichReporter
     from tavcli.workflow import Session
 
-    return Session(resolve_runtime(device, precision.value), RichReporter(), allow_pickle)
+    runtime = resolve_runtime(settings["device"].value or "auto", settings["precision"].value or "auto")
+    return Session(runtime, RichReporter(), allow_pickle)
+
+
+def _precision(value: Precision | None) -> str | None:
+    return None if value is None else value.value
+
+
+def _project_for_clip(flag: Path | None, settings: dict[str, Setting]) -> Callable[[Path], Path]:
+    """Where a clip's project is: --project, $TAV_PROJECT, PROJECT_ROOT/CLIP.tav (config), else beside the clip."""
+    from tavcli.config import project_from
+    from tavcli.workflow import default_project
+
+    chosen = project_from(flag)
+    root = settings["project_root"].value
+    if chosen is not None:
+        return lambda clip: Path(chosen.value or "")
+    if root:
+        return lambda clip: Path(root).expanduser() / default_project(clip).name
+    return default_project
+
+
+def _existing_project(flag: Path | None) -> Path:
+    from tavcli.config import project_from
+    from tavcli.workflow import find_project
+
+    chosen = project_from(flag)
+    return find_project(Path(chosen.value or "") if chosen else None)
 
 
 def _report(artifacts: list[Artifact]) -> None:
@@ -107,17 +169,15 @@ def tune(
     video: Annotated[Path, typer.Argument(help="The clip: mp4, mov, webm, mkv or gif.", show_default=False)],
     prompt: Annotated[str, typer.Argument(help='What the clip shows, e.g. "a man is skiing".', show_default=False)],
     project: Annotated[
-        Optional[Path], typer.Option("--project", "-p", help="Project directory [default: CLIP.tav beside the clip].")
-    ] = None,
-    model: Annotated[
-        str,
+        Optional[Path],
         typer.Option(
-            "--model",
-            "-m",
-            help="Hub id, local diffusers folder, or 'tiny' (built-in, offline).",
-            rich_help_panel=MODEL,
+            "--project",
+            "-p",
+            help="Project directory [default: $TAV_PROJECT, else CLIP.tav in project_root or beside the clip].",
+            show_default=False,
         ),
-    ] = DEFAULT_MODEL,
+    ] = None,
+    model: ModelOpt = None,
     frames: Annotated[int, typer.Option(help="Number of frames to tune on.", rich_help_panel="Frames")] = 24,
     stride: Annotated[int, typer.Option(help="Take every S-th frame.", rich_help_panel="Frames")] = 2,
     start: Annotated[int, typer.Option(help="First frame (0-based).", rich_help_panel="Frames")] = 0,
@@ -147,34 +207,50 @@ def tune(
     gradient_checkpointing: Annotated[
         bool, typer.Option(help="Trade compute for memory (same results).", rich_help_panel=RUN)
     ] = False,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = Precision.auto,
+    checkpoint_every: Annotated[
+        int,
+        typer.Option(
+            help="Save a resumable state every N steps (0: only on Ctrl-C and at the end).", rich_help_panel=STORE
+        ),
+    ] = 100,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
     force: ForceOpt = False,
 ) -> None:
     """Tune the model on one clip and its description (the reference's defaults).
 
     The clip is VAE-encoded once; only the attention query projections and the new temporal
-    attention are trained, and only those tensors are saved in the project.
+    attention are trained, and only those tensors are saved in the project. Ctrl-C saves the
+    training state: the same command resumes it, and a larger --steps continues a finished tune.
 
     Example: tav tune skiing.mp4 "a man is skiing" --steps 300
     """
     from tavcli.tune import TuneSettings
     from tavcli.video import FrameSelection
-    from tavcli.workflow import default_project, frame_size
+    from tavcli.workflow import frame_size
     from tavcli.workflow import tune as run_tune
 
-    session = _session(device, precision, allow_pickle)
+    project_dir = _project_for_clip(project, _settings(None))(video)
+    settings = _settings(project_dir, model=model, device=device, precision=_precision(precision))
+    session = _session(settings, allow_pickle)
     size = frame_size(width, height, resize.value, session.reporter)
+    tune_settings = TuneSettings(
+        steps=steps,
+        learning_rate=lr,
+        seed=seed,
+        gradient_checkpointing=gradient_checkpointing,
+        checkpoint_every=checkpoint_every,
+    )
     artifacts = run_tune(
         session,
         video,
         prompt,
-        project or default_project(video),
-        model,
+        project_dir,
+        settings["model"].value or "",
         FrameSelection(frames=frames, stride=stride, start=start),
         size,
-        TuneSettings(steps=steps, learning_rate=lr, seed=seed, gradient_checkpointing=gradient_checkpointing),
+        tune_settings,
         frame_norm=frame_norm.value,
         force=force,
     )
@@ -191,8 +267,8 @@ def invert(
     project: ProjectOpt = None,
     steps: Annotated[int, typer.Option(help="DDIM inversion steps.")] = 50,
     prompt: Annotated[str, typer.Option(help="Prompt for inversion (the reference uses the empty prompt).")] = "",
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = Precision.auto,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
     force: ForceOpt = False,
 ) -> None:
@@ -200,11 +276,11 @@ def invert(
 
     `tav edit` runs this itself when the project has no inversion yet; run it to choose the steps.
     """
-    from tavcli.workflow import find_project
     from tavcli.workflow import invert as run_invert
 
-    session = _session(device, precision, allow_pickle)
-    _report([run_invert(session, find_project(project), steps=steps, prompt=prompt, force=force)])
+    project_dir = _existing_project(project)
+    session = _session(_settings(project_dir, device=device, precision=_precision(precision)), allow_pickle)
+    _report([run_invert(session, project_dir, steps=steps, prompt=prompt, force=force)])
 
 
 @app.command()
@@ -240,8 +316,8 @@ def edit(
             show_default=False,
         ),
     ] = None,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = Precision.auto,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
     force: ForceOpt = False,
 ) -> None:
@@ -251,12 +327,13 @@ def edit(
 
     Example: tav edit -p skiing.tav "a panda is skiing" "a man is skiing at sunset" --format gif
     """
-    from tavcli.workflow import EditSettings, find_project
+    from tavcli.workflow import EditSettings
     from tavcli.workflow import edit as run_edit
 
-    session = _session(device, precision, allow_pickle)
+    project_dir = _existing_project(project)
+    session = _session(_settings(project_dir, device=device, precision=_precision(precision)), allow_pickle)
     settings = EditSettings(steps=steps, guidance=guidance, negative=negative, seed=seed, eta=eta)
-    _report(run_edit(session, find_project(project), prompts, settings, out, fmt.value, fps, force))
+    _report(run_edit(session, project_dir, prompts, settings, out, fmt.value, fps, force))
 
 
 @app.command()
@@ -281,7 +358,7 @@ def demo(
     from tavcli.workflow import edit as run_edit
     from tavcli.workflow import tune as run_tune
 
-    session = _session("auto", Precision.auto, False)
+    session = _session(_settings(None, model="tiny"), allow_pickle=False)
     with resources.as_file(resources.files("tavcli") / "data" / "man-skiing.mp4") as clip:
         artifacts = run_tune(
             session,
@@ -296,6 +373,323 @@ def demo(
     prompts = ["a panda is skiing", "a man is skiing at sunset"]
     artifacts += run_edit(session, project, prompts, EditSettings(steps=20))
     _report(artifacts)
+
+
+@app.command()
+def batch(
+    jobs_file: Annotated[
+        str, typer.Argument(metavar="FILE", help="Jobs: a .toml file, a .jsonl file, or - for JSON Lines on stdin.")
+    ],
+    keep_going: Annotated[
+        bool, typer.Option("--keep-going", "-k", help="Run the valid jobs when some are invalid or fail.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what is cached and what would run; compute nothing.")
+    ] = False,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+) -> None:
+    """Run many tune/invert/edit jobs from a TOML file ([[job]] tables) or JSON Lines.
+
+    Every job is checked before any work starts. Work shared by jobs (one clip tuned once, one model
+    loaded once) is done once. stdout gets one JSON object per artifact or failed job; the exit
+    status is 0 only if every job succeeded. Under `accelerate launch` the jobs are split across
+    the processes, one device each. See docs/batch.md.
+
+    Example: tav batch jobs.toml    or    cat jobs.jsonl | tav batch -
+    """
+    from tavcli.batch import BatchContext, assign, failure_record, parse_jobs, plan_jobs, run_jobs
+    from tavcli.ui import print_record, stderr
+
+    if jobs_file == "-":
+        text, source, base, jsonl = sys.stdin.read(), "stdin", Path.cwd(), True
+    else:
+        path = Path(jobs_file)
+        if not path.is_file():
+            raise TavError(f"no batch file {path}", "give a .toml or .jsonl file, or - to read JSON Lines from stdin")
+        text, source, base = path.read_text(encoding="utf-8"), str(path), path.parent
+        jsonl = path.suffix.lower() in (".jsonl", ".ndjson", ".json")
+    jobs, problems = parse_jobs(text, source, base, jsonl)
+    for problem in problems:
+        stderr.print(f"[bold red]invalid job:[/bold red] {escape(str(problem))}")
+    if problems and not keep_going:
+        raise TavError(
+            f"{len(problems)} of {len(jobs) + len(problems)} jobs are invalid; nothing was run",
+            "fix them, or pass --keep-going to run the valid ones",
+        )
+    settings = _settings(None, model=model, device=device, precision=_precision(precision))
+    process, processes, chosen_device = _process_slot(settings["device"].value or "auto")
+    settings["device"] = Setting(chosen_device, settings["device"].source)
+    session = _session(settings, allow_pickle)
+    context = BatchContext(model=settings["model"].value or "", project_for=_project_for_clip(None, settings))
+    mine = assign(jobs, process, processes)
+    if processes > 1:
+        stderr.print(
+            f"[dim]process {process + 1} of {processes} on {chosen_device}: {len(mine)} of {len(jobs)} jobs[/dim]"
+        )
+    if process == 0:
+        for problem in problems:
+            print_record(failure_record(problem))
+    if dry_run:
+        rows = plan_jobs(session, mine, context)
+        for row in rows:
+            print_record(row)
+        _print_plan(rows)
+        return
+    if not run_jobs(session, mine, context, keep_going, print_record) or problems:
+        raise typer.Exit(1)
+
+
+def _process_slot(device: str) -> tuple[int, int, str]:
+    """(index, count, device) of this process: under `accelerate launch`, one device per process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, device
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+    chosen = device if device not in ("auto", "cuda") or state.device.type != "cuda" else str(state.device)
+    return state.process_index, state.num_processes, "cpu" if state.device.type == "cpu" else chosen
+
+
+def _print_plan(rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    from tavcli.ui import stderr
+
+    table = Table(title="plan", title_justify="left")
+    for column in ("job", "step", "key", "action"):
+        table.add_column(column)
+    for row in rows:
+        action = "[green]reuse[/green]" if row["cached"] else "[yellow]compute[/yellow]"
+        if row.get("resume_from"):
+            action += f" (resume from {row['resume_from']})"
+        table.add_row(row["job"], row["kind"] + (f": {row['prompt']}" if row.get("prompt") else ""), row["key"], action)
+    stderr.print(table)
+
+
+@app.command("ls")
+def list_store(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
+    """List the project's entries: what each is, what it was computed from, its size and date.
+
+    A damaged entry is shown as damaged, never hides the rest (check payloads with `tav verify`).
+    """
+    from tavcli.store import Project
+    from tavcli.ui import print_record, stderr
+
+    store = Project(_existing_project(project))
+    rows = store.listing()
+    state = store.state
+    if as_json:
+        for row in rows:
+            print_record({**row.record(), "current": row.key in (state.get("tune"), state.get("inversion"))})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{store.root}  ({_size(sum(r.bytes for r in rows))})", title_justify="left")
+    for column in ("kind", "key", "what", "from", "size", "created", "state"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    for row in rows:
+        current = " [bold]*[/bold]" if row.key in (state.get("tune"), state.get("inversion")) else ""
+        shown_state = "ok" if row.state == "complete" else f"[red]{escape(row.state)}[/red]"
+        table.add_row(
+            row.kind,
+            row.key + current,
+            escape(_describe(row)),
+            row.parent or "",
+            _size(row.bytes),
+            (row.created or "")[:16].replace("T", " "),
+            shown_state,
+        )
+    stderr.print(table)
+    stderr.print("[dim]* the tune and inversion `tav edit` uses now[/dim]")
+
+
+@app.command("rm")
+def remove(
+    keys: Annotated[list[str], typer.Argument(help="Entry keys (a unique prefix is enough) or KIND/KEY.")],
+    project: ProjectOpt = None,
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+) -> None:
+    """Remove entries and everything computed from them (inversions and edits of a tune, their renders).
+
+    References go first: pointers and `meta.json`, then the payload, so an interrupted removal never
+    leaves an entry that looks complete but is not.
+    """
+    from tavcli.store import Project
+
+    store = Project(_existing_project(project))
+    rows = store.listing()
+    targets = [_match(rows, key) for key in keys]
+    _remove_with_plan(store, store.dependents(targets), "remove", dry_run, yes)
+
+
+@app.command("gc")
+def collect_garbage(
+    project: ProjectOpt = None,
+    checkpoints: Annotated[
+        bool, typer.Option("--checkpoints", help="Also remove resumable training states (tunes stay usable).")
+    ] = False,
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+) -> None:
+    """Remove what nothing uses: interrupted entries, entries whose source is gone, stale temp files.
+
+    Work a live process is doing is left alone.
+    """
+    from tavcli.store import Project
+
+    store = Project(_existing_project(project))
+    _remove_with_plan(store, store.garbage(checkpoints), "collect", dry_run, yes)
+
+
+@app.command()
+def verify(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
+    """Check every entry's payload against the SHA-256 recorded when it was written.
+
+    Exits with status 1 if anything is damaged or incomplete; `tav rm KEY` then lets it be recomputed.
+    """
+    from safetensors import safe_open
+
+    from tavcli.store import Checkpoints, Entry, Project
+    from tavcli.ui import print_record, stderr
+
+    store = Project(_existing_project(project))
+    bad = 0
+    rows = store.listing()
+    with _progress("verifying", len(rows)) as advance:
+        for row in rows:
+            problems = [] if row.state == "complete" else [row.state]
+            if row.kind == "checkpoints" and not problems:
+                for step in Checkpoints(row.path).steps():
+                    try:
+                        with safe_open(str(Checkpoints(row.path).path(step)), "pt") as file:
+                            [file.get_tensor(name) for name in file.keys()]  # noqa: SIM118
+                    except (OSError, ValueError) as error:
+                        problems.append(f"step {step}: {error}")
+            elif not problems:
+                problems = Entry(row.kind, row.key, row.path, row.spec).problems()
+            bad += bool(problems)
+            if as_json:
+                print_record(
+                    {"kind": row.kind, "key": row.key, "path": str(row.path), "ok": not problems, "problems": problems}
+                )
+            elif problems:
+                stderr.print(f"[red]damaged[/red] {row.kind}/{row.key}: {escape('; '.join(problems))}")
+            advance()
+    stderr.print(f"{len(rows) - bad} of {len(rows)} entries ok" + (f", [red]{bad} damaged[/red]" if bad else ""))
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command("config")
+def show_config(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the effective settings and where each came from.
+
+    Precedence: flag > environment (TAV_MODEL, TAV_DEVICE, TAV_PRECISION, TAV_PROJECT) > the project's
+    tav.toml > the user's config.toml > default.
+    """
+    from tavcli.config import PROJECT_FILE, as_dict, project_from, user_config_path
+    from tavcli.ui import print_record, stderr
+    from tavcli.workflow import PROJECT_SUFFIX
+
+    chosen = project_from(project)
+    if chosen is None:
+        found = sorted(p for p in Path.cwd().glob(f"*{PROJECT_SUFFIX}") if p.is_dir())
+        chosen = Setting(str(found[0]), "the only *.tav here") if len(found) == 1 else None
+    project_dir = Path(chosen.value or "") if chosen else None
+    settings = _settings(project_dir)
+    files = {
+        "user config": str(user_config_path()),
+        "project config": str(project_dir / PROJECT_FILE) if project_dir else None,
+    }
+    if as_json:
+        print_record(
+            {
+                **as_dict(settings),
+                "project": chosen and {"value": chosen.value, "source": chosen.source},
+                "files": files,
+            }
+        )
+        return
+    from rich.table import Table
+
+    table = Table(title_justify="left")
+    for column in ("setting", "value", "from"):
+        table.add_column(column)
+    for key, setting in [*settings.items(), ("project", chosen or Setting(None, "none"))]:
+        table.add_row(key, escape(str(setting.value)), escape(setting.source))
+    stderr.print(table)
+    for name, path in files.items():
+        if path:
+            exists = "" if Path(path).is_file() else " [dim](does not exist)[/dim]"
+            stderr.print(f"{name}: {escape(path)}{exists}")
+
+
+def _match(rows: list[Listing], given: str) -> Listing:
+    kind, _, key = given.rpartition("/")
+    found = [r for r in rows if r.key.startswith(key) and (not kind or r.kind == kind)]
+    if len(found) != 1:
+        what = "no entry" if not found else f"{len(found)} entries ({', '.join(f'{r.kind}/{r.key}' for r in found)})"
+        raise TavError(f"{what} match {given!r}", "see `tav ls` for the keys; give more digits or KIND/KEY")
+    return found[0]
+
+
+def _remove_with_plan(store: Project, rows: list[Listing], verb: str, dry_run: bool, yes: bool) -> None:
+    """Show what goes and how many bytes it frees; then (after --yes or a confirmation) remove it."""
+    from tavcli.ui import print_record, stderr
+
+    freed = sum(row.bytes for row in rows)
+    for row in rows:
+        stderr.print(f"  {row.kind}/{row.key}  {_size(row.bytes):>9}  [dim]{escape(_describe(row) or row.state)}[/dim]")
+    stderr.print(f"{'would free' if dry_run else 'frees'} {_size(freed)} in {len(rows)} entries")
+    if dry_run or not rows:
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            raise TavError("not confirmed: nothing was removed", f"pass --yes to {verb} without asking")
+        typer.confirm(f"{verb.capitalize()} {len(rows)} entries?", abort=True)
+    for row in rows:
+        store.remove(row)
+        print_record({"removed": f"{row.kind}/{row.key}", "path": str(row.path), "bytes": row.bytes})
+
+
+def _describe(row: Listing) -> str:
+    spec = row.spec
+    if row.kind == "checkpoints":
+        return f"{spec.get('prompt', '')!r} at steps {', '.join(map(str, spec.get('steps', [])))}"
+    if row.kind == "tunes":
+        return f"{spec.get('prompt')!r}, {spec.get('steps')} steps"
+    if row.kind == "inversions":
+        return f"{spec.get('steps')} steps"
+    if row.kind == "edits":
+        return f"{spec.get('prompt')!r}, {spec.get('steps')} steps, guidance {spec.get('guidance')}"
+    if row.kind == "latents" and spec:
+        size, selection = spec.get("size", {}), spec.get("selection", {})
+        return f"{selection.get('frames')} frames, {size.get('width')}x{size.get('height')}"
+    if row.kind == "embeddings":
+        return ", ".join(map(repr, spec.get("prompts", [])))
+    return ""
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
+@contextmanager
+def _progress(description: str, total: int) -> Iterator[Callable[..., None]]:
+    from tavcli.ui import RichReporter
+
+    with RichReporter().task(description, total) as advance:
+        yield advance
 
 
 def _version(value: bool) -> None:
@@ -317,17 +711,23 @@ def main() -> None:
     """Entry point: user errors become one red line and exit status 1 (TAV_DEBUG=1 shows the traceback).
 
     File-system failures (permissions, a full disk) are the environment's, not bugs: one line too.
+    Ctrl-C and SIGTERM stop with status 130 and a note that finished work is kept.
     """
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     try:
         app()
     except (TavError, OSError) as error:
         if os.environ.get("TAV_DEBUG"):
             raise
         from rich.console import Console
-        from rich.markup import escape
 
         message, hint = (error.message, error.hint) if isinstance(error, TavError) else (str(error), None)
         console = Console(stderr=True, highlight=False, soft_wrap=True)
         shown_hint = f" [dim]({escape(hint)})[/dim]" if hint else ""
         console.print(f"[bold red]error:[/bold red] {escape(message)}{shown_hint}")
-        sys.exit(1)
+        sys.exit(getattr(error, "exit_code", 1))
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["TavError"]
+__all__ = ["Interrupted", "TavError"]
 
 
 class TavError(Exception):
     """A failure caused by the user's input or environment, shown without a traceback."""
+
+    exit_code = 1
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -15,3 +17,12 @@ class TavError(Exception):
 
     def __str__(self) -> str:
         return self.message if self.hint is None else f"{self.message} ({self.hint})"
+
+
+class Interrupted(TavError):
+    """Ctrl-C or SIGTERM: finished work is in the store, so the same command goes on from there."""
+
+    exit_code = 130
+
+    def __init__(self, message: str = "interrupted", hint: str | None = None) -> None:
+        super().__init__(message, hint or "finished work is kept: run the same command again to go on")

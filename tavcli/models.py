@@ -7,7 +7,9 @@ Every model, `tiny` included, ends up as a local diffusers folder loaded through
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -21,8 +23,10 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from tavcli.atomic import atomic_path
+from tavcli.atomic import atomic_path, write_json
+from tavcli.config import DEFAULT_MODEL
 from tavcli.errors import TavError
+from tavcli.store import file_sha256
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -30,13 +34,13 @@ __all__ = [
     "Components",
     "ModelSource",
     "cache_dir",
+    "content_sha256",
     "encode_prompts",
     "load_components",
     "resolve_model",
     "weight_files",
 ]
 
-DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 TINY_MODEL = "tiny"
 TINY_SEED = 0
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -94,12 +98,29 @@ def _local_model(path: Path) -> ModelSource:
     missing = [part for part in COMPONENTS if not (folder / part).is_dir()]
     if missing:
         raise TavError(f"{path} is not a diffusers Stable Diffusion folder (missing {', '.join(missing)})")
-    # Cheap fingerprint (names, sizes, modification times) so a changed checkpoint gets new cache keys.
     digest = hashlib.sha256()
     for file in sorted(p for part in COMPONENTS for p in (folder / part).rglob("*") if p.is_file()):
-        stat = file.stat()
-        digest.update(f"{file.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return ModelSource(name=str(folder), folder=folder, revision=f"local-{digest.hexdigest()[:16]}")
+        digest.update(f"{file.relative_to(folder)}:{content_sha256(file)}\n".encode())
+    return ModelSource(name=str(folder), folder=folder, revision=f"sha256-{digest.hexdigest()[:16]}")
+
+
+def content_sha256(file: Path) -> str:
+    """The SHA-256 of a file's bytes, remembered (by path, size, mtime and inode) across runs.
+
+    Hashing a multi-GB checkpoint takes seconds; it is done once, not on every command.
+    """
+    stat = file.stat()
+    memo_key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+    memo_path = cache_dir() / "file-hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if memo_key not in memo:
+        memo[memo_key] = file_sha256(file)
+        with contextlib.suppress(OSError):  # a read-only cache only costs time
+            write_json(memo_path, memo)
+    return str(memo[memo_key])
 
 
 def _hub_model(repo_id: str, allow_pickle: bool) -> ModelSource:
@@ -155,8 +176,6 @@ def _walk(node: Any) -> list[Any]:
 
 def _build_tiny_model(configs: Any, folder: Path) -> None:
     """Save an SD-shaped model with seeded random weights; deterministic for a given config."""
-    import json
-
     def config(name: str) -> dict[str, Any]:
         return json.loads((configs / name).read_text())
 

@@ -23,8 +23,8 @@ class Reporter:
         """A one-line remark the user should see (a rounded size, a reused result)."""
 
     @contextmanager
-    def task(self, description: str, total: int) -> Iterator[Advance]:
-        """A unit of work of `total` steps; call the yielded function after each step."""
+    def task(self, description: str, total: int, completed: int = 0) -> Iterator[Advance]:
+        """A unit of work of `total` steps (`completed` already done); call the yielded function after each step."""
         yield _ignore
 
 

@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin
 
+from tavcli.errors import Interrupted, TavError
 from tavcli.model import VideoUNet, trainable_parameters
 from tavcli.progress import Advance
 from tavcli.runtime import Runtime
 
-__all__ = ["TuneSettings", "decode_latents", "encode_clip", "train_delta", "training_target"]
+__all__ = [
+    "TuneInterrupted",
+    "TrainState",
+    "TuneSettings",
+    "decode_latents",
+    "encode_clip",
+    "load_train_state",
+    "stop_requests",
+    "train_delta",
+    "train_state_bytes",
+    "training_target",
+]
 
 VAE_CHUNK = 8  # frames per VAE call: bounds memory on long clips
 
@@ -26,6 +44,27 @@ class TuneSettings:
     learning_rate: float = 3e-5
     seed: int = 33
     gradient_checkpointing: bool = False  # saves memory, same numbers: not part of the cache key
+    checkpoint_every: int = 100  # save a resumable state every N steps (0: only when stopped or done)
+
+
+@dataclass
+class TrainState:
+    """Everything that determines the rest of a run: resuming from it gives the uninterrupted run's numbers."""
+
+    step: int
+    params: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]  # torch.optim.AdamW.state_dict()
+    scaler: dict[str, Any]  # torch.amp.GradScaler.state_dict()
+    rng: torch.Tensor  # the training generator's state
+    device_type: str
+    losses: list[float] = field(default_factory=list)
+
+
+class TuneInterrupted(Interrupted):
+    """Ctrl-C or SIGTERM stopped a tune; its state was saved at `step`."""
+
+    def __init__(self, step: int, total: int) -> None:
+        super().__init__(f"tune interrupted at step {step} of {total}; its state is saved", "run it again to resume")
 
 
 @torch.no_grad()
@@ -57,12 +96,17 @@ def train_delta(
     settings: TuneSettings,
     runtime: Runtime,
     advance: Advance,
-) -> dict[str, torch.Tensor]:
-    """Train `unet`'s tunable projections on one clip and return them by name.
+    resume: TrainState | None = None,
+    save: Callable[[TrainState], None] | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> TrainState:
+    """Train `unet`'s tunable projections on one clip (from `resume`, if given) and return the final state.
 
     Each step samples a latent from the VAE posterior (mean + std * n), noises it at a uniformly
     random timestep and regresses the UNet output on the noise (or on the velocity for
     v-prediction models): the standard latent-diffusion loss with the reference's AdamW settings.
+    `save` receives the state every `settings.checkpoint_every` steps and, when `stop_requested()`
+    turns true, at the end of the current step, after which `Interrupted` is raised.
     """
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
     params = trainable_parameters(unet)
@@ -78,8 +122,28 @@ def train_delta(
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
     generator = torch.Generator(runtime.device).manual_seed(settings.seed)
     num_timesteps = noise_scheduler.config.num_train_timesteps
+    step, losses = 0, []
+    if resume is not None:
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(resume.params[name])
+        optimizer.load_state_dict(resume.optimizer)
+        scaler.load_state_dict(resume.scaler)
+        generator.set_state(resume.rng.cpu())
+        step, losses = resume.step, list(resume.losses)
 
-    for _ in range(settings.steps):
+    def state() -> TrainState:
+        return TrainState(
+            step=step,
+            params={name: param.detach().clone() for name, param in params.items()},
+            optimizer=optimizer.state_dict(),
+            scaler=scaler.state_dict(),
+            rng=generator.get_state(),
+            device_type=runtime.device.type,
+            losses=list(losses),
+        )
+
+    while step < settings.steps:
         latents = (latent_mean + latent_std * _randn(latent_mean, generator)) * scaling_factor
         noise = _randn(latents, generator)
         timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator, device=latents.device)
@@ -94,12 +158,88 @@ def train_delta(
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        advance(loss=loss.item())
+        step += 1
+        losses.append(loss.item())
+        advance(loss=losses[-1])
+        if save is not None and step < settings.steps:
+            if stop_requested():
+                save(state())
+                raise TuneInterrupted(step, settings.steps)
+            if settings.checkpoint_every and step % settings.checkpoint_every == 0:
+                save(state())
 
     unet.eval()
     unet.disable_gradient_checkpointing()
     unet.requires_grad_(False)
-    return {name: param.detach().clone() for name, param in params.items()}
+    return state()
+
+
+def train_state_bytes(state: TrainState, run: dict[str, Any]) -> bytes:
+    """A training state as one safetensors file (written atomically by the store); `run` names the run."""
+    from safetensors.torch import save
+
+    tensors = {f"param/{name}": t.cpu() for name, t in state.params.items()}
+    opt_state = state.optimizer["state"]
+    tensors |= {f"optim/{i}/{k}": v.cpu() for i, fields in opt_state.items() for k, v in fields.items()}
+    tensors["rng"] = state.rng.cpu()
+    metadata = {
+        "step": str(state.step),
+        "losses": json.dumps(state.losses),
+        "param_groups": json.dumps(state.optimizer["param_groups"]),
+        "scaler": json.dumps(state.scaler),
+        "device_type": state.device_type,
+        "run": json.dumps(run, sort_keys=True),
+    }
+    return save({name: t.contiguous() for name, t in tensors.items()}, metadata)
+
+
+def load_train_state(path: Any, device: torch.device) -> TrainState:
+    """Read a state written by `train_state_bytes`."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt", device=str(device)) as file:
+            metadata = file.metadata() or {}
+            tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (safe_open is no dict)
+        optim: dict[int, dict[str, torch.Tensor]] = {}
+        for name, tensor in tensors.items():
+            if name.startswith("optim/"):
+                _, index, key = name.split("/", 2)
+                optim.setdefault(int(index), {})[key] = tensor
+        return TrainState(
+            step=int(metadata["step"]),
+            params={name[6:]: t for name, t in tensors.items() if name.startswith("param/")},
+            optimizer={"state": optim, "param_groups": json.loads(metadata["param_groups"])},
+            scaler=json.loads(metadata["scaler"]),
+            rng=tensors["rng"].cpu(),
+            device_type=metadata["device_type"],
+            losses=json.loads(metadata["losses"]),
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise TavError(f"damaged checkpoint {path}: {error}", "delete it to start the tune over") from None
+
+
+@contextmanager
+def stop_requests() -> Iterator[Callable[[], bool]]:
+    """Turn the first Ctrl-C or SIGTERM into a request to stop after the current step.
+
+    A second Ctrl-C interrupts at once. Outside the main thread signals cannot be caught: no requests.
+    """
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+
+    def request(signum: int, frame: object) -> None:
+        requested.set()
+        signal.signal(signal.SIGINT, previous[signal.SIGINT] or signal.default_int_handler)  # a 2nd Ctrl-C: now
+
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested.is_set
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler or signal.SIG_DFL)
 
 
 def training_target(

@@ -41,7 +41,7 @@ class RichReporter(Reporter):
         stderr.print(f"[dim]{message}[/dim]")
 
     @contextmanager
-    def task(self, description: str, total: int) -> Iterator[Advance]:
+    def task(self, description: str, total: int, completed: int = 0) -> Iterator[Advance]:
         columns = [
             TextColumn("{task.description}"),
             BarColumn(),
@@ -52,7 +52,7 @@ class RichReporter(Reporter):
             TextColumn("{task.fields[status]}"),
         ]
         with Progress(*columns, console=stderr) as progress:
-            task_id = progress.add_task(description, total=total, status="")
+            task_id = progress.add_task(description, total=total, completed=completed, status="")
 
             def advance(**fields: Any) -> None:
                 status = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())

@@ -5,7 +5,6 @@ Each step looks its result up in the project's store first and computes it only 
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shlex
 import time
@@ -24,8 +23,17 @@ from tavcli.models import Components, ModelSource, encode_prompts, load_componen
 from tavcli.progress import Reporter
 from tavcli.runtime import Runtime
 from tavcli.sampling import ddim_sample
-from tavcli.store import Entry, Project
-from tavcli.tune import TuneSettings, decode_latents, encode_clip, train_delta
+from tavcli.store import TENSORS, Checkpoints, Entry, Project, file_sha256
+from tavcli.tune import (
+    TrainState,
+    TuneSettings,
+    decode_latents,
+    encode_clip,
+    load_train_state,
+    stop_requests,
+    train_delta,
+    train_state_bytes,
+)
 from tavcli.video import (
     FrameSelection,
     FrameSize,
@@ -43,10 +51,15 @@ __all__ = [
     "Session",
     "default_project",
     "edit",
+    "edit_entry",
     "find_project",
     "frame_size",
+    "inversion_entry",
     "invert",
+    "latents_entry",
+    "prompt_embeddings",
     "tune",
+    "tune_spec",
 ]
 
 PROJECT_SUFFIX = ".tav"
@@ -96,6 +109,12 @@ class Session:
         self._components: dict[Path, Components] = {}
         self._tuned: dict[str, VideoUNet] = {}
 
+    def project(self, root: Path) -> Project:
+        """The project at `root`, telling this session's reporter when it waits for another process."""
+        project = Project(root, on_wait=self.reporter.note)
+        project.check_version()
+        return project
+
     def source(self, name: str) -> ModelSource:
         """Where model `name` is (downloading it if needed), without loading it."""
         if name not in self._sources:
@@ -109,6 +128,12 @@ class Session:
             dtype = self.runtime.dtype
             self._components[source.folder] = load_components(source, self.runtime.device, dtype, self.allow_pickle)
         return self._components[source.folder]
+
+    def release(self, name: str) -> None:
+        """Free model `name` (and UNets tuned from it) once no more work needs it."""
+        source = self._sources.get(name)
+        if source is not None and self._components.pop(source.folder, None) is not None:
+            self._tuned.clear()
 
     def forget_tuned(self, key: str) -> None:
         """Drop a tuned UNet built from an entry that was just recomputed."""
@@ -155,6 +180,43 @@ def find_project(given: Path | None) -> Path:
     raise TavError(f"which project? pass --project (found {found} here)", "`tav tune CLIP PROMPT` creates CLIP.tav")
 
 
+def latents_entry(
+    project: Project, source: ModelSource, clip: Path, selection: FrameSelection, size: FrameSize
+) -> Entry:
+    """The store entry of a clip's VAE posterior: per model, clip content, frames and size."""
+    spec = {
+        "model": source.identity,
+        "clip_sha256": file_sha256(clip),
+        "selection": asdict(selection),
+        "size": asdict(size),
+    }
+    return project.entry("latents", spec)
+
+
+def tune_spec(latents_key: str, prompt: str, settings: TuneSettings, precision: str, frame_norm: str) -> dict[str, Any]:
+    """Everything that determines a tune; without "steps" it names the run its checkpoints belong to."""
+    return {
+        "latents": latents_key,
+        "prompt": prompt,
+        "steps": settings.steps,
+        "learning_rate": settings.learning_rate,
+        "seed": settings.seed,
+        "precision": precision,
+        "frame_norm": frame_norm,
+    }
+
+
+def inversion_entry(project: Project, tune_key: str, steps: int, prompt: str = "") -> Entry:
+    return project.entry("inversions", {"tune": tune_key, "steps": steps, "prompt": prompt})
+
+
+def edit_entry(project: Project, inversion_key: str, prompt: str, settings: EditSettings, precision: str) -> Entry:
+    spec = {"inversion": inversion_key, "prompt": prompt, **asdict(settings), "precision": precision}
+    if settings.eta == 0:
+        spec["seed"] = None  # deterministic DDIM draws no noise: the seed determines nothing
+    return project.entry("edits", spec)
+
+
 def tune(
     session: Session,
     clip: Path,
@@ -167,47 +229,45 @@ def tune(
     frame_norm: FrameNorm = "joint",
     force: bool = False,
 ) -> list[Artifact]:
-    """Encode the clip (once) and tune the model on it; make the tune the project's current one."""
+    """Encode the clip (once) and tune the model on it; make the tune the project's current one.
+
+    Training resumes from the run's latest checkpoint at or below `settings.steps`, so an
+    interrupted tune goes on where it stopped and a longer tune continues a shorter one.
+    """
     _require_prompt(prompt)
-    if settings.steps < 1 or settings.learning_rate <= 0:
-        raise TavError("--steps must be at least 1 and --lr positive")
+    if settings.steps < 1 or settings.learning_rate <= 0 or settings.checkpoint_every < 0:
+        raise TavError("--steps must be at least 1, --lr positive and --checkpoint-every not negative")
     probe(clip)  # a bad clip should fail before a slow model load
     _require_folder(project_root, "--project")
     source = session.source(model)
-    project = Project(project_root)
+    project = session.project(project_root)
     latents, latents_artifact = _clip_latents(session, source, project, clip, selection, size, force)
-    spec = {
-        "latents": latents.key,
-        "prompt": prompt,
-        "steps": settings.steps,
-        "learning_rate": settings.learning_rate,
-        "seed": settings.seed,
-        "precision": session.runtime.precision,
-        "frame_norm": frame_norm,
-    }
+    spec = tune_spec(latents.key, prompt, settings, session.runtime.precision, frame_norm)
     entry = project.entry("tunes", spec)
+    run = {k: v for k, v in spec.items() if k != "steps"}
+    checkpoints = project.checkpoints(run)
     started = time.perf_counter()
-    cached = entry.complete and not force
-    if not cached:
-        delta, losses = _train(session, session.model(model), latents, prompt, settings, frame_norm)
-        entry.save(
-            delta,
-            {
-                "model": source.identity,
-                "clip": latents.meta()["clip"],
-                "losses": losses,
-                "seconds": time.perf_counter() - started,
-                "gradient_checkpointing": settings.gradient_checkpointing,
-                "tav_version": __version__,
-            },
-        )
+
+    def compute() -> None:
+        state = _train(session, source, project, latents, checkpoints, run, prompt, settings, frame_norm, force)
+        facts = {
+            "model": source.identity,
+            "clip": latents.meta()["clip"],
+            "losses": state.losses,
+            "seconds": time.perf_counter() - started,
+            "gradient_checkpointing": settings.gradient_checkpointing,
+            "tav_version": __version__,
+        }
+        entry.save(state.params, facts)
         session.forget_tuned(entry.key)
+
+    cached = project.produce(entry, compute, force, lock=f"checkpoints-{checkpoints.key}")
     if project.state.get("tune") != entry.key:
         project.update_state(tune=entry.key, inversion=None)
-    delta_bytes = (entry.path / "tensors.safetensors").stat().st_size
+    delta_bytes = (entry.path / TENSORS).stat().st_size
     unet_files = {f for name in weight_files("unet", allow_pickle=True) for f in (source.folder / "unet").glob(name)}
     unet_bytes = sum(f.stat().st_size for f in unet_files)
-    details = {"prompt": prompt, "delta_bytes": delta_bytes, "base_unet_bytes": unet_bytes}
+    details = {"prompt": prompt, "steps": settings.steps, "delta_bytes": delta_bytes, "base_unet_bytes": unet_bytes}
     tuned = Artifact("tune", entry.key, entry.path, cached, time.perf_counter() - started, details)
     return [latents_artifact, tuned]
 
@@ -223,74 +283,120 @@ def _clip_latents(
 ) -> tuple[Entry, Artifact]:
     """The clip's VAE posterior (mean, std), encoded once per model, clip content, frames and size."""
     started = time.perf_counter()
-    spec: dict[str, Any] = {
-        "model": source.identity,
-        "clip_sha256": _file_sha256(clip),
-        "selection": asdict(selection),
-        "size": asdict(size),
-    }
-    entry = project.entry("latents", spec)
-    cached = entry.complete and not force
-    if not cached:
+    entry = latents_entry(project, source, clip, selection, size)
+
+    def compute() -> None:
         frames = read_clip(clip, selection, size)
         with session.reporter.task("encoding clip", 1) as advance:
             mean, std = encode_clip(session.model(source.name).vae, frames.frames)
             advance()
-        clip_facts = {"path": str(clip.resolve()), "fps": str(frames.fps), **spec["selection"], **spec["size"]}
+        clip_facts = {"path": str(clip.resolve()), "fps": str(frames.fps), **asdict(selection), **asdict(size)}
         entry.save({"mean": mean, "std": std}, {"clip": clip_facts})
+
+    cached = project.produce(entry, compute, force)
     return entry, Artifact("latents", entry.key, entry.path, cached, time.perf_counter() - started)
+
+
+def prompt_embeddings(session: Session, project: Project, source: ModelSource, prompts: list[str]) -> torch.Tensor:
+    """CLIP text embeddings of `prompts` (stacked), computed once per model, precision and prompts."""
+    spec = {"model": source.identity, "prompts": prompts, "precision": session.runtime.precision}
+    entry = project.entry("embeddings", spec)
+
+    def compute() -> None:
+        entry.save({"embeddings": encode_prompts(session.model(source.name), prompts).float()}, {})
+
+    project.produce(entry, compute)
+    return entry.tensors(session.runtime.device)["embeddings"]
 
 
 def _train(
     session: Session,
-    components: Components,
+    source: ModelSource,
+    project: Project,
     latents: Entry,
+    checkpoints: Checkpoints,
+    run: dict[str, Any],
     prompt: str,
     settings: TuneSettings,
     frame_norm: FrameNorm,
-) -> tuple[dict[str, torch.Tensor], list[float]]:
+    force: bool,
+) -> TrainState:
+    """Train from scratch or from the latest usable checkpoint, saving checkpoints as it goes."""
     runtime = session.runtime
+    resume = _resume_point(session, checkpoints, settings.steps, force)
+    if resume is not None and resume.step == settings.steps:
+        return resume  # an earlier run reached exactly this step: nothing to train
+    components = session.model(source.name)
     stats = latents.tensors(runtime.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)  # the temporal layers' initial weights
         unet = inflate_unet(components.unet, frame_norm=frame_norm)
-    losses: list[float] = []
-    with session.reporter.task("tuning", settings.steps) as advance:
+    embeds = prompt_embeddings(session, project, source, [prompt])
+    first = resume.step if resume else 0
+    written: list[int] = []  # this run's intermediate checkpoints: only the newest is kept
 
-        def record(loss: float) -> None:
-            losses.append(loss)
-            advance(loss=loss)
+    def save(state: TrainState) -> None:
+        checkpoints.save(state.step, train_state_bytes(state, run))
+        checkpoints.discard([step for step in written if step != state.step])
+        written[:] = [state.step]
 
-        delta = train_delta(
+    with session.reporter.task("tuning", settings.steps, completed=first) as advance, stop_requests() as stop:
+        state = train_delta(
             unet,
             components.scheduler,
             stats["mean"],
             stats["std"],
             components.vae.config.scaling_factor,
-            encode_prompts(components, [prompt]).float(),
+            embeds,
             settings,
             runtime,
-            record,
+            advance,
+            resume=resume,
+            save=save,
+            stop_requested=stop,
         )
-    return delta, losses
+    save(state)  # the finished run's state, so a longer tune can continue from it
+    return state
 
 
-def invert(session: Session, project_root: Path, steps: int = 50, prompt: str = "", force: bool = False) -> Artifact:
-    """DDIM-invert the clip's posterior-mean latents with the current tune; keep the whole trajectory."""
+def _resume_point(session: Session, checkpoints: Checkpoints, steps: int, force: bool) -> TrainState | None:
+    path = None if force else checkpoints.latest(at_most=steps)
+    if path is None:
+        return None
+    state = load_train_state(path, session.runtime.device)
+    if state.device_type != session.runtime.device.type:
+        session.reporter.note(f"checkpoint {path.name} was made on {state.device_type}: starting over")
+        return None
+    session.reporter.note(f"resuming from step {state.step} ({path})")
+    return state
+
+
+def invert(
+    session: Session,
+    project_root: Path,
+    steps: int = 50,
+    prompt: str = "",
+    force: bool = False,
+    tune_key: str | None = None,
+) -> Artifact:
+    """DDIM-invert the clip's posterior-mean latents with a tune (default: the project's current one)."""
     _require_ddim_steps(steps)
-    project, tune_entry = _current_tune(project_root)
-    entry = project.entry("inversions", {"tune": tune_entry.key, "steps": steps, "prompt": prompt})
+    project, tune_entry = _tune_entry(session, project_root, tune_key)
+    entry = inversion_entry(project, tune_entry.key, steps, prompt)
     started = time.perf_counter()
-    cached = entry.complete and not force
-    if not cached:
+
+    def compute() -> None:
         components, unet = session.tuned_unet(project, tune_entry)
         stats = project.find("latents", tune_entry.spec["latents"]).tensors(session.runtime.device)
         latents = stats["mean"] * components.vae.config.scaling_factor
-        embeds = encode_prompts(components, [prompt]).float()
+        embeds = prompt_embeddings(session, project, components.source, [prompt])
         with session.reporter.task("inverting", steps) as advance, session.runtime.autocast():
             trajectory = ddim_inversion(unet, components.scheduler, latents, embeds, steps, lambda *_: advance())
         entry.save({"trajectory": torch.stack(trajectory).float()}, {"seconds": time.perf_counter() - started})
-    project.update_state(inversion=entry.key)
+
+    cached = project.produce(entry, compute, force)
+    if tune_key is None:
+        project.update_state(inversion=entry.key)
     return Artifact("inversion", entry.key, entry.path, cached, time.perf_counter() - started, {"steps": steps})
 
 
@@ -303,8 +409,15 @@ def edit(
     fmt: OutputFormat = "mp4",
     fps: float | None = None,
     force: bool = False,
+    tune_key: str | None = None,
+    invert_steps: int | None = None,
+    invert_prompt: str = "",
 ) -> list[Artifact]:
-    """Render one clip per prompt from the inverted noise (inverting first if needed)."""
+    """Render one clip per prompt from the inverted noise (inverting first if needed).
+
+    Without `tune_key` the project's current tune and inversion are used; with it (as `tav batch`
+    does) that tune and its inversion with `invert_steps` (default: the sampling steps).
+    """
     if not prompts:
         raise TavError("give at least one edit prompt")
     for prompt in prompts:
@@ -314,8 +427,12 @@ def edit(
         raise TavError("--fps must be positive")
     if out_dir is not None:
         _require_folder(out_dir, "--out")
-    project, tune_entry = _current_tune(project_root)
-    inversion = _current_inversion(session, project, tune_entry, settings.steps)
+    project, tune_entry = _tune_entry(session, project_root, tune_key)
+    if tune_key is None:
+        inversion = _current_inversion(session, project, tune_entry, invert_steps or settings.steps)
+    else:
+        artifact = invert(session, project_root, invert_steps or settings.steps, invert_prompt, tune_key=tune_key)
+        inversion = project.find("inversions", artifact.key)
     out_dir = out_dir or project.root / "renders"
     return [_edit_one(session, project, tune_entry, inversion, p, settings, out_dir, fmt, fps, force) for p in prompts]
 
@@ -334,15 +451,12 @@ def _edit_one(
 ) -> Artifact:
     started = time.perf_counter()
     runtime = session.runtime
-    spec = {"inversion": inversion.key, "prompt": prompt, **asdict(settings), "precision": runtime.precision}
-    if settings.eta == 0:
-        spec["seed"] = None  # deterministic DDIM draws no noise: the seed determines nothing
-    entry = project.entry("edits", spec)
-    cached = entry.complete and not force
-    if not cached:
+    entry = edit_entry(project, inversion.key, prompt, settings, runtime.precision)
+
+    def compute() -> None:
         components, unet = session.tuned_unet(project, tune_entry)
         noise = inversion.tensors(runtime.device)["trajectory"][-1]
-        embeds = encode_prompts(components, [prompt, settings.negative]).float()
+        embeds = prompt_embeddings(session, project, components.source, [prompt, settings.negative])
         generator = torch.Generator(runtime.device).manual_seed(settings.seed)
         with session.reporter.task(f"editing: {prompt}", settings.steps) as advance, runtime.autocast():
             latents = ddim_sample(
@@ -359,6 +473,7 @@ def _edit_one(
             )
         entry.save({"latents": latents.float()}, {"seconds": time.perf_counter() - started})
 
+    cached = project.produce(entry, compute, force)
     clip = project.find("latents", tune_entry.spec["latents"]).meta()["clip"]
     rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(clip["fps"])
     suffix = "" if fmt == "frames" else f".{fmt}"
@@ -366,10 +481,11 @@ def _edit_one(
     sidecar = output.with_name(output.name + ".json") if suffix else output.with_suffix(".json")
     rendered = cached and output.exists() and sidecar.exists()
     if not rendered:
-        vae = session.model(tune_entry.meta()["model"]["model"]).vae
-        frames = decode_latents(vae, entry.tensors(runtime.device)["latents"])
-        write_video(frames, output, fmt, rate)
-        _write_sidecar(sidecar, project, tune_entry, inversion, entry, fmt, rate, frames.shape)
+        with project.lock(f"render-{entry.key}"):
+            vae = session.model(tune_entry.meta()["model"]["model"]).vae
+            frames = decode_latents(vae, entry.tensors(runtime.device)["latents"])
+            write_video(frames, output, fmt, rate)
+            _write_sidecar(sidecar, project, tune_entry, inversion, entry, fmt, rate, frames.shape)
     details = {"prompt": prompt, "sidecar": str(sidecar), "format": fmt}
     return Artifact("edit", entry.key, output, rendered, time.perf_counter() - started, details)
 
@@ -422,11 +538,12 @@ def _write_sidecar(
     )
 
 
-def _current_tune(project_root: Path) -> tuple[Project, Entry]:
-    project = Project(project_root)
+def _tune_entry(session: Session, project_root: Path, tune_key: str | None) -> tuple[Project, Entry]:
+    """Tune `tune_key`, or the project's current one."""
+    project = session.project(project_root)
     if not project_root.is_dir():
         raise TavError(f"no project at {project_root}", "`tav tune CLIP PROMPT` creates one")
-    key = project.state.get("tune")
+    key = tune_key or project.state.get("tune")
     if not key:
         raise TavError(
             f"project {project_root} was never tuned", f"run `tav tune CLIP PROMPT --project {project_root}`"
@@ -473,11 +590,3 @@ def _require_prompt(prompt: str) -> None:
 def _slug(text: str, limit: int = 48) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return slug[:limit].rstrip("-") or "edit"
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -10,7 +10,15 @@ from safetensors.torch import load_file
 from tavcli.model import inflate_unet, trainable_parameters
 from tavcli.progress import Reporter
 from tavcli.runtime import resolve_runtime
-from tavcli.tune import TuneSettings, train_delta, training_target
+from tavcli.tune import (
+    TuneInterrupted,
+    TrainState,
+    TuneSettings,
+    load_train_state,
+    train_delta,
+    train_state_bytes,
+    training_target,
+)
 
 from .conftest import ORACLE, TINY_SD
 
@@ -41,18 +49,37 @@ def test_every_trainable_tensor_gets_a_gradient(oracle_unet2d, checkpointing: bo
     assert frozen_with_grad == []
 
 
-def _train(unet2d, steps: int = 2, seed: int = 33, checkpointing: bool = False):  # type: ignore[no-untyped-def]
+def _train(unet2d, steps: int = 2, seed: int = 33, checkpointing: bool = False, **resumable):  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     unet = inflate_unet(unet2d)
     mean = torch.randn(1, 4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     std = torch.full_like(mean, 0.1)
     text = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(3))
     losses: list[float] = []
-    settings = TuneSettings(steps=steps, learning_rate=1e-3, seed=seed, gradient_checkpointing=checkpointing)
+    settings = TuneSettings(
+        steps=steps, learning_rate=1e-3, seed=seed, gradient_checkpointing=checkpointing, checkpoint_every=2
+    )
     scheduler = DDIMScheduler.from_pretrained(TINY_SD / "scheduler")
     runtime = resolve_runtime("cpu", "fp32")
-    delta = train_delta(unet, scheduler, mean, std, 0.18215, text, settings, runtime, lambda loss: losses.append(loss))
-    return unet, delta, losses
+    state = train_delta(
+        unet, scheduler, mean, std, 0.18215, text, settings, runtime, lambda loss: losses.append(loss), **resumable
+    )
+    return unet, state.params, losses
+
+
+def test_resuming_from_a_saved_state_gives_the_uninterrupted_result(oracle_unet2d, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    _, straight, straight_losses = _train(oracle_unet2d, steps=5)
+    saved: list[TrainState] = []
+    with pytest.raises(TuneInterrupted, match="step 3 of 5"):
+        _train(oracle_unet2d, steps=5, save=saved.append, stop_requested=lambda: len(saved) == 1)
+    assert [state.step for state in saved] == [2, 3]  # every 2 steps, then where it was stopped
+    path = tmp_path / "state.safetensors"
+    path.write_bytes(train_state_bytes(saved[-1], {"run": "test"}))
+    resumed_state = load_train_state(path, torch.device("cpu"))
+    assert resumed_state.step == 3 and len(resumed_state.losses) == 3
+    _, resumed, _ = _train(oracle_unet2d, steps=5, resume=resumed_state)
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+    assert resumed_state.losses == straight_losses[:3]
 
 
 def test_training_changes_only_the_tuned_tensors_and_is_reproducible(oracle_unet2d) -> None:

@@ -1,0 +1,433 @@
+"""`tav batch`: many tune/invert/edit jobs from a TOML or JSON Lines file, validated before any work.
+
+A job is one clip, its prompt, its edit prompts, and any option of `tav tune` (top level),
+`tav invert` (an `invert` table) or `tav edit` (an `edit` table):
+
+    [defaults]                 # optional (TOML only): merged under every job
+    model = "tiny"
+
+    [[job]]
+    name = "ski"               # optional; default job-N
+    clip = "skiing.mp4"        # relative to the batch file
+    prompt = "a man is skiing"
+    edits = ["a panda is skiing"]
+    steps = 300
+    edit = { steps = 20, guidance = 7.5 }
+
+This module imports no torch: parsing and validating stay fast and testable on their own.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tavcli.config import closest
+from tavcli.errors import TavError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = ["BatchContext", "Job", "JobProblem", "assign", "failure_record", "parse_jobs", "plan_jobs", "run_jobs"]
+
+Check = Callable[[Any, Path], Any]
+
+
+def _integer(value: Any, base: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("must be an integer")
+    return value
+
+
+def _number(value: Any, base: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be a number")
+    return float(value)
+
+
+def _text(value: Any, base: Path) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+def _prompt(value: Any, base: Path) -> str:
+    if not _text(value, base).strip():
+        raise ValueError("must not be empty")
+    return str(value)
+
+
+def _flag(value: Any, base: Path) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _path(value: Any, base: Path) -> Path:
+    path = Path(_text(value, base)).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _prompts(value: Any, base: Path) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list):
+        raise ValueError('must be a list of prompts, e.g. ["a panda is skiing"]')
+    return tuple(_prompt(item, base) for item in value)
+
+
+def _choice(*choices: str) -> Check:
+    def check(value: Any, base: Path) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return str(value)
+
+    return check
+
+
+TUNE_FIELDS: dict[str, Check] = {
+    "model": _text,
+    "project": _path,
+    "frames": _integer,
+    "stride": _integer,
+    "start": _integer,
+    "width": _integer,
+    "height": _integer,
+    "resize": _choice("crop", "stretch"),
+    "steps": _integer,
+    "lr": _number,
+    "seed": _integer,
+    "frame_norm": _choice("joint", "frame"),
+    "gradient_checkpointing": _flag,
+    "checkpoint_every": _integer,
+    "force": _flag,
+}
+INVERT_FIELDS: dict[str, Check] = {"steps": _integer, "prompt": _text}
+EDIT_FIELDS: dict[str, Check] = {
+    "steps": _integer,
+    "guidance": _number,
+    "negative": _text,
+    "seed": _integer,
+    "eta": _number,
+    "format": _choice("mp4", "gif", "frames"),
+    "fps": _number,
+    "out": _path,
+}
+JOB_FIELDS = ("name", "clip", "prompt", "edits", "invert", "edit", *TUNE_FIELDS)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One validated job: a clip, its prompt, edit prompts, and the options given for each command."""
+
+    name: str
+    where: str  # "job 2" or "line 3": how errors point at it
+    clip: Path
+    prompt: str
+    edits: tuple[str, ...]
+    tune: dict[str, Any]
+    invert: dict[str, Any]
+    edit: dict[str, Any]
+
+    @property
+    def tune_group(self) -> str:
+        """Jobs with equal groups share one tune: they run in the same process, one after another."""
+        return json.dumps([str(self.clip), self.prompt, {k: str(v) for k, v in self.tune.items()}], sort_keys=True)
+
+
+@dataclass(frozen=True)
+class JobProblem:
+    """A job that cannot run, and why (named by job and field)."""
+
+    name: str
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where} ({self.name}): {self.message}"
+
+
+def parse_jobs(text: str, source: str, base: Path, jsonl: bool) -> tuple[list[Job], list[JobProblem]]:
+    """Parse and validate every job; syntax errors raise, per-job problems are returned."""
+    raw = _read_jsonl(text, source) if jsonl else _read_toml(text, source)
+    jobs: list[Job] = []
+    problems: list[JobProblem] = []
+    seen: set[str] = set()
+    for index, (where, data) in enumerate(raw, start=1):
+        given = data.get("name")
+        name = given if isinstance(given, str) and given else f"job-{index}"
+        try:
+            job = _job(name, where, data, base)
+            if job.name in seen:
+                raise ValueError(f"the name {job.name!r} is used by an earlier job; names must be unique")
+            seen.add(job.name)
+            jobs.append(job)
+        except ValueError as error:
+            problems.append(JobProblem(name, where, str(error)))
+    if not raw:
+        raise TavError(f"{source} has no jobs", "add [[job]] tables (TOML) or one JSON object per line")
+    return jobs, problems
+
+
+def _read_toml(text: str, source: str) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise TavError(f"{source}: {error}", "fix the TOML syntax") from None
+    unknown = set(data) - {"job", "defaults"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise TavError(f"{source}: unknown table {key!r}{closest(key, ['job', 'defaults'])}", "use [[job]] tables")
+    jobs, defaults = data.get("job", []), data.get("defaults", {})
+    if not isinstance(jobs, list) or not isinstance(defaults, dict):
+        raise TavError(f"{source}: write jobs as [[job]] tables and defaults as one [defaults] table")
+    merged = []
+    for number, job in enumerate(jobs, start=1):
+        tables = {key: {**defaults.get(key, {}), **job.get(key, {})} for key in ("invert", "edit") if key in defaults}
+        merged.append((f"{source} job {number}", {**defaults, **job, **tables}))
+    return merged
+
+
+def _read_jsonl(text: str, source: str) -> list[tuple[str, dict[str, Any]]]:
+    jobs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise TavError(
+                f"{source} line {number}, column {error.colno}: {error.msg}", "one JSON object per line"
+            ) from None
+        if not isinstance(data, dict):
+            raise TavError(f"{source} line {number}: a job must be a JSON object, not {type(data).__name__}")
+        jobs.append((f"{source} line {number}", data))
+    return jobs
+
+
+def _job(name: str, where: str, data: dict[str, Any], base: Path) -> Job:
+    for key in data:
+        if key.replace("-", "_") not in JOB_FIELDS:
+            raise ValueError(f"unknown field {key!r}{closest(key.replace('-', '_'), JOB_FIELDS)}")
+    for required in ("clip", "prompt"):
+        if required not in data:
+            raise ValueError(f"field {required!r} is missing")
+    clip = _field("clip", data["clip"], _path, base)
+    prompt = _field("prompt", data["prompt"], _prompt, base)
+    edits = _field("edits", data.get("edits", []), _prompts, base)
+    tune = _options("", {k: v for k, v in data.items() if k not in JOB_FIELDS[:6]}, TUNE_FIELDS, base)
+    invert = _options("invert.", data.get("invert", {}), INVERT_FIELDS, base)
+    edit = _options("edit.", data.get("edit", {}), EDIT_FIELDS, base)
+    return Job(_field("name", name, _text, base), where, clip, prompt, edits, tune, invert, edit)
+
+
+def _options(prefix: str, data: Any, fields: dict[str, Check], base: Path) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ValueError(f"field {prefix.rstrip('.')!r} must be a table of options")
+    options = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise ValueError(f"unknown field {prefix + key!r}{closest(name, list(fields))}")
+        options[name] = _field(prefix + key, value, fields[name], base)
+    return options
+
+
+def _field(name: str, value: Any, check: Check, base: Path) -> Any:
+    try:
+        return check(value, base)
+    except ValueError as error:
+        raise ValueError(f"field {name!r} {error}, not {json.dumps(value)}") from None
+
+
+def assign(jobs: list[Job], process: int, processes: int) -> list[Job]:
+    """This process's share of the jobs: whole tune groups, balanced by edit count, the same on every process."""
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.tune_group, []).append(job)
+    loads = [0] * processes
+    owner: dict[str, int] = {}
+    for group, members in sorted(groups.items(), key=lambda item: -sum(1 + len(j.edits) for j in item[1])):
+        owner[group] = loads.index(min(loads))
+        loads[owner[group]] += sum(1 + len(job.edits) for job in members)
+    return [job for job in jobs if owner[job.tune_group] == process]
+
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class BatchContext:
+    """What every job inherits from the command line and configuration."""
+
+    model: str  # for jobs that name none
+    project_for: Callable[[Path], Path]  # default project of a clip
+
+
+def run_jobs(session: Any, jobs: list[Job], context: BatchContext, keep_going: bool, emit: Emit) -> bool:
+    """Run `jobs` in order, one base-model load per model; emit a record per artifact or failed job.
+
+    Returns whether every job succeeded. Without `keep_going` the first failure stops the rest.
+    """
+    import time
+
+    ordered = sorted(jobs, key=lambda job: _model(job, context))  # stable: same-model jobs stay in file order
+    ok = True
+    for index, job in enumerate(ordered):
+        started = time.perf_counter()
+        stage = ["tune"]  # the step under way, named in a failure record
+        try:
+            for artifact in _job_artifacts(session, job, context, stage):
+                emit({"job": job.name, **artifact.record(), "error": None})
+        except (TavError, OSError) as error:
+            if getattr(error, "exit_code", 1) == 130:
+                raise  # interrupted: stop everything, the tune is saved
+            message = error.message if isinstance(error, TavError) else str(error)
+            emit(_failure(job.name, stage[0], message, time.perf_counter() - started))
+            ok = False
+            if not keep_going:
+                return False
+        following = ordered[index + 1] if index + 1 < len(ordered) else None
+        if following is None or _model(following, context) != _model(job, context):
+            session.release(_model(job, context))  # no later job needs it: free the memory
+    return ok
+
+
+def failure_record(problem: JobProblem) -> dict[str, Any]:
+    return _failure(problem.name, "job", str(problem), 0.0)
+
+
+def _failure(name: str, kind: str, message: str, seconds: float) -> dict[str, Any]:
+    return {
+        "job": name,
+        "kind": kind,
+        "path": None,
+        "key": None,
+        "cached": False,
+        "seconds": round(seconds, 3),
+        "error": message,
+    }
+
+
+def _model(job: Job, context: BatchContext) -> str:
+    return str(job.tune.get("model", context.model))
+
+
+def _job_artifacts(session: Any, job: Job, context: BatchContext, stage: list[str]) -> Any:
+    """The job's artifacts as its tune, inversion and edits finish; `stage[0]` names the step under way."""
+    from tavcli import workflow
+
+    options, project = job.tune, job.tune.get("project") or context.project_for(job.clip)
+    force = bool(options.get("force", False))
+    tuned = workflow.tune(
+        session,
+        job.clip,
+        job.prompt,
+        project,
+        _model(job, context),
+        _selection(job),
+        workflow.frame_size(
+            options.get("width", 512), options.get("height", 512), options.get("resize", "crop"), session.reporter
+        ),
+        _tune_settings(job),
+        frame_norm=options.get("frame_norm", "joint"),
+        force=force,
+    )
+    yield from tuned
+    if not job.edits and not job.invert:
+        return
+    settings = _edit_settings(job)
+    invert_steps, invert_prompt = job.invert.get("steps", settings.steps), job.invert.get("prompt", "")
+    stage[0] = "invert"
+    yield workflow.invert(session, project, invert_steps, invert_prompt, force, tune_key=tuned[-1].key)
+    if job.edits:
+        stage[0], edit = "edit", job.edit
+        rendered = workflow.edit(
+            session,
+            project,
+            list(job.edits),
+            settings,
+            edit.get("out"),
+            edit.get("format", "mp4"),
+            edit.get("fps"),
+            force,
+            tune_key=tuned[-1].key,
+            invert_steps=invert_steps,
+            invert_prompt=invert_prompt,
+        )
+        yield from rendered
+
+
+def plan_jobs(session: Any, jobs: list[Job], context: BatchContext) -> list[dict[str, Any]]:
+    """What running `jobs` would reuse and what it would compute, without computing anything."""
+    from tavcli import workflow
+
+    rows = []
+    for job in jobs:
+        project_root = job.tune.get("project") or context.project_for(job.clip)
+        project = session.project(project_root)
+        source = session.source(_model(job, context))
+        options = job.tune
+        size = workflow.frame_size(
+            options.get("width", 512), options.get("height", 512), options.get("resize", "crop"), session.reporter
+        )
+        latents = workflow.latents_entry(project, source, job.clip, _selection(job), size)
+        settings = _tune_settings(job)
+        spec = workflow.tune_spec(
+            latents.key, job.prompt, settings, session.runtime.precision, options.get("frame_norm", "joint")
+        )
+        tune = project.entry("tunes", spec)
+        resume = project.checkpoints({k: v for k, v in spec.items() if k != "steps"}).latest(settings.steps)
+        entries = [("latents", latents, {}), ("tune", tune, {"resume_from": resume.name if resume else None})]
+        if job.edits or job.invert:
+            edit_settings = _edit_settings(job)
+            steps, prompt = job.invert.get("steps", edit_settings.steps), job.invert.get("prompt", "")
+            inversion = workflow.inversion_entry(project, tune.key, steps, prompt)
+            entries.append(("inversion", inversion, {}))
+            for text in job.edits:
+                edit = workflow.edit_entry(project, inversion.key, text, edit_settings, session.runtime.precision)
+                entries.append(("edit", edit, {"prompt": text}))
+        force = bool(options.get("force", False))
+        for kind, entry, extra in entries:
+            cached = entry.complete and not force
+            rows.append(
+                {
+                    "job": job.name,
+                    "kind": kind,
+                    "key": entry.key,
+                    "path": str(entry.path),
+                    "cached": cached,
+                    "action": "reuse" if cached else "compute",
+                    **extra,
+                }
+            )
+    return rows
+
+
+def _selection(job: Job) -> Any:
+    from tavcli.video import FrameSelection
+
+    return FrameSelection(**{k: job.tune[k] for k in ("frames", "stride", "start") if k in job.tune})
+
+
+def _tune_settings(job: Job) -> Any:
+    from tavcli.tune import TuneSettings
+
+    names = {
+        "steps": "steps",
+        "lr": "learning_rate",
+        "seed": "seed",
+        "gradient_checkpointing": "gradient_checkpointing",
+        "checkpoint_every": "checkpoint_every",
+    }
+    return TuneSettings(**{field: job.tune[key] for key, field in names.items() if key in job.tune})
+
+
+def _edit_settings(job: Job) -> Any:
+    from tavcli.workflow import EditSettings
+
+    return EditSettings(**{k: job.edit[k] for k in ("steps", "guidance", "negative", "seed", "eta") if k in job.edit})
