@@ -381,8 +381,9 @@ def plan_jobs(session: Any, jobs: list[Job], context: BatchContext) -> list[dict
             latents.key, job.prompt, settings, session.runtime.precision, options.get("frame_norm", "joint")
         )
         tune = project.entry("tunes", spec)
-        resume = project.checkpoints({k: v for k, v in spec.items() if k != "steps"}).latest(settings.steps)
-        entries = [("latents", latents, {}), ("tune", tune, {"resume_from": resume.name if resume else None})]
+        run = project.checkpoints({k: v for k, v in spec.items() if k != "steps"})
+        resume = [step for step in run.steps() if step <= settings.steps]
+        entries = [("latents", latents, {}), ("tune", tune, {"resume_from": resume[-1] if resume else None})]
         if job.edits or job.invert:
             edit_settings = _edit_settings(job)
             steps, prompt = job.invert.get("steps", edit_settings.steps), job.invert.get("prompt", "")
@@ -394,6 +395,7 @@ def plan_jobs(session: Any, jobs: list[Job], context: BatchContext) -> list[dict
         force = bool(options.get("force", False))
         for kind, entry, extra in entries:
             cached = entry.complete and not force
+            extra = {} if cached else extra
             rows.append(
                 {
                     "job": job.name,

@@ -465,7 +465,7 @@ def _print_plan(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         action = "[green]reuse[/green]" if row["cached"] else "[yellow]compute[/yellow]"
         if row.get("resume_from"):
-            action += f" (resume from {row['resume_from']})"
+            action += f" from step {row['resume_from']}"
         table.add_row(row["job"], row["kind"] + (f": {row['prompt']}" if row.get("prompt") else ""), row["key"], action)
     stderr.print(table)
 
@@ -486,23 +486,25 @@ def list_store(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
         for row in rows:
             print_record({**row.record(), "current": row.key in (state.get("tune"), state.get("inversion"))})
         return
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"{store.root}  ({_size(sum(r.bytes for r in rows))})", title_justify="left")
-    for column in ("kind", "key", "what", "from", "size", "created", "state"):
-        table.add_column(column, justify="right" if column == "size" else "left")
-    for row in rows:
-        current = " [bold]*[/bold]" if row.key in (state.get("tune"), state.get("inversion")) else ""
-        shown_state = "ok" if row.state == "complete" else f"[red]{escape(row.state)}[/red]"
-        table.add_row(
-            row.kind,
-            row.key + current,
-            escape(_describe(row)),
-            row.parent or "",
-            _size(row.bytes),
-            (row.created or "")[:16].replace("T", " "),
-            shown_state,
+    title = f"{store.root}  ({_size(sum(r.bytes for r in rows))})"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("kind", "key", "what", "from", "size", "created"):
+        wraps = column == "what"
+        table.add_column(
+            column,
+            justify="right" if column == "size" else "left",
+            no_wrap=not wraps,
+            min_width=16 if column == "what" else None,
         )
+    for row in rows:
+        current = "*" if row.key in (state.get("tune"), state.get("inversion")) else ""
+        what = escape(_describe(row)) if row.state == "complete" else f"[red]{escape(row.state)}[/red]"
+        parent = row.parent.split("/")[-1][:8] if row.parent else ""  # its kind follows from this row's
+        created = (row.created or "")[5:16].replace("T", " ")
+        table.add_row(row.kind, row.key[:8] + current, what, parent, _size(row.bytes), created)
     stderr.print(table)
     stderr.print("[dim]* the tune and inversion `tav edit` uses now[/dim]")
 
@@ -644,8 +646,10 @@ def _remove_with_plan(store: Project, rows: list[Listing], verb: str, dry_run: b
 
     freed = sum(row.bytes for row in rows)
     for row in rows:
-        stderr.print(f"  {row.kind}/{row.key}  {_size(row.bytes):>9}  [dim]{escape(_describe(row) or row.state)}[/dim]")
-    stderr.print(f"{'would free' if dry_run else 'frees'} {_size(freed)} in {len(rows)} entries")
+        why = _describe(row) if row.state == "complete" else row.state
+        stderr.print(f"  {row.kind}/{row.key}  {_size(row.bytes):>9}  [dim]{escape(why)}[/dim]")
+    plural = "entry" if len(rows) == 1 else "entries"
+    stderr.print(f"{'would free' if dry_run else 'frees'} {_size(freed)} in {len(rows)} {plural}")
     if dry_run or not rows:
         return
     if not yes:

@@ -356,6 +356,9 @@ def _train(
             stop_requested=stop,
         )
     save(state)  # the finished run's state, so a longer tune can continue from it
+    # Earlier interrupted runs' states below this one are superseded; finished tunes' states stay.
+    finished = {step for step in checkpoints.steps() if project.entry("tunes", {**run, "steps": step}).complete}
+    checkpoints.discard([step for step in checkpoints.steps() if step < state.step and step not in finished])
     return state
 
 
