@@ -617,9 +617,10 @@ def show_config(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
             }
         )
         return
+    from rich import box
     from rich.table import Table
 
-    table = Table(title_justify="left")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("setting", "value", "from"):
         table.add_column(column)
     for key, setting in [*settings.items(), ("project", chosen or Setting(None, "none"))]:
@@ -717,8 +718,7 @@ def main() -> None:
     File-system failures (permissions, a full disk) are the environment's, not bugs: one line too.
     Ctrl-C and SIGTERM stop with status 130 and a note that finished work is kept.
     """
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _interrupt)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         app()
     except (TavError, OSError) as error:
@@ -731,6 +731,9 @@ def main() -> None:
         shown_hint = f" [dim]({escape(hint)})[/dim]" if hint else ""
         console.print(f"[bold red]error:[/bold red] {escape(message)}{shown_hint}")
         sys.exit(getattr(error, "exit_code", 1))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _interrupt(signum: int, frame: object) -> None:

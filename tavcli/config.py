@@ -72,7 +72,7 @@ def read_toml(path: Path, allowed: tuple[str, ...]) -> dict[str, str]:
         if key not in allowed:
             raise TavError(f"{path}: unknown setting {key!r}{closest(key, allowed)}", f"known: {', '.join(allowed)}")
         if not isinstance(value, str):
-            raise TavError(f"{path}: {key} must be a string, e.g. {key} = \"...\"")
+            raise TavError(f'{path}: {key} must be a string, e.g. {key} = "..."')
         if value not in CHOICES.get(key, (value,)):
             raise TavError(f"{path}: {key} must be one of {', '.join(CHOICES[key])}, not {value!r}")
     return data

@@ -176,6 +176,7 @@ def _walk(node: Any) -> list[Any]:
 
 def _build_tiny_model(configs: Any, folder: Path) -> None:
     """Save an SD-shaped model with seeded random weights; deterministic for a given config."""
+
     def config(name: str) -> dict[str, Any]:
         return json.loads((configs / name).read_text())
 

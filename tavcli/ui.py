@@ -25,7 +25,7 @@ from tavcli.progress import Advance, Reporter
 
 __all__ = ["RichReporter", "print_record", "stderr"]
 
-stderr = Console(stderr=True, highlight=False)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)  # long paths and messages stay one line
 
 
 class _StepsPerSecond(ProgressColumn):

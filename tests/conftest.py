@@ -19,10 +19,13 @@ def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def isolated_cache(cache_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test touches the real user cache; the built tiny model is shared by the session."""
+def isolated_cache(cache_root: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test touches the real user cache or config; the built tiny model is shared by the session."""
     monkeypatch.setenv("TAV_CACHE_DIR", str(cache_root))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
+    for name in ("TAV_MODEL", "TAV_DEVICE", "TAV_PRECISION", "TAV_PROJECT", "TAV_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ from tavcli.model import inflate_unet, trainable_parameters
 from tavcli.progress import Reporter
 from tavcli.runtime import resolve_runtime
 from tavcli.tune import (
-    TuneInterrupted,
     TrainState,
+    TuneInterrupted,
     TuneSettings,
     load_train_state,
     train_delta,

@@ -1,0 +1,201 @@
+"""`tav batch`: validation before work, shared work done once, JSON records, and several processes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tavcli.batch import assign, parse_jobs
+
+from .conftest import CLIP
+
+JOBS = """
+[defaults]
+model = "tiny"
+frames = 4
+width = 64
+height = 64
+steps = 3
+edit = { steps = 2 }
+
+[[job]]
+name = "panda"
+clip = "clip.mp4"
+prompt = "a man is skiing"
+edits = ["a panda is skiing"]
+
+[[job]]
+name = "sunset"
+clip = "clip.mp4"
+prompt = "a man is skiing"
+edits = ["a man is skiing at sunset", "a panda is skiing"]
+
+[[job]]
+name = "other-tune"
+clip = "clip.mp4"
+prompt = "a person is skiing"
+edits = ["a bear is skiing"]
+edit = { steps = 2, guidance = 5.0 }
+"""
+FIELDS = ("job", "kind", "path", "key", "cached", "seconds", "error")
+
+
+def _records(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def batch_dir(tmp_path: Path) -> Path:
+    shutil.copy(CLIP, tmp_path / "clip.mp4")
+    (tmp_path / "jobs.toml").write_text(JOBS)
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_three_jobs_share_work_and_a_second_run_computes_nothing(batch_dir: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    code, out, err = run_tav("batch", batch_dir / "jobs.toml")
+    assert code == 0, err
+    records = _records(out)
+    assert all(set(FIELDS) <= set(r) and r["error"] is None for r in records)
+    computed = [(r["kind"], r["job"]) for r in records if not r["cached"]]
+    # One clip encoding, two tunes (two prompts), two inversions, four distinct edits.
+    assert sorted(kind for kind, _ in computed) == ["edit"] * 3 + ["inversion"] * 2 + ["latents"] + ["tune"] * 2
+    assert [r["cached"] for r in records if r["job"] == "sunset" and r["kind"] == "tune"] == [True]
+    assert err.count("loading model") == 1  # one base-model load for all jobs
+    for record in records:
+        assert Path(record["path"]).exists()
+
+    code, out, err = run_tav("batch", batch_dir / "jobs.toml")
+    assert code == 0 and "loading model" not in err
+    again = _records(out)
+    assert len(again) == len(records) and all(r["cached"] for r in again)
+
+    code, out, err = run_tav("batch", batch_dir / "jobs.toml", "--dry-run")
+    assert code == 0 and all(r["action"] == "reuse" for r in _records(out))
+
+
+def test_invalid_jobs_stop_everything_and_name_job_and_field(batch_dir: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    bad = JOBS.replace('name = "sunset"', 'name = "sunset"\nstpes = 3').replace("guidance = 5.0", 'guidance = "high"')
+    (batch_dir / "bad.toml").write_text(bad)
+    code, out, err = run_tav("batch", batch_dir / "bad.toml")
+    assert code == 1 and out == ""
+    assert "job 2 (sunset): unknown field 'stpes' (did you mean 'steps'?)" in err
+    assert "job 3 (other-tune): field 'edit.guidance' must be a number, not \"high\"" in err
+    assert "2 of 3 jobs are invalid; nothing was run" in err
+    assert not (batch_dir / "clip.tav").exists()
+
+
+@pytest.mark.slow
+def test_keep_going_runs_the_valid_jobs_and_fails_the_exit_status(batch_dir: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    lines = [
+        json.dumps(
+            {
+                "clip": "clip.mp4",
+                "prompt": "a man is skiing",
+                "model": "tiny",
+                "frames": 4,
+                "width": 64,
+                "height": 64,
+                "steps": 2,
+            }
+        ),
+        json.dumps({"clip": "clip.mp4", "prompt": "a man", "frames": "four"}),
+        json.dumps({"name": "missing", "clip": "nope.mp4", "prompt": "a man", "model": "tiny"}),
+    ]
+    (batch_dir / "jobs.jsonl").write_text("\n".join(lines) + "\n")
+    code, out, err = run_tav("batch", batch_dir / "jobs.jsonl", "--keep-going")
+    assert code == 1
+    records = _records(out)
+    failed = {r["job"]: r["error"] for r in records if r["error"]}
+    assert "line 2 (job-2): field 'frames' must be an integer" in failed["job-2"]
+    assert "no such file" in failed["missing"]
+    assert [r["kind"] for r in records if r["job"] == "job-1"] == ["latents", "tune"]
+
+
+def test_jsonl_from_stdin_reports_syntax_errors_with_line_and_column(run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"clip": "a.mp4", "prompt": "x"}\n{"clip": "b.mp4",,}\n'))
+    code, out, err = run_tav("batch", "-")
+    assert code == 1 and out == ""
+    assert "stdin line 2, column 18" in err and "Traceback" not in err
+
+
+def test_toml_syntax_error_and_empty_file(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "broken.toml").write_text('[[job]]\nclip = "a.mp4\n')
+    code, _, err = run_tav("batch", tmp_path / "broken.toml")
+    assert code == 1 and "line 2" in err and "fix the TOML syntax" in err
+    (tmp_path / "empty.toml").write_text("")
+    code, _, err = run_tav("batch", tmp_path / "empty.toml")
+    assert code == 1 and "has no jobs" in err
+
+
+def test_parsing_paths_names_and_tables(tmp_path: Path) -> None:
+    text = (
+        '[[job]]\nclip = "c.mp4"\nprompt = "p"\n[job.edit]\nformat = "gif"\n'
+        '[[job]]\nname = "job-1"\nclip = "/abs.mp4"\nprompt = "p"\n'
+    )
+    jobs, problems = parse_jobs(text, "jobs.toml", tmp_path, jsonl=False)
+    assert jobs[0].clip == tmp_path / "c.mp4" and jobs[0].edit == {"format": "gif"}
+    assert [str(p) for p in problems] == [
+        "jobs.toml job 2 (job-1): the name 'job-1' is used by an earlier job; names must be unique"
+    ]
+
+
+def test_assignment_keeps_tune_groups_together_and_covers_every_job(tmp_path: Path) -> None:
+    lines = [json.dumps({"clip": f"c{i % 3}.mp4", "prompt": "p", "edits": ["e"] * i}) for i in range(7)]
+    jobs, _ = parse_jobs("\n".join(lines), "jobs.jsonl", tmp_path, jsonl=True)
+    shares = [assign(jobs, index, 2) for index in range(2)]
+    assert sorted(j.name for share in shares for j in share) == sorted(j.name for j in jobs)
+    groups = [{j.tune_group for j in share} for share in shares]
+    assert not groups[0] & groups[1] and all(shares)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_splits_jobs_over_two_processes(batch_dir: Path) -> None:
+    """Two CPU processes (gloo) under `accelerate launch`: every artifact written once, same bytes as one process."""
+    for name in ("one", "two"):
+        (batch_dir / f"{name}.toml").write_text(
+            JOBS.replace('model = "tiny"', f'model = "tiny"\nproject = "{name}.tav"')
+        )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what accelerate gives each process: same rounding
+    single = subprocess.run(
+        [sys.executable, "-m", "tavcli", "batch", "one.toml"], cwd=batch_dir, env=env, capture_output=True, text=True
+    )
+    assert single.returncode == 0, single.stderr
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+        "-m",
+        "tavcli",
+        "batch",
+        "two.toml",
+    ]
+    multi = subprocess.run(launch, cwd=batch_dir, env=env, capture_output=True, text=True)
+    assert multi.returncode == 0, multi.stderr
+    assert "process 1 of 2" in multi.stderr and "process 2 of 2" in multi.stderr
+    records = _records(multi.stdout)
+    computed = [(r["kind"], r["key"]) for r in records if not r["cached"]]
+    assert len(computed) == len(set(computed)) == 8  # nothing computed twice
+    assert {r["key"] for r in records} == {r["key"] for r in _records(single.stdout)}
+    for kind in ("tunes", "inversions", "edits"):
+        for entry in (batch_dir / "one.tav" / kind).iterdir():
+            twin = batch_dir / "two.tav" / kind / entry.name / "tensors.safetensors"
+            assert twin.read_bytes() == (entry / "tensors.safetensors").read_bytes(), f"{kind}/{entry.name}"

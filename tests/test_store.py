@@ -1,0 +1,218 @@
+"""The project store: keys, payload hashes, listing that survives damage, removal order, garbage, locks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tavcli.errors import TavError
+from tavcli.store import STORE_VERSION, Project, cache_key
+
+
+def _project(tmp_path: Path) -> tuple[Project, dict[str, object]]:
+    """A project with a latents entry, a tune on it, an inversion of that, an edit of that, and a render."""
+    project = Project(tmp_path / "p.tav")
+    latents = project.entry("latents", {"clip_sha256": "abc"})
+    latents.save({"mean": torch.zeros(2)}, {})
+    tune = project.entry("tunes", {"latents": latents.key, "prompt": "a man", "steps": 3})
+    tune.save({"w": torch.ones(3)}, {})
+    inversion = project.entry("inversions", {"tune": tune.key, "steps": 2, "prompt": ""})
+    inversion.save({"trajectory": torch.ones(2)}, {})
+    edit = project.entry("edits", {"inversion": inversion.key, "prompt": "a panda"})
+    edit.save({"latents": torch.ones(2)}, {})
+    renders = project.root / "renders"
+    renders.mkdir()
+    (renders / "a-panda.mp4").write_bytes(b"video")
+    (renders / "a-panda.mp4.json").write_text(json.dumps({"edit": {"key": edit.key}}))
+    project.update_state(tune=tune.key, inversion=inversion.key)
+    return project, {"latents": latents, "tune": tune, "inversion": inversion, "edit": edit}
+
+
+def test_keys_depend_on_every_spec_field_and_kind() -> None:
+    base = {"prompt": "a man is skiing", "steps": 500}
+    assert cache_key(base) == cache_key(dict(reversed(base.items())))
+    assert cache_key(base) != cache_key({**base, "steps": 501})
+    assert cache_key({"kind": "tunes", **base}) != cache_key({"kind": "edits", **base})
+
+
+def test_meta_records_payload_hash_and_problems_are_found(tmp_path: Path) -> None:
+    project, entries = _project(tmp_path)
+    tune = entries["tune"]
+    meta = tune.meta()  # type: ignore[attr-defined]
+    assert meta["files"]["tensors.safetensors"]["bytes"] == (tune.path / "tensors.safetensors").stat().st_size  # type: ignore[attr-defined]
+    assert tune.problems() == []  # type: ignore[attr-defined]
+    payload = tune.path / "tensors.safetensors"  # type: ignore[attr-defined]
+    data = bytearray(payload.read_bytes())
+    data[-1] ^= 0xFF
+    payload.write_bytes(bytes(data))
+    assert tune.problems() == ["tensors.safetensors does not match its recorded SHA-256"]  # type: ignore[attr-defined]
+    payload.unlink()
+    assert tune.problems() == ["tensors.safetensors is missing"]  # type: ignore[attr-defined]
+
+
+def test_listing_reports_damaged_and_incomplete_entries_without_raising(tmp_path: Path) -> None:
+    project, entries = _project(tmp_path)
+    (entries["inversion"].path / "meta.json").write_text("{not json")  # type: ignore[attr-defined]
+    (project.root / "edits" / "0123456789abcdef").mkdir()
+    states = {(row.kind, row.key[:4]): row.state for row in project.listing()}
+    assert states[("inversions", entries["inversion"].key[:4])].startswith("damaged")  # type: ignore[attr-defined]
+    assert states[("edits", "0123")] == "incomplete"
+    assert states[("tunes", entries["tune"].key[:4])] == "complete"  # type: ignore[attr-defined]
+
+
+def test_removal_takes_dependents_children_first_and_clears_pointers(tmp_path: Path) -> None:
+    project, entries = _project(tmp_path)
+    rows = {row.kind: row for row in project.listing()}
+    plan = project.dependents([rows["tunes"]])
+    assert [row.kind for row in plan] == ["edits", "inversions", "tunes"]
+    for row in plan:
+        project.remove(row)
+    assert project.state["tune"] is None and project.state["inversion"] is None
+    assert not (project.root / "renders" / "a-panda.mp4").exists()
+    assert not (project.root / "renders" / "a-panda.mp4.json").exists()
+    assert [row.kind for row in project.listing()] == ["latents"]
+
+
+def test_garbage_is_interrupted_orphaned_and_dead_processes_temp_files(tmp_path: Path) -> None:
+    project, entries = _project(tmp_path)
+    (entries["inversion"].path / "meta.json").unlink()  # type: ignore[attr-defined]  # interrupted inversion
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    temp = project.root / "tunes" / f".tensors.safetensors.{dead.stdout.strip()}.0badc0de.tmp"
+    temp.write_bytes(b"half")
+    live = project.root / "tunes" / f".tensors.safetensors.{os.getpid()}.0badc0de.tmp"
+    live.write_bytes(b"being written")
+    found = {(row.kind, row.state) for row in project.garbage()}
+    assert ("inversions", "interrupted before it was complete") in found
+    assert any(kind == "edits" and "which is gone" in state for kind, state in found)  # its inversion is incomplete
+    assert ("temp", "left by a process that died") in found
+    assert not any(row.path == live for row in project.garbage())
+    assert not any(row.kind == "tunes" for row in project.garbage())
+
+
+def test_newer_store_version_is_refused(tmp_path: Path) -> None:
+    project, _ = _project(tmp_path)
+    (project.root / "project.json").write_text(json.dumps({"store_version": STORE_VERSION + 1}))
+    with pytest.raises(TavError, match="newer tav"):
+        project.update_state(tune=None)
+
+
+def test_a_lock_held_by_a_killed_process_is_taken_over(tmp_path: Path) -> None:
+    project = Project(tmp_path / "p.tav")
+    holder = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from tavcli.store import Project\n"
+        f"with Project(Path({str(project.root)!r})).lock('tunes-x'):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == "held"
+        assert project.busy("tunes-x")
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+    finally:
+        process.kill()
+    started = time.monotonic()
+    with project.lock("tunes-x"):
+        assert time.monotonic() - started < 5
+    assert not project.busy("tunes-x")
+
+
+def test_produce_computes_once_then_reports_cached(tmp_path: Path) -> None:
+    project = Project(tmp_path / "p.tav")
+    entry = project.entry("latents", {"clip_sha256": "abc"})
+    calls: list[int] = []
+
+    def compute() -> None:
+        calls.append(1)
+        entry.save({"mean": torch.zeros(1)}, {})
+
+    assert project.produce(entry, compute) is False
+    assert project.produce(entry, compute) is True
+    assert project.produce(entry, compute, force=True) is False
+    assert len(calls) == 2
+
+
+def _records(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_ls_verify_rm_gc_on_a_real_project(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    from .conftest import CLIP
+
+    project = tmp_path / "ski.tav"
+    small = ["--model", "tiny", "--frames", "2", "--width", "32", "--height", "32", "--steps", "2"]
+    assert run_tav("tune", CLIP, "a man is skiing", *small, "-p", project)[0] == 0
+    code, out, err = run_tav("edit", "a panda is skiing", "-p", project, "--steps", "2")
+    assert code == 0, err
+    edit = _records(out)[0]
+
+    code, out, err = run_tav("ls", "-p", project, "--json")
+    rows = {row["kind"]: row for row in _records(out)}
+    assert set(rows) == {"latents", "embeddings", "tunes", "checkpoints", "inversions", "edits"}
+    assert rows["edits"]["parent"] == f"inversions/{rows['inversions']['key']}"
+    assert rows["tunes"]["current"] and rows["tunes"]["spec"]["steps"] == 2
+    code, _, err = run_tav("ls", "-p", project)
+    assert code == 0 and rows["edits"]["key"][:8] in err
+
+    payload = project / "edits" / edit["key"] / "tensors.safetensors"
+    payload.write_bytes(payload.read_bytes()[:-4] + b"oops")
+    code, _, err = run_tav("verify", "-p", project)
+    assert code == 1 and f"damaged edits/{edit['key']}" in err and "SHA-256" in err
+    assert run_tav("ls", "-p", project)[0] == 0  # damage never breaks the listing
+
+    tune_key = rows["tunes"]["key"]
+    code, out, err = run_tav("rm", tune_key[:6], "-p", project, "--dry-run")
+    assert code == 0 and out == "" and "would free" in err
+    assert (project / "tunes" / tune_key).exists()
+    code, out, err = run_tav("rm", tune_key[:6], "-p", project)  # stdin is no terminal: refuse to guess
+    assert code == 1 and "--yes" in err and (project / "tunes" / tune_key).exists()
+    code, out, err = run_tav("rm", tune_key[:6], "-p", project, "--yes")
+    assert code == 0, err
+    assert [r["removed"].split("/")[0] for r in _records(out)] == ["edits", "inversions", "tunes"]
+    assert not Path(edit["path"]).exists() and not Path(edit["sidecar"]).exists()
+    code, _, err = run_tav("edit", "a panda is skiing", "-p", project)
+    assert code == 1 and "never tuned" in err
+
+    (project / "inversions" / "0123456789abcdef").mkdir()  # as if a process died while inverting
+    code, out, err = run_tav("gc", "-p", project, "--checkpoints", "--yes")
+    assert code == 0, err
+    assert {r["removed"].split("/")[0] for r in _records(out)} == {"inversions", "checkpoints"}
+    remaining = {row["kind"] for row in _records(run_tav("ls", "-p", project, "--json")[1])}
+    assert remaining == {"latents", "embeddings"}
+    code, _, err = run_tav("rm", "ffff", "-p", project)
+    assert code == 1 and "no entry match" in err
+
+
+def test_local_model_identity_is_a_content_hash(tmp_path: Path) -> None:
+    import shutil
+
+    from tavcli.models import resolve_model
+
+    from .conftest import TINY_SD
+
+    model = tmp_path / "model"
+    shutil.copytree(TINY_SD, model)
+    first = resolve_model(str(model)).revision
+    assert first.startswith("sha256-")
+    os.utime(model / "unet" / "config.json", (0, 0))  # touched, not changed: same identity
+    assert resolve_model(str(model)).revision == first
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(model, copy)  # the same files elsewhere: same identity
+    assert resolve_model(str(copy)).revision == first
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert resolve_model(str(model)).revision != first
