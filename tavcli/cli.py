@@ -476,10 +476,9 @@ def list_store(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
 
     A damaged entry is shown as damaged, never hides the rest (check payloads with `tav verify`).
     """
-    from tavcli.store import Project
     from tavcli.ui import print_record, stderr
 
-    store = Project(_existing_project(project))
+    store = _open_store(project)
     rows = store.listing()
     state = store.state
     if as_json:
@@ -521,9 +520,7 @@ def remove(
     References go first: pointers and `meta.json`, then the payload, so an interrupted removal never
     leaves an entry that looks complete but is not.
     """
-    from tavcli.store import Project
-
-    store = Project(_existing_project(project))
+    store = _open_store(project)
     rows = store.listing()
     targets = [_match(rows, key) for key in keys]
     _remove_with_plan(store, store.dependents(targets), "remove", dry_run, yes)
@@ -542,9 +539,7 @@ def collect_garbage(
 
     Work a live process is doing is left alone.
     """
-    from tavcli.store import Project
-
-    store = Project(_existing_project(project))
+    store = _open_store(project)
     _remove_with_plan(store, store.garbage(checkpoints), "collect", dry_run, yes)
 
 
@@ -556,10 +551,10 @@ def verify(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
     """
     from safetensors import safe_open
 
-    from tavcli.store import Checkpoints, Entry, Project
+    from tavcli.store import Checkpoints, Entry
     from tavcli.ui import print_record, stderr
 
-    store = Project(_existing_project(project))
+    store = _open_store(project)
     bad = 0
     rows = store.listing()
     with _progress("verifying", len(rows)) as advance:
@@ -630,6 +625,17 @@ def show_config(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
         if path:
             exists = "" if Path(path).is_file() else " [dim](does not exist)[/dim]"
             stderr.print(f"{name}: {escape(path)}{exists}")
+
+
+def _open_store(flag: Path | None) -> Project:
+    from tavcli.store import Project
+
+    root = _existing_project(flag)
+    if not root.is_dir():
+        raise TavError(f"no project at {root}", "`tav tune CLIP PROMPT` creates one")
+    store = Project(root)
+    store.check_version()
+    return store
 
 
 def _match(rows: list[Listing], given: str) -> Listing:

@@ -483,12 +483,11 @@ def _edit_one(
     output = out_dir / f"{_slug(prompt)}-{entry.key[:8]}{suffix}"
     sidecar = output.with_name(output.name + ".json") if suffix else output.with_suffix(".json")
     rendered = cached and output.exists() and sidecar.exists()
-    if not rendered:
-        with project.lock(f"render-{entry.key}"):
-            vae = session.model(tune_entry.meta()["model"]["model"]).vae
-            frames = decode_latents(vae, entry.tensors(runtime.device)["latents"])
-            write_video(frames, output, fmt, rate)
-            _write_sidecar(sidecar, project, tune_entry, inversion, entry, fmt, rate, frames.shape)
+    if not rendered:  # outputs are written atomically: a concurrent render of the same edit is harmless
+        vae = session.model(tune_entry.meta()["model"]["model"]).vae
+        frames = decode_latents(vae, entry.tensors(runtime.device)["latents"])
+        write_video(frames, output, fmt, rate)
+        _write_sidecar(sidecar, project, tune_entry, inversion, entry, fmt, rate, frames.shape)
     details = {"prompt": prompt, "sidecar": str(sidecar), "format": fmt}
     return Artifact("edit", entry.key, output, rendered, time.perf_counter() - started, details)
 
