@@ -116,6 +116,7 @@ EDIT_FIELDS: dict[str, Check] = {
     "format": _choice("mp4", "gif", "frames"),
     "fps": _number,
     "out": _path,
+    "batch_size": _integer,
 }
 JOB_FIELDS = ("name", "clip", "prompt", "edits", "invert", "edit", *TUNE_FIELDS)
 
@@ -358,6 +359,7 @@ def _job_artifacts(session: Any, job: Job, context: BatchContext, stage: list[st
             tune_key=tuned[-1].key,
             invert_steps=invert_steps,
             invert_prompt=invert_prompt,
+            batch_size=edit.get("batch_size", 1),
         )
         yield from rendered
 

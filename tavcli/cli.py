@@ -120,12 +120,13 @@ def _settings(project: Path | None, **flags: str | None) -> dict[str, Setting]:
     return resolve_settings(flags, project)
 
 
-def _session(settings: dict[str, Setting], allow_pickle: bool) -> Session:
+def _session(settings: dict[str, Setting], allow_pickle: bool, compile_unet: bool = False) -> Session:
     from tavcli.runtime import resolve_runtime
     from tavcli.ui import RichReporter
     from tavcli.workflow import Session
 
-    runtime = resolve_runtime(settings["device"].value or "auto", settings["precision"].value or "auto")
+    device, precision = settings["device"].value or "auto", settings["precision"].value or "auto"
+    runtime = resolve_runtime(device, precision, compile=compile_unet)
     return Session(runtime, RichReporter(), allow_pickle)
 
 
@@ -213,6 +214,12 @@ def tune(
             help="Save a resumable state every N steps (0: only on Ctrl-C and at the end).", rich_help_panel=STORE
         ),
     ] = 100,
+    compile_unet: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the UNet (GPU; slow to start).", rich_help_panel=RUN)
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what is cached and the estimated peak memory; train nothing.")
+    ] = False,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
@@ -233,7 +240,7 @@ def tune(
 
     project_dir = _project_for_clip(project, _settings(None))(video)
     settings = _settings(project_dir, model=model, device=device, precision=_precision(precision))
-    session = _session(settings, allow_pickle)
+    session = _session(settings, allow_pickle, compile_unet)
     size = frame_size(width, height, resize.value, session.reporter)
     tune_settings = TuneSettings(
         steps=steps,
@@ -242,18 +249,18 @@ def tune(
         gradient_checkpointing=gradient_checkpointing,
         checkpoint_every=checkpoint_every,
     )
-    artifacts = run_tune(
-        session,
-        video,
-        prompt,
-        project_dir,
-        settings["model"].value or "",
-        FrameSelection(frames=frames, stride=stride, start=start),
-        size,
-        tune_settings,
-        frame_norm=frame_norm.value,
-        force=force,
-    )
+    inputs = (video, prompt, project_dir, settings["model"].value or "", FrameSelection(frames, stride, start), size)
+    if dry_run:
+        from tavcli.ui import print_record, stderr
+        from tavcli.workflow import tune_plan
+
+        plan = tune_plan(session, *inputs, tune_settings, frame_norm=frame_norm.value, force=force)
+        print_record(plan)
+        start = plan["tune"]["resume_from"] or "from step 0"
+        tune_state = "cached" if plan["tune"]["cached"] else f"to train ({start})"
+        stderr.print(f"tune {plan['tune']['key']}: {tune_state}\nmemory: {plan['memory']['summary']}")
+        return
+    artifacts = run_tune(session, *inputs, tune_settings, frame_norm=frame_norm.value, force=force)
     _report(artifacts)
     tuned = artifacts[-1].details
     ratio = tuned["base_unet_bytes"] / tuned["delta_bytes"]
@@ -316,6 +323,12 @@ def edit(
             show_default=False,
         ),
     ] = None,
+    batch_size: Annotated[
+        int, typer.Option(help="Prompts sampled together in one UNet batch (GPU throughput).", rich_help_panel=RUN)
+    ] = 1,
+    compile_unet: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the UNet (GPU; slow to start).", rich_help_panel=RUN)
+    ] = False,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
@@ -331,9 +344,10 @@ def edit(
     from tavcli.workflow import edit as run_edit
 
     project_dir = _existing_project(project)
-    session = _session(_settings(project_dir, device=device, precision=_precision(precision)), allow_pickle)
+    settings_ = _settings(project_dir, device=device, precision=_precision(precision))
+    session = _session(settings_, allow_pickle, compile_unet)
     settings = EditSettings(steps=steps, guidance=guidance, negative=negative, seed=seed, eta=eta)
-    _report(run_edit(session, project_dir, prompts, settings, out, fmt.value, fps, force))
+    _report(run_edit(session, project_dir, prompts, settings, out, fmt.value, fps, force, batch_size=batch_size))
 
 
 @app.command()

@@ -92,7 +92,11 @@ class FrameJointGroupNorm(nn.GroupNorm):
 
 
 def sparse_causal_context(tokens: torch.Tensor, frames: int) -> torch.Tensor:
-    """(b*f, n, c) -> (b*f, 2n, c): frame i's tokens become those of frame 0 followed by frame i-1's."""
+    """(b*f, n, c) -> (b*f, 2n, c): frame i's tokens become those of frame 0 followed by frame i-1's.
+
+    The reference's definition (frames 0 and 1 see frame 0 twice); `SparseCausalAttnProcessor`
+    computes the same attention without building this tensor.
+    """
     folded, n, channels = tokens.shape
     clips = tokens.reshape(folded // frames, frames, n, channels)
     previous = (torch.arange(frames, device=tokens.device) - 1).clamp(min=0)
@@ -101,7 +105,13 @@ def sparse_causal_context(tokens: torch.Tensor, frames: int) -> torch.Tensor:
 
 
 class SparseCausalAttnProcessor:
-    """Self-attention where frame i's queries see the keys and values of frames 0 and i-1 (SDPA)."""
+    """Self-attention where frame i's queries see the keys and values of frames 0 and i-1 (SDPA).
+
+    Frames 0 and 1 see frame 0 twice; attending to duplicated keys equals attending to them once
+    (each weight and the normaliser both double), so those frames attend to frame 0's n tokens
+    and only frames 2.. attend to 2n: 12.5% less attention work at 8 frames, same numbers up to
+    float rounding.
+    """
 
     def __init__(self, layout: ClipLayout) -> None:
         self.layout = layout
@@ -115,13 +125,29 @@ class SparseCausalAttnProcessor:
         **kwargs: Any,
     ) -> torch.Tensor:
         frames = self.layout.frames
-        # Project once per token, then gather: cheaper than projecting the gathered context.
-        query = _split_heads(attn.to_q(hidden_states), attn.heads)
-        key = _split_heads(sparse_causal_context(attn.to_k(hidden_states), frames), attn.heads)
-        value = _split_heads(sparse_causal_context(attn.to_v(hidden_states), frames), attn.heads)
-        out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
-        out = out.transpose(1, 2).flatten(2).to(query.dtype)
+        folded, n, _ = hidden_states.shape
+        clips = folded // frames
+        # Project once per token, then pick frames: cheaper than projecting the gathered context.
+        query = attn.to_q(hidden_states).unflatten(0, (clips, frames))  # (b, f, n, c)
+        key = attn.to_k(hidden_states).unflatten(0, (clips, frames))
+        value = attn.to_v(hidden_states).unflatten(0, (clips, frames))
+        head = min(frames, 2)  # the frames whose context is frame 0 alone
+        parts = [_attend(attn, query[:, :head], key[:, :1], value[:, :1])]
+        if frames > 2:
+            context_k = torch.cat([key[:, :1].expand(-1, frames - 2, -1, -1), key[:, 1:-1]], dim=2)
+            context_v = torch.cat([value[:, :1].expand(-1, frames - 2, -1, -1), value[:, 1:-1]], dim=2)
+            parts.append(_attend(attn, query[:, 2:], context_k, context_v))
+        out = torch.cat(parts, dim=1).reshape(folded, n, -1)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+def _attend(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Queries (b, f, n, c) attend to keys and values (b, f or 1, m, c), frame by frame -> (b, f, n, c)."""
+    clips, frames, n, _ = query.shape
+    key, value = key.expand(-1, frames, -1, -1), value.expand(-1, frames, -1, -1)
+    q, k, v = (_split_heads(t.reshape(clips * frames, t.shape[2], -1), attn.heads) for t in (query, key, value))
+    out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+    return out.transpose(1, 2).flatten(2).to(query.dtype).reshape(clips, frames, n, -1)
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -18,10 +18,16 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclass(frozen=True)
 class Runtime:
-    """A device and the precision the UNet computes in (autocast) and frozen modules are stored in."""
+    """A device, the precision the UNet computes in (autocast) and frozen modules are stored in,
+    and whether UNet calls go through `torch.compile`."""
 
     device: torch.device
     precision: str  # fp32, fp16 or bf16
+    compile: bool = False
+
+    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The module to call: compiled with `--compile` (its parameters stay those of `module`)."""
+        return torch.compile(module) if self.compile else module  # type: ignore[return-value]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -34,7 +40,7 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
 
-def resolve_runtime(device: str = "auto", precision: Precision | str = "auto") -> Runtime:
+def resolve_runtime(device: str = "auto", precision: Precision | str = "auto", compile: bool = False) -> Runtime:
     """`--device auto` picks CUDA, then Apple MPS, then the CPU; `--precision auto` is fp16 on CUDA, else fp32."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -50,4 +56,4 @@ def resolve_runtime(device: str = "auto", precision: Precision | str = "auto") -
         raise TavError(f"unknown precision {precision!r}", "use auto, fp32, fp16 or bf16")
     if precision != "fp32" and chosen.type == "cpu":
         raise TavError(f"--precision {precision} needs a GPU; the CPU runs fp32", "use --precision fp32")
-    return Runtime(device=chosen, precision=precision)
+    return Runtime(device=chosen, precision=precision, compile=compile)

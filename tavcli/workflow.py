@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import shlex
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from tavcli import __version__
 from tavcli.errors import TavError
 from tavcli.inversion import ddim_inversion
+from tavcli.memory import MemoryEstimate, check_fits, probe_activations, tune_estimate
 from tavcli.model import FrameNorm, VideoUNet, inflate_unet
 from tavcli.models import Components, ModelSource, encode_prompts, load_components, resolve_model, weight_files
 from tavcli.progress import Reporter
@@ -59,6 +61,8 @@ __all__ = [
     "latents_entry",
     "prompt_embeddings",
     "tune",
+    "tune_memory",
+    "tune_plan",
     "tune_spec",
 ]
 
@@ -122,12 +126,26 @@ class Session:
         return self._sources[name]
 
     def model(self, name: str) -> Components:
+        """Model `name`, loaded once, with every part on the device (moved back if it was offloaded)."""
         source = self.source(name)
         if source.folder not in self._components:
             self.reporter.note(f"loading model {source.name}")
             dtype = self.runtime.dtype
             self._components[source.folder] = load_components(source, self.runtime.device, dtype, self.allow_pickle)
-        return self._components[source.folder]
+        components = self._components[source.folder]
+        for module in (components.vae, components.text_encoder):
+            if module.device != self.runtime.device:
+                module.to(self.runtime.device)
+        return components
+
+    def offload_frozen(self, name: str) -> None:
+        """On a GPU, move the VAE and text encoder to the CPU while only the UNet works (tuning)."""
+        if self.runtime.device.type != "cuda":
+            return
+        components = self.model(name)
+        components.vae.to("cpu")
+        components.text_encoder.to("cpu")
+        torch.cuda.empty_cache()
 
     def release(self, name: str) -> None:
         """Free model `name` (and UNets tuned from it) once no more work needs it."""
@@ -150,7 +168,7 @@ class Session:
             result = unet.load_state_dict(delta, strict=False)
             if result.unexpected_keys:
                 raise TavError(f"tuned delta {tune_entry.path} does not fit this model", "run `tav tune` again")
-            self._tuned[tune_entry.key] = unet.eval()
+            self._tuned[tune_entry.key] = self.runtime.prepare(unet.eval())  # type: ignore[assignment]
         return components, self._tuned[tune_entry.key]
 
 
@@ -272,6 +290,49 @@ def tune(
     return [latents_artifact, tuned]
 
 
+def tune_plan(
+    session: Session,
+    clip: Path,
+    prompt: str,
+    project_root: Path,
+    model: str,
+    selection: FrameSelection,
+    size: FrameSize,
+    settings: TuneSettings,
+    frame_norm: FrameNorm = "joint",
+    force: bool = False,
+) -> dict[str, Any]:
+    """What `tune` would reuse and compute, and its estimated peak memory, without computing anything."""
+    _require_prompt(prompt)
+    probe(clip)
+    source = session.source(model)
+    project = session.project(project_root)
+    latents = latents_entry(project, source, clip, selection, size)
+    spec = tune_spec(latents.key, prompt, settings, session.runtime.precision, frame_norm)
+    entry = project.entry("tunes", spec)
+    resume = project.checkpoints({k: v for k, v in spec.items() if k != "steps"}).latest(settings.steps)
+    with torch.random.fork_rng(devices=[]):
+        unet = inflate_unet(session.model(model).unet, frame_norm=frame_norm)
+    precision = session.runtime.precision
+    memory = tune_memory(unet, selection.frames, size.height, size.width, settings.gradient_checkpointing, precision)
+    return {
+        "kind": "plan",
+        "latents": {"key": latents.key, "cached": latents.complete and not force},
+        "tune": {
+            "key": entry.key,
+            "cached": entry.complete and not force,
+            "resume_from": None if force or resume is None else resume.name,
+        },
+        "memory": {
+            "peak_bytes": memory.total,
+            "weights_bytes": memory.weights,
+            "training_state_bytes": memory.training_state,
+            "activation_bytes": memory.activations,
+            "summary": memory.describe(),
+        },
+    }
+
+
 def _clip_latents(
     session: Session,
     source: ModelSource,
@@ -332,6 +393,9 @@ def _train(
         torch.manual_seed(settings.seed)  # the temporal layers' initial weights
         unet = inflate_unet(components.unet, frame_norm=frame_norm)
     embeds = prompt_embeddings(session, project, source, [prompt])
+    session.offload_frozen(source.name)  # the latents and the embedding are all tuning needs
+    if runtime.device.type == "cuda":
+        _check_memory(unet, stats["mean"].shape, settings, runtime)
     first = resume.step if resume else 0
     written: list[int] = []  # this run's intermediate checkpoints: only the newest is kept
 
@@ -360,6 +424,22 @@ def _train(
     finished = {step for step in checkpoints.steps() if project.entry("tunes", {**run, "steps": step}).complete}
     checkpoints.discard([step for step in checkpoints.steps() if step < state.step and step not in finished])
     return state
+
+
+def tune_memory(
+    unet: VideoUNet, frames: int, height: int, width: int, checkpointing: bool, precision: str
+) -> MemoryEstimate:
+    """The estimated peak memory of tuning `unet` on such a clip (see `tavcli.memory`)."""
+    return tune_estimate(unet, probe_activations(unet), frames, height, width, checkpointing, precision)
+
+
+def _check_memory(unet: VideoUNet, shape: torch.Size, settings: TuneSettings, runtime: Runtime) -> None:
+    """Stop a GPU tune that would run out of memory half-way, naming settings that fit."""
+    frames, height, width = shape[2], shape[3] * 8, shape[4] * 8
+    probe = probe_activations(unet)
+    estimate = tune_estimate(unet, probe, frames, height, width, settings.gradient_checkpointing, runtime.precision)
+    free, _ = torch.cuda.mem_get_info(runtime.device)
+    check_fits(estimate, unet, probe, free + torch.cuda.memory_allocated(runtime.device))
 
 
 def _resume_point(session: Session, checkpoints: Checkpoints, steps: int, force: bool) -> TrainState | None:
@@ -415,11 +495,14 @@ def edit(
     tune_key: str | None = None,
     invert_steps: int | None = None,
     invert_prompt: str = "",
+    batch_size: int = 1,
 ) -> list[Artifact]:
     """Render one clip per prompt from the inverted noise (inverting first if needed).
 
     Without `tune_key` the project's current tune and inversion are used; with it (as `tav batch`
     does) that tune and its inversion with `invert_steps` (default: the sampling steps).
+    Up to `batch_size` prompts are sampled together (one UNet batch), which keeps a GPU busy;
+    with eta > 0 each prompt is sampled alone so that its noise does not depend on the others.
     """
     if not prompts:
         raise TavError("give at least one edit prompt")
@@ -428,6 +511,8 @@ def edit(
     _require_ddim_steps(settings.steps)
     if fps is not None and fps <= 0:
         raise TavError("--fps must be positive")
+    if batch_size < 1:
+        raise TavError("--batch-size must be at least 1")
     if out_dir is not None:
         _require_folder(out_dir, "--out")
     project, tune_entry = _tune_entry(session, project_root, tune_key)
@@ -436,47 +521,78 @@ def edit(
     else:
         artifact = invert(session, project_root, invert_steps or settings.steps, invert_prompt, tune_key=tune_key)
         inversion = project.find("inversions", artifact.key)
+    entries = {p: edit_entry(project, inversion.key, p, settings, session.runtime.precision) for p in prompts}
+    started = time.perf_counter()
+    computed = _sample_edits(session, project, tune_entry, inversion, entries, settings, batch_size, force)
+    share = (time.perf_counter() - started) / max(len(computed), 1)  # sampling time per computed prompt
     out_dir = out_dir or project.root / "renders"
-    return [_edit_one(session, project, tune_entry, inversion, p, settings, out_dir, fmt, fps, force) for p in prompts]
+    return [
+        _render(session, project, tune_entry, inversion, entries[p], out_dir, fmt, fps, p not in computed, share)
+        for p in prompts
+    ]
 
 
-def _edit_one(
+def _sample_edits(
     session: Session,
     project: Project,
     tune_entry: Entry,
     inversion: Entry,
-    prompt: str,
+    entries: dict[str, Entry],
     settings: EditSettings,
+    batch_size: int,
+    force: bool,
+) -> set[str]:
+    """Sample the edits the store lacks, `batch_size` prompts per UNet batch; return the prompts computed."""
+    runtime = session.runtime
+    pending = [p for p, e in entries.items() if force or not e.complete]
+    size = batch_size if settings.eta == 0 else 1
+    computed: set[str] = set()
+    for group in (pending[i : i + size] for i in range(0, len(pending), size)):
+        with ExitStack() as locks:
+            for prompt in sorted(group, key=lambda p: entries[p].key):  # one order: no deadlock
+                locks.enter_context(project.lock(f"edits-{entries[prompt].key}"))
+            group = [p for p in group if force or not entries[p].complete]  # another process may have made some
+            if not group:
+                continue
+            components, unet = session.tuned_unet(project, tune_entry)
+            noise = inversion.tensors(runtime.device)["trajectory"][-1]
+            embeds = [prompt_embeddings(session, project, components.source, [p, settings.negative]) for p in group]
+            generator = torch.Generator(runtime.device).manual_seed(settings.seed)
+            label = group[0] if len(group) == 1 else f"{len(group)} prompts"
+            with session.reporter.task(f"editing: {label}", settings.steps) as advance, runtime.autocast():
+                latents = ddim_sample(
+                    unet,
+                    components.scheduler,
+                    noise.expand(len(group), *noise.shape[1:]),
+                    torch.cat([e[:1] for e in embeds]),
+                    torch.cat([e[1:] for e in embeds]),
+                    settings.steps,
+                    settings.guidance,
+                    eta=settings.eta,
+                    generator=generator,
+                    on_step=lambda *_: advance(),
+                )
+            for prompt, sample in zip(group, latents.split(1), strict=True):
+                entries[prompt].save({"latents": sample.float()}, {"batch": len(group)})
+                computed.add(prompt)
+    return computed
+
+
+def _render(
+    session: Session,
+    project: Project,
+    tune_entry: Entry,
+    inversion: Entry,
+    entry: Entry,
     out_dir: Path,
     fmt: OutputFormat,
     fps: float | None,
-    force: bool,
+    cached: bool,
+    sampling_seconds: float,
 ) -> Artifact:
+    """Write the edit's clip and sidecar unless both exist from an earlier run."""
     started = time.perf_counter()
-    runtime = session.runtime
-    entry = edit_entry(project, inversion.key, prompt, settings, runtime.precision)
-
-    def compute() -> None:
-        components, unet = session.tuned_unet(project, tune_entry)
-        noise = inversion.tensors(runtime.device)["trajectory"][-1]
-        embeds = prompt_embeddings(session, project, components.source, [prompt, settings.negative])
-        generator = torch.Generator(runtime.device).manual_seed(settings.seed)
-        with session.reporter.task(f"editing: {prompt}", settings.steps) as advance, runtime.autocast():
-            latents = ddim_sample(
-                unet,
-                components.scheduler,
-                noise,
-                embeds[:1],
-                embeds[1:],
-                settings.steps,
-                settings.guidance,
-                eta=settings.eta,
-                generator=generator,
-                on_step=lambda *_: advance(),
-            )
-        entry.save({"latents": latents.float()}, {"seconds": time.perf_counter() - started})
-
-    cached = project.produce(entry, compute, force)
+    prompt = entry.spec["prompt"]
     clip = project.find("latents", tune_entry.spec["latents"]).meta()["clip"]
     rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(clip["fps"])
     suffix = "" if fmt == "frames" else f".{fmt}"
@@ -485,11 +601,12 @@ def _edit_one(
     rendered = cached and output.exists() and sidecar.exists()
     if not rendered:  # outputs are written atomically: a concurrent render of the same edit is harmless
         vae = session.model(tune_entry.meta()["model"]["model"]).vae
-        frames = decode_latents(vae, entry.tensors(runtime.device)["latents"])
+        frames = decode_latents(vae, entry.tensors(session.runtime.device)["latents"])
         write_video(frames, output, fmt, rate)
         _write_sidecar(sidecar, project, tune_entry, inversion, entry, fmt, rate, frames.shape)
+    seconds = time.perf_counter() - started + (0.0 if cached else sampling_seconds)
     details = {"prompt": prompt, "sidecar": str(sidecar), "format": fmt}
-    return Artifact("edit", entry.key, output, rendered, time.perf_counter() - started, details)
+    return Artifact("edit", entry.key, output, rendered, seconds, details)
 
 
 def _write_sidecar(

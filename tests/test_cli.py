@@ -11,6 +11,7 @@ from pathlib import Path
 
 import av
 import pytest
+import torch
 
 from .conftest import CLIP, TINY_SD
 
@@ -159,3 +160,22 @@ def test_bad_input_is_one_line_error(case: str, tmp_path: Path, run_tav, monkeyp
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("loading model")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
     assert not list(tmp_path.glob("*.tav/tunes"))  # nothing half-written
+
+
+@pytest.mark.slow
+def test_batched_edits_equal_one_at_a_time(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import load_file
+
+    prompts = ["a panda is skiing", "a dog is skiing", "a cat is skiing"]
+    results = {}
+    for batch in ("1", "3"):
+        project = tmp_path / f"b{batch}.tav"
+        assert run_tav("tune", CLIP, "a man is skiing", "--model", "tiny", "-p", project, *SMALL)[0] == 0
+        code, out, err = run_tav("edit", *prompts, "-p", project, "--steps", "3", "--batch-size", batch)
+        assert code == 0, err
+        records = _records(out)
+        assert [r["prompt"] for r in records] == prompts and all(Path(r["path"]).exists() for r in records)
+        results[batch] = {r["key"]: load_file(project / "edits" / r["key"] / "tensors.safetensors") for r in records}
+    assert results["1"].keys() == results["3"].keys()  # batching is not part of what an edit is
+    for key, single in results["1"].items():
+        torch.testing.assert_close(results["3"][key]["latents"], single["latents"], rtol=1e-5, atol=1e-5)
