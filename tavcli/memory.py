@@ -1,9 +1,10 @@
 """Memory pre-flight: estimate a tune's peak memory before starting it.
 
 Activation memory is measured, not guessed: one forward and backward of the inflated UNet on a
-small probe clip (2 frames, 16x16 latents) counts the bytes autograd saves, in total and inside each block that gradient checkpointing would recompute, and the bytes
-entering those blocks. Flash/memory-efficient attention keeps all of these linear in frames x
-latent pixels, so the probe scales to the real clip:
+small probe clip (2 frames, 16x16 latents) counts the bytes autograd saves, in total and inside
+each block that gradient checkpointing would recompute, and the bytes entering those blocks.
+Flash and memory-efficient attention keep all of these linear in frames x latent pixels, so the
+probe scales to the real clip:
 
     no checkpointing: saved
     checkpointing:    saved - saved inside blocks + block inputs + the largest block's saved bytes

@@ -56,4 +56,30 @@ def resolve_runtime(device: str = "auto", precision: Precision | str = "auto", c
         raise TavError(f"unknown precision {precision!r}", "use auto, fp32, fp16 or bf16")
     if precision != "fp32" and chosen.type == "cpu":
         raise TavError(f"--precision {precision} needs a GPU; the CPU runs fp32", "use --precision fp32")
+    if chosen.type == "cpu":
+        keep_freed_memory()
     return Runtime(device=chosen, precision=precision, compile=compile)
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory for reuse instead of unmapping it (Linux only; a no-op elsewhere).
+
+    Each UNet step allocates and frees tensors of tens of MB; by default glibc maps and unmaps
+    them, and the page faults of touching fresh pages cost about 6% of a guided sampling step on a
+    2-core CPU. Peak memory is unchanged; the process simply keeps its peak until it exits.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_MAX, 0)
+        libc.mallopt(M_TRIM_THRESHOLD, 2**30)
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        pass
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
