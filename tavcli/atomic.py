@@ -6,6 +6,7 @@ even when the writer is killed half-way.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -15,16 +16,30 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tavcli.errors import TavError
+
 __all__ = ["atomic_path", "write_json", "write_text"]
 
 
 @contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path to write `final` (a file or a folder); move it into place on success."""
+def atomic_path(final: Path, needed: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path to write `final` (a file or a folder); move it into place on success.
+
+    On a full disk the old `final`, if any, is left as it was and the error names the path and,
+    when `needed` (bytes) is given, the space it takes.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     temp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        yield temp
+        try:
+            yield temp
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            size = "" if not needed else f" ({needed / 1e6:.1f} MB)" if needed >= 1e6 else f" ({needed / 1e3:.0f} kB)"
+            raise TavError(
+                f"no space left on the device to write {final}{size}", "free some space (`tav gc` helps), then rerun"
+            ) from None
         if temp.is_dir() and final.is_dir():
             # os.replace cannot overwrite a non-empty folder: swap the old one out first.
             old = temp.with_suffix(".old")

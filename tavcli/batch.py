@@ -74,6 +74,14 @@ def _path(value: Any, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def _output_path(value: Any, base: Path) -> Path:
+    """A path the job writes to: it must stay inside the batch file's folder (no `..`, no elsewhere)."""
+    path = _path(value, base)
+    if not path.resolve().is_relative_to(base.resolve()):
+        raise ValueError(f"must stay inside the batch file's folder {base}")
+    return path
+
+
 def _prompts(value: Any, base: Path) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, list):
         raise ValueError('must be a list of prompts, e.g. ["a panda is skiing"]')
@@ -91,7 +99,7 @@ def _choice(*choices: str) -> Check:
 
 TUNE_FIELDS: dict[str, Check] = {
     "model": _text,
-    "project": _path,
+    "project": _output_path,
     "frames": _integer,
     "stride": _integer,
     "start": _integer,
@@ -115,7 +123,7 @@ EDIT_FIELDS: dict[str, Check] = {
     "eta": _number,
     "format": _choice("mp4", "gif", "frames"),
     "fps": _number,
-    "out": _path,
+    "out": _output_path,
     "batch_size": _integer,
 }
 JOB_FIELDS = ("name", "clip", "prompt", "edits", "invert", "edit", *TUNE_FIELDS)
@@ -188,7 +196,13 @@ def _read_toml(text: str, source: str) -> list[tuple[str, dict[str, Any]]]:
         raise TavError(f"{source}: write jobs as [[job]] tables and defaults as one [defaults] table")
     merged = []
     for number, job in enumerate(jobs, start=1):
-        tables = {key: {**defaults.get(key, {}), **job.get(key, {})} for key in ("invert", "edit") if key in defaults}
+        if not isinstance(job, dict):
+            raise TavError(f"{source}: job {number} must be a [[job]] table, not {type(job).__name__}")
+        tables = {
+            key: {**defaults[key], **job.get(key, {})}
+            for key in ("invert", "edit")
+            if isinstance(defaults.get(key), dict) and isinstance(job.get(key, {}), dict)
+        }
         merged.append((f"{source} job {number}", {**defaults, **job, **tables}))
     return merged
 

@@ -103,8 +103,9 @@ ModelOpt = Annotated[
 AllowPickleOpt = Annotated[
     bool,
     typer.Option(
+        "--trust-pickle",
         "--allow-pickle",
-        help="Also load pickled (.bin) weights. Unpickling runs code: only for models you trust.",
+        help="Also load pickled (.bin/.ckpt/.pt) weights, with torch's weights_only loader. Only for models you trust.",
         rich_help_panel=MODEL,
     ),
 ]
@@ -293,8 +294,9 @@ def invert(
 @app.command()
 def edit(
     prompts: Annotated[
-        list[str], typer.Argument(help="One or more edited descriptions; one clip each.", show_default=False)
-    ],
+        Optional[list[str]],
+        typer.Argument(help="One or more edited descriptions; one clip each.", show_default=False),
+    ] = None,
     project: ProjectOpt = None,
     steps: Annotated[int, typer.Option(help="DDIM sampling steps.", rich_help_panel="Sampling")] = 50,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.", rich_help_panel="Sampling")] = 12.5,
@@ -329,6 +331,14 @@ def edit(
     compile_unet: Annotated[
         bool, typer.Option("--compile", help="torch.compile the UNet (GPU; slow to start).", rich_help_panel=RUN)
     ] = False,
+    from_sidecar: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--from-sidecar",
+            help="Render an output again from its JSON sidecar (its project, tune and settings).",
+            show_default=False,
+        ),
+    ] = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
@@ -340,9 +350,18 @@ def edit(
 
     Example: tav edit -p skiing.tav "a panda is skiing" "a man is skiing at sunset" --format gif
     """
-    from tavcli.workflow import EditSettings
+    from tavcli.workflow import EditSettings, edit_from_sidecar
     from tavcli.workflow import edit as run_edit
 
+    if from_sidecar is not None:
+        if prompts:
+            raise TavError("give prompts or --from-sidecar, not both")
+        settings_ = _settings(None, device=device, precision=_precision(precision))
+        session = _session(settings_, allow_pickle, compile_unet)
+        _report(edit_from_sidecar(session, from_sidecar, out, force))
+        return
+    if not prompts:
+        raise TavError("give at least one edit prompt", 'e.g. tav edit "a panda is skiing"')
     project_dir = _existing_project(project)
     settings_ = _settings(project_dir, device=device, precision=_precision(precision))
     session = _session(settings_, allow_pickle, compile_unet)
@@ -741,8 +760,14 @@ def main() -> None:
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         app()
-    except (TavError, OSError) as error:
-        if os.environ.get("TAV_DEBUG"):
+    except Exception as error:
+        if _out_of_memory(error):
+            error = TavError(
+                "the device ran out of memory",
+                "try --gradient-checkpointing, --precision bf16, fewer --frames or a smaller --width/--height; "
+                "`tav tune --dry-run` estimates the peak",
+            )
+        if os.environ.get("TAV_DEBUG") or not isinstance(error, (TavError, OSError)):
             raise
         from rich.console import Console
 
@@ -754,6 +779,11 @@ def main() -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(error, torch.OutOfMemoryError)
 
 
 def _interrupt(signum: int, frame: object) -> None:

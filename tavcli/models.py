@@ -210,8 +210,13 @@ def load_components(
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=safe)
         scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
     except (OSError, ValueError) as error:
-        hint = None if allow_pickle else "if it has only pickled (.bin) weights and you trust it, pass --allow-pickle"
+        hint = None if allow_pickle else "if it has only pickled (.bin) weights and you trust it, pass --trust-pickle"
         raise TavError(f"cannot load the model in {folder}: {_first_line(error)}", hint) from None
+    if not any(name.endswith("attn2") for name, _ in unet.named_modules()):
+        raise TavError(
+            f"the UNet in {folder / 'unet'} has no cross-attention blocks: it is not a text-to-image UNet",
+            "use a Stable Diffusion 1.x/2.x model",
+        )
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False).eval()
     text_encoder.to(device=device, dtype=dtype)

@@ -74,7 +74,8 @@ def file_sha256(path: Path) -> str:
 
 
 def _damaged(path: Path, why: object) -> TavError:
-    return TavError(f"damaged cache entry {path}: {why}", "run `tav verify`, then `tav rm` it to recompute")
+    hint = f"`tav rm {path.parent.name}/{path.name} -p {path.parent.parent}`, then run again"
+    return TavError(f"damaged cache entry {path}: {why}", hint)
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class Entry:
 
         payload = save({name: t.detach().contiguous().cpu() for name, t in tensors.items()})
         self.path.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path / TENSORS) as temp:
+        with atomic_path(self.path / TENSORS, needed=len(payload)) as temp:
             temp.write_bytes(payload)
         files = {TENSORS: {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}}
         write_json(
@@ -122,10 +123,15 @@ class Entry:
         )
 
     def tensors(self, device: Any = "cpu") -> dict[str, Any]:
-        from safetensors.torch import load_file
+        """The payload, checked against the SHA-256 recorded when it was written: a damaged one is refused."""
+        from safetensors.torch import load
 
         try:
-            return load_file(str(self.path / TENSORS), device=str(device))
+            payload = (self.path / TENSORS).read_bytes()
+            recorded = self.meta().get("files", {}).get(TENSORS, {}).get("sha256")
+            if recorded is not None and hashlib.sha256(payload).hexdigest() != recorded:
+                raise ValueError("its payload does not match the SHA-256 recorded when it was written")
+            return {name: t.to(device) for name, t in load(payload).items()}
         except (OSError, ValueError) as error:
             raise _damaged(self.path, error) from None
 
@@ -200,7 +206,7 @@ class Checkpoints:
         return self.path(usable[-1]) if usable else None
 
     def save(self, step: int, payload: bytes) -> Path:
-        with atomic_path(self.path(step)) as temp:
+        with atomic_path(self.path(step), needed=len(payload)) as temp:
             temp.write_bytes(payload)
         return self.path(step)
 

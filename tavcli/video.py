@@ -120,6 +120,8 @@ def read_clip(path: Path, selection: FrameSelection, size: FrameSize) -> Clip:
                         break
         except av.FFmpegError as error:
             raise TavError(f"{path} could not be decoded after {decoded} frames: {error}") from None
+    if decoded == 0:
+        raise TavError(f"{path} has a video stream but no frames", "give a clip with at least one frame")
     if len(frames) < selection.frames:
         raise TavError(f"{path} has {decoded} frames, too few for {_describe(selection)}", _suggest(selection, decoded))
     fps = Fraction(rate) if rate else FALLBACK_FPS

@@ -5,6 +5,7 @@ Each step looks its result up in the project's store first and computes it only 
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import time
@@ -54,6 +55,7 @@ __all__ = [
     "default_project",
     "edit",
     "edit_entry",
+    "edit_from_sidecar",
     "find_project",
     "frame_size",
     "inversion_entry",
@@ -67,6 +69,7 @@ __all__ = [
 ]
 
 PROJECT_SUFFIX = ".tav"
+MIN_SIDE, MAX_SIDE = 8, 4096  # pixels: one latent pixel; beyond any SD model's training size
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,12 @@ class Session:
 
 def frame_size(width: int, height: int, resize: ResizeMode, reporter: Reporter) -> FrameSize:
     """The frame size rounded to multiples of 8, with a note when it changed."""
+    for option, value in (("--width", width), ("--height", height)):
+        if not MIN_SIDE <= value <= MAX_SIDE:
+            raise TavError(
+                f"{option} {value} is out of range: frames must be {MIN_SIDE} to {MAX_SIDE} pixels a side",
+                "SD 1.x works best at 512, SD 2.x at 768",
+            )
     snapped = snap_to_multiple(width), snap_to_multiple(height)
     if snapped != (width, height):
         reporter.note(f"size {width}x{height} rounded to {snapped[0]}x{snapped[1]} (multiples of 8)")
@@ -348,8 +357,9 @@ def _clip_latents(
 
     def compute() -> None:
         frames = read_clip(clip, selection, size)
+        vae = session.model(source.name).vae  # loaded before the progress bar starts
         with session.reporter.task("encoding clip", 1) as advance:
-            mean, std = encode_clip(session.model(source.name).vae, frames.frames)
+            mean, std = encode_clip(vae, frames.frames)
             advance()
         clip_facts = {"path": str(clip.resolve()), "fps": str(frames.fps), **asdict(selection), **asdict(size)}
         entry.save({"mean": mean, "std": std}, {"clip": clip_facts})
@@ -364,7 +374,13 @@ def prompt_embeddings(session: Session, project: Project, source: ModelSource, p
     entry = project.entry("embeddings", spec)
 
     def compute() -> None:
-        entry.save({"embeddings": encode_prompts(session.model(source.name), prompts).float()}, {})
+        components = session.model(source.name)
+        limit = components.tokenizer.model_max_length
+        for prompt in prompts:
+            count = len(components.tokenizer(prompt).input_ids)
+            if count > limit:
+                session.reporter.note(f"prompt is {count} tokens; the text encoder reads the first {limit}: {prompt!r}")
+        entry.save({"embeddings": encode_prompts(components, prompts).float()}, {})
 
     project.produce(entry, compute)
     return entry.tensors(session.runtime.device)["embeddings"]
@@ -603,7 +619,7 @@ def _render(
         vae = session.model(tune_entry.meta()["model"]["model"]).vae
         frames = decode_latents(vae, entry.tensors(session.runtime.device)["latents"])
         write_video(frames, output, fmt, rate)
-        _write_sidecar(sidecar, project, tune_entry, inversion, entry, fmt, rate, frames.shape)
+        _write_sidecar(sidecar, session.runtime.device, project, tune_entry, inversion, entry, fmt, rate, frames.shape)
     seconds = time.perf_counter() - started + (0.0 if cached else sampling_seconds)
     details = {"prompt": prompt, "sidecar": str(sidecar), "format": fmt}
     return Artifact("edit", entry.key, output, rendered, seconds, details)
@@ -611,6 +627,7 @@ def _render(
 
 def _write_sidecar(
     path: Path,
+    session_device: torch.device,
     project: Project,
     tune_entry: Entry,
     inversion: Entry,
@@ -646,6 +663,8 @@ def _write_sidecar(
         path,
         {
             "tav_version": __version__,
+            "project": str(project.root.resolve()),
+            "environment": _environment(session_device, edit_spec["precision"]),
             "model": meta["model"],
             "clip": clip,
             "tune": {"key": tune_entry.key, **tune_spec},
@@ -670,6 +689,62 @@ def _tune_entry(session: Session, project_root: Path, tune_key: str | None) -> t
     return project, project.find("tunes", key)
 
 
+def _environment(device: torch.device, precision: str) -> dict[str, str]:
+    """What produced an output: library versions, device and precision (bit-identical reruns need the same)."""
+    import platform
+
+    import diffusers
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    return {
+        "tavcli": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": f"{device} ({name})",
+        "precision": precision,
+    }
+
+
+def edit_from_sidecar(session: Session, sidecar: Path, out_dir: Path | None, force: bool) -> list[Artifact]:
+    """Render an output again from its JSON sidecar: same project, tune, inversion and edit settings."""
+    try:
+        record = json.loads(sidecar.read_text())
+        project_root = Path(record["project"])
+        edit_spec, output = record["edit"], record["output"]
+        settings = EditSettings(
+            steps=edit_spec["steps"],
+            guidance=edit_spec["guidance"],
+            negative=edit_spec["negative"],
+            seed=edit_spec["seed"] if edit_spec["seed"] is not None else EditSettings.seed,
+            eta=edit_spec["eta"],
+        )
+        tune_key, inversion = record["tune"]["key"], record["inversion"]
+        fmt, fps = output["format"], float(Fraction(output["fps"]))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise TavError(f"{sidecar} is not a tav sidecar: {error}", "give the .json written beside an output") from None
+    if not (project_root / "tunes" / tune_key / "meta.json").is_file():
+        raise TavError(
+            f"project {project_root} no longer has tune {tune_key}",
+            f"run the `reproduce` commands in {sidecar} to rebuild it",
+        )
+    return edit(
+        session,
+        project_root,
+        [edit_spec["prompt"]],
+        settings,
+        out_dir if out_dir is not None else sidecar.parent,
+        fmt,
+        fps,
+        force,
+        tune_key=tune_key,
+        invert_steps=inversion["steps"],
+        invert_prompt=inversion["prompt"],
+    )
+
+
 def _current_inversion(session: Session, project: Project, tune_entry: Entry, steps: int) -> Entry:
     """The project's inversion for this tune, or a new one with `steps` DDIM steps."""
     key = project.state.get("inversion")
@@ -691,9 +766,9 @@ def _check_same_model(source: ModelSource, tuned_with: dict[str, str]) -> None:
 
 
 def _require_ddim_steps(steps: int) -> None:
-    # SD schedulers are trained on 1000 timesteps; DDIM cannot take more steps than that.
-    if not 1 <= steps <= 1000:
-        raise TavError(f"--steps must be between 1 and 1000, not {steps}")
+    # SD schedulers have 1000 training timesteps and steps_offset 1: 1000 DDIM steps would step past t=999.
+    if not 1 <= steps <= 999:
+        raise TavError(f"--steps must be between 1 and 999, not {steps}", "50 is the usual choice")
 
 
 def _require_folder(path: Path, option: str) -> None:
@@ -704,6 +779,10 @@ def _require_folder(path: Path, option: str) -> None:
 def _require_prompt(prompt: str) -> None:
     if not prompt.strip():
         raise TavError("the prompt is empty", 'describe the clip, e.g. "a man is skiing"')
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TavError("the prompt is not valid UTF-8 text", "check the shell's or the file's encoding") from None
 
 
 def _slug(text: str, limit: int = 48) -> str:

@@ -96,3 +96,27 @@ def test_concurrent_processes_compute_each_artifact_once(tmp_path: Path, run_tav
     assert len({r["key"] for r in records if r["kind"] == "tune"}) == 1
     code, _, err = run_tav("verify", "-p", project)
     assert code == 0 and "damaged" not in err
+
+
+@pytest.mark.slow
+def test_killed_inversion_and_edit_leave_a_valid_store(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    project = tmp_path / "p.tav"
+    tiny = ["--model", "tiny", "--frames", "2", "--width", "32", "--height", "32", "--steps", "1"]
+    assert run_tav("tune", CLIP, "a man is skiing", *tiny, "-p", project)[0] == 0
+    for command in (["invert", "--steps", "999"], ["edit", "a dog", "--steps", "999"]):
+        before = len(list(project.glob("embeddings/*/meta.json")))
+        process = _tav(*command, "-p", project)
+        deadline = time.monotonic() + 120
+        while len(list(project.glob("embeddings/*/meta.json"))) == before:  # its new prompt is encoded: it runs
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.02)
+        time.sleep(1.0)
+        assert process.poll() is None  # killed mid-way, not after
+        process.kill()
+        process.wait(timeout=30)
+        code, _, err = run_tav("verify", "-p", project)
+        assert code == 0, err  # whatever was half-done is not an entry
+        code, out, err = run_tav("gc", "-p", project, "--yes")
+        assert code == 0 and not list(project.rglob("*.tmp"))
+    code, out, err = run_tav("edit", "a dog", "--steps", "2", "-p", project)
+    assert code == 0 and _records(out)[0]["cached"] is False

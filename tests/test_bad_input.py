@@ -1,0 +1,205 @@
+"""Every bad input gets one line naming the problem and the fix, a non-zero exit, no traceback, and
+leaves the store as it was; faults (full disk, damaged payloads, out of memory) are handled alike."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from .conftest import CLIP, TINY_SD
+
+SMALL = ["--model", "tiny", "--frames", "2", "--width", "32", "--height", "32", "--steps", "1"]
+
+
+def _audio_only(path: Path) -> Path:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    return path
+
+
+def _no_cross_attention_model(path: Path) -> Path:
+    shutil.copytree(TINY_SD, path)
+    config = json.loads((path / "unet" / "config.json").read_text())
+    config["down_block_types"] = ["DownBlock2D"] * 4
+    config["up_block_types"] = ["UpBlock2D"] * 4
+    config["mid_block_type"] = None
+    from diffusers import UNet2DConditionModel
+
+    keep = {k: v for k, v in config.items() if not k.startswith("_")}
+    shutil.rmtree(path / "unet")
+    UNet2DConditionModel(**keep).save_pretrained(path / "unet")
+    return path
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+CLIPS = {
+    "empty": (lambda t: _write(t / "empty.mp4", b""), "not a video file"),
+    "truncated": (lambda t: _write(t / "cut.mp4", CLIP.read_bytes()[:20000]), "not a video"),
+    "corrupt": (lambda t: _write(t / "noise.mp4", np.random.default_rng(0).bytes(50000)), "not a video"),
+    "audio-only": (lambda t: _audio_only(t / "audio.m4a"), "has no video stream"),
+}
+OPTIONS = {
+    "width-zero": (["--width", "0"], "--width 0 is out of range"),
+    "height-negative": (["--height", "-8"], "--height -8 is out of range"),
+    "width-absurd": (["--width", "100000"], "--width 100000 is out of range"),
+    "frames-past-end": (["--frames", "30", "--stride", "2"], "has 48 frames"),
+    "start-past-end": (["--start", "60"], "use --start below 48"),
+}
+
+
+def _fault(code: int, out: str, err: str, expected: str) -> None:
+    """A failure after work started: progress lines may precede it, the error is the last line."""
+    assert code == 1 and out == "" and "Traceback" not in err
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("error: ") and expected in last, err
+
+
+def _one_error_line(code: int, out: str, err: str, expected: str) -> None:
+    assert code not in (0, None), err
+    assert out == ""
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("loading model")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", list(CLIPS))
+def test_bad_clips(case: str, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    make, expected = CLIPS[case]
+    clip = make(tmp_path)
+    _one_error_line(*run_tav("tune", clip, "a man", *SMALL, "-p", tmp_path / "p.tav"), expected)
+    assert not (tmp_path / "p.tav" / "tunes").exists()
+
+
+@pytest.mark.parametrize("case", list(OPTIONS))
+def test_bad_frame_options(case: str, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    args, expected = OPTIONS[case]
+    _one_error_line(*run_tav("tune", CLIP, "a man", *SMALL, *args, "-p", tmp_path / "p.tav"), expected)
+
+
+def test_misspelled_option_suggests_the_right_one(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run_tav("tune", CLIP, "a man", "--stpes", "3")
+    assert code == 2 and "--steps" in err and "Traceback" not in err
+
+
+def test_non_utf8_prompt_and_long_prompt(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    bad = "a man \udcff skiing"  # how Python hands over undecodable argv bytes
+    _one_error_line(*run_tav("tune", CLIP, bad, *SMALL, "-p", tmp_path / "p.tav"), "not valid UTF-8")
+    code, _, err = run_tav("tune", CLIP, "a man is skiing " * 30, *SMALL, "-p", tmp_path / "p.tav")
+    assert code == 0 and "the text encoder reads the first 77" in err
+
+
+def test_models_that_cannot_work(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "empty-model").mkdir()
+    args = ["--frames", "2", "--width", "32", "--height", "32", "--steps", "1", "-p", tmp_path / "p.tav"]
+    code, out, err = run_tav("tune", CLIP, "a man", "--model", tmp_path / "empty-model", *args)
+    _one_error_line(code, out, err, "is not a diffusers Stable Diffusion folder")
+    model = _no_cross_attention_model(tmp_path / "no-cross")
+    _one_error_line(*run_tav("tune", CLIP, "a man", "--model", model, *args), "has no cross-attention blocks")
+
+
+def test_batch_cannot_write_outside_its_folder(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "j.jsonl").write_text(
+        json.dumps({"clip": str(CLIP), "prompt": "a man", "project": "../outside.tav"})
+        + "\n"
+        + json.dumps({"clip": str(CLIP), "prompt": "a man", "edit": {"out": "/tmp/elsewhere"}})
+        + "\n"
+    )
+    code, out, err = run_tav("batch", tmp_path / "jobs" / "j.jsonl")
+    assert code == 1 and out == ""
+    assert "field 'project' must stay inside the batch file's folder" in err
+    assert "field 'edit.out' must stay inside" in err
+
+
+@pytest.fixture
+def tuned(tmp_path: Path, run_tav) -> Path:  # type: ignore[no-untyped-def]
+    project = tmp_path / "p.tav"
+    assert run_tav("tune", CLIP, "a man is skiing", *SMALL, "-p", project)[0] == 0
+    return project
+
+
+def _payloads(project: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(project)): p.read_bytes() for p in sorted(project.rglob("*.safetensors"))}
+
+
+def test_a_damaged_payload_is_refused_never_used(tuned: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    delta = next((tuned / "tunes").glob("*/tensors.safetensors"))
+    data = bytearray(delta.read_bytes())
+    data[-1] ^= 0x01  # one flipped bit in a float: still loads, but is not what was written
+    delta.write_bytes(bytes(data))
+    code, out, err = run_tav("edit", "a dog", "-p", tuned, "--steps", "1")
+    _fault(code, out, err, "does not match the SHA-256")
+    assert "tav rm tunes/" in err
+    assert not list((tuned / "edits").glob("*/meta.json")) if (tuned / "edits").exists() else True
+
+
+def test_full_disk_keeps_the_old_artifact(tuned: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    before = _payloads(tuned)
+    real = Path.write_bytes
+
+    def full(self: Path, data: bytes) -> int:
+        if self.name.endswith(".tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    code, out, err = run_tav("tune", CLIP, "a man is skiing", *SMALL, "-p", tuned, "--force")
+    _fault(code, out, err, "no space left on the device to write")
+    assert "kB)" in err and "tav gc" in err
+    monkeypatch.setattr(Path, "write_bytes", real)
+    assert _payloads(tuned) == before  # the old artifacts are intact
+    assert not list(tuned.rglob("*.tmp"))
+    assert run_tav("verify", "-p", tuned)[0] == 0
+
+
+def test_out_of_memory_is_one_line_with_settings(tuned: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def boom(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("tavcli.workflow.train_delta", boom)
+    code, out, err = run_tav("tune", CLIP, "a man is skiing", *SMALL, "--steps", "2", "-p", tuned)
+    _fault(code, out, err, "ran out of memory")
+    assert "--gradient-checkpointing" in err
+
+
+@pytest.mark.slow
+def test_same_command_same_bits_and_rerender_from_sidecar(tuned: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    code, out, err = run_tav("edit", "a dog is skiing", "-p", tuned, "--steps", "2")
+    assert code == 0, err
+    first = json.loads(out)
+    latents = next((tuned / "edits").glob("*/tensors.safetensors")).read_bytes()
+    video = Path(first["path"]).read_bytes()
+    code, out, _ = run_tav("edit", "a dog is skiing", "-p", tuned, "--steps", "2", "--force")
+    assert code == 0 and next((tuned / "edits").glob("*/tensors.safetensors")).read_bytes() == latents
+    assert Path(first["path"]).read_bytes() == video
+    sidecar = json.loads(Path(first["sidecar"]).read_text())
+    assert {"torch", "diffusers", "transformers", "device", "precision"} <= set(sidecar["environment"])
+
+    Path(first["path"]).unlink()
+    code, out, err = run_tav("edit", "--from-sidecar", first["sidecar"])
+    assert code == 0, err
+    again = json.loads(out)
+    assert again["key"] == first["key"] and again["path"] == first["path"]
+    assert Path(first["path"]).read_bytes() == video
+    code, _, err = run_tav("edit", "a cat", "--from-sidecar", first["sidecar"])
+    assert code == 1 and "not both" in err
+
+
+def test_run_tav_has_no_side_effects_on_sys() -> None:
+    assert sys.argv  # the fixture restores argv through monkeypatch
