@@ -7,6 +7,7 @@ import errno
 import json
 import shutil
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -203,3 +204,50 @@ def test_same_command_same_bits_and_rerender_from_sidecar(tuned: Path, run_tav) 
 
 def test_run_tav_has_no_side_effects_on_sys() -> None:
     assert sys.argv  # the fixture restores argv through monkeypatch
+
+
+def _clip(path: Path, width: int, height: int, pts: list[int]) -> Path:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.time_base = Fraction(1, 24)
+        for index, stamp in enumerate(pts):
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 40 * index, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = stamp, Fraction(1, 24)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, width, height, pts",
+    [("huge", 3840, 2160, [0, 1]), ("variable-rate", 64, 48, [0, 1, 7, 8, 30])],
+)
+def test_huge_and_variable_frame_rate_clips_work(name, width, height, pts, tmp_path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    clip = _clip(tmp_path / f"{name}.mp4", width, height, pts)
+    code, out, err = run_tav("tune", clip, "a man", *SMALL, "--stride", "1", "-p", tmp_path / "p.tav")
+    assert code == 0, err
+
+
+def test_unwritable_project_is_one_line(tmp_path: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    real = Path.write_bytes
+
+    def refuse(self: Path, data: bytes) -> int:
+        if self.name.endswith(".tmp"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", refuse)  # as a read-only folder does (tests may run as root)
+    code, out, err = run_tav("tune", CLIP, "a man", *SMALL, "-p", tmp_path / "p.tav")
+    _fault(code, out, err, "Permission denied")
+    assert not list((tmp_path / "p.tav").glob("*/*/meta.json"))
+
+
+def test_a_newer_store_is_refused(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    project = tmp_path / "p.tav"
+    project.mkdir()
+    (project / "project.json").write_text(json.dumps({"store_version": 99, "tune": "x"}))
+    for command in (["ls"], ["edit", "a dog"], ["tune", CLIP, "a man", *SMALL]):
+        _one_error_line(*run_tav(*command, "-p", project), "written by a newer tav")
