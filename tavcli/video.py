@@ -97,6 +97,13 @@ def probe(path: Path) -> None:
         pass
 
 
+def _upright(frame: av.VideoFrame) -> Image.Image:
+    """The frame as it is meant to be seen: phone clips store a display rotation beside upright pixels."""
+    image = frame.to_image()
+    # `rotation` is the counterclockwise turn the display matrix applies; PIL turns counterclockwise too.
+    return image.rotate(frame.rotation, expand=True) if frame.rotation else image
+
+
 def _fit(image: Image.Image, size: FrameSize) -> Image.Image:
     target = (size.width, size.height)
     if size.resize == "stretch":
@@ -115,7 +122,7 @@ def read_clip(path: Path, selection: FrameSelection, size: FrameSize) -> Clip:
         try:
             for decoded, frame in enumerate(container.decode(stream), start=1):
                 if decoded - 1 in wanted:
-                    frames.append(np.asarray(_fit(frame.to_image(), size)))
+                    frames.append(np.asarray(_fit(_upright(frame), size)))
                     if len(frames) == selection.frames:
                         break
         except av.FFmpegError as error:

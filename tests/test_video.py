@@ -129,3 +129,19 @@ def test_mp4_needs_even_sizes(tmp_path: Path) -> None:
     with pytest.raises(TavError, match="even"):
         write_video(_frames(width=63), tmp_path / "odd.mp4", "mp4", Fraction(10))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_display_rotation_is_applied(tmp_path: Path) -> None:
+    """A phone clip: 64x32 pixels with a 90-degree display rotation is a 32x64 picture, turned counterclockwise."""
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.set_display_rotation(90)
+        pixels = np.zeros((32, 64, 3), np.uint8)
+        pixels[:, :32] = 255  # left half white
+        for packet in [*stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")), *stream.encode()]:
+            container.mux(packet)
+    frame = read_clip(path, FrameSelection(frames=1, stride=1), FrameSize(32, 64, "stretch")).frames[0]
+    assert frame.shape == (64, 32, 3)
+    assert frame[:24].mean() < 40 and frame[40:].mean() > 215  # the left half turned to the bottom
