@@ -30,6 +30,16 @@ def _audio_only(path: Path) -> Path:
     return path
 
 
+def _no_frames(path: Path) -> Path:
+    container = av.open(str(path), "w")
+    stream = container.add_stream("libx264", rate=24)
+    stream.width = stream.height = 64
+    stream.pix_fmt = "yuv420p"
+    container.start_encoding()  # headers with a video stream, then no frame at all
+    container.close()
+    return path
+
+
 def _no_cross_attention_model(path: Path) -> Path:
     shutil.copytree(TINY_SD, path)
     config = json.loads((path / "unet" / "config.json").read_text())
@@ -54,6 +64,7 @@ CLIPS = {
     "truncated": (lambda t: _write(t / "cut.mp4", CLIP.read_bytes()[:20000]), "not a video"),
     "corrupt": (lambda t: _write(t / "noise.mp4", np.random.default_rng(0).bytes(50000)), "not a video"),
     "audio-only": (lambda t: _audio_only(t / "audio.m4a"), "has no video stream"),
+    "zero-frames": (lambda t: _no_frames(t / "none.mkv"), "not a video file"),
 }
 OPTIONS = {
     "width-zero": (["--width", "0"], "--width 0 is out of range"),
