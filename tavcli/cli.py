@@ -20,7 +20,7 @@ import typer
 from rich.markup import escape
 
 from tavcli import __version__
-from tavcli.config import Setting
+from tavcli.config import DEFAULT_CLIP_MODEL, Setting
 from tavcli.errors import Interrupted, TavError
 
 if TYPE_CHECKING:
@@ -110,6 +110,9 @@ AllowPickleOpt = Annotated[
     ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute even if the project has the result.")]
+ClipModelOpt = Annotated[
+    str, typer.Option("--clip-model", help="CLIP model for scoring: hub id or local folder.", rich_help_panel="Output")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout instead of a table.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show the plan and change nothing.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do it without asking.")]
@@ -331,6 +334,13 @@ def edit(
     compile_unet: Annotated[
         bool, typer.Option("--compile", help="torch.compile the UNet (GPU; slow to start).", rich_help_panel=RUN)
     ] = False,
+    evaluate: Annotated[
+        bool,
+        typer.Option(
+            "--eval", help="Score each output with CLIP as it renders (see tav eval).", rich_help_panel="Output"
+        ),
+    ] = False,
+    clip_model: ClipModelOpt = DEFAULT_CLIP_MODEL,
     from_sidecar: Annotated[
         Optional[Path],
         typer.Option(
@@ -366,7 +376,15 @@ def edit(
     settings_ = _settings(project_dir, device=device, precision=_precision(precision))
     session = _session(settings_, allow_pickle, compile_unet)
     settings = EditSettings(steps=steps, guidance=guidance, negative=negative, seed=seed, eta=eta)
-    _report(run_edit(session, project_dir, prompts, settings, out, fmt.value, fps, force, batch_size=batch_size))
+    artifacts = run_edit(session, project_dir, prompts, settings, out, fmt.value, fps, force, batch_size=batch_size)
+    if evaluate:
+        from tavcli.metrics import ClipScorer, evaluate_output
+
+        scorer = ClipScorer(clip_model, session.runtime.device)
+        for artifact in artifacts:
+            scores = evaluate_output(scorer, artifact.path)
+            artifact.details["scores"] = {k: v for k, v in scores.items() if k not in ("path", "prompt")}
+    _report(artifacts)
 
 
 @app.command()
@@ -500,6 +518,59 @@ def _print_plan(rows: list[dict[str, Any]]) -> None:
         if row.get("resume_from"):
             action += f" from step {row['resume_from']}"
         table.add_row(row["job"], row["kind"] + (f": {row['prompt']}" if row.get("prompt") else ""), row["key"], action)
+    stderr.print(table)
+
+
+@app.command("eval")
+def evaluate_outputs(
+    outputs: Annotated[
+        list[Path], typer.Argument(help="Rendered outputs: mp4/gif files or frames folders.", show_default=False)
+    ],
+    prompt: Annotated[
+        Optional[str],
+        typer.Option(help="Prompt to score against [default: each output's sidecar prompt].", show_default=False),
+    ] = None,
+    clip_model: ClipModelOpt = DEFAULT_CLIP_MODEL,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = None,
+) -> None:
+    """Score outputs with CLIP: frame consistency and text faithfulness (the paper's metrics).
+
+    Frame consistency is the mean cosine similarity of the CLIP image embeddings of all pairs of
+    frames; text faithfulness the mean cosine similarity of each frame with the prompt. The scores
+    are also written into each output's sidecar.
+
+    Example: tav eval tav-demo.tav/renders/*.mp4 --clip-model ./clip-vit-large-patch14
+    """
+    from tavcli.metrics import ClipScorer, evaluate_output
+    from tavcli.runtime import resolve_runtime
+    from tavcli.ui import print_record, stderr
+
+    settings = _settings(None, device=device)
+    scorer = ClipScorer(clip_model, resolve_runtime(settings["device"].value or "auto").device)
+    results = []
+    with _progress("scoring", len(outputs)) as advance:
+        for output in outputs:
+            results.append(evaluate_output(scorer, output, prompt))
+            advance()
+    if as_json:
+        for result in results:
+            print_record(result)
+        return
+    from rich import box
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"CLIP: {clip_model}", title_justify="left")
+    for column in ("output", "prompt", "frames", "consistency", "faithfulness"):
+        table.add_column(column, justify="right" if column in ("frames", "consistency", "faithfulness") else "left")
+    for result in results:
+        table.add_row(
+            escape(Path(str(result["path"])).name),
+            escape(str(result["prompt"])),
+            str(result["frames"]),
+            f"{result['frame_consistency']:.4f}",
+            f"{result['text_faithfulness']:.4f}",
+        )
     stderr.print(table)
 
 

@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"  # what the paper and LOVEU-TGVE score with
 DEFAULTS: dict[str, str | None] = {"model": DEFAULT_MODEL, "device": "auto", "precision": "auto", "project_root": None}
 ENVIRONMENT = {"model": "TAV_MODEL", "device": "TAV_DEVICE", "precision": "TAV_PRECISION"}
 PROJECT_ENV = "TAV_PROJECT"  # the project directory itself, like --project

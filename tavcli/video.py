@@ -18,6 +18,7 @@ __all__ = [
     "Clip",
     "FrameSelection",
     "FrameSize",
+    "read_frames",
     "OutputFormat",
     "ResizeMode",
     "probe",
@@ -150,6 +151,24 @@ def _suggest(selection: FrameSelection, available: int) -> str:
     if selection.frames > 1 and (room - 1) // (selection.frames - 1) >= 1:
         fits.append(f"--frames {selection.frames} --stride {(room - 1) // (selection.frames - 1)}")
     return "try " + " or ".join(fits)
+
+
+def read_frames(path: Path) -> np.ndarray:
+    """Every frame of a rendered output (a video file or a folder of PNG frames), uint8 (f, h, w, 3), upright."""
+    if path.is_dir():
+        images = sorted(path.glob("*.png"))
+        if not images:
+            raise TavError(f"{path} is a folder without PNG frames")
+        return np.stack([np.asarray(Image.open(image).convert("RGB")) for image in images])
+    with _open(path) as container:
+        try:
+            decoded = container.decode(container.streams.video[0])
+            frames = [np.asarray(_upright(frame).convert("RGB")) for frame in decoded]
+        except av.FFmpegError as error:
+            raise TavError(f"{path} could not be decoded: {error}") from None
+    if not frames:
+        raise TavError(f"{path} has a video stream but no frames")
+    return np.stack(frames)
 
 
 def write_video(frames: np.ndarray, path: Path, fmt: OutputFormat, fps: Fraction) -> Path:

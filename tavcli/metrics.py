@@ -1,0 +1,106 @@
+"""Clip metrics of the paper and the LOVEU-TGVE benchmark, from CLIP embeddings (`tav eval`).
+
+- **frame consistency**: the mean cosine similarity between the CLIP image embeddings of every
+  pair of distinct frames (1.0: all frames embed alike);
+- **text faithfulness** (CLIP score): the mean cosine similarity between each frame's image
+  embedding and the prompt's text embedding.
+
+Both are reported as cosine similarities in [-1, 1]; the paper's tables show them x100.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+from tavcli.config import DEFAULT_CLIP_MODEL
+from tavcli.errors import TavError
+
+__all__ = ["DEFAULT_CLIP_MODEL", "ClipScorer", "Scores", "evaluate_output", "sidecar_of"]
+
+
+@dataclass(frozen=True)
+class Scores:
+    frame_consistency: float
+    text_faithfulness: float
+    frames: int
+
+    def record(self) -> dict[str, float | int]:
+        return {
+            "frame_consistency": round(self.frame_consistency, 5),
+            "text_faithfulness": round(self.text_faithfulness, 5),
+            "frames": self.frames,
+        }
+
+
+class ClipScorer:
+    """A CLIP model (hub id or local folder) that scores clips against prompts."""
+
+    def __init__(self, name: str, device: torch.device) -> None:
+        from tavcli.models import _quiet_libraries
+
+        _quiet_libraries()
+        try:
+            self.model = CLIPModel.from_pretrained(name, use_safetensors=True).to(device).eval()
+            self.processor = CLIPImageProcessor.from_pretrained(name)
+            self.tokenizer = CLIPTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise TavError(
+                f"cannot load the CLIP model {name!r}: {first}",
+                "give a local CLIP folder with --clip-model (the hub may be unreachable)",
+            ) from None
+        self.name = name
+        self.device = device
+
+    @torch.no_grad()
+    def score(self, frames: np.ndarray, prompt: str) -> Scores:
+        """Frame consistency and text faithfulness of uint8 frames (f, h, w, 3) for `prompt`."""
+        pixels = self.processor(images=list(frames), return_tensors="pt").pixel_values.to(self.device)
+        images = F.normalize(_features(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+        tokens = self.tokenizer([prompt], padding="max_length", truncation=True, return_tensors="pt")
+        text = _features(self.model.get_text_features(input_ids=tokens.input_ids.to(self.device)))
+        text = F.normalize(text.float(), dim=-1)
+        count = len(images)
+        similarity = images @ images.T
+        pairs = (similarity.sum() - similarity.diagonal().sum()) / (count * (count - 1)) if count > 1 else 1.0
+        return Scores(float(pairs), float((images @ text.T).mean()), count)
+
+
+def _features(output: torch.Tensor | object) -> torch.Tensor:
+    """transformers 4 returns the projected features; 5 wraps them as `pooler_output`."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output  # type: ignore[attr-defined]
+
+
+def sidecar_of(output: Path) -> Path:
+    """The sidecar `tav edit` writes beside an output (`X.mp4.json`, or `X.json` for a frames folder)."""
+    return output.with_suffix(".json") if output.is_dir() else output.with_name(output.name + ".json")
+
+
+def evaluate_output(scorer: ClipScorer, output: Path, prompt: str | None = None) -> dict[str, object]:
+    """Score one output against `prompt` (default: the prompt in its sidecar); store the scores in the sidecar."""
+    import json
+
+    from tavcli.atomic import write_json
+    from tavcli.video import read_frames
+
+    sidecar = sidecar_of(output)
+    record = {}
+    if sidecar.is_file():
+        try:
+            record = json.loads(sidecar.read_text())
+        except (OSError, ValueError) as error:
+            raise TavError(f"damaged sidecar {sidecar}: {error}") from None
+    prompt = prompt if prompt is not None else record.get("edit", {}).get("prompt")
+    if not prompt:
+        raise TavError(f"no prompt for {output}: it has no tav sidecar", "pass --prompt")
+    scores = scorer.score(read_frames(output), prompt)
+    result = {"path": str(output), "prompt": prompt, "clip_model": scorer.name, **scores.record()}
+    if record:
+        write_json(sidecar, {**record, "scores": {k: v for k, v in result.items() if k != "path"}})
+    return result

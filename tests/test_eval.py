@@ -1,0 +1,103 @@
+"""`tav eval` and `tav edit --eval`: CLIP frame consistency and text faithfulness, with a tiny random CLIP."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from .conftest import CLIP
+
+TOKENIZER = Path(__file__).parent.parent / "tavcli" / "tiny" / "tokenizer"
+SMALL = ["--model", "tiny", "--frames", "3", "--width", "32", "--height", "32", "--steps", "1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CLIP model with random weights, saved and loaded like a downloaded one."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    text = {
+        "vocab_size": 626,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "bos_token_id": 624,
+        "eos_token_id": 625,
+        "pad_token_id": 625,
+    }
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 8,
+    }
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    for file in TOKENIZER.iterdir():
+        shutil.copy(file, folder / file.name)
+    return folder
+
+
+def test_scores_are_the_defined_cosine_similarities(tiny_clip: Path) -> None:
+    import torch.nn.functional as F
+
+    from tavcli.metrics import ClipScorer, _features
+
+    scorer = ClipScorer(str(tiny_clip), torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    still = np.repeat(rng.integers(0, 255, (1, 48, 48, 3), dtype=np.uint8), 4, axis=0)
+    scores = scorer.score(still, "a man is skiing")
+    assert scores.frame_consistency == pytest.approx(1.0, abs=1e-5) and scores.frames == 4
+    moving = rng.integers(0, 255, (4, 48, 48, 3), dtype=np.uint8)
+    varied = scorer.score(moving, "a man is skiing")
+    assert varied.frame_consistency < 0.9999
+    with torch.no_grad():  # the definition, computed independently for one frame
+        pixels = scorer.processor(images=[still[0]], return_tensors="pt").pixel_values
+        image = F.normalize(_features(scorer.model.get_image_features(pixel_values=pixels)), dim=-1)
+        ids = scorer.tokenizer(["a man is skiing"], padding="max_length", return_tensors="pt").input_ids
+        text = F.normalize(_features(scorer.model.get_text_features(input_ids=ids)), dim=-1)
+    assert scores.text_faithfulness == pytest.approx(float(image @ text.T), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_eval_and_edit_eval_write_scores_into_sidecars(tiny_clip: Path, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    project = tmp_path / "p.tav"
+    assert run_tav("tune", CLIP, "a man is skiing", *SMALL, "-p", project)[0] == 0
+    code, out, err = run_tav(
+        "edit", "a dog is skiing", "-p", project, "--steps", "1", "--eval", "--clip-model", tiny_clip
+    )
+    assert code == 0, err
+    record = json.loads(out)
+    assert set(record["scores"]) == {"clip_model", "frame_consistency", "text_faithfulness", "frames"}
+    sidecar = json.loads(Path(record["sidecar"]).read_text())
+    assert sidecar["scores"]["text_faithfulness"] == record["scores"]["text_faithfulness"]
+
+    code, out, err = run_tav("eval", record["path"], "--clip-model", tiny_clip, "--json")
+    assert code == 0, err
+    again = json.loads(out)
+    assert again["prompt"] == "a dog is skiing" and again["frames"] == 3
+    assert again["frame_consistency"] == pytest.approx(record["scores"]["frame_consistency"], abs=1e-4)
+    code, _, err = run_tav("eval", record["path"], "--clip-model", tiny_clip)
+    assert code == 0 and "consistency" in err
+    code, out, _ = run_tav("eval", record["path"], "--clip-model", tiny_clip, "--prompt", "a cat", "--json")
+    assert json.loads(out)["prompt"] == "a cat"
+
+
+def test_eval_errors_are_one_line(tiny_clip: Path, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run_tav("eval", CLIP, "--clip-model", "openai/clip-vit-large-patch14")
+    assert code == 1 and "--clip-model" in err and "Traceback" not in err
+    code, _, err = run_tav("eval", CLIP, "--clip-model", tiny_clip)
+    assert code == 1 and "pass --prompt" in err
+    code, out, err = run_tav("eval", CLIP, "--clip-model", tiny_clip, "--prompt", "a man is skiing", "--json")
+    assert code == 0 and json.loads(out)["frames"] == 48
