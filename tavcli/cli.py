@@ -521,6 +521,76 @@ def _print_plan(rows: list[dict[str, Any]]) -> None:
     stderr.print(table)
 
 
+@app.command("import")
+def import_reference(
+    folder: Annotated[Path, typer.Argument(help="Output folder of the reference Tune-A-Video training script.")],
+    clip: Annotated[
+        Optional[Path], typer.Option(help="The tuned clip [default: train_data.video_path].", show_default=False)
+    ] = None,
+    prompt: Annotated[
+        Optional[str], typer.Option(help="Its description [default: train_data.prompt].", show_default=False)
+    ] = None,
+    project: Annotated[
+        Optional[Path],
+        typer.Option("--project", "-p", help="Project directory [default: as for tav tune].", show_default=False),
+    ] = None,
+    model: ModelOpt = None,
+    frames: Annotated[
+        Optional[int], typer.Option(help="[default: n_sample_frames, else 24]", show_default=False)
+    ] = None,
+    stride: Annotated[
+        Optional[int], typer.Option(help="[default: sample_frame_rate, else 2]", show_default=False)
+    ] = None,
+    start: Annotated[
+        Optional[int], typer.Option(help="[default: sample_start_idx, else 0]", show_default=False)
+    ] = None,
+    width: Annotated[Optional[int], typer.Option(help="[default: width, else 512]", show_default=False)] = None,
+    height: Annotated[Optional[int], typer.Option(help="[default: height, else 512]", show_default=False)] = None,
+    device: DeviceOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+) -> None:
+    """Import a model folder saved by the reference Tune-A-Video script as a tune, so its work is kept.
+
+    Reads unet/ (the full video UNet) and config.yaml (clip, prompt, frames, size, steps), checks
+    that the frozen weights are the base model's, stores only the tuned tensors, and makes the
+    tune the project's current one: then `tav edit` works as after `tav tune`.
+
+    Example: tav import outputs/man-skiing --model ./stable-diffusion-v1-4
+    """
+    from tavcli.importing import read_reference
+    from tavcli.tune import TuneSettings
+    from tavcli.video import FrameSelection
+    from tavcli.workflow import frame_size, import_tune
+
+    recorded = read_reference(folder, allow_pickle).settings
+    clip_path = clip or (folder / recorded["clip"] if recorded.get("clip") else None)
+    if clip_path is not None and not clip_path.exists() and recorded.get("clip"):
+        clip_path = Path(recorded["clip"])  # relative to where the reference ran, often the current folder
+    text = prompt or recorded.get("prompt")
+    if clip_path is None or not text:
+        raise TavError("which clip and prompt was it tuned on? config.yaml does not say", "pass --clip and --prompt")
+    project_dir = _project_for_clip(project, _settings(None))(clip_path)
+    settings = _settings(project_dir, model=model or recorded.get("base_model"), device=device)
+    session = _session(settings, allow_pickle)
+    selection = FrameSelection(
+        frames=frames or recorded.get("frames") or 24,
+        stride=stride or recorded.get("stride") or 2,
+        start=start if start is not None else recorded.get("start") or 0,
+    )
+    size = frame_size(
+        width or recorded.get("width") or 512, height or recorded.get("height") or 512, "stretch", session.reporter
+    )
+    tune_settings = TuneSettings(
+        steps=recorded.get("steps") or 500,
+        learning_rate=recorded.get("learning_rate") or 3e-5,
+        seed=recorded.get("seed") or 33,
+    )
+    artifacts = import_tune(
+        session, folder, clip_path, text, project_dir, settings["model"].value or "", selection, size, tune_settings
+    )
+    _report(artifacts)
+
+
 @app.command("eval")
 def evaluate_outputs(
     outputs: Annotated[

@@ -58,6 +58,7 @@ __all__ = [
     "edit_from_sidecar",
     "find_project",
     "frame_size",
+    "import_tune",
     "inversion_entry",
     "invert",
     "latents_entry",
@@ -340,6 +341,43 @@ def tune_plan(
             "summary": memory.describe(),
         },
     }
+
+
+def import_tune(
+    session: Session,
+    folder: Path,
+    clip: Path,
+    prompt: str,
+    project_root: Path,
+    model: str,
+    selection: FrameSelection,
+    size: FrameSize,
+    settings: TuneSettings,
+) -> list[Artifact]:
+    """Store the tuned tensors of a reference Tune-A-Video output folder as a tune of `clip`."""
+    from tavcli.importing import extract_delta, read_reference
+
+    _require_prompt(prompt)
+    probe(clip)
+    _require_folder(project_root, "--project")
+    run = read_reference(folder, session.allow_pickle)
+    source = session.source(model)
+    project = session.project(project_root)
+    latents, latents_artifact = _clip_latents(session, source, project, clip, selection, size, force=False)
+    spec = {**tune_spec(latents.key, prompt, settings, "fp32", "joint"), "imported": file_sha256(run.weights_file)}
+    entry = project.entry("tunes", spec)
+    started = time.perf_counter()
+
+    def compute() -> None:
+        unet = inflate_unet(session.model(model).unet)
+        delta = extract_delta(run.weights, unet)
+        facts = {"model": source.identity, "clip": latents.meta()["clip"], "imported_from": str(folder.resolve())}
+        entry.save(delta, {**facts, "losses": [], "tav_version": __version__})
+
+    cached = project.produce(entry, compute)
+    project.update_state(tune=entry.key, inversion=None)
+    details = {"prompt": prompt, "imported_from": str(folder), "delta_bytes": (entry.path / TENSORS).stat().st_size}
+    return [latents_artifact, Artifact("tune", entry.key, entry.path, cached, time.perf_counter() - started, details)]
 
 
 def _clip_latents(
