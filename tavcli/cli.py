@@ -334,6 +334,14 @@ def edit(
     compile_unet: Annotated[
         bool, typer.Option("--compile", help="torch.compile the UNet (GPU; slow to start).", rich_help_panel=RUN)
     ] = False,
+    grid: Annotated[
+        bool,
+        typer.Option(
+            "--grid",
+            help="Also write source | edits side by side (mp4, GIF) and a PNG contact sheet.",
+            rich_help_panel="Output",
+        ),
+    ] = False,
     evaluate: Annotated[
         bool,
         typer.Option(
@@ -384,6 +392,10 @@ def edit(
         for artifact in artifacts:
             scores = evaluate_output(scorer, artifact.path)
             artifact.details["scores"] = {k: v for k, v in scores.items() if k not in ("path", "prompt")}
+    if grid:
+        from tavcli.workflow import render_grid
+
+        artifacts.append(render_grid(session, project_dir, artifacts, fps))
     _report(artifacts)
 
 

@@ -18,7 +18,9 @@ __all__ = [
     "Clip",
     "FrameSelection",
     "FrameSize",
+    "contact_sheet",
     "read_frames",
+    "side_by_side",
     "OutputFormat",
     "ResizeMode",
     "probe",
@@ -169,6 +171,38 @@ def read_frames(path: Path) -> np.ndarray:
     if not frames:
         raise TavError(f"{path} has a video stream but no frames")
     return np.stack(frames)
+
+
+CAPTION_HEIGHT = 16  # pixels of caption above each clip in a grid (even, for H.264)
+
+
+def side_by_side(clips: list[np.ndarray], captions: list[str]) -> np.ndarray:
+    """Clips (f, h, w, 3) of one size, left to right, each under its caption -> (f, h + 16, n*w, 3)."""
+    frames, height, width = clips[0].shape[:3]
+    strip = np.stack([_caption(text, width) for text in captions], axis=0)  # (n, 16, w, 3)
+    tiles = [
+        np.concatenate([np.broadcast_to(bar, (frames, *bar.shape)), clip], axis=1)
+        for bar, clip in zip(strip, clips, strict=True)
+    ]
+    return np.concatenate(tiles, axis=2)
+
+
+def contact_sheet(clips: list[np.ndarray], captions: list[str]) -> Image.Image:
+    """One row per clip, its frames left to right, its caption above: a picture of every frame."""
+    rows = []
+    for clip, text in zip(clips, captions, strict=True):
+        frames = np.concatenate(list(clip), axis=1)  # (h, f*w, 3)
+        rows.append(np.concatenate([_caption(text, frames.shape[1]), frames], axis=0))
+    return Image.fromarray(np.concatenate(rows, axis=0))
+
+
+def _caption(text: str, width: int) -> np.ndarray:
+    """A white strip with `text` in black, clipped to `width` pixels."""
+    from PIL import ImageDraw, ImageFont
+
+    image = Image.new("RGB", (width, CAPTION_HEIGHT), "white")
+    ImageDraw.Draw(image).text((3, 1), text, fill="black", font=ImageFont.load_default(size=12))
+    return np.asarray(image)
 
 
 def write_video(frames: np.ndarray, path: Path, fmt: OutputFormat, fps: Fraction) -> Path:

@@ -5,6 +5,7 @@ Each step looks its result up in the project's store first and computes it only 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shlex
@@ -15,9 +16,11 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tavcli import __version__
+from tavcli.atomic import atomic_path
 from tavcli.errors import TavError
 from tavcli.inversion import ddim_inversion
 from tavcli.memory import MemoryEstimate, check_fits, probe_activations, tune_estimate
@@ -42,8 +45,11 @@ from tavcli.video import (
     FrameSize,
     OutputFormat,
     ResizeMode,
+    contact_sheet,
     probe,
     read_clip,
+    read_frames,
+    side_by_side,
     snap_to_multiple,
     write_video,
 )
@@ -63,6 +69,7 @@ __all__ = [
     "invert",
     "latents_entry",
     "prompt_embeddings",
+    "render_grid",
     "tune",
     "tune_memory",
     "tune_plan",
@@ -661,6 +668,39 @@ def _render(
     seconds = time.perf_counter() - started + (0.0 if cached else sampling_seconds)
     details = {"prompt": prompt, "sidecar": str(sidecar), "format": fmt}
     return Artifact("edit", entry.key, output, rendered, seconds, details)
+
+
+def render_grid(session: Session, project_root: Path, edits: list[Artifact], fps: float | None = None) -> Artifact:
+    """The source clip and each edit side by side (mp4 and GIF, prompts as captions) and a PNG contact sheet."""
+    started = time.perf_counter()
+    project, tune_entry = _tune_entry(session, project_root, None)
+    latents = project.find("latents", tune_entry.spec["latents"])
+    clip = latents.meta()["clip"]
+    source = _source_frames(session, tune_entry, latents, clip)
+    clips = [source, *(read_frames(edit.path) for edit in edits)]
+    captions = [f"source: {tune_entry.spec['prompt']}", *(str(edit.details["prompt"]) for edit in edits)]
+    key = hashlib.sha256(":".join(edit.key for edit in edits).encode()).hexdigest()[:8]
+    folder = edits[0].path.parent
+    rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(clip["fps"])
+    grid = side_by_side(clips, captions)
+    video = write_video(grid, folder / f"grid-{key}.mp4", "mp4", rate)
+    gif = write_video(grid, folder / f"grid-{key}.gif", "gif", rate)
+    sheet = folder / f"grid-{key}-sheet.png"
+    with atomic_path(sheet) as temp:
+        contact_sheet(clips, captions).save(temp, format="PNG")
+    details = {"gif": str(gif), "sheet": str(sheet), "prompts": captions[1:]}
+    return Artifact("grid", key, video, False, time.perf_counter() - started, details)
+
+
+def _source_frames(session: Session, tune_entry: Entry, latents: Entry, clip: dict[str, Any]) -> np.ndarray:
+    """The frames the project was tuned on: from the clip if it is still there, else decoded from its latents."""
+    path = Path(clip["path"])
+    if path.is_file():
+        selection = FrameSelection(frames=clip["frames"], stride=clip["stride"], start=clip["start"])
+        return read_clip(path, selection, FrameSize(clip["width"], clip["height"], clip["resize"])).frames
+    vae = session.model(tune_entry.meta()["model"]["model"]).vae
+    mean = latents.tensors(session.runtime.device)["mean"]
+    return decode_latents(vae, mean * vae.config.scaling_factor)
 
 
 def _write_sidecar(

@@ -179,3 +179,21 @@ def test_batched_edits_equal_one_at_a_time(tmp_path: Path, run_tav) -> None:  # 
     assert results["1"].keys() == results["3"].keys()  # batching is not part of what an edit is
     for key, single in results["1"].items():
         torch.testing.assert_close(results["3"][key]["latents"], single["latents"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_grid_writes_side_by_side_clips_and_a_contact_sheet(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    project = tmp_path / "g.tav"
+    assert run_tav("tune", CLIP, "a man is skiing", "--model", "tiny", "-p", project, *SMALL)[0] == 0
+    code, out, err = run_tav("edit", "a panda is skiing", "a dog is skiing", "-p", project, "--steps", "2", "--grid")
+    assert code == 0, err
+    grid = _records(out)[-1]
+    assert grid["kind"] == "grid" and grid["prompts"] == ["a panda is skiing", "a dog is skiing"]
+    frames, width, height, _ = _video_facts(Path(grid["path"]))
+    assert (frames, width, height) == (4, 3 * 64, 64 + 16)  # source | edit | edit, captions above
+    with Image.open(grid["gif"]) as gif:
+        assert gif.n_frames == 4 and gif.size == (192, 80)
+    with Image.open(grid["sheet"]) as sheet:
+        assert sheet.size == (4 * 64, 3 * (64 + 16))  # one row per clip, every frame
