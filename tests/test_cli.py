@@ -197,3 +197,26 @@ def test_grid_writes_side_by_side_clips_and_a_contact_sheet(tmp_path: Path, run_
         assert gif.n_frames == 4 and gif.size == (192, 80)
     with Image.open(grid["sheet"]) as sheet:
         assert sheet.size == (4 * 64, 3 * (64 + 16))  # one row per clip, every frame
+
+
+@pytest.mark.slow
+def test_v_prediction_model_end_to_end(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    """SD 2.x models predict the velocity: tune, invert and edit must follow the scheduler's prediction type."""
+    model = tmp_path / "tiny-v"
+    shutil.copytree(TINY_SD, model)
+    scheduler = model / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps(json.loads(scheduler.read_text()) | {"prediction_type": "v_prediction"}))
+    project = tmp_path / "v.tav"
+    args = ["--model", model, "--frames", "3", "--width", "32", "--height", "32", "--steps", "2"]
+    code, out, err = run_tav("tune", CLIP, "a man is skiing", *args, "-p", project)
+    assert code == 0, err
+    losses = json.loads((Path(_records(out)[-1]["path"]) / "meta.json").read_text())["losses"]
+    assert len(losses) == 2 and all(loss > 0 for loss in losses)
+    code, out, err = run_tav("edit", "a dog is skiing", "-p", project, "--steps", "3")
+    assert code == 0, err
+    assert _video_facts(Path(_records(out)[0]["path"]))[:3] == (3, 32, 32)
+    epsilon = tmp_path / "eps.tav"  # the same inputs with the epsilon model tune differently
+    eps_args = ["--model", TINY_SD, *args[2:]]
+    assert run_tav("tune", CLIP, "a man is skiing", *eps_args, "-p", epsilon)[0] == 0
+    eps_losses = json.loads(next((epsilon / "tunes").glob("*/meta.json")).read_text())["losses"]
+    assert eps_losses != losses
