@@ -38,6 +38,7 @@ app = typer.Typer(
         "Offline, try it with the built-in tiny model: tav demo"
     ),
     no_args_is_help=True,
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
