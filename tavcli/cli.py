@@ -335,6 +335,29 @@ def edit(
     compile_unet: Annotated[
         bool, typer.Option("--compile", help="torch.compile the UNet (GPU; slow to start).", rich_help_panel=RUN)
     ] = False,
+    control: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Condition each frame with a ControlNet: canny, depth, pose, seg, scribble, normal, lineart...",
+            rich_help_panel="Control",
+            show_default=False,
+        ),
+    ] = None,
+    control_model: Annotated[
+        Optional[str],
+        typer.Option(help="The ControlNet: hub id or local folder (needed with --control).", rich_help_panel="Control"),
+    ] = None,
+    control_video: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="A clip of condition maps (e.g. a pose sequence), sampled like the source [canny: computed from it].",
+            rich_help_panel="Control",
+            show_default=False,
+        ),
+    ] = None,
+    control_scale: Annotated[
+        float, typer.Option(help="Strength of the ControlNet residuals.", rich_help_panel="Control")
+    ] = 1.0,
     grid: Annotated[
         bool,
         typer.Option(
@@ -385,7 +408,16 @@ def edit(
     settings_ = _settings(project_dir, device=device, precision=_precision(precision))
     session = _session(settings_, allow_pickle, compile_unet)
     settings = EditSettings(steps=steps, guidance=guidance, negative=negative, seed=seed, eta=eta)
-    artifacts = run_edit(session, project_dir, prompts, settings, out, fmt.value, fps, force, batch_size=batch_size)
+    guide = None
+    if control is not None or control_model is not None or control_video is not None:
+        from tavcli.control import ControlSpec
+
+        if control is None or control_model is None:
+            raise TavError("--control and --control-model go together", "e.g. --control canny --control-model PATH")
+        guide = ControlSpec(kind=control, model=control_model, video=control_video, scale=control_scale)
+    artifacts = run_edit(
+        session, project_dir, prompts, settings, out, fmt.value, fps, force, batch_size=batch_size, control=guide
+    )
     if evaluate:
         from tavcli.metrics import ClipScorer, evaluate_output
 

@@ -8,6 +8,9 @@ Each step runs the UNet once on a doubled batch `[uncond, cond]` and combines th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from diffusers import DDIMScheduler, SchedulerMixin
 
@@ -29,19 +32,22 @@ def ddim_sample(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     on_step: StepCallback | None = None,
+    control: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, Any]] | None = None,
 ) -> torch.Tensor:
     """Denoise `latents` (b, c, f, h, w) from pure noise to clean latents and return them.
 
     `prompt_embeds` and `negative_prompt_embeds` are (b, n, d); the negative embedding is the
     unconditional branch (the empty prompt's embedding unless the user gave a negative prompt).
-    `eta > 0` adds DDIM's stochastic term, drawn from `generator`.
+    `eta > 0` adds DDIM's stochastic term, drawn from `generator`. `control(x, t, text)` returns
+    extra UNet arguments for each call (ControlNet residuals, see `tavcli.control.ControlGuide`).
     """
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(num_steps, device=latents.device)
     text = torch.cat([negative_prompt_embeds, prompt_embeds])
     for done, timestep in enumerate(ddim.timesteps, start=1):
         model_input = ddim.scale_model_input(torch.cat([latents, latents]), timestep)
-        pred_uncond, pred_cond = unet(model_input, timestep, text).sample.chunk(2)
+        extra = control(model_input, timestep, text) if control is not None else {}
+        pred_uncond, pred_cond = unet(model_input, timestep, text, **extra).sample.chunk(2)
         pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
         latents = ddim.step(pred, timestep, latents, eta=eta, generator=generator).prev_sample
         if on_step is not None:

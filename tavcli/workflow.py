@@ -21,6 +21,7 @@ import torch
 
 from tavcli import __version__
 from tavcli.atomic import atomic_path
+from tavcli.control import ControlGuide, ControlSpec, canny_maps, load_controlnet
 from tavcli.errors import TavError
 from tavcli.inversion import ddim_inversion
 from tavcli.memory import MemoryEstimate, check_fits, probe_activations, tune_estimate
@@ -245,8 +246,17 @@ def inversion_entry(project: Project, tune_key: str, steps: int, prompt: str = "
     return project.entry("inversions", {"tune": tune_key, "steps": steps, "prompt": prompt})
 
 
-def edit_entry(project: Project, inversion_key: str, prompt: str, settings: EditSettings, precision: str) -> Entry:
+def edit_entry(
+    project: Project,
+    inversion_key: str,
+    prompt: str,
+    settings: EditSettings,
+    precision: str,
+    control: dict[str, Any] | None = None,
+) -> Entry:
     spec = {"inversion": inversion_key, "prompt": prompt, **asdict(settings), "precision": precision}
+    if control is not None:  # absent when uncontrolled: keys of earlier edits stay valid
+        spec["control"] = control
     if settings.eta == 0:
         spec["seed"] = None  # deterministic DDIM draws no noise: the seed determines nothing
     return project.entry("edits", spec)
@@ -557,6 +567,7 @@ def edit(
     invert_steps: int | None = None,
     invert_prompt: str = "",
     batch_size: int = 1,
+    control: ControlSpec | None = None,
 ) -> list[Artifact]:
     """Render one clip per prompt from the inverted noise (inverting first if needed).
 
@@ -582,9 +593,11 @@ def edit(
     else:
         artifact = invert(session, project_root, invert_steps or settings.steps, invert_prompt, tune_key=tune_key)
         inversion = project.find("inversions", artifact.key)
-    entries = {p: edit_entry(project, inversion.key, p, settings, session.runtime.precision) for p in prompts}
+    guide, control_spec = _control(session, project, tune_entry, control)
+    precision = session.runtime.precision
+    entries = {p: edit_entry(project, inversion.key, p, settings, precision, control_spec) for p in prompts}
     started = time.perf_counter()
-    computed = _sample_edits(session, project, tune_entry, inversion, entries, settings, batch_size, force)
+    computed = _sample_edits(session, project, tune_entry, inversion, entries, settings, batch_size, force, guide)
     share = (time.perf_counter() - started) / max(len(computed), 1)  # sampling time per computed prompt
     out_dir = out_dir or project.root / "renders"
     return [
@@ -602,6 +615,7 @@ def _sample_edits(
     settings: EditSettings,
     batch_size: int,
     force: bool,
+    guide: ControlGuide | None = None,
 ) -> set[str]:
     """Sample the edits the store lacks, `batch_size` prompts per UNet batch; return the prompts computed."""
     runtime = session.runtime
@@ -632,11 +646,34 @@ def _sample_edits(
                     eta=settings.eta,
                     generator=generator,
                     on_step=lambda *_: advance(),
+                    control=guide,
                 )
             for prompt, sample in zip(group, latents.split(1), strict=True):
                 entries[prompt].save({"latents": sample.float()}, {"batch": len(group)})
                 computed.add(prompt)
     return computed
+
+
+def _control(
+    session: Session, project: Project, tune_entry: Entry, control: ControlSpec | None
+) -> tuple[ControlGuide | None, dict[str, Any] | None]:
+    """The ControlNet guide for this project's frames, and what identifies it in the edits' keys."""
+    if control is None:
+        return None, None
+    control.check()
+    clip = project.find("latents", tune_entry.spec["latents"]).meta()["clip"]
+    selection = FrameSelection(frames=clip["frames"], stride=clip["stride"], start=clip["start"])
+    size = FrameSize(clip["width"], clip["height"], clip["resize"])
+    if control.video is not None:
+        maps, source = read_clip(control.video, selection, size).frames, file_sha256(control.video)
+    else:
+        maps, source = (
+            canny_maps(_source_frames(session, tune_entry, project.find("latents", tune_entry.spec["latents"]), clip)),
+            "canny of the source clip",
+        )
+    controlnet, identity = load_controlnet(control.model, session.runtime.device, session.runtime.dtype)
+    spec = {"kind": control.kind, "model": identity, "maps": source, "scale": control.scale}
+    return ControlGuide(controlnet, maps, control.scale), spec
 
 
 def _render(

@@ -1,0 +1,102 @@
+"""Controlled editing: a ControlNet residual per frame from a clip of condition maps (`tav edit --control`).
+
+The ControlNet is diffusers' own `ControlNetModel`, run on the folded frames exactly like the
+video UNet's 2D layers: frame i of the edit gets the residuals of condition frame i. Condition
+frames are sampled like the source frames (same `--frames/--stride/--start`, size and resize).
+For `canny` the maps can be computed from the source clip itself (OpenCV).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import ControlNetModel
+
+from tavcli.errors import TavError
+
+__all__ = ["ControlGuide", "ControlSpec", "canny_maps", "load_controlnet"]
+
+CONTROL_KINDS = ("canny", "depth", "pose", "seg", "scribble", "normal", "lineart", "softedge")
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """What the user asked for: a kind of condition, a ControlNet, condition frames and a strength."""
+
+    kind: str
+    model: str
+    video: Path | None = None  # None: compute the maps from the source clip (canny only)
+    scale: float = 1.0
+
+    def check(self) -> None:
+        if self.kind not in CONTROL_KINDS:
+            raise TavError(f"unknown --control {self.kind!r}", f"use one of {', '.join(CONTROL_KINDS)}")
+        if self.video is None and self.kind != "canny":
+            raise TavError(f"--control {self.kind} needs --control-video", "a clip of condition maps, one per frame")
+        if self.video is not None and not self.video.is_file():
+            raise TavError(f"no such file: {self.video}", "--control-video takes a clip of condition maps")
+        if not 0 <= self.scale <= 10:
+            raise TavError(f"--control-scale {self.scale} is out of range", "0 (off) to about 2; 1 is the usual")
+
+
+def load_controlnet(name: str, device: torch.device, dtype: torch.dtype) -> tuple[ControlNetModel, str]:
+    """A ControlNet from a local folder or the hub (safetensors only), and its identity for cache keys."""
+    from tavcli.models import _quiet_libraries, content_sha256
+
+    _quiet_libraries()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path)}:{content_sha256(file)}\n".encode())
+        identity = f"{path.resolve()}@sha256-{digest.hexdigest()[:16]}"
+    else:
+        identity = name
+    try:
+        model = ControlNetModel.from_pretrained(str(path) if path.is_dir() else name, use_safetensors=True)
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TavError(f"cannot load the ControlNet {name!r}: {first}", "give a local ControlNet folder") from None
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False), identity
+
+
+def canny_maps(frames: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
+    """Canny edge maps (f, h, w, 3) of uint8 frames, white edges on black, as ControlNet-canny expects."""
+    try:
+        import cv2
+    except ImportError:
+        raise TavError(
+            "computing canny maps needs OpenCV", "pip install opencv-python-headless, or pass --control-video"
+        ) from None
+    edges = [cv2.Canny(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), low, high) for frame in frames]
+    return np.stack([np.repeat(edge[..., None], 3, axis=-1) for edge in edges])
+
+
+class ControlGuide:
+    """Computes the ControlNet residuals for a video UNet call on (b, c, f, h, w) latents."""
+
+    def __init__(self, controlnet: ControlNetModel, maps: np.ndarray, scale: float) -> None:
+        self.controlnet = controlnet
+        # (f, 3, H, W) in [0, 1]: the ControlNet's conditioning input.
+        self.condition = torch.from_numpy(maps).permute(0, 3, 1, 2).to(controlnet.device, controlnet.dtype) / 255
+        self.scale = scale
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> dict[str, Any]:
+        clips, channels, frames, height, width = sample.shape
+        if frames != len(self.condition):
+            raise TavError(f"the control clip gives {len(self.condition)} maps for {frames} frames")
+        folded = sample.transpose(1, 2).reshape(clips * frames, channels, height, width)
+        down, mid = self.controlnet(
+            folded.to(self.controlnet.dtype),
+            timestep,
+            text.repeat_interleave(frames, dim=0).to(self.controlnet.dtype),
+            controlnet_cond=self.condition.repeat(clips, 1, 1, 1),
+            conditioning_scale=self.scale,
+            return_dict=False,
+        )
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}

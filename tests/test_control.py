@@ -1,0 +1,93 @@
+"""`tav edit --control`: a tiny random ControlNet from a config conditions each frame on its map."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import CLIP
+
+SMALL = ["--model", "tiny", "--frames", "3", "--stride", "2", "--width", "64", "--height", "64", "--steps", "1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from tavcli.models import resolve_model
+
+    unet = UNet2DConditionModel.from_pretrained(resolve_model("tiny").folder / "unet")
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
+    for param in controlnet.parameters():  # a trained ControlNet's zero convolutions are not zero
+        torch.nn.init.normal_(param, std=0.05)
+    folder = tmp_path_factory.mktemp("tiny-controlnet")
+    controlnet.save_pretrained(folder)
+    return folder
+
+
+def _maps(path: Path, frames: int, values: list[int]) -> Path:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=12)
+        stream.width = stream.height = 96
+        stream.pix_fmt = "yuv420p"
+        for index in range(frames):
+            image = np.zeros((96, 96, 3), np.uint8)
+            image[:, : 16 + 8 * index] = values[index % len(values)]  # a moving bar: different per frame
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.mark.slow
+def test_control_video_conditions_the_edit_and_its_key(tiny_controlnet: Path, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    project = tmp_path / "c.tav"
+    assert run_tav("tune", CLIP, "a man is skiing", *SMALL, "-p", project)[0] == 0
+    edit = ["edit", "a dog is skiing", "-p", project, "--steps", "2"]
+    plain = json.loads(run_tav(*edit)[1])
+    maps = _maps(tmp_path / "pose.mp4", 12, [255])
+    code, out, err = run_tav(*edit, "--control", "pose", "--control-model", tiny_controlnet, "--control-video", maps)
+    assert code == 0, err
+    controlled = json.loads(out)
+    assert controlled["key"] != plain["key"]  # the control is part of what the edit is
+    spec = json.loads((project / "edits" / controlled["key"] / "meta.json").read_text())["spec"]["control"]
+    assert spec["kind"] == "pose" and spec["scale"] == 1.0 and len(spec["maps"]) == 64  # the maps' SHA-256
+    a = load_file(project / "edits" / plain["key"] / "tensors.safetensors")["latents"]
+    b = load_file(project / "edits" / controlled["key"] / "tensors.safetensors")["latents"]
+    assert not torch.allclose(a, b)
+    code, out, _ = run_tav(
+        *edit, "--control", "pose", "--control-model", tiny_controlnet, "--control-video", maps, "--control-scale", "0"
+    )
+    zero = json.loads(out)
+    c = load_file(project / "edits" / zero["key"] / "tensors.safetensors")["latents"]
+    torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)  # scale 0 is no control
+
+
+def test_control_mistakes_are_one_line(tiny_controlnet: Path, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    project = tmp_path / "c.tav"
+    assert run_tav("tune", CLIP, "a man is skiing", *SMALL, "-p", project)[0] == 0
+    edit = ["edit", "a dog", "-p", project, "--steps", "1"]
+    for args, expected in [
+        (["--control", "pose"], "--control and --control-model go together"),
+        (["--control", "pose", "--control-model", tiny_controlnet], "needs --control-video"),
+        (["--control", "sketchy", "--control-model", tiny_controlnet], "unknown --control 'sketchy'"),
+        (["--control", "pose", "--control-model", tmp_path / "none", "--control-video", CLIP], "cannot load"),
+    ]:
+        code, out, err = run_tav(*edit, *args)
+        assert code == 1 and out == "" and expected in err and "Traceback" not in err, err
+    try:
+        import cv2  # noqa: F401
+    except ImportError:  # without OpenCV, canny maps of the source clip say what to install
+        code, _, err = run_tav(*edit, "--control", "canny", "--control-model", tiny_controlnet)
+        assert code == 1 and "pip install opencv-python-headless" in err
+    shutil.rmtree(project)
