@@ -31,7 +31,21 @@ def test_every_command_option_is_documented() -> None:
 
 @pytest.mark.parametrize(
     "module",
-    ["tavcli.model", "tavcli.inversion", "tavcli.sampling", "tavcli.workflow", "tavcli.video", "tavcli.store"],
+    [
+        "tavcli.model",
+        "tavcli.inversion",
+        "tavcli.sampling",
+        "tavcli.workflow",
+        "tavcli.video",
+        "tavcli.store",
+        "tavcli.batch",
+        "tavcli.config",
+        "tavcli.control",
+        "tavcli.importing",
+        "tavcli.memory",
+        "tavcli.metrics",
+        "tavcli.tune",
+    ],
 )
 def test_public_names_exist(module: str) -> None:
     imported = importlib.import_module(module)
