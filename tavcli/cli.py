@@ -184,6 +184,14 @@ def tune(
         ),
     ] = None,
     model: ModelOpt = None,
+    lora: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="Fuse a LoRA (.safetensors file or folder) into the base model first: PATH or PATH:SCALE; repeatable.",
+            rich_help_panel=MODEL,
+            show_default=False,
+        ),
+    ] = None,
     frames: Annotated[int, typer.Option(help="Number of frames to tune on.", rich_help_panel="Frames")] = 24,
     stride: Annotated[int, typer.Option(help="Take every S-th frame.", rich_help_panel="Frames")] = 2,
     start: Annotated[int, typer.Option(help="First frame (0-based).", rich_help_panel="Frames")] = 0,
@@ -254,7 +262,12 @@ def tune(
         gradient_checkpointing=gradient_checkpointing,
         checkpoint_every=checkpoint_every,
     )
-    inputs = (video, prompt, project_dir, settings["model"].value or "", FrameSelection(frames, stride, start), size)
+    base = settings["model"].value or ""
+    if lora:
+        from tavcli.models import with_loras
+
+        base = with_loras(base, lora)
+    inputs = (video, prompt, project_dir, base, FrameSelection(frames, stride, start), size)
     if dry_run:
         from tavcli.ui import print_record, stderr
         from tavcli.workflow import tune_plan

@@ -39,6 +39,7 @@ __all__ = [
     "load_components",
     "resolve_model",
     "weight_files",
+    "with_loras",
 ]
 
 TINY_MODEL = "tiny"
@@ -52,9 +53,10 @@ OFFLINE_HINT = "no model hub is reachable: use --model tiny for the built-in off
 class ModelSource:
     """Where a model's files are, and what identifies them (for cache keys and sidecars)."""
 
-    name: str  # what the user asked for: a hub id, a folder, or "tiny"
+    name: str  # what the user asked for: a hub id, a folder, or "tiny", plus any "|lora=PATH:SCALE"
     folder: Path
-    revision: str  # hub commit, or a fingerprint of a local folder's weights
+    revision: str  # hub commit, or a content hash of a local folder's weights (and of its LoRAs)
+    loras: tuple[tuple[Path, float], ...] = ()  # fused into the base weights when loaded, in order
 
     @property
     def identity(self) -> dict[str, str]:
@@ -78,8 +80,46 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TAV_CACHE_DIR") or platformdirs.user_cache_path("tavcli"))
 
 
+LORA_MARK = "|lora="
+
+
+def with_loras(model: str, loras: list[str]) -> str:
+    """The model name that carries `--lora PATH[:SCALE]` options (stored in tunes, so edits load the same)."""
+    parts = [model]
+    for given in loras:
+        path, _, scale = given.rpartition(":") if _is_number(given.rpartition(":")[2]) else (given, "", "1.0")
+        file = Path(path).expanduser()
+        if not file.exists():
+            raise TavError(f"no LoRA at {file}", "--lora takes a .safetensors file or folder, optionally :SCALE")
+        parts.append(f"{file.resolve()}:{float(scale)}")
+    return LORA_MARK.join(parts)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def resolve_model(name: str, allow_pickle: bool = False) -> ModelSource:
-    """Turn `--model` into a local folder: build `tiny`, check a folder, or fetch from the hub."""
+    """Turn `--model` into a local folder: build `tiny`, check a folder, or fetch from the hub.
+
+    LoRAs named in `name` (see `with_loras`) become part of the model's identity.
+    """
+    if LORA_MARK in name:
+        base_name, *loras = name.split(LORA_MARK)
+        base = resolve_model(base_name, allow_pickle)
+        fused = tuple((Path(path), float(scale)) for path, _, scale in (lora.rpartition(":") for lora in loras))
+        digest = hashlib.sha256()
+        for path, scale in fused:
+            if not path.exists():
+                raise TavError(f"the LoRA {path} is gone", "tune again with --lora pointing at it")
+            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+            digest.update(f"{scale}:{','.join(content_sha256(f) for f in files)}\n".encode())
+        revision = f"{base.revision}+lora-{digest.hexdigest()[:16]}"
+        return ModelSource(name=name, folder=base.folder, revision=revision, loras=fused)
     if name == TINY_MODEL:
         return _tiny_model()
     path = Path(name).expanduser()
@@ -217,12 +257,40 @@ def load_components(
             f"the UNet in {folder / 'unet'} has no cross-attention blocks: it is not a text-to-image UNet",
             "use a Stable Diffusion 1.x/2.x model",
         )
+    if source.loras:
+        _fuse_loras(source, tokenizer, text_encoder, vae, unet, scheduler)
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False).eval()
     text_encoder.to(device=device, dtype=dtype)
     vae.to(device=device, dtype=dtype)
     unet.to(device=device)
     return Components(source, tokenizer, text_encoder, vae, unet, scheduler)
+
+
+def _fuse_loras(source: ModelSource, *parts: Any) -> None:
+    """Fuse each LoRA into the UNet and text encoder weights with diffusers' LoRA loading (needs peft)."""
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer, text_encoder, vae, unet, scheduler = parts
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    for index, (path, scale) in enumerate(source.loras):
+        try:
+            pipe.load_lora_weights(str(path), adapter_name=f"lora{index}")
+        except (OSError, ValueError, KeyError) as error:
+            raise TavError(f"cannot load the LoRA {path}: {_first_line(error)}") from None
+        except ImportError:
+            raise TavError("LoRAs need peft", 'pip install "tavcli[lora]"') from None
+        pipe.fuse_lora(lora_scale=scale, adapter_names=[f"lora{index}"])
+        pipe.unload_lora_weights()
 
 
 @torch.no_grad()

@@ -122,7 +122,7 @@ class Session:
         self.reporter = reporter or Reporter()
         self.allow_pickle = allow_pickle
         self._sources: dict[str, ModelSource] = {}
-        self._components: dict[Path, Components] = {}
+        self._components: dict[str, Components] = {}  # by model revision
         self._tuned: dict[str, VideoUNet] = {}
 
     def project(self, root: Path) -> Project:
@@ -140,11 +140,11 @@ class Session:
     def model(self, name: str) -> Components:
         """Model `name`, loaded once, with every part on the device (moved back if it was offloaded)."""
         source = self.source(name)
-        if source.folder not in self._components:
+        if source.revision not in self._components:
             self.reporter.note(f"loading model {source.name}")
             dtype = self.runtime.dtype
-            self._components[source.folder] = load_components(source, self.runtime.device, dtype, self.allow_pickle)
-        components = self._components[source.folder]
+            self._components[source.revision] = load_components(source, self.runtime.device, dtype, self.allow_pickle)
+        components = self._components[source.revision]
         for module in (components.vae, components.text_encoder):
             if module.device != self.runtime.device:
                 module.to(self.runtime.device)
@@ -162,7 +162,7 @@ class Session:
     def release(self, name: str) -> None:
         """Free model `name` (and UNets tuned from it) once no more work needs it."""
         source = self._sources.get(name)
-        if source is not None and self._components.pop(source.folder, None) is not None:
+        if source is not None and self._components.pop(source.revision, None) is not None:
             self._tuned.clear()
 
     def forget_tuned(self, key: str) -> None:
