@@ -1,7 +1,7 @@
-"""Controlled editing: a ControlNet residual per frame from a clip of condition maps (`tav edit --control`).
+"""Controlled editing: ControlNet or T2I-Adapter residuals per frame from condition maps (`tav edit --control`).
 
-The ControlNet is diffusers' own `ControlNetModel`, run on the folded frames exactly like the
-video UNet's 2D layers: frame i of the edit gets the residuals of condition frame i. Condition
+The ControlNet is diffusers' own `ControlNetModel` (or `T2IAdapter`), run on the folded frames exactly
+like the video UNet's 2D layers: frame i of the edit gets the residuals of condition frame i. Condition
 frames are sampled like the source frames (same `--frames/--stride/--start`, size and resize).
 For `canny` the maps can be computed from the source clip itself (OpenCV).
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import ControlNetModel
+from diffusers import ControlNetModel, T2IAdapter
 
 from tavcli.errors import TavError
 
@@ -44,8 +44,8 @@ class ControlSpec:
             raise TavError(f"--control-scale {self.scale} is out of range", "0 (off) to about 2; 1 is the usual")
 
 
-def load_controlnet(name: str, device: torch.device, dtype: torch.dtype) -> tuple[ControlNetModel, str]:
-    """A ControlNet from a local folder or the hub (safetensors only), and its identity for cache keys."""
+def load_controlnet(name: str, device: torch.device, dtype: torch.dtype) -> tuple[ControlNetModel | T2IAdapter, str]:
+    """A ControlNet or T2I-Adapter from a local folder or the hub (safetensors only), and its identity."""
     from tavcli.models import _quiet_libraries, content_sha256
 
     _quiet_libraries()
@@ -58,7 +58,10 @@ def load_controlnet(name: str, device: torch.device, dtype: torch.dtype) -> tupl
     else:
         identity = name
     try:
-        model = ControlNetModel.from_pretrained(str(path) if path.is_dir() else name, use_safetensors=True)
+        kind = ControlNetModel
+        if path.is_dir() and '"T2IAdapter"' in (path / "config.json").read_text():
+            kind = T2IAdapter
+        model = kind.from_pretrained(str(path) if path.is_dir() else name, use_safetensors=True)
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise TavError(f"cannot load the ControlNet {name!r}: {first}", "give a local ControlNet folder") from None
@@ -78,18 +81,25 @@ def canny_maps(frames: np.ndarray, low: int = 100, high: int = 200) -> np.ndarra
 
 
 class ControlGuide:
-    """Computes the ControlNet residuals for a video UNet call on (b, c, f, h, w) latents."""
+    """Computes the ControlNet (or T2I-Adapter) residuals for a video UNet call on (b, c, f, h, w) latents."""
 
-    def __init__(self, controlnet: ControlNetModel, maps: np.ndarray, scale: float) -> None:
+    def __init__(self, controlnet: ControlNetModel | T2IAdapter, maps: np.ndarray, scale: float) -> None:
         self.controlnet = controlnet
         # (f, 3, H, W) in [0, 1]: the ControlNet's conditioning input.
         self.condition = torch.from_numpy(maps).permute(0, 3, 1, 2).to(controlnet.device, controlnet.dtype) / 255
         self.scale = scale
+        self.adapter_features: list[torch.Tensor] | None = None
+        if isinstance(controlnet, T2IAdapter):  # an adapter sees only the maps: its features are computed once
+            with torch.no_grad():
+                self.adapter_features = [feature * scale for feature in controlnet(self.condition)]
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> dict[str, Any]:
         clips, channels, frames, height, width = sample.shape
         if frames != len(self.condition):
             raise TavError(f"the control clip gives {len(self.condition)} maps for {frames} frames")
+        if self.adapter_features is not None:  # the UNet consumes this list: a new one per call
+            features = [feature.repeat(clips, 1, 1, 1).to(sample.dtype) for feature in self.adapter_features]
+            return {"down_intrablock_additional_residuals": features}
         folded = sample.transpose(1, 2).reshape(clips * frames, channels, height, width)
         down, mid = self.controlnet(
             folded.to(self.controlnet.dtype),

@@ -91,3 +91,26 @@ def test_control_mistakes_are_one_line(tiny_controlnet: Path, tmp_path: Path, ru
         code, _, err = run_tav(*edit, "--control", "canny", "--control-model", tiny_controlnet)
         assert code == 1 and "pip install opencv-python-headless" in err
     shutil.rmtree(project)
+
+
+@pytest.mark.slow
+def test_t2i_adapter_conditions_the_edit(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    from diffusers import T2IAdapter
+
+    torch.manual_seed(0)
+    adapter = T2IAdapter(in_channels=3, channels=[32, 64, 64, 64], num_res_blocks=1, downscale_factor=8)
+    adapter.save_pretrained(tmp_path / "adapter")
+    project = tmp_path / "a.tav"
+    assert run_tav("tune", CLIP, "a man is skiing", *SMALL, "-p", project)[0] == 0
+    edit = ["edit", "a dog is skiing", "-p", project, "--steps", "2"]
+    plain = json.loads(run_tav(*edit)[1])
+    maps = _maps(tmp_path / "sketch.mp4", 12, [255, 128])
+    code, out, err = run_tav(
+        *edit, "--control", "scribble", "--control-model", tmp_path / "adapter", "--control-video", maps
+    )
+    assert code == 0, err
+    adapted = json.loads(out)
+    assert adapted["key"] != plain["key"]
+    a = load_file(project / "edits" / plain["key"] / "tensors.safetensors")["latents"]
+    b = load_file(project / "edits" / adapted["key"] / "tensors.safetensors")["latents"]
+    assert not torch.allclose(a, b)
