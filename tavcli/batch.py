@@ -82,6 +82,26 @@ def _output_path(value: Any, base: Path) -> Path:
     return path
 
 
+def _model_name(value: Any, base: Path) -> str:
+    """A hub id, `tiny`, or a local folder (relative to the batch file)."""
+    text = _text(value, base)
+    local = _path(text, base)
+    return str(local) if local.exists() else text
+
+
+def _loras(value: Any, base: Path) -> tuple[str, ...]:
+    """LoRA files as PATH or PATH:SCALE, relative to the batch file."""
+    if isinstance(value, str) or not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError('must be a list like ["style.safetensors:0.8"]')
+    resolved = []
+    for given in value:
+        path, _, scale = given.rpartition(":")
+        if not path or not scale.replace(".", "", 1).isdigit():
+            path, scale = given, "1.0"
+        resolved.append(f"{_path(path, base)}:{scale}")
+    return tuple(resolved)
+
+
 def _prompts(value: Any, base: Path) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, list):
         raise ValueError('must be a list of prompts, e.g. ["a panda is skiing"]')
@@ -98,7 +118,8 @@ def _choice(*choices: str) -> Check:
 
 
 TUNE_FIELDS: dict[str, Check] = {
-    "model": _text,
+    "model": _model_name,
+    "lora": _loras,
     "project": _output_path,
     "frames": _integer,
     "stride": _integer,
@@ -125,6 +146,10 @@ EDIT_FIELDS: dict[str, Check] = {
     "fps": _number,
     "out": _output_path,
     "batch_size": _integer,
+    "control": _text,
+    "control_model": _model_name,
+    "control_video": _path,
+    "control_scale": _number,
 }
 JOB_FIELDS = ("name", "clip", "prompt", "edits", "invert", "edit", *TUNE_FIELDS)
 
@@ -329,7 +354,13 @@ def _failure(name: str, kind: str, message: str, seconds: float) -> dict[str, An
 
 
 def _model(job: Job, context: BatchContext) -> str:
-    return str(job.tune.get("model", context.model))
+    """The job's model name, with its LoRAs (as `tav tune --lora` builds it)."""
+    name = str(job.tune.get("model", context.model))
+    if not job.tune.get("lora"):
+        return name
+    from tavcli.models import with_loras
+
+    return with_loras(name, list(job.tune["lora"]))
 
 
 def _job_artifacts(session: Any, job: Job, context: BatchContext, stage: list[str]) -> Any:
@@ -374,6 +405,7 @@ def _job_artifacts(session: Any, job: Job, context: BatchContext, stage: list[st
             invert_steps=invert_steps,
             invert_prompt=invert_prompt,
             batch_size=edit.get("batch_size", 1),
+            control=_control(edit),
         )
         yield from rendered
 
@@ -449,3 +481,16 @@ def _edit_settings(job: Job) -> Any:
     from tavcli.workflow import EditSettings
 
     return EditSettings(**{k: job.edit[k] for k in ("steps", "guidance", "negative", "seed", "eta") if k in job.edit})
+
+
+def _control(edit: dict[str, Any]) -> Any:
+    """The job's `edit.control*` fields as a ControlSpec, or None."""
+    if not any(key.startswith("control") for key in edit):
+        return None
+    from tavcli.control import ControlSpec
+
+    if "control" not in edit or "control_model" not in edit:
+        raise TavError("edit.control and edit.control_model go together")
+    return ControlSpec(
+        edit["control"], edit["control_model"], edit.get("control_video"), edit.get("control_scale", 1.0)
+    )

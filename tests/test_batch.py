@@ -199,3 +199,39 @@ def test_accelerate_launch_splits_jobs_over_two_processes(batch_dir: Path) -> No
         for entry in (batch_dir / "one.tav" / kind).iterdir():
             twin = batch_dir / "two.tav" / kind / entry.name / "tensors.safetensors"
             assert twin.read_bytes() == (entry / "tensors.safetensors").read_bytes(), f"{kind}/{entry.name}"
+
+
+@pytest.mark.slow
+def test_batch_jobs_take_loras_and_controls(batch_dir: Path, tiny_lora: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    """Every option of the commands is a job field: LoRAs for the tune, a ControlNet for the edits."""
+    from diffusers import T2IAdapter
+
+    from .test_control import _maps
+
+    torch_seed = __import__("torch").manual_seed
+    torch_seed(0)
+    T2IAdapter(in_channels=3, channels=[32, 64, 64, 64], num_res_blocks=1, downscale_factor=8).save_pretrained(
+        batch_dir / "adapter"
+    )
+    _maps(batch_dir / "maps.mp4", 12, [255])
+    job = {
+        "clip": "clip.mp4",
+        "prompt": "a man is skiing",
+        "model": "tiny",
+        "lora": [f"{tiny_lora}:0.5"],
+        "frames": 3,
+        "width": 64,
+        "height": 64,
+        "steps": 1,
+        "edits": ["a dog is skiing"],
+        "edit": {"steps": 1, "control": "scribble", "control_model": "adapter", "control_video": "maps.mp4"},
+    }
+    (batch_dir / "control.jsonl").write_text(json.dumps(job) + "\n")
+    code, out, err = run_tav("batch", batch_dir / "control.jsonl")
+    assert code == 0, err
+    edit = [r for r in _records(out) if r["kind"] == "edit"][0]
+    meta = json.loads((Path(edit["path"]).parent.parent / "edits" / edit["key"] / "meta.json").read_text())
+    assert meta["spec"]["control"]["kind"] == "scribble"
+    tune = [r for r in _records(out) if r["kind"] == "tune"][0]
+    model = json.loads((Path(tune["path"]) / "meta.json").read_text())["model"]
+    assert model["model"].endswith(f"|lora={tiny_lora}:0.5")

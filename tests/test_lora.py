@@ -6,29 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from .conftest import CLIP
 
 SMALL = ["--model", "tiny", "--frames", "2", "--width", "32", "--height", "32", "--steps", "1"]
-
-
-@pytest.fixture(scope="session")
-def tiny_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A LoRA for the tiny model's UNet, made with peft and saved the way diffusers tools save them."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    from tavcli.models import resolve_model
-
-    unet = UNet2DConditionModel.from_pretrained(resolve_model("tiny").folder / "unet")
-    torch.manual_seed(0)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_v"], init_lora_weights=False))
-    folder = tmp_path_factory.mktemp("tiny-lora")
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
-    return folder / "pytorch_lora_weights.safetensors"
 
 
 @pytest.mark.slow
