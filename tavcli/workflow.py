@@ -840,6 +840,11 @@ def edit_from_sidecar(session: Session, sidecar: Path, out_dir: Path | None, for
         fmt, fps = output["format"], float(Fraction(output["fps"]))
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise TavError(f"{sidecar} is not a tav sidecar: {error}", "give the .json written beside an output") from None
+    if edit_spec.get("control"):
+        raise TavError(
+            f"{sidecar} records a controlled edit: its condition clip is known only by its hash",
+            "run `tav edit` again with the same --control options",
+        )
     if not (project_root / "tunes" / tune_key / "meta.json").is_file():
         raise TavError(
             f"project {project_root} no longer has tune {tune_key}",

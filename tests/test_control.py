@@ -65,6 +65,8 @@ def test_control_video_conditions_the_edit_and_its_key(tiny_controlnet: Path, tm
     a = load_file(project / "edits" / plain["key"] / "tensors.safetensors")["latents"]
     b = load_file(project / "edits" / controlled["key"] / "tensors.safetensors")["latents"]
     assert not torch.allclose(a, b)
+    code, _, err = run_tav("edit", "--from-sidecar", controlled["sidecar"])
+    assert code == 1 and "records a controlled edit" in err
     code, out, _ = run_tav(
         *edit, "--control", "pose", "--control-model", tiny_controlnet, "--control-video", maps, "--control-scale", "0"
     )
