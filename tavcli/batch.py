@@ -417,45 +417,42 @@ def plan_jobs(session: Any, jobs: list[Job], context: BatchContext) -> list[dict
     rows = []
     for job in jobs:
         project_root = job.tune.get("project") or context.project_for(job.clip)
-        project = session.project(project_root)
-        source = session.source(_model(job, context))
-        options = job.tune
+        options, force = job.tune, bool(job.tune.get("force", False))
         size = workflow.frame_size(
             options.get("width", 512), options.get("height", 512), options.get("resize", "crop"), session.reporter
         )
-        latents = workflow.latents_entry(project, source, job.clip, _selection(job), size)
-        settings = _tune_settings(job)
-        spec = workflow.tune_spec(
-            latents.key, job.prompt, settings, session.runtime.precision, options.get("frame_norm", "joint")
+        plan = workflow.tune_plan(
+            session,
+            job.clip,
+            job.prompt,
+            project_root,
+            _model(job, context),
+            _selection(job),
+            size,
+            _tune_settings(job),
+            options.get("frame_norm", "joint"),
+            force,
+            memory=False,
         )
-        tune = project.entry("tunes", spec)
-        run = project.checkpoints({k: v for k, v in spec.items() if k != "steps"})
-        resume = [step for step in run.steps() if step <= settings.steps]
-        entries = [("latents", latents, {}), ("tune", tune, {"resume_from": resume[-1] if resume else None})]
+        steps = [("latents", plan["latents"]), ("tune", plan["tune"])]
         if job.edits or job.invert:
+            project = session.project(project_root)
             edit_settings = _edit_settings(job)
-            steps, prompt = job.invert.get("steps", edit_settings.steps), job.invert.get("prompt", "")
-            inversion = workflow.inversion_entry(project, tune.key, steps, prompt)
-            entries.append(("inversion", inversion, {}))
+            invert_steps, prompt = job.invert.get("steps", edit_settings.steps), job.invert.get("prompt", "")
+            inversion = workflow.inversion_entry(project, plan["tune"]["key"], invert_steps, prompt)
+            steps.append(("inversion", _planned(inversion, force)))
             for text in job.edits:
                 edit = workflow.edit_entry(project, inversion.key, text, edit_settings, session.runtime.precision)
-                entries.append(("edit", edit, {"prompt": text}))
-        force = bool(options.get("force", False))
-        for kind, entry, extra in entries:
-            cached = entry.complete and not force
-            extra = {} if cached else extra
-            rows.append(
-                {
-                    "job": job.name,
-                    "kind": kind,
-                    "key": entry.key,
-                    "path": str(entry.path),
-                    "cached": cached,
-                    "action": "reuse" if cached else "compute",
-                    **extra,
-                }
-            )
+                steps.append(("edit", {**_planned(edit, force), "prompt": text}))
+        for kind, step in steps:
+            extra = {k: v for k, v in step.items() if k in ("prompt", "resume_from") and not step["cached"]}
+            row = {"job": job.name, "kind": kind, "key": step["key"], "path": step["path"], "cached": step["cached"]}
+            rows.append({**row, "action": "reuse" if step["cached"] else "compute", **extra})
     return rows
+
+
+def _planned(entry: Any, force: bool) -> dict[str, Any]:
+    return {"key": entry.key, "path": str(entry.path), "cached": entry.complete and not force}
 
 
 def _selection(job: Job) -> Any:

@@ -274,8 +274,7 @@ def tune(
 
         plan = tune_plan(session, *inputs, tune_settings, frame_norm=frame_norm.value, force=force)
         print_record(plan)
-        begin = plan["tune"]["resume_from"] or "from step 0"
-        tune_state = "cached" if plan["tune"]["cached"] else f"to train ({begin})"
+        tune_state = "cached" if plan["tune"]["cached"] else f"to train (from step {plan['tune']['resume_from'] or 0})"
         stderr.print(f"tune {plan['tune']['key']}: {tune_state}\nmemory: {plan['memory']['summary']}")
         return
     artifacts = run_tune(session, *inputs, tune_settings, frame_norm=frame_norm.value, force=force)

@@ -8,7 +8,6 @@ For `canny` the maps can be computed from the source clip itself (OpenCV).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from diffusers import ControlNetModel, T2IAdapter
 
-from tavcli.errors import TavError
+from tavcli.errors import TavError, first_line
 
 __all__ = ["ControlGuide", "ControlSpec", "canny_maps", "load_controlnet"]
 
@@ -46,15 +45,12 @@ class ControlSpec:
 
 def load_controlnet(name: str, device: torch.device, dtype: torch.dtype) -> tuple[ControlNetModel | T2IAdapter, str]:
     """A ControlNet or T2I-Adapter from a local folder or the hub (safetensors only), and its identity."""
-    from tavcli.models import _quiet_libraries, content_sha256
+    from tavcli.models import _quiet_libraries, files_sha256
 
     _quiet_libraries()
     path = Path(name).expanduser()
     if path.is_dir():
-        digest = hashlib.sha256()
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(f"{file.relative_to(path)}:{content_sha256(file)}\n".encode())
-        identity = f"{path.resolve()}@sha256-{digest.hexdigest()[:16]}"
+        identity = f"{path.resolve()}@sha256-{files_sha256(path, (p for p in path.rglob('*') if p.is_file()))}"
     else:
         identity = name
     try:
@@ -63,8 +59,9 @@ def load_controlnet(name: str, device: torch.device, dtype: torch.dtype) -> tupl
             kind = T2IAdapter
         model = kind.from_pretrained(str(path) if path.is_dir() else name, use_safetensors=True)
     except (OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TavError(f"cannot load the ControlNet {name!r}: {first}", "give a local ControlNet folder") from None
+        raise TavError(
+            f"cannot load the ControlNet {name!r}: {first_line(error)}", "give a local ControlNet folder"
+        ) from None
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False), identity
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["Interrupted", "TavError"]
+__all__ = ["Interrupted", "TavError", "first_line"]
 
 
 class TavError(Exception):
@@ -26,3 +26,9 @@ class Interrupted(TavError):
 
     def __init__(self, message: str = "interrupted", hint: str | None = None) -> None:
         super().__init__(message, hint or "finished work is kept: run the same command again to go on")
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (library errors can be pages long), or its type."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else error.__class__.__name__

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 from tavcli.config import DEFAULT_CLIP_MODEL
-from tavcli.errors import TavError
+from tavcli.errors import TavError, first_line
 
 __all__ = ["DEFAULT_CLIP_MODEL", "ClipScorer", "Scores", "evaluate_output", "sidecar_of"]
 
@@ -50,9 +50,8 @@ class ClipScorer:
             self.processor = CLIPImageProcessor.from_pretrained(name)
             self.tokenizer = CLIPTokenizer.from_pretrained(name)
         except (OSError, ValueError) as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise TavError(
-                f"cannot load the CLIP model {name!r}: {first}",
+                f"cannot load the CLIP model {name!r}: {first_line(error)}",
                 "give a local CLIP folder with --clip-model (the hub may be unreachable)",
             ) from None
         self.name = name

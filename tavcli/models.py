@@ -8,11 +8,13 @@ Every model, `tiny` included, ends up as a local diffusers folder loaded through
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,7 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from tavcli.atomic import atomic_path, write_json
 from tavcli.config import DEFAULT_MODEL
-from tavcli.errors import TavError
+from tavcli.errors import TavError, first_line
 from tavcli.store import file_sha256
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "ModelSource",
     "cache_dir",
     "content_sha256",
+    "files_sha256",
     "encode_prompts",
     "load_components",
     "resolve_model",
@@ -112,13 +115,13 @@ def resolve_model(name: str, allow_pickle: bool = False) -> ModelSource:
         base_name, *loras = name.split(LORA_MARK)
         base = resolve_model(base_name, allow_pickle)
         fused = tuple((Path(path), float(scale)) for path, _, scale in (lora.rpartition(":") for lora in loras))
-        digest = hashlib.sha256()
+        hashes = []
         for path, scale in fused:
             if not path.exists():
                 raise TavError(f"the LoRA {path} is gone", "tune again with --lora pointing at it")
-            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-            digest.update(f"{scale}:{','.join(content_sha256(f) for f in files)}\n".encode())
-        revision = f"{base.revision}+lora-{digest.hexdigest()[:16]}"
+            files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+            hashes.append(f"{scale}:{files_sha256(path.parent if path.is_file() else path, files)}")
+        revision = f"{base.revision}+lora-{hashlib.sha256(','.join(hashes).encode()).hexdigest()[:16]}"
         return ModelSource(name=name, folder=base.folder, revision=revision, loras=fused)
     if name == TINY_MODEL:
         return _tiny_model()
@@ -138,10 +141,16 @@ def _local_model(path: Path) -> ModelSource:
     missing = [part for part in COMPONENTS if not (folder / part).is_dir()]
     if missing:
         raise TavError(f"{path} is not a diffusers Stable Diffusion folder (missing {', '.join(missing)})")
+    files = (p for part in COMPONENTS for p in (folder / part).rglob("*") if p.is_file())
+    return ModelSource(name=str(folder), folder=folder, revision=f"sha256-{files_sha256(folder, files)}")
+
+
+def files_sha256(root: Path, files: Iterable[Path]) -> str:
+    """A short hash of files' names (relative to `root`) and contents: the identity of a model folder."""
     digest = hashlib.sha256()
-    for file in sorted(p for part in COMPONENTS for p in (folder / part).rglob("*") if p.is_file()):
-        digest.update(f"{file.relative_to(folder)}:{content_sha256(file)}\n".encode())
-    return ModelSource(name=str(folder), folder=folder, revision=f"sha256-{digest.hexdigest()[:16]}")
+    for file in sorted(files):
+        digest.update(f"{file.relative_to(root)}:{content_sha256(file)}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def content_sha256(file: Path) -> str:
@@ -151,16 +160,22 @@ def content_sha256(file: Path) -> str:
     """
     stat = file.stat()
     memo_key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
-    memo_path = cache_dir() / "file-hashes.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
+    memo = _hash_memo(cache_dir() / "file-hashes.json")
     if memo_key not in memo:
         memo[memo_key] = file_sha256(file)
         with contextlib.suppress(OSError):  # a read-only cache only costs time
-            write_json(memo_path, memo)
-    return str(memo[memo_key])
+            write_json(cache_dir() / "file-hashes.json", memo)
+    return memo[memo_key]
+
+
+@functools.lru_cache(maxsize=4)
+def _hash_memo(path: Path) -> dict[str, str]:
+    """The remembered hashes, read once per process (and per cache folder)."""
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
 
 
 def _hub_model(repo_id: str, allow_pickle: bool) -> ModelSource:
@@ -251,7 +266,7 @@ def load_components(
         scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
     except (OSError, ValueError) as error:
         hint = None if allow_pickle else "if it has only pickled (.bin) weights and you trust it, pass --trust-pickle"
-        raise TavError(f"cannot load the model in {folder}: {_first_line(error)}", hint) from None
+        raise TavError(f"cannot load the model in {folder}: {first_line(error)}", hint) from None
     if not any(name.endswith("attn2") for name, _ in unet.named_modules()):
         raise TavError(
             f"the UNet in {folder / 'unet'} has no cross-attention blocks: it is not a text-to-image UNet",
@@ -286,7 +301,7 @@ def _fuse_loras(source: ModelSource, *parts: Any) -> None:
         try:
             pipe.load_lora_weights(str(path), adapter_name=f"lora{index}")
         except (OSError, ValueError, KeyError) as error:
-            raise TavError(f"cannot load the LoRA {path}: {_first_line(error)}") from None
+            raise TavError(f"cannot load the LoRA {path}: {first_line(error)}") from None
         except ImportError:
             raise TavError("LoRAs need peft", 'pip install "tavcli[lora]"') from None
         pipe.fuse_lora(lora_scale=scale, adapter_names=[f"lora{index}"])
@@ -304,11 +319,6 @@ def encode_prompts(components: Components, prompts: list[str]) -> torch.Tensor:
         return_tensors="pt",
     )
     return components.text_encoder(tokens.input_ids.to(components.text_encoder.device))[0]
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else error.__class__.__name__
 
 
 def _quiet_libraries() -> None:

@@ -200,10 +200,15 @@ class Checkpoints:
     def path(self, step: int) -> Path:
         return self.folder / f"step-{step:08d}.safetensors"
 
+    def latest_step(self, at_most: int) -> int | None:
+        """The most steps of a saved state not beyond `at_most`."""
+        usable = [step for step in self.steps() if step <= at_most]
+        return usable[-1] if usable else None
+
     def latest(self, at_most: int) -> Path | None:
         """The checkpoint with the most steps not beyond `at_most`."""
-        usable = [step for step in self.steps() if step <= at_most]
-        return self.path(usable[-1]) if usable else None
+        step = self.latest_step(at_most)
+        return None if step is None else self.path(step)
 
     def save(self, step: int, payload: bytes) -> Path:
         with atomic_path(self.path(step), needed=len(payload)) as temp:

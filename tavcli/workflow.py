@@ -328,8 +328,12 @@ def tune_plan(
     settings: TuneSettings,
     frame_norm: FrameNorm = "joint",
     force: bool = False,
+    memory: bool = True,
 ) -> dict[str, Any]:
-    """What `tune` would reuse and compute, and its estimated peak memory, without computing anything."""
+    """What `tune` would reuse and compute (and, with `memory`, its estimated peak memory), computing nothing.
+
+    `resume_from` is the step of the checkpoint training would start from (None: from scratch).
+    """
     _require_prompt(prompt)
     probe(clip)
     source = session.source(model)
@@ -337,25 +341,31 @@ def tune_plan(
     latents = latents_entry(project, source, clip, selection, size)
     spec = tune_spec(latents.key, prompt, settings, session.runtime.precision, frame_norm)
     entry = project.entry("tunes", spec)
-    resume = project.checkpoints({k: v for k, v in spec.items() if k != "steps"}).latest(settings.steps)
+    resume = project.checkpoints({k: v for k, v in spec.items() if k != "steps"}).latest_step(settings.steps)
+    plan: dict[str, Any] = {
+        "kind": "plan",
+        "latents": {"key": latents.key, "path": str(latents.path), "cached": latents.complete and not force},
+        "tune": {
+            "key": entry.key,
+            "path": str(entry.path),
+            "cached": entry.complete and not force,
+            "resume_from": None if force else resume,
+        },
+    }
+    if not memory:
+        return plan
     with torch.random.fork_rng(devices=[]):
         unet = inflate_unet(session.model(model).unet, frame_norm=frame_norm)
     precision = session.runtime.precision
-    memory = tune_memory(unet, selection.frames, size.height, size.width, settings.gradient_checkpointing, precision)
+    estimate = tune_memory(unet, selection.frames, size.height, size.width, settings.gradient_checkpointing, precision)
     return {
-        "kind": "plan",
-        "latents": {"key": latents.key, "cached": latents.complete and not force},
-        "tune": {
-            "key": entry.key,
-            "cached": entry.complete and not force,
-            "resume_from": None if force or resume is None else resume.name,
-        },
+        **plan,
         "memory": {
-            "peak_bytes": memory.total,
-            "weights_bytes": memory.weights,
-            "training_state_bytes": memory.training_state,
-            "activation_bytes": memory.activations,
-            "summary": memory.describe(),
+            "peak_bytes": estimate.total,
+            "weights_bytes": estimate.weights,
+            "training_state_bytes": estimate.training_state,
+            "activation_bytes": estimate.activations,
+            "summary": estimate.describe(),
         },
     }
 
@@ -661,16 +671,14 @@ def _control(
     if control is None:
         return None, None
     control.check()
-    clip = project.find("latents", tune_entry.spec["latents"]).meta()["clip"]
+    latents = project.find("latents", tune_entry.spec["latents"])
+    clip = latents.meta()["clip"]
     selection = FrameSelection(frames=clip["frames"], stride=clip["stride"], start=clip["start"])
     size = FrameSize(clip["width"], clip["height"], clip["resize"])
     if control.video is not None:
         maps, source = read_clip(control.video, selection, size).frames, file_sha256(control.video)
     else:
-        maps, source = (
-            canny_maps(_source_frames(session, tune_entry, project.find("latents", tune_entry.spec["latents"]), clip)),
-            "canny of the source clip",
-        )
+        maps, source = canny_maps(_source_frames(session, tune_entry, latents, clip)), "canny of the source clip"
     controlnet, identity = load_controlnet(control.model, session.runtime.device, session.runtime.dtype)
     spec = {"kind": control.kind, "model": identity, "maps": source, "scale": control.scale}
     return ControlGuide(controlnet, maps, control.scale), spec
