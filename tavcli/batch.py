@@ -28,6 +28,7 @@ from typing import Any
 
 from tavcli.config import closest
 from tavcli.errors import TavError
+from tavcli.modelspec import is_single_file, model_name, split_lora
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -93,13 +94,7 @@ def _loras(value: Any, base: Path) -> tuple[str, ...]:
     """LoRA files as PATH or PATH:SCALE, relative to the batch file."""
     if isinstance(value, str) or not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError('must be a list like ["style.safetensors:0.8"]')
-    resolved = []
-    for given in value:
-        path, _, scale = given.rpartition(":")
-        if not path or not scale.replace(".", "", 1).isdigit():
-            path, scale = given, "1.0"
-        resolved.append(f"{_path(path, base)}:{scale}")
-    return tuple(resolved)
+    return tuple(f"{_path(path, base)}:{scale}" for path, scale in map(split_lora, value))
 
 
 def _prompts(value: Any, base: Path) -> tuple[str, ...]:
@@ -119,6 +114,7 @@ def _choice(*choices: str) -> Check:
 
 TUNE_FIELDS: dict[str, Check] = {
     "model": _model_name,
+    "model_config": _model_name,
     "lora": _loras,
     "project": _output_path,
     "frames": _integer,
@@ -306,6 +302,7 @@ class BatchContext:
 
     model: str  # for jobs that name none
     project_for: Callable[[Path], Path]  # default project of a clip
+    model_config: str | None = None  # for jobs whose model is a single file and that name no model_config
 
 
 def run_jobs(session: Any, jobs: list[Job], context: BatchContext, keep_going: bool, emit: Emit) -> bool:
@@ -354,13 +351,10 @@ def _failure(name: str, kind: str, message: str, seconds: float) -> dict[str, An
 
 
 def _model(job: Job, context: BatchContext) -> str:
-    """The job's model name, with its LoRAs (as `tav tune --lora` builds it)."""
-    name = str(job.tune.get("model", context.model))
-    if not job.tune.get("lora"):
-        return name
-    from tavcli.models import with_loras
-
-    return with_loras(name, list(job.tune["lora"]))
+    """The job's model name, with its model config and LoRAs (as `tav tune` builds it)."""
+    base = str(job.tune.get("model", context.model))
+    config = job.tune.get("model_config") or (context.model_config if is_single_file(base) else None)
+    return model_name(base, config, list(job.tune.get("lora", ())))
 
 
 def _job_artifacts(session: Any, job: Job, context: BatchContext, stage: list[str]) -> Any:

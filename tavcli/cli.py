@@ -95,8 +95,20 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Hub id, local diffusers folder, or 'tiny' (built-in, offline) "
+        help="Hub id, local diffusers folder, single-file checkpoint (.safetensors; .ckpt with --trust-pickle), "
+        "or 'tiny' (built-in, offline) "
         "[default: $TAV_MODEL, tav.toml, config.toml, else CompVis/stable-diffusion-v1-4].",
+        rich_help_panel=MODEL,
+        show_default=False,
+    ),
+]
+ModelConfigOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model-config",
+        help="For a single-file --model: the diffusers model it was fine-tuned from (hub id or local folder; "
+        "'tiny' for tiny checkpoints), whose configs it is read with [default: $TAV_MODEL_CONFIG, tav.toml, "
+        "config.toml, else diffusers picks one by the checkpoint's architecture, online].",
         rich_help_panel=MODEL,
         show_default=False,
     ),
@@ -123,6 +135,16 @@ def _settings(project: Path | None, **flags: str | None) -> dict[str, Setting]:
     from tavcli.config import resolve_settings
 
     return resolve_settings(flags, project)
+
+
+def _model_name(settings: dict[str, Setting], loras: list[str] | None = None) -> str:
+    """The model a command tunes: --model with its --model-config and --lora options folded in."""
+    from tavcli.modelspec import is_single_file, model_name
+
+    base, config = settings["model"].value or "", settings["model_config"]
+    # A model_config from the environment or a settings file only concerns single-file models.
+    applies = config.source == "flag" or is_single_file(base)
+    return model_name(base, config.value if applies else None, loras or [])
 
 
 def _session(settings: dict[str, Setting], allow_pickle: bool, compile_unet: bool = False) -> Session:
@@ -184,6 +206,7 @@ def tune(
         ),
     ] = None,
     model: ModelOpt = None,
+    model_config: ModelConfigOpt = None,
     lora: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -252,7 +275,9 @@ def tune(
     from tavcli.workflow import tune as run_tune
 
     project_dir = _project_for_clip(project, _settings(None))(video)
-    settings = _settings(project_dir, model=model, device=device, precision=_precision(precision))
+    settings = _settings(
+        project_dir, model=model, model_config=model_config, device=device, precision=_precision(precision)
+    )
     session = _session(settings, allow_pickle, compile_unet)
     size = frame_size(width, height, resize.value, session.reporter)
     tune_settings = TuneSettings(
@@ -262,12 +287,7 @@ def tune(
         gradient_checkpointing=gradient_checkpointing,
         checkpoint_every=checkpoint_every,
     )
-    base = settings["model"].value or ""
-    if lora:
-        from tavcli.models import with_loras
-
-        base = with_loras(base, lora)
-    inputs = (video, prompt, project_dir, base, FrameSelection(frames, stride, start), size)
+    inputs = (video, prompt, project_dir, _model_name(settings, lora), FrameSelection(frames, stride, start), size)
     if dry_run:
         from tavcli.ui import print_record, stderr
         from tavcli.workflow import tune_plan
@@ -495,6 +515,7 @@ def batch(
         bool, typer.Option("--dry-run", help="Print what is cached and what would run; compute nothing.")
     ] = False,
     model: ModelOpt = None,
+    model_config: ModelConfigOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
@@ -527,11 +548,15 @@ def batch(
             f"{len(problems)} of {len(jobs) + len(problems)} jobs are invalid; nothing was run",
             "fix them, or pass --keep-going to run the valid ones",
         )
-    settings = _settings(None, model=model, device=device, precision=_precision(precision))
+    settings = _settings(None, model=model, model_config=model_config, device=device, precision=_precision(precision))
     process, processes, chosen_device = _process_slot(settings["device"].value or "auto")
     settings["device"] = Setting(chosen_device, settings["device"].source)
     session = _session(settings, allow_pickle)
-    context = BatchContext(model=settings["model"].value or "", project_for=_project_for_clip(None, settings))
+    context = BatchContext(
+        model=settings["model"].value or "",
+        model_config=settings["model_config"].value,
+        project_for=_project_for_clip(None, settings),
+    )
     mine = assign(jobs, process, processes)
     if processes > 1:
         stderr.print(
@@ -592,6 +617,7 @@ def import_reference(
         typer.Option("--project", "-p", help="Project directory [default: as for tav tune].", show_default=False),
     ] = None,
     model: ModelOpt = None,
+    model_config: ModelConfigOpt = None,
     frames: Annotated[
         Optional[int], typer.Option(help="[default: n_sample_frames, else 24]", show_default=False)
     ] = None,
@@ -627,7 +653,9 @@ def import_reference(
     if clip_path is None or not text:
         raise TavError("which clip and prompt was it tuned on? config.yaml does not say", "pass --clip and --prompt")
     project_dir = _project_for_clip(project, _settings(None))(clip_path)
-    settings = _settings(project_dir, model=model or recorded.get("base_model"), device=device)
+    settings = _settings(
+        project_dir, model=model or recorded.get("base_model"), model_config=model_config, device=device
+    )
     session = _session(settings, allow_pickle)
     selection = FrameSelection(
         frames=frames or recorded.get("frames") or 24,
@@ -643,7 +671,7 @@ def import_reference(
         seed=recorded.get("seed") or 33,
     )
     artifacts = import_tune(
-        session, folder, clip_path, text, project_dir, settings["model"].value or "", selection, size, tune_settings
+        session, folder, clip_path, text, project_dir, _model_name(settings), selection, size, tune_settings
     )
     _report(artifacts)
 

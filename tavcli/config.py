@@ -38,10 +38,21 @@ __all__ = [
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"  # what the paper and LOVEU-TGVE score with
-DEFAULTS: dict[str, str | None] = {"model": DEFAULT_MODEL, "device": "auto", "precision": "auto", "project_root": None}
-ENVIRONMENT = {"model": "TAV_MODEL", "device": "TAV_DEVICE", "precision": "TAV_PRECISION"}
+DEFAULTS: dict[str, str | None] = {
+    "model": DEFAULT_MODEL,
+    "model_config": None,  # configs for a single-file --model (diffusers infers them online)
+    "device": "auto",
+    "precision": "auto",
+    "project_root": None,
+}
+ENVIRONMENT = {
+    "model": "TAV_MODEL",
+    "model_config": "TAV_MODEL_CONFIG",
+    "device": "TAV_DEVICE",
+    "precision": "TAV_PRECISION",
+}
 PROJECT_ENV = "TAV_PROJECT"  # the project directory itself, like --project
-PROJECT_KEYS = ("model", "device", "precision")  # project_root makes no sense inside a project
+PROJECT_KEYS = ("model", "model_config", "device", "precision")  # project_root makes no sense inside a project
 PROJECT_FILE = "tav.toml"
 CHOICES = {"precision": ("auto", "fp32", "fp16", "bf16")}
 
@@ -80,7 +91,7 @@ def read_toml(path: Path, allowed: tuple[str, ...]) -> dict[str, str]:
 
 
 def resolve_settings(flags: dict[str, str | None], project: Path | None) -> dict[str, Setting]:
-    """The effective model, device, precision and project root, each with its source."""
+    """The effective model (and its configs), device, precision and project root, each with its source."""
     user_path = user_config_path()
     user = read_toml(user_path, tuple(DEFAULTS))
     project_path = project / PROJECT_FILE if project is not None else None

@@ -1,8 +1,10 @@
-"""Finding and loading Stable Diffusion models: a hub id, a local diffusers folder, or the built-in `tiny`.
+"""Finding and loading Stable Diffusion models: a hub id, a local diffusers folder, a single-file
+checkpoint, or the built-in `tiny`.
 
-Every model, `tiny` included, ends up as a local diffusers folder loaded through the same code:
-`tiny` is built once from the configs in `tavcli/tiny/` with seeded random weights, saved with
-`save_pretrained` into the user cache, and read back like any other folder.
+Every model ends up as a local diffusers folder loaded through the same code: `tiny` is built once
+from the configs in `tavcli/tiny/` with seeded random weights, and a single-file checkpoint is
+converted once by diffusers' single-file loading; both are saved with `save_pretrained` into the
+user cache and read back like any other folder.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -23,11 +25,13 @@ from typing import Any
 import platformdirs
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from filelock import FileLock
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from tavcli.atomic import atomic_path, write_json
 from tavcli.config import DEFAULT_MODEL
 from tavcli.errors import TavError, first_line
+from tavcli.modelspec import is_single_file, model_name, parse_model_name
 from tavcli.store import file_sha256
 
 __all__ = [
@@ -42,7 +46,6 @@ __all__ = [
     "load_components",
     "resolve_model",
     "weight_files",
-    "with_loras",
 ]
 
 TINY_MODEL = "tiny"
@@ -83,57 +86,37 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TAV_CACHE_DIR") or platformdirs.user_cache_path("tavcli"))
 
 
-LORA_MARK = "|lora="
+def resolve_model(name: str, allow_pickle: bool = False, note: Callable[[str], None] | None = None) -> ModelSource:
+    """Turn a model name (see `tavcli.modelspec`) into a local diffusers folder.
 
-
-def with_loras(model: str, loras: list[str]) -> str:
-    """The model name that carries `--lora PATH[:SCALE]` options (stored in tunes, so edits load the same)."""
-    parts = [model]
-    for given in loras:
-        path, _, scale = given.rpartition(":") if _is_number(given.rpartition(":")[2]) else (given, "", "1.0")
-        file = Path(path).expanduser()
-        if not file.exists():
-            raise TavError(f"no LoRA at {file}", "--lora takes a .safetensors file or folder, optionally :SCALE")
-        parts.append(f"{file.resolve()}:{float(scale)}")
-    return LORA_MARK.join(parts)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def resolve_model(name: str, allow_pickle: bool = False) -> ModelSource:
-    """Turn `--model` into a local folder: build `tiny`, check a folder, or fetch from the hub.
-
-    LoRAs named in `name` (see `with_loras`) become part of the model's identity.
+    Builds `tiny`, checks a folder, converts a single-file checkpoint once, or fetches from the
+    hub. LoRAs named in `name` become part of the model's identity; `note` hears about slow steps.
     """
-    if LORA_MARK in name:
-        base_name, *loras = name.split(LORA_MARK)
-        base = resolve_model(base_name, allow_pickle)
-        fused = tuple((Path(path), float(scale)) for path, _, scale in (lora.rpartition(":") for lora in loras))
+    spec = parse_model_name(name)
+    if spec.loras:
+        base = resolve_model(model_name(spec.base, spec.config), allow_pickle, note)
         hashes = []
-        for path, scale in fused:
+        for path, scale in spec.loras:
             if not path.exists():
                 raise TavError(f"the LoRA {path} is gone", "tune again with --lora pointing at it")
             files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
             hashes.append(f"{scale}:{files_sha256(path.parent if path.is_file() else path, files)}")
         revision = f"{base.revision}+lora-{hashlib.sha256(','.join(hashes).encode()).hexdigest()[:16]}"
-        return ModelSource(name=name, folder=base.folder, revision=revision, loras=fused)
-    if name == TINY_MODEL:
+        name = model_name(base.name, loras=[f"{path}:{scale}" for path, scale in spec.loras])
+        return ModelSource(name=name, folder=base.folder, revision=revision, loras=spec.loras)
+    if spec.base == TINY_MODEL:
         return _tiny_model()
-    path = Path(name).expanduser()
+    path = Path(spec.base).expanduser()
+    if is_single_file(spec.base):
+        return _single_file_model(path, spec.config, allow_pickle, note or (lambda _: None))
     if path.exists():
         return _local_model(path)
-    if not HUB_ID.match(name):
+    if not HUB_ID.match(spec.base):
         raise TavError(
-            f"unknown model {name!r}: not a local folder nor a hub id like 'org/name'",
-            f"e.g. {DEFAULT_MODEL}, a local diffusers folder, or --model tiny (built-in, offline)",
+            f"unknown model {spec.base!r}: not a local folder or checkpoint file, nor a hub id like 'org/name'",
+            f"e.g. {DEFAULT_MODEL}, a local diffusers folder, a .safetensors file, or --model tiny (built-in, offline)",
         )
-    return _hub_model(name, allow_pickle)
+    return _hub_model(spec.base, allow_pickle)
 
 
 def _local_model(path: Path) -> ModelSource:
@@ -143,6 +126,88 @@ def _local_model(path: Path) -> ModelSource:
         raise TavError(f"{path} is not a diffusers Stable Diffusion folder (missing {', '.join(missing)})")
     files = (p for part in COMPONENTS for p in (folder / part).rglob("*") if p.is_file())
     return ModelSource(name=str(folder), folder=folder, revision=f"sha256-{files_sha256(folder, files)}")
+
+
+def _single_file_model(file: Path, config: str | None, allow_pickle: bool, note: Callable[[str], None]) -> ModelSource:
+    """A single-file (original-format) checkpoint, converted once into a diffusers folder in the cache."""
+    file = file.resolve()
+    if file.suffix.lower() != ".safetensors" and not allow_pickle:
+        raise TavError(
+            f"{file.name} is a pickled checkpoint, and loading a pickle can run code",
+            "use a .safetensors version of it, or pass --trust-pickle if you trust where it came from",
+        )
+    configs, config_identity = _model_configs(config)
+    revision = f"file-{content_sha256(file)[:16]}"
+    if config_identity:
+        revision += f"-config-{hashlib.sha256(config_identity.encode()).hexdigest()[:8]}"
+    folder = cache_dir() / "models" / revision
+    if not (folder / "model_index.json").exists():
+        # One process converts; the others wait and then read the finished folder.
+        with FileLock(cache_dir() / "models" / f".{revision}.lock"):
+            if not (folder / "model_index.json").exists():
+                note(f"converting {file.name} into a diffusers model in {folder} (once)")
+                with atomic_path(folder) as temp:
+                    _convert_single_file(file, configs, temp)
+    return ModelSource(name=model_name(str(file), config), folder=folder, revision=revision)
+
+
+def _model_configs(config: str | None) -> tuple[str | None, str]:
+    """What diffusers reads a checkpoint's configs from, and what identifies those configs."""
+    if config is None:
+        return None, ""  # diffusers picks the hub repo that matches the checkpoint's architecture
+    if config == TINY_MODEL:
+        tiny = _tiny_model()
+        return str(tiny.folder), tiny.revision
+    path = Path(config).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise TavError(f"--model-config {config}: no model_index.json there", "give a diffusers model folder")
+        files = [f for f in path.rglob("*") if f.is_file() and f.suffix in (".json", ".txt")]
+        return str(path.resolve()), f"sha256-{files_sha256(path, files)}"
+    if not HUB_ID.match(config):
+        raise TavError(f"--model-config {config!r} is neither a local diffusers folder nor a hub id")
+    return config, config
+
+
+def _convert_single_file(file: Path, configs: str | None, folder: Path) -> None:
+    """Convert with diffusers' single-file loading and save as a diffusers folder.
+
+    Each part is saved in half precision when that loses nothing (the checkpoint stored it so),
+    so a 2 GB fp16 checkpoint does not become 4 GB of float32 in the cache.
+    """
+    _quiet_libraries()
+    from diffusers import StableDiffusionPipeline
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(file), config=configs, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    except LocalEntryNotFoundError:
+        raise TavError(
+            f"cannot convert {file.name}: diffusers needs the configs of the model it was made from, "
+            "and the hub is unreachable",
+            "pass --model-config with a local diffusers folder of that base model (e.g. Stable Diffusion 1.5), "
+            "or 'tiny' for a checkpoint of the built-in tiny model",
+        ) from None
+    except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as error:
+        raise TavError(
+            f"cannot read {file.name} as a Stable Diffusion 1.x/2.x checkpoint: {first_line(error)}",
+            "tav takes SD 1.x/2.x checkpoints; check that --model-config names the model it was fine-tuned from",
+        ) from None
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.to(_lossless_dtype(module))
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def _lossless_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The narrowest float type that holds every one of `module`'s values exactly."""
+    values = [t for t in module.state_dict().values() if t.is_floating_point()]
+    for dtype in (torch.float16, torch.bfloat16):
+        if all(torch.equal(t, t.to(dtype).to(t.dtype)) for t in values):
+            return dtype
+    return torch.float32
 
 
 def files_sha256(root: Path, files: Iterable[Path]) -> str:
@@ -245,7 +310,7 @@ def _build_tiny_model(configs: Any, folder: Path) -> None:
     for file in (configs / "tokenizer").iterdir():
         shutil.copyfile(str(file), folder / "tokenizer" / file.name)
     # Written last: its presence marks a complete model.
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "tavcli": "tiny"}))
+    shutil.copyfile(str(configs / "model_index.json"), folder / "model_index.json")
 
 
 def load_components(

@@ -134,7 +134,7 @@ class Session:
     def source(self, name: str) -> ModelSource:
         """Where model `name` is (downloading it if needed), without loading it."""
         if name not in self._sources:
-            self._sources[name] = resolve_model(name, self.allow_pickle)
+            self._sources[name] = resolve_model(name, self.allow_pickle, self.reporter.note)
         return self._sources[name]
 
     def model(self, name: str) -> Components:
