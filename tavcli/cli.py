@@ -95,6 +95,7 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
+        metavar="MODEL",
         help="Hub id, local diffusers folder, single-file checkpoint (.safetensors; .ckpt with --trust-pickle), "
         "or 'tiny' (built-in, offline) "
         "[default: $TAV_MODEL, tav.toml, config.toml, else CompVis/stable-diffusion-v1-4].",
@@ -106,6 +107,7 @@ ModelConfigOpt = Annotated[
     Optional[str],
     typer.Option(
         "--model-config",
+        metavar="MODEL",
         help="For a single-file --model: the diffusers model it was fine-tuned from (hub id or local folder; "
         "'tiny' for tiny checkpoints), whose configs it is read with [default: $TAV_MODEL_CONFIG, tav.toml, "
         "config.toml, else diffusers picks one by the checkpoint's architecture, online].",
@@ -211,6 +213,7 @@ def tune(
         Optional[list[str]],
         typer.Option(
             help="Fuse a LoRA (.safetensors file or folder) into the base model first: PATH or PATH:SCALE; repeatable.",
+            metavar="PATH[:SCALE]",
             rich_help_panel=MODEL,
             show_default=False,
         ),
