@@ -304,8 +304,7 @@ def _edit(args: Any, runtime: Any, source: Any) -> dict:
     project = args.workdir / f"edit-{args.config}-{os.getpid()}.tav"
     session = workflow.Session(runtime)
     with resources.as_file(resources.files("tavcli") / "data" / "man-skiing.mp4") as clip:
-        workflow.tune(
-            session,
+        request = workflow.TuneRequest(
             clip,
             "a man is skiing",
             project,
@@ -314,6 +313,7 @@ def _edit(args: Any, runtime: Any, source: Any) -> dict:
             FrameSize(args.size, args.size),
             TuneSettings(steps=1, checkpoint_every=0),
         )
+        workflow.tune(session, request)
     settings = workflow.EditSettings(steps=args.edit_steps)
     workflow.edit(session, project, ["warm-up"], settings)  # inverts, builds the tuned UNet
     singles = []

@@ -357,26 +357,33 @@ def _model(job: Job, context: BatchContext) -> str:
     return model_name(base, config, list(job.tune.get("lora", ())))
 
 
+def _tune_request(session: Any, job: Job, context: BatchContext) -> Any:
+    """The job's tune as `tav tune` would make it from the same options."""
+    from tavcli import workflow
+
+    options = job.tune
+    size = workflow.frame_size(
+        options.get("width", 512), options.get("height", 512), options.get("resize", "crop"), session.reporter
+    )
+    return workflow.TuneRequest(
+        job.clip,
+        job.prompt,
+        options.get("project") or context.project_for(job.clip),
+        _model(job, context),
+        _selection(job),
+        size,
+        _tune_settings(job),
+        options.get("frame_norm", "joint"),
+    )
+
+
 def _job_artifacts(session: Any, job: Job, context: BatchContext, stage: list[str]) -> Any:
     """The job's artifacts as its tune, inversion and edits finish; `stage[0]` names the step under way."""
     from tavcli import workflow
 
-    options, project = job.tune, job.tune.get("project") or context.project_for(job.clip)
-    force = bool(options.get("force", False))
-    tuned = workflow.tune(
-        session,
-        job.clip,
-        job.prompt,
-        project,
-        _model(job, context),
-        _selection(job),
-        workflow.frame_size(
-            options.get("width", 512), options.get("height", 512), options.get("resize", "crop"), session.reporter
-        ),
-        _tune_settings(job),
-        frame_norm=options.get("frame_norm", "joint"),
-        force=force,
-    )
+    request = _tune_request(session, job, context)
+    project, force = request.project, bool(job.tune.get("force", False))
+    tuned = workflow.tune(session, request, force)
     yield from tuned
     if not job.edits and not job.invert:
         return
@@ -410,27 +417,11 @@ def plan_jobs(session: Any, jobs: list[Job], context: BatchContext) -> list[dict
 
     rows = []
     for job in jobs:
-        project_root = job.tune.get("project") or context.project_for(job.clip)
-        options, force = job.tune, bool(job.tune.get("force", False))
-        size = workflow.frame_size(
-            options.get("width", 512), options.get("height", 512), options.get("resize", "crop"), session.reporter
-        )
-        plan = workflow.tune_plan(
-            session,
-            job.clip,
-            job.prompt,
-            project_root,
-            _model(job, context),
-            _selection(job),
-            size,
-            _tune_settings(job),
-            options.get("frame_norm", "joint"),
-            force,
-            memory=False,
-        )
+        request, force = _tune_request(session, job, context), bool(job.tune.get("force", False))
+        plan = workflow.tune_plan(session, request, force, memory=False)
         steps = [("latents", plan["latents"]), ("tune", plan["tune"])]
         if job.edits or job.invert:
-            project = session.project(project_root)
+            project = session.project(request.project)
             edit_settings = _edit_settings(job)
             invert_steps, prompt = job.invert.get("steps", edit_settings.steps), job.invert.get("prompt", "")
             inversion = workflow.inversion_entry(project, plan["tune"]["key"], invert_steps, prompt)

@@ -274,7 +274,7 @@ def tune(
     """
     from tavcli.tune import TuneSettings
     from tavcli.video import FrameSelection
-    from tavcli.workflow import frame_size
+    from tavcli.workflow import TuneRequest, frame_size
     from tavcli.workflow import tune as run_tune
 
     project_dir = _project_for_clip(project, _settings(None))(video)
@@ -290,17 +290,26 @@ def tune(
         gradient_checkpointing=gradient_checkpointing,
         checkpoint_every=checkpoint_every,
     )
-    inputs = (video, prompt, project_dir, _model_name(settings, lora), FrameSelection(frames, stride, start), size)
+    request = TuneRequest(
+        video,
+        prompt,
+        project_dir,
+        _model_name(settings, lora),
+        FrameSelection(frames, stride, start),
+        size,
+        tune_settings,
+        frame_norm.value,
+    )
     if dry_run:
         from tavcli.ui import print_record, stderr
         from tavcli.workflow import tune_plan
 
-        plan = tune_plan(session, *inputs, tune_settings, frame_norm=frame_norm.value, force=force)
+        plan = tune_plan(session, request, force=force)
         print_record(plan)
         tune_state = "cached" if plan["tune"]["cached"] else f"to train (from step {plan['tune']['resume_from'] or 0})"
         stderr.print(f"tune {plan['tune']['key']}: {tune_state}\nmemory: {plan['memory']['summary']}")
         return
-    artifacts = run_tune(session, *inputs, tune_settings, frame_norm=frame_norm.value, force=force)
+    artifacts = run_tune(session, request, force=force)
     _report(artifacts)
     tuned = artifacts[-1].details
     ratio = tuned["base_unet_bytes"] / tuned["delta_bytes"]
@@ -485,14 +494,13 @@ def demo(
     """
     from tavcli.tune import TuneSettings
     from tavcli.video import FrameSelection, FrameSize
-    from tavcli.workflow import EditSettings
+    from tavcli.workflow import EditSettings, TuneRequest
     from tavcli.workflow import edit as run_edit
     from tavcli.workflow import tune as run_tune
 
     session = _session(_settings(None, model="tiny"), allow_pickle=False)
     with resources.as_file(resources.files("tavcli") / "data" / "man-skiing.mp4") as clip:
-        artifacts = run_tune(
-            session,
+        request = TuneRequest(
             clip,
             "a man is skiing",
             project,
@@ -501,6 +509,7 @@ def demo(
             FrameSize(width=128, height=128),
             TuneSettings(steps=steps),
         )
+        artifacts = run_tune(session, request)
     prompts = ["a panda is skiing", "a man is skiing at sunset"]
     artifacts += run_edit(session, project, prompts, EditSettings(steps=20))
     _report(artifacts)
@@ -646,7 +655,7 @@ def import_reference(
     from tavcli.importing import read_reference
     from tavcli.tune import TuneSettings
     from tavcli.video import FrameSelection
-    from tavcli.workflow import frame_size, import_tune
+    from tavcli.workflow import TuneRequest, frame_size, import_tune
 
     recorded = read_reference(folder, allow_pickle).settings
     clip_path = clip or (folder / recorded["clip"] if recorded.get("clip") else None)
@@ -673,9 +682,8 @@ def import_reference(
         learning_rate=recorded.get("learning_rate") or 3e-5,
         seed=recorded.get("seed") or 33,
     )
-    artifacts = import_tune(
-        session, folder, clip_path, text, project_dir, _model_name(settings), selection, size, tune_settings
-    )
+    request = TuneRequest(clip_path, text, project_dir, _model_name(settings), selection, size, tune_settings)
+    artifacts = import_tune(session, folder, request)
     _report(artifacts)
 
 

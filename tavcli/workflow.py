@@ -59,6 +59,7 @@ __all__ = [
     "Artifact",
     "EditSettings",
     "Session",
+    "TuneRequest",
     "default_project",
     "edit",
     "edit_entry",
@@ -90,6 +91,20 @@ class EditSettings:
     negative: str = ""
     seed: int = 33  # only draws noise when eta > 0
     eta: float = 0.0
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    """What to tune: a clip and its description, in which project, on which model, and how."""
+
+    clip: Path
+    prompt: str
+    project: Path
+    model: str  # a model name as `tavcli.modelspec.model_name` builds it
+    selection: FrameSelection = field(default_factory=FrameSelection)
+    size: FrameSize = field(default_factory=FrameSize)
+    settings: TuneSettings = field(default_factory=TuneSettings)
+    frame_norm: FrameNorm = "joint"
 
 
 @dataclass
@@ -262,31 +277,23 @@ def edit_entry(
     return project.entry("edits", spec)
 
 
-def tune(
-    session: Session,
-    clip: Path,
-    prompt: str,
-    project_root: Path,
-    model: str,
-    selection: FrameSelection,
-    size: FrameSize,
-    settings: TuneSettings,
-    frame_norm: FrameNorm = "joint",
-    force: bool = False,
-) -> list[Artifact]:
+def tune(session: Session, request: TuneRequest, force: bool = False) -> list[Artifact]:
     """Encode the clip (once) and tune the model on it; make the tune the project's current one.
 
     Training resumes from the run's latest checkpoint at or below `settings.steps`, so an
     interrupted tune goes on where it stopped and a longer tune continues a shorter one.
     """
+    prompt, settings, frame_norm = request.prompt, request.settings, request.frame_norm
     _require_prompt(prompt)
     if settings.steps < 1 or settings.learning_rate <= 0 or settings.checkpoint_every < 0:
         raise TavError("--steps must be at least 1, --lr positive and --checkpoint-every not negative")
-    probe(clip)  # a bad clip should fail before a slow model load
-    _require_folder(project_root, "--project")
-    source = session.source(model)
-    project = session.project(project_root)
-    latents, latents_artifact = _clip_latents(session, source, project, clip, selection, size, force)
+    probe(request.clip)  # a bad clip should fail before a slow model load
+    _require_folder(request.project, "--project")
+    source = session.source(request.model)
+    project = session.project(request.project)
+    latents, latents_artifact = _clip_latents(
+        session, source, project, request.clip, request.selection, request.size, force
+    )
     spec = tune_spec(latents.key, prompt, settings, session.runtime.precision, frame_norm)
     entry = project.entry("tunes", spec)
     run = {k: v for k, v in spec.items() if k != "steps"}
@@ -317,29 +324,18 @@ def tune(
     return [latents_artifact, tuned]
 
 
-def tune_plan(
-    session: Session,
-    clip: Path,
-    prompt: str,
-    project_root: Path,
-    model: str,
-    selection: FrameSelection,
-    size: FrameSize,
-    settings: TuneSettings,
-    frame_norm: FrameNorm = "joint",
-    force: bool = False,
-    memory: bool = True,
-) -> dict[str, Any]:
+def tune_plan(session: Session, request: TuneRequest, force: bool = False, memory: bool = True) -> dict[str, Any]:
     """What `tune` would reuse and compute (and, with `memory`, its estimated peak memory), computing nothing.
 
     `resume_from` is the step of the checkpoint training would start from (None: from scratch).
     """
-    _require_prompt(prompt)
-    probe(clip)
-    source = session.source(model)
-    project = session.project(project_root)
-    latents = latents_entry(project, source, clip, selection, size)
-    spec = tune_spec(latents.key, prompt, settings, session.runtime.precision, frame_norm)
+    settings, selection, size = request.settings, request.selection, request.size
+    _require_prompt(request.prompt)
+    probe(request.clip)
+    source = session.source(request.model)
+    project = session.project(request.project)
+    latents = latents_entry(project, source, request.clip, selection, size)
+    spec = tune_spec(latents.key, request.prompt, settings, session.runtime.precision, request.frame_norm)
     entry = project.entry("tunes", spec)
     resume = project.checkpoints({k: v for k, v in spec.items() if k != "steps"}).latest_step(settings.steps)
     plan: dict[str, Any] = {
@@ -355,7 +351,7 @@ def tune_plan(
     if not memory:
         return plan
     with torch.random.fork_rng(devices=[]):
-        unet = inflate_unet(session.model(model).unet, frame_norm=frame_norm)
+        unet = inflate_unet(session.model(request.model).unet, frame_norm=request.frame_norm)
     precision = session.runtime.precision
     estimate = tune_memory(unet, selection.frames, size.height, size.width, settings.gradient_checkpointing, precision)
     return {
@@ -370,33 +366,29 @@ def tune_plan(
     }
 
 
-def import_tune(
-    session: Session,
-    folder: Path,
-    clip: Path,
-    prompt: str,
-    project_root: Path,
-    model: str,
-    selection: FrameSelection,
-    size: FrameSize,
-    settings: TuneSettings,
-) -> list[Artifact]:
-    """Store the tuned tensors of a reference Tune-A-Video output folder as a tune of `clip`."""
+def import_tune(session: Session, folder: Path, request: TuneRequest) -> list[Artifact]:
+    """Store the tuned tensors of a reference Tune-A-Video output folder as a tune of `request.clip`."""
     from tavcli.importing import extract_delta, read_reference
 
+    prompt = request.prompt
     _require_prompt(prompt)
-    probe(clip)
-    _require_folder(project_root, "--project")
+    probe(request.clip)
+    _require_folder(request.project, "--project")
     run = read_reference(folder, session.allow_pickle)
-    source = session.source(model)
-    project = session.project(project_root)
-    latents, latents_artifact = _clip_latents(session, source, project, clip, selection, size, force=False)
-    spec = {**tune_spec(latents.key, prompt, settings, "fp32", "joint"), "imported": file_sha256(run.weights_file)}
+    source = session.source(request.model)
+    project = session.project(request.project)
+    latents, latents_artifact = _clip_latents(
+        session, source, project, request.clip, request.selection, request.size, force=False
+    )
+    spec = {
+        **tune_spec(latents.key, prompt, request.settings, "fp32", "joint"),
+        "imported": file_sha256(run.weights_file),
+    }
     entry = project.entry("tunes", spec)
     started = time.perf_counter()
 
     def compute() -> None:
-        unet = inflate_unet(session.model(model).unet)
+        unet = inflate_unet(session.model(request.model).unet)
         delta = extract_delta(run.weights, unet)
         facts = {"model": source.identity, "clip": latents.meta()["clip"], "imported_from": str(folder.resolve())}
         entry.save(delta, {**facts, "losses": [], "tav_version": __version__})
