@@ -18,7 +18,7 @@ from diffusers import ControlNetModel, T2IAdapter
 
 from tavcli.errors import TavError, first_line
 
-__all__ = ["ControlGuide", "ControlSpec", "canny_maps", "load_controlnet"]
+__all__ = ["ControlGuide", "ControlSpec", "canny_maps", "controlnet_identity", "load_controlnet"]
 
 CONTROL_KINDS = ("canny", "depth", "pose", "seg", "scribble", "normal", "lineart", "softedge")
 
@@ -43,16 +43,22 @@ class ControlSpec:
             raise TavError(f"--control-scale {self.scale} is out of range", "0 (off) to about 2; 1 is the usual")
 
 
-def load_controlnet(name: str, device: torch.device, dtype: torch.dtype) -> tuple[ControlNetModel | T2IAdapter, str]:
-    """A ControlNet or T2I-Adapter from a local folder or the hub (safetensors only), and its identity."""
-    from tavcli.models import _quiet_libraries, files_sha256
+def controlnet_identity(name: str) -> str:
+    """What identifies a ControlNet in edit keys: a local folder's path and content hash, else the hub id."""
+    from tavcli.models import files_sha256
+
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return name
+    return f"{path.resolve()}@sha256-{files_sha256(path, (p for p in path.rglob('*') if p.is_file()))}"
+
+
+def load_controlnet(name: str, device: torch.device, dtype: torch.dtype) -> ControlNetModel | T2IAdapter:
+    """A ControlNet or T2I-Adapter from a local folder or the hub (safetensors only)."""
+    from tavcli.models import _quiet_libraries
 
     _quiet_libraries()
     path = Path(name).expanduser()
-    if path.is_dir():
-        identity = f"{path.resolve()}@sha256-{files_sha256(path, (p for p in path.rglob('*') if p.is_file()))}"
-    else:
-        identity = name
     try:
         kind = ControlNetModel
         if path.is_dir() and '"T2IAdapter"' in (path / "config.json").read_text():
@@ -62,7 +68,7 @@ def load_controlnet(name: str, device: torch.device, dtype: torch.dtype) -> tupl
         raise TavError(
             f"cannot load the ControlNet {name!r}: {first_line(error)}", "give a local ControlNet folder"
         ) from None
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False), identity
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def canny_maps(frames: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:

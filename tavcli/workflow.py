@@ -21,7 +21,7 @@ import torch
 
 from tavcli import __version__
 from tavcli.atomic import atomic_path
-from tavcli.control import ControlGuide, ControlSpec, canny_maps, load_controlnet
+from tavcli.control import ControlGuide, ControlSpec, canny_maps, controlnet_identity, load_controlnet
 from tavcli.errors import TavError
 from tavcli.inversion import ddim_inversion
 from tavcli.memory import MemoryEstimate, check_fits, probe_activations, tune_estimate
@@ -79,6 +79,7 @@ __all__ = [
 ]
 
 PROJECT_SUFFIX = ".tav"
+CANNY_OF_SOURCE = "canny of the source clip"  # the maps' source in an edit key when tav computes them
 MIN_SIDE, MAX_SIDE = 8, 4096  # pixels: one latent pixel; beyond any SD model's training size
 
 
@@ -603,7 +604,9 @@ def edit(
     share = (time.perf_counter() - started) / max(len(computed), 1)  # sampling time per computed prompt
     out_dir = out_dir or project.root / "renders"
     return [
-        _render(session, project, tune_entry, inversion, entries[p], out_dir, fmt, fps, p not in computed, share)
+        _render(
+            session, project, tune_entry, inversion, entries[p], out_dir, fmt, fps, p not in computed, share, control
+        )
         for p in prompts
     ]
 
@@ -668,12 +671,17 @@ def _control(
     selection = FrameSelection(frames=clip["frames"], stride=clip["stride"], start=clip["start"])
     size = FrameSize(clip["width"], clip["height"], clip["resize"])
     if control.video is not None:
-        maps, source = read_clip(control.video, selection, size).frames, file_sha256(control.video)
+        maps = read_clip(control.video, selection, size).frames
     else:
-        maps, source = canny_maps(_source_frames(session, tune_entry, latents, clip)), "canny of the source clip"
-    controlnet, identity = load_controlnet(control.model, session.runtime.device, session.runtime.dtype)
-    spec = {"kind": control.kind, "model": identity, "maps": source, "scale": control.scale}
-    return ControlGuide(controlnet, maps, control.scale), spec
+        maps = canny_maps(_source_frames(session, tune_entry, latents, clip))
+    controlnet = load_controlnet(control.model, session.runtime.device, session.runtime.dtype)
+    return ControlGuide(controlnet, maps, control.scale), control_key(control)
+
+
+def control_key(control: ControlSpec) -> dict[str, Any]:
+    """What identifies a control in an edit's key: its kind, ControlNet, condition maps' source and strength."""
+    maps = file_sha256(control.video) if control.video is not None else CANNY_OF_SOURCE
+    return {"kind": control.kind, "model": controlnet_identity(control.model), "maps": maps, "scale": control.scale}
 
 
 def _render(
@@ -687,6 +695,7 @@ def _render(
     fps: float | None,
     cached: bool,
     sampling_seconds: float,
+    control: ControlSpec | None,
 ) -> Artifact:
     """Write the edit's clip and sidecar unless both exist from an earlier run."""
     started = time.perf_counter()
@@ -701,7 +710,8 @@ def _render(
         vae = session.model(tune_entry.meta()["model"]["model"]).vae
         frames = decode_latents(vae, entry.tensors(session.runtime.device)["latents"])
         write_video(frames, output, fmt, rate)
-        _write_sidecar(sidecar, session.runtime.device, project, tune_entry, inversion, entry, fmt, rate, frames.shape)
+        outputs = (fmt, rate, frames.shape)
+        _write_sidecar(sidecar, session.runtime.device, project, tune_entry, inversion, entry, outputs, control)
     seconds = time.perf_counter() - started + (0.0 if cached else sampling_seconds)
     details = {"prompt": prompt, "sidecar": str(sidecar), "format": fmt}
     return Artifact("edit", entry.key, output, rendered, seconds, details)
@@ -747,13 +757,13 @@ def _write_sidecar(
     tune_entry: Entry,
     inversion: Entry,
     edit_entry: Entry,
-    fmt: str,
-    fps: Fraction,
-    shape: tuple[int, ...],
+    output: tuple[str, Fraction, tuple[int, ...]],
+    control: ControlSpec | None,
 ) -> None:
     """Everything needed to reproduce the output, including the commands that would."""
     from tavcli.atomic import write_json
 
+    fmt, fps, shape = output
     meta = tune_entry.meta()
     clip, tune_spec, edit_spec = meta["clip"], tune_entry.spec, edit_entry.spec
     tune_cmd = ["tav", "tune", clip["path"], tune_spec["prompt"], "--project", str(project.root.resolve())]
@@ -774,6 +784,10 @@ def _write_sidecar(
     ]
     edit_cmd += ["--eta", edit_spec["eta"], "--format", fmt, "--fps", float(fps)]
     edit_cmd += [] if edit_spec["seed"] is None else ["--seed", edit_spec["seed"]]
+    used = _control_record(control)
+    if used is not None:
+        edit_cmd += ["--control", used["kind"], "--control-model", used["model"], "--control-scale", used["scale"]]
+        edit_cmd += [] if used["video"] is None else ["--control-video", used["video"]]
     write_json(
         path,
         {
@@ -785,6 +799,7 @@ def _write_sidecar(
             "tune": {"key": tune_entry.key, **tune_spec},
             "inversion": {"key": inversion.key, **inversion.spec},
             "edit": {"key": edit_entry.key, **edit_spec},
+            **({} if used is None else {"control": used}),
             "output": {"format": fmt, "fps": str(fps), "frames": shape[0], "height": shape[1], "width": shape[2]},
             "reproduce": [shlex.join(map(str, cmd)) for cmd in (tune_cmd, invert_cmd, edit_cmd)],
         },
@@ -823,6 +838,19 @@ def _environment(device: torch.device, precision: str) -> dict[str, str]:
     }
 
 
+def _control_record(control: ControlSpec | None) -> dict[str, Any] | None:
+    """The control options as given, with local paths made absolute, so a sidecar can use them again."""
+    if control is None:
+        return None
+    model = Path(control.model).expanduser()
+    return {
+        "kind": control.kind,
+        "model": str(model.resolve()) if model.is_dir() else control.model,
+        "video": None if control.video is None else str(control.video.resolve()),
+        "scale": control.scale,
+    }
+
+
 def edit_from_sidecar(session: Session, sidecar: Path, out_dir: Path | None, force: bool) -> list[Artifact]:
     """Render an output again from its JSON sidecar: same project, tune, inversion and edit settings."""
     try:
@@ -838,13 +866,9 @@ def edit_from_sidecar(session: Session, sidecar: Path, out_dir: Path | None, for
         )
         tune_key, inversion = record["tune"]["key"], record["inversion"]
         fmt, fps = output["format"], float(Fraction(output["fps"]))
+        control = _sidecar_control(record, sidecar)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise TavError(f"{sidecar} is not a tav sidecar: {error}", "give the .json written beside an output") from None
-    if edit_spec.get("control"):
-        raise TavError(
-            f"{sidecar} records a controlled edit: its condition clip is known only by its hash",
-            "run `tav edit` again with the same --control options",
-        )
     if not (project_root / "tunes" / tune_key / "meta.json").is_file():
         raise TavError(
             f"project {project_root} no longer has tune {tune_key}",
@@ -862,7 +886,34 @@ def edit_from_sidecar(session: Session, sidecar: Path, out_dir: Path | None, for
         tune_key=tune_key,
         invert_steps=inversion["steps"],
         invert_prompt=inversion["prompt"],
+        control=control,
     )
+
+
+def _sidecar_control(record: dict[str, Any], sidecar: Path) -> ControlSpec | None:
+    """The control a sidecar's edit used, checked to be the same ControlNet and condition clip still."""
+    recorded = record["edit"].get("control")
+    if not recorded:
+        return None
+    if "control" not in record:
+        raise TavError(
+            f"{sidecar} records a controlled edit but not its condition clip (an older tav wrote it)",
+            "run `tav edit` again with the same --control options",
+        )
+    used = record["control"]
+    video = None if used["video"] is None else Path(used["video"])
+    if video is not None and not video.is_file():
+        raise TavError(f"the condition clip {video} of {sidecar} is gone", "put it back, or edit again with --control")
+    control = ControlSpec(kind=used["kind"], model=used["model"], video=video, scale=used["scale"])
+    now = control_key(control)
+    names = {"model": f"the ControlNet {used['model']}", "maps": f"the condition clip {video}"}
+    changed = [names[part] for part in names if now[part] != recorded[part]]
+    if changed:
+        raise TavError(
+            f"{' and '.join(changed)} changed since {sidecar} was written",
+            "edit again with --control to render the new one",
+        )
+    return control
 
 
 def _current_inversion(session: Session, project: Project, tune_entry: Entry, steps: int) -> Entry:

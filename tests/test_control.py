@@ -65,8 +65,16 @@ def test_control_video_conditions_the_edit_and_its_key(tiny_controlnet: Path, tm
     a = load_file(project / "edits" / plain["key"] / "tensors.safetensors")["latents"]
     b = load_file(project / "edits" / controlled["key"] / "tensors.safetensors")["latents"]
     assert not torch.allclose(a, b)
+    # The sidecar records the control: its commands and --from-sidecar render the same edit again.
+    sidecar = json.loads(Path(controlled["sidecar"]).read_text())
+    assert sidecar["control"]["video"] == str(maps.resolve()) and "--control-video" in sidecar["reproduce"][-1]
+    Path(controlled["path"]).unlink()
+    code, out, err = run_tav("edit", "--from-sidecar", controlled["sidecar"])
+    assert code == 0, err
+    assert json.loads(out)["key"] == controlled["key"] and Path(controlled["path"]).is_file()
+    _maps(maps, 12, [128])  # another condition clip at the same path: refused, not silently different
     code, _, err = run_tav("edit", "--from-sidecar", controlled["sidecar"])
-    assert code == 1 and "records a controlled edit" in err
+    assert code == 1 and "the condition clip" in err and "changed since" in err
     code, out, _ = run_tav(
         *edit, "--control", "pose", "--control-model", tiny_controlnet, "--control-video", maps, "--control-scale", "0"
     )
