@@ -28,7 +28,7 @@ from typing import Any
 
 from tavcli.config import closest
 from tavcli.errors import TavError
-from tavcli.modelspec import is_single_file, model_name, split_lora
+from tavcli.modelspec import model_name, split_lora
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -353,8 +353,7 @@ def _failure(name: str, kind: str, message: str, seconds: float) -> dict[str, An
 def _model(job: Job, context: BatchContext) -> str:
     """The job's model name, with its model config and LoRAs (as `tav tune` builds it)."""
     base = str(job.tune.get("model", context.model))
-    config = job.tune.get("model_config") or (context.model_config if is_single_file(base) else None)
-    return model_name(base, config, list(job.tune.get("lora", ())))
+    return model_name(base, job.tune.get("model_config"), list(job.tune.get("lora", ())), context.model_config)
 
 
 def _tune_request(session: Any, job: Job, context: BatchContext) -> Any:

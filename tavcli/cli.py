@@ -141,12 +141,12 @@ def _settings(project: Path | None, **flags: str | None) -> dict[str, Setting]:
 
 def _model_name(settings: dict[str, Setting], loras: list[str] | None = None) -> str:
     """The model a command tunes: --model with its --model-config and --lora options folded in."""
-    from tavcli.modelspec import is_single_file, model_name
+    from tavcli.modelspec import model_name
 
     base, config = settings["model"].value or "", settings["model_config"]
-    # A model_config from the environment or a settings file only concerns single-file models.
-    applies = config.source == "flag" or is_single_file(base)
-    return model_name(base, config.value if applies else None, loras or [])
+    if config.source == "flag":
+        return model_name(base, config.value, loras or [])
+    return model_name(base, loras=loras or [], default_config=config.value)
 
 
 def _session(settings: dict[str, Setting], allow_pickle: bool, compile_unet: bool = False) -> Session:

@@ -43,9 +43,16 @@ def split_lora(given: str) -> tuple[str, float]:
         return given, 1.0
 
 
-def model_name(base: str, config: str | None = None, loras: Sequence[str] = ()) -> str:
-    """The name that carries `--model-config` and `--lora PATH[:SCALE]` options along with `--model`."""
+def model_name(
+    base: str, config: str | None = None, loras: Sequence[str] = (), default_config: str | None = None
+) -> str:
+    """The name that carries `--model-config` and `--lora PATH[:SCALE]` options along with `--model`.
+
+    `config` was asked for (an error for a model that is no single file); `default_config` comes
+    from settings and only concerns single files.
+    """
     name = base
+    config = config or (default_config if is_single_file(base) else None)
     if config:
         if not is_single_file(base):
             raise TavError(

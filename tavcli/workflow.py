@@ -75,6 +75,7 @@ __all__ = [
     "tune",
     "tune_memory",
     "tune_plan",
+    "tune_run",
     "tune_spec",
 ]
 
@@ -246,7 +247,7 @@ def latents_entry(
 
 
 def tune_spec(latents_key: str, prompt: str, settings: TuneSettings, precision: str, frame_norm: str) -> dict[str, Any]:
-    """Everything that determines a tune; without "steps" it names the run its checkpoints belong to."""
+    """Everything that determines a tune (`tune_run` drops the steps to name its training run)."""
     return {
         "latents": latents_key,
         "prompt": prompt,
@@ -256,6 +257,11 @@ def tune_spec(latents_key: str, prompt: str, settings: TuneSettings, precision: 
         "precision": precision,
         "frame_norm": frame_norm,
     }
+
+
+def tune_run(spec: dict[str, Any]) -> dict[str, Any]:
+    """A tune's spec without its step count: what names the training run its checkpoints belong to."""
+    return {k: v for k, v in spec.items() if k != "steps"}
 
 
 def inversion_entry(project: Project, tune_key: str, steps: int, prompt: str = "") -> Entry:
@@ -297,7 +303,7 @@ def tune(session: Session, request: TuneRequest, force: bool = False) -> list[Ar
     )
     spec = tune_spec(latents.key, prompt, settings, session.runtime.precision, frame_norm)
     entry = project.entry("tunes", spec)
-    run = {k: v for k, v in spec.items() if k != "steps"}
+    run = tune_run(spec)
     checkpoints = project.checkpoints(run)
     started = time.perf_counter()
 
@@ -338,7 +344,7 @@ def tune_plan(session: Session, request: TuneRequest, force: bool = False, memor
     latents = latents_entry(project, source, request.clip, selection, size)
     spec = tune_spec(latents.key, request.prompt, settings, session.runtime.precision, request.frame_norm)
     entry = project.entry("tunes", spec)
-    resume = project.checkpoints({k: v for k, v in spec.items() if k != "steps"}).latest_step(settings.steps)
+    resume = project.checkpoints(tune_run(spec)).latest_step(settings.steps)
     plan: dict[str, Any] = {
         "kind": "plan",
         "latents": {"key": latents.key, "path": str(latents.path), "cached": latents.complete and not force},
@@ -710,8 +716,9 @@ def _render(
         vae = session.model(tune_entry.meta()["model"]["model"]).vae
         frames = decode_latents(vae, entry.tensors(session.runtime.device)["latents"])
         write_video(frames, output, fmt, rate)
-        outputs = (fmt, rate, frames.shape)
-        _write_sidecar(sidecar, session.runtime.device, project, tune_entry, inversion, entry, outputs, control)
+        _write_sidecar(
+            sidecar, session.runtime.device, project, tune_entry, inversion, entry, fmt, rate, frames.shape, control
+        )
     seconds = time.perf_counter() - started + (0.0 if cached else sampling_seconds)
     details = {"prompt": prompt, "sidecar": str(sidecar), "format": fmt}
     return Artifact("edit", entry.key, output, rendered, seconds, details)
@@ -757,13 +764,14 @@ def _write_sidecar(
     tune_entry: Entry,
     inversion: Entry,
     edit_entry: Entry,
-    output: tuple[str, Fraction, tuple[int, ...]],
+    fmt: str,
+    fps: Fraction,
+    shape: tuple[int, ...],
     control: ControlSpec | None,
 ) -> None:
     """Everything needed to reproduce the output, including the commands that would."""
     from tavcli.atomic import write_json
 
-    fmt, fps, shape = output
     meta = tune_entry.meta()
     clip, tune_spec, edit_spec = meta["clip"], tune_entry.spec, edit_entry.spec
     tune_cmd = ["tav", "tune", clip["path"], tune_spec["prompt"], "--project", str(project.root.resolve())]
