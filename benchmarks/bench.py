@@ -226,7 +226,8 @@ def _tune(args: Any, runtime: Any, components: Any, mean: Any, std: Any, embeds:
     import torch
 
     from tavcli.model import inflate_unet, trainable_parameters
-    from tavcli.tune import TuneSettings, train_delta
+    from tavcli.requests import TuneSettings
+    from tavcli.tune import train_delta
 
     torch.manual_seed(0)
     unet = inflate_unet(components.unet)
@@ -298,7 +299,7 @@ def _sampling(args: Any, runtime: Any, components: Any, noise: Any, embeds: Any)
 def _edit(args: Any, runtime: Any, source: Any) -> dict:
     """Whole edits through the workflow, as `tav edit` runs them, on the bundled clip."""
     from tavcli import workflow
-    from tavcli.tune import TuneSettings
+    from tavcli.requests import EditRequest, EditSettings, TuneSettings
     from tavcli.video import FrameSelection, FrameSize
 
     project = args.workdir / f"edit-{args.config}-{os.getpid()}.tav"
@@ -314,15 +315,16 @@ def _edit(args: Any, runtime: Any, source: Any) -> dict:
             TuneSettings(steps=1, checkpoint_every=0),
         )
         workflow.tune(session, request)
-    settings = workflow.EditSettings(steps=args.edit_steps)
-    workflow.edit(session, project, ["warm-up"], settings)  # inverts, builds the tuned UNet
+    settings = EditSettings(steps=args.edit_steps)
+    workflow.edit(session, EditRequest(project, ["warm-up"], settings))  # inverts, builds the tuned UNet
     singles = []
     for index in range(args.repeats):
         started = time.perf_counter()
-        workflow.edit(session, project, [f"a panda is skiing, take {index}"], settings)
+        workflow.edit(session, EditRequest(project, [f"a panda is skiing, take {index}"], settings))
         singles.append(time.perf_counter() - started)
     started = time.perf_counter()
-    workflow.edit(session, project, [f"a bear is skiing, take {i}" for i in range(4)], settings, batch_size=4)
+    bears = [f"a bear is skiing, take {i}" for i in range(4)]
+    workflow.edit(session, EditRequest(project, bears, settings, batch_size=4))
     four = time.perf_counter() - started
     shutil.rmtree(project, ignore_errors=True)
     per_prompt = statistics.median(singles)

@@ -26,30 +26,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tavcli.config import closest
+from tavcli.config import DEFAULT_MODEL, closest, default_project
 from tavcli.errors import TavError
+from tavcli.inputs import require_regular_file
 from tavcli.modelspec import model_name, split_lora
+from tavcli.options import EDIT, INVERT, TUNE, Option, check_rate
+from tavcli.progress import Reporter
+from tavcli.requests import EditRequest, EditSettings, TuneRequest, TuneSettings, control_spec, frame_size
+from tavcli.video import FrameSelection
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["BatchContext", "Job", "JobProblem", "assign", "failure_record", "parse_jobs", "plan_jobs", "run_jobs"]
+__all__ = [
+    "BatchContext",
+    "Job",
+    "JobProblem",
+    "assign",
+    "failure_record",
+    "parse_jobs",
+    "plan_jobs",
+    "read_jobs",
+    "run_jobs",
+]
 
 Check = Callable[[Any, Path], Any]
 
 
-def _integer(value: Any, base: Path) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError("must be an integer")
-    return value
-
-
-def _number(value: Any, base: Path) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError("must be a number")
-    return float(value)
+def _declared(option: Option) -> Check:
+    """A field checked like its command-line option (`tavcli.options`)."""
+    return lambda value, base: option.check(value)
 
 
 def _text(value: Any, base: Path) -> str:
@@ -71,16 +79,9 @@ def _flag(value: Any, base: Path) -> bool:
 
 
 def _path(value: Any, base: Path) -> Path:
+    """A path as the user wrote it: absolute, or relative to the batch file's folder (the current one for stdin)."""
     path = Path(_text(value, base)).expanduser()
     return path if path.is_absolute() else base / path
-
-
-def _output_path(value: Any, base: Path) -> Path:
-    """A path the job writes to: it must stay inside the batch file's folder (no `..`, no elsewhere)."""
-    path = _path(value, base)
-    if not path.resolve().is_relative_to(base.resolve()):
-        raise ValueError(f"must stay inside the batch file's folder {base}")
-    return path
 
 
 def _model_name(value: Any, base: Path) -> str:
@@ -103,62 +104,46 @@ def _prompts(value: Any, base: Path) -> tuple[str, ...]:
     return tuple(_prompt(item, base) for item in value)
 
 
-def _choice(*choices: str) -> Check:
-    def check(value: Any, base: Path) -> str:
-        if value not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}")
-        return str(value)
-
-    return check
-
-
 TUNE_FIELDS: dict[str, Check] = {
     "model": _model_name,
     "model_config": _model_name,
     "lora": _loras,
-    "project": _output_path,
-    "frames": _integer,
-    "stride": _integer,
-    "start": _integer,
-    "width": _integer,
-    "height": _integer,
-    "resize": _choice("crop", "stretch"),
-    "steps": _integer,
-    "lr": _number,
-    "seed": _integer,
-    "frame_norm": _choice("joint", "frame"),
+    "project": _path,
+    **{name: _declared(option) for name, option in TUNE.items()},
     "gradient_checkpointing": _flag,
-    "checkpoint_every": _integer,
     "force": _flag,
 }
-INVERT_FIELDS: dict[str, Check] = {"steps": _integer, "prompt": _text}
+INVERT_FIELDS: dict[str, Check] = {name: _declared(option) for name, option in INVERT.items()}
 EDIT_FIELDS: dict[str, Check] = {
-    "steps": _integer,
-    "guidance": _number,
-    "negative": _text,
-    "seed": _integer,
-    "eta": _number,
-    "format": _choice("mp4", "gif", "frames"),
-    "fps": _number,
-    "out": _output_path,
-    "batch_size": _integer,
+    **{name: _declared(option) for name, option in EDIT.items()},
+    "out": _path,
     "control": _text,
     "control_model": _model_name,
     "control_video": _path,
-    "control_scale": _number,
 }
 JOB_FIELDS = ("name", "clip", "prompt", "edits", "invert", "edit", *TUNE_FIELDS)
 
 
 @dataclass(frozen=True)
+class BatchContext:
+    """What every job inherits from the command line and configuration."""
+
+    model: str = DEFAULT_MODEL  # for jobs that name none
+    project_for: Callable[[Path], Path] = default_project  # default project of a clip
+    model_config: str | None = None  # for jobs whose model is a single file and that name no model_config
+    root: Path | None = None  # --root: every write of the batch stays inside it
+
+
+@dataclass(frozen=True)
 class Job:
-    """One validated job: a clip, its prompt, edit prompts, and the options given for each command."""
+    """One validated job: a clip, its prompt, edit prompts, its project, and the options given for each command."""
 
     name: str
     where: str  # "job 2" or "line 3": how errors point at it
     clip: Path
     prompt: str
     edits: tuple[str, ...]
+    project: Path  # absolute: the job's `project`, else the clip's default project
     tune: dict[str, Any]
     invert: dict[str, Any]
     edit: dict[str, Any]
@@ -181,8 +166,30 @@ class JobProblem:
         return f"{self.where} ({self.name}): {self.message}"
 
 
-def parse_jobs(text: str, source: str, base: Path, jsonl: bool) -> tuple[list[Job], list[JobProblem]]:
-    """Parse and validate every job; syntax errors raise, per-job problems are returned."""
+def read_jobs(given: str) -> tuple[str, str, Path, bool]:
+    """(text, source name, folder relative paths start from, is JSON Lines) of `FILE` or `-` (stdin)."""
+    if given == "-":
+        return sys.stdin.read(), "stdin", Path.cwd(), True
+    path = Path(given)
+    if not path.exists() and not path.is_symlink():
+        raise TavError(f"no batch file {path}", "give a .toml or .jsonl file, or - to read JSON Lines from stdin")
+    require_regular_file(path, "batch file (.toml or .jsonl; - reads stdin)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise TavError(f"{path} is not UTF-8 text: {error.reason}") from None
+    return text, str(path), path.parent.resolve(), path.suffix.lower() in (".jsonl", ".ndjson", ".json")
+
+
+def parse_jobs(
+    text: str, source: str, base: Path, jsonl: bool, context: BatchContext | None = None
+) -> tuple[list[Job], list[JobProblem]]:
+    """Parse and validate every job; syntax errors raise, per-job problems are returned.
+
+    Paths are the user's choice, absolute or relative to `base`; with `context.root` every path a
+    job writes to (its project, its `edit.out`) must lie inside that folder.
+    """
+    context = context or BatchContext()
     raw = _read_jsonl(text, source) if jsonl else _read_toml(text, source)
     jobs: list[Job] = []
     problems: list[JobProblem] = []
@@ -191,12 +198,12 @@ def parse_jobs(text: str, source: str, base: Path, jsonl: bool) -> tuple[list[Jo
         given = data.get("name")
         name = given if isinstance(given, str) and given else f"job-{index}"
         try:
-            job = _job(name, where, data, base)
+            job = _job(name, where, data, base.absolute(), context)
             if job.name in seen:
                 raise ValueError(f"the name {job.name!r} is used by an earlier job; names must be unique")
             seen.add(job.name)
             jobs.append(job)
-        except ValueError as error:
+        except (ValueError, TavError) as error:
             problems.append(JobProblem(name, where, str(error)))
     if not raw:
         raise TavError(f"{source} has no jobs", "add [[job]] tables (TOML) or one JSON object per line")
@@ -245,7 +252,7 @@ def _read_jsonl(text: str, source: str) -> list[tuple[str, dict[str, Any]]]:
     return jobs
 
 
-def _job(name: str, where: str, data: dict[str, Any], base: Path) -> Job:
+def _job(name: str, where: str, data: dict[str, Any], base: Path, context: BatchContext) -> Job:
     for key in data:
         if key.replace("-", "_") not in JOB_FIELDS:
             raise ValueError(f"unknown field {key!r}{closest(key.replace('-', '_'), JOB_FIELDS)}")
@@ -258,7 +265,21 @@ def _job(name: str, where: str, data: dict[str, Any], base: Path) -> Job:
     tune = _options("", {k: v for k, v in data.items() if k not in JOB_FIELDS[:6]}, TUNE_FIELDS, base)
     invert = _options("invert.", data.get("invert", {}), INVERT_FIELDS, base)
     edit = _options("edit.", data.get("edit", {}), EDIT_FIELDS, base)
-    return Job(_field("name", name, _text, base), where, clip, prompt, edits, tune, invert, edit)
+    project = tune.pop("project", None) or context.project_for(clip)
+    project = project if project.is_absolute() else Path.cwd() / project
+    _confine("project", project, context.root)
+    _confine("edit.out", edit.get("out"), context.root)
+    check_rate(edit.get("format", "mp4"), edit.get("fps"))
+    control_spec(
+        edit.get("control"), edit.get("control_model"), edit.get("control_video"), edit.get("control_scale", 1.0)
+    )
+    return Job(_field("name", name, _text, base), where, clip, prompt, edits, project, tune, invert, edit)
+
+
+def _confine(field: str, path: Path | None, root: Path | None) -> None:
+    """With --root, a path a job writes to must lie inside it (links resolved)."""
+    if root is not None and path is not None and not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"field {field!r} writes to {path}, outside --root {root}")
 
 
 def _options(prefix: str, data: Any, fields: dict[str, Check], base: Path) -> dict[str, Any]:
@@ -294,15 +315,6 @@ def assign(jobs: list[Job], process: int, processes: int) -> list[Job]:
 
 
 Emit = Callable[[dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class BatchContext:
-    """What every job inherits from the command line and configuration."""
-
-    model: str  # for jobs that name none
-    project_for: Callable[[Path], Path]  # default project of a clip
-    model_config: str | None = None  # for jobs whose model is a single file and that name no model_config
 
 
 def run_jobs(session: Any, jobs: list[Job], context: BatchContext, keep_going: bool, emit: Emit) -> bool:
@@ -356,58 +368,67 @@ def _model(job: Job, context: BatchContext) -> str:
     return model_name(base, job.tune.get("model_config"), list(job.tune.get("lora", ())), context.model_config)
 
 
-def _tune_request(session: Any, job: Job, context: BatchContext) -> Any:
+def _tune_request(job: Job, context: BatchContext, reporter: Reporter) -> TuneRequest:
     """The job's tune as `tav tune` would make it from the same options."""
-    from tavcli import workflow
-
-    options = job.tune
-    size = workflow.frame_size(
-        options.get("width", 512), options.get("height", 512), options.get("resize", "crop"), session.reporter
-    )
-    return workflow.TuneRequest(
+    options = {name: job.tune.get(name, option.default) for name, option in TUNE.items()}
+    return TuneRequest(
         job.clip,
         job.prompt,
-        options.get("project") or context.project_for(job.clip),
+        job.project,
         _model(job, context),
-        _selection(job),
-        size,
-        _tune_settings(job),
-        options.get("frame_norm", "joint"),
+        FrameSelection(options["frames"], options["stride"], options["start"]),
+        frame_size(options["width"], options["height"], options["resize"], reporter),
+        TuneSettings(
+            options["steps"],
+            options["lr"],
+            options["seed"],
+            job.tune.get("gradient_checkpointing", False),
+            options["checkpoint_every"],
+        ),
+        options["frame_norm"],
     )
+
+
+def _edit_request(job: Job, tune_key: str) -> EditRequest:
+    """The job's edits as `tav edit` would make them, of the job's tune and its inversion."""
+    edit = {name: job.edit.get(name, option.default) for name, option in EDIT.items()}
+    settings = EditSettings(edit["steps"], edit["guidance"], edit["negative"], edit["seed"], edit["eta"])
+    return EditRequest(
+        job.project,
+        list(job.edits),
+        settings,
+        job.edit.get("out"),
+        edit["format"],
+        edit["fps"],
+        edit["batch_size"],
+        control_spec(
+            job.edit.get("control"), job.edit.get("control_model"), job.edit.get("control_video"), edit["control_scale"]
+        ),
+        tune_key,
+        *_inversion(job),
+    )
+
+
+def _inversion(job: Job) -> tuple[int, str]:
+    """The job's inversion steps (default: its sampling steps) and prompt."""
+    steps = job.invert.get("steps", job.edit.get("steps", EDIT["steps"].default))
+    return steps, job.invert.get("prompt", INVERT["prompt"].default)
 
 
 def _job_artifacts(session: Any, job: Job, context: BatchContext, stage: list[str]) -> Any:
     """The job's artifacts as its tune, inversion and edits finish; `stage[0]` names the step under way."""
     from tavcli import workflow
 
-    request = _tune_request(session, job, context)
-    project, force = request.project, bool(job.tune.get("force", False))
-    tuned = workflow.tune(session, request, force)
+    force = bool(job.tune.get("force", False))
+    tuned = workflow.tune(session, _tune_request(job, context, session.reporter), force)
     yield from tuned
     if not job.edits and not job.invert:
         return
-    settings = _edit_settings(job)
-    invert_steps, invert_prompt = job.invert.get("steps", settings.steps), job.invert.get("prompt", "")
     stage[0] = "invert"
-    yield workflow.invert(session, project, invert_steps, invert_prompt, force, tune_key=tuned[-1].key)
+    yield workflow.invert(session, job.project, *_inversion(job), force, tune_key=tuned[-1].key)
     if job.edits:
-        stage[0], edit = "edit", job.edit
-        rendered = workflow.edit(
-            session,
-            project,
-            list(job.edits),
-            settings,
-            edit.get("out"),
-            edit.get("format", "mp4"),
-            edit.get("fps"),
-            force,
-            tune_key=tuned[-1].key,
-            invert_steps=invert_steps,
-            invert_prompt=invert_prompt,
-            batch_size=edit.get("batch_size", 1),
-            control=_control(edit),
-        )
-        yield from rendered
+        stage[0] = "edit"
+        yield from workflow.edit(session, _edit_request(job, tuned[-1].key), force)
 
 
 def plan_jobs(session: Any, jobs: list[Job], context: BatchContext) -> list[dict[str, Any]]:
@@ -416,18 +437,18 @@ def plan_jobs(session: Any, jobs: list[Job], context: BatchContext) -> list[dict
 
     rows = []
     for job in jobs:
-        request, force = _tune_request(session, job, context), bool(job.tune.get("force", False))
-        plan = workflow.tune_plan(session, request, force, memory=False)
+        force = bool(job.tune.get("force", False))
+        plan = workflow.tune_plan(session, _tune_request(job, context, session.reporter), force, memory=False)
         steps = [("latents", plan["latents"]), ("tune", plan["tune"])]
         if job.edits or job.invert:
-            project = session.project(request.project)
-            edit_settings = _edit_settings(job)
-            invert_steps, prompt = job.invert.get("steps", edit_settings.steps), job.invert.get("prompt", "")
-            inversion = workflow.inversion_entry(project, plan["tune"]["key"], invert_steps, prompt)
+            project = session.project(job.project)
+            inversion = workflow.inversion_entry(project, plan["tune"]["key"], *_inversion(job), session.runtime)
             steps.append(("inversion", _planned(inversion, force)))
-            for text in job.edits:
-                edit = workflow.edit_entry(project, inversion.key, text, edit_settings, session.runtime.precision)
-                steps.append(("edit", {**_planned(edit, force), "prompt": text}))
+        if job.edits:
+            request = _edit_request(job, plan["tune"]["key"])
+            control = None if request.control is None else workflow.control_key(request.control)
+            entries = workflow.edit_entries(project, inversion.key, request, session.runtime, control)
+            steps += [("edit", {**_planned(entry, force), "prompt": text}) for text, entry in entries.items()]
         for kind, step in steps:
             extra = {k: v for k, v in step.items() if k in ("prompt", "resume_from") and not step["cached"]}
             row = {"job": job.name, "kind": kind, "key": step["key"], "path": step["path"], "cached": step["cached"]}
@@ -437,41 +458,3 @@ def plan_jobs(session: Any, jobs: list[Job], context: BatchContext) -> list[dict
 
 def _planned(entry: Any, force: bool) -> dict[str, Any]:
     return {"key": entry.key, "path": str(entry.path), "cached": entry.complete and not force}
-
-
-def _selection(job: Job) -> Any:
-    from tavcli.video import FrameSelection
-
-    return FrameSelection(**{k: job.tune[k] for k in ("frames", "stride", "start") if k in job.tune})
-
-
-def _tune_settings(job: Job) -> Any:
-    from tavcli.tune import TuneSettings
-
-    names = {
-        "steps": "steps",
-        "lr": "learning_rate",
-        "seed": "seed",
-        "gradient_checkpointing": "gradient_checkpointing",
-        "checkpoint_every": "checkpoint_every",
-    }
-    return TuneSettings(**{field: job.tune[key] for key, field in names.items() if key in job.tune})
-
-
-def _edit_settings(job: Job) -> Any:
-    from tavcli.workflow import EditSettings
-
-    return EditSettings(**{k: job.edit[k] for k in ("steps", "guidance", "negative", "seed", "eta") if k in job.edit})
-
-
-def _control(edit: dict[str, Any]) -> Any:
-    """The job's `edit.control*` fields as a ControlSpec, or None."""
-    if not any(key.startswith("control") for key in edit):
-        return None
-    from tavcli.control import ControlSpec
-
-    if "control" not in edit or "control_model" not in edit:
-        raise TavError("edit.control and edit.control_model go together")
-    return ControlSpec(
-        edit["control"], edit["control_model"], edit.get("control_video"), edit.get("control_scale", 1.0)
-    )

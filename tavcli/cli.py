@@ -1,7 +1,9 @@
 """The `tav` command line: thin Typer commands over `tavcli.workflow`.
 
-Heavy libraries (torch, diffusers) are imported inside the commands, so `tav --help` starts fast.
-Every command prints one JSON record per artifact on stdout; progress and notes go to stderr.
+Options are built from their declarations in `tavcli.options`, so a bad value is refused while the
+command line is read; each command then builds its request (`tavcli.requests`) and checks its
+inputs before torch and diffusers are imported, so every mistake is reported in well under a
+second. Every command prints one JSON record per artifact on stdout; progress and notes go to stderr.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from enum import Enum
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -22,9 +23,11 @@ from rich.markup import escape
 from tavcli import __version__
 from tavcli.config import DEFAULT_CLIP_MODEL, Setting
 from tavcli.errors import Interrupted, TavError
+from tavcli.options import EDIT, INVERT, TUNE, FrameNorm, Option, OutputFormat, Precision, ResizeMode
 
 if TYPE_CHECKING:
-    from tavcli.store import Listing, Project
+    from tavcli.housekeeping import Listing
+    from tavcli.store import Project
     from tavcli.workflow import Artifact, Session
 
 app = typer.Typer(
@@ -43,33 +46,31 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-
-class Resize(str, Enum):
-    crop = "crop"
-    stretch = "stretch"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-
-class FrameNorm(str, Enum):
-    joint = "joint"
-    frame = "frame"
-
-
-class Format(str, Enum):
-    mp4 = "mp4"
-    gif = "gif"
-    frames = "frames"
-
-
 RUN = "Hardware"
 MODEL = "Model"
 STORE = "Store"
+FRAMES = "Frames"
+TRAINING = "Training"
+SAMPLING = "Sampling"
+OUTPUT = "Output"
+CONTROL = "Control"
+
+
+def _declared(
+    option: Option, panel: str | None = None, *, short: str | None = None, help: str | None = None, metavar: str = ""
+) -> Any:
+    """A typer option from its declaration: numbers are parsed and range-checked as the command line is read."""
+    numeric = option.kind in (int, float)
+    text = (help or option.help) + (f" [{option.bounds()}]" if numeric and option.bounds() else "")
+    return typer.Option(
+        option.flag,
+        *([short] if short else []),
+        parser=option.parse if numeric else None,
+        metavar=metavar or (option.metavar if numeric else None),
+        help=text,
+        rich_help_panel=panel,
+    )
+
 
 ProjectOpt = Annotated[
     Optional[Path],
@@ -124,13 +125,28 @@ AllowPickleOpt = Annotated[
         rich_help_panel=MODEL,
     ),
 ]
+CompileOpt = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="torch.compile the UNet (GPU; slow to start; rounds differently, so cached apart).",
+        rich_help_panel=RUN,
+    ),
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute even if the project has the result.")]
 ClipModelOpt = Annotated[
-    str, typer.Option("--clip-model", help="CLIP model for scoring: hub id or local folder.", rich_help_panel="Output")
+    str, typer.Option("--clip-model", help="CLIP model for scoring: hub id or local folder.", rich_help_panel=OUTPUT)
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout instead of a table.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show the plan and change nothing.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do it without asking.")]
+
+# The tune options shared by `tav tune` (and, as overrides of a reference run, `tav import`).
+FramesOpt = Annotated[int, _declared(TUNE["frames"], FRAMES)]
+StrideOpt = Annotated[int, _declared(TUNE["stride"], FRAMES)]
+StartOpt = Annotated[int, _declared(TUNE["start"], FRAMES)]
+WidthOpt = Annotated[int, _declared(TUNE["width"], FRAMES)]
+HeightOpt = Annotated[int, _declared(TUNE["height"], FRAMES)]
 
 
 def _settings(project: Path | None, **flags: str | None) -> dict[str, Setting]:
@@ -159,14 +175,9 @@ def _session(settings: dict[str, Setting], allow_pickle: bool, compile_unet: boo
     return Session(runtime, RichReporter(), allow_pickle)
 
 
-def _precision(value: Precision | None) -> str | None:
-    return None if value is None else value.value
-
-
 def _project_for_clip(flag: Path | None, settings: dict[str, Setting]) -> Callable[[Path], Path]:
     """Where a clip's project is: --project, $TAV_PROJECT, PROJECT_ROOT/CLIP.tav (config), else beside the clip."""
-    from tavcli.config import project_from
-    from tavcli.workflow import default_project
+    from tavcli.config import default_project, project_from
 
     chosen = project_from(flag)
     root = settings["project_root"].value
@@ -178,8 +189,7 @@ def _project_for_clip(flag: Path | None, settings: dict[str, Setting]) -> Callab
 
 
 def _existing_project(flag: Path | None) -> Path:
-    from tavcli.config import project_from
-    from tavcli.workflow import find_project
+    from tavcli.config import find_project, project_from
 
     chosen = project_from(flag)
     return find_project(Path(chosen.value or "") if chosen else None)
@@ -191,7 +201,7 @@ def _report(artifacts: list[Artifact]) -> None:
     for artifact in artifacts:
         print_record(artifact.record())
         state = "[green]cached[/green]" if artifact.cached else f"done in {artifact.seconds:.1f}s"
-        stderr.print(f"{artifact.kind:<9} {state}  {artifact.path}")
+        stderr.print(f"{artifact.kind:<9} {state}  {escape(str(artifact.path))}")
 
 
 @app.command()
@@ -218,44 +228,21 @@ def tune(
             show_default=False,
         ),
     ] = None,
-    frames: Annotated[int, typer.Option(help="Number of frames to tune on.", rich_help_panel="Frames")] = 24,
-    stride: Annotated[int, typer.Option(help="Take every S-th frame.", rich_help_panel="Frames")] = 2,
-    start: Annotated[int, typer.Option(help="First frame (0-based).", rich_help_panel="Frames")] = 0,
-    width: Annotated[
-        int, typer.Option(help="Frame width (rounded to a multiple of 8).", rich_help_panel="Frames")
-    ] = 512,
-    height: Annotated[
-        int, typer.Option(help="Frame height (rounded to a multiple of 8).", rich_help_panel="Frames")
-    ] = 512,
-    resize: Annotated[
-        Resize,
-        typer.Option(
-            help="crop keeps the aspect ratio (centre crop); stretch is the reference's.", rich_help_panel="Frames"
-        ),
-    ] = Resize.crop,
-    steps: Annotated[int, typer.Option(help="Training steps.", rich_help_panel="Training")] = 500,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.", rich_help_panel="Training")] = 3e-5,
-    seed: Annotated[
-        int, typer.Option(help="Seed for initial weights, noise and timesteps.", rich_help_panel="Training")
-    ] = 33,
-    frame_norm: Annotated[
-        FrameNorm,
-        typer.Option(
-            help="ResNet GroupNorm statistics over the whole clip (reference) or per frame.", rich_help_panel=MODEL
-        ),
-    ] = FrameNorm.joint,
+    frames: FramesOpt = TUNE["frames"].default,
+    stride: StrideOpt = TUNE["stride"].default,
+    start: StartOpt = TUNE["start"].default,
+    width: WidthOpt = TUNE["width"].default,
+    height: HeightOpt = TUNE["height"].default,
+    resize: Annotated[ResizeMode, _declared(TUNE["resize"], FRAMES)] = TUNE["resize"].default,
+    steps: Annotated[int, _declared(TUNE["steps"], TRAINING)] = TUNE["steps"].default,
+    lr: Annotated[float, _declared(TUNE["lr"], TRAINING)] = TUNE["lr"].default,
+    seed: Annotated[int, _declared(TUNE["seed"], TRAINING)] = TUNE["seed"].default,
+    frame_norm: Annotated[FrameNorm, _declared(TUNE["frame_norm"], MODEL)] = TUNE["frame_norm"].default,
     gradient_checkpointing: Annotated[
         bool, typer.Option(help="Trade compute for memory (same results).", rich_help_panel=RUN)
     ] = False,
-    checkpoint_every: Annotated[
-        int,
-        typer.Option(
-            help="Save a resumable state every N steps (0: only on Ctrl-C and at the end).", rich_help_panel=STORE
-        ),
-    ] = 100,
-    compile_unet: Annotated[
-        bool, typer.Option("--compile", help="torch.compile the UNet (GPU; slow to start).", rich_help_panel=RUN)
-    ] = False,
+    checkpoint_every: Annotated[int, _declared(TUNE["checkpoint_every"], STORE)] = TUNE["checkpoint_every"].default,
+    compile_unet: CompileOpt = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print what is cached and the estimated peak memory; train nothing.")
     ] = False,
@@ -270,36 +257,30 @@ def tune(
     attention are trained, and only those tensors are saved in the project. Ctrl-C saves the
     training state: the same command resumes it, and a larger --steps continues a finished tune.
 
-    Example: tav tune skiing.mp4 "a man is skiing" --steps 300
+    Examples:
+
+      tav tune skiing.mp4 "a man is skiing"
+
+      tav tune skiing.mp4 "a man is skiing" --steps 300 --frames 16 --model ./my-sd-folder
     """
-    from tavcli.tune import TuneSettings
-    from tavcli.video import FrameSelection
-    from tavcli.workflow import TuneRequest, frame_size
-    from tavcli.workflow import tune as run_tune
+    from tavcli.requests import TuneRequest, TuneSettings, frame_size
+    from tavcli.ui import RichReporter
+    from tavcli.video import FrameSelection, probe
 
     project_dir = _project_for_clip(project, _settings(None))(video)
-    settings = _settings(
-        project_dir, model=model, model_config=model_config, device=device, precision=_precision(precision)
-    )
-    session = _session(settings, allow_pickle, compile_unet)
-    size = frame_size(width, height, resize.value, session.reporter)
-    tune_settings = TuneSettings(
-        steps=steps,
-        learning_rate=lr,
-        seed=seed,
-        gradient_checkpointing=gradient_checkpointing,
-        checkpoint_every=checkpoint_every,
-    )
+    settings = _settings(project_dir, model=model, model_config=model_config, device=device, precision=precision)
     request = TuneRequest(
         video,
         prompt,
         project_dir,
         _model_name(settings, lora),
         FrameSelection(frames, stride, start),
-        size,
-        tune_settings,
-        frame_norm.value,
+        frame_size(width, height, resize, RichReporter()),
+        TuneSettings(steps, lr, seed, gradient_checkpointing, checkpoint_every),
+        frame_norm,
     )
+    probe(video, request.selection)  # a bad or short clip is reported before anything heavy loads
+    session = _session(settings, allow_pickle, compile_unet)
     if dry_run:
         from tavcli.ui import print_record, stderr
         from tavcli.workflow import tune_plan
@@ -309,6 +290,8 @@ def tune(
         tune_state = "cached" if plan["tune"]["cached"] else f"to train (from step {plan['tune']['resume_from'] or 0})"
         stderr.print(f"tune {plan['tune']['key']}: {tune_state}\nmemory: {plan['memory']['summary']}")
         return
+    from tavcli.workflow import tune as run_tune
+
     artifacts = run_tune(session, request, force=force)
     _report(artifacts)
     tuned = artifacts[-1].details
@@ -321,8 +304,9 @@ def tune(
 @app.command()
 def invert(
     project: ProjectOpt = None,
-    steps: Annotated[int, typer.Option(help="DDIM inversion steps.")] = 50,
-    prompt: Annotated[str, typer.Option(help="Prompt for inversion (the reference uses the empty prompt).")] = "",
+    steps: Annotated[int, _declared(INVERT["steps"])] = INVERT["steps"].default,
+    prompt: Annotated[str, _declared(INVERT["prompt"], metavar="PROMPT")] = INVERT["prompt"].default,
+    compile_unet: CompileOpt = False,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
@@ -330,12 +314,15 @@ def invert(
 ) -> None:
     """DDIM-invert the tuned clip into the noise that edits start from.
 
-    `tav edit` runs this itself when the project has no inversion yet; run it to choose the steps.
+    `tav edit` runs this itself when the project has no inversion yet; run it to choose the steps
+    or the inversion prompt. The new inversion becomes the one `tav edit` uses.
+
+    Example: tav invert -p skiing.tav --steps 50
     """
+    project_dir = _existing_project(project)
+    session = _session(_settings(project_dir, device=device, precision=precision), allow_pickle, compile_unet)
     from tavcli.workflow import invert as run_invert
 
-    project_dir = _existing_project(project)
-    session = _session(_settings(project_dir, device=device, precision=_precision(precision)), allow_pickle)
     _report([run_invert(session, project_dir, steps=steps, prompt=prompt, force=force)])
 
 
@@ -343,77 +330,61 @@ def invert(
 def edit(
     prompts: Annotated[
         Optional[list[str]],
-        typer.Argument(help="One or more edited descriptions; one clip each.", show_default=False),
+        typer.Argument(help="One or more edited descriptions; one clip each.", metavar="PROMPT...", show_default=False),
     ] = None,
     project: ProjectOpt = None,
-    steps: Annotated[int, typer.Option(help="DDIM sampling steps.", rich_help_panel="Sampling")] = 50,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.", rich_help_panel="Sampling")] = 12.5,
-    negative: Annotated[
-        str, typer.Option(help="Negative prompt (replaces the empty prompt).", rich_help_panel="Sampling")
-    ] = "",
-    seed: Annotated[
-        int, typer.Option(help="Seed for DDIM noise (used when --eta > 0).", rich_help_panel="Sampling")
-    ] = 33,
-    eta: Annotated[float, typer.Option(help="DDIM eta: 0 is deterministic.", rich_help_panel="Sampling")] = 0.0,
-    fmt: Annotated[
-        Format,
-        typer.Option("--format", "-f", help="mp4 (H.264), gif, or a folder of PNG frames.", rich_help_panel="Output"),
-    ] = Format.mp4,
-    fps: Annotated[
-        Optional[float],
-        typer.Option(help="Frame rate [default: source fps / stride].", rich_help_panel="Output", show_default=False),
-    ] = None,
+    steps: Annotated[int, _declared(EDIT["steps"], SAMPLING)] = EDIT["steps"].default,
+    guidance: Annotated[float, _declared(EDIT["guidance"], SAMPLING)] = EDIT["guidance"].default,
+    negative: Annotated[str, _declared(EDIT["negative"], SAMPLING, metavar="PROMPT")] = EDIT["negative"].default,
+    seed: Annotated[int, _declared(EDIT["seed"], SAMPLING)] = EDIT["seed"].default,
+    eta: Annotated[float, _declared(EDIT["eta"], SAMPLING)] = EDIT["eta"].default,
+    fmt: Annotated[OutputFormat, _declared(EDIT["format"], OUTPUT, short="-f")] = EDIT["format"].default,
+    fps: Annotated[Optional[float], _declared(EDIT["fps"], OUTPUT)] = EDIT["fps"].default,
     out: Annotated[
         Optional[Path],
         typer.Option(
-            "--out",
-            "-o",
-            help="Output folder [default: PROJECT/renders].",
-            rich_help_panel="Output",
-            show_default=False,
+            "--out", "-o", help="Output folder [default: PROJECT/renders].", rich_help_panel=OUTPUT, show_default=False
         ),
     ] = None,
-    batch_size: Annotated[
-        int, typer.Option(help="Prompts sampled together in one UNet batch (GPU throughput).", rich_help_panel=RUN)
-    ] = 1,
-    compile_unet: Annotated[
-        bool, typer.Option("--compile", help="torch.compile the UNet (GPU; slow to start).", rich_help_panel=RUN)
-    ] = False,
+    batch_size: Annotated[int, _declared(EDIT["batch_size"], RUN)] = EDIT["batch_size"].default,
+    compile_unet: CompileOpt = False,
     control: Annotated[
         Optional[str],
         typer.Option(
             help="Condition each frame with a ControlNet: canny, depth, pose, seg, scribble, normal, lineart...",
-            rich_help_panel="Control",
+            rich_help_panel=CONTROL,
             show_default=False,
         ),
     ] = None,
     control_model: Annotated[
         Optional[str],
-        typer.Option(help="The ControlNet: hub id or local folder (needed with --control).", rich_help_panel="Control"),
+        typer.Option(
+            help="The ControlNet: hub id or local folder (needed with --control).",
+            metavar="MODEL",
+            rich_help_panel=CONTROL,
+        ),
     ] = None,
     control_video: Annotated[
         Optional[Path],
         typer.Option(
             help="A clip of condition maps (e.g. a pose sequence), sampled like the source [canny: computed from it].",
-            rich_help_panel="Control",
+            rich_help_panel=CONTROL,
             show_default=False,
         ),
     ] = None,
-    control_scale: Annotated[
-        float, typer.Option(help="Strength of the ControlNet residuals.", rich_help_panel="Control")
-    ] = 1.0,
+    control_scale: Annotated[float, _declared(EDIT["control_scale"], CONTROL)] = EDIT["control_scale"].default,
     grid: Annotated[
         bool,
         typer.Option(
             "--grid",
             help="Also write source | edits side by side (mp4, GIF) and a PNG contact sheet.",
-            rich_help_panel="Output",
+            rich_help_panel=OUTPUT,
         ),
     ] = False,
     evaluate: Annotated[
         bool,
         typer.Option(
-            "--eval", help="Score each output with CLIP as it renders (see tav eval).", rich_help_panel="Output"
+            "--eval", help="Score each output with CLIP as it renders (see tav eval).", rich_help_panel=OUTPUT
         ),
     ] = False,
     clip_model: ClipModelOpt = DEFAULT_CLIP_MODEL,
@@ -433,35 +404,42 @@ def edit(
     """Render the tuned clip with new prompts, one output (and a JSON sidecar) per prompt.
 
     Starts from the project's DDIM inversion, inverting first with --steps if there is none.
+    Outputs are named PROMPT-KEY.mp4 (with the rate when --fps differs from the source's); a
+    rerun reuses every output whose edit, format and rate are unchanged.
 
-    Example: tav edit -p skiing.tav "a panda is skiing" "a man is skiing at sunset" --format gif
+    Examples:
+
+      tav edit -p skiing.tav "a panda is skiing" "a man is skiing at sunset"
+
+      tav edit -p skiing.tav "a panda is skiing" --format gif --fps 8 --guidance 7.5
     """
-    from tavcli.workflow import EditSettings, edit_from_sidecar
-    from tavcli.workflow import edit as run_edit
-
     if from_sidecar is not None:
         if prompts:
             raise TavError("give prompts or --from-sidecar, not both")
-        settings_ = _settings(None, device=device, precision=_precision(precision))
-        session = _session(settings_, allow_pickle, compile_unet)
-        _report(edit_from_sidecar(session, from_sidecar, out, force))
-        return
-    if not prompts:
-        raise TavError("give at least one edit prompt", 'e.g. tav edit "a panda is skiing"')
-    project_dir = _existing_project(project)
-    settings_ = _settings(project_dir, device=device, precision=_precision(precision))
-    session = _session(settings_, allow_pickle, compile_unet)
-    settings = EditSettings(steps=steps, guidance=guidance, negative=negative, seed=seed, eta=eta)
-    guide = None
-    if control is not None or control_model is not None or control_video is not None:
-        from tavcli.control import ControlSpec
+        from tavcli.sidecar import recorded_edit
 
-        if control is None or control_model is None:
-            raise TavError("--control and --control-model go together", "e.g. --control canny --control-model PATH")
-        guide = ControlSpec(kind=control, model=control_model, video=control_video, scale=control_scale)
-    artifacts = run_edit(
-        session, project_dir, prompts, settings, out, fmt.value, fps, force, batch_size=batch_size, control=guide
+        recorded = recorded_edit(from_sidecar, out)  # checked before anything heavy loads
+        session = _session(_settings(None, device=device, precision=precision), allow_pickle, compile_unet)
+        from tavcli.workflow import edit_from_sidecar
+
+        _report(edit_from_sidecar(session, recorded, force))
+        return
+    from tavcli.requests import EditRequest, EditSettings, control_spec
+
+    request = EditRequest(
+        _existing_project(project),
+        prompts or [],
+        EditSettings(steps, guidance, negative, seed, eta),
+        out,
+        fmt,
+        fps,
+        batch_size,
+        control_spec(control, control_model, control_video, control_scale),
     )
+    session = _session(_settings(request.project, device=device, precision=precision), allow_pickle, compile_unet)
+    from tavcli.workflow import edit as run_edit
+
+    artifacts = run_edit(session, request, force)
     if evaluate:
         from tavcli.metrics import ClipScorer, evaluate_output
 
@@ -472,7 +450,7 @@ def edit(
     if grid:
         from tavcli.workflow import render_grid
 
-        artifacts.append(render_grid(session, project_dir, artifacts, fps))
+        artifacts.append(render_grid(session, request.project, artifacts, fps))
     _report(artifacts)
 
 
@@ -481,7 +459,7 @@ def demo(
     project: Annotated[Path, typer.Option("--project", "-p", help="Where to put the demo project.")] = Path(
         "tav-demo.tav"
     ),
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 30,
+    steps: Annotated[int, _declared(TUNE["steps"], help="Training steps.")] = 30,
 ) -> None:
     """Tune the built-in tiny model on the bundled skiing clip and render two edits (offline, CPU).
 
@@ -492,13 +470,13 @@ def demo(
 
       tav edit -p tav-demo.tav "a panda is skiing" "a man is skiing at sunset" --steps 20
     """
-    from tavcli.tune import TuneSettings
+    from tavcli.requests import EditRequest, EditSettings, TuneRequest, TuneSettings
     from tavcli.video import FrameSelection, FrameSize
-    from tavcli.workflow import EditSettings, TuneRequest
+
+    session = _session(_settings(None, model="tiny"), allow_pickle=False)
     from tavcli.workflow import edit as run_edit
     from tavcli.workflow import tune as run_tune
 
-    session = _session(_settings(None, model="tiny"), allow_pickle=False)
     with resources.as_file(resources.files("tavcli") / "data" / "man-skiing.mp4") as clip:
         request = TuneRequest(
             clip,
@@ -511,7 +489,7 @@ def demo(
         )
         artifacts = run_tune(session, request)
     prompts = ["a panda is skiing", "a man is skiing at sunset"]
-    artifacts += run_edit(session, project, prompts, EditSettings(steps=20))
+    artifacts += run_edit(session, EditRequest(project, prompts, EditSettings(steps=20)))
     _report(artifacts)
 
 
@@ -526,6 +504,15 @@ def batch(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print what is cached and what would run; compute nothing.")
     ] = False,
+    root: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--root",
+            help="Confine every write of the batch (projects, outputs) to this folder: for job files you did "
+            "not write yourself.",
+            show_default=False,
+        ),
+    ] = None,
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
     device: DeviceOpt = None,
@@ -539,20 +526,23 @@ def batch(
     status is 0 only if every job succeeded. Under `accelerate launch` the jobs are split across
     the processes, one device each. See docs/batch.md.
 
-    Example: tav batch jobs.toml    or    cat jobs.jsonl | tav batch -
+    Examples:
+
+      tav batch jobs.toml
+
+      cat jobs.jsonl | tav batch - --root ./out
     """
-    from tavcli.batch import BatchContext, assign, failure_record, parse_jobs, plan_jobs, run_jobs
+    from tavcli.batch import BatchContext, assign, failure_record, parse_jobs, read_jobs
     from tavcli.ui import print_record, stderr
 
-    if jobs_file == "-":
-        text, source, base, jsonl = sys.stdin.read(), "stdin", Path.cwd(), True
-    else:
-        path = Path(jobs_file)
-        if not path.is_file():
-            raise TavError(f"no batch file {path}", "give a .toml or .jsonl file, or - to read JSON Lines from stdin")
-        text, source, base = path.read_text(encoding="utf-8"), str(path), path.parent
-        jsonl = path.suffix.lower() in (".jsonl", ".ndjson", ".json")
-    jobs, problems = parse_jobs(text, source, base, jsonl)
+    settings = _settings(None, model=model, model_config=model_config, device=device, precision=precision)
+    context = BatchContext(
+        model=settings["model"].value or "",
+        model_config=settings["model_config"].value,
+        project_for=_project_for_clip(None, settings),
+        root=root,
+    )
+    jobs, problems = parse_jobs(*read_jobs(jobs_file), context)
     for problem in problems:
         stderr.print(f"[bold red]invalid job:[/bold red] {escape(str(problem))}")
     if problems and not keep_going:
@@ -560,15 +550,9 @@ def batch(
             f"{len(problems)} of {len(jobs) + len(problems)} jobs are invalid; nothing was run",
             "fix them, or pass --keep-going to run the valid ones",
         )
-    settings = _settings(None, model=model, model_config=model_config, device=device, precision=_precision(precision))
     process, processes, chosen_device = _process_slot(settings["device"].value or "auto")
     settings["device"] = Setting(chosen_device, settings["device"].source)
     session = _session(settings, allow_pickle)
-    context = BatchContext(
-        model=settings["model"].value or "",
-        model_config=settings["model_config"].value,
-        project_for=_project_for_clip(None, settings),
-    )
     mine = assign(jobs, process, processes)
     if processes > 1:
         stderr.print(
@@ -577,6 +561,8 @@ def batch(
     if process == 0:
         for problem in problems:
             print_record(failure_record(problem))
+    from tavcli.batch import plan_jobs, run_jobs
+
     if dry_run:
         rows = plan_jobs(session, mine, context)
         for row in rows:
@@ -622,7 +608,8 @@ def import_reference(
         Optional[Path], typer.Option(help="The tuned clip [default: train_data.video_path].", show_default=False)
     ] = None,
     prompt: Annotated[
-        Optional[str], typer.Option(help="Its description [default: train_data.prompt].", show_default=False)
+        Optional[str],
+        typer.Option(help="Its description [default: train_data.prompt].", metavar="PROMPT", show_default=False),
     ] = None,
     project: Annotated[
         Optional[Path],
@@ -630,17 +617,11 @@ def import_reference(
     ] = None,
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
-    frames: Annotated[
-        Optional[int], typer.Option(help="[default: n_sample_frames, else 24]", show_default=False)
-    ] = None,
-    stride: Annotated[
-        Optional[int], typer.Option(help="[default: sample_frame_rate, else 2]", show_default=False)
-    ] = None,
-    start: Annotated[
-        Optional[int], typer.Option(help="[default: sample_start_idx, else 0]", show_default=False)
-    ] = None,
-    width: Annotated[Optional[int], typer.Option(help="[default: width, else 512]", show_default=False)] = None,
-    height: Annotated[Optional[int], typer.Option(help="[default: height, else 512]", show_default=False)] = None,
+    frames: Annotated[Optional[int], _declared(TUNE["frames"], help="[default: n_sample_frames, else 24]")] = None,
+    stride: Annotated[Optional[int], _declared(TUNE["stride"], help="[default: sample_frame_rate, else 2]")] = None,
+    start: Annotated[Optional[int], _declared(TUNE["start"], help="[default: sample_start_idx, else 0]")] = None,
+    width: Annotated[Optional[int], _declared(TUNE["width"], help="[default: width, else 512]")] = None,
+    height: Annotated[Optional[int], _declared(TUNE["height"], help="[default: height, else 512]")] = None,
     device: DeviceOpt = None,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
@@ -653,9 +634,8 @@ def import_reference(
     Example: tav import outputs/man-skiing --model ./stable-diffusion-v1-4
     """
     from tavcli.importing import read_reference
-    from tavcli.tune import TuneSettings
-    from tavcli.video import FrameSelection
-    from tavcli.workflow import TuneRequest, frame_size, import_tune
+    from tavcli.requests import TuneRequest, TuneSettings, frame_size
+    from tavcli.video import FrameSelection, probe
 
     recorded = read_reference(folder, allow_pickle).settings
     clip_path = clip or (folder / recorded["clip"] if recorded.get("clip") else None)
@@ -668,33 +648,49 @@ def import_reference(
     settings = _settings(
         project_dir, model=model or recorded.get("base_model"), model_config=model_config, device=device
     )
+    from tavcli.ui import RichReporter
+
+    request = TuneRequest(
+        clip_path,
+        text,
+        project_dir,
+        _model_name(settings),
+        FrameSelection(
+            frames=frames or recorded.get("frames") or 24,
+            stride=stride or recorded.get("stride") or 2,
+            start=start if start is not None else recorded.get("start") or 0,
+        ),
+        frame_size(
+            width or recorded.get("width") or 512, height or recorded.get("height") or 512, "stretch", RichReporter()
+        ),
+        TuneSettings(
+            steps=recorded.get("steps") or 500,
+            learning_rate=recorded.get("learning_rate") or 3e-5,
+            seed=recorded.get("seed") or 33,
+        ),
+    )
+    probe(clip_path, request.selection)
     session = _session(settings, allow_pickle)
-    selection = FrameSelection(
-        frames=frames or recorded.get("frames") or 24,
-        stride=stride or recorded.get("stride") or 2,
-        start=start if start is not None else recorded.get("start") or 0,
-    )
-    size = frame_size(
-        width or recorded.get("width") or 512, height or recorded.get("height") or 512, "stretch", session.reporter
-    )
-    tune_settings = TuneSettings(
-        steps=recorded.get("steps") or 500,
-        learning_rate=recorded.get("learning_rate") or 3e-5,
-        seed=recorded.get("seed") or 33,
-    )
-    request = TuneRequest(clip_path, text, project_dir, _model_name(settings), selection, size, tune_settings)
-    artifacts = import_tune(session, folder, request)
-    _report(artifacts)
+    from tavcli.workflow import import_tune
+
+    _report(import_tune(session, folder, request))
 
 
 @app.command("eval")
 def evaluate_outputs(
     outputs: Annotated[
-        list[Path], typer.Argument(help="Rendered outputs: mp4/gif files or frames folders.", show_default=False)
+        list[Path],
+        typer.Argument(
+            help="Rendered outputs: mp4/gif files or frames folders.", metavar="OUTPUT...", show_default=False
+        ),
     ],
     prompt: Annotated[
         Optional[str],
-        typer.Option(help="Prompt to score against [default: each output's sidecar prompt].", show_default=False),
+        typer.Option(
+            help="Prompt to score against [default: each output's sidecar prompt].",
+            metavar="PROMPT",
+            show_default=False,
+        ),
     ] = None,
     clip_model: ClipModelOpt = DEFAULT_CLIP_MODEL,
     as_json: JsonOpt = False,
@@ -708,6 +704,11 @@ def evaluate_outputs(
 
     Example: tav eval tav-demo.tav/renders/*.mp4 --clip-model ./clip-vit-large-patch14
     """
+    for output in outputs:
+        if not output.is_dir():
+            from tavcli.inputs import require_regular_file
+
+            require_regular_file(output, "video file")
     from tavcli.metrics import ClipScorer, evaluate_output
     from tavcli.runtime import resolve_runtime
     from tavcli.ui import print_record, stderr
@@ -744,22 +745,24 @@ def evaluate_outputs(
 def list_store(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
     """List the project's entries: what each is, what it was computed from, its size and date.
 
-    A damaged entry is shown as damaged, never hides the rest (check payloads with `tav verify`).
+    Damaged entries (unreadable metadata, truncated payloads or checkpoints, a damaged project.json)
+    are listed as damaged and never hide the rest; `tav verify` also checks every payload's bytes.
     """
+    from tavcli.housekeeping import listing
     from tavcli.ui import print_record, stderr
 
     store = _open_store(project)
-    rows = store.listing()
-    state = store.state
+    rows = listing(store)
+    current = _current_pointers(store)
     if as_json:
         for row in rows:
-            print_record({**row.record(), "current": row.key in (state.get("tune"), state.get("inversion"))})
+            print_record({**row.record(), "current": row.key in current})
         return
     from rich import box
     from rich.table import Table
 
     title = f"{store.root}  ({_size(sum(r.bytes for r in rows))})"
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(title=escape(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("kind", "key", "what", "from", "size", "created"):
         wraps = column == "what"
         table.add_column(
@@ -769,31 +772,45 @@ def list_store(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
             min_width=16 if column == "what" else None,
         )
     for row in rows:
-        current = "*" if row.key in (state.get("tune"), state.get("inversion")) else ""
+        marker = "*" if row.key in current else ""
         what = escape(_describe(row)) if row.state == "complete" else f"[red]{escape(row.state)}[/red]"
         parent = row.parent.split("/")[-1][:8] if row.parent else ""  # its kind follows from this row's
         created = (row.created or "")[5:16].replace("T", " ")
-        table.add_row(row.kind, row.key[:8] + current, what, parent, _size(row.bytes), created)
+        table.add_row(row.kind, row.key[:8] + marker, what, parent, _size(row.bytes), created)
     stderr.print(table)
     stderr.print("[dim]* the tune and inversion `tav edit` uses now[/dim]")
 
 
+def _current_pointers(store: Project) -> set[str]:
+    """The keys `project.json` points at (none when it is damaged: `tav ls` lists it as such)."""
+    try:
+        state = store.state
+    except TavError:
+        return set()
+    return {str(state[name]) for name in ("tune", "inversion") if state.get(name)}
+
+
 @app.command("rm")
 def remove(
-    keys: Annotated[list[str], typer.Argument(help="Entry keys (a unique prefix is enough) or KIND/KEY.")],
+    keys: Annotated[
+        list[str], typer.Argument(help="Entry keys (a unique prefix is enough) or KIND/KEY.", metavar="KEY...")
+    ],
     project: ProjectOpt = None,
     dry_run: DryRunOpt = False,
     yes: YesOpt = False,
 ) -> None:
-    """Remove entries and everything computed from them (inversions and edits of a tune, their renders).
+    """Remove entries and everything computed from them (inversions and edits of a tune, their renders
+    and grids), listing every file first.
 
     References go first: pointers and `meta.json`, then the payload, so an interrupted removal never
     leaves an entry that looks complete but is not.
     """
+    from tavcli.housekeeping import dependents, listing
+
     store = _open_store(project)
-    rows = store.listing()
+    rows = listing(store)
     targets = [_match(rows, key) for key in keys]
-    _remove_with_plan(store, store.dependents(targets), "remove", dry_run, yes)
+    _remove_with_plan(store, dependents(store, targets), "remove", dry_run, yes)
 
 
 @app.command("gc")
@@ -805,51 +822,57 @@ def collect_garbage(
     dry_run: DryRunOpt = False,
     yes: YesOpt = False,
 ) -> None:
-    """Remove what nothing uses: interrupted entries, entries whose source is gone, stale temp files.
+    """Remove what nothing uses or nothing can use: interrupted and damaged entries and checkpoints, entries
+    whose source is gone, renders and grids of removed edits, a damaged project.json, stale temp files.
 
     Work a live process is doing is left alone.
     """
+    from tavcli.housekeeping import garbage
+
     store = _open_store(project)
-    _remove_with_plan(store, store.garbage(checkpoints), "collect", dry_run, yes)
+    _remove_with_plan(store, garbage(store, checkpoints), "collect", dry_run, yes)
 
 
 @app.command()
 def verify(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
-    """Check every entry's payload against the SHA-256 recorded when it was written.
+    """Check every entry and checkpoint: metadata, payload SHA-256, NaN or inf values, project.json.
 
-    Exits with status 1 if anything is damaged or incomplete; `tav rm KEY` then lets it be recomputed.
+    Exits with status 1 if anything is damaged or incomplete, naming the `tav rm`/`tav gc` that clears it.
     """
-    from safetensors import safe_open
-
+    from tavcli.housekeeping import listing
     from tavcli.store import Checkpoints, Entry
     from tavcli.ui import print_record, stderr
 
     store = _open_store(project)
     bad = 0
-    rows = store.listing()
+    rows = listing(store)
     with _progress("verifying", len(rows)) as advance:
         for row in rows:
             problems = [] if row.state == "complete" else [row.state]
-            if row.kind == "checkpoints" and not problems:
-                for step in Checkpoints(row.path).steps():
-                    try:
-                        with safe_open(str(Checkpoints(row.path).path(step)), "pt") as file:
-                            [file.get_tensor(name) for name in file.keys()]  # noqa: SIM118
-                    except (OSError, ValueError) as error:
-                        problems.append(f"step {step}: {error}")
+            if not problems and row.kind == "checkpoints":
+                problems = Checkpoints(row.path).problems(full=True)
             elif not problems:
                 problems = Entry(row.kind, row.key, row.path, row.spec).problems()
             bad += bool(problems)
+            fix = _fix_for(store, row)
             if as_json:
-                print_record(
-                    {"kind": row.kind, "key": row.key, "path": str(row.path), "ok": not problems, "problems": problems}
-                )
+                record = {"kind": row.kind, "key": row.key, "path": str(row.path), "ok": not problems}
+                print_record({**record, "problems": problems, "fix": fix if problems else None})
             elif problems:
-                stderr.print(f"[red]damaged[/red] {row.kind}/{row.key}: {escape('; '.join(problems))}")
+                stderr.print(
+                    f"[red]damaged[/red] {row.kind}/{row.key}: {escape('; '.join(problems))} [dim]({fix})[/dim]"
+                )
             advance()
     stderr.print(f"{len(rows) - bad} of {len(rows)} entries ok" + (f", [red]{bad} damaged[/red]" if bad else ""))
     if bad:
         raise typer.Exit(1)
+
+
+def _fix_for(store: Project, row: Listing) -> str:
+    """The command that clears a damaged row."""
+    if row.kind == "project":
+        return f"`tav gc -p {store.root}` removes it; it is then rebuilt from the entries"
+    return f"`tav rm {row.kind}/{row.key} -p {store.root}` or `tav gc -p {store.root}` removes it"
 
 
 @app.command("config")
@@ -859,14 +882,10 @@ def show_config(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
     Precedence: flag > environment (TAV_MODEL, TAV_DEVICE, TAV_PRECISION, TAV_PROJECT) > the project's
     tav.toml > the user's config.toml > default.
     """
-    from tavcli.config import PROJECT_FILE, as_dict, project_from, user_config_path
+    from tavcli.config import PROJECT_FILE, as_dict, chosen_project, user_config_path
     from tavcli.ui import print_record, stderr
-    from tavcli.workflow import PROJECT_SUFFIX
 
-    chosen = project_from(project)
-    if chosen is None:
-        found = sorted(p for p in Path.cwd().glob(f"*{PROJECT_SUFFIX}") if p.is_dir())
-        chosen = Setting(str(found[0]), "the only *.tav here") if len(found) == 1 else None
+    chosen = chosen_project(project)
     project_dir = Path(chosen.value or "") if chosen else None
     settings = _settings(project_dir)
     files = {
@@ -918,13 +937,16 @@ def _match(rows: list[Listing], given: str) -> Listing:
 
 
 def _remove_with_plan(store: Project, rows: list[Listing], verb: str, dry_run: bool, yes: bool) -> None:
-    """Show what goes and how many bytes it frees; then (after --yes or a confirmation) remove it."""
+    """Show what goes, every file of it, and the bytes it frees; then (after --yes or a confirmation) remove it."""
+    from tavcli.housekeeping import removal_files, remove
     from tavcli.ui import print_record, stderr
 
     freed = sum(row.bytes for row in rows)
     for row in rows:
         why = _describe(row) if row.state == "complete" else row.state
         stderr.print(f"  {row.kind}/{row.key}  {_size(row.bytes):>9}  [dim]{escape(why)}[/dim]")
+        for path in removal_files(store, row):
+            stderr.print(f"      [dim]{escape(str(path))}[/dim]")
     plural = "entry" if len(rows) == 1 else "entries"
     stderr.print(f"{'would free' if dry_run else 'frees'} {_size(freed)} in {len(rows)} {plural}")
     if dry_run or not rows:
@@ -934,7 +956,7 @@ def _remove_with_plan(store: Project, rows: list[Listing], verb: str, dry_run: b
             raise TavError("not confirmed: nothing was removed", f"pass --yes to {verb} without asking")
         typer.confirm(f"{verb.capitalize()} {len(rows)} entries?", abort=True)
     for row in rows:
-        store.remove(row)
+        remove(store, row)
         print_record({"removed": f"{row.kind}/{row.key}", "path": str(row.path), "bytes": row.bytes})
 
 
@@ -989,15 +1011,22 @@ def _root(
 
 
 def main() -> None:
-    """Entry point: user errors become one red line and exit status 1 (TAV_DEBUG=1 shows the traceback).
+    """Entry point: every mistake is one red line; user errors exit 1, command-line usage errors 2.
 
     File-system failures (permissions, a full disk) are the environment's, not bugs: one line too.
     Ctrl-C and SIGTERM stop with status 130 and a note that finished work is kept.
     """
+    from tavcli.cores import choose_wait_policy
+
+    choose_wait_policy()  # before torch loads: OpenMP reads it once
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        app()
+        code = typer.main.get_command(app).main(prog_name="tav", standalone_mode=False)
+    except typer.Abort:
+        code = _fail(TavError("aborted"), 1)
     except Exception as error:
+        if _parsing_error(error):  # an unknown option, a missing argument, a bad choice: click's, one line too
+            return _usage(error)
         if _out_of_memory(error):
             error = TavError(
                 "the device ran out of memory",
@@ -1006,16 +1035,38 @@ def main() -> None:
             )
         if os.environ.get("TAV_DEBUG") or not isinstance(error, (TavError, OSError)):
             raise
-        from rich.console import Console
-
-        message, hint = (error.message, error.hint) if isinstance(error, TavError) else (str(error), None)
-        console = Console(stderr=True, highlight=False, soft_wrap=True)
-        shown_hint = f" [dim]({escape(hint)})[/dim]" if hint else ""
-        console.print(f"[bold red]error:[/bold red] {escape(message)}{shown_hint}")
-        sys.exit(getattr(error, "exit_code", 1))
+        code = _fail(error, getattr(error, "exit_code", 1))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _parsing_error(error: Exception) -> bool:
+    """Whether `error` is the command-line parser's (click's, or the copy of it newer typer ships)."""
+    return type(error).__module__.split(".")[0] in ("click", "typer") and hasattr(error, "format_message")
+
+
+def _usage(error: Any) -> None:
+    """Report a parsing error as one line (help itself when no command was given) and exit with its status."""
+    if type(error).__name__ == "NoArgsIsHelpError":
+        error.show()
+    else:
+        hint = f"see `{error.ctx.command_path} --help`" if getattr(error, "ctx", None) else None
+        _fail(TavError(error.format_message(), hint), error.exit_code)
+    sys.exit(error.exit_code)
+
+
+def _fail(error: TavError | OSError, code: int) -> int:
+    """Print `error` as the one line a user sees and return the exit status."""
+    from rich.console import Console
+
+    message, hint = (error.message, error.hint) if isinstance(error, TavError) else (str(error), None)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    shown_hint = f" [dim]({escape(hint)})[/dim]" if hint else ""
+    console.print(f"[bold red]error:[/bold red] {escape(message)}{shown_hint}")
+    return code
 
 
 def _out_of_memory(error: BaseException) -> bool:

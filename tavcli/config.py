@@ -17,6 +17,7 @@ from typing import Any
 import platformdirs
 
 from tavcli.errors import TavError
+from tavcli.options import Precision, choices
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,7 +30,11 @@ __all__ = [
     "PROJECT_ENV",
     "PROJECT_FILE",
     "Setting",
+    "PROJECT_SUFFIX",
+    "chosen_project",
     "closest",
+    "default_project",
+    "find_project",
     "read_toml",
     "resolve_settings",
     "user_config_path",
@@ -54,7 +59,8 @@ ENVIRONMENT = {
 PROJECT_ENV = "TAV_PROJECT"  # the project directory itself, like --project
 PROJECT_KEYS = ("model", "model_config", "device", "precision")  # project_root makes no sense inside a project
 PROJECT_FILE = "tav.toml"
-CHOICES = {"precision": ("auto", "fp32", "fp16", "bf16")}
+PROJECT_SUFFIX = ".tav"
+CHOICES = {"precision": choices(Precision)}
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,35 @@ def project_from(flag: Path | None) -> Setting | None:
     if os.environ.get(PROJECT_ENV):
         return Setting(os.environ[PROJECT_ENV], f"env {PROJECT_ENV}")
     return None
+
+
+def default_project(clip: Path) -> Path:
+    """`clip.mp4` -> `clip.tav/` beside it."""
+    return clip.with_name(clip.stem + PROJECT_SUFFIX)
+
+
+def find_project(given: Path | None) -> Path:
+    """`--project` if given, else the only `*.tav` folder in the current directory."""
+    if given is not None:
+        return given
+    candidates = _projects_here()
+    if len(candidates) == 1:
+        return candidates[0]
+    found = "none" if not candidates else ", ".join(p.name for p in candidates)
+    raise TavError(f"which project? pass --project (found {found} here)", "`tav tune CLIP PROMPT` creates CLIP.tav")
+
+
+def chosen_project(flag: Path | None) -> Setting | None:
+    """The project --project, TAV_PROJECT or the only `*.tav` folder here names, with where it came from."""
+    chosen = project_from(flag)
+    if chosen is None:
+        found = _projects_here()
+        chosen = Setting(str(found[0]), "the only *.tav here") if len(found) == 1 else None
+    return chosen
+
+
+def _projects_here() -> list[Path]:
+    return sorted(p for p in Path.cwd().glob(f"*{PROJECT_SUFFIX}") if p.is_dir())
 
 
 def closest(word: str, choices: tuple[str, ...] | list[str]) -> str:

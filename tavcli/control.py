@@ -8,7 +8,6 @@ For `canny` the maps can be computed from the source clip itself (OpenCV).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,30 +16,9 @@ import torch
 from diffusers import ControlNetModel, T2IAdapter
 
 from tavcli.errors import TavError, first_line
+from tavcli.requests import ControlSpec
 
 __all__ = ["ControlGuide", "ControlSpec", "canny_maps", "controlnet_identity", "load_controlnet"]
-
-CONTROL_KINDS = ("canny", "depth", "pose", "seg", "scribble", "normal", "lineart", "softedge")
-
-
-@dataclass(frozen=True)
-class ControlSpec:
-    """What the user asked for: a kind of condition, a ControlNet, condition frames and a strength."""
-
-    kind: str
-    model: str
-    video: Path | None = None  # None: compute the maps from the source clip (canny only)
-    scale: float = 1.0
-
-    def check(self) -> None:
-        if self.kind not in CONTROL_KINDS:
-            raise TavError(f"unknown --control {self.kind!r}", f"use one of {', '.join(CONTROL_KINDS)}")
-        if self.video is None and self.kind != "canny":
-            raise TavError(f"--control {self.kind} needs --control-video", "a clip of condition maps, one per frame")
-        if self.video is not None and not self.video.is_file():
-            raise TavError(f"no such file: {self.video}", "--control-video takes a clip of condition maps")
-        if not 0 <= self.scale <= 10:
-            raise TavError(f"--control-scale {self.scale} is out of range", "0 (off) to about 2; 1 is the usual")
 
 
 def controlnet_identity(name: str) -> str:

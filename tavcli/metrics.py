@@ -21,7 +21,7 @@ from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 from tavcli.config import DEFAULT_CLIP_MODEL
 from tavcli.errors import TavError, first_line
 
-__all__ = ["DEFAULT_CLIP_MODEL", "ClipScorer", "Scores", "evaluate_output", "sidecar_of"]
+__all__ = ["DEFAULT_CLIP_MODEL", "ClipScorer", "Scores", "evaluate_output"]
 
 
 @dataclass(frozen=True)
@@ -76,30 +76,17 @@ def _features(output: torch.Tensor | object) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output  # type: ignore[attr-defined]
 
 
-def sidecar_of(output: Path) -> Path:
-    """The sidecar `tav edit` writes beside an output (`X.mp4.json`, or `X.json` for a frames folder)."""
-    return output.with_suffix(".json") if output.is_dir() else output.with_name(output.name + ".json")
-
-
 def evaluate_output(scorer: ClipScorer, output: Path, prompt: str | None = None) -> dict[str, object]:
     """Score one output against `prompt` (default: the prompt in its sidecar); store the scores in the sidecar."""
-    import json
-
-    from tavcli.atomic import write_json
+    from tavcli.sidecar import read_sidecar, sidecar_of, write_sidecar
     from tavcli.video import read_frames
 
-    sidecar = sidecar_of(output)
-    record = {}
-    if sidecar.is_file():
-        try:
-            record = json.loads(sidecar.read_text())
-        except (OSError, ValueError) as error:
-            raise TavError(f"damaged sidecar {sidecar}: {error}") from None
+    record = read_sidecar(sidecar_of(output)) if sidecar_of(output).is_file() else {}
     prompt = prompt if prompt is not None else record.get("edit", {}).get("prompt")
     if not prompt:
         raise TavError(f"no prompt for {output}: it has no tav sidecar", "pass --prompt")
     scores = scorer.score(read_frames(output), prompt)
     result = {"path": str(output), "prompt": prompt, "clip_model": scorer.name, **scores.record()}
     if record:
-        write_json(sidecar, {**record, "scores": {k: v for k, v in result.items() if k != "path"}})
+        write_sidecar(output, {**record, "scores": {k: v for k, v in result.items() if k != "path"}})
     return result

@@ -15,7 +15,7 @@ The 2D weights are shared with the UNet passed in, never copied or changed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,8 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
+from tavcli.options import FrameNorm
+
 __all__ = [
     "FrameNorm",
     "TRAINABLE_MODULE_SUFFIXES",
@@ -34,7 +36,6 @@ __all__ = [
     "trainable_parameters",
 ]
 
-FrameNorm = Literal["joint", "frame"]
 
 # The reference tunes the modules whose names end in these (DESIGN.md section 2).
 TRAINABLE_MODULE_SUFFIXES = ("attn1.to_q", "attn2.to_q", "attn_temp")

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from tavcli.errors import TavError
+from tavcli.options import Precision
 
 __all__ = ["Precision", "Runtime", "resolve_runtime"]
 
-Precision = Literal["auto", "fp32", "fp16", "bf16"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

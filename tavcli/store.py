@@ -20,14 +20,15 @@ is complete once its `meta.json` exists: payloads are written first, each atomic
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import shutil
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from filelock import FileLock, Timeout
 
 from tavcli.atomic import atomic_path, write_json
 from tavcli.errors import TavError
+from tavcli.payload import load_payload, nonfinite, payload_problems, structure_problem
 
 __all__ = [
     "KINDS",
@@ -43,10 +45,11 @@ __all__ = [
     "TENSORS",
     "Checkpoints",
     "Entry",
-    "Listing",
     "Project",
+    "STATE_FILE",
     "cache_key",
     "file_sha256",
+    "timestamp",
 ]
 
 # Bump when a change to the method changes what an entry holds: old entries then stop matching.
@@ -54,9 +57,11 @@ METHOD_VERSION = 1
 # Bump when the layout changes: an older tav refuses a newer project instead of misreading it.
 STORE_VERSION = 1
 TENSORS = "tensors.safetensors"
+STATE_FILE = "project.json"
 KINDS = ("latents", "embeddings", "tunes", "inversions", "edits")
 # kind -> (the spec field naming its parent's key, the parent's kind)
 PARENTS = {"tunes": ("latents", "latents"), "inversions": ("tune", "tunes"), "edits": ("inversion", "inversions")}
+KEY = re.compile(r"[0-9a-f]{16}")
 
 
 def cache_key(spec: dict[str, Any]) -> str:
@@ -74,7 +79,7 @@ def file_sha256(path: Path) -> str:
 
 
 def _damaged(path: Path, why: object) -> TavError:
-    hint = f"`tav rm {path.parent.name}/{path.name} -p {path.parent.parent}`, then run again"
+    hint = f"`tav rm {path.parent.name}/{path.name} -p {path.parent.parent}` removes it; then run again"
     return TavError(f"damaged cache entry {path}: {why}", hint)
 
 
@@ -100,18 +105,32 @@ class Entry:
         return kind, self.spec[field_name]
 
     def meta(self) -> dict[str, Any]:
+        """`meta.json`, checked to hold a spec and to list the payload with its hash and size."""
         try:
             meta = json.loads((self.path / "meta.json").read_text())
         except (OSError, ValueError) as error:
             raise _damaged(self.path, error) from None
         if not isinstance(meta, dict) or not isinstance(meta.get("spec"), dict):
             raise _damaged(self.path, "meta.json has no spec")
+        listed = meta.get("files")
+        recorded = listed.get(TENSORS) if isinstance(listed, dict) else None
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("sha256"), str):
+            raise _damaged(self.path, f"meta.json does not list its payload {TENSORS}")
         return meta
 
     def save(self, tensors: dict[str, Any], facts: dict[str, Any]) -> None:
-        """Write the tensors, then the metadata (with the payload's hash) that marks the entry complete."""
+        """Write the tensors, then the metadata (with the payload's hash) that marks the entry complete.
+
+        Tensors holding NaN or inf are refused: a cached wrong result would be reused forever.
+        """
         from safetensors.torch import save
 
+        bad = nonfinite(tensors)
+        if bad:
+            raise TavError(
+                f"the {self.kind[:-1]} came out as NaN or inf ({', '.join(bad)}); nothing was stored",
+                "with fp16, try --precision bf16 or fp32",
+            )
         payload = save({name: t.detach().contiguous().cpu() for name, t in tensors.items()})
         self.path.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.path / TENSORS, needed=len(payload)) as temp:
@@ -119,62 +138,51 @@ class Entry:
         files = {TENSORS: {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}}
         write_json(
             self.path / "meta.json",
-            {"kind": self.kind, "key": self.key, "spec": self.spec, "files": files, "created": _now(), **facts},
+            {"kind": self.kind, "key": self.key, "spec": self.spec, "files": files, "created": timestamp(), **facts},
         )
 
     def tensors(self, device: Any = "cpu") -> dict[str, Any]:
-        """The payload, checked against the SHA-256 recorded when it was written: a damaged one is refused."""
-        from safetensors.torch import load
-
+        """The payload, checked against the SHA-256 recorded when it was written and for NaN or inf."""
+        recorded = self.meta()["files"][TENSORS]["sha256"]
         try:
             payload = (self.path / TENSORS).read_bytes()
-            recorded = self.meta().get("files", {}).get(TENSORS, {}).get("sha256")
-            if recorded is not None and hashlib.sha256(payload).hexdigest() != recorded:
-                raise ValueError("its payload does not match the SHA-256 recorded when it was written")
-            return {name: t.to(device) for name, t in load(payload).items()}
-        except (OSError, ValueError) as error:
+        except OSError as error:
             raise _damaged(self.path, error) from None
+        if hashlib.sha256(payload).hexdigest() != recorded:
+            raise _damaged(self.path, "its payload does not match the SHA-256 recorded when it was written")
+        problems = payload_problems(payload, TENSORS)
+        if problems:
+            raise _damaged(self.path, problems[0])
+        tensors, _ = load_payload(payload)
+        return {name: t.to(device) for name, t in tensors.items()}
 
-    def problems(self) -> list[str]:
-        """What is wrong with this complete entry's files (empty when its payload hashes match)."""
+    def quick_problems(self) -> list[str]:
+        """What is wrong with this complete entry that its metadata and file sizes show (no hashing)."""
         try:
-            files = self.meta().get("files", {})
+            files = self.meta()["files"]
         except TavError as error:
-            return [error.message]
+            return [error.message.split(": ", 1)[-1]]
         found = []
         for name, recorded in files.items():
             path = self.path / name
             if not path.is_file():
                 found.append(f"{name} is missing")
-            elif file_sha256(path) != recorded.get("sha256"):
-                found.append(f"{name} does not match its recorded SHA-256")
+            elif isinstance(recorded, dict) and recorded.get("bytes") not in (None, path.stat().st_size):
+                found.append(f"{name} is truncated or padded ({path.stat().st_size} of {recorded['bytes']} bytes)")
         return found
 
-
-@dataclass
-class Listing:
-    """One row of `tav ls`: an entry (or checkpoint folder) and what is known about it, never raising."""
-
-    kind: str
-    key: str
-    path: Path
-    state: str  # complete, incomplete, or damaged: why
-    bytes: int
-    created: str | None = None
-    spec: dict[str, Any] = field(default_factory=dict)
-    parent: str | None = None  # "kind/key"
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "key": self.key,
-            "path": str(self.path),
-            "state": self.state,
-            "bytes": self.bytes,
-            "created": self.created,
-            "parent": self.parent,
-            "spec": self.spec,
-        }
+    def problems(self) -> list[str]:
+        """Everything wrong with this complete entry: metadata, sizes, payload hashes, NaN or inf values."""
+        found = self.quick_problems()
+        if found:
+            return found
+        for name, recorded in self.meta()["files"].items():
+            data = (self.path / name).read_bytes()
+            if hashlib.sha256(data).hexdigest() != recorded.get("sha256"):
+                found.append(f"{name} does not match its recorded SHA-256")
+            elif name.endswith(".safetensors"):
+                found += payload_problems(data, name)
+        return found
 
 
 class Checkpoints:
@@ -210,6 +218,32 @@ class Checkpoints:
         step = self.latest_step(at_most)
         return None if step is None else self.path(step)
 
+    def read(self, step: int) -> tuple[dict[str, Any], dict[str, str]]:
+        """A saved state's tensors and metadata; TavError naming the file and the way out if it is damaged."""
+        path = self.path(step)
+        try:
+            tensors, metadata = load_payload(path.read_bytes())
+            bad = nonfinite(tensors)
+            if bad:
+                raise ValueError(f"it holds NaN or inf in {bad[0]}")
+        except (OSError, ValueError) as error:
+            raise TavError(
+                f"damaged checkpoint {path}: {error}",
+                f"`tav gc -p {self.folder.parent.parent}` removes it; or pass --force to train from step 0",
+            ) from None
+        return tensors, metadata
+
+    def problems(self, full: bool = False) -> list[str]:
+        """What is wrong with the saved states: their structure, and with `full` their values too."""
+        found = [problem for step in self.steps() if (problem := structure_problem(self.path(step)))]
+        if full and not found:
+            for step in self.steps():
+                try:
+                    self.read(step)
+                except TavError as error:
+                    found.append(error.message.split(": ", 1)[-1])
+        return found
+
     def save(self, step: int, payload: bytes) -> Path:
         with atomic_path(self.path(step), needed=len(payload)) as temp:
             temp.write_bytes(payload)
@@ -240,6 +274,11 @@ class Project:
             raise TavError(f"project {self.root} has no complete {kind[:-1]} {key}", "run `tav tune` again")
         return Entry(kind=kind, key=key, path=path, spec=entry.meta()["spec"])
 
+    def complete_keys(self, kind: str) -> list[str]:
+        """Keys of the entries of `kind` that are complete."""
+        folder = self.root / kind
+        return sorted(p.name for p in folder.glob("*") if KEY.fullmatch(p.name) and (p / "meta.json").is_file())
+
     def checkpoints(self, run_spec: dict[str, Any]) -> Checkpoints:
         return Checkpoints(self.root / "checkpoints" / cache_key({"kind": "checkpoints", **run_spec}))
 
@@ -261,7 +300,6 @@ class Project:
     @contextmanager
     def lock(self, name: str) -> Iterator[None]:
         """An exclusive OS file lock, released by the kernel if its holder dies (so no stale locks)."""
-        self.check_version()
         folder = self.root / ".locks"
         folder.mkdir(parents=True, exist_ok=True)
         file_lock = FileLock(str(folder / f"{name}.lock"), thread_local=False)
@@ -289,18 +327,73 @@ class Project:
 
     @property
     def state(self) -> dict[str, Any]:
-        path = self.root / "project.json"
-        if not path.is_file():
-            return {}
+        """`project.json`, checked; rebuilt from the entries when it is missing (see `_rebuilt_state`)."""
+        path = self.root / STATE_FILE
         try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise TavError(f"damaged {path}: {error}", "delete it; the entries stay usable") from None
-        return state if isinstance(state, dict) else {}
+            text = path.read_text()
+        except FileNotFoundError:
+            return self._rebuilt_state()
+        except OSError as error:
+            raise TavError(f"cannot read {path}: {error.strerror}") from None
+        problem = _state_problem(text)
+        if problem:
+            raise TavError(
+                f"damaged {path}: {problem}",
+                f"`tav gc -p {self.root}` removes it; it is then rebuilt from the entries",
+            )
+        return json.loads(text)
+
+    def state_problem(self) -> str | None:
+        """Why `project.json` is damaged, or None (also when it is missing: it is rebuilt then)."""
+        try:
+            return _state_problem((self.root / STATE_FILE).read_text())
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            return f"cannot be read: {error.strerror}"
+
+    def _rebuilt_state(self) -> dict[str, Any]:
+        """The pointers a missing `project.json` can be rebuilt with: the tune if only one exists, and
+        its inversion if it has only one. Written back (if still missing) so the choice stays."""
+        tunes = self.complete_keys("tunes")
+        if not tunes:
+            return {}
+        state: dict[str, Any] = {"store_version": STORE_VERSION, "tune": None, "inversion": None}
+        if len(tunes) == 1:
+            inverted = self.complete_keys("inversions")
+            of_tune = [key for key in inverted if self._spec_of("inversions", key).get("tune") == tunes[0]]
+            state.update(tune=tunes[0], inversion=of_tune[0] if len(of_tune) == 1 else None)
+        with contextlib.suppress(OSError):  # a read-only project only loses the memo
+            _create_json(self.root / STATE_FILE, state)
+        return state
+
+    def _spec_of(self, kind: str, key: str) -> dict[str, Any]:
+        """An entry's spec, or {} if its metadata is damaged."""
+        try:
+            return self.find(kind, key).spec
+        except TavError:
+            return {}
+
+    def current_tune(self) -> str:
+        """The key of the tune `tav edit` and `tav invert` use now."""
+        key = self.state.get("tune")
+        if key:
+            return str(key)
+        tunes = self.complete_keys("tunes")
+        if tunes:
+            raise TavError(
+                f"{self.root / STATE_FILE} does not say which of the project's {len(tunes)} tunes to use",
+                "run the `tav tune` command of the one you want again (it is cached), or `tav rm` the others",
+            )
+        raise TavError(f"project {self.root} was never tuned", f"run `tav tune CLIP PROMPT --project {self.root}`")
 
     def check_version(self) -> None:
-        version = self.state.get("store_version", STORE_VERSION)
-        if not isinstance(version, int) or version > STORE_VERSION:
+        """Refuse a project written by a newer tav (a damaged `project.json` is left to `state` to report)."""
+        try:
+            version = json.loads((self.root / STATE_FILE).read_text()).get("store_version", STORE_VERSION)
+        except (OSError, ValueError, AttributeError):
+            return
+        if isinstance(version, int) and version > STORE_VERSION:
             raise TavError(
                 f"project {self.root} was written by a newer tav (store version {version}; this tav reads "
                 f"{STORE_VERSION})",
@@ -309,152 +402,35 @@ class Project:
 
     def update_state(self, **changes: Any) -> None:
         """Read-modify-write `project.json` under the project lock, so concurrent updates are not lost."""
+        self.check_version()
         with self.lock("project"):
-            write_json(self.root / "project.json", {**self.state, "store_version": STORE_VERSION, **changes})
-
-    # --- inspecting and pruning --------------------------------------------------------------------
-
-    def listing(self) -> list[Listing]:
-        """Every entry and checkpoint in the project, damaged ones included."""
-        rows = []
-        for kind in KINDS:
-            for path in sorted(p for p in (self.root / kind).glob("*") if p.is_dir() and not p.name.startswith(".")):
-                rows.append(self._list_entry(Entry(kind, path.name, path, {})))
-        for folder in sorted(p for p in (self.root / "checkpoints").glob("*") if p.is_dir()):
-            rows.append(_list_checkpoints(folder))
-        return rows
-
-    def _list_entry(self, bare: Entry) -> Listing:
-        size = _folder_bytes(bare.path)
-        if not bare.complete:
-            return Listing(bare.kind, bare.key, bare.path, "incomplete", size)
-        try:
-            meta = bare.meta()
-        except TavError as error:
-            return Listing(bare.kind, bare.key, bare.path, f"damaged: {error.message}", size)
-        entry = Entry(bare.kind, bare.key, bare.path, meta["spec"])
-        parent = "/".join(entry.parent) if entry.parent else None
-        return Listing(entry.kind, entry.key, entry.path, "complete", size, meta.get("created"), entry.spec, parent)
-
-    def renders(self) -> list[tuple[Path, str]]:
-        """Outputs inside the project (`renders/`) and the edit key each was rendered from."""
-        found = []
-        for sidecar in sorted((self.root / "renders").glob("*.json")):
-            try:
-                key = json.loads(sidecar.read_text())["edit"]["key"]
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-            found.append((sidecar, key))
-        return found
-
-    def dependents(self, targets: list[Listing]) -> list[Listing]:
-        """`targets` and everything computed from them, children first (the order to remove in)."""
-        rows = self.listing()
-        chosen = {f"{t.kind}/{t.key}" for t in targets}
-        grew = True
-        while grew:
-            extra = {f"{r.kind}/{r.key}" for r in rows if r.parent in chosen} - chosen
-            grew = bool(extra)
-            chosen |= extra
-        order = {kind: i for i, kind in enumerate(("edits", "inversions", "tunes", "checkpoints", "embeddings"))}
-        picked = [r for r in rows if f"{r.kind}/{r.key}" in chosen]
-        return sorted(picked, key=lambda r: order.get(r.kind, len(order)))
-
-    def garbage(self, checkpoints: bool = False) -> list[Listing]:
-        """What `tav gc` removes: interrupted entries, entries whose parent is gone, renders of removed edits,
-        temporary files of dead processes, and (if asked) the resumable checkpoints."""
-        rows = self.listing()
-        present = {f"{r.kind}/{r.key}" for r in rows if r.state == "complete"}
-        found = []
-        for row in rows:
-            if row.state == "incomplete" and not self.busy(f"{row.kind}-{row.key}"):
-                found.append(_with_state(row, "interrupted before it was complete"))
-            elif row.parent and row.parent not in present and row.state == "complete":
-                found.append(_with_state(row, f"computed from {row.parent}, which is gone"))
-            elif row.kind == "checkpoints" and checkpoints and not self.busy(f"checkpoints-{row.key}"):
-                found.append(_with_state(row, "resumable training state (--checkpoints)"))
-        edits = {r.key for r in rows if r.kind == "edits" and r.state == "complete"}
-        for sidecar, key in self.renders():
-            if key not in edits:
-                found.append(Listing("render", sidecar.name[:-5], sidecar, f"render of edits/{key}, which is gone", 0))
-        for temp in self.root.rglob(".*.tmp"):
-            pid = temp.name.rsplit(".", 3)[-3]
-            if pid.isdigit() and not pid_alive(int(pid)):
-                found.append(Listing("temp", temp.name, temp, "left by a process that died", _path_bytes(temp)))
-        return found
-
-    def remove(self, row: Listing) -> None:
-        """Remove references before payloads: pointers, then `meta.json` (the entry stops counting), then files."""
-        if row.kind == "render":
-            _remove_render(row.path)
-            return
-        if row.kind == "temp":
-            shutil.rmtree(row.path) if row.path.is_dir() else row.path.unlink(missing_ok=True)
-            return
-        with self.lock(f"{row.kind}-{row.key}"):
-            state = self.state
-            pointers = {name: None for name in ("tune", "inversion") if state.get(name) == row.key}
-            if pointers:
-                self.update_state(**pointers)
-            if row.kind == "edits":
-                for sidecar, key in self.renders():
-                    if key == row.key:
-                        _remove_render(sidecar)
-            (row.path / "meta.json").unlink(missing_ok=True)
-            shutil.rmtree(row.path, ignore_errors=True)
+            write_json(self.root / STATE_FILE, {**self.state, "store_version": STORE_VERSION, **changes})
 
 
-def _list_checkpoints(folder: Path) -> Listing:
-    from safetensors import safe_open
-
-    steps = Checkpoints(folder).steps()
-    spec: dict[str, Any] = {"steps": steps}
-    parent = None
-    state = "complete" if steps else "incomplete"
-    if steps:
-        try:
-            with safe_open(str(Checkpoints(folder).path(steps[-1])), "pt") as file:
-                run = json.loads((file.metadata() or {})["run"])
-            spec.update(run)
-            parent = f"latents/{run['latents']}"
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            state = f"damaged: {error}"
-    modified = max((p.stat().st_mtime for p in folder.iterdir()), default=None)
-    created = _now(modified) if modified else None
-    return Listing("checkpoints", folder.name, folder, state, _folder_bytes(folder), created, spec, parent)
-
-
-def _remove_render(sidecar: Path) -> None:
-    output = sidecar.with_name(sidecar.name[: -len(".json")])
-    sidecar.unlink(missing_ok=True)  # the reference first
-    if output.is_dir():
-        shutil.rmtree(output, ignore_errors=True)
-    else:
-        output.unlink(missing_ok=True)
-
-
-def _with_state(row: Listing, state: str) -> Listing:
-    return Listing(row.kind, row.key, row.path, state, row.bytes, row.created, row.spec, row.parent)
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-def _path_bytes(path: Path) -> int:
-    return _folder_bytes(path) if path.is_dir() else path.stat().st_size
-
-
-def _now(seconds: float | None = None) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(seconds))
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs here (a temp file named after a dead one is garbage)."""
+def _state_problem(text: str) -> str | None:
+    """Why the text of `project.json` is not a valid state, or None."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        state = json.loads(text)
+    except ValueError as error:
+        return f"not JSON ({error})"
+    if not isinstance(state, dict):
+        return "not a JSON object"
+    version = state.get("store_version", STORE_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int):
+        return f"store_version is {version!r}, not an integer"
+    for name in ("tune", "inversion"):
+        if state.get(name) is not None and not (isinstance(state[name], str) and KEY.fullmatch(state[name])):
+            return f"{name} is {state[name]!r}, not an entry key"
+    return None
+
+
+def _create_json(path: Path, data: Any) -> None:
+    """Write `path` atomically only if it does not exist yet (a hard link fails on an existing name)."""
+    with atomic_path(path.with_name(f"{path.name}.new")) as temp:
+        temp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        with contextlib.suppress(FileExistsError):
+            os.link(temp, path)
+
+
+def timestamp(seconds: float | None = None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(seconds))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -18,12 +19,14 @@ from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin
 from tavcli.errors import Interrupted, TavError
 from tavcli.model import VideoUNet, trainable_parameters
 from tavcli.progress import Advance
+from tavcli.requests import TuneSettings
 from tavcli.runtime import Runtime
+from tavcli.store import Checkpoints
 
 __all__ = [
+    "TuneDiverged",
     "TuneInterrupted",
     "TrainState",
-    "TuneSettings",
     "decode_latents",
     "encode_clip",
     "load_train_state",
@@ -38,17 +41,6 @@ GPU_VAE_FRAMES = 8  # frames per VAE call on a GPU: bounds memory on long clips
 CPU_VAE_BYTES = 16 * 2**20  # on a CPU, keep the VAE's largest activation cache-sized: ~1.6x faster decodes
 
 
-@dataclass(frozen=True)
-class TuneSettings:
-    """The reference's defaults: 500 AdamW steps at lr 3e-5, seed 33."""
-
-    steps: int = 500
-    learning_rate: float = 3e-5
-    seed: int = 33
-    gradient_checkpointing: bool = False  # saves memory, same numbers: not part of the cache key
-    checkpoint_every: int = 100  # save a resumable state every N steps (0: only when stopped or done)
-
-
 @dataclass
 class TrainState:
     """Everything that determines the rest of a run: resuming from it gives the uninterrupted run's numbers."""
@@ -60,6 +52,16 @@ class TrainState:
     rng: torch.Tensor  # the training generator's state
     device_type: str
     losses: list[float] = field(default_factory=list)
+
+
+class TuneDiverged(TavError):
+    """The loss or the tuned tensors stopped being finite numbers: nothing of the run may be stored."""
+
+    def __init__(self, what: str, step: int, settings: TuneSettings, precision: str) -> None:
+        causes = f"--lr {settings.learning_rate:g} may be too high"
+        if precision == "fp16":
+            causes += "; fp16 may have overflowed: try --precision bf16 or fp32"
+        super().__init__(f"the tune diverged at step {step} of {settings.steps}: {what}; no tune was stored", causes)
 
 
 class TuneInterrupted(Interrupted):
@@ -85,6 +87,9 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> np.ndarray:
     frames = (latents[0].transpose(0, 1) / vae.config.scaling_factor).to(vae.dtype)
     height, width = frames.shape[2] * 8, frames.shape[3] * 8
     pixels = torch.cat([vae.decode(chunk).sample for chunk in frames.split(vae_frames(vae, height, width))])
+    if not torch.isfinite(pixels).all():  # clamping would turn them into black frames
+        hint = "with fp16, try --precision bf16 or fp32" if pixels.dtype == torch.float16 else None
+        raise TavError("the VAE decoded NaN or inf pixels; nothing was written", hint)
     pixels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
@@ -151,6 +156,8 @@ def train_delta(
         step, losses = resume.step, list(resume.losses)
 
     def state() -> TrainState:
+        if not all(bool(torch.isfinite(param).all()) for param in params.values()):
+            raise TuneDiverged("the tuned tensors hold NaN or inf", step, settings, runtime.precision)
         return TrainState(
             step=step,
             params={name: param.detach().clone() for name, param in params.items()},
@@ -170,6 +177,9 @@ def train_delta(
         with runtime.autocast():
             prediction = model(noisy, timesteps, prompt_embeds).sample
         loss = F.mse_loss(prediction.float(), target.float())
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise TuneDiverged(f"the loss is {loss_value}", step + 1, settings, runtime.precision)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params.values(), max_norm=1.0)
@@ -177,7 +187,7 @@ def train_delta(
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        losses.append(loss.item())
+        losses.append(loss_value)
         advance(loss=losses[-1])
         if save is not None and step < settings.steps:
             if stop_requested():
@@ -211,30 +221,30 @@ def train_state_bytes(state: TrainState, run: dict[str, Any]) -> bytes:
     return save({name: t.contiguous() for name, t in tensors.items()}, metadata)
 
 
-def load_train_state(path: Any, device: torch.device) -> TrainState:
-    """Read a state written by `train_state_bytes`."""
-    from safetensors import safe_open
-
+def load_train_state(checkpoints: Checkpoints, step: int, device: torch.device) -> TrainState:
+    """Read the state `train_state_bytes` wrote for `step`; damage is one line naming the way out."""
+    tensors, metadata = checkpoints.read(step)
     try:
-        with safe_open(str(path), "pt", device=str(device)) as file:
-            metadata = file.metadata() or {}
-            tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (safe_open is no dict)
         optim: dict[int, dict[str, torch.Tensor]] = {}
         for name, tensor in tensors.items():
             if name.startswith("optim/"):
                 _, index, key = name.split("/", 2)
-                optim.setdefault(int(index), {})[key] = tensor
+                optim.setdefault(int(index), {})[key] = tensor.to(device)
         return TrainState(
             step=int(metadata["step"]),
-            params={name[6:]: t for name, t in tensors.items() if name.startswith("param/")},
+            params={name[6:]: t.to(device) for name, t in tensors.items() if name.startswith("param/")},
             optimizer={"state": optim, "param_groups": json.loads(metadata["param_groups"])},
             scaler=json.loads(metadata["scaler"]),
-            rng=tensors["rng"].cpu(),
+            rng=tensors["rng"],
             device_type=metadata["device_type"],
             losses=json.loads(metadata["losses"]),
         )
-    except (OSError, ValueError, KeyError) as error:
-        raise TavError(f"damaged checkpoint {path}: {error}", "delete it to start the tune over") from None
+    except (ValueError, KeyError) as error:
+        path = checkpoints.path(step)
+        raise TavError(
+            f"damaged checkpoint {path}: its training state lacks {error}",
+            f"`tav gc -p {checkpoints.folder.parent.parent}` removes it; or pass --force to train from step 0",
+        ) from None
 
 
 @contextmanager

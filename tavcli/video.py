@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal
 
 import av
 import numpy as np
@@ -13,12 +12,15 @@ from PIL import Image, ImageOps
 
 from tavcli.atomic import atomic_path
 from tavcli.errors import TavError
+from tavcli.inputs import require_regular_file
+from tavcli.options import GIF_MAX_FPS, TUNE, OutputFormat, ResizeMode, check_fields
 
 __all__ = [
     "Clip",
     "FrameSelection",
     "FrameSize",
     "contact_sheet",
+    "gif_delay",
     "read_frames",
     "side_by_side",
     "OutputFormat",
@@ -29,8 +31,6 @@ __all__ = [
     "write_video",
 ]
 
-ResizeMode = Literal["crop", "stretch"]
-OutputFormat = Literal["mp4", "gif", "frames"]
 SIZE_MULTIPLE = 8  # the VAE halves the size three times and the UNet needs whole latents
 FALLBACK_FPS = Fraction(8)  # for inputs (some GIFs) that state no frame rate
 
@@ -44,15 +44,15 @@ class FrameSelection:
     start: int = 0
 
     def __post_init__(self) -> None:
-        if self.frames < 1 or self.stride < 1 or self.start < 0:
-            raise TavError("--frames and --stride must be at least 1 and --start at least 0")
+        check_fields(TUNE, asdict(self), "frame selection")
 
     @property
     def last_index(self) -> int:
         return self.start + (self.frames - 1) * self.stride
 
-    def indices(self) -> range:
-        return range(self.start, self.last_index + 1, self.stride)
+    def __contains__(self, index: int) -> bool:
+        """Whether frame `index` (0-based) is selected (arithmetic: --frames may be absurdly large)."""
+        return self.start <= index <= self.last_index and (index - self.start) % self.stride == 0
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,7 @@ def snap_to_multiple(value: int, multiple: int = SIZE_MULTIPLE) -> int:
 
 
 def _open(path: Path) -> av.container.InputContainer:
-    if not path.exists():
-        raise TavError(f"no such file: {path}")
-    if path.is_dir():
-        raise TavError(f"{path} is a folder, not a video file")
+    require_regular_file(path, "video file")
     try:
         container = av.open(str(path))
     except PermissionError:
@@ -94,10 +91,18 @@ def _open(path: Path) -> av.container.InputContainer:
     return container
 
 
-def probe(path: Path) -> None:
-    """Fail early, with a clear message, if `path` is not a readable video."""
-    with _open(path):
-        pass
+def probe(path: Path, selection: FrameSelection | None = None) -> None:
+    """Fail early, with a clear message, if `path` is not a readable video or is too short for `selection`.
+
+    The length check uses the frame count the container records (mp4, mov); for clips that record
+    none, `read_clip` finds out while decoding.
+    """
+    with _open(path) as container:
+        recorded = container.streams.video[0].frames
+        if selection is not None and recorded and selection.last_index >= recorded:
+            raise TavError(
+                f"{path} has {recorded} frames, too few for {_describe(selection)}", _suggest(selection, recorded)
+            )
 
 
 def _upright(frame: av.VideoFrame) -> Image.Image:
@@ -116,7 +121,7 @@ def _fit(image: Image.Image, size: FrameSize) -> Image.Image:
 
 def read_clip(path: Path, selection: FrameSelection, size: FrameSize) -> Clip:
     """Decode the selected frames of `path`, resized to `size`."""
-    wanted = set(selection.indices())
+    probe(path, selection)
     frames: list[np.ndarray] = []
     decoded = 0
     with _open(path) as container:
@@ -124,7 +129,7 @@ def read_clip(path: Path, selection: FrameSelection, size: FrameSize) -> Clip:
         rate = stream.average_rate or stream.guessed_rate
         try:
             for decoded, frame in enumerate(container.decode(stream), start=1):
-                if decoded - 1 in wanted:
+                if decoded - 1 in selection:
                     frames.append(np.asarray(_fit(_upright(frame), size)))
                     if len(frames) == selection.frames:
                         break
@@ -212,7 +217,7 @@ def write_video(frames: np.ndarray, path: Path, fmt: OutputFormat, fps: Fraction
             _write_mp4(frames, temp, fps)
         elif fmt == "gif":
             images = [Image.fromarray(frame) for frame in frames]
-            duration_ms = round(1000 / float(fps))
+            duration_ms = 10 * gif_delay(fps)
             images[0].save(temp, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
         elif fmt == "frames":
             temp.mkdir()
@@ -221,6 +226,11 @@ def write_video(frames: np.ndarray, path: Path, fmt: OutputFormat, fps: Fraction
         else:
             raise TavError(f"unknown output format {fmt!r}", "use mp4, gif or frames")
     return path
+
+
+def gif_delay(fps: Fraction) -> int:
+    """A GIF frame's delay in hundredths of a second (the format's unit) for `fps`, at most GIF_MAX_FPS."""
+    return min(65535, max(round(100 / fps), round(100 / GIF_MAX_FPS)))
 
 
 def _write_mp4(frames: np.ndarray, path: Path, fps: Fraction) -> None:

@@ -6,7 +6,6 @@ Each step looks its result up in the project's store first and computes it only 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shlex
 import time
@@ -23,17 +22,27 @@ from tavcli import __version__
 from tavcli.atomic import atomic_path
 from tavcli.control import ControlGuide, ControlSpec, canny_maps, controlnet_identity, load_controlnet
 from tavcli.errors import TavError
+from tavcli.inputs import require_folder, require_prompt
 from tavcli.inversion import ddim_inversion
 from tavcli.memory import MemoryEstimate, check_fits, probe_activations, tune_estimate
-from tavcli.model import FrameNorm, VideoUNet, inflate_unet
+from tavcli.model import VideoUNet, inflate_unet
 from tavcli.models import Components, ModelSource, encode_prompts, load_components, resolve_model, weight_files
+from tavcli.modelspec import parse_model_name
+from tavcli.options import (
+    GIF_MAX_FPS,
+    INVERT,
+    FrameNorm,
+    OutputFormat,
+    check_fields,
+)
 from tavcli.progress import Reporter
+from tavcli.requests import EditRequest, EditSettings, TuneRequest, TuneSettings, frame_size
 from tavcli.runtime import Runtime
 from tavcli.sampling import ddim_sample
+from tavcli.sidecar import RecordedEdit, read_sidecar, sidecar_of, write_sidecar
 from tavcli.store import TENSORS, Checkpoints, Entry, Project, file_sha256
 from tavcli.tune import (
     TrainState,
-    TuneSettings,
     decode_latents,
     encode_clip,
     load_train_state,
@@ -44,32 +53,31 @@ from tavcli.tune import (
 from tavcli.video import (
     FrameSelection,
     FrameSize,
-    OutputFormat,
-    ResizeMode,
     contact_sheet,
     probe,
     read_clip,
     read_frames,
     side_by_side,
-    snap_to_multiple,
     write_video,
 )
 
 __all__ = [
     "Artifact",
+    "EditPlan",
+    "EditRequest",
     "EditSettings",
     "Session",
     "TuneRequest",
-    "default_project",
     "edit",
+    "edit_entries",
     "edit_entry",
     "edit_from_sidecar",
-    "find_project",
     "frame_size",
     "import_tune",
     "inversion_entry",
     "invert",
     "latents_entry",
+    "plan_edit",
     "prompt_embeddings",
     "render_grid",
     "tune",
@@ -79,34 +87,7 @@ __all__ = [
     "tune_spec",
 ]
 
-PROJECT_SUFFIX = ".tav"
 CANNY_OF_SOURCE = "canny of the source clip"  # the maps' source in an edit key when tav computes them
-MIN_SIDE, MAX_SIDE = 8, 4096  # pixels: one latent pixel; beyond any SD model's training size
-
-
-@dataclass(frozen=True)
-class EditSettings:
-    """DDIM sampling settings of an edit (the reference's: 50 steps, guidance 12.5, eta 0)."""
-
-    steps: int = 50
-    guidance: float = 12.5
-    negative: str = ""
-    seed: int = 33  # only draws noise when eta > 0
-    eta: float = 0.0
-
-
-@dataclass(frozen=True)
-class TuneRequest:
-    """What to tune: a clip and its description, in which project, on which model, and how."""
-
-    clip: Path
-    prompt: str
-    project: Path
-    model: str  # a model name as `tavcli.modelspec.model_name` builds it
-    selection: FrameSelection = field(default_factory=FrameSelection)
-    size: FrameSize = field(default_factory=FrameSize)
-    settings: TuneSettings = field(default_factory=TuneSettings)
-    frame_norm: FrameNorm = "joint"
 
 
 @dataclass
@@ -201,52 +182,33 @@ class Session:
         return components, self._tuned[tune_entry.key]
 
 
-def frame_size(width: int, height: int, resize: ResizeMode, reporter: Reporter) -> FrameSize:
-    """The frame size rounded to multiples of 8, with a note when it changed."""
-    for option, value in (("--width", width), ("--height", height)):
-        if not MIN_SIDE <= value <= MAX_SIDE:
-            raise TavError(
-                f"{option} {value} is out of range: frames must be {MIN_SIDE} to {MAX_SIDE} pixels a side",
-                "SD 1.x works best at 512, SD 2.x at 768",
-            )
-    snapped = snap_to_multiple(width), snap_to_multiple(height)
-    if snapped != (width, height):
-        reporter.note(f"size {width}x{height} rounded to {snapped[0]}x{snapped[1]} (multiples of 8)")
-    if resize not in ("crop", "stretch"):
-        raise TavError(f"unknown resize mode {resize!r}", "use crop or stretch")
-    return FrameSize(width=snapped[0], height=snapped[1], resize=resize)
-
-
-def default_project(clip: Path) -> Path:
-    """`clip.mp4` -> `clip.tav/` beside it."""
-    return clip.with_name(clip.stem + PROJECT_SUFFIX)
-
-
-def find_project(given: Path | None) -> Path:
-    """`--project` if given, else the only `*.tav` folder in the current directory."""
-    if given is not None:
-        return given
-    candidates = sorted(p for p in Path.cwd().glob(f"*{PROJECT_SUFFIX}") if p.is_dir())
-    if len(candidates) == 1:
-        return candidates[0]
-    found = "none" if not candidates else ", ".join(p.name for p in candidates)
-    raise TavError(f"which project? pass --project (found {found} here)", "`tav tune CLIP PROMPT` creates CLIP.tav")
-
-
 def latents_entry(
-    project: Project, source: ModelSource, clip: Path, selection: FrameSelection, size: FrameSize
+    project: Project, source: ModelSource, clip: Path, selection: FrameSelection, size: FrameSize, precision: str
 ) -> Entry:
-    """The store entry of a clip's VAE posterior: per model, clip content, frames and size."""
+    """The store entry of a clip's VAE posterior: per model, clip content, frames, size and VAE precision."""
     spec = {
         "model": source.identity,
         "clip_sha256": file_sha256(clip),
         "selection": asdict(selection),
         "size": asdict(size),
+        **_unless_fp32(precision),
     }
     return project.entry("latents", spec)
 
 
-def tune_spec(latents_key: str, prompt: str, settings: TuneSettings, precision: str, frame_norm: str) -> dict[str, Any]:
+def _unless_fp32(precision: str) -> dict[str, str]:
+    """The precision in the keys of latents and inversions, which first recorded none: fp32 keys stay as they were."""
+    return {} if precision == "fp32" else {"precision": precision}
+
+
+def _compiled(compiled: bool) -> dict[str, bool]:
+    """`--compile` in the keys of what the UNet computes: compiled kernels round differently."""
+    return {"compile": True} if compiled else {}
+
+
+def tune_spec(
+    latents_key: str, prompt: str, settings: TuneSettings, precision: str, frame_norm: str, compiled: bool = False
+) -> dict[str, Any]:
     """Everything that determines a tune (`tune_run` drops the steps to name its training run)."""
     return {
         "latents": latents_key,
@@ -256,6 +218,7 @@ def tune_spec(latents_key: str, prompt: str, settings: TuneSettings, precision: 
         "seed": settings.seed,
         "precision": precision,
         "frame_norm": frame_norm,
+        **_compiled(compiled),
     }
 
 
@@ -264,8 +227,9 @@ def tune_run(spec: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in spec.items() if k != "steps"}
 
 
-def inversion_entry(project: Project, tune_key: str, steps: int, prompt: str = "") -> Entry:
-    return project.entry("inversions", {"tune": tune_key, "steps": steps, "prompt": prompt})
+def inversion_entry(project: Project, tune_key: str, steps: int, prompt: str, runtime: Runtime) -> Entry:
+    spec = {"tune": tune_key, "steps": steps, "prompt": prompt, **_unless_fp32(runtime.precision)}
+    return project.entry("inversions", {**spec, **_compiled(runtime.compile)})
 
 
 def edit_entry(
@@ -273,15 +237,21 @@ def edit_entry(
     inversion_key: str,
     prompt: str,
     settings: EditSettings,
-    precision: str,
+    runtime: Runtime,
     control: dict[str, Any] | None = None,
+    batch: int = 1,
 ) -> Entry:
-    spec = {"inversion": inversion_key, "prompt": prompt, **asdict(settings), "precision": precision}
-    if control is not None:  # absent when uncontrolled: keys of earlier edits stay valid
+    """An edit's entry. `batch` is how many prompts share its UNet batch: batched matrix products round
+    differently, so a batched edit is another entry (absent for 1, like `control` when uncontrolled,
+    so that keys of earlier edits stay valid)."""
+    spec = {"inversion": inversion_key, "prompt": prompt, **asdict(settings), "precision": runtime.precision}
+    if control is not None:
         spec["control"] = control
+    if batch > 1:
+        spec["batch"] = batch
     if settings.eta == 0:
         spec["seed"] = None  # deterministic DDIM draws no noise: the seed determines nothing
-    return project.entry("edits", spec)
+    return project.entry("edits", {**spec, **_compiled(runtime.compile)})
 
 
 def tune(session: Session, request: TuneRequest, force: bool = False) -> list[Artifact]:
@@ -290,18 +260,15 @@ def tune(session: Session, request: TuneRequest, force: bool = False) -> list[Ar
     Training resumes from the run's latest checkpoint at or below `settings.steps`, so an
     interrupted tune goes on where it stopped and a longer tune continues a shorter one.
     """
-    prompt, settings, frame_norm = request.prompt, request.settings, request.frame_norm
-    _require_prompt(prompt)
-    if settings.steps < 1 or settings.learning_rate <= 0 or settings.checkpoint_every < 0:
-        raise TavError("--steps must be at least 1, --lr positive and --checkpoint-every not negative")
-    probe(request.clip)  # a bad clip should fail before a slow model load
-    _require_folder(request.project, "--project")
+    prompt, settings, frame_norm = require_prompt(request.prompt), request.settings, request.frame_norm
+    probe(request.clip, request.selection)  # a bad clip should fail before a slow model load
+    require_folder(request.project, "--project")
     source = session.source(request.model)
     project = session.project(request.project)
     latents, latents_artifact = _clip_latents(
         session, source, project, request.clip, request.selection, request.size, force
     )
-    spec = tune_spec(latents.key, prompt, settings, session.runtime.precision, frame_norm)
+    spec = tune_spec(latents.key, prompt, settings, session.runtime.precision, frame_norm, session.runtime.compile)
     entry = project.entry("tunes", spec)
     run = tune_run(spec)
     checkpoints = project.checkpoints(run)
@@ -315,6 +282,7 @@ def tune(session: Session, request: TuneRequest, force: bool = False) -> list[Ar
             "losses": state.losses,
             "seconds": time.perf_counter() - started,
             "gradient_checkpointing": settings.gradient_checkpointing,
+            "device": session.runtime.device.type,
             "tav_version": __version__,
         }
         entry.save(state.params, facts)
@@ -337,12 +305,13 @@ def tune_plan(session: Session, request: TuneRequest, force: bool = False, memor
     `resume_from` is the step of the checkpoint training would start from (None: from scratch).
     """
     settings, selection, size = request.settings, request.selection, request.size
-    _require_prompt(request.prompt)
-    probe(request.clip)
+    require_prompt(request.prompt)
+    probe(request.clip, selection)
     source = session.source(request.model)
     project = session.project(request.project)
-    latents = latents_entry(project, source, request.clip, selection, size)
-    spec = tune_spec(latents.key, request.prompt, settings, session.runtime.precision, request.frame_norm)
+    latents = latents_entry(project, source, request.clip, selection, size, session.runtime.precision)
+    runtime = session.runtime
+    spec = tune_spec(latents.key, request.prompt, settings, runtime.precision, request.frame_norm, runtime.compile)
     entry = project.entry("tunes", spec)
     resume = project.checkpoints(tune_run(spec)).latest_step(settings.steps)
     plan: dict[str, Any] = {
@@ -377,10 +346,9 @@ def import_tune(session: Session, folder: Path, request: TuneRequest) -> list[Ar
     """Store the tuned tensors of a reference Tune-A-Video output folder as a tune of `request.clip`."""
     from tavcli.importing import extract_delta, read_reference
 
-    prompt = request.prompt
-    _require_prompt(prompt)
-    probe(request.clip)
-    _require_folder(request.project, "--project")
+    prompt = require_prompt(request.prompt)
+    probe(request.clip, request.selection)
+    require_folder(request.project, "--project")
     run = read_reference(folder, session.allow_pickle)
     source = session.source(request.model)
     project = session.project(request.project)
@@ -417,7 +385,7 @@ def _clip_latents(
 ) -> tuple[Entry, Artifact]:
     """The clip's VAE posterior (mean, std), encoded once per model, clip content, frames and size."""
     started = time.perf_counter()
-    entry = latents_entry(project, source, clip, selection, size)
+    entry = latents_entry(project, source, clip, selection, size, session.runtime.precision)
 
     def compute() -> None:
         frames = read_clip(clip, selection, size)
@@ -523,14 +491,15 @@ def _check_memory(unet: VideoUNet, shape: torch.Size, settings: TuneSettings, ru
 
 
 def _resume_point(session: Session, checkpoints: Checkpoints, steps: int, force: bool) -> TrainState | None:
-    path = None if force else checkpoints.latest(at_most=steps)
-    if path is None:
+    step = None if force else checkpoints.latest_step(at_most=steps)
+    if step is None:
         return None
-    state = load_train_state(path, session.runtime.device)
+    state = load_train_state(checkpoints, step, session.runtime.device)
     if state.device_type != session.runtime.device.type:
-        session.reporter.note(f"checkpoint {path.name} was made on {state.device_type}: starting over")
+        name = checkpoints.path(step).name
+        session.reporter.note(f"checkpoint {name} was made on {state.device_type}: starting over")
         return None
-    session.reporter.note(f"resuming from step {state.step} ({path})")
+    session.reporter.note(f"resuming from step {state.step} ({checkpoints.path(step)})")
     return state
 
 
@@ -543,19 +512,21 @@ def invert(
     tune_key: str | None = None,
 ) -> Artifact:
     """DDIM-invert the clip's posterior-mean latents with a tune (default: the project's current one)."""
-    _require_ddim_steps(steps)
+    check_fields(INVERT, {"steps": steps, "prompt": prompt}, "inversion")
     project, tune_entry = _tune_entry(session, project_root, tune_key)
-    entry = inversion_entry(project, tune_entry.key, steps, prompt)
+    runtime = session.runtime
+    entry = inversion_entry(project, tune_entry.key, steps, prompt, runtime)
     started = time.perf_counter()
 
     def compute() -> None:
         components, unet = session.tuned_unet(project, tune_entry)
-        stats = project.find("latents", tune_entry.spec["latents"]).tensors(session.runtime.device)
+        stats = project.find("latents", tune_entry.spec["latents"]).tensors(runtime.device)
         latents = stats["mean"] * components.vae.config.scaling_factor
         embeds = prompt_embeddings(session, project, components.source, [prompt])
-        with session.reporter.task("inverting", steps) as advance, session.runtime.autocast():
+        with session.reporter.task("inverting", steps) as advance, runtime.autocast():
             trajectory = ddim_inversion(unet, components.scheduler, latents, embeds, steps, lambda *_: advance())
-        entry.save({"trajectory": torch.stack(trajectory).float()}, {"seconds": time.perf_counter() - started})
+        facts = {"seconds": time.perf_counter() - started, "device": runtime.device.type}
+        entry.save({"trajectory": torch.stack(trajectory).float()}, facts)
 
     cached = project.produce(entry, compute, force)
     if tune_key is None:
@@ -563,85 +534,73 @@ def invert(
     return Artifact("inversion", entry.key, entry.path, cached, time.perf_counter() - started, {"steps": steps})
 
 
-def edit(
-    session: Session,
-    project_root: Path,
-    prompts: list[str],
-    settings: EditSettings,
-    out_dir: Path | None = None,
-    fmt: OutputFormat = "mp4",
-    fps: float | None = None,
-    force: bool = False,
-    tune_key: str | None = None,
-    invert_steps: int | None = None,
-    invert_prompt: str = "",
-    batch_size: int = 1,
-    control: ControlSpec | None = None,
-) -> list[Artifact]:
-    """Render one clip per prompt from the inverted noise (inverting first if needed).
+@dataclass
+class EditPlan:
+    """An edit request resolved against its project: the tune, the inversion, each prompt's entry."""
 
-    Without `tune_key` the project's current tune and inversion are used; with it (as `tav batch`
-    does) that tune and its inversion with `invert_steps` (default: the sampling steps).
-    Up to `batch_size` prompts are sampled together (one UNet batch), which keeps a GPU busy;
-    with eta > 0 each prompt is sampled alone so that its noise does not depend on the others.
+    project: Project
+    tune: Entry
+    inversion: Entry
+    clip: dict[str, Any]  # the tuned frames' facts (path, fps, selection, size)
+    entries: dict[str, Entry]  # by prompt
+    groups: list[list[str]]
+    guide: ControlGuide | None
+
+
+def edit(session: Session, request: EditRequest, force: bool = False) -> list[Artifact]:
+    """Render one clip per prompt from the inverted noise (inverting first if needed), each with a sidecar.
+
+    Up to `request.batch_size` prompts are sampled together (one UNet batch), which keeps a GPU busy.
     """
-    if not prompts:
-        raise TavError("give at least one edit prompt")
-    for prompt in prompts:
-        _require_prompt(prompt)
-    _require_ddim_steps(settings.steps)
-    if fps is not None and fps <= 0:
-        raise TavError("--fps must be positive")
-    if batch_size < 1:
-        raise TavError("--batch-size must be at least 1")
-    if out_dir is not None:
-        _require_folder(out_dir, "--out")
-    project, tune_entry = _tune_entry(session, project_root, tune_key)
-    if tune_key is None:
-        inversion = _current_inversion(session, project, tune_entry, invert_steps or settings.steps)
-    else:
-        artifact = invert(session, project_root, invert_steps or settings.steps, invert_prompt, tune_key=tune_key)
-        inversion = project.find("inversions", artifact.key)
-    guide, control_spec = _control(session, project, tune_entry, control)
-    precision = session.runtime.precision
-    entries = {p: edit_entry(project, inversion.key, p, settings, precision, control_spec) for p in prompts}
+    plan = plan_edit(session, request)
     started = time.perf_counter()
-    computed = _sample_edits(session, project, tune_entry, inversion, entries, settings, batch_size, force, guide)
+    computed = _sample_edits(session, plan, request.settings, force)
     share = (time.perf_counter() - started) / max(len(computed), 1)  # sampling time per computed prompt
-    out_dir = out_dir or project.root / "renders"
-    return [
-        _render(
-            session, project, tune_entry, inversion, entries[p], out_dir, fmt, fps, p not in computed, share, control
-        )
-        for p in prompts
-    ]
+    return [_render(session, plan, request, prompt, prompt not in computed, share) for prompt in plan.entries]
 
 
-def _sample_edits(
-    session: Session,
-    project: Project,
-    tune_entry: Entry,
-    inversion: Entry,
-    entries: dict[str, Entry],
-    settings: EditSettings,
-    batch_size: int,
-    force: bool,
-    guide: ControlGuide | None = None,
-) -> set[str]:
-    """Sample the edits the store lacks, `batch_size` prompts per UNet batch; return the prompts computed."""
-    runtime = session.runtime
-    pending = [p for p, e in entries.items() if force or not e.complete]
-    size = batch_size if settings.eta == 0 else 1
+def plan_edit(session: Session, request: EditRequest) -> EditPlan:
+    """Resolve the project, tune and inversion (inverting now if needed) and the control, before any sampling."""
+    project, tune_entry = _tune_entry(session, request.project, request.tune_key)
+    steps = request.invert_steps or request.settings.steps
+    if request.tune_key is None:
+        inversion = _current_inversion(session, project, tune_entry, steps)
+    else:
+        artifact = invert(session, request.project, steps, request.invert_prompt, tune_key=request.tune_key)
+        inversion = project.find("inversions", artifact.key)
+    clip = project.find("latents", tune_entry.spec["latents"]).meta()["clip"]
+    guide, control = _control(session, project, tune_entry, clip, request.control)
+    entries = edit_entries(project, inversion.key, request, session.runtime, control)
+    return EditPlan(project, tune_entry, inversion, clip, entries, request.groups, guide)
+
+
+def edit_entries(
+    project: Project, inversion_key: str, request: EditRequest, runtime: Runtime, control: dict[str, Any] | None
+) -> dict[str, Entry]:
+    """Each prompt's edit entry, keyed with the size of the UNet batch it is sampled in."""
+    return {
+        prompt: edit_entry(project, inversion_key, prompt, request.settings, runtime, control, len(group))
+        for group in request.groups
+        for prompt in group
+    }
+
+
+def _sample_edits(session: Session, plan: EditPlan, settings: EditSettings, force: bool) -> set[str]:
+    """Sample every group with an edit the store lacks (the whole group: its batch decides the numbers);
+    return the prompts whose entries were written."""
+    runtime, project = session.runtime, plan.project
     computed: set[str] = set()
-    for group in (pending[i : i + size] for i in range(0, len(pending), size)):
+    for group in plan.groups:
+        members = [plan.entries[prompt] for prompt in group]
+        if not force and all(entry.complete for entry in members):
+            continue
         with ExitStack() as locks:
-            for prompt in sorted(group, key=lambda p: entries[p].key):  # one order: no deadlock
-                locks.enter_context(project.lock(f"edits-{entries[prompt].key}"))
-            group = [p for p in group if force or not entries[p].complete]  # another process may have made some
-            if not group:
+            for entry in sorted(members, key=lambda e: e.key):  # one order: no deadlock
+                locks.enter_context(project.lock(f"edits-{entry.key}"))
+            if not force and all(entry.complete for entry in members):  # another process made them
                 continue
-            components, unet = session.tuned_unet(project, tune_entry)
-            noise = inversion.tensors(runtime.device)["trajectory"][-1]
+            components, unet = session.tuned_unet(project, plan.tune)
+            noise = plan.inversion.tensors(runtime.device)["trajectory"][-1]
             embeds = [prompt_embeddings(session, project, components.source, [p, settings.negative]) for p in group]
             generator = torch.Generator(runtime.device).manual_seed(settings.seed)
             label = group[0] if len(group) == 1 else f"{len(group)} prompts"
@@ -657,28 +616,27 @@ def _sample_edits(
                     eta=settings.eta,
                     generator=generator,
                     on_step=lambda *_: advance(),
-                    control=guide,
+                    control=plan.guide,
                 )
-            for prompt, sample in zip(group, latents.split(1), strict=True):
-                entries[prompt].save({"latents": sample.float()}, {"batch": len(group)})
-                computed.add(prompt)
+            for prompt, entry, sample in zip(group, members, latents.split(1), strict=True):
+                if force or not entry.complete:
+                    entry.save({"latents": sample.float()}, {"batch": group, "device": runtime.device.type})
+                    computed.add(prompt)
     return computed
 
 
 def _control(
-    session: Session, project: Project, tune_entry: Entry, control: ControlSpec | None
+    session: Session, project: Project, tune_entry: Entry, clip: dict[str, Any], control: ControlSpec | None
 ) -> tuple[ControlGuide | None, dict[str, Any] | None]:
     """The ControlNet guide for this project's frames, and what identifies it in the edits' keys."""
     if control is None:
         return None, None
-    control.check()
-    latents = project.find("latents", tune_entry.spec["latents"])
-    clip = latents.meta()["clip"]
     selection = FrameSelection(frames=clip["frames"], stride=clip["stride"], start=clip["start"])
     size = FrameSize(clip["width"], clip["height"], clip["resize"])
     if control.video is not None:
         maps = read_clip(control.video, selection, size).frames
     else:
+        latents = project.find("latents", tune_entry.spec["latents"])
         maps = canny_maps(_source_frames(session, tune_entry, latents, clip))
     controlnet = load_controlnet(control.model, session.runtime.device, session.runtime.dtype)
     return ControlGuide(controlnet, maps, control.scale), control_key(control)
@@ -690,42 +648,64 @@ def control_key(control: ControlSpec) -> dict[str, Any]:
     return {"kind": control.kind, "model": controlnet_identity(control.model), "maps": maps, "scale": control.scale}
 
 
+def _output_rate(request: EditRequest, clip: dict[str, Any], reporter: Reporter) -> Fraction | None:
+    """The output's frame rate: --fps, else the tuned frames' rate (GIFs at most GIF_MAX_FPS); None for PNGs."""
+    if request.format == "frames":
+        return None  # PNG frames carry no rate
+    if request.fps is not None:
+        return Fraction(request.fps).limit_denominator(1001)
+    rate = Fraction(clip["fps"])
+    if request.format == "gif" and rate > GIF_MAX_FPS:
+        reporter.note(f"GIFs play at most {GIF_MAX_FPS:g} fps: writing {GIF_MAX_FPS:g} instead of {float(rate):.3g}")
+        return Fraction(GIF_MAX_FPS)
+    return rate
+
+
+def _output_path(
+    folder: Path, prompt: str, key: str, fmt: OutputFormat, rate: Fraction | None, source: Fraction
+) -> Path:
+    """`PROMPT-SLUG-KEY.mp4`; a rate other than the source's is part of the name (`...-KEY-2fps.gif`)."""
+    name = f"{_slug(prompt)}-{key[:8]}"
+    if rate is not None and rate != source:
+        name += f"-{float(rate):.6g}fps"
+    return folder / (name if fmt == "frames" else f"{name}.{fmt}")
+
+
 def _render(
-    session: Session,
-    project: Project,
-    tune_entry: Entry,
-    inversion: Entry,
-    entry: Entry,
-    out_dir: Path,
-    fmt: OutputFormat,
-    fps: float | None,
-    cached: bool,
-    sampling_seconds: float,
-    control: ControlSpec | None,
+    session: Session, plan: EditPlan, request: EditRequest, prompt: str, cached: bool, sampling_seconds: float
 ) -> Artifact:
-    """Write the edit's clip and sidecar unless both exist from an earlier run."""
+    """Write the edit's output and sidecar, unless an earlier run wrote this very output."""
     started = time.perf_counter()
-    prompt = entry.spec["prompt"]
-    clip = project.find("latents", tune_entry.spec["latents"]).meta()["clip"]
-    rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(clip["fps"])
-    suffix = "" if fmt == "frames" else f".{fmt}"
-    output = out_dir / f"{_slug(prompt)}-{entry.key[:8]}{suffix}"
-    sidecar = output.with_name(output.name + ".json") if suffix else output.with_suffix(".json")
-    rendered = cached and output.exists() and sidecar.exists()
+    entry = plan.entries[prompt]
+    rate = _output_rate(request, plan.clip, session.reporter)
+    folder = request.out or plan.project.root / "renders"
+    output = _output_path(folder, prompt, entry.key, request.format, rate, Fraction(plan.clip["fps"]))
+    rendered = cached and _rendered(output, entry.key, request.format, rate)
     if not rendered:  # outputs are written atomically: a concurrent render of the same edit is harmless
-        vae = session.model(tune_entry.meta()["model"]["model"]).vae
+        vae = session.model(plan.tune.meta()["model"]["model"]).vae
         frames = decode_latents(vae, entry.tensors(session.runtime.device)["latents"])
-        write_video(frames, output, fmt, rate)
-        _write_sidecar(
-            sidecar, session.runtime.device, project, tune_entry, inversion, entry, fmt, rate, frames.shape, control
-        )
+        write_video(frames, output, request.format, rate or Fraction(plan.clip["fps"]))
+        write_sidecar(output, _edit_record(session, plan, request, prompt, rate, frames.shape))
     seconds = time.perf_counter() - started + (0.0 if cached else sampling_seconds)
-    details = {"prompt": prompt, "sidecar": str(sidecar), "format": fmt}
+    details = {"prompt": prompt, "sidecar": str(sidecar_of(output)), "format": request.format}
     return Artifact("edit", entry.key, output, rendered, seconds, details)
 
 
+def _rendered(output: Path, key: str, fmt: OutputFormat, rate: Fraction | None) -> bool:
+    """Whether `output` exists and its sidecar says it is this edit, in this format, at this rate."""
+    if not output.exists() or not sidecar_of(output).is_file():
+        return False
+    try:
+        record = read_sidecar(sidecar_of(output))
+        written = record["edit"]["key"], record["output"]["format"], record["output"]["fps"]
+    except (TavError, KeyError, TypeError):
+        return False
+    return written == (key, fmt, None if rate is None else str(rate))
+
+
 def render_grid(session: Session, project_root: Path, edits: list[Artifact], fps: float | None = None) -> Artifact:
-    """The source clip and each edit side by side (mp4 and GIF, prompts as captions) and a PNG contact sheet."""
+    """The source clip and each edit side by side (mp4 and GIF, prompts as captions) and a PNG contact sheet,
+    with a sidecar naming the edits it shows (so `tav rm` and `tav gc` find it)."""
     started = time.perf_counter()
     project, tune_entry = _tune_entry(session, project_root, None)
     latents = project.find("latents", tune_entry.spec["latents"])
@@ -733,15 +713,18 @@ def render_grid(session: Session, project_root: Path, edits: list[Artifact], fps
     source = _source_frames(session, tune_entry, latents, clip)
     clips = [source, *(read_frames(edit.path) for edit in edits)]
     captions = [f"source: {tune_entry.spec['prompt']}", *(str(edit.details["prompt"]) for edit in edits)]
-    key = hashlib.sha256(":".join(edit.key for edit in edits).encode()).hexdigest()[:8]
-    folder = edits[0].path.parent
     rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(clip["fps"])
+    key = hashlib.sha256(":".join([*(edit.key for edit in edits), str(rate)]).encode()).hexdigest()[:8]
+    folder = edits[0].path.parent
     grid = side_by_side(clips, captions)
     video = write_video(grid, folder / f"grid-{key}.mp4", "mp4", rate)
     gif = write_video(grid, folder / f"grid-{key}.gif", "gif", rate)
     sheet = folder / f"grid-{key}-sheet.png"
     with atomic_path(sheet) as temp:
         contact_sheet(clips, captions).save(temp, format="PNG")
+    files = [gif.name, sheet.name]
+    grid_record = {"key": key, "edits": [edit.key for edit in edits], "prompts": captions[1:], "fps": str(rate)}
+    write_sidecar(video, {"tav_version": __version__, "grid": {**grid_record, "files": files}})
     details = {"gif": str(gif), "sheet": str(sheet), "prompts": captions[1:]}
     return Artifact("grid", key, video, False, time.perf_counter() - started, details)
 
@@ -757,74 +740,87 @@ def _source_frames(session: Session, tune_entry: Entry, latents: Entry, clip: di
     return decode_latents(vae, mean * vae.config.scaling_factor)
 
 
-def _write_sidecar(
-    path: Path,
-    session_device: torch.device,
-    project: Project,
-    tune_entry: Entry,
-    inversion: Entry,
-    edit_entry: Entry,
-    fmt: str,
-    fps: Fraction,
+def _edit_record(
+    session: Session,
+    plan: EditPlan,
+    request: EditRequest,
+    prompt: str,
+    rate: Fraction | None,
     shape: tuple[int, ...],
-    control: ControlSpec | None,
-) -> None:
+) -> dict[str, Any]:
     """Everything needed to reproduce the output, including the commands that would."""
-    from tavcli.atomic import write_json
-
-    meta = tune_entry.meta()
-    clip, tune_spec, edit_spec = meta["clip"], tune_entry.spec, edit_entry.spec
-    tune_cmd = ["tav", "tune", clip["path"], tune_spec["prompt"], "--project", str(project.root.resolve())]
-    tune_cmd += ["--model", meta["model"]["model"], "--frames", clip["frames"], "--stride", clip["stride"]]
-    tune_cmd += ["--start", clip["start"], "--width", clip["width"], "--height", clip["height"]]
-    tune_cmd += ["--resize", clip["resize"], "--steps", tune_spec["steps"], "--lr", tune_spec["learning_rate"]]
-    tune_cmd += ["--seed", tune_spec["seed"], "--precision", tune_spec["precision"]]
-    tune_cmd += ["--frame-norm", tune_spec["frame_norm"]]
-    invert_cmd = ["tav", "invert", "--project", str(project.root.resolve()), "--steps", inversion.spec["steps"]]
-    edit_cmd = ["tav", "edit", edit_spec["prompt"], "--project", str(project.root.resolve())]
-    edit_cmd += [
-        "--steps",
-        edit_spec["steps"],
-        "--guidance",
-        edit_spec["guidance"],
-        "--negative",
-        edit_spec["negative"],
-    ]
-    edit_cmd += ["--eta", edit_spec["eta"], "--format", fmt, "--fps", float(fps)]
-    edit_cmd += [] if edit_spec["seed"] is None else ["--seed", edit_spec["seed"]]
-    used = _control_record(control)
-    if used is not None:
-        edit_cmd += ["--control", used["kind"], "--control-model", used["model"], "--control-scale", used["scale"]]
-        edit_cmd += [] if used["video"] is None else ["--control-video", used["video"]]
-    write_json(
-        path,
-        {
-            "tav_version": __version__,
-            "project": str(project.root.resolve()),
-            "environment": _environment(session_device, edit_spec["precision"]),
-            "model": meta["model"],
-            "clip": clip,
-            "tune": {"key": tune_entry.key, **tune_spec},
-            "inversion": {"key": inversion.key, **inversion.spec},
-            "edit": {"key": edit_entry.key, **edit_spec},
-            **({} if used is None else {"control": used}),
-            "output": {"format": fmt, "fps": str(fps), "frames": shape[0], "height": shape[1], "width": shape[2]},
-            "reproduce": [shlex.join(map(str, cmd)) for cmd in (tune_cmd, invert_cmd, edit_cmd)],
+    meta, entry = plan.tune.meta(), plan.entries[prompt]
+    group = next(group for group in plan.groups if prompt in group)
+    used = _control_record(request.control)
+    return {
+        "tav_version": __version__,
+        "project": str(plan.project.root.resolve()),
+        "environment": _environment(session.runtime.device, entry.spec["precision"]),
+        "model": meta["model"],
+        "clip": meta["clip"],
+        "tune": {"key": plan.tune.key, **plan.tune.spec},
+        "inversion": {"key": plan.inversion.key, **plan.inversion.spec},
+        "edit": {"key": entry.key, **entry.spec},
+        **({} if len(group) == 1 else {"batch": group}),
+        **({} if used is None else {"control": used}),
+        "output": {
+            "format": request.format,
+            "fps": None if rate is None else str(rate),
+            "frames": shape[0],
+            "height": shape[1],
+            "width": shape[2],
         },
-    )
+        "reproduce": _reproduce(session, plan, request, prompt, rate),
+    }
+
+
+def _reproduce(session: Session, plan: EditPlan, request: EditRequest, prompt: str, rate: Fraction | None) -> list[str]:
+    """The `tav tune`, `tav invert` and `tav edit` commands that compute this output again, bit for bit on
+    the same device and library versions (the batch it was sampled in included)."""
+    meta, tune, inversion = plan.tune.meta(), plan.tune.spec, plan.inversion.spec
+    edit_spec = plan.entries[prompt].spec
+    group = next(group for group in plan.groups if prompt in group)
+    clip, project = meta["clip"], str(plan.project.root.resolve())
+    model = parse_model_name(meta["model"]["model"])
+    trust = ["--trust-pickle"] if session.allow_pickle else []
+    tune_cmd = ["tav", "tune", clip["path"], tune["prompt"], "--project", project, "--model", model.base]
+    tune_cmd += [] if model.config is None else ["--model-config", model.config]
+    tune_cmd += [part for path, scale in model.loras for part in ("--lora", f"{path}:{scale}")]
+    tune_cmd += ["--frames", clip["frames"], "--stride", clip["stride"], "--start", clip["start"]]
+    tune_cmd += ["--width", clip["width"], "--height", clip["height"], "--resize", clip["resize"]]
+    tune_cmd += ["--steps", tune["steps"], "--lr", tune["learning_rate"], "--seed", tune["seed"]]
+    tune_cmd += ["--frame-norm", tune["frame_norm"], *_numerics(tune, meta.get("device")), *trust]
+    invert_cmd = ["tav", "invert", "--project", project, "--steps", inversion["steps"]]
+    invert_cmd += ["--prompt", inversion["prompt"]] if inversion["prompt"] else []
+    invert_cmd += [*_numerics(inversion, plan.inversion.meta().get("device")), *trust]
+    edit_cmd = ["tav", "edit", *group, "--project", project, "--steps", edit_spec["steps"]]
+    edit_cmd += ["--guidance", edit_spec["guidance"], "--eta", edit_spec["eta"]]
+    edit_cmd += ["--negative", edit_spec["negative"]] if edit_spec["negative"] else []
+    edit_cmd += [] if edit_spec["seed"] is None else ["--seed", edit_spec["seed"]]
+    edit_cmd += [] if request.format == "mp4" else ["--format", request.format]
+    edit_cmd += [] if rate is None or rate == Fraction(clip["fps"]) else ["--fps", float(rate)]
+    edit_cmd += ["--batch-size", len(group)] if len(group) > 1 else []
+    edit_cmd += [*_numerics(edit_spec, session.runtime.device.type), *trust]
+    control = _control_record(request.control)
+    if control is not None:
+        edit_cmd += ["--control", control["kind"], "--control-model", control["model"]]
+        edit_cmd += ["--control-scale", control["scale"]]
+        edit_cmd += [] if control["video"] is None else ["--control-video", control["video"]]
+    return [shlex.join(map(str, cmd)) for cmd in (tune_cmd, invert_cmd, edit_cmd)]
+
+
+def _numerics(spec: dict[str, Any], device: str | None) -> list[str]:
+    """The flags that decide how an entry's numbers were computed: precision, --compile, and the device."""
+    flags = ["--precision", spec.get("precision", "fp32")] + (["--compile"] if spec.get("compile") else [])
+    return flags + ([] if device is None else ["--device", device])
 
 
 def _tune_entry(session: Session, project_root: Path, tune_key: str | None) -> tuple[Project, Entry]:
     """Tune `tune_key`, or the project's current one."""
-    project = session.project(project_root)
     if not project_root.is_dir():
         raise TavError(f"no project at {project_root}", "`tav tune CLIP PROMPT` creates one")
-    key = tune_key or project.state.get("tune")
-    if not key:
-        raise TavError(
-            f"project {project_root} was never tuned", f"run `tav tune CLIP PROMPT --project {project_root}`"
-        )
-    return project, project.find("tunes", key)
+    project = session.project(project_root)
+    return project, project.find("tunes", tune_key or project.current_tune())
 
 
 def _environment(device: torch.device, precision: str) -> dict[str, str]:
@@ -859,69 +855,28 @@ def _control_record(control: ControlSpec | None) -> dict[str, Any] | None:
     }
 
 
-def edit_from_sidecar(session: Session, sidecar: Path, out_dir: Path | None, force: bool) -> list[Artifact]:
-    """Render an output again from its JSON sidecar: same project, tune, inversion and edit settings."""
-    try:
-        record = json.loads(sidecar.read_text())
-        project_root = Path(record["project"])
-        edit_spec, output = record["edit"], record["output"]
-        settings = EditSettings(
-            steps=edit_spec["steps"],
-            guidance=edit_spec["guidance"],
-            negative=edit_spec["negative"],
-            seed=edit_spec["seed"] if edit_spec["seed"] is not None else EditSettings.seed,
-            eta=edit_spec["eta"],
-        )
-        tune_key, inversion = record["tune"]["key"], record["inversion"]
-        fmt, fps = output["format"], float(Fraction(output["fps"]))
-        control = _sidecar_control(record, sidecar)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise TavError(f"{sidecar} is not a tav sidecar: {error}", "give the .json written beside an output") from None
-    if not (project_root / "tunes" / tune_key / "meta.json").is_file():
+def edit_from_sidecar(session: Session, recorded: RecordedEdit, force: bool = False) -> list[Artifact]:
+    """Render an output again from its sidecar (`tavcli.sidecar.recorded_edit`): same project, tune,
+    inversion, settings and batch, after checking that its ControlNet and condition clip are unchanged."""
+    request, sidecar = recorded.request, recorded.sidecar
+    if not (request.project / "tunes" / str(request.tune_key) / "meta.json").is_file():
         raise TavError(
-            f"project {project_root} no longer has tune {tune_key}",
+            f"project {request.project} no longer has tune {request.tune_key}",
             f"run the `reproduce` commands in {sidecar} to rebuild it",
         )
-    return edit(
-        session,
-        project_root,
-        [edit_spec["prompt"]],
-        settings,
-        out_dir if out_dir is not None else sidecar.parent,
-        fmt,
-        fps,
-        force,
-        tune_key=tune_key,
-        invert_steps=inversion["steps"],
-        invert_prompt=inversion["prompt"],
-        control=control,
-    )
-
-
-def _sidecar_control(record: dict[str, Any], sidecar: Path) -> ControlSpec | None:
-    """The control a sidecar's edit used, checked to be the same ControlNet and condition clip still."""
-    recorded = record["edit"].get("control")
-    if not recorded:
-        return None
-    if "control" not in record:
-        raise TavError(
-            f"{sidecar} records a controlled edit but not its condition clip (an older tav wrote it)",
-            "run `tav edit` again with the same --control options",
-        )
-    used = record["control"]
-    video = None if used["video"] is None else Path(used["video"])
-    if video is not None and not video.is_file():
-        raise TavError(f"the condition clip {video} of {sidecar} is gone", "put it back, or edit again with --control")
-    control = ControlSpec(kind=used["kind"], model=used["model"], video=video, scale=used["scale"])
-    now = control_key(control)
-    names = {"model": f"the ControlNet {used['model']}", "maps": f"the condition clip {video}"}
-    changed = [names[part] for part in names if now[part] != recorded[part]]
-    if changed:
-        raise TavError(
-            f"{' and '.join(changed)} changed since {sidecar} was written",
-            "edit again with --control to render the new one",
-        )
-    return control
+    if request.control is not None:
+        now, then = control_key(request.control), recorded.record["edit"]["control"]
+        names = {
+            "model": f"the ControlNet {request.control.model}",
+            "maps": f"the condition clip {request.control.video}",
+        }
+        changed = [names[part] for part in names if now[part] != then[part]]
+        if changed:
+            raise TavError(
+                f"{' and '.join(changed)} changed since {sidecar} was written",
+                "edit again with --control to render the new one",
+            )
+    return [artifact for artifact in edit(session, request, force) if artifact.details["prompt"] == recorded.prompt]
 
 
 def _current_inversion(session: Session, project: Project, tune_entry: Entry, steps: int) -> Entry:
@@ -942,26 +897,6 @@ def _check_same_model(source: ModelSource, tuned_with: dict[str, str]) -> None:
             f"({tuned_with['revision']} then, {source.revision} now)",
             "tune again with `tav tune`",
         )
-
-
-def _require_ddim_steps(steps: int) -> None:
-    # SD schedulers have 1000 training timesteps and steps_offset 1: 1000 DDIM steps would step past t=999.
-    if not 1 <= steps <= 999:
-        raise TavError(f"--steps must be between 1 and 999, not {steps}", "50 is the usual choice")
-
-
-def _require_folder(path: Path, option: str) -> None:
-    if path.exists() and not path.is_dir():
-        raise TavError(f"{option} {path} is a file, not a folder")
-
-
-def _require_prompt(prompt: str) -> None:
-    if not prompt.strip():
-        raise TavError("the prompt is empty", 'describe the clip, e.g. "a man is skiing"')
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        raise TavError("the prompt is not valid UTF-8 text", "check the shell's or the file's encoding") from None
 
 
 def _slug(text: str, limit: int = 48) -> str:

@@ -67,11 +67,9 @@ CLIPS = {
     "zero-frames": (lambda t: _no_frames(t / "none.mkv"), "not a video file"),
 }
 OPTIONS = {
-    "width-zero": (["--width", "0"], "--width 0 is out of range"),
-    "height-negative": (["--height", "-8"], "--height -8 is out of range"),
-    "width-absurd": (["--width", "100000"], "--width 100000 is out of range"),
     "frames-past-end": (["--frames", "30", "--stride", "2"], "has 48 frames"),
     "start-past-end": (["--start", "60"], "use --start below 48"),
+    "frames-absurd": (["--frames", "1000000000000"], "too few for --frames 1000000000000"),
 }
 
 
@@ -123,20 +121,6 @@ def test_models_that_cannot_work(tmp_path: Path, run_tav) -> None:  # type: igno
     _one_error_line(code, out, err, "is not a diffusers Stable Diffusion folder")
     model = _no_cross_attention_model(tmp_path / "no-cross")
     _one_error_line(*run_tav("tune", CLIP, "a man", "--model", model, *args), "has no cross-attention blocks")
-
-
-def test_batch_cannot_write_outside_its_folder(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
-    (tmp_path / "jobs").mkdir()
-    (tmp_path / "jobs" / "j.jsonl").write_text(
-        json.dumps({"clip": str(CLIP), "prompt": "a man", "project": "../outside.tav"})
-        + "\n"
-        + json.dumps({"clip": str(CLIP), "prompt": "a man", "edit": {"out": "/tmp/elsewhere"}})
-        + "\n"
-    )
-    code, out, err = run_tav("batch", tmp_path / "jobs" / "j.jsonl")
-    assert code == 1 and out == ""
-    assert "field 'project' must stay inside the batch file's folder" in err
-    assert "field 'edit.out' must stay inside" in err
 
 
 @pytest.fixture

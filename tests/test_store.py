@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tavcli.errors import TavError
+from tavcli.housekeeping import dependents, garbage, listing, remove
 from tavcli.store import STORE_VERSION, Project, cache_key
 
 
@@ -62,7 +63,7 @@ def test_listing_reports_damaged_and_incomplete_entries_without_raising(tmp_path
     project, entries = _project(tmp_path)
     (entries["inversion"].path / "meta.json").write_text("{not json")  # type: ignore[attr-defined]
     (project.root / "edits" / "0123456789abcdef").mkdir()
-    states = {(row.kind, row.key[:4]): row.state for row in project.listing()}
+    states = {(row.kind, row.key[:4]): row.state for row in listing(project)}
     assert states[("inversions", entries["inversion"].key[:4])].startswith("damaged")  # type: ignore[attr-defined]
     assert states[("edits", "0123")] == "incomplete"
     assert states[("tunes", entries["tune"].key[:4])] == "complete"  # type: ignore[attr-defined]
@@ -70,15 +71,15 @@ def test_listing_reports_damaged_and_incomplete_entries_without_raising(tmp_path
 
 def test_removal_takes_dependents_children_first_and_clears_pointers(tmp_path: Path) -> None:
     project, entries = _project(tmp_path)
-    rows = {row.kind: row for row in project.listing()}
-    plan = project.dependents([rows["tunes"]])
+    rows = {row.kind: row for row in listing(project)}
+    plan = dependents(project, [rows["tunes"]])
     assert [row.kind for row in plan] == ["edits", "inversions", "tunes"]
     for row in plan:
-        project.remove(row)
+        remove(project, row)
     assert project.state["tune"] is None and project.state["inversion"] is None
     assert not (project.root / "renders" / "a-panda.mp4").exists()
     assert not (project.root / "renders" / "a-panda.mp4.json").exists()
-    assert [row.kind for row in project.listing()] == ["latents"]
+    assert [row.kind for row in listing(project)] == ["latents"]
 
 
 def test_garbage_is_interrupted_orphaned_and_dead_processes_temp_files(tmp_path: Path) -> None:
@@ -89,12 +90,12 @@ def test_garbage_is_interrupted_orphaned_and_dead_processes_temp_files(tmp_path:
     temp.write_bytes(b"half")
     live = project.root / "tunes" / f".tensors.safetensors.{os.getpid()}.0badc0de.tmp"
     live.write_bytes(b"being written")
-    found = {(row.kind, row.state) for row in project.garbage()}
+    found = {(row.kind, row.state) for row in garbage(project)}
     assert ("inversions", "interrupted before it was complete") in found
     assert any(kind == "edits" and "which is gone" in state for kind, state in found)  # its inversion is incomplete
     assert ("temp", "left by a process that died") in found
-    assert not any(row.path == live for row in project.garbage())
-    assert not any(row.kind == "tunes" for row in project.garbage())
+    assert not any(row.path == live for row in garbage(project))
+    assert not any(row.kind == "tunes" for row in garbage(project))
 
 
 def test_newer_store_version_is_refused(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from tavcli.model import inflate_unet, trainable_parameters
 from tavcli.progress import Reporter
 from tavcli.runtime import resolve_runtime
+from tavcli.store import Checkpoints
 from tavcli.tune import (
     TrainState,
     TuneInterrupted,
@@ -73,9 +74,9 @@ def test_resuming_from_a_saved_state_gives_the_uninterrupted_result(oracle_unet2
     with pytest.raises(TuneInterrupted, match="step 3 of 5"):
         _train(oracle_unet2d, steps=5, save=saved.append, stop_requested=lambda: len(saved) == 1)
     assert [state.step for state in saved] == [2, 3]  # every 2 steps, then where it was stopped
-    path = tmp_path / "state.safetensors"
-    path.write_bytes(train_state_bytes(saved[-1], {"run": "test"}))
-    resumed_state = load_train_state(path, torch.device("cpu"))
+    checkpoints = Checkpoints(tmp_path)
+    checkpoints.save(3, train_state_bytes(saved[-1], {"run": "test"}))
+    resumed_state = load_train_state(checkpoints, 3, torch.device("cpu"))
     assert resumed_state.step == 3 and len(resumed_state.losses) == 3
     _, resumed, _ = _train(oracle_unet2d, steps=5, resume=resumed_state)
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)

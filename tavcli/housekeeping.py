@@ -1,0 +1,228 @@
+"""Looking after a project: what it holds (damage included), what a removal takes with it, what `tav gc`
+may remove, and removing it. Nothing here raises on a damaged store: damage is listed, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tavcli.errors import TavError
+from tavcli.payload import read_header
+from tavcli.sidecar import edit_keys, output_files, read_sidecar
+from tavcli.store import KEY, KINDS, STATE_FILE, Checkpoints, Entry, Project, timestamp
+
+__all__ = ["Listing", "Render", "dependents", "garbage", "listing", "pid_alive", "remove", "removal_files", "renders"]
+
+REMOVAL_ORDER = ("render", "edits", "inversions", "tunes", "checkpoints", "embeddings", "latents", "project", "temp")
+
+
+@dataclass
+class Listing:
+    """One row of `tav ls`: an entry, checkpoint folder, render or damaged file, and what is known about it."""
+
+    kind: str
+    key: str
+    path: Path
+    state: str  # complete, incomplete, or "damaged: why"
+    bytes: int
+    created: str | None = None
+    spec: dict[str, Any] = field(default_factory=dict)
+    parent: str | None = None  # "kind/key"
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "key": self.key,
+            "path": str(self.path),
+            "state": self.state,
+            "bytes": self.bytes,
+            "created": self.created,
+            "parent": self.parent,
+            "spec": self.spec,
+        }
+
+    @property
+    def damaged(self) -> bool:
+        return self.state.startswith("damaged")
+
+
+@dataclass(frozen=True)
+class Render:
+    """An output in the project's `renders/` folder: its sidecar, the edits it shows, its files."""
+
+    sidecar: Path
+    edits: tuple[str, ...]
+    files: tuple[Path, ...]
+
+
+def listing(project: Project) -> list[Listing]:
+    """Every entry and checkpoint folder in the project, and `project.json` if it is damaged."""
+    rows = []
+    for kind in KINDS:
+        for path in sorted(p for p in (project.root / kind).glob("*") if p.is_dir() and not p.name.startswith(".")):
+            rows.append(_list_entry(Entry(kind, path.name, path, {})))
+    for folder in sorted(p for p in (project.root / "checkpoints").glob("*") if p.is_dir()):
+        rows.append(_list_checkpoints(folder))
+    problem = project.state_problem()
+    if problem:
+        path = project.root / STATE_FILE
+        rows.append(Listing("project", STATE_FILE, path, f"damaged: {problem}", _path_bytes(path)))
+    return rows
+
+
+def _list_entry(bare: Entry) -> Listing:
+    size = _path_bytes(bare.path)
+    if not bare.complete:
+        return Listing(bare.kind, bare.key, bare.path, "incomplete", size)
+    problems = bare.quick_problems()
+    if problems:
+        return Listing(bare.kind, bare.key, bare.path, f"damaged: {'; '.join(problems)}", size)
+    meta = bare.meta()
+    entry = Entry(bare.kind, bare.key, bare.path, meta["spec"])
+    parent = "/".join(entry.parent) if entry.parent else None
+    return Listing(entry.kind, entry.key, entry.path, "complete", size, meta.get("created"), entry.spec, parent)
+
+
+def _list_checkpoints(folder: Path) -> Listing:
+    checkpoints = Checkpoints(folder)
+    steps = checkpoints.steps()
+    spec: dict[str, Any] = {"steps": steps}
+    parent, state = None, "complete" if steps else "incomplete"
+    problems = checkpoints.problems()
+    if problems:
+        state = f"damaged: {'; '.join(problems)}"
+    elif steps:
+        try:
+            run = json.loads(read_header(checkpoints.path(steps[-1]))["__metadata__"]["run"])
+            spec.update(run)
+            parent = f"latents/{run['latents']}"
+        except (ValueError, KeyError, TypeError) as error:
+            state = f"damaged: {checkpoints.path(steps[-1]).name} does not say which run it belongs to ({error})"
+    modified = max((p.stat().st_mtime for p in folder.iterdir()), default=None)
+    created = timestamp(modified) if modified else None
+    return Listing("checkpoints", folder.name, folder, state, _path_bytes(folder), created, spec, parent)
+
+
+def renders(project: Project) -> list[Render]:
+    """The outputs in `renders/` with a readable sidecar (edits and grids)."""
+    found = []
+    for sidecar in sorted((project.root / "renders").glob("*.json")):
+        try:
+            record = read_sidecar(sidecar)
+            keys = tuple(edit_keys(record))
+        except (TavError, KeyError, TypeError):
+            continue
+        found.append(Render(sidecar, keys, tuple(output_files(sidecar, record))))
+    return found
+
+
+def dependents(project: Project, targets: list[Listing]) -> list[Listing]:
+    """`targets` and everything computed from them, children first (the order to remove in)."""
+    rows = listing(project)
+    chosen = {f"{t.kind}/{t.key}" for t in targets}
+    grew = True
+    while grew:
+        extra = {f"{r.kind}/{r.key}" for r in rows if r.parent in chosen} - chosen
+        grew = bool(extra)
+        chosen |= extra
+    picked = [r for r in rows if f"{r.kind}/{r.key}" in chosen]
+    return sorted(picked, key=lambda r: REMOVAL_ORDER.index(r.kind))
+
+
+def garbage(project: Project, checkpoints: bool = False) -> list[Listing]:
+    """What `tav gc` removes: interrupted and damaged entries, entries whose parent is gone, renders and grids
+    of removed edits, a damaged `project.json`, temporary files of dead processes, and (if asked) the
+    resumable checkpoints. Work a live process holds a lock on is left alone."""
+    rows = listing(project)
+    present = {f"{r.kind}/{r.key}" for r in rows if r.state == "complete"}
+    found = []
+    for row in rows:
+        if project.busy(f"{row.kind}-{row.key}") or project.busy(f"checkpoints-{row.key}"):
+            continue
+        if row.state == "incomplete":
+            found.append(_with_state(row, "interrupted before it was complete"))
+        elif row.damaged:
+            found.append(row)
+        elif row.parent and row.parent not in present:
+            found.append(_with_state(row, f"computed from {row.parent}, which is gone"))
+        elif row.kind == "checkpoints" and checkpoints:
+            found.append(_with_state(row, "resumable training state (--checkpoints)"))
+    edits = {r.key for r in rows if r.kind == "edits" and r.state == "complete"}
+    for render in renders(project):
+        gone = [key for key in render.edits if key not in edits]
+        if gone:
+            size = sum(_path_bytes(path) for path in render.files if path.exists())
+            why = f"render of edits/{gone[0]}, which is gone"
+            found.append(Listing("render", render.sidecar.name[:-5], render.sidecar, why, size))
+    for temp in project.root.rglob(".*.tmp"):
+        pid = temp.name.rsplit(".", 3)[-3]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            found.append(Listing("temp", temp.name, temp, "left by a process that died", _path_bytes(temp)))
+    return sorted(found, key=lambda r: REMOVAL_ORDER.index(r.kind))
+
+
+def removal_files(project: Project, row: Listing) -> list[Path]:
+    """Every file and folder that removing `row` deletes: the entry's files, and renders and grids of edits."""
+    if row.kind == "render":
+        render = next((r for r in renders(project) if r.sidecar == row.path), None)
+        return [p for p in render.files if p.exists()] if render else [row.path]
+    files = sorted(p for p in row.path.rglob("*") if p.is_file()) if row.path.is_dir() else [row.path]
+    if row.kind == "edits":
+        files += [path for render in renders(project) if row.key in render.edits for path in render.files]
+    return [path for path in files if path.exists()]
+
+
+def remove(project: Project, row: Listing) -> None:
+    """Remove references before payloads: pointers, then `meta.json` (the entry stops counting), then files."""
+    if row.kind == "render":
+        _remove_render(project, row.path)
+        return
+    if row.kind in ("temp", "project"):
+        shutil.rmtree(row.path) if row.path.is_dir() else row.path.unlink(missing_ok=True)
+        return
+    with project.lock(f"{row.kind}-{row.key}"):
+        if KEY.fullmatch(row.key) and project.state_problem() is None:
+            state = project.state
+            pointers = {name: None for name in ("tune", "inversion") if state.get(name) == row.key}
+            if pointers:
+                project.update_state(**pointers)
+        if row.kind == "edits":
+            for render in renders(project):
+                if row.key in render.edits:
+                    _remove_render(project, render.sidecar)
+        (row.path / "meta.json").unlink(missing_ok=True)
+        shutil.rmtree(row.path, ignore_errors=True)
+
+
+def _remove_render(project: Project, sidecar: Path) -> None:
+    render = next((r for r in renders(project) if r.sidecar == sidecar), None)
+    files = list(render.files) if render else [sidecar]
+    sidecar.unlink(missing_ok=True)  # the reference first
+    for path in files:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _with_state(row: Listing, state: str) -> Listing:
+    return Listing(row.kind, row.key, row.path, state, row.bytes, row.created, row.spec, row.parent)
+
+
+def _path_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs here (a temp file named after a dead one is garbage)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

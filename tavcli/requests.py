@@ -1,0 +1,162 @@
+"""What a command asks for, as checked values: a tune (`TuneRequest`) and an edit (`EditRequest`).
+
+Each checks itself against the option declarations (`tavcli.options`) when it is made, so the
+command line, batch files, sidecars and Python callers get the same one-line errors. This module
+imports no torch: the command line builds its requests before loading anything heavy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tavcli.errors import TavError
+from tavcli.inputs import require_folder, require_prompt, require_regular_file
+from tavcli.options import (
+    EDIT,
+    INVERT,
+    TUNE,
+    FrameNorm,
+    OptionError,
+    OutputFormat,
+    ResizeMode,
+    check_fields,
+    check_rate,
+)
+from tavcli.progress import Reporter
+from tavcli.video import FrameSelection, FrameSize, snap_to_multiple
+
+__all__ = [
+    "CONTROL_KINDS",
+    "ControlSpec",
+    "EditRequest",
+    "EditSettings",
+    "TuneRequest",
+    "TuneSettings",
+    "control_spec",
+    "frame_size",
+]
+
+CONTROL_KINDS = ("canny", "depth", "pose", "seg", "scribble", "normal", "lineart", "softedge")
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """The reference's defaults: 500 AdamW steps at lr 3e-5, seed 33."""
+
+    steps: int = 500
+    learning_rate: float = 3e-5
+    seed: int = 33
+    gradient_checkpointing: bool = False  # saves memory, same numbers: not part of the cache key
+    checkpoint_every: int = 100  # save a resumable state every N steps (0: only when stopped or done)
+
+    def __post_init__(self) -> None:
+        values = {"steps": self.steps, "lr": self.learning_rate, "seed": self.seed}
+        check_fields(TUNE, {**values, "checkpoint_every": self.checkpoint_every}, "tune settings")
+
+
+def frame_size(width: int, height: int, resize: ResizeMode, reporter: Reporter) -> FrameSize:
+    """The frame size rounded to multiples of 8, with a note when it changed."""
+    check_fields(TUNE, {"width": width, "height": height, "resize": resize}, "frame size")
+    snapped = snap_to_multiple(width), snap_to_multiple(height)
+    if snapped != (width, height):
+        reporter.note(f"size {width}x{height} rounded to {snapped[0]}x{snapped[1]} (multiples of 8)")
+    return FrameSize(width=snapped[0], height=snapped[1], resize=resize)
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    """What to tune: a clip and its description, in which project, on which model, and how."""
+
+    clip: Path
+    prompt: str
+    project: Path
+    model: str  # a model name as `tavcli.modelspec.model_name` builds it
+    selection: FrameSelection = field(default_factory=FrameSelection)
+    size: FrameSize = field(default_factory=FrameSize)
+    settings: TuneSettings = field(default_factory=TuneSettings)
+    frame_norm: FrameNorm = "joint"
+
+    def __post_init__(self) -> None:
+        require_prompt(self.prompt)
+        check_fields(TUNE, {"frame_norm": self.frame_norm}, "tune")
+        require_folder(self.project, "--project")
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """DDIM sampling settings of an edit (the reference's: 50 steps, guidance 12.5, eta 0)."""
+
+    steps: int = 50
+    guidance: float = 12.5
+    negative: str = ""
+    seed: int = 33  # only draws noise when eta > 0
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_fields(EDIT, asdict(self), "edit settings")
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """What the user asked for: a kind of condition, a ControlNet, condition frames and a strength."""
+
+    kind: str
+    model: str
+    video: Path | None = None  # None: compute the maps from the source clip (canny only)
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONTROL_KINDS:
+            raise OptionError(f"unknown --control {self.kind!r}", f"use one of {', '.join(CONTROL_KINDS)}")
+        if self.video is None and self.kind != "canny":
+            raise OptionError(f"--control {self.kind} needs --control-video", "a clip of condition maps, one per frame")
+        if self.video is not None:
+            require_regular_file(self.video, "clip of condition maps (--control-video)")
+        check_fields(EDIT, {"control_scale": self.scale}, "control")
+
+
+def control_spec(kind: str | None, model: str | None, video: Path | None, scale: float) -> ControlSpec | None:
+    """The control the options ask for, or None; --control and --control-model go together."""
+    if kind is None and model is None and video is None:
+        return None
+    if kind is None or model is None:
+        raise OptionError("--control and --control-model go together", "e.g. --control canny --control-model PATH")
+    return ControlSpec(kind, model, video, scale)
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """What to render: new prompts for a project's tune, how to sample them, and how to write them."""
+
+    project: Path
+    prompts: list[str]
+    settings: EditSettings = field(default_factory=EditSettings)
+    out: Path | None = None  # default: PROJECT/renders
+    format: OutputFormat = "mp4"
+    fps: float | None = None  # default: the rate of the tuned frames (source fps / stride)
+    batch_size: int = 1
+    control: ControlSpec | None = None
+    tune_key: str | None = None  # default: the project's current tune and inversion (else this tune's)
+    invert_steps: int | None = None  # with `tune_key`; default: the sampling steps
+    invert_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise TavError("give at least one edit prompt", 'e.g. tav edit "a panda is skiing"')
+        for prompt in self.prompts:
+            require_prompt(prompt)
+        check_fields(EDIT, {"format": self.format, "fps": self.fps, "batch_size": self.batch_size}, "edit")
+        check_rate(self.format, self.fps)
+        if self.invert_steps is not None:
+            check_fields(INVERT, {"steps": self.invert_steps, "prompt": self.invert_prompt}, "inversion")
+        if self.out is not None:
+            require_folder(self.out, "--out")
+
+    @property
+    def groups(self) -> list[list[str]]:
+        """The prompts (each once, in order) as they share UNet batches: `batch_size` at a time; alone
+        with eta > 0, so that a prompt's noise does not depend on the others."""
+        unique = list(dict.fromkeys(self.prompts))
+        size = self.batch_size if self.settings.eta == 0 else 1
+        return [unique[i : i + size] for i in range(0, len(unique), size)]
