@@ -17,6 +17,12 @@ memory (process RSS on CPU, `torch.cuda.max_memory_allocated` on GPU) is its own
 
 Timings are medians of `--repeats` steps after `--warmup` steps. On a GPU each step's FLOPs are
 counted (`torch.utils.flop_counter`) and divided by the device's peak to give the fraction reached.
+
+`--contention` times something else: whole `tav tune` commands (`--tune-steps` steps, the
+configuration's frames and size, through the real command line) alone, beside a busy process (a
+Python busy loop), and two at once, each in a fresh project, with tavcli's choice of OpenMP wait
+policy and with `TAV_WAIT_POLICY=off` (OpenMP's default, what tavcli did before). Its figures are
+seconds and ratios to the same command alone.
 """
 
 from __future__ import annotations
@@ -136,6 +142,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (tavcli --compile)")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TAV_BENCH_DIR", ".tav-bench")))
+    parser.add_argument("--contention", action="store_true", help="time whole tunes beside other busy processes")
+    parser.add_argument("--tune-steps", type=int, default=30, help="training steps of each --contention tune")
     parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: run one phase in this process
     args = parser.parse_args()
     args.frames = args.frames or CONFIGS[args.config]["frames"]
@@ -144,7 +152,10 @@ def main() -> None:
         print(json.dumps(run_phase(args)))
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
-    build_model(args.config, args.workdir / "models")
+    model = build_model(args.config, args.workdir / "models")
+    if args.contention:
+        print(json.dumps(run_contention(args, "tiny" if args.config == "tiny" else str(model)), indent=2))
+        return
     results: dict[str, Any] = {}
     for phase in args.phases.split(","):
         command = [sys.executable, __file__, *sys.argv[1:], "--phase", phase]
@@ -154,6 +165,56 @@ def main() -> None:
             sys.exit(f"phase {phase} failed:\n{done.stderr}")
         results[phase] = json.loads(done.stdout.strip().splitlines()[-1])
     print(json.dumps(summarise(args, results), indent=2))
+
+
+def run_contention(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    """Seconds of whole `tav tune` commands alone, beside a busy process and two at once, per wait policy."""
+    env = {**os.environ, "TAV_CACHE_DIR": str(args.workdir / "cache"), "HF_HUB_OFFLINE": "1"}
+    env.pop("OMP_WAIT_POLICY", None)
+    with resources.as_file(resources.files("tavcli") / "data" / "man-skiing.mp4") as clip:
+        command = [sys.executable, "-m", "tavcli", "tune", str(clip), "a man is skiing", "-m", model]
+        command += ["--frames", str(args.frames), "--stride", "1", "--width", str(args.size)]
+        command += ["--height", str(args.size), "--steps", str(args.tune_steps), "--checkpoint-every", "0"]
+
+        def tunes(copies: int, policy: str) -> list[float]:
+            runs = []
+            for index in range(copies):
+                project = args.workdir / f"contention-{os.getpid()}-{index}.tav"
+                shutil.rmtree(project, ignore_errors=True)
+                started = time.perf_counter()
+                run_env = env if policy == "auto" else {**env, "TAV_WAIT_POLICY": policy}
+                process = subprocess.Popen([*command, "-p", str(project)], env=run_env, stdout=subprocess.DEVNULL)
+                runs.append((process, started, project))
+            seconds = []
+            for process, started, project in runs:
+                if process.wait() != 0:
+                    sys.exit(f"tav tune failed: {' '.join(command)}")
+                seconds.append(round(time.perf_counter() - started, 2))
+                shutil.rmtree(project, ignore_errors=True)
+            return seconds
+
+        tunes(1, "auto")  # builds the model and warms the file cache
+        report: dict[str, Any] = {"config": args.config, "frames": args.frames, "size": args.size}
+        report["tune_steps"] = args.tune_steps
+        for policy in ("auto", "off"):
+            alone = tunes(1, policy)[0]
+            busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            time.sleep(1)
+            try:
+                beside = tunes(1, policy)[0]
+            finally:
+                busy.kill()
+                busy.wait()
+            two = tunes(2, policy)
+            report[policy] = {
+                "alone_s": alone,
+                "beside_busy_process_s": beside,
+                "two_at_once_s": two,
+                "ratio_beside_busy_process": round(beside / alone, 2),
+                "ratio_two_at_once": round(max(two) / alone, 2),
+            }
+    report["environment"] = {"cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+    return report
 
 
 def summarise(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:

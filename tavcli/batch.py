@@ -20,6 +20,7 @@ This module imports no torch: parsing and validating stay fast and testable on t
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,8 +81,7 @@ def _flag(value: Any, base: Path) -> bool:
 
 def _path(value: Any, base: Path) -> Path:
     """A path as the user wrote it: absolute, or relative to the batch file's folder (the current one for stdin)."""
-    path = Path(_text(value, base)).expanduser()
-    return path if path.is_absolute() else base / path
+    return Path(os.path.abspath(base / Path(_text(value, base)).expanduser()))  # `..` folded, links kept
 
 
 def _model_name(value: Any, base: Path) -> str:
@@ -173,7 +173,9 @@ def read_jobs(given: str) -> tuple[str, str, Path, bool]:
     path = Path(given)
     if not path.exists() and not path.is_symlink():
         raise TavError(f"no batch file {path}", "give a .toml or .jsonl file, or - to read JSON Lines from stdin")
-    require_regular_file(path, "batch file (.toml or .jsonl; - reads stdin)")
+    require_regular_file(
+        path, "batch file", "give a .toml or .jsonl file; to read a pipe, use - (cat jobs.jsonl | tav batch -)"
+    )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
@@ -265,8 +267,7 @@ def _job(name: str, where: str, data: dict[str, Any], base: Path, context: Batch
     tune = _options("", {k: v for k, v in data.items() if k not in JOB_FIELDS[:6]}, TUNE_FIELDS, base)
     invert = _options("invert.", data.get("invert", {}), INVERT_FIELDS, base)
     edit = _options("edit.", data.get("edit", {}), EDIT_FIELDS, base)
-    project = tune.pop("project", None) or context.project_for(clip)
-    project = project if project.is_absolute() else Path.cwd() / project
+    project = Path(os.path.abspath(tune.pop("project", None) or context.project_for(clip)))
     _confine("project", project, context.root)
     _confine("edit.out", edit.get("out"), context.root)
     check_rate(edit.get("format", "mp4"), edit.get("fps"))

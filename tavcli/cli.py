@@ -848,7 +848,7 @@ def verify(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
     rows = listing(store)
     with _progress("verifying", len(rows)) as advance:
         for row in rows:
-            problems = [] if row.state == "complete" else [row.state]
+            problems = [] if row.state == "complete" else [row.state.removeprefix("damaged: ")]
             if not problems and row.kind == "checkpoints":
                 problems = Checkpoints(row.path).problems(full=True)
             elif not problems:

@@ -16,6 +16,7 @@ import torch
 from diffusers import ControlNetModel, T2IAdapter
 
 from tavcli.errors import TavError, first_line
+from tavcli.hub import local_only, unreachable
 from tavcli.requests import ControlSpec
 
 __all__ = ["ControlGuide", "ControlSpec", "canny_maps", "controlnet_identity", "load_controlnet"]
@@ -37,12 +38,16 @@ def load_controlnet(name: str, device: torch.device, dtype: torch.dtype) -> Cont
 
     _quiet_libraries()
     path = Path(name).expanduser()
+    offline = not path.is_dir() and local_only()
     try:
         kind = ControlNetModel
         if path.is_dir() and '"T2IAdapter"' in (path / "config.json").read_text():
             kind = T2IAdapter
-        model = kind.from_pretrained(str(path) if path.is_dir() else name, use_safetensors=True)
+        source = str(path) if path.is_dir() else name
+        model = kind.from_pretrained(source, use_safetensors=True, local_files_only=offline)
     except (OSError, ValueError) as error:
+        if offline:
+            raise unreachable(name, "give a local ControlNet folder with --control-model") from None
         raise TavError(
             f"cannot load the ControlNet {name!r}: {first_line(error)}", "give a local ControlNet folder"
         ) from None

@@ -60,10 +60,10 @@ def choose_wait_policy() -> str | None:
     """Set `OMP_WAIT_POLICY=PASSIVE` for this process if other processes keep the cores busy or
     another `tav` runs.
 
-    Does nothing when the user set the policy, when torch is already loaded (too late), or where
-    the run queue cannot be read. Returns the policy it chose, if any.
+    Does nothing when the user set the policy (or `TAV_WAIT_POLICY=off`), when torch is already
+    loaded (too late), or where the run queue cannot be read. Returns the policy it chose, if any.
     """
-    if "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
+    if "OMP_WAIT_POLICY" in os.environ or os.environ.get("TAV_WAIT_POLICY") == "off" or "torch" in sys.modules:
         return None
     cores = os.cpu_count() or 1
     threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or cores

@@ -24,7 +24,7 @@ NOT_REGULAR = {
 }
 
 
-def require_regular_file(path: Path, what: str = "file") -> Path:
+def require_regular_file(path: Path, what: str = "file", hint: str | None = None) -> Path:
     """`path` if it is a regular file (or a link to one); refused before it is opened otherwise.
 
     Opening a FIFO blocks until something writes to it, and a device can be endless: neither is a
@@ -43,7 +43,7 @@ def require_regular_file(path: Path, what: str = "file") -> Path:
         raise TavError(f"cannot read {path}: {error.strerror}") from None
     if not stat.S_ISREG(mode):
         kind = NOT_REGULAR.get(stat.S_IFMT(mode), "not a regular file")
-        raise TavError(f"{path} is {kind}, not a {what}", f"give the path of a {what}")
+        raise TavError(f"{path} is {kind}, not a {what}", hint or f"give the path of a {what}")
     return path
 
 

@@ -20,6 +20,7 @@ from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 from tavcli.config import DEFAULT_CLIP_MODEL
 from tavcli.errors import TavError, first_line
+from tavcli.hub import local_only, unreachable
 
 __all__ = ["DEFAULT_CLIP_MODEL", "ClipScorer", "Scores", "evaluate_output"]
 
@@ -45,11 +46,15 @@ class ClipScorer:
         from tavcli.models import _quiet_libraries
 
         _quiet_libraries()
+        offline = not Path(name).expanduser().is_dir() and local_only()
         try:
-            self.model = CLIPModel.from_pretrained(name, use_safetensors=True).to(device).eval()
-            self.processor = CLIPImageProcessor.from_pretrained(name)
-            self.tokenizer = CLIPTokenizer.from_pretrained(name)
+            model = CLIPModel.from_pretrained(name, use_safetensors=True, local_files_only=offline)
+            self.model = model.to(device).eval()
+            self.processor = CLIPImageProcessor.from_pretrained(name, local_files_only=offline)
+            self.tokenizer = CLIPTokenizer.from_pretrained(name, local_files_only=offline)
         except (OSError, ValueError) as error:
+            if offline:
+                raise unreachable(name, "give a local CLIP folder with --clip-model") from None
             raise TavError(
                 f"cannot load the CLIP model {name!r}: {first_line(error)}",
                 "give a local CLIP folder with --clip-model (the hub may be unreachable)",

@@ -31,6 +31,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from tavcli.atomic import atomic_path, write_json
 from tavcli.config import DEFAULT_MODEL
 from tavcli.errors import TavError, first_line
+from tavcli.hub import local_only, unreachable
 from tavcli.modelspec import is_single_file, model_name, parse_model_name
 from tavcli.store import file_sha256
 
@@ -181,8 +182,14 @@ def _convert_single_file(file: Path, configs: str | None, folder: Path) -> None:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
+        needs_hub = configs is None or not Path(configs).is_dir()
         pipe = StableDiffusionPipeline.from_single_file(
-            str(file), config=configs, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            str(file),
+            config=configs,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            local_files_only=needs_hub and local_only(),
         )
     except LocalEntryNotFoundError:
         raise TavError(
@@ -252,11 +259,11 @@ def _hub_model(repo_id: str, allow_pickle: bool) -> ModelSource:
         f"{part}/{name}" for part in ("unet", "vae", "text_encoder") for name in weight_files(part, allow_pickle)
     ]
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_only()))
     except RepositoryNotFoundError:
         raise TavError(f"unknown model {repo_id!r}: no such repository on the hub (or it is private)") from None
     except LocalEntryNotFoundError:
-        raise TavError(f"cannot load {repo_id!r}: the hub is unreachable and it is not cached", OFFLINE_HINT) from None
+        raise unreachable(repo_id, OFFLINE_HINT) from None
     except HfHubHTTPError as error:
         raise TavError(f"cannot download {repo_id!r}: {error}", OFFLINE_HINT) from None
     return ModelSource(name=repo_id, folder=folder, revision=folder.name)

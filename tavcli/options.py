@@ -90,7 +90,7 @@ class Option:
         """The numeric range alone: 'from 1 to 999', 'of at least 0', 'above 0' ('' when unbounded)."""
         low, high = _figure(self.low), _figure(self.high)
         if self.low is not None and self.high is not None:
-            return f"from {low} to {high}"
+            return f"above {low} and at most {high}" if self.above else f"from {low} to {high}"
         if self.low is not None:
             return f"above {low}" if self.above else f"of at least {low}"
         return "" if self.high is None else f"of at most {high}"
@@ -180,8 +180,9 @@ TUNE = {
             "--lr",
             float,
             3e-5,
-            "AdamW learning rate.",
+            "AdamW learning rate (AdamW moves each weight by about this much per step).",
             low=0,
+            high=1,
             above=True,
             why="the reference uses 3e-5",
         ),
@@ -226,7 +227,7 @@ EDIT = {
             12.5,
             "Classifier-free guidance scale (0: the negative prompt alone; 1: the prompt without guidance).",
             low=0,
-            why="to steer away from something, name it with --negative",
+            why="12.5 is the reference's; to steer away from something, name it with --negative",
         ),
         Option("--negative", str, "", "Negative prompt (replaces the empty prompt)."),
         Option("--seed", int, 33, "Seed for DDIM noise (used when --eta > 0).", low=0, high=SEED_MAX),
@@ -239,7 +240,7 @@ EDIT = {
             f"Frame rate [default: source fps / stride; GIFs at most {GIF_MAX_FPS:g}].",
             low=0.01,
             high=1000,
-            why="H.264 players drop frames above 1000 fps",
+            why="clips usually play at 8 to 60 fps; H.264 players drop frames above 1000",
         ),
         Option("--batch-size", int, 1, "Prompts sampled together in one UNet batch (GPU throughput).", low=1),
         Option("--control-scale", float, 1.0, "Strength of the ControlNet residuals.", low=0, high=10),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ DATA = Path(__file__).parent / "data"
 ORACLE = DATA / "oracle"
 TINY_SD = ORACLE / "tiny-sd"
 CLIP = Path(__file__).parent.parent / "tavcli" / "data" / "man-skiing.mp4"  # 48 frames, 256x256, 29.97 fps
+TINY_TOKENIZER = Path(__file__).parent.parent / "tavcli" / "tiny" / "tokenizer"
 
 
 @pytest.fixture(scope="session")
@@ -82,3 +84,54 @@ def tiny_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
     return folder / "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from tavcli.models import resolve_model
+
+    unet = UNet2DConditionModel.from_pretrained(resolve_model("tiny").folder / "unet")
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
+    for param in controlnet.parameters():  # a trained ControlNet's zero convolutions are not zero
+        torch.nn.init.normal_(param, std=0.05)
+    folder = tmp_path_factory.mktemp("tiny-controlnet")
+    controlnet.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CLIP model with random weights, saved and loaded like a downloaded one."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    text = {
+        "vocab_size": 626,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "bos_token_id": 624,
+        "eos_token_id": 625,
+        "pad_token_id": 625,
+    }
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 8,
+    }
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    for file in TINY_TOKENIZER.iterdir():
+        shutil.copy(file, folder / file.name)
+    return folder

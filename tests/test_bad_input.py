@@ -246,3 +246,101 @@ def test_a_newer_store_is_refused(tmp_path: Path, run_tav) -> None:  # type: ign
     (project / "project.json").write_text(json.dumps({"store_version": 99, "tune": "x"}))
     for command in (["ls"], ["edit", "a dog"], ["tune", CLIP, "a man", *SMALL]):
         _one_error_line(*run_tav(*command, "-p", project), "written by a newer tav")
+
+
+def _not_regular(kind: str, folder: Path) -> tuple[Path, str]:
+    """A path that is no regular file, and what tav calls it."""
+    import os
+    import socket
+
+    path = folder / kind
+    if kind == "fifo":
+        os.mkfifo(path)
+        return path, "is a FIFO (named pipe)"
+    if kind == "socket":
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))  # closed when the test's process ends; the file stays
+        return path, "is a socket"
+    if kind == "loop":
+        path.symlink_to(path)
+        return path, "is a symbolic link loop"
+    return Path("/dev/null"), "is a character device"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "loop", "device"])
+def test_inputs_that_are_not_regular_files_are_refused_before_opening(kind: str, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    path, what = _not_regular(kind, tmp_path)
+    for args in (
+        ["tune", path, "a man", *SMALL, "-p", tmp_path / "p.tav"],
+        ["batch", path],
+        ["edit", "--from-sidecar", path],
+        ["eval", path],
+        ["edit", "a dog", "-p", tmp_path, "--control", "pose", "--control-model", tmp_path, "--control-video", path],
+    ):
+        code, out, err = run_tav(*args)  # a FIFO would block here if it were opened
+        assert code in (1, 2) and out == "" and f"{path} {what}" in err and "Traceback" not in err, (args, err)
+
+
+def test_a_diverging_tune_stops_at_the_step_and_stores_no_tune(tmp_path: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import tavcli.tune
+
+    real, calls = tavcli.tune.F.mse_loss, []
+
+    def diverging(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs) * (float("nan") if len(calls) == 2 else 1)
+
+    monkeypatch.setattr(tavcli.tune.F, "mse_loss", diverging)
+    project = tmp_path / "p.tav"
+    code, out, err = run_tav("tune", CLIP, "a man", *SMALL, "--steps", "3", "-p", project)
+    _fault(code, out, err, "the tune diverged at step 2 of 3: the loss is nan; no tune was stored")
+    assert "--lr 3e-05 may be too high" in err and len(calls) == 2
+    assert not list(project.glob("tunes/*/meta.json")) and not (project / "project.json").exists()
+
+
+def test_tensors_that_diverge_while_the_loss_is_finite_are_caught(tmp_path: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import tavcli.tune
+
+    real = tavcli.tune.torch.nn.utils.clip_grad_norm_
+
+    def poisoned(params, *args, **kwargs):  # type: ignore[no-untyped-def]
+        params = list(params)
+        for param in params:
+            param.grad.fill_(float("inf"))
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(tavcli.tune.torch.nn.utils, "clip_grad_norm_", poisoned)
+    project = tmp_path / "p.tav"
+    code, out, err = run_tav("tune", CLIP, "a man", *SMALL, "-p", project)  # one step: its loss was finite
+    _fault(code, out, err, "the tuned tensors hold NaN or inf")
+    assert not list(project.glob("tunes/*/meta.json")) and not list(project.glob("checkpoints/*/*.safetensors"))
+
+
+@pytest.mark.parametrize("stage", ["inversion", "edit", "decode"])
+def test_non_finite_inversions_and_edits_are_never_stored(stage: str, tuned: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import tavcli.tune
+    import tavcli.workflow
+
+    if stage == "inversion":
+        real = tavcli.workflow.ddim_inversion
+        monkeypatch.setattr(
+            tavcli.workflow, "ddim_inversion", lambda *a, **k: [t * float("nan") for t in real(*a, **k)]
+        )
+    elif stage == "edit":
+        real_sample = tavcli.workflow.ddim_sample
+        monkeypatch.setattr(tavcli.workflow, "ddim_sample", lambda *a, **k: real_sample(*a, **k) * float("inf"))
+    else:
+        real_decode = tavcli.tune.AutoencoderKL.decode
+
+        def nan_decode(self, z, *a, **k):  # type: ignore[no-untyped-def]
+            out = real_decode(self, z, *a, **k)
+            out.sample.fill_(float("nan"))
+            return out
+
+        monkeypatch.setattr(tavcli.tune.AutoencoderKL, "decode", nan_decode)
+    code, out, err = run_tav("edit", "a dog", "-p", tuned, "--steps", "2")
+    _fault(code, out, err, "NaN or inf")
+    kind = {"inversion": "inversions", "edit": "edits", "decode": "renders"}[stage]
+    assert not list(tuned.glob(f"{kind}/*/meta.json")) and not list(tuned.glob("renders/*.mp4"))
+    monkeypatch.undo()
+    assert run_tav("edit", "a dog", "-p", tuned, "--steps", "2")[0] == 0  # nothing bad was left to reuse

@@ -235,3 +235,54 @@ def test_batch_jobs_take_loras_and_controls(batch_dir: Path, tiny_lora: Path, ru
     tune = [r for r in _records(out) if r["kind"] == "tune"][0]
     model = json.loads((Path(tune["path"]) / "meta.json").read_text())["model"]
     assert model["model"].endswith(f"|lora={tiny_lora}:0.5")
+
+
+@pytest.mark.slow
+def test_explicit_paths_are_honoured_and_records_are_absolute(tmp_path: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "jobs").mkdir()
+    shutil.copy(CLIP, tmp_path / "clip.mp4")
+    small = {"model": "tiny", "frames": 2, "width": 32, "height": 32, "steps": 1, "edit": {"steps": 1}}
+    jobs = [
+        {"name": "up", "clip": "../clip.mp4", "prompt": "a man", "project": "../outside.tav", **small},
+        {
+            "name": "away",
+            "clip": str(tmp_path / "clip.mp4"),
+            "prompt": "a man",
+            "edits": ["../../etc/passwd"],
+            **small,
+            "edit": {"steps": 1, "out": str(tmp_path / "elsewhere")},
+        },
+    ]
+    (tmp_path / "jobs" / "j.jsonl").write_text("\n".join(map(json.dumps, jobs)) + "\n")
+    monkeypatch.chdir(tmp_path / "jobs")
+    code, out, err = run_tav("batch", "j.jsonl")
+    assert code == 0, err
+    records = _records(out)
+    assert all(Path(r["path"]).is_absolute() for r in records)
+    assert Path(records[0]["path"]).parent.parent == tmp_path / "outside.tav"  # relative to the batch file
+    edit = next(r for r in records if r["kind"] == "edit")
+    assert Path(edit["path"]).parent == tmp_path / "elsewhere" and Path(edit["path"]).name.startswith("etc-passwd-")
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({**jobs[0], "clip": "../clip.mp4"}) + "\n"))
+    code, out, err = run_tav("batch", "-")  # from stdin, relative to the current folder
+    assert code == 0, err
+    assert all(Path(r["path"]).is_absolute() and r["cached"] for r in _records(out))
+
+
+def test_root_confines_every_write_of_a_batch(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "root").mkdir()
+    shutil.copy(CLIP, tmp_path / "clip.mp4")
+    jobs = [
+        {"name": "project", "clip": "clip.mp4", "prompt": "a man", "project": "/tmp/elsewhere.tav"},
+        {"name": "out", "clip": "clip.mp4", "prompt": "a man", "project": "root/p.tav", "edit": {"out": "/tmp/x"}},
+        {"name": "default", "clip": "clip.mp4", "prompt": "a man"},  # its project would be beside the clip
+        {"name": "link", "clip": "clip.mp4", "prompt": "a man", "project": "root/link/p.tav"},
+    ]
+    (tmp_path / "root" / "link").symlink_to(tmp_path)
+    (tmp_path / "j.jsonl").write_text("\n".join(map(json.dumps, jobs)) + "\n")
+    code, out, err = run_tav("batch", tmp_path / "j.jsonl", "--root", tmp_path / "root")
+    assert code == 1 and out == ""
+    assert "(project): field 'project' writes to /tmp/elsewhere.tav, outside --root" in err
+    assert "(out): field 'edit.out' writes to /tmp/x, outside --root" in err
+    assert "(default): field 'project' writes to" in err and "(link): field 'project'" in err
+    assert "4 of 4 jobs are invalid" in err

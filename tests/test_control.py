@@ -16,22 +16,6 @@ from .conftest import CLIP
 SMALL = ["--model", "tiny", "--frames", "3", "--stride", "2", "--width", "64", "--height", "64", "--steps", "1"]
 
 
-@pytest.fixture(scope="session")
-def tiny_controlnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from diffusers import ControlNetModel, UNet2DConditionModel
-
-    from tavcli.models import resolve_model
-
-    unet = UNet2DConditionModel.from_pretrained(resolve_model("tiny").folder / "unet")
-    torch.manual_seed(0)
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
-    for param in controlnet.parameters():  # a trained ControlNet's zero convolutions are not zero
-        torch.nn.init.normal_(param, std=0.05)
-    folder = tmp_path_factory.mktemp("tiny-controlnet")
-    controlnet.save_pretrained(folder)
-    return folder
-
-
 def _maps(path: Path, frames: int, values: list[int]) -> Path:
     import av
 

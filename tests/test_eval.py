@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,41 +11,7 @@ import torch
 
 from .conftest import CLIP
 
-TOKENIZER = Path(__file__).parent.parent / "tavcli" / "tiny" / "tokenizer"
 SMALL = ["--model", "tiny", "--frames", "3", "--width", "32", "--height", "32", "--steps", "1"]
-
-
-@pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CLIP model with random weights, saved and loaded like a downloaded one."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    text = {
-        "vocab_size": 626,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 77,
-        "bos_token_id": 624,
-        "eos_token_id": 625,
-        "pad_token_id": 625,
-    }
-    vision = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": 32,
-        "patch_size": 8,
-    }
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    for file in TOKENIZER.iterdir():
-        shutil.copy(file, folder / file.name)
-    return folder
 
 
 def test_scores_are_the_defined_cosine_similarities(tiny_clip: Path) -> None:

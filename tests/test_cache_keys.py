@@ -1,0 +1,259 @@
+"""A cached result is reused only when it is the result asked for: every option of `tav edit` changes the
+key, the output's name or folder, or nothing, as docs/store.md says; the sidecar's `reproduce` commands
+give the same bits in a fresh project."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+from collections.abc import Callable
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import pytest
+import torch
+import typer
+
+from .conftest import CLIP
+
+ROOT = Path(__file__).parent.parent
+SMALL = ["--model", "tiny", "--frames", "4", "--width", "64", "--height", "64", "--steps", "2"]
+Args = Callable[[dict[str, Path]], list[str]]
+
+
+def documented_effects() -> dict[tuple[str, str], str]:
+    """(command, option) -> key, name, folder or none, from the table in docs/store.md."""
+    effects = {}
+    for line in (ROOT / "docs" / "store.md").read_text().splitlines():
+        row = re.match(r"\| `tav (\w+)` \| (.+?) \| (key|name|folder|none) \|", line)
+        if row:
+            for option in re.findall(r"`([^`]+)`", row.group(2)):
+                effects[(row.group(1), option)] = row.group(3)
+    return effects
+
+
+def command_options(name: str) -> list[str]:
+    """The arguments and options of `tav NAME`, as the docs name them (`VIDEO`, `--steps`)."""
+    from tavcli.cli import app
+
+    command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
+    found = []
+    for param in command.params:
+        if param.param_type_name == "argument":
+            found.append((param.metavar or param.name.upper()).rstrip("."))
+        else:
+            found.append(next(flag for flag in param.opts if flag.startswith("--")))
+    return [option for option in found if option != "--help"]
+
+
+@pytest.mark.parametrize("command", ["tune", "invert", "edit"])
+def test_every_option_says_what_it_does_to_the_cache(command: str) -> None:
+    effects = documented_effects()
+    missing = [option for option in command_options(command) if (command, option) not in effects]
+    assert not missing, f"docs/store.md does not say what these do to the cache: {missing}"
+
+
+# Each edit option: (extra arguments of the baseline edit, of the changed edit). `P` holds paths.
+BASE = ["--steps", "2"]
+CHANGES: dict[str, tuple[Args, Args]] = {
+    "PROMPT": (lambda p: [], lambda p: ["--replace-prompt"]),
+    "--project": (lambda p: [], lambda p: ["-p", str(p["other_project"])]),
+    "--steps": (lambda p: [], lambda p: ["--steps", "3"]),
+    "--guidance": (lambda p: [], lambda p: ["--guidance", "5"]),
+    "--negative": (lambda p: [], lambda p: ["--negative", "blurry"]),
+    "--seed": (lambda p: ["--eta", "0.5"], lambda p: ["--eta", "0.5", "--seed", "7"]),
+    "--eta": (lambda p: [], lambda p: ["--eta", "0.5"]),
+    "--format": (lambda p: [], lambda p: ["--format", "gif"]),
+    "--fps": (lambda p: [], lambda p: ["--fps", "5"]),
+    "--out": (lambda p: [], lambda p: ["--out", str(p["tmp"] / "elsewhere")]),
+    "--batch-size": (
+        lambda p: ["--also", "a cat is skiing"],
+        lambda p: ["--also", "a cat is skiing", "--batch-size", "2"],
+    ),
+    "--control": (lambda p: [], lambda p: [*_control(p)]),
+    "--control-model": (lambda p: [*_control(p)], lambda p: [*_control(p, model=p["other_controlnet"])]),
+    "--control-video": (lambda p: [*_control(p)], lambda p: [*_control(p, video=p["maps"])]),
+    "--control-scale": (lambda p: [*_control(p)], lambda p: [*_control(p), "--control-scale", "0.5"]),
+    "--device": (lambda p: [], lambda p: ["--device", "cpu"]),
+    "--grid": (lambda p: [], lambda p: ["--grid"]),
+    "--eval": (lambda p: [], lambda p: ["--eval", "--clip-model", str(p["clip_model"])]),
+    "--clip-model": (
+        lambda p: ["--eval", "--clip-model", str(p["clip_model"])],
+        lambda p: ["--eval", "--clip-model", str(p["other_clip"])],
+    ),
+    "--from-sidecar": (lambda p: [], lambda p: ["--from-sidecar"]),
+    "--trust-pickle": (lambda p: [], lambda p: ["--trust-pickle"]),
+    "--force": (lambda p: [], lambda p: ["--force"]),
+}
+# Options whose other values cannot run on a 2-core CPU in a test: their keys are checked directly below.
+NOT_RUN_HERE = {"--compile": "compiling takes minutes on a CPU", "--precision": "fp16 and bf16 need a GPU"}
+
+
+def _control(paths: dict[str, Path], model: Path | None = None, video: Path | None = None) -> list[str]:
+    return [
+        "--control",
+        "pose",
+        "--control-model",
+        str(model or paths["controlnet"]),
+        "--control-video",
+        str(video or CLIP),
+    ]
+
+
+@pytest.fixture(scope="module")
+def edit_world(tmp_path_factory: pytest.TempPathFactory, tiny_controlnet: Path, tiny_clip: Path) -> dict[str, Path]:
+    """A tuned project, a copy of it, a second ControlNet and CLIP model, and a second condition clip."""
+    from tavcli.cli import main
+
+    tmp = tmp_path_factory.mktemp("edit-world")
+    project = tmp / "p.tav"
+    _run(main, "tune", CLIP, "a man is skiing", *SMALL, "-p", project)
+    _run(main, "invert", "-p", project, "--steps", "2")
+    shutil.copytree(project, tmp / "other.tav")
+    shutil.copytree(tiny_controlnet, tmp / "controlnet-2")
+    config = json.loads((tmp / "controlnet-2" / "config.json").read_text())
+    (tmp / "controlnet-2" / "config.json").write_text(json.dumps({**config, "conditioning_channels": 3, "_note": 2}))
+    shutil.copytree(tiny_clip, tmp / "clip-2")
+    maps = tmp / "maps.mp4"
+    shutil.copy(CLIP, maps)
+    with maps.open("ab") as file:
+        file.write(b"\0")  # another file's bytes, the same frames
+    return {
+        "tmp": tmp,
+        "project": project,
+        "other_project": tmp / "other.tav",
+        "controlnet": tiny_controlnet,
+        "other_controlnet": tmp / "controlnet-2",
+        "clip_model": tiny_clip,
+        "other_clip": tmp / "clip-2",
+        "maps": maps,
+    }
+
+
+def _run(main: Callable[[], None], *args: object) -> None:
+    import sys
+
+    sys.argv = ["tav", *map(str, args)]
+    try:
+        main()
+    except SystemExit as exit_:
+        assert not exit_.code, args
+
+
+def _edit(run_tav, world: dict[str, Path], extra: list[str], prompt: str = "a dog is skiing") -> dict:  # type: ignore[no-untyped-def]
+    if "--from-sidecar" in extra:
+        base = _edit(run_tav, world, [], prompt)
+        args = ["edit", "--from-sidecar", base["sidecar"]]
+    else:
+        extra = list(extra)
+        prompts = [prompt]
+        if "--replace-prompt" in extra:
+            extra.remove("--replace-prompt")
+            prompts = ["a cat is skiing on the moon"]
+        if "--also" in extra:
+            index = extra.index("--also")
+            prompts.append(extra[index + 1])
+            del extra[index : index + 2]
+        args = ["edit", *prompts, "-p", world["project"], *BASE, *extra]
+    code, out, err = run_tav(*args)
+    assert code == 0, err
+    return next(json.loads(line) for line in out.splitlines() if json.loads(line)["kind"] == "edit")
+
+
+def _observed(before: dict, after: dict) -> str:
+    if before["key"] != after["key"]:
+        return "key"
+    if Path(before["path"]).parent != Path(after["path"]).parent:
+        return "folder"
+    return "name" if before["path"] != after["path"] else "none"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", list(CHANGES))
+def test_each_edit_option_does_what_the_docs_say(option: str, edit_world: dict[str, Path], run_tav) -> None:  # type: ignore[no-untyped-def]
+    base_args, changed_args = CHANGES[option]
+    before = _edit(run_tav, edit_world, base_args(edit_world))
+    after = _edit(run_tav, edit_world, changed_args(edit_world))
+    assert _observed(before, after) == documented_effects()[("edit", option)], (before, after)
+    if _observed(before, after) == "none":
+        assert Path(after["path"]).read_bytes() == Path(before["path"]).read_bytes()
+
+
+def test_every_edit_option_is_run_or_checked_by_key() -> None:
+    assert set(command_options("edit")) == set(CHANGES) | set(NOT_RUN_HERE)
+
+
+def test_options_not_run_here_are_in_the_keys(tmp_path: Path) -> None:
+    from tavcli.requests import EditSettings
+    from tavcli.runtime import Runtime
+    from tavcli.store import Project
+    from tavcli.workflow import edit_entry, inversion_entry, tune_spec
+
+    project, cpu = Project(tmp_path), torch.device("cpu")
+    plain = Runtime(cpu, "fp32")
+    edit = edit_entry(project, "1" * 16, "a dog", EditSettings(), plain)
+    assert not {"batch", "compile", "control"} & set(edit.spec)  # absent fields keep earlier stores' keys
+    for runtime in (Runtime(cpu, "bf16"), Runtime(cpu, "fp16"), Runtime(cpu, "fp32", compile=True)):
+        assert edit_entry(project, "1" * 16, "a dog", EditSettings(), runtime).key != edit.key
+        assert (
+            inversion_entry(project, "1" * 16, 2, "", runtime).key
+            != inversion_entry(project, "1" * 16, 2, "", plain).key
+        )
+    assert edit_entry(project, "1" * 16, "a dog", EditSettings(), plain, batch=2).key != edit.key
+    assert "compile" in tune_spec("1" * 16, "a man", _tune_settings(), "fp32", "joint", compiled=True)
+
+
+def _tune_settings():  # type: ignore[no-untyped-def]
+    from tavcli.requests import TuneSettings
+
+    return TuneSettings()
+
+
+def _rate(path: Path) -> Fraction:
+    with av.open(str(path)) as container:
+        return Fraction(container.streams.video[0].average_rate)
+
+
+@pytest.mark.slow
+def test_fps_renders_its_own_file_and_never_replaces_the_source_rate_one(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    project = tmp_path / "f.tav"
+    assert run_tav("tune", CLIP, "a man is skiing", *SMALL, "-p", project)[0] == 0
+    edit = ["edit", "a panda", "-p", project, "--steps", "2"]
+    first = json.loads(run_tav(*edit)[1])
+    slow = json.loads(run_tav(*edit, "--fps", "2")[1])
+    again = json.loads(run_tav(*edit)[1])
+    assert slow["path"] != first["path"] and slow["cached"] is False and _rate(Path(slow["path"])) == 2
+    assert again["path"] == first["path"] and again["cached"] is True
+    assert _rate(Path(again["path"])) == Fraction(30000, 1001) / 2
+    Path(first["path"] + ".json").write_text(json.dumps({"edit": {"key": "x"}}))  # a sidecar of something else
+    redone = json.loads(run_tav(*edit)[1])
+    assert redone["cached"] is False and json.loads(Path(redone["sidecar"]).read_text())["edit"]["key"] == first["key"]
+
+
+@pytest.mark.slow
+def test_reproduce_commands_give_the_same_bits_in_a_fresh_project(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    project = tmp_path / "original.tav"
+    assert run_tav("tune", CLIP, "a man is skiing", *SMALL, "-p", project)[0] == 0
+    assert run_tav("invert", "-p", project, "--steps", "2", "--prompt", "a man is skiing")[0] == 0
+    code, out, err = run_tav(
+        "edit", "a panda is skiing", "a dog is skiing", "-p", project, "--steps", "2", "--batch-size", "2",
+        "--negative", "blurry", "--fps", "10", "--format", "gif",
+    )  # fmt: skip
+    assert code == 0, err
+    original = json.loads(out.splitlines()[0])
+    sidecar = json.loads(Path(original["sidecar"]).read_text())
+    assert "--prompt 'a man is skiing'" in sidecar["reproduce"][1]
+    fresh = tmp_path / "fresh.tav"
+    for command in sidecar["reproduce"]:
+        args = shlex.split(command)[1:]
+        args[args.index("--project") + 1] = str(fresh)
+        code, out, err = run_tav(*args)
+        assert code == 0, (command, err)
+    again = json.loads(out.splitlines()[0])
+    assert again["key"] == original["key"] and Path(again["path"]).name == Path(original["path"]).name
+    assert Path(again["path"]).read_bytes() == Path(original["path"]).read_bytes()
+    payload = Path("edits") / original["key"] / "tensors.safetensors"
+    assert (fresh / payload).read_bytes() == (project / payload).read_bytes()
