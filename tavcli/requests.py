@@ -112,7 +112,7 @@ class ControlSpec:
         if self.video is None and self.kind != "canny":
             raise OptionError(f"--control {self.kind} needs --control-video", "a clip of condition maps, one per frame")
         if self.video is not None:
-            require_regular_file(self.video, "clip of condition maps (--control-video)")
+            require_regular_file(self.video, "video file", "--control-video takes a clip of condition maps")
         check_fields(EDIT, {"control_scale": self.scale}, "control")
 
 

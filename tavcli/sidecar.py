@@ -52,7 +52,7 @@ def write_sidecar(output: Path, record: dict[str, Any]) -> Path:
 
 def read_sidecar(path: Path) -> dict[str, Any]:
     """A sidecar's record; one line naming the file if it is not a tav sidecar."""
-    require_regular_file(path, "sidecar (.json)")
+    require_regular_file(path, "sidecar", "give the .json written beside an output")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as error:

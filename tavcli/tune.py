@@ -88,8 +88,10 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> np.ndarray:
     height, width = frames.shape[2] * 8, frames.shape[3] * 8
     pixels = torch.cat([vae.decode(chunk).sample for chunk in frames.split(vae_frames(vae, height, width))])
     if not torch.isfinite(pixels).all():  # clamping would turn them into black frames
-        hint = "with fp16, try --precision bf16 or fp32" if pixels.dtype == torch.float16 else None
-        raise TavError("the VAE decoded NaN or inf pixels; nothing was written", hint)
+        raise TavError(
+            "the VAE decoded NaN or inf pixels; nothing was written",
+            "with fp16 try --precision bf16 or fp32; otherwise the latents are out of range (a lower --guidance?)",
+        )
     pixels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
 

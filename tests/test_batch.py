@@ -87,7 +87,7 @@ def test_invalid_jobs_stop_everything_and_name_job_and_field(batch_dir: Path, ru
     code, out, err = run_tav("batch", batch_dir / "bad.toml")
     assert code == 1 and out == ""
     assert "job 2 (sunset): unknown field 'stpes' (did you mean 'steps'?)" in err
-    assert "job 3 (other-tune): field 'edit.guidance' must be a finite number of at least 0, not \"high\"" in err
+    assert "job 3 (other-tune): field 'edit.guidance' must be a finite number from 0 to 100, not \"high\"" in err
     assert "2 of 3 jobs are invalid; nothing was run" in err
     assert not (batch_dir / "clip.tav").exists()
 
