@@ -8,7 +8,7 @@ Random weights of the named architecture are built once, saved with `save_pretra
 back through tavcli's own loading code. Each measurement runs in a fresh process, so its peak
 memory (process RSS on CPU, `torch.cuda.max_memory_allocated` on GPU) is its own:
 
-- tune step, without and with gradient checkpointing (`tavcli.tune.train_delta`, every trainable tensor);
+- tune step, without and with gradient checkpointing (`tavcli.training.train_delta`, every trainable tensor);
 - inversion step (`tavcli.inversion.ddim_inversion`) and guided sampling step (`tavcli.sampling.ddim_sample`);
 - a whole edit per prompt (text encoding, sampling, VAE decode, mp4 write: `tavcli.workflow.edit`),
   and prompts per minute for 1 prompt and for 4 prompts in one `--batch-size 4` call;
@@ -101,7 +101,7 @@ VAE_BLOCKS = {
 def build_model(config: str, folder: Path) -> Path:
     """A diffusers folder with random weights of `config`'s architecture (built once)."""
     if config == "tiny":
-        from tavcli.models import resolve_model
+        from tavcli.loading import resolve_model
 
         return resolve_model("tiny").folder
     target = folder / config
@@ -253,7 +253,7 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
-    from tavcli.models import load_components, resolve_model
+    from tavcli.loading import load_components, resolve_model
     from tavcli.runtime import resolve_runtime
 
     runtime = resolve_runtime(args.device, args.precision, compile=args.compile)
@@ -266,7 +266,7 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
     mean = torch.randn(shape, generator=generator).to(runtime.device)
     std = torch.full(shape, 0.1, device=runtime.device)
     with torch.no_grad():
-        from tavcli.models import encode_prompts
+        from tavcli.loading import encode_prompts
 
         embeds = encode_prompts(components, ["a man is skiing", ""]).float()
     phase = {
@@ -286,9 +286,9 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
 def _tune(args: Any, runtime: Any, components: Any, mean: Any, std: Any, embeds: Any, checkpointing: bool) -> dict:
     import torch
 
-    from tavcli.model import inflate_unet, trainable_parameters
     from tavcli.requests import TuneSettings
-    from tavcli.tune import train_delta
+    from tavcli.training import train_delta
+    from tavcli.video_unet import inflate_unet, trainable_parameters
 
     torch.manual_seed(0)
     unet = inflate_unet(components.unet)
@@ -319,7 +319,7 @@ def _inversion(args: Any, runtime: Any, components: Any, latents: Any, empty: An
     import torch
 
     from tavcli.inversion import ddim_inversion
-    from tavcli.model import inflate_unet
+    from tavcli.video_unet import inflate_unet
 
     torch.manual_seed(0)
     unet = runtime.prepare(inflate_unet(components.unet).eval())
@@ -334,8 +334,8 @@ def _inversion(args: Any, runtime: Any, components: Any, latents: Any, empty: An
 def _sampling(args: Any, runtime: Any, components: Any, noise: Any, embeds: Any) -> dict:
     import torch
 
-    from tavcli.model import inflate_unet
     from tavcli.sampling import ddim_sample
+    from tavcli.video_unet import inflate_unet
 
     torch.manual_seed(0)
     unet = runtime.prepare(inflate_unet(components.unet).eval())

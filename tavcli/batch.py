@@ -30,7 +30,7 @@ from typing import Any
 from tavcli.config import DEFAULT_MODEL, closest, default_project
 from tavcli.errors import TavError
 from tavcli.inputs import require_regular_file
-from tavcli.modelspec import model_name, split_lora
+from tavcli.model_name import model_name, split_lora
 from tavcli.options import EDIT, INVERT, TUNE, Option, check_rate
 from tavcli.progress import Reporter
 from tavcli.requests import EditRequest, EditSettings, TuneRequest, TuneSettings, control_spec, frame_size

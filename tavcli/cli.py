@@ -157,7 +157,7 @@ def _settings(project: Path | None, **flags: str | None) -> dict[str, Setting]:
 
 def _model_name(settings: dict[str, Setting], loras: list[str] | None = None) -> str:
     """The model a command tunes: --model with its --model-config and --lora options folded in."""
-    from tavcli.modelspec import model_name
+    from tavcli.model_name import model_name
 
     base, config = settings["model"].value or "", settings["model_config"]
     if config.source == "flag":
@@ -839,8 +839,9 @@ def verify(project: ProjectOpt = None, as_json: JsonOpt = False) -> None:
 
     Exits with status 1 if anything is damaged or incomplete, naming the `tav rm`/`tav gc` that clears it.
     """
+    from tavcli.checkpoints import Checkpoints
     from tavcli.housekeeping import listing
-    from tavcli.store import Checkpoints, Entry
+    from tavcli.store import Entry
     from tavcli.ui import print_record, stderr
 
     store = _open_store(project)

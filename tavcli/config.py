@@ -30,6 +30,7 @@ __all__ = [
     "PROJECT_ENV",
     "PROJECT_FILE",
     "Setting",
+    "cache_dir",
     "PROJECT_SUFFIX",
     "chosen_project",
     "closest",
@@ -69,6 +70,11 @@ class Setting:
 
     value: str | None
     source: str
+
+
+def cache_dir() -> Path:
+    """tavcli's cache folder (`TAV_CACHE_DIR`, else the platform's user cache)."""
+    return Path(os.environ.get("TAV_CACHE_DIR") or platformdirs.user_cache_path("tavcli"))
 
 
 def user_config_path() -> Path:

@@ -24,7 +24,7 @@ __all__ = ["ControlGuide", "ControlSpec", "canny_maps", "controlnet_identity", "
 
 def controlnet_identity(name: str) -> str:
     """What identifies a ControlNet in edit keys: a local folder's path and content hash, else the hub id."""
-    from tavcli.models import files_sha256
+    from tavcli.hashing import files_sha256
 
     path = Path(name).expanduser()
     if not path.is_dir():
@@ -34,9 +34,9 @@ def controlnet_identity(name: str) -> str:
 
 def load_controlnet(name: str, device: torch.device, dtype: torch.dtype) -> ControlNetModel | T2IAdapter:
     """A ControlNet or T2I-Adapter from a local folder or the hub (safetensors only)."""
-    from tavcli.models import _quiet_libraries
+    from tavcli.loading import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     path = Path(name).expanduser()
     offline = not path.is_dir() and local_only()
     try:

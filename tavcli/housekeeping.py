@@ -4,17 +4,16 @@ may remove, and removing it. Nothing here raises on a damaged store: damage is l
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tavcli.checkpoints import Checkpoints
 from tavcli.errors import TavError
-from tavcli.payload import read_header
 from tavcli.sidecar import edit_keys, output_files, read_sidecar
-from tavcli.store import KEY, KINDS, STATE_FILE, Checkpoints, Entry, Project, timestamp
+from tavcli.store import KEY, KINDS, STATE_FILE, Entry, Project, timestamp
 
 __all__ = ["Listing", "Render", "dependents", "garbage", "listing", "pid_alive", "remove", "removal_files", "renders"]
 
@@ -98,11 +97,10 @@ def _list_checkpoints(folder: Path) -> Listing:
         state = f"damaged: {'; '.join(problems)}"
     elif steps:
         try:
-            run = json.loads(read_header(checkpoints.path(steps[-1]))["__metadata__"]["run"])
-            spec.update(run)
-            parent = f"latents/{run['latents']}"
-        except (ValueError, KeyError, TypeError) as error:
-            state = f"damaged: {checkpoints.path(steps[-1]).name} does not say which run it belongs to ({error})"
+            spec.update(checkpoints.run())
+            parent = f"latents/{spec['latents']}"
+        except (ValueError, KeyError) as error:
+            state = f"damaged: {error}"
     modified = max((p.stat().st_mtime for p in folder.iterdir()), default=None)
     created = timestamp(modified) if modified else None
     return Listing("checkpoints", folder.name, folder, state, _path_bytes(folder), created, spec, parent)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tavcli.errors import TavError
-from tavcli.model import TRAINABLE_MODULE_SUFFIXES
+from tavcli.video_unet import TRAINABLE_MODULE_SUFFIXES
 
 __all__ = ["ReferenceRun", "extract_delta", "read_reference"]
 

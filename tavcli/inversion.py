@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from diffusers import DDIMInverseScheduler, SchedulerMixin
 
-from tavcli.model import VideoUNet
+from tavcli.video_unet import VideoUNet
 
 __all__ = ["StepCallback", "ddim_inversion"]
 

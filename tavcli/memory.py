@@ -24,7 +24,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from tavcli.errors import TavError
-from tavcli.model import VideoUNet, trainable_parameters
+from tavcli.video_unet import VideoUNet, trainable_parameters
 
 __all__ = ["ActivationProbe", "MemoryEstimate", "check_fits", "probe_activations", "tune_estimate"]
 

@@ -43,9 +43,9 @@ class ClipScorer:
     """A CLIP model (hub id or local folder) that scores clips against prompts."""
 
     def __init__(self, name: str, device: torch.device) -> None:
-        from tavcli.models import _quiet_libraries
+        from tavcli.loading import quiet_libraries
 
-        _quiet_libraries()
+        quiet_libraries()
         offline = not Path(name).expanduser().is_dir() and local_only()
         try:
             model = CLIPModel.from_pretrained(name, use_safetensors=True, local_files_only=offline)

@@ -71,7 +71,7 @@ class TuneRequest:
     clip: Path
     prompt: str
     project: Path
-    model: str  # a model name as `tavcli.modelspec.model_name` builds it
+    model: str  # a model name as `tavcli.model_name.model_name` builds it
     selection: FrameSelection = field(default_factory=FrameSelection)
     size: FrameSize = field(default_factory=FrameSize)
     settings: TuneSettings = field(default_factory=TuneSettings)

@@ -15,7 +15,7 @@ import torch
 from diffusers import DDIMScheduler, SchedulerMixin
 
 from tavcli.inversion import StepCallback
-from tavcli.model import VideoUNet
+from tavcli.video_unet import VideoUNet
 
 __all__ = ["ddim_sample"]
 

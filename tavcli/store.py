@@ -36,19 +36,17 @@ from filelock import FileLock, Timeout
 
 from tavcli.atomic import atomic_path, write_json
 from tavcli.errors import TavError
-from tavcli.payload import load_payload, nonfinite, payload_problems, structure_problem
+from tavcli.payload import load_payload, nonfinite, payload_problems
 
 __all__ = [
     "KINDS",
     "METHOD_VERSION",
     "STORE_VERSION",
     "TENSORS",
-    "Checkpoints",
     "Entry",
     "Project",
     "STATE_FILE",
     "cache_key",
-    "file_sha256",
     "timestamp",
 ]
 
@@ -68,14 +66,6 @@ def cache_key(spec: dict[str, Any]) -> str:
     """A short, stable hash of `spec` (JSON-serialisable) and the method version."""
     canonical = json.dumps({"method": METHOD_VERSION, **spec}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _damaged(path: Path, why: object) -> TavError:
@@ -185,75 +175,6 @@ class Entry:
         return found
 
 
-class Checkpoints:
-    """Resumable training states of one tune run (a tune's inputs except its step count).
-
-    One self-describing safetensors file per saved step: a run that ends at 500 steps keeps
-    `step-00000500`, so asking for 800 steps later continues from it.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.key = folder.name
-
-    def steps(self) -> list[int]:
-        found = []
-        for path in self.folder.glob("step-*.safetensors"):
-            try:
-                found.append(int(path.name[5:-12]))
-            except ValueError:
-                continue
-        return sorted(found)
-
-    def path(self, step: int) -> Path:
-        return self.folder / f"step-{step:08d}.safetensors"
-
-    def latest_step(self, at_most: int) -> int | None:
-        """The most steps of a saved state not beyond `at_most`."""
-        usable = [step for step in self.steps() if step <= at_most]
-        return usable[-1] if usable else None
-
-    def latest(self, at_most: int) -> Path | None:
-        """The checkpoint with the most steps not beyond `at_most`."""
-        step = self.latest_step(at_most)
-        return None if step is None else self.path(step)
-
-    def read(self, step: int) -> tuple[dict[str, Any], dict[str, str]]:
-        """A saved state's tensors and metadata; TavError naming the file and the way out if it is damaged."""
-        path = self.path(step)
-        try:
-            tensors, metadata = load_payload(path.read_bytes())
-            bad = nonfinite(tensors)
-            if bad:
-                raise ValueError(f"it holds NaN or inf in {bad[0]}")
-        except (OSError, ValueError) as error:
-            raise TavError(
-                f"damaged checkpoint {path}: {error}",
-                f"`tav gc -p {self.folder.parent.parent}` removes it; or pass --force to train from step 0",
-            ) from None
-        return tensors, metadata
-
-    def problems(self, full: bool = False) -> list[str]:
-        """What is wrong with the saved states: their structure, and with `full` their values too."""
-        found = [problem for step in self.steps() if (problem := structure_problem(self.path(step)))]
-        if full and not found:
-            for step in self.steps():
-                try:
-                    self.read(step)
-                except TavError as error:
-                    found.append(error.message.split(": ", 1)[-1])
-        return found
-
-    def save(self, step: int, payload: bytes) -> Path:
-        with atomic_path(self.path(step), needed=len(payload)) as temp:
-            temp.write_bytes(payload)
-        return self.path(step)
-
-    def discard(self, steps: list[int]) -> None:
-        for step in steps:
-            self.path(step).unlink(missing_ok=True)
-
-
 class Project:
     """A project directory: keyed entries, checkpoints, and `project.json` (the pointers `tav edit` follows)."""
 
@@ -278,9 +199,6 @@ class Project:
         """Keys of the entries of `kind` that are complete."""
         folder = self.root / kind
         return sorted(p.name for p in folder.glob("*") if KEY.fullmatch(p.name) and (p / "meta.json").is_file())
-
-    def checkpoints(self, run_spec: dict[str, Any]) -> Checkpoints:
-        return Checkpoints(self.root / "checkpoints" / cache_key({"kind": "checkpoints", **run_spec}))
 
     def produce(self, entry: Entry, compute: Callable[[], None], force: bool = False, lock: str | None = None) -> bool:
         """Make sure `entry` exists, computing it under its lock unless present; return whether it was cached.

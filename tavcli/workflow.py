@@ -20,14 +20,15 @@ import torch
 
 from tavcli import __version__
 from tavcli.atomic import atomic_path
+from tavcli.checkpoints import Checkpoints, load_train_state, train_state_bytes
 from tavcli.control import ControlGuide, ControlSpec, canny_maps, controlnet_identity, load_controlnet
 from tavcli.errors import TavError
+from tavcli.hashing import file_sha256
 from tavcli.inputs import require_folder, require_prompt
 from tavcli.inversion import ddim_inversion
+from tavcli.loading import Components, ModelSource, encode_prompts, load_components, resolve_model, weight_files
 from tavcli.memory import MemoryEstimate, check_fits, probe_activations, tune_estimate
-from tavcli.model import VideoUNet, inflate_unet
-from tavcli.models import Components, ModelSource, encode_prompts, load_components, resolve_model, weight_files
-from tavcli.modelspec import parse_model_name
+from tavcli.model_name import parse_model_name
 from tavcli.options import (
     GIF_MAX_FPS,
     INVERT,
@@ -40,16 +41,9 @@ from tavcli.requests import EditRequest, EditSettings, TuneRequest, TuneSettings
 from tavcli.runtime import Runtime
 from tavcli.sampling import ddim_sample
 from tavcli.sidecar import RecordedEdit, read_sidecar, sidecar_of, write_sidecar
-from tavcli.store import TENSORS, Checkpoints, Entry, Project, file_sha256
-from tavcli.tune import (
-    TrainState,
-    decode_latents,
-    encode_clip,
-    load_train_state,
-    stop_requests,
-    train_delta,
-    train_state_bytes,
-)
+from tavcli.store import TENSORS, Entry, Project
+from tavcli.training import TrainState, stop_requests, train_delta
+from tavcli.vae import decode_latents, encode_clip
 from tavcli.video import (
     FrameSelection,
     FrameSize,
@@ -60,6 +54,7 @@ from tavcli.video import (
     side_by_side,
     write_video,
 )
+from tavcli.video_unet import VideoUNet, inflate_unet
 
 __all__ = [
     "Artifact",
@@ -271,7 +266,7 @@ def tune(session: Session, request: TuneRequest, force: bool = False) -> list[Ar
     spec = tune_spec(latents.key, prompt, settings, session.runtime.precision, frame_norm, session.runtime.compile)
     entry = project.entry("tunes", spec)
     run = tune_run(spec)
-    checkpoints = project.checkpoints(run)
+    checkpoints = Checkpoints.of_run(project.root, run)
     started = time.perf_counter()
 
     def compute() -> None:
@@ -313,7 +308,7 @@ def tune_plan(session: Session, request: TuneRequest, force: bool = False, memor
     runtime = session.runtime
     spec = tune_spec(latents.key, request.prompt, settings, runtime.precision, request.frame_norm, runtime.compile)
     entry = project.entry("tunes", spec)
-    resume = project.checkpoints(tune_run(spec)).latest_step(settings.steps)
+    resume = Checkpoints.of_run(project.root, tune_run(spec)).latest_step(settings.steps)
     plan: dict[str, Any] = {
         "kind": "plan",
         "latents": {"key": latents.key, "path": str(latents.path), "cached": latents.complete and not force},

@@ -32,7 +32,7 @@ def test_every_command_option_is_documented() -> None:
 @pytest.mark.parametrize(
     "module",
     [
-        "tavcli.model",
+        "tavcli.video_unet",
         "tavcli.inversion",
         "tavcli.sampling",
         "tavcli.workflow",
@@ -44,7 +44,7 @@ def test_every_command_option_is_documented() -> None:
         "tavcli.importing",
         "tavcli.memory",
         "tavcli.metrics",
-        "tavcli.tune",
+        "tavcli.training",
     ],
 )
 def test_public_names_exist(module: str) -> None:
@@ -75,7 +75,7 @@ def test_demo_renders_two_clips(tmp_path: Path, run_tav) -> None:  # type: ignor
 def test_weight_patterns_skip_variants_that_are_never_loaded() -> None:
     from fnmatch import fnmatch
 
-    from tavcli.models import weight_files
+    from tavcli.loading import weight_files
 
     def kept(part: str, name: str, allow_pickle: bool = False) -> bool:
         return any(fnmatch(name, pattern) for pattern in weight_files(part, allow_pickle))

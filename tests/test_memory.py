@@ -9,7 +9,7 @@ import pytest
 
 from tavcli.errors import TavError
 from tavcli.memory import check_fits, probe_activations, tune_estimate
-from tavcli.model import inflate_unet, trainable_parameters
+from tavcli.video_unet import inflate_unet, trainable_parameters
 
 from .conftest import CLIP
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tavcli.models import load_components, resolve_model
-from tavcli.modelspec import model_name, parse_model_name, split_lora
+from tavcli.loading import load_components, resolve_model
+from tavcli.model_name import model_name, parse_model_name, split_lora
 
 from .conftest import CLIP
 from .ldm_format import ldm_checkpoint

@@ -199,7 +199,7 @@ def test_ls_verify_rm_gc_on_a_real_project(tmp_path: Path, run_tav) -> None:  # 
 def test_local_model_identity_is_a_content_hash(tmp_path: Path) -> None:
     import shutil
 
-    from tavcli.models import resolve_model
+    from tavcli.loading import resolve_model
 
     from .conftest import TINY_SD
 

@@ -7,19 +7,12 @@ import torch
 from diffusers import DDIMScheduler
 from safetensors.torch import load_file
 
-from tavcli.model import inflate_unet, trainable_parameters
+from tavcli.checkpoints import Checkpoints, load_train_state, train_state_bytes
 from tavcli.progress import Reporter
+from tavcli.requests import TuneSettings
 from tavcli.runtime import resolve_runtime
-from tavcli.store import Checkpoints
-from tavcli.tune import (
-    TrainState,
-    TuneInterrupted,
-    TuneSettings,
-    load_train_state,
-    train_delta,
-    train_state_bytes,
-    training_target,
-)
+from tavcli.training import TrainState, TuneInterrupted, train_delta, training_target
+from tavcli.video_unet import inflate_unet, trainable_parameters
 
 from .conftest import ORACLE, TINY_SD
 

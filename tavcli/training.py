@@ -1,8 +1,7 @@
-"""Tuning: encode the clip once, then train the attention projections on it (DESIGN.md section 2)."""
+"""Training the tuned tensors on a clip's latents: loss, AdamW, stop requests, divergence (DESIGN.md section 2)."""
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import threading
@@ -11,34 +10,24 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin
+from diffusers import DDPMScheduler, SchedulerMixin
 
 from tavcli.errors import Interrupted, TavError
-from tavcli.model import VideoUNet, trainable_parameters
 from tavcli.progress import Advance
 from tavcli.requests import TuneSettings
 from tavcli.runtime import Runtime
-from tavcli.store import Checkpoints
+from tavcli.video_unet import VideoUNet, trainable_parameters
 
 __all__ = [
     "TuneDiverged",
     "TuneInterrupted",
     "TrainState",
-    "decode_latents",
-    "encode_clip",
-    "load_train_state",
     "stop_requests",
     "train_delta",
-    "train_state_bytes",
     "training_target",
-    "vae_frames",
 ]
-
-GPU_VAE_FRAMES = 8  # frames per VAE call on a GPU: bounds memory on long clips
-CPU_VAE_BYTES = 16 * 2**20  # on a CPU, keep the VAE's largest activation cache-sized: ~1.6x faster decodes
 
 
 @dataclass
@@ -69,39 +58,6 @@ class TuneInterrupted(Interrupted):
 
     def __init__(self, step: int, total: int) -> None:
         super().__init__(f"tune interrupted at step {step} of {total}; its state is saved", "run it again to resume")
-
-
-@torch.no_grad()
-def encode_clip(vae: AutoencoderKL, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 frames (f, h, w, 3) -> the VAE posterior's mean and std, each (1, c, f, h/8, w/8), unscaled."""
-    pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).to(vae.device, vae.dtype) / 127.5 - 1
-    dists = [vae.encode(chunk).latent_dist for chunk in pixels.split(vae_frames(vae, *pixels.shape[2:]))]
-    mean = torch.cat([d.mean for d in dists]).float()
-    std = torch.cat([d.std for d in dists]).float()
-    return mean.transpose(0, 1).unsqueeze(0), std.transpose(0, 1).unsqueeze(0)
-
-
-@torch.no_grad()
-def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> np.ndarray:
-    """Scaled latents (1, c, f, h, w) -> uint8 frames (f, 8h, 8w, 3), decoded a few frames at a time."""
-    frames = (latents[0].transpose(0, 1) / vae.config.scaling_factor).to(vae.dtype)
-    height, width = frames.shape[2] * 8, frames.shape[3] * 8
-    pixels = torch.cat([vae.decode(chunk).sample for chunk in frames.split(vae_frames(vae, height, width))])
-    if not torch.isfinite(pixels).all():  # clamping would turn them into black frames
-        raise TavError(
-            "the VAE decoded NaN or inf pixels; nothing was written",
-            "with fp16 try --precision bf16 or fp32; otherwise the latents are out of range (a lower --guidance?)",
-        )
-    pixels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def vae_frames(vae: AutoencoderKL, height: int, width: int) -> int:
-    """How many frames the VAE encodes or decodes per call (each frame is independent)."""
-    if vae.device.type != "cpu":
-        return GPU_VAE_FRAMES
-    per_frame = height * width * vae.config.block_out_channels[0] * 4  # its widest full-resolution activation
-    return max(1, CPU_VAE_BYTES // per_frame)
 
 
 def train_delta(
@@ -202,51 +158,6 @@ def train_delta(
     unet.disable_gradient_checkpointing()
     unet.requires_grad_(False)
     return state()
-
-
-def train_state_bytes(state: TrainState, run: dict[str, Any]) -> bytes:
-    """A training state as one safetensors file (written atomically by the store); `run` names the run."""
-    from safetensors.torch import save
-
-    tensors = {f"param/{name}": t.cpu() for name, t in state.params.items()}
-    opt_state = state.optimizer["state"]
-    tensors |= {f"optim/{i}/{k}": v.cpu() for i, fields in opt_state.items() for k, v in fields.items()}
-    tensors["rng"] = state.rng.cpu()
-    metadata = {
-        "step": str(state.step),
-        "losses": json.dumps(state.losses),
-        "param_groups": json.dumps(state.optimizer["param_groups"]),
-        "scaler": json.dumps(state.scaler),
-        "device_type": state.device_type,
-        "run": json.dumps(run, sort_keys=True),
-    }
-    return save({name: t.contiguous() for name, t in tensors.items()}, metadata)
-
-
-def load_train_state(checkpoints: Checkpoints, step: int, device: torch.device) -> TrainState:
-    """Read the state `train_state_bytes` wrote for `step`; damage is one line naming the way out."""
-    tensors, metadata = checkpoints.read(step)
-    try:
-        optim: dict[int, dict[str, torch.Tensor]] = {}
-        for name, tensor in tensors.items():
-            if name.startswith("optim/"):
-                _, index, key = name.split("/", 2)
-                optim.setdefault(int(index), {})[key] = tensor.to(device)
-        return TrainState(
-            step=int(metadata["step"]),
-            params={name[6:]: t.to(device) for name, t in tensors.items() if name.startswith("param/")},
-            optimizer={"state": optim, "param_groups": json.loads(metadata["param_groups"])},
-            scaler=json.loads(metadata["scaler"]),
-            rng=tensors["rng"],
-            device_type=metadata["device_type"],
-            losses=json.loads(metadata["losses"]),
-        )
-    except (ValueError, KeyError) as error:
-        path = checkpoints.path(step)
-        raise TavError(
-            f"damaged checkpoint {path}: its training state lacks {error}",
-            f"`tav gc -p {checkpoints.folder.parent.parent}` removes it; or pass --force to train from step 0",
-        ) from None
 
 
 @contextmanager

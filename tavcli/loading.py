@@ -9,43 +9,38 @@ user cache and read back like any other folder.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
 import json
-import os
 import re
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import platformdirs
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from filelock import FileLock
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from tavcli.atomic import atomic_path, write_json
-from tavcli.config import DEFAULT_MODEL
+from tavcli.atomic import atomic_path
+from tavcli.config import DEFAULT_MODEL, cache_dir
 from tavcli.errors import TavError, first_line
+from tavcli.hashing import files_sha256
 from tavcli.hub import local_only, unreachable
-from tavcli.modelspec import is_single_file, model_name, parse_model_name
-from tavcli.store import file_sha256
+from tavcli.model_name import is_single_file, model_name, parse_model_name
 
 __all__ = [
     "DEFAULT_MODEL",
     "TINY_MODEL",
+    "HUB_ID",
     "Components",
     "ModelSource",
-    "cache_dir",
-    "content_sha256",
-    "files_sha256",
     "encode_prompts",
     "load_components",
     "resolve_model",
+    "quiet_libraries",
+    "tiny_model",
     "weight_files",
 ]
 
@@ -82,13 +77,8 @@ class Components:
     scheduler: DDIMScheduler
 
 
-def cache_dir() -> Path:
-    """tavcli's cache folder (`TAV_CACHE_DIR`, else the platform's user cache)."""
-    return Path(os.environ.get("TAV_CACHE_DIR") or platformdirs.user_cache_path("tavcli"))
-
-
 def resolve_model(name: str, allow_pickle: bool = False, note: Callable[[str], None] | None = None) -> ModelSource:
-    """Turn a model name (see `tavcli.modelspec`) into a local diffusers folder.
+    """Turn a model name (see `tavcli.model_name`) into a local diffusers folder.
 
     Builds `tiny`, checks a folder, converts a single-file checkpoint once, or fetches from the
     hub. LoRAs named in `name` become part of the model's identity; `note` hears about slow steps.
@@ -106,10 +96,12 @@ def resolve_model(name: str, allow_pickle: bool = False, note: Callable[[str], N
         name = model_name(base.name, loras=[f"{path}:{scale}" for path, scale in spec.loras])
         return ModelSource(name=name, folder=base.folder, revision=revision, loras=spec.loras)
     if spec.base == TINY_MODEL:
-        return _tiny_model()
+        return tiny_model()
     path = Path(spec.base).expanduser()
     if is_single_file(spec.base):
-        return _single_file_model(path, spec.config, allow_pickle, note or (lambda _: None))
+        from tavcli.single_file import single_file_model
+
+        return single_file_model(path, spec.config, allow_pickle, note or (lambda _: None))
     if path.exists():
         return _local_model(path)
     if not HUB_ID.match(spec.base):
@@ -127,127 +119,6 @@ def _local_model(path: Path) -> ModelSource:
         raise TavError(f"{path} is not a diffusers Stable Diffusion folder (missing {', '.join(missing)})")
     files = (p for part in COMPONENTS for p in (folder / part).rglob("*") if p.is_file())
     return ModelSource(name=str(folder), folder=folder, revision=f"sha256-{files_sha256(folder, files)}")
-
-
-def _single_file_model(file: Path, config: str | None, allow_pickle: bool, note: Callable[[str], None]) -> ModelSource:
-    """A single-file (original-format) checkpoint, converted once into a diffusers folder in the cache."""
-    file = file.resolve()
-    if file.suffix.lower() != ".safetensors" and not allow_pickle:
-        raise TavError(
-            f"{file.name} is a pickled checkpoint, and loading a pickle can run code",
-            "use a .safetensors version of it, or pass --trust-pickle if you trust where it came from",
-        )
-    configs, config_identity = _model_configs(config)
-    revision = f"file-{content_sha256(file)[:16]}"
-    if config_identity:
-        revision += f"-config-{hashlib.sha256(config_identity.encode()).hexdigest()[:8]}"
-    folder = cache_dir() / "models" / revision
-    if not (folder / "model_index.json").exists():
-        # One process converts; the others wait and then read the finished folder.
-        with FileLock(cache_dir() / "models" / f".{revision}.lock"):
-            if not (folder / "model_index.json").exists():
-                note(f"converting {file.name} into a diffusers model in {folder} (once)")
-                with atomic_path(folder) as temp:
-                    _convert_single_file(file, configs, temp)
-    return ModelSource(name=model_name(str(file), config), folder=folder, revision=revision)
-
-
-def _model_configs(config: str | None) -> tuple[str | None, str]:
-    """What diffusers reads a checkpoint's configs from, and what identifies those configs."""
-    if config is None:
-        return None, ""  # diffusers picks the hub repo that matches the checkpoint's architecture
-    if config == TINY_MODEL:
-        tiny = _tiny_model()
-        return str(tiny.folder), tiny.revision
-    path = Path(config).expanduser()
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise TavError(f"--model-config {config}: no model_index.json there", "give a diffusers model folder")
-        files = [f for f in path.rglob("*") if f.is_file() and f.suffix in (".json", ".txt")]
-        return str(path.resolve()), f"sha256-{files_sha256(path, files)}"
-    if not HUB_ID.match(config):
-        raise TavError(f"--model-config {config!r} is neither a local diffusers folder nor a hub id")
-    return config, config
-
-
-def _convert_single_file(file: Path, configs: str | None, folder: Path) -> None:
-    """Convert with diffusers' single-file loading and save as a diffusers folder.
-
-    Each part is saved in half precision when that loses nothing (the checkpoint stored it so),
-    so a 2 GB fp16 checkpoint does not become 4 GB of float32 in the cache.
-    """
-    _quiet_libraries()
-    from diffusers import StableDiffusionPipeline
-    from diffusers.loaders.single_file_utils import SingleFileComponentError
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        needs_hub = configs is None or not Path(configs).is_dir()
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(file),
-            config=configs,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            local_files_only=needs_hub and local_only(),
-        )
-    except LocalEntryNotFoundError:
-        raise TavError(
-            f"cannot convert {file.name}: diffusers needs the configs of the model it was made from, "
-            "and the hub is unreachable",
-            "pass --model-config with a local diffusers folder of that base model (e.g. Stable Diffusion 1.5), "
-            "or 'tiny' for a checkpoint of the built-in tiny model",
-        ) from None
-    except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as error:
-        raise TavError(
-            f"cannot read {file.name} as a Stable Diffusion 1.x/2.x checkpoint: {first_line(error)}",
-            "tav takes SD 1.x/2.x checkpoints; check that --model-config names the model it was fine-tuned from",
-        ) from None
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.to(_lossless_dtype(module))
-    pipe.save_pretrained(folder, safe_serialization=True)
-
-
-def _lossless_dtype(module: torch.nn.Module) -> torch.dtype:
-    """The narrowest float type that holds every one of `module`'s values exactly."""
-    values = [t for t in module.state_dict().values() if t.is_floating_point()]
-    for dtype in (torch.float16, torch.bfloat16):
-        if all(torch.equal(t, t.to(dtype).to(t.dtype)) for t in values):
-            return dtype
-    return torch.float32
-
-
-def files_sha256(root: Path, files: Iterable[Path]) -> str:
-    """A short hash of files' names (relative to `root`) and contents: the identity of a model folder."""
-    digest = hashlib.sha256()
-    for file in sorted(files):
-        digest.update(f"{file.relative_to(root)}:{content_sha256(file)}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-def content_sha256(file: Path) -> str:
-    """The SHA-256 of a file's bytes, remembered (by path, size, mtime and inode) across runs.
-
-    Hashing a multi-GB checkpoint takes seconds; it is done once, not on every command.
-    """
-    stat = file.stat()
-    memo_key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
-    memo = _hash_memo(cache_dir() / "file-hashes.json")
-    if memo_key not in memo:
-        memo[memo_key] = file_sha256(file)
-        with contextlib.suppress(OSError):  # a read-only cache only costs time
-            write_json(cache_dir() / "file-hashes.json", memo)
-    return memo[memo_key]
-
-
-@functools.lru_cache(maxsize=4)
-def _hash_memo(path: Path) -> dict[str, str]:
-    """The remembered hashes, read once per process (and per cache folder)."""
-    try:
-        memo = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return memo if isinstance(memo, dict) else {}
 
 
 def _hub_model(repo_id: str, allow_pickle: bool) -> ModelSource:
@@ -283,7 +154,7 @@ def weight_files(part: str, allow_pickle: bool = False) -> list[str]:
     return names
 
 
-def _tiny_model() -> ModelSource:
+def tiny_model() -> ModelSource:
     configs = resources.files("tavcli") / "tiny"
     digest = hashlib.sha256(f"seed={TINY_SEED}\n".encode())
     for entry in sorted(_walk(configs), key=str):
@@ -291,7 +162,7 @@ def _tiny_model() -> ModelSource:
     revision = f"tiny-{digest.hexdigest()[:16]}"
     folder = cache_dir() / "models" / revision
     if not (folder / "model_index.json").exists():
-        _quiet_libraries()
+        quiet_libraries()
         with atomic_path(folder) as temp:
             _build_tiny_model(configs, temp)
     return ModelSource(name=TINY_MODEL, folder=folder, revision=revision)
@@ -328,7 +199,7 @@ def load_components(
     The text encoder and VAE are cast to `dtype` (they are frozen); the UNet stays float32 until
     the caller decides (tuning needs float32 master weights).
     """
-    _quiet_libraries()
+    quiet_libraries()
     folder, safe = source.folder, (None if allow_pickle else True)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
@@ -393,7 +264,7 @@ def encode_prompts(components: Components, prompts: list[str]) -> torch.Tensor:
     return components.text_encoder(tokens.input_ids.to(components.text_encoder.device))[0]
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """tavcli draws its own progress and reports load failures itself: silence the libraries' bars and logs."""
     import logging
 
