@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from tavcli.store import Project
     from tavcli.workflow import Artifact, Session
 
+__all__ = ["app", "main"]
+
 app = typer.Typer(
     name="tav",
     help=(

@@ -19,17 +19,7 @@ from tavcli.errors import TavError, first_line
 from tavcli.hub import local_only, unreachable
 from tavcli.requests import ControlSpec
 
-__all__ = ["ControlGuide", "ControlSpec", "canny_maps", "controlnet_identity", "load_controlnet"]
-
-
-def controlnet_identity(name: str) -> str:
-    """What identifies a ControlNet in edit keys: a local folder's path and content hash, else the hub id."""
-    from tavcli.hashing import files_sha256
-
-    path = Path(name).expanduser()
-    if not path.is_dir():
-        return name
-    return f"{path.resolve()}@sha256-{files_sha256(path, (p for p in path.rglob('*') if p.is_file()))}"
+__all__ = ["ControlGuide", "ControlSpec", "canny_maps", "load_controlnet"]
 
 
 def load_controlnet(name: str, device: torch.device, dtype: torch.dtype) -> ControlNetModel | T2IAdapter:

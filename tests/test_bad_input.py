@@ -168,7 +168,7 @@ def test_out_of_memory_is_one_line_with_settings(tuned: Path, run_tav, monkeypat
     def boom(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("tavcli.workflow.train_delta", boom)
+    monkeypatch.setattr("tavcli.workflow.tuning.train_delta", boom)
     code, out, err = run_tav("tune", CLIP, "a man is skiing", *SMALL, "--steps", "2", "-p", tuned)
     _fault(code, out, err, "ran out of memory")
     assert "--gradient-checkpointing" in err
@@ -319,16 +319,16 @@ def test_tensors_that_diverge_while_the_loss_is_finite_are_caught(tmp_path: Path
 @pytest.mark.parametrize("stage", ["inversion", "edit", "decode"])
 def test_non_finite_inversions_and_edits_are_never_stored(stage: str, tuned: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import tavcli.vae
-    import tavcli.workflow
+    import tavcli.workflow.editing
 
     if stage == "inversion":
-        real = tavcli.workflow.ddim_inversion
+        real = tavcli.workflow.editing.ddim_inversion
         monkeypatch.setattr(
-            tavcli.workflow, "ddim_inversion", lambda *a, **k: [t * float("nan") for t in real(*a, **k)]
+            tavcli.workflow.editing, "ddim_inversion", lambda *a, **k: [t * float("nan") for t in real(*a, **k)]
         )
     elif stage == "edit":
-        real_sample = tavcli.workflow.ddim_sample
-        monkeypatch.setattr(tavcli.workflow, "ddim_sample", lambda *a, **k: real_sample(*a, **k) * float("inf"))
+        real_sample = tavcli.workflow.editing.ddim_sample
+        monkeypatch.setattr(tavcli.workflow.editing, "ddim_sample", lambda *a, **k: real_sample(*a, **k) * float("inf"))
     else:
         real_decode = tavcli.vae.AutoencoderKL.decode
 

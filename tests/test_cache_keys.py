@@ -190,7 +190,7 @@ def test_options_not_run_here_are_in_the_keys(tmp_path: Path) -> None:
     from tavcli.requests import EditSettings
     from tavcli.runtime import Runtime
     from tavcli.store import Project
-    from tavcli.workflow import edit_entry, inversion_entry, tune_spec
+    from tavcli.workflow.keys import edit_entry, inversion_entry, tune_spec
 
     project, cpu = Project(tmp_path), torch.device("cpu")
     plain = Runtime(cpu, "fp32")

@@ -29,24 +29,16 @@ def test_every_command_option_is_documented() -> None:
                     assert f"`{flag}`" in reference, f"tav {name} {flag} is not in docs/cli.md"
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        "tavcli.video_unet",
-        "tavcli.inversion",
-        "tavcli.sampling",
-        "tavcli.workflow",
-        "tavcli.video",
-        "tavcli.store",
-        "tavcli.batch",
-        "tavcli.config",
-        "tavcli.control",
-        "tavcli.importing",
-        "tavcli.memory",
-        "tavcli.metrics",
-        "tavcli.training",
-    ],
-)
+def _modules() -> list[str]:
+    import pkgutil
+
+    import tavcli
+
+    found = [info.name for info in pkgutil.walk_packages(tavcli.__path__, "tavcli.")]
+    return sorted(name for name in found if not name.endswith("__main__"))
+
+
+@pytest.mark.parametrize("module", _modules())
 def test_public_names_exist(module: str) -> None:
     imported = importlib.import_module(module)
     assert imported.__all__ and all(hasattr(imported, name) for name in imported.__all__)

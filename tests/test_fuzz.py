@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tavcli.batch import parse_jobs
 from tavcli.config import read_toml
 from tavcli.errors import TavError
-from tavcli.workflow import _slug
+from tavcli.workflow.rendering import slug
 
 BASE = Path("/tmp/tav-fuzz")
 JSON = st.recursive(
@@ -90,6 +90,6 @@ def test_any_config_file(text: str) -> None:
 @settings(max_examples=500, deadline=None)
 @given(st.text(max_size=300))
 def test_slugs_are_safe_file_names(text: str) -> None:
-    slug = _slug(text)
-    assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", slug) and len(slug) <= 48
-    assert "/" not in slug and ".." not in slug
+    name = slug(text)
+    assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", name) and len(name) <= 48
+    assert "/" not in name and ".." not in name

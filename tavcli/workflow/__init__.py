@@ -1,0 +1,66 @@
+"""What `tav tune`, `tav invert` and `tav edit` do, as plain functions on a project directory.
+
+Each step looks its result up in the project's store first and computes it only when missing. One
+module per concern:
+
+- `session`: the models loaded in this process (`Session`), the project and tune a command works
+  on, prompt embeddings, and the `Artifact` records commands print;
+- `keys`: what each store entry's key is made of, and how `tav ls` describes it (torch-free);
+- `tuning`: `tune`, `tune_plan`, `import_tune`;
+- `editing`: `invert`, `plan_edit`, `edit`, `edit_from_sidecar`;
+- `rendering`: an edit's output (name, rate, reuse) and grids; `records`: what their sidecars say.
+
+`from tavcli.workflow import edit` works as before; names are imported on first use, so that
+`tavcli.workflow.keys` stays free of torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Where the names below live; each is imported on first use (code inside tavcli imports the modules).
+MODULES = (
+    "tavcli.requests",
+    "tavcli.workflow.session",
+    "tavcli.workflow.keys",
+    "tavcli.workflow.tuning",
+    "tavcli.workflow.editing",
+    "tavcli.workflow.rendering",
+)
+__all__ = [
+    "Artifact",
+    "EditPlan",
+    "EditRequest",
+    "EditSettings",
+    "Session",
+    "TuneRequest",
+    "TuneSettings",
+    "control_key",
+    "edit",
+    "edit_entries",
+    "edit_entry",
+    "edit_from_sidecar",
+    "frame_size",
+    "import_tune",
+    "inversion_entry",
+    "invert",
+    "latents_entry",
+    "plan_edit",
+    "prompt_embeddings",
+    "render_grid",
+    "tune",
+    "tune_memory",
+    "tune_plan",
+    "tune_run",
+    "tune_spec",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        for path in MODULES:
+            module = importlib.import_module(path)
+            if name in module.__all__:
+                return getattr(module, name)
+    raise AttributeError(f"module 'tavcli.workflow' has no attribute {name!r}")

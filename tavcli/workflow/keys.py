@@ -1,0 +1,133 @@
+"""What each store entry's key is made of (its spec), and what `tav ls` says it is: one place for both.
+
+A spec lists every input that determines an entry (docs/store.md, "What each option does to the
+cache"). Fields only some entries have are left out of the others' specs, so adding them kept the
+keys of everything computed before. This module imports no torch: `tav ls` describes entries with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tavcli.hashing import file_sha256, files_sha256
+from tavcli.requests import ControlSpec, EditRequest, EditSettings, TuneSettings
+from tavcli.store import Entry, Project
+
+if TYPE_CHECKING:
+    from tavcli.loading import ModelSource
+    from tavcli.runtime import Runtime
+    from tavcli.video import FrameSelection, FrameSize
+
+__all__ = [
+    "CANNY_OF_SOURCE",
+    "control_key",
+    "controlnet_identity",
+    "edit_entries",
+    "edit_entry",
+    "inversion_entry",
+    "latents_entry",
+    "tune_run",
+    "tune_spec",
+]
+
+CANNY_OF_SOURCE = "canny of the source clip"  # the maps' source in an edit key when tav computes them
+
+
+def latents_entry(
+    project: Project, source: ModelSource, clip: Path, selection: FrameSelection, size: FrameSize, precision: str
+) -> Entry:
+    """The store entry of a clip's VAE posterior: per model, clip content, frames, size and VAE precision."""
+    spec = {
+        "model": source.identity,
+        "clip_sha256": file_sha256(clip),
+        "selection": asdict(selection),
+        "size": asdict(size),
+        **_unless_fp32(precision),
+    }
+    return project.entry("latents", spec)
+
+
+def _unless_fp32(precision: str) -> dict[str, str]:
+    """The precision in the keys of latents and inversions, which first recorded none: fp32 keys stay as they were."""
+    return {} if precision == "fp32" else {"precision": precision}
+
+
+def _compiled(compiled: bool) -> dict[str, bool]:
+    """`--compile` in the keys of what the UNet computes: compiled kernels round differently."""
+    return {"compile": True} if compiled else {}
+
+
+def tune_spec(
+    latents_key: str, prompt: str, settings: TuneSettings, precision: str, frame_norm: str, compiled: bool = False
+) -> dict[str, Any]:
+    """Everything that determines a tune (`tune_run` drops the steps to name its training run)."""
+    return {
+        "latents": latents_key,
+        "prompt": prompt,
+        "steps": settings.steps,
+        "learning_rate": settings.learning_rate,
+        "seed": settings.seed,
+        "precision": precision,
+        "frame_norm": frame_norm,
+        **_compiled(compiled),
+    }
+
+
+def tune_run(spec: dict[str, Any]) -> dict[str, Any]:
+    """A tune's spec without its step count: what names the training run its checkpoints belong to."""
+    return {k: v for k, v in spec.items() if k != "steps"}
+
+
+def inversion_entry(project: Project, tune_key: str, steps: int, prompt: str, runtime: Runtime) -> Entry:
+    spec = {"tune": tune_key, "steps": steps, "prompt": prompt, **_unless_fp32(runtime.precision)}
+    return project.entry("inversions", {**spec, **_compiled(runtime.compile)})
+
+
+def edit_entry(
+    project: Project,
+    inversion_key: str,
+    prompt: str,
+    settings: EditSettings,
+    runtime: Runtime,
+    control: dict[str, Any] | None = None,
+    batch: int = 1,
+) -> Entry:
+    """An edit's entry. `batch` is how many prompts share its UNet batch: batched matrix products round
+    differently, so a batched edit is another entry (absent for 1, like `control` when uncontrolled,
+    so that keys of earlier edits stay valid)."""
+    spec = {"inversion": inversion_key, "prompt": prompt, **asdict(settings), "precision": runtime.precision}
+    if control is not None:
+        spec["control"] = control
+    if batch > 1:
+        spec["batch"] = batch
+    if settings.eta == 0:
+        spec["seed"] = None  # deterministic DDIM draws no noise: the seed determines nothing
+    return project.entry("edits", {**spec, **_compiled(runtime.compile)})
+
+
+def edit_entries(
+    project: Project, inversion_key: str, request: EditRequest, runtime: Runtime, control: dict[str, Any] | None
+) -> dict[str, Entry]:
+    """Each prompt's edit entry, keyed with the size of the UNet batch it is sampled in."""
+    return {
+        prompt: edit_entry(project, inversion_key, prompt, request.settings, runtime, control, len(group))
+        for group in request.groups
+        for prompt in group
+    }
+
+
+def control_key(control: ControlSpec) -> dict[str, Any]:
+    """What identifies a control in an edit's key: its kind, ControlNet, condition maps' source and strength."""
+    maps = file_sha256(control.video) if control.video is not None else CANNY_OF_SOURCE
+    return {"kind": control.kind, "model": controlnet_identity(control.model), "maps": maps, "scale": control.scale}
+
+
+def controlnet_identity(name: str) -> str:
+    """What identifies a ControlNet in edit keys: a local folder's path and content hash, else the hub id."""
+
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return name
+    return f"{path.resolve()}@sha256-{files_sha256(path, (p for p in path.rglob('*') if p.is_file()))}"

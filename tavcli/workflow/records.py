@@ -1,0 +1,130 @@
+"""What a sidecar records about an edit: its inputs, environment, and the commands that reproduce it.
+
+The sidecar's format (where it is, reading, writing) is `tavcli.sidecar`'s; this module fills it.
+"""
+
+from __future__ import annotations
+
+import shlex
+from fractions import Fraction
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tavcli import __version__
+from tavcli.model_name import parse_model_name
+from tavcli.requests import ControlSpec, EditRequest
+from tavcli.workflow.session import Session
+
+if TYPE_CHECKING:
+    from tavcli.workflow.editing import EditPlan
+
+__all__ = ["edit_record"]
+
+
+def edit_record(
+    session: Session,
+    plan: EditPlan,
+    request: EditRequest,
+    prompt: str,
+    rate: Fraction | None,
+    shape: tuple[int, ...],
+) -> dict[str, Any]:
+    """Everything needed to reproduce the output, including the commands that would."""
+    meta, entry = plan.tune.meta(), plan.entries[prompt]
+    group = next(group for group in plan.groups if prompt in group)
+    used = _control_record(request.control)
+    return {
+        "tav_version": __version__,
+        "project": str(plan.project.root.resolve()),
+        "environment": _environment(session.runtime.device, entry.spec["precision"]),
+        "model": meta["model"],
+        "clip": meta["clip"],
+        "tune": {"key": plan.tune.key, **plan.tune.spec},
+        "inversion": {"key": plan.inversion.key, **plan.inversion.spec},
+        "edit": {"key": entry.key, **entry.spec},
+        **({} if len(group) == 1 else {"batch": group}),
+        **({} if used is None else {"control": used}),
+        "output": {
+            "format": request.format,
+            "fps": None if rate is None else str(rate),
+            "frames": shape[0],
+            "height": shape[1],
+            "width": shape[2],
+        },
+        "reproduce": _reproduce(session, plan, request, prompt, rate),
+    }
+
+
+def _reproduce(session: Session, plan: EditPlan, request: EditRequest, prompt: str, rate: Fraction | None) -> list[str]:
+    """The `tav tune`, `tav invert` and `tav edit` commands that compute this output again, bit for bit on
+    the same device and library versions (the batch it was sampled in included)."""
+    meta, tune, inversion = plan.tune.meta(), plan.tune.spec, plan.inversion.spec
+    edit_spec = plan.entries[prompt].spec
+    group = next(group for group in plan.groups if prompt in group)
+    clip, project = meta["clip"], str(plan.project.root.resolve())
+    model = parse_model_name(meta["model"]["model"])
+    trust = ["--trust-pickle"] if session.allow_pickle else []
+    tune_cmd = ["tav", "tune", clip["path"], tune["prompt"], "--project", project, "--model", model.base]
+    tune_cmd += [] if model.config is None else ["--model-config", model.config]
+    tune_cmd += [part for path, scale in model.loras for part in ("--lora", f"{path}:{scale}")]
+    tune_cmd += ["--frames", clip["frames"], "--stride", clip["stride"], "--start", clip["start"]]
+    tune_cmd += ["--width", clip["width"], "--height", clip["height"], "--resize", clip["resize"]]
+    tune_cmd += ["--steps", tune["steps"], "--lr", tune["learning_rate"], "--seed", tune["seed"]]
+    tune_cmd += ["--frame-norm", tune["frame_norm"], *_numerics(tune, meta.get("device")), *trust]
+    invert_cmd = ["tav", "invert", "--project", project, "--steps", inversion["steps"]]
+    invert_cmd += ["--prompt", inversion["prompt"]] if inversion["prompt"] else []
+    invert_cmd += [*_numerics(inversion, plan.inversion.meta().get("device")), *trust]
+    edit_cmd = ["tav", "edit", *group, "--project", project, "--steps", edit_spec["steps"]]
+    edit_cmd += ["--guidance", edit_spec["guidance"], "--eta", edit_spec["eta"]]
+    edit_cmd += ["--negative", edit_spec["negative"]] if edit_spec["negative"] else []
+    edit_cmd += [] if edit_spec["seed"] is None else ["--seed", edit_spec["seed"]]
+    edit_cmd += [] if request.format == "mp4" else ["--format", request.format]
+    edit_cmd += [] if rate is None or rate == Fraction(clip["fps"]) else ["--fps", float(rate)]
+    edit_cmd += ["--batch-size", len(group)] if len(group) > 1 else []
+    edit_cmd += [*_numerics(edit_spec, session.runtime.device.type), *trust]
+    control = _control_record(request.control)
+    if control is not None:
+        edit_cmd += ["--control", control["kind"], "--control-model", control["model"]]
+        edit_cmd += ["--control-scale", control["scale"]]
+        edit_cmd += [] if control["video"] is None else ["--control-video", control["video"]]
+    return [shlex.join(map(str, cmd)) for cmd in (tune_cmd, invert_cmd, edit_cmd)]
+
+
+def _numerics(spec: dict[str, Any], device: str | None) -> list[str]:
+    """The flags that decide how an entry's numbers were computed: precision, --compile, and the device."""
+    flags = ["--precision", spec.get("precision", "fp32")] + (["--compile"] if spec.get("compile") else [])
+    return flags + ([] if device is None else ["--device", device])
+
+
+def _environment(device: torch.device, precision: str) -> dict[str, str]:
+    """What produced an output: library versions, device and precision (bit-identical reruns need the same)."""
+    import platform
+
+    import diffusers
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    return {
+        "tavcli": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": f"{device} ({name})",
+        "precision": precision,
+    }
+
+
+def _control_record(control: ControlSpec | None) -> dict[str, Any] | None:
+    """The control options as given, with local paths made absolute, so a sidecar can use them again."""
+    if control is None:
+        return None
+    model = Path(control.model).expanduser()
+    return {
+        "kind": control.kind,
+        "model": str(model.resolve()) if model.is_dir() else control.model,
+        "video": None if control.video is None else str(control.video.resolve()),
+        "scale": control.scale,
+    }

@@ -1,0 +1,138 @@
+"""Outputs: an edit's clip (its name, frame rate and reuse), grids and contact sheets."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from fractions import Fraction
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tavcli import __version__
+from tavcli.atomic import atomic_path
+from tavcli.errors import TavError
+from tavcli.options import (
+    GIF_MAX_FPS,
+    OutputFormat,
+)
+from tavcli.progress import Reporter
+from tavcli.requests import EditRequest
+from tavcli.sidecar import read_sidecar, sidecar_of, write_sidecar
+from tavcli.store import Entry
+from tavcli.vae import decode_latents
+from tavcli.video import (
+    FrameSelection,
+    FrameSize,
+    contact_sheet,
+    read_clip,
+    read_frames,
+    side_by_side,
+    write_video,
+)
+from tavcli.workflow.records import edit_record
+from tavcli.workflow.session import Artifact, Session, resolve_tune
+
+if TYPE_CHECKING:
+    from tavcli.workflow.editing import EditPlan
+
+__all__ = ["render_edit", "render_grid", "slug", "source_frames"]
+
+
+def _output_rate(request: EditRequest, clip: dict[str, Any], reporter: Reporter) -> Fraction | None:
+    """The output's frame rate: --fps, else the tuned frames' rate (GIFs at most GIF_MAX_FPS); None for PNGs."""
+    if request.format == "frames":
+        return None  # PNG frames carry no rate
+    if request.fps is not None:
+        return Fraction(request.fps).limit_denominator(1001)
+    rate = Fraction(clip["fps"])
+    if request.format == "gif" and rate > GIF_MAX_FPS:
+        reporter.note(f"GIFs play at most {GIF_MAX_FPS:g} fps: writing {GIF_MAX_FPS:g} instead of {float(rate):.3g}")
+        return Fraction(GIF_MAX_FPS)
+    return rate
+
+
+def _output_path(
+    folder: Path, prompt: str, key: str, fmt: OutputFormat, rate: Fraction | None, source: Fraction
+) -> Path:
+    """`PROMPT-SLUG-KEY.mp4`; a rate other than the source's is part of the name (`...-KEY-2fps.gif`)."""
+    name = f"{slug(prompt)}-{key[:8]}"
+    if rate is not None and rate != source:
+        name += f"-{float(rate):.6g}fps"
+    return folder / (name if fmt == "frames" else f"{name}.{fmt}")
+
+
+def render_edit(
+    session: Session, plan: EditPlan, request: EditRequest, prompt: str, cached: bool, sampling_seconds: float
+) -> Artifact:
+    """Write the edit's output and sidecar, unless an earlier run wrote this very output."""
+    started = time.perf_counter()
+    entry = plan.entries[prompt]
+    rate = _output_rate(request, plan.clip, session.reporter)
+    folder = request.out or plan.project.root / "renders"
+    output = _output_path(folder, prompt, entry.key, request.format, rate, Fraction(plan.clip["fps"]))
+    rendered = cached and _rendered(output, entry.key, request.format, rate)
+    if not rendered:  # outputs are written atomically: a concurrent render of the same edit is harmless
+        vae = session.model(plan.tune.meta()["model"]["model"]).vae
+        frames = decode_latents(vae, entry.tensors(session.runtime.device)["latents"])
+        write_video(frames, output, request.format, rate or Fraction(plan.clip["fps"]))
+        write_sidecar(output, edit_record(session, plan, request, prompt, rate, frames.shape))
+    seconds = time.perf_counter() - started + (0.0 if cached else sampling_seconds)
+    details = {"prompt": prompt, "sidecar": str(sidecar_of(output)), "format": request.format}
+    return Artifact("edit", entry.key, output, rendered, seconds, details)
+
+
+def _rendered(output: Path, key: str, fmt: OutputFormat, rate: Fraction | None) -> bool:
+    """Whether `output` exists and its sidecar says it is this edit, in this format, at this rate."""
+    if not output.exists() or not sidecar_of(output).is_file():
+        return False
+    try:
+        record = read_sidecar(sidecar_of(output))
+        written = record["edit"]["key"], record["output"]["format"], record["output"]["fps"]
+    except (TavError, KeyError, TypeError):
+        return False
+    return written == (key, fmt, None if rate is None else str(rate))
+
+
+def render_grid(session: Session, project_root: Path, edits: list[Artifact], fps: float | None = None) -> Artifact:
+    """The source clip and each edit side by side (mp4 and GIF, prompts as captions) and a PNG contact sheet,
+    with a sidecar naming the edits it shows (so `tav rm` and `tav gc` find it)."""
+    started = time.perf_counter()
+    project, tune_entry = resolve_tune(session, project_root, None)
+    latents = project.find("latents", tune_entry.spec["latents"])
+    clip = latents.meta()["clip"]
+    source = source_frames(session, tune_entry, latents, clip)
+    clips = [source, *(read_frames(edit.path) for edit in edits)]
+    captions = [f"source: {tune_entry.spec['prompt']}", *(str(edit.details["prompt"]) for edit in edits)]
+    rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(clip["fps"])
+    key = hashlib.sha256(":".join([*(edit.key for edit in edits), str(rate)]).encode()).hexdigest()[:8]
+    folder = edits[0].path.parent
+    grid = side_by_side(clips, captions)
+    video = write_video(grid, folder / f"grid-{key}.mp4", "mp4", rate)
+    gif = write_video(grid, folder / f"grid-{key}.gif", "gif", rate)
+    sheet = folder / f"grid-{key}-sheet.png"
+    with atomic_path(sheet) as temp:
+        contact_sheet(clips, captions).save(temp, format="PNG")
+    files = [gif.name, sheet.name]
+    grid_record = {"key": key, "edits": [edit.key for edit in edits], "prompts": captions[1:], "fps": str(rate)}
+    write_sidecar(video, {"tav_version": __version__, "grid": {**grid_record, "files": files}})
+    details = {"gif": str(gif), "sheet": str(sheet), "prompts": captions[1:]}
+    return Artifact("grid", key, video, False, time.perf_counter() - started, details)
+
+
+def source_frames(session: Session, tune_entry: Entry, latents: Entry, clip: dict[str, Any]) -> np.ndarray:
+    """The frames the project was tuned on: from the clip if it is still there, else decoded from its latents."""
+    path = Path(clip["path"])
+    if path.is_file():
+        selection = FrameSelection(frames=clip["frames"], stride=clip["stride"], start=clip["start"])
+        return read_clip(path, selection, FrameSize(clip["width"], clip["height"], clip["resize"])).frames
+    vae = session.model(tune_entry.meta()["model"]["model"]).vae
+    mean = latents.tensors(session.runtime.device)["mean"]
+    return decode_latents(vae, mean * vae.config.scaling_factor)
+
+
+def slug(text: str, limit: int = 48) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:limit].rstrip("-") or "edit"

@@ -1,0 +1,145 @@
+"""The session: models loaded in this process, and the project, tune and prompt embeddings a command works on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tavcli.errors import TavError
+from tavcli.loading import Components, ModelSource, encode_prompts, load_components, resolve_model
+from tavcli.progress import Reporter
+from tavcli.runtime import Runtime
+from tavcli.store import Entry, Project
+from tavcli.video_unet import VideoUNet, inflate_unet
+
+__all__ = ["Artifact", "Session", "prompt_embeddings", "resolve_tune"]
+
+
+@dataclass
+class Artifact:
+    """One result a command produced or found cached: the record printed on stdout."""
+
+    kind: str
+    key: str
+    path: Path
+    cached: bool
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "key": self.key,
+            "path": str(self.path),
+            "cached": self.cached,
+            "seconds": round(self.seconds, 3),
+            **self.details,
+        }
+
+
+class Session:
+    """Models loaded in this process, shared by every command it runs."""
+
+    def __init__(self, runtime: Runtime, reporter: Reporter | None = None, allow_pickle: bool = False) -> None:
+        self.runtime = runtime
+        self.reporter = reporter or Reporter()
+        self.allow_pickle = allow_pickle
+        self._sources: dict[str, ModelSource] = {}
+        self._components: dict[str, Components] = {}  # by model revision
+        self._tuned: dict[str, VideoUNet] = {}
+
+    def project(self, root: Path) -> Project:
+        """The project at `root`, telling this session's reporter when it waits for another process."""
+        project = Project(root, on_wait=self.reporter.note)
+        project.check_version()
+        return project
+
+    def source(self, name: str) -> ModelSource:
+        """Where model `name` is (downloading it if needed), without loading it."""
+        if name not in self._sources:
+            self._sources[name] = resolve_model(name, self.allow_pickle, self.reporter.note)
+        return self._sources[name]
+
+    def model(self, name: str) -> Components:
+        """Model `name`, loaded once, with every part on the device (moved back if it was offloaded)."""
+        source = self.source(name)
+        if source.revision not in self._components:
+            self.reporter.note(f"loading model {source.name}")
+            dtype = self.runtime.dtype
+            self._components[source.revision] = load_components(source, self.runtime.device, dtype, self.allow_pickle)
+        components = self._components[source.revision]
+        for module in (components.vae, components.text_encoder):
+            if module.device != self.runtime.device:
+                module.to(self.runtime.device)
+        return components
+
+    def offload_frozen(self, name: str) -> None:
+        """On a GPU, move the VAE and text encoder to the CPU while only the UNet works (tuning)."""
+        if self.runtime.device.type != "cuda":
+            return
+        components = self.model(name)
+        components.vae.to("cpu")
+        components.text_encoder.to("cpu")
+        torch.cuda.empty_cache()
+
+    def release(self, name: str) -> None:
+        """Free model `name` (and UNets tuned from it) once no more work needs it."""
+        source = self._sources.get(name)
+        if source is not None and self._components.pop(source.revision, None) is not None:
+            self._tuned.clear()
+
+    def forget_tuned(self, key: str) -> None:
+        """Drop a tuned UNet built from an entry that was just recomputed."""
+        self._tuned.pop(key, None)
+
+    def tuned_unet(self, project: Project, tune_entry: Entry) -> tuple[Components, VideoUNet]:
+        """The base model with `tune_entry`'s delta applied."""
+        meta = tune_entry.meta()
+        components = self.model(meta["model"]["model"])
+        _check_same_model(components.source, meta["model"])
+        if tune_entry.key not in self._tuned:
+            unet = inflate_unet(components.unet, frame_norm=tune_entry.spec["frame_norm"])
+            delta = tune_entry.tensors(self.runtime.device)
+            result = unet.load_state_dict(delta, strict=False)
+            if result.unexpected_keys:
+                raise TavError(f"tuned delta {tune_entry.path} does not fit this model", "run `tav tune` again")
+            self._tuned[tune_entry.key] = self.runtime.prepare(unet.eval())  # type: ignore[assignment]
+        return components, self._tuned[tune_entry.key]
+
+
+def prompt_embeddings(session: Session, project: Project, source: ModelSource, prompts: list[str]) -> torch.Tensor:
+    """CLIP text embeddings of `prompts` (stacked), computed once per model, precision and prompts."""
+    spec = {"model": source.identity, "prompts": prompts, "precision": session.runtime.precision}
+    entry = project.entry("embeddings", spec)
+
+    def compute() -> None:
+        components = session.model(source.name)
+        limit = components.tokenizer.model_max_length
+        for prompt in prompts:
+            count = len(components.tokenizer(prompt).input_ids)
+            if count > limit:
+                session.reporter.note(f"prompt is {count} tokens; the text encoder reads the first {limit}: {prompt!r}")
+        entry.save({"embeddings": encode_prompts(components, prompts).float()}, {})
+
+    project.produce(entry, compute)
+    return entry.tensors(session.runtime.device)["embeddings"]
+
+
+def resolve_tune(session: Session, project_root: Path, tune_key: str | None) -> tuple[Project, Entry]:
+    """Tune `tune_key`, or the project's current one."""
+    if not project_root.is_dir():
+        raise TavError(f"no project at {project_root}", "`tav tune CLIP PROMPT` creates one")
+    project = session.project(project_root)
+    return project, project.find("tunes", tune_key or project.current_tune())
+
+
+def _check_same_model(source: ModelSource, tuned_with: dict[str, str]) -> None:
+    if source.revision != tuned_with["revision"]:
+        raise TavError(
+            f"model {source.name} has changed since this project was tuned "
+            f"({tuned_with['revision']} then, {source.revision} now)",
+            "tune again with `tav tune`",
+        )

@@ -1,0 +1,271 @@
+"""`tav tune` and `tav import`: the clip's latents (encoded once), the tune and its resumable training run."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tavcli import __version__
+from tavcli.checkpoints import Checkpoints, load_train_state, train_state_bytes
+from tavcli.hashing import file_sha256
+from tavcli.inputs import require_folder, require_prompt
+from tavcli.loading import ModelSource, weight_files
+from tavcli.memory import MemoryEstimate, check_fits, probe_activations, tune_estimate
+from tavcli.options import (
+    FrameNorm,
+)
+from tavcli.requests import TuneRequest, TuneSettings
+from tavcli.runtime import Runtime
+from tavcli.store import TENSORS, Entry, Project
+from tavcli.training import TrainState, stop_requests, train_delta
+from tavcli.vae import encode_clip
+from tavcli.video import (
+    FrameSelection,
+    FrameSize,
+    probe,
+    read_clip,
+)
+from tavcli.video_unet import VideoUNet, inflate_unet
+from tavcli.workflow.keys import (
+    latents_entry,
+    tune_run,
+    tune_spec,
+)
+from tavcli.workflow.session import Artifact, Session, prompt_embeddings
+
+__all__ = ["import_tune", "tune", "tune_memory", "tune_plan"]
+
+
+def tune(session: Session, request: TuneRequest, force: bool = False) -> list[Artifact]:
+    """Encode the clip (once) and tune the model on it; make the tune the project's current one.
+
+    Training resumes from the run's latest checkpoint at or below `settings.steps`, so an
+    interrupted tune goes on where it stopped and a longer tune continues a shorter one.
+    """
+    prompt, settings, frame_norm = require_prompt(request.prompt), request.settings, request.frame_norm
+    probe(request.clip, request.selection)  # a bad clip should fail before a slow model load
+    require_folder(request.project, "--project")
+    source = session.source(request.model)
+    project = session.project(request.project)
+    latents, latents_artifact = _clip_latents(
+        session, source, project, request.clip, request.selection, request.size, force
+    )
+    spec = tune_spec(latents.key, prompt, settings, session.runtime.precision, frame_norm, session.runtime.compile)
+    entry = project.entry("tunes", spec)
+    run = tune_run(spec)
+    checkpoints = Checkpoints.of_run(project.root, run)
+    started = time.perf_counter()
+
+    def compute() -> None:
+        state = _train(session, source, project, latents, checkpoints, run, prompt, settings, frame_norm, force)
+        facts = {
+            "model": source.identity,
+            "clip": latents.meta()["clip"],
+            "losses": state.losses,
+            "seconds": time.perf_counter() - started,
+            "gradient_checkpointing": settings.gradient_checkpointing,
+            "device": session.runtime.device.type,
+            "tav_version": __version__,
+        }
+        entry.save(state.params, facts)
+        session.forget_tuned(entry.key)
+
+    cached = project.produce(entry, compute, force, lock=f"checkpoints-{checkpoints.key}")
+    if project.state.get("tune") != entry.key:
+        project.update_state(tune=entry.key, inversion=None)
+    delta_bytes = (entry.path / TENSORS).stat().st_size
+    unet_files = {f for name in weight_files("unet", allow_pickle=True) for f in (source.folder / "unet").glob(name)}
+    unet_bytes = sum(f.stat().st_size for f in unet_files)
+    details = {"prompt": prompt, "steps": settings.steps, "delta_bytes": delta_bytes, "base_unet_bytes": unet_bytes}
+    tuned = Artifact("tune", entry.key, entry.path, cached, time.perf_counter() - started, details)
+    return [latents_artifact, tuned]
+
+
+def tune_plan(session: Session, request: TuneRequest, force: bool = False, memory: bool = True) -> dict[str, Any]:
+    """What `tune` would reuse and compute (and, with `memory`, its estimated peak memory), computing nothing.
+
+    `resume_from` is the step of the checkpoint training would start from (None: from scratch).
+    """
+    settings, selection, size = request.settings, request.selection, request.size
+    require_prompt(request.prompt)
+    probe(request.clip, selection)
+    source = session.source(request.model)
+    project = session.project(request.project)
+    latents = latents_entry(project, source, request.clip, selection, size, session.runtime.precision)
+    runtime = session.runtime
+    spec = tune_spec(latents.key, request.prompt, settings, runtime.precision, request.frame_norm, runtime.compile)
+    entry = project.entry("tunes", spec)
+    resume = Checkpoints.of_run(project.root, tune_run(spec)).latest_step(settings.steps)
+    plan: dict[str, Any] = {
+        "kind": "plan",
+        "latents": {"key": latents.key, "path": str(latents.path), "cached": latents.complete and not force},
+        "tune": {
+            "key": entry.key,
+            "path": str(entry.path),
+            "cached": entry.complete and not force,
+            "resume_from": None if force else resume,
+        },
+    }
+    if not memory:
+        return plan
+    with torch.random.fork_rng(devices=[]):
+        unet = inflate_unet(session.model(request.model).unet, frame_norm=request.frame_norm)
+    precision = session.runtime.precision
+    estimate = tune_memory(unet, selection.frames, size.height, size.width, settings.gradient_checkpointing, precision)
+    return {
+        **plan,
+        "memory": {
+            "peak_bytes": estimate.total,
+            "weights_bytes": estimate.weights,
+            "training_state_bytes": estimate.training_state,
+            "activation_bytes": estimate.activations,
+            "summary": estimate.describe(),
+        },
+    }
+
+
+def import_tune(session: Session, folder: Path, request: TuneRequest) -> list[Artifact]:
+    """Store the tuned tensors of a reference Tune-A-Video output folder as a tune of `request.clip`."""
+    from tavcli.importing import extract_delta, read_reference
+
+    prompt = require_prompt(request.prompt)
+    probe(request.clip, request.selection)
+    require_folder(request.project, "--project")
+    run = read_reference(folder, session.allow_pickle)
+    source = session.source(request.model)
+    project = session.project(request.project)
+    latents, latents_artifact = _clip_latents(
+        session, source, project, request.clip, request.selection, request.size, force=False
+    )
+    spec = {
+        **tune_spec(latents.key, prompt, request.settings, "fp32", "joint"),
+        "imported": file_sha256(run.weights_file),
+    }
+    entry = project.entry("tunes", spec)
+    started = time.perf_counter()
+
+    def compute() -> None:
+        unet = inflate_unet(session.model(request.model).unet)
+        delta = extract_delta(run.weights, unet)
+        facts = {"model": source.identity, "clip": latents.meta()["clip"], "imported_from": str(folder.resolve())}
+        entry.save(delta, {**facts, "losses": [], "tav_version": __version__})
+
+    cached = project.produce(entry, compute)
+    project.update_state(tune=entry.key, inversion=None)
+    details = {"prompt": prompt, "imported_from": str(folder), "delta_bytes": (entry.path / TENSORS).stat().st_size}
+    return [latents_artifact, Artifact("tune", entry.key, entry.path, cached, time.perf_counter() - started, details)]
+
+
+def _clip_latents(
+    session: Session,
+    source: ModelSource,
+    project: Project,
+    clip: Path,
+    selection: FrameSelection,
+    size: FrameSize,
+    force: bool,
+) -> tuple[Entry, Artifact]:
+    """The clip's VAE posterior (mean, std), encoded once per model, clip content, frames and size."""
+    started = time.perf_counter()
+    entry = latents_entry(project, source, clip, selection, size, session.runtime.precision)
+
+    def compute() -> None:
+        frames = read_clip(clip, selection, size)
+        vae = session.model(source.name).vae  # loaded before the progress bar starts
+        with session.reporter.task("encoding clip", 1) as advance:
+            mean, std = encode_clip(vae, frames.frames)
+            advance()
+        clip_facts = {"path": str(clip.resolve()), "fps": str(frames.fps), **asdict(selection), **asdict(size)}
+        entry.save({"mean": mean, "std": std}, {"clip": clip_facts})
+
+    cached = project.produce(entry, compute, force)
+    return entry, Artifact("latents", entry.key, entry.path, cached, time.perf_counter() - started)
+
+
+def _train(
+    session: Session,
+    source: ModelSource,
+    project: Project,
+    latents: Entry,
+    checkpoints: Checkpoints,
+    run: dict[str, Any],
+    prompt: str,
+    settings: TuneSettings,
+    frame_norm: FrameNorm,
+    force: bool,
+) -> TrainState:
+    """Train from scratch or from the latest usable checkpoint, saving checkpoints as it goes."""
+    runtime = session.runtime
+    resume = _resume_point(session, checkpoints, settings.steps, force)
+    if resume is not None and resume.step == settings.steps:
+        return resume  # an earlier run reached exactly this step: nothing to train
+    components = session.model(source.name)
+    stats = latents.tensors(runtime.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)  # the temporal layers' initial weights
+        unet = inflate_unet(components.unet, frame_norm=frame_norm)
+    embeds = prompt_embeddings(session, project, source, [prompt])
+    session.offload_frozen(source.name)  # the latents and the embedding are all tuning needs
+    if runtime.device.type == "cuda":
+        _check_memory(unet, stats["mean"].shape, settings, runtime)
+    first = resume.step if resume else 0
+    written: list[int] = []  # this run's intermediate checkpoints: only the newest is kept
+
+    def save(state: TrainState) -> None:
+        checkpoints.save(state.step, train_state_bytes(state, run))
+        checkpoints.discard([step for step in written if step != state.step])
+        written[:] = [state.step]
+
+    with session.reporter.task("tuning", settings.steps, completed=first) as advance, stop_requests() as stop:
+        state = train_delta(
+            unet,
+            components.scheduler,
+            stats["mean"],
+            stats["std"],
+            components.vae.config.scaling_factor,
+            embeds,
+            settings,
+            runtime,
+            advance,
+            resume=resume,
+            save=save,
+            stop_requested=stop,
+        )
+    save(state)  # the finished run's state, so a longer tune can continue from it
+    # Earlier interrupted runs' states below this one are superseded; finished tunes' states stay.
+    finished = {step for step in checkpoints.steps() if project.entry("tunes", {**run, "steps": step}).complete}
+    checkpoints.discard([step for step in checkpoints.steps() if step < state.step and step not in finished])
+    return state
+
+
+def tune_memory(
+    unet: VideoUNet, frames: int, height: int, width: int, checkpointing: bool, precision: str
+) -> MemoryEstimate:
+    """The estimated peak memory of tuning `unet` on such a clip (see `tavcli.memory`)."""
+    return tune_estimate(unet, probe_activations(unet), frames, height, width, checkpointing, precision)
+
+
+def _check_memory(unet: VideoUNet, shape: torch.Size, settings: TuneSettings, runtime: Runtime) -> None:
+    """Stop a GPU tune that would run out of memory half-way, naming settings that fit."""
+    frames, height, width = shape[2], shape[3] * 8, shape[4] * 8
+    probe = probe_activations(unet)
+    estimate = tune_estimate(unet, probe, frames, height, width, settings.gradient_checkpointing, runtime.precision)
+    free, _ = torch.cuda.mem_get_info(runtime.device)
+    check_fits(estimate, unet, probe, free + torch.cuda.memory_allocated(runtime.device))
+
+
+def _resume_point(session: Session, checkpoints: Checkpoints, steps: int, force: bool) -> TrainState | None:
+    step = None if force else checkpoints.latest_step(at_most=steps)
+    if step is None:
+        return None
+    state = load_train_state(checkpoints, step, session.runtime.device)
+    if state.device_type != session.runtime.device.type:
+        name = checkpoints.path(step).name
+        session.reporter.note(f"checkpoint {name} was made on {state.device_type}: starting over")
+        return None
+    session.reporter.note(f"resuming from step {state.step} ({checkpoints.path(step)})")
+    return state
