@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Checkpoints", "load_train_state", "train_state_bytes"]
 
+
 class Checkpoints:
     """Resumable training states of one tune run (a tune's inputs except its step count).
 

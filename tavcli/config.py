@@ -162,9 +162,9 @@ def _projects_here() -> list[Path]:
     return sorted(p for p in Path.cwd().glob(f"*{PROJECT_SUFFIX}") if p.is_dir())
 
 
-def closest(word: str, choices: tuple[str, ...] | list[str]) -> str:
-    """' (did you mean X?)' for the closest choice, or ''."""
-    match = difflib.get_close_matches(word, list(choices), n=1)
+def closest(word: str, known: tuple[str, ...] | list[str]) -> str:
+    """' (did you mean X?)' for the closest known word, or ''."""
+    match = difflib.get_close_matches(word, list(known), n=1)
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 

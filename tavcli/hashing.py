@@ -17,6 +17,7 @@ from tavcli.config import cache_dir
 
 __all__ = ["content_sha256", "file_sha256", "files_sha256"]
 
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as file:

@@ -13,11 +13,25 @@ from typing import Any
 from tavcli.checkpoints import Checkpoints
 from tavcli.errors import TavError
 from tavcli.sidecar import edit_keys, output_files, read_sidecar
-from tavcli.store import KEY, KINDS, STATE_FILE, Entry, Project, timestamp
+from tavcli.store import KEY, KINDS, PARENTS, STATE_FILE, Entry, Project, timestamp
 
-__all__ = ["Listing", "Render", "dependents", "garbage", "listing", "pid_alive", "remove", "removal_files", "renders"]
+__all__ = [
+    "Listing",
+    "Render",
+    "dependents",
+    "fix",
+    "garbage",
+    "listing",
+    "match",
+    "pid_alive",
+    "problems",
+    "remove",
+    "removal_files",
+    "renders",
+]
 
-REMOVAL_ORDER = ("render", "edits", "inversions", "tunes", "checkpoints", "embeddings", "latents", "project", "temp")
+# What each kind of row is computed from (the entries' parents are the store's), for removing children first.
+ROW_PARENTS = {**{kind: parent for kind, (_, parent) in PARENTS.items()}, "checkpoints": "latents", "render": "edits"}
 
 
 @dataclass
@@ -78,9 +92,9 @@ def _list_entry(bare: Entry) -> Listing:
     size = _path_bytes(bare.path)
     if not bare.complete:
         return Listing(bare.kind, bare.key, bare.path, "incomplete", size)
-    problems = bare.quick_problems()
-    if problems:
-        return Listing(bare.kind, bare.key, bare.path, f"damaged: {'; '.join(problems)}", size)
+    found = bare.quick_problems()
+    if found:
+        return Listing(bare.kind, bare.key, bare.path, f"damaged: {'; '.join(found)}", size)
     meta = bare.meta()
     entry = Entry(bare.kind, bare.key, bare.path, meta["spec"])
     parent = "/".join(entry.parent) if entry.parent else None
@@ -92,9 +106,9 @@ def _list_checkpoints(folder: Path) -> Listing:
     steps = checkpoints.steps()
     spec: dict[str, Any] = {"steps": steps}
     parent, state = None, "complete" if steps else "incomplete"
-    problems = checkpoints.problems()
-    if problems:
-        state = f"damaged: {'; '.join(problems)}"
+    found = checkpoints.problems()
+    if found:
+        state = f"damaged: {'; '.join(found)}"
     elif steps:
         try:
             spec.update(checkpoints.run())
@@ -119,6 +133,32 @@ def renders(project: Project) -> list[Render]:
     return found
 
 
+def match(rows: list[Listing], given: str) -> Listing:
+    """The one row a key prefix (or `KIND/KEY`) names; one line listing the candidates otherwise."""
+    kind, _, key = given.rpartition("/")
+    found = [r for r in rows if r.key.startswith(key) and (not kind or r.kind == kind)]
+    if len(found) != 1:
+        what = "no entry" if not found else f"{len(found)} entries ({', '.join(f'{r.kind}/{r.key}' for r in found)})"
+        raise TavError(f"{what} match {given!r}", "see `tav ls` for the keys; give more digits or KIND/KEY")
+    return found[0]
+
+
+def problems(row: Listing) -> list[str]:
+    """Everything wrong with a row (`tav verify`): what listing found, else its payloads' hashes and values."""
+    if row.state != "complete":
+        return [row.state.removeprefix("damaged: ")]
+    if row.kind == "checkpoints":
+        return Checkpoints(row.path).problems(full=True)
+    return Entry(row.kind, row.key, row.path, row.spec).problems()
+
+
+def fix(project: Project, row: Listing) -> str:
+    """The command that clears a damaged row."""
+    if row.kind == "project":
+        return f"`tav gc -p {project.root}` removes it; it is then rebuilt from the entries"
+    return f"`tav rm {row.kind}/{row.key} -p {project.root}` or `tav gc -p {project.root}` removes it"
+
+
 def dependents(project: Project, targets: list[Listing]) -> list[Listing]:
     """`targets` and everything computed from them, children first (the order to remove in)."""
     rows = listing(project)
@@ -129,7 +169,7 @@ def dependents(project: Project, targets: list[Listing]) -> list[Listing]:
         grew = bool(extra)
         chosen |= extra
     picked = [r for r in rows if f"{r.kind}/{r.key}" in chosen]
-    return sorted(picked, key=lambda r: REMOVAL_ORDER.index(r.kind))
+    return sorted(picked, key=_removal_rank)
 
 
 def garbage(project: Project, checkpoints: bool = False) -> list[Listing]:
@@ -161,7 +201,7 @@ def garbage(project: Project, checkpoints: bool = False) -> list[Listing]:
         pid = temp.name.rsplit(".", 3)[-3]
         if pid.isdigit() and not pid_alive(int(pid)):
             found.append(Listing("temp", temp.name, temp, "left by a process that died", _path_bytes(temp)))
-    return sorted(found, key=lambda r: REMOVAL_ORDER.index(r.kind))
+    return sorted(found, key=_removal_rank)
 
 
 def removal_files(project: Project, row: Listing) -> list[Path]:
@@ -203,6 +243,16 @@ def _remove_render(project: Project, sidecar: Path) -> None:
     sidecar.unlink(missing_ok=True)  # the reference first
     for path in files:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _removal_rank(row: Listing) -> int:
+    """Children before parents (the deepest computations first); project.json and temp files last."""
+
+    def depth(kind: str) -> int:
+        parent = ROW_PARENTS.get(kind)
+        return 0 if parent is None else 1 + depth(parent)
+
+    return 1 if row.kind in ("project", "temp") else -depth(row.kind)
 
 
 def _with_state(row: Listing, state: str) -> Listing:

@@ -10,44 +10,36 @@ user cache and read back like any other folder.
 from __future__ import annotations
 
 import hashlib
-import json
-import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
-from tavcli.atomic import atomic_path
-from tavcli.config import DEFAULT_MODEL, cache_dir
+from tavcli.config import DEFAULT_MODEL
 from tavcli.errors import TavError, first_line
 from tavcli.hashing import files_sha256
 from tavcli.hub import local_only, unreachable
-from tavcli.model_name import is_single_file, model_name, parse_model_name
+from tavcli.model_name import HUB_ID, NO_VARIANT, TINY_MODEL, ModelSpec, is_single_file, parse_model_name
 
 __all__ = [
     "DEFAULT_MODEL",
     "TINY_MODEL",
-    "HUB_ID",
     "Components",
     "ModelSource",
     "encode_prompts",
     "load_components",
     "resolve_model",
+    "variant_of",
     "quiet_libraries",
-    "tiny_model",
     "weight_files",
 ]
 
-TINY_MODEL = "tiny"
-TINY_SEED = 0
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+WEIGHTED = ("unet", "vae", "text_encoder")  # the parts with weights (and weight variants)
 OFFLINE_HINT = "no model hub is reachable: use --model tiny for the built-in offline model, or a local diffusers folder"
 
 
@@ -77,15 +69,20 @@ class Components:
     scheduler: DDIMScheduler
 
 
-def resolve_model(name: str, allow_pickle: bool = False, note: Callable[[str], None] | None = None) -> ModelSource:
+def resolve_model(
+    name: str, allow_pickle: bool = False, note: Callable[[str], None] | None = None, half: bool = False
+) -> ModelSource:
     """Turn a model name (see `tavcli.model_name`) into a local diffusers folder.
 
     Builds `tiny`, checks a folder, converts a single-file checkpoint once, or fetches from the
     hub. LoRAs named in `name` become part of the model's identity; `note` hears about slow steps.
+    For a `half`-precision run the fp16 weights variant is chosen when the model has one and no
+    variant was asked for; the returned name records the variant loaded, so edits load it too.
     """
     spec = parse_model_name(name)
     if spec.loras:
-        base = resolve_model(model_name(spec.base, spec.config), allow_pickle, note)
+        plain = ModelSpec(spec.base, spec.config, (), spec.revision, spec.variant)
+        base = resolve_model(plain.name, allow_pickle, note, half)
         hashes = []
         for path, scale in spec.loras:
             if not path.exists():
@@ -93,9 +90,14 @@ def resolve_model(name: str, allow_pickle: bool = False, note: Callable[[str], N
             files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
             hashes.append(f"{scale}:{files_sha256(path.parent if path.is_file() else path, files)}")
         revision = f"{base.revision}+lora-{hashlib.sha256(','.join(hashes).encode()).hexdigest()[:16]}"
-        name = model_name(base.name, loras=[f"{path}:{scale}" for path, scale in spec.loras])
+        chosen = parse_model_name(base.name)
+        name = ModelSpec(chosen.base, chosen.config, spec.loras, chosen.revision, chosen.variant).name
         return ModelSource(name=name, folder=base.folder, revision=revision, loras=spec.loras)
     if spec.base == TINY_MODEL:
+        from tavcli.tiny_model import tiny_model
+
+        if spec.variant not in (None, NO_VARIANT):
+            raise TavError(f"the built-in tiny model has no {spec.variant} weights", "drop --variant")
         return tiny_model()
     path = Path(spec.base).expanduser()
     if is_single_file(spec.base):
@@ -103,92 +105,87 @@ def resolve_model(name: str, allow_pickle: bool = False, note: Callable[[str], N
 
         return single_file_model(path, spec.config, allow_pickle, note or (lambda _: None))
     if path.exists():
-        return _local_model(path)
+        return _local_model(path, spec.variant, half)
     if not HUB_ID.match(spec.base):
         raise TavError(
             f"unknown model {spec.base!r}: not a local folder or checkpoint file, nor a hub id like 'org/name'",
             f"e.g. {DEFAULT_MODEL}, a local diffusers folder, a .safetensors file, or --model tiny (built-in, offline)",
         )
-    return _hub_model(spec.base, allow_pickle)
+    return _hub_model(spec, allow_pickle, half)
 
 
-def _local_model(path: Path) -> ModelSource:
+def _local_model(path: Path, variant: str | None, half: bool) -> ModelSource:
     folder = path.resolve()
     missing = [part for part in COMPONENTS if not (folder / part).is_dir()]
     if missing:
         raise TavError(f"{path} is not a diffusers Stable Diffusion folder (missing {', '.join(missing)})")
+    chosen = _variant(str(path), variant, half, lambda wanted: _has_weights(folder, wanted))
     files = (p for part in COMPONENTS for p in (folder / part).rglob("*") if p.is_file())
-    return ModelSource(name=str(folder), folder=folder, revision=f"sha256-{files_sha256(folder, files)}")
+    name = ModelSpec(str(folder), variant=chosen).name
+    return ModelSource(name=name, folder=folder, revision=f"sha256-{files_sha256(folder, files)}")
 
 
-def _hub_model(repo_id: str, allow_pickle: bool) -> ModelSource:
+def _hub_model(spec: ModelSpec, allow_pickle: bool, half: bool) -> ModelSource:
+    """A hub model at `spec.revision` (default: main), with only the weights of the variant loaded."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    patterns = ["model_index.json", *(f"{part}/*.json" for part in COMPONENTS), "tokenizer/*.txt"]
-    patterns += [
-        f"{part}/{name}" for part in ("unet", "vae", "text_encoder") for name in weight_files(part, allow_pickle)
-    ]
+    def fetch(variant: str | None) -> Path:
+        patterns = ["model_index.json", *(f"{part}/*.json" for part in COMPONENTS), "tokenizer/*.txt"]
+        patterns += [f"{part}/{name}" for part in WEIGHTED for name in weight_files(part, allow_pickle, variant)]
+        offline = local_only()
+        return Path(
+            snapshot_download(spec.base, revision=spec.revision, allow_patterns=patterns, local_files_only=offline)
+        )
+
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_only()))
+        chosen = _variant(spec.base, spec.variant, half, lambda wanted: _has_weights(fetch(wanted), wanted))
+        folder = fetch(None if chosen in (None, NO_VARIANT) else chosen)
     except RepositoryNotFoundError:
-        raise TavError(f"unknown model {repo_id!r}: no such repository on the hub (or it is private)") from None
+        raise TavError(f"unknown model {spec.base!r}: no such repository on the hub (or it is private)") from None
     except LocalEntryNotFoundError:
-        raise unreachable(repo_id, OFFLINE_HINT) from None
+        raise unreachable(spec.base, OFFLINE_HINT) from None
     except HfHubHTTPError as error:
-        raise TavError(f"cannot download {repo_id!r}: {error}", OFFLINE_HINT) from None
-    return ModelSource(name=repo_id, folder=folder, revision=folder.name)
+        raise TavError(f"cannot download {spec.base!r}: {first_line(error)}", OFFLINE_HINT) from None
+    name = ModelSpec(spec.base, revision=spec.revision, variant=chosen).name
+    return ModelSource(name=name, folder=folder, revision=folder.name)
 
 
-def weight_files(part: str, allow_pickle: bool = False) -> list[str]:
-    """Name patterns of the weights diffusers/transformers load for `part` (whole or sharded).
+def _variant(model: str, asked: str | None, half: bool, available: Callable[[str], bool]) -> str | None:
+    """The weights variant to load: the one asked for (refused if the model lacks it), else fp16 for a
+    half-precision run when the model has it, else the main weights (None)."""
+    if asked == NO_VARIANT:
+        return asked
+    if asked is not None:
+        if not available(asked):
+            raise TavError(f"{model} has no {asked} weights (no {asked} variant files)", "drop --variant")
+        return asked
+    return "fp16" if half and available("fp16") else None
 
-    Hub repositories also hold variants (`.fp16.safetensors`, `non_ema`) that are never loaded;
-    these patterns leave them out of downloads and size reports.
+
+def _has_weights(folder: Path, variant: str) -> bool:
+    """Whether every weighted part of a model folder has `variant` weights."""
+    return all(any(any((folder / part).glob(name)) for name in weight_files(part, False, variant)) for part in WEIGHTED)
+
+
+def variant_of(source: ModelSource) -> str | None:
+    """The weights variant a resolved model loads (None: the main weights)."""
+    variant = parse_model_name(source.name).variant
+    return None if variant in (None, NO_VARIANT) else variant
+
+
+def weight_files(part: str, allow_pickle: bool = False, variant: str | None = None) -> list[str]:
+    """Name patterns of the weights diffusers/transformers load for `part` (whole or sharded): the main
+    weights, or those of a `variant` (`diffusion_pytorch_model.fp16.safetensors`).
+
+    Hub repositories hold several variants (`.fp16`, `non_ema`); these patterns download and count
+    only those that are loaded.
     """
     safe = "model" if part == "text_encoder" else "diffusion_pytorch_model"
-    names = [f"{safe}.safetensors", f"{safe}-*.safetensors"]
-    if allow_pickle:
-        pickled = "pytorch_model" if part == "text_encoder" else "diffusion_pytorch_model"
-        names += [f"{pickled}.bin", f"{pickled}-*.bin"]
-    return names
-
-
-def tiny_model() -> ModelSource:
-    configs = resources.files("tavcli") / "tiny"
-    digest = hashlib.sha256(f"seed={TINY_SEED}\n".encode())
-    for entry in sorted(_walk(configs), key=str):
-        digest.update(entry.read_bytes())
-    revision = f"tiny-{digest.hexdigest()[:16]}"
-    folder = cache_dir() / "models" / revision
-    if not (folder / "model_index.json").exists():
-        quiet_libraries()
-        with atomic_path(folder) as temp:
-            _build_tiny_model(configs, temp)
-    return ModelSource(name=TINY_MODEL, folder=folder, revision=revision)
-
-
-def _walk(node: Any) -> list[Any]:
-    return [leaf for child in node.iterdir() for leaf in (_walk(child) if child.is_dir() else [child])]
-
-
-def _build_tiny_model(configs: Any, folder: Path) -> None:
-    """Save an SD-shaped model with seeded random weights; deterministic for a given config."""
-
-    def config(name: str) -> dict[str, Any]:
-        return json.loads((configs / name).read_text())
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        UNet2DConditionModel(**config("unet.json")).save_pretrained(folder / "unet")
-        AutoencoderKL(**config("vae.json")).save_pretrained(folder / "vae")
-        CLIPTextModel(CLIPTextConfig(**config("text_encoder.json"))).save_pretrained(folder / "text_encoder")
-    DDIMScheduler(**config("scheduler.json")).save_pretrained(folder / "scheduler")
-    (folder / "tokenizer").mkdir()
-    for file in (configs / "tokenizer").iterdir():
-        shutil.copyfile(str(file), folder / "tokenizer" / file.name)
-    # Written last: its presence marks a complete model.
-    shutil.copyfile(str(configs / "model_index.json"), folder / "model_index.json")
+    pickled = "pytorch_model" if part == "text_encoder" else "diffusion_pytorch_model"
+    kinds = [(safe, "safetensors"), *([(pickled, "bin")] if allow_pickle else [])]
+    infix = f".{variant}" if variant else ""
+    return [f"{stem}{infix}{shard}.{suffix}" for stem, suffix in kinds for shard in ("", "-*")]
 
 
 def load_components(
@@ -200,12 +197,12 @@ def load_components(
     the caller decides (tuning needs float32 master weights).
     """
     quiet_libraries()
-    folder, safe = source.folder, (None if allow_pickle else True)
+    folder, safe, variant = source.folder, (None if allow_pickle else True), variant_of(source)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=safe)
-        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=safe)
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=safe)
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=safe, variant=variant)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=safe, variant=variant)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=safe, variant=variant)
         scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
     except (OSError, ValueError) as error:
         hint = None if allow_pickle else "if it has only pickled (.bin) weights and you trust it, pass --trust-pickle"

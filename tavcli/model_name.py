@@ -1,31 +1,55 @@
-"""The model name a tune records: `BASE[|config=CONFIG][|lora=PATH:SCALE]...`.
+"""The model name a tune records: `BASE[|revision=REV][|variant=V][|config=CONFIG][|lora=PATH:SCALE]...`.
 
-`--model`, `--model-config` and each `--lora` fold into one string, stored in the tune, so that
-`tav edit` loads exactly the model the tune was trained on. This module imports no torch, so batch
-files are checked quickly.
+`--model`, `--revision`, `--variant`, `--model-config` and each `--lora` fold into one string,
+stored in the tune, so that `tav edit` loads exactly the model the tune was trained on (a variant
+chosen when loading is folded in too). This module imports no torch, so batch files are checked
+quickly.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tavcli.errors import TavError
 
-__all__ = ["SINGLE_FILE_SUFFIXES", "ModelSpec", "is_single_file", "model_name", "parse_model_name", "split_lora"]
+__all__ = [
+    "HUB_ID",
+    "NO_VARIANT",
+    "SINGLE_FILE_SUFFIXES",
+    "TINY_MODEL",
+    "ModelSpec",
+    "is_single_file",
+    "model_name",
+    "parse_model_name",
+    "split_lora",
+]
 
 CONFIG_MARK = "|config="
 LORA_MARK = "|lora="
+MARKS = ("revision", "variant", "config")  # `|KEY=VALUE` after the base, in this order, then the LoRAs
 # Single-file checkpoints by suffix; all but .safetensors are pickles (loading one can run code).
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TINY_MODEL = "tiny"  # the built-in offline model (tavcli.tiny_model)
+NO_VARIANT = "none"  # --variant none: the main weights, even for a half-precision run
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     base: str  # hub id, folder, single file or "tiny"
-    config: str | None  # diffusers configs for a single-file checkpoint: hub id, folder or "tiny"
-    loras: tuple[tuple[Path, float], ...]  # fused into the base weights, in order
+    config: str | None = None  # diffusers configs for a single-file checkpoint: hub id, folder or "tiny"
+    loras: tuple[tuple[Path, float], ...] = ()  # fused into the base weights, in order
+    revision: str | None = None  # a hub model's branch, tag or commit
+    variant: str | None = None  # weights variant ("fp16"), NO_VARIANT, or None: decided when loading
+
+    @property
+    def name(self) -> str:
+        """The one string that names this model in tunes and sidecars."""
+        marks = "".join(f"|{key}={getattr(self, key)}" for key in MARKS if getattr(self, key) is not None)
+        return self.base + marks + "".join(f"{LORA_MARK}{path}:{scale}" for path, scale in self.loras)
 
 
 def is_single_file(base: str) -> bool:
@@ -44,35 +68,45 @@ def split_lora(given: str) -> tuple[str, float]:
 
 
 def model_name(
-    base: str, config: str | None = None, loras: Sequence[str] = (), default_config: str | None = None
+    base: str,
+    config: str | None = None,
+    loras: Sequence[str] = (),
+    default_config: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
 ) -> str:
-    """The name that carries `--model-config` and `--lora PATH[:SCALE]` options along with `--model`.
+    """The name that carries `--model-config`, `--lora PATH[:SCALE]`, `--revision` and `--variant` with `--model`.
 
     `config` was asked for (an error for a model that is no single file); `default_config` comes
     from settings and only concerns single files.
     """
-    name = base
     config = config or (default_config if is_single_file(base) else None)
+    if config and not is_single_file(base):
+        raise TavError(
+            f"a model config only applies to single-file checkpoints, and {base!r} is not one",
+            "drop --model-config (or model_config), or point --model at a .safetensors file",
+        )
+    if revision and (not HUB_ID.match(base) or Path(base).expanduser().exists()):
+        raise TavError(f"--revision only applies to hub models, and {base!r} is not one", "drop --revision")
+    if variant and is_single_file(base):
+        raise TavError("--variant applies to diffusers models, not to single-file checkpoints", "drop --variant")
     if config:
-        if not is_single_file(base):
-            raise TavError(
-                f"a model config only applies to single-file checkpoints, and {base!r} is not one",
-                "drop --model-config (or model_config), or point --model at a .safetensors file",
-            )
         folder = Path(config).expanduser()
-        name += CONFIG_MARK + (str(folder.resolve()) if folder.is_dir() else config)
+        config = str(folder.resolve()) if folder.is_dir() else config
+    fused = []
     for given in loras:
         path, scale = split_lora(given)
         file = Path(path).expanduser()
         if not file.exists():
             raise TavError(f"no LoRA at {file}", "--lora takes a .safetensors file or folder, optionally :SCALE")
-        name += f"{LORA_MARK}{file.resolve()}:{scale}"
-    return name
+        fused.append((file.resolve(), scale))
+    return ModelSpec(base, config or None, tuple(fused), revision or None, variant or None).name
 
 
 def parse_model_name(name: str) -> ModelSpec:
-    """The parts of a name made by `model_name`."""
+    """The parts of a name made by `model_name` (or `ModelSpec.name`)."""
     head, *loras = name.split(LORA_MARK)
-    base, _, config = head.partition(CONFIG_MARK)
+    base, *marks = head.split("|")
+    fields = dict(mark.partition("=")[::2] for mark in marks)
     fused = tuple((Path(path), scale) for path, scale in map(split_lora, loras))
-    return ModelSpec(base=base, config=config or None, loras=fused)
+    return ModelSpec(base, fields.get("config"), fused, fields.get("revision"), fields.get("variant"))

@@ -84,16 +84,17 @@ class Option:
         if self.kind is bool:
             return "true or false"
         noun = "an integer" if self.kind is int else "a finite number"
-        return f"{noun} {self.bounds()}".rstrip()
+        bounds = self.bounds()
+        return f"{noun} {'of ' if bounds.startswith('at ') else ''}{bounds}".rstrip()
 
     def bounds(self) -> str:
-        """The numeric range alone: 'from 1 to 999', 'of at least 0', 'above 0' ('' when unbounded)."""
+        """The numeric range alone: 'from 1 to 999', 'at least 0', 'above 0' ('' when unbounded)."""
         low, high = _figure(self.low), _figure(self.high)
         if self.low is not None and self.high is not None:
             return f"above {low} and at most {high}" if self.above else f"from {low} to {high}"
         if self.low is not None:
-            return f"above {low}" if self.above else f"of at least {low}"
-        return "" if self.high is None else f"of at most {high}"
+            return f"above {low}" if self.above else f"at least {low}"
+        return "" if self.high is None else f"at most {high}"
 
     def check(self, value: Any) -> Any:
         """`value` if it is valid for this option; else ValueError('must be ...')."""

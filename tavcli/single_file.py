@@ -19,10 +19,12 @@ from tavcli.config import cache_dir
 from tavcli.errors import TavError, first_line
 from tavcli.hashing import content_sha256, files_sha256
 from tavcli.hub import local_only
-from tavcli.loading import HUB_ID, TINY_MODEL, ModelSource, quiet_libraries, tiny_model
-from tavcli.model_name import model_name
+from tavcli.loading import ModelSource, quiet_libraries
+from tavcli.model_name import HUB_ID, TINY_MODEL, model_name
+from tavcli.tiny_model import tiny_model
 
 __all__ = ["single_file_model"]
+
 
 def single_file_model(file: Path, config: str | None, allow_pickle: bool, note: Callable[[str], None]) -> ModelSource:
     """A single-file (original-format) checkpoint, converted once into a diffusers folder in the cache."""

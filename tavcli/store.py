@@ -1,21 +1,10 @@
 """The project directory: a content-addressed cache of everything `tav` computes for one clip.
 
-Layout (plain folders a person can read; see docs/store.md):
-
-    CLIP.tav/
-      project.json                  store version; which tune and inversion `tav edit` uses now
-      latents/<key>/                the clip's VAE latent distribution (mean, std)
-      embeddings/<key>/             CLIP text embeddings of prompts
-      tunes/<key>/                  the tuned tensors (the delta)
-      inversions/<key>/             the DDIM inversion trajectory
-      edits/<key>/                  an edited clip's final latents
-      <each>/meta.json              what determined it (`spec`), payload hashes, facts
-      checkpoints/<run>/step-N.safetensors   resumable training state of a tune run
-      renders/                      default output folder (videos + JSON sidecars)
-      .locks/                       one lock file per artifact being computed
-
-`key` is a hash of the entry's spec (every input that determines it) and `METHOD_VERSION`. An entry
-is complete once its `meta.json` exists: payloads are written first, each atomically.
+`CLIP.tav/` holds one folder per entry kind (`latents/`, `embeddings/`, `tunes/`, `inversions/`,
+`edits/`), each entry `KIND/KEY/` with its payload and `meta.json`, and `project.json` naming the
+tune and inversion `tav edit` uses now (layout: docs/store.md). `KEY` is a hash of the entry's spec
+(every input that determines it) and `METHOD_VERSION`. An entry is complete once its `meta.json`
+exists: payloads are written first, each atomically. This module imports no torch.
 """
 
 from __future__ import annotations
@@ -40,6 +29,7 @@ from tavcli.payload import load_payload, nonfinite, payload_problems
 
 __all__ = [
     "KINDS",
+    "PARENTS",
     "METHOD_VERSION",
     "STORE_VERSION",
     "TENSORS",
@@ -56,6 +46,7 @@ METHOD_VERSION = 1
 STORE_VERSION = 1
 TENSORS = "tensors.safetensors"
 STATE_FILE = "project.json"
+# The entry kinds, each after the kind it is computed from.
 KINDS = ("latents", "embeddings", "tunes", "inversions", "edits")
 # kind -> (the spec field naming its parent's key, the parent's kind)
 PARENTS = {"tunes": ("latents", "latents"), "inversions": ("tune", "tunes"), "edits": ("inversion", "inversions")}
@@ -291,6 +282,14 @@ class Project:
             return self.find(kind, key).spec
         except TavError:
             return {}
+
+    def pointers(self) -> set[str]:
+        """The keys `project.json` points at (none while it is damaged: the store tools list that)."""
+        try:
+            state = self.state
+        except TavError:
+            return set()
+        return {str(state[name]) for name in ("tune", "inversion") if state.get(name)}
 
     def current_tune(self) -> str:
         """The key of the tune `tav edit` and `tav invert` use now."""

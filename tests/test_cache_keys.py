@@ -87,6 +87,7 @@ CHANGES: dict[str, tuple[Args, Args]] = {
     "--from-sidecar": (lambda p: [], lambda p: ["--from-sidecar"]),
     "--trust-pickle": (lambda p: [], lambda p: ["--trust-pickle"]),
     "--force": (lambda p: [], lambda p: ["--force"]),
+    "--quiet": (lambda p: [], lambda p: ["--quiet"]),
 }
 # Options whose other values cannot run on a 2-core CPU in a test: their keys are checked directly below.
 NOT_RUN_HERE = {"--compile": "compiling takes minutes on a CPU", "--precision": "fp16 and bf16 need a GPU"}
@@ -190,19 +191,19 @@ def test_options_not_run_here_are_in_the_keys(tmp_path: Path) -> None:
     from tavcli.requests import EditSettings
     from tavcli.runtime import Runtime
     from tavcli.store import Project
-    from tavcli.workflow.keys import edit_entry, inversion_entry, tune_spec
+    from tavcli.workflow.keys import edit_spec, inversion_entry, tune_spec
 
     project, cpu = Project(tmp_path), torch.device("cpu")
     plain = Runtime(cpu, "fp32")
-    edit = edit_entry(project, "1" * 16, "a dog", EditSettings(), plain)
+    edit = project.entry("edits", edit_spec("1" * 16, "a dog", EditSettings(), plain))
     assert not {"batch", "compile", "control"} & set(edit.spec)  # absent fields keep earlier stores' keys
     for runtime in (Runtime(cpu, "bf16"), Runtime(cpu, "fp16"), Runtime(cpu, "fp32", compile=True)):
-        assert edit_entry(project, "1" * 16, "a dog", EditSettings(), runtime).key != edit.key
+        assert project.entry("edits", edit_spec("1" * 16, "a dog", EditSettings(), runtime)).key != edit.key
         assert (
             inversion_entry(project, "1" * 16, 2, "", runtime).key
             != inversion_entry(project, "1" * 16, 2, "", plain).key
         )
-    assert edit_entry(project, "1" * 16, "a dog", EditSettings(), plain, batch=2).key != edit.key
+    assert project.entry("edits", edit_spec("1" * 16, "a dog", EditSettings(), plain, batch=2)).key != edit.key
     assert "compile" in tune_spec("1" * 16, "a man", _tune_settings(), "fp32", "joint", compiled=True)
 
 

@@ -7,6 +7,7 @@ keys of everything computed before. This module imports no torch: `tav ls` descr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,10 +23,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CANNY_OF_SOURCE",
+    "DESCRIBERS",
     "control_key",
     "controlnet_identity",
+    "describe",
     "edit_entries",
-    "edit_entry",
+    "edit_spec",
+    "embeddings_entry",
     "inversion_entry",
     "latents_entry",
     "tune_run",
@@ -33,6 +37,12 @@ __all__ = [
 ]
 
 CANNY_OF_SOURCE = "canny of the source clip"  # the maps' source in an edit key when tav computes them
+
+
+def describe(kind: str, spec: dict[str, Any]) -> str:
+    """What an entry is, in a few words (the "what" of `tav ls`), from the spec its key is made of."""
+    describer = DESCRIBERS.get(kind)
+    return describer(spec) if describer else ""
 
 
 def latents_entry(
@@ -49,14 +59,18 @@ def latents_entry(
     return project.entry("latents", spec)
 
 
-def _unless_fp32(precision: str) -> dict[str, str]:
-    """The precision in the keys of latents and inversions, which first recorded none: fp32 keys stay as they were."""
-    return {} if precision == "fp32" else {"precision": precision}
+def _latents_what(spec: dict[str, Any]) -> str:
+    size, selection = spec.get("size", {}), spec.get("selection", {})
+    return f"{selection.get('frames')} frames, {size.get('width')}x{size.get('height')}"
 
 
-def _compiled(compiled: bool) -> dict[str, bool]:
-    """`--compile` in the keys of what the UNet computes: compiled kernels round differently."""
-    return {"compile": True} if compiled else {}
+def embeddings_entry(project: Project, source: ModelSource, prompts: list[str], precision: str) -> Entry:
+    """The store entry of prompts' CLIP text embeddings: per model, prompts and precision."""
+    return project.entry("embeddings", {"model": source.identity, "prompts": prompts, "precision": precision})
+
+
+def _embeddings_what(spec: dict[str, Any]) -> str:
+    return ", ".join(map(repr, spec.get("prompts", [])))
 
 
 def tune_spec(
@@ -75,28 +89,40 @@ def tune_spec(
     }
 
 
+def _tune_what(spec: dict[str, Any]) -> str:
+    return f"{spec.get('prompt')!r}, {spec.get('steps')} steps" + (", imported" if spec.get("imported") else "")
+
+
 def tune_run(spec: dict[str, Any]) -> dict[str, Any]:
     """A tune's spec without its step count: what names the training run its checkpoints belong to."""
     return {k: v for k, v in spec.items() if k != "steps"}
 
 
+def _checkpoints_what(spec: dict[str, Any]) -> str:
+    return f"{spec.get('prompt', '')!r} at steps {', '.join(map(str, spec.get('steps', [])))}"
+
+
 def inversion_entry(project: Project, tune_key: str, steps: int, prompt: str, runtime: Runtime) -> Entry:
+    """The store entry of a tune's DDIM inversion: its steps, prompt, precision and compilation."""
     spec = {"tune": tune_key, "steps": steps, "prompt": prompt, **_unless_fp32(runtime.precision)}
     return project.entry("inversions", {**spec, **_compiled(runtime.compile)})
 
 
-def edit_entry(
-    project: Project,
+def _inversion_what(spec: dict[str, Any]) -> str:
+    return f"{spec.get('steps')} steps" + (f", prompt {spec['prompt']!r}" if spec.get("prompt") else "")
+
+
+def edit_spec(
     inversion_key: str,
     prompt: str,
     settings: EditSettings,
     runtime: Runtime,
     control: dict[str, Any] | None = None,
     batch: int = 1,
-) -> Entry:
-    """An edit's entry. `batch` is how many prompts share its UNet batch: batched matrix products round
-    differently, so a batched edit is another entry (absent for 1, like `control` when uncontrolled,
-    so that keys of earlier edits stay valid)."""
+) -> dict[str, Any]:
+    """Everything that determines an edit. `batch` is how many prompts share its UNet batch: batched
+    matrix products round differently, so a batched edit is another entry (absent for 1, like
+    `control` when uncontrolled, so that keys of earlier edits stay valid)."""
     spec = {"inversion": inversion_key, "prompt": prompt, **asdict(settings), "precision": runtime.precision}
     if control is not None:
         spec["control"] = control
@@ -104,7 +130,16 @@ def edit_entry(
         spec["batch"] = batch
     if settings.eta == 0:
         spec["seed"] = None  # deterministic DDIM draws no noise: the seed determines nothing
-    return project.entry("edits", {**spec, **_compiled(runtime.compile)})
+    return {**spec, **_compiled(runtime.compile)}
+
+
+def _edit_what(spec: dict[str, Any]) -> str:
+    what = f"{spec.get('prompt')!r}, {spec.get('steps')} steps, guidance {spec.get('guidance')}"
+    return (
+        what
+        + (f", batch of {spec['batch']}" if spec.get("batch") else "")
+        + (", controlled" if spec.get("control") else "")
+    )
 
 
 def edit_entries(
@@ -112,7 +147,7 @@ def edit_entries(
 ) -> dict[str, Entry]:
     """Each prompt's edit entry, keyed with the size of the UNet batch it is sampled in."""
     return {
-        prompt: edit_entry(project, inversion_key, prompt, request.settings, runtime, control, len(group))
+        prompt: project.entry("edits", edit_spec(inversion_key, prompt, request.settings, runtime, control, len(group)))
         for group in request.groups
         for prompt in group
     }
@@ -126,8 +161,28 @@ def control_key(control: ControlSpec) -> dict[str, Any]:
 
 def controlnet_identity(name: str) -> str:
     """What identifies a ControlNet in edit keys: a local folder's path and content hash, else the hub id."""
-
     path = Path(name).expanduser()
     if not path.is_dir():
         return name
     return f"{path.resolve()}@sha256-{files_sha256(path, (p for p in path.rglob('*') if p.is_file()))}"
+
+
+def _unless_fp32(precision: str) -> dict[str, str]:
+    """The precision in the keys of latents and inversions, which first recorded none: fp32 keys stay as they were."""
+    return {} if precision == "fp32" else {"precision": precision}
+
+
+def _compiled(compiled: bool) -> dict[str, bool]:
+    """`--compile` in the keys of what the UNet computes: compiled kernels round differently."""
+    return {"compile": True} if compiled else {}
+
+
+# What each kind of entry is, in words: beside the specs above, so `tav ls` and the keys cannot drift.
+DESCRIBERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "latents": _latents_what,
+    "embeddings": _embeddings_what,
+    "tunes": _tune_what,
+    "checkpoints": _checkpoints_what,
+    "inversions": _inversion_what,
+    "edits": _edit_what,
+}

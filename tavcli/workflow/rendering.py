@@ -134,5 +134,5 @@ def source_frames(session: Session, tune_entry: Entry, latents: Entry, clip: dic
 
 
 def slug(text: str, limit: int = 48) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return slug[:limit].rstrip("-") or "edit"
+    name = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return name[:limit].rstrip("-") or "edit"

@@ -14,6 +14,7 @@ from tavcli.progress import Reporter
 from tavcli.runtime import Runtime
 from tavcli.store import Entry, Project
 from tavcli.video_unet import VideoUNet, inflate_unet
+from tavcli.workflow.keys import embeddings_entry
 
 __all__ = ["Artifact", "Session", "prompt_embeddings", "resolve_tune"]
 
@@ -60,7 +61,8 @@ class Session:
     def source(self, name: str) -> ModelSource:
         """Where model `name` is (downloading it if needed), without loading it."""
         if name not in self._sources:
-            self._sources[name] = resolve_model(name, self.allow_pickle, self.reporter.note)
+            half = self.runtime.precision != "fp32"  # fp16 weights, where the model has them
+            self._sources[name] = resolve_model(name, self.allow_pickle, self.reporter.note, half)
         return self._sources[name]
 
     def model(self, name: str) -> Components:
@@ -112,8 +114,7 @@ class Session:
 
 def prompt_embeddings(session: Session, project: Project, source: ModelSource, prompts: list[str]) -> torch.Tensor:
     """CLIP text embeddings of `prompts` (stacked), computed once per model, precision and prompts."""
-    spec = {"model": source.identity, "prompts": prompts, "precision": session.runtime.precision}
-    entry = project.entry("embeddings", spec)
+    entry = embeddings_entry(project, source, prompts, session.runtime.precision)
 
     def compute() -> None:
         components = session.model(source.name)

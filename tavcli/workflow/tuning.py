@@ -13,7 +13,7 @@ from tavcli import __version__
 from tavcli.checkpoints import Checkpoints, load_train_state, train_state_bytes
 from tavcli.hashing import file_sha256
 from tavcli.inputs import require_folder, require_prompt
-from tavcli.loading import ModelSource, weight_files
+from tavcli.loading import ModelSource, variant_of, weight_files
 from tavcli.memory import MemoryEstimate, check_fits, probe_activations, tune_estimate
 from tavcli.options import (
     FrameNorm,
@@ -78,7 +78,8 @@ def tune(session: Session, request: TuneRequest, force: bool = False) -> list[Ar
     if project.state.get("tune") != entry.key:
         project.update_state(tune=entry.key, inversion=None)
     delta_bytes = (entry.path / TENSORS).stat().st_size
-    unet_files = {f for name in weight_files("unet", allow_pickle=True) for f in (source.folder / "unet").glob(name)}
+    loaded = weight_files("unet", allow_pickle=True, variant=variant_of(source))
+    unet_files = {f for name in loaded for f in (source.folder / "unet").glob(name)}
     unet_bytes = sum(f.stat().st_size for f in unet_files)
     details = {"prompt": prompt, "steps": settings.steps, "delta_bytes": delta_bytes, "base_unet_bytes": unet_bytes}
     tuned = Artifact("tune", entry.key, entry.path, cached, time.perf_counter() - started, details)
@@ -252,10 +253,11 @@ def tune_memory(
 def _check_memory(unet: VideoUNet, shape: torch.Size, settings: TuneSettings, runtime: Runtime) -> None:
     """Stop a GPU tune that would run out of memory half-way, naming settings that fit."""
     frames, height, width = shape[2], shape[3] * 8, shape[4] * 8
-    probe = probe_activations(unet)
-    estimate = tune_estimate(unet, probe, frames, height, width, settings.gradient_checkpointing, runtime.precision)
+    activations = probe_activations(unet)
+    checkpointing, precision = settings.gradient_checkpointing, runtime.precision
+    estimate = tune_estimate(unet, activations, frames, height, width, checkpointing, precision)
     free, _ = torch.cuda.mem_get_info(runtime.device)
-    check_fits(estimate, unet, probe, free + torch.cuda.memory_allocated(runtime.device))
+    check_fits(estimate, unet, activations, free + torch.cuda.memory_allocated(runtime.device))
 
 
 def _resume_point(session: Session, checkpoints: Checkpoints, steps: int, force: bool) -> TrainState | None:

@@ -1,0 +1,223 @@
+"""Reading batch files (TOML or JSON Lines) into jobs: every job validated, its paths resolved, before any work.
+
+    [defaults]                 # optional (TOML only): merged under every job
+    model = "tiny"
+
+    [[job]]
+    name = "ski"               # optional; default job-N
+    clip = "skiing.mp4"        # relative to the batch file
+    prompt = "a man is skiing"
+    edits = ["a panda is skiing"]
+    steps = 300
+    edit = { steps = 20, guidance = 7.5 }
+
+The fields and their ranges are `tavcli.batch.schema`'s. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tavcli.batch.schema import validate_job
+from tavcli.config import DEFAULT_MODEL, closest, default_project
+from tavcli.errors import TavError
+from tavcli.inputs import require_regular_file
+from tavcli.model_name import split_lora
+from tavcli.options import check_rate
+from tavcli.requests import control_spec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = ["BatchContext", "Job", "JobProblem", "parse_jobs", "read_jobs"]
+
+NOT_TUNE = ("name", "clip", "prompt", "edits", "invert", "edit")  # a job's fields that are no tune option
+
+
+def _path(value: str, base: Path) -> Path:
+    """A path as the user wrote it: absolute, or relative to the batch file's folder (the current one for stdin)."""
+    return Path(os.path.abspath(base / Path(value).expanduser()))  # `..` folded, links kept
+
+
+def _model_name(value: str, base: Path) -> str:
+    """A hub id, `tiny`, or a local folder (relative to the batch file)."""
+    local = _path(value, base)
+    return str(local) if local.exists() else value
+
+
+def _loras(value: list[str], base: Path) -> tuple[str, ...]:
+    """LoRA files as PATH or PATH:SCALE, relative to the batch file."""
+    return tuple(f"{_path(path, base)}:{scale}" for path, scale in map(split_lora, value))
+
+
+@dataclass(frozen=True)
+class BatchContext:
+    """What every job inherits from the command line and configuration."""
+
+    model: str = DEFAULT_MODEL  # for jobs that name none
+    project_for: Callable[[Path], Path] = default_project  # default project of a clip
+    model_config: str | None = None  # for jobs whose model is a single file and that name no model_config
+    root: Path | None = None  # --root: every write of the batch stays inside it
+
+
+@dataclass(frozen=True)
+class Job:
+    """One validated job: a clip, its prompt, edit prompts, its project, and the options given for each command."""
+
+    name: str
+    where: str  # "job 2" or "line 3": how errors point at it
+    clip: Path
+    prompt: str
+    edits: tuple[str, ...]
+    project: Path  # absolute: the job's `project`, else the clip's default project
+    tune: dict[str, Any]
+    invert: dict[str, Any]
+    edit: dict[str, Any]
+
+    @property
+    def tune_group(self) -> str:
+        """Jobs with equal groups share one tune: they run in the same process, one after another."""
+        return json.dumps([str(self.clip), self.prompt, {k: str(v) for k, v in self.tune.items()}], sort_keys=True)
+
+
+@dataclass(frozen=True)
+class JobProblem:
+    """A job that cannot run, and why (named by job and field)."""
+
+    name: str
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where} ({self.name}): {self.message}"
+
+
+def read_jobs(given: str) -> tuple[str, str, Path, bool]:
+    """(text, source name, folder relative paths start from, is JSON Lines) of `FILE` or `-` (stdin)."""
+    if given == "-":
+        return sys.stdin.read(), "stdin", Path.cwd(), True
+    path = Path(given)
+    if not path.exists() and not path.is_symlink():
+        raise TavError(f"no batch file {path}", "give a .toml or .jsonl file, or - to read JSON Lines from stdin")
+    require_regular_file(
+        path, "batch file", "give a .toml or .jsonl file; to read a pipe, use - (cat jobs.jsonl | tav batch -)"
+    )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise TavError(f"{path} is not UTF-8 text: {error.reason}") from None
+    return text, str(path), path.parent.resolve(), path.suffix.lower() in (".jsonl", ".ndjson", ".json")
+
+
+def parse_jobs(
+    text: str, source: str, base: Path, jsonl: bool, context: BatchContext | None = None
+) -> tuple[list[Job], list[JobProblem]]:
+    """Parse and validate every job; syntax errors raise, per-job problems are returned.
+
+    Paths are the user's choice, absolute or relative to `base`; with `context.root` every path a
+    job writes to (its project, its `edit.out`) must lie inside that folder.
+    """
+    context = context or BatchContext()
+    raw = _read_jsonl(text, source) if jsonl else _read_toml(text, source)
+    jobs: list[Job] = []
+    problems: list[JobProblem] = []
+    seen: set[str] = set()
+    for index, (where, data) in enumerate(raw, start=1):
+        given = data.get("name")
+        name = given if isinstance(given, str) and given else f"job-{index}"
+        try:
+            job = _job(name, where, data, base.absolute(), context)
+            if job.name in seen:
+                raise ValueError(f"the name {job.name!r} is used by an earlier job; names must be unique")
+            seen.add(job.name)
+            jobs.append(job)
+        except (ValueError, TavError) as error:
+            problems.append(JobProblem(name, where, str(error)))
+    if not raw:
+        raise TavError(f"{source} has no jobs", "add [[job]] tables (TOML) or one JSON object per line")
+    return jobs, problems
+
+
+def _read_toml(text: str, source: str) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise TavError(f"{source}: {error}", "fix the TOML syntax") from None
+    unknown = set(data) - {"job", "defaults"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise TavError(f"{source}: unknown table {key!r}{closest(key, ['job', 'defaults'])}", "use [[job]] tables")
+    jobs, defaults = data.get("job", []), data.get("defaults", {})
+    if not isinstance(jobs, list) or not isinstance(defaults, dict):
+        raise TavError(f"{source}: write jobs as [[job]] tables and defaults as one [defaults] table")
+    merged = []
+    for number, job in enumerate(jobs, start=1):
+        if not isinstance(job, dict):
+            raise TavError(f"{source}: job {number} must be a [[job]] table, not {type(job).__name__}")
+        tables = {
+            key: {**defaults[key], **job.get(key, {})}
+            for key in ("invert", "edit")
+            if isinstance(defaults.get(key), dict) and isinstance(job.get(key, {}), dict)
+        }
+        merged.append((f"{source} job {number}", {**defaults, **job, **tables}))
+    return merged
+
+
+def _read_jsonl(text: str, source: str) -> list[tuple[str, dict[str, Any]]]:
+    jobs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise TavError(
+                f"{source} line {number}, column {error.colno}: {error.msg}", "one JSON object per line"
+            ) from None
+        if not isinstance(data, dict):
+            raise TavError(f"{source} line {number}: a job must be a JSON object, not {type(data).__name__}")
+        jobs.append((f"{source} line {number}", data))
+    return jobs
+
+
+def _job(name: str, where: str, data: dict[str, Any], base: Path, context: BatchContext) -> Job:
+    """A job from its fields: checked by the schema, then its paths resolved and its writes confined."""
+    fields = validate_job(data)
+    clip = _path(fields["clip"], base)
+    tune = {key: value for key, value in fields.items() if key not in NOT_TUNE}
+    for key in ("model", "model_config"):
+        if key in tune:
+            tune[key] = _model_name(tune[key], base)
+    if "lora" in tune:
+        tune["lora"] = _loras(tune["lora"], base)
+    edit = dict(fields.get("edit", {}))
+    for key in ("out", "control_video"):
+        if key in edit:
+            edit[key] = _path(edit[key], base)
+    if "control_model" in edit:
+        edit["control_model"] = _model_name(edit["control_model"], base)
+    project = Path(
+        os.path.abspath(_path(tune.pop("project"), base) if "project" in tune else context.project_for(clip))
+    )
+    _confine("project", project, context.root)
+    _confine("edit.out", edit.get("out"), context.root)
+    check_rate(edit.get("format", "mp4"), edit.get("fps"))
+    control_spec(
+        edit.get("control"), edit.get("control_model"), edit.get("control_video"), edit.get("control_scale", 1.0)
+    )
+    edits = tuple(fields.get("edits", ()))
+    return Job(name, where, clip, fields["prompt"], edits, project, tune, fields.get("invert", {}), edit)
+
+
+def _confine(field: str, path: Path | None, root: Path | None) -> None:
+    """With --root, a path a job writes to must lie inside it (links resolved)."""
+    if root is not None and path is not None and not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"field {field!r} writes to {path}, outside --root {root}")

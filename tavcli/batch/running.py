@@ -1,0 +1,195 @@
+"""Running batch jobs: this process's share of them, in model order, each as `tav tune/invert/edit` runs it.
+
+Jobs become the same requests the command line makes (`tavcli.requests`) and go through the same
+workflow; `plan_jobs` computes the same keys without computing anything. Torch is imported only
+when work starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from tavcli.batch.jobs import BatchContext, Job, JobProblem
+from tavcli.errors import TavError
+from tavcli.model_name import model_name
+from tavcli.options import EDIT, INVERT, TUNE
+from tavcli.progress import Reporter
+from tavcli.requests import EditRequest, EditSettings, TuneRequest, TuneSettings, control_spec, frame_size
+from tavcli.video import FrameSelection
+
+__all__ = ["assign", "failure_record", "plan_jobs", "process_slot", "run_jobs"]
+
+
+def process_slot(device: str) -> tuple[int, int, str]:
+    """(index, count, device) of this process: under `accelerate launch`, one device per process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, device
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+    chosen = device if device not in ("auto", "cuda") or state.device.type != "cuda" else str(state.device)
+    return state.process_index, state.num_processes, "cpu" if state.device.type == "cpu" else chosen
+
+
+def assign(jobs: list[Job], process: int, processes: int) -> list[Job]:
+    """This process's share of the jobs: whole tune groups, balanced by edit count, the same on every process."""
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.tune_group, []).append(job)
+    loads = [0] * processes
+    owner: dict[str, int] = {}
+    for group, members in sorted(groups.items(), key=lambda item: -sum(1 + len(j.edits) for j in item[1])):
+        owner[group] = loads.index(min(loads))
+        loads[owner[group]] += sum(1 + len(job.edits) for job in members)
+    return [job for job in jobs if owner[job.tune_group] == process]
+
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+def run_jobs(session: Any, jobs: list[Job], context: BatchContext, keep_going: bool, emit: Emit) -> bool:
+    """Run `jobs` in order, one base-model load per model; emit a record per artifact or failed job.
+
+    Returns whether every job succeeded. Without `keep_going` the first failure stops the rest.
+    """
+    import time
+
+    ordered = sorted(jobs, key=lambda job: _model(job, context))  # stable: same-model jobs stay in file order
+    ok = True
+    for index, job in enumerate(ordered):
+        started = time.perf_counter()
+        stage = ["tune"]  # the step under way, named in a failure record
+        try:
+            for artifact in _job_artifacts(session, job, context, stage):
+                emit({"job": job.name, **artifact.record(), "error": None})
+        except (TavError, OSError) as error:
+            if getattr(error, "exit_code", 1) == 130:
+                raise  # interrupted: stop everything, the tune is saved
+            message = error.message if isinstance(error, TavError) else str(error)
+            emit(_failure(job.name, stage[0], message, time.perf_counter() - started))
+            ok = False
+            if not keep_going:
+                return False
+        following = ordered[index + 1] if index + 1 < len(ordered) else None
+        if following is None or _model(following, context) != _model(job, context):
+            session.release(_model(job, context))  # no later job needs it: free the memory
+    return ok
+
+
+def failure_record(problem: JobProblem) -> dict[str, Any]:
+    return _failure(problem.name, "job", str(problem), 0.0)
+
+
+def _failure(name: str, kind: str, message: str, seconds: float) -> dict[str, Any]:
+    return {
+        "job": name,
+        "kind": kind,
+        "path": None,
+        "key": None,
+        "cached": False,
+        "seconds": round(seconds, 3),
+        "error": message,
+    }
+
+
+def _model(job: Job, context: BatchContext) -> str:
+    """The job's model name, with its model config, LoRAs, revision and variant (as `tav tune` builds it)."""
+    options = job.tune
+    base, loras = str(options.get("model", context.model)), list(options.get("lora", ()))
+    config, revision, variant = options.get("model_config"), options.get("revision"), options.get("variant")
+    return model_name(base, config, loras, context.model_config, revision, variant)
+
+
+def _tune_request(job: Job, context: BatchContext, reporter: Reporter) -> TuneRequest:
+    """The job's tune as `tav tune` would make it from the same options."""
+    options = {name: job.tune.get(name, option.default) for name, option in TUNE.items()}
+    return TuneRequest(
+        job.clip,
+        job.prompt,
+        job.project,
+        _model(job, context),
+        FrameSelection(options["frames"], options["stride"], options["start"]),
+        frame_size(options["width"], options["height"], options["resize"], reporter),
+        TuneSettings(
+            options["steps"],
+            options["lr"],
+            options["seed"],
+            job.tune.get("gradient_checkpointing", False),
+            options["checkpoint_every"],
+        ),
+        options["frame_norm"],
+    )
+
+
+def _edit_request(job: Job, tune_key: str) -> EditRequest:
+    """The job's edits as `tav edit` would make them, of the job's tune and its inversion."""
+    edit = {name: job.edit.get(name, option.default) for name, option in EDIT.items()}
+    settings = EditSettings(edit["steps"], edit["guidance"], edit["negative"], edit["seed"], edit["eta"])
+    return EditRequest(
+        job.project,
+        list(job.edits),
+        settings,
+        job.edit.get("out"),
+        edit["format"],
+        edit["fps"],
+        edit["batch_size"],
+        control_spec(
+            job.edit.get("control"), job.edit.get("control_model"), job.edit.get("control_video"), edit["control_scale"]
+        ),
+        tune_key,
+        *_inversion(job),
+    )
+
+
+def _inversion(job: Job) -> tuple[int, str]:
+    """The job's inversion steps (default: its sampling steps) and prompt."""
+    steps = job.invert.get("steps", job.edit.get("steps", EDIT["steps"].default))
+    return steps, job.invert.get("prompt", INVERT["prompt"].default)
+
+
+def _job_artifacts(session: Any, job: Job, context: BatchContext, stage: list[str]) -> Any:
+    """The job's artifacts as its tune, inversion and edits finish; `stage[0]` names the step under way."""
+    from tavcli import workflow
+
+    force = bool(job.tune.get("force", False))
+    tuned = workflow.tune(session, _tune_request(job, context, session.reporter), force)
+    yield from tuned
+    if not job.edits and not job.invert:
+        return
+    stage[0] = "invert"
+    yield workflow.invert(session, job.project, *_inversion(job), force, tune_key=tuned[-1].key)
+    if job.edits:
+        stage[0] = "edit"
+        yield from workflow.edit(session, _edit_request(job, tuned[-1].key), force)
+
+
+def plan_jobs(session: Any, jobs: list[Job], context: BatchContext) -> list[dict[str, Any]]:
+    """What running `jobs` would reuse and what it would compute, without computing anything."""
+    from tavcli import workflow
+
+    rows = []
+    for job in jobs:
+        force = bool(job.tune.get("force", False))
+        plan = workflow.tune_plan(session, _tune_request(job, context, session.reporter), force, memory=False)
+        steps = [("latents", plan["latents"]), ("tune", plan["tune"])]
+        if job.edits or job.invert:
+            project = session.project(job.project)
+            inversion = workflow.inversion_entry(project, plan["tune"]["key"], *_inversion(job), session.runtime)
+            steps.append(("inversion", _planned(inversion, force)))
+        if job.edits:
+            request = _edit_request(job, plan["tune"]["key"])
+            control = None if request.control is None else workflow.control_key(request.control)
+            entries = workflow.edit_entries(project, inversion.key, request, session.runtime, control)
+            steps += [("edit", {**_planned(entry, force), "prompt": text}) for text, entry in entries.items()]
+        for kind, step in steps:
+            extra = {k: v for k, v in step.items() if k in ("prompt", "resume_from") and not step["cached"]}
+            row = {"job": job.name, "kind": kind, "key": step["key"], "path": step["path"], "cached": step["cached"]}
+            rows.append({**row, "action": "reuse" if step["cached"] else "compute", **extra})
+    return rows
+
+
+def _planned(entry: Any, force: bool) -> dict[str, Any]:
+    return {"key": entry.key, "path": str(entry.path), "cached": entry.complete and not force}

@@ -1,0 +1,131 @@
+"""`tav batch`: many tune/invert/edit jobs from a TOML or JSON Lines file (the work is `tavcli.batch`'s)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.markup import escape
+
+from tavcli.cli import output, setup
+from tavcli.cli.options import AllowPickleOpt, DeviceOpt, ModelConfigOpt, ModelOpt, PrecisionOpt, QuietOpt
+from tavcli.config import Setting
+from tavcli.errors import TavError
+
+__all__ = ["batch"]
+
+
+def _print_schema(value: bool) -> None:
+    if value:
+        from tavcli.batch import job_file_schema
+
+        output.print_record(job_file_schema())
+        raise typer.Exit()
+
+
+def batch(
+    jobs_file: Annotated[
+        str, typer.Argument(metavar="FILE", help="Jobs: a .toml file, a .jsonl file, or - for JSON Lines on stdin.")
+    ],
+    keep_going: Annotated[
+        bool, typer.Option("--keep-going", "-k", help="Run the valid jobs when some are invalid or fail.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what is cached and what would run; compute nothing.")
+    ] = False,
+    root: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--root",
+            metavar="PATH",
+            help="Confine every write of the batch (projects, outputs) to this folder: for job files you did "
+            "not write yourself.",
+            show_default=False,
+        ),
+    ] = None,
+    schema: Annotated[
+        bool,
+        typer.Option(
+            "--schema",
+            help="Print the JSON Schema of job files (for editors and CI) and exit.",
+            callback=_print_schema,
+            is_eager=True,
+            expose_value=False,
+        ),
+    ] = False,
+    model: ModelOpt = None,
+    model_config: ModelConfigOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run many tune/invert/edit jobs from a TOML file ([[job]] tables) or JSON Lines.
+
+    Every job is checked before any work starts. Work shared by jobs (one clip tuned once, one model
+    loaded once) is done once. stdout gets one JSON object per artifact or failed job; the exit
+    status is 0 only if every job succeeded. Under `accelerate launch` the jobs are split across
+    the processes, one device each. See docs/batch.md.
+
+    Examples:
+
+      tav batch jobs.toml
+
+      cat jobs.jsonl | tav batch - --root ./out
+
+      tav batch --schema > tav-jobs.schema.json
+    """
+    from tavcli.batch import BatchContext, assign, failure_record, parse_jobs, process_slot, read_jobs
+
+    chosen = setup.settings(None, model=model, model_config=model_config, device=device, precision=precision)
+    context = BatchContext(
+        model=chosen["model"].value or "",
+        model_config=chosen["model_config"].value,
+        project_for=setup.project_for_clip(None, chosen),
+        root=root,
+    )
+    jobs, problems = parse_jobs(*read_jobs(jobs_file), context)
+    for problem in problems:
+        output.show(f"[bold red]invalid job:[/bold red] {escape(str(problem))}")
+    if problems and not keep_going:
+        raise TavError(
+            f"{len(problems)} of {len(jobs) + len(problems)} jobs are invalid; nothing was run",
+            "fix them, or pass --keep-going to run the valid ones",
+        )
+    process, processes, chosen_device = process_slot(chosen["device"].value or "auto")
+    chosen["device"] = Setting(chosen_device, chosen["device"].source)
+    session = setup.session(chosen, allow_pickle)
+    mine = assign(jobs, process, processes)
+    if processes > 1:
+        output.show(
+            f"[dim]process {process + 1} of {processes} on {chosen_device}: {len(mine)} of {len(jobs)} jobs[/dim]"
+        )
+    if process == 0:
+        for problem in problems:
+            output.print_record(failure_record(problem))
+    from tavcli.batch import plan_jobs, run_jobs
+
+    if dry_run:
+        rows = plan_jobs(session, mine, context)
+        for row in rows:
+            output.print_record(row)
+        _show_plan(rows)
+        return
+    if not run_jobs(session, mine, context, keep_going, output.print_record) or problems:
+        raise typer.Exit(1)
+
+
+def _show_plan(rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title="plan", title_justify="left")
+    for column in ("job", "step", "key", "action"):
+        table.add_column(column)
+    for row in rows:
+        action = "[green]reuse[/green]" if row["cached"] else "[yellow]compute[/yellow]"
+        if row.get("resume_from"):
+            action += f" from step {row['resume_from']}"
+        step = row["kind"] + (f": {escape(row['prompt'])}" if row.get("prompt") else "")
+        table.add_row(escape(row["job"]), step, row["key"], action)
+    output.show(table)

@@ -1,0 +1,262 @@
+"""`tav invert`, `tav edit` and `tav eval`: commands that render a tuned clip and score the outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from tavcli.cli import output, setup
+from tavcli.cli.options import (
+    CONTROL,
+    DEFAULT_CLIP_MODEL,
+    OUTPUT,
+    RUN,
+    SAMPLING,
+    AllowPickleOpt,
+    ClipModelOpt,
+    CompileOpt,
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    PrecisionOpt,
+    ProjectOpt,
+    QuietOpt,
+    declared,
+)
+from tavcli.errors import TavError
+from tavcli.options import EDIT, INVERT, OutputFormat
+
+__all__ = ["edit", "evaluate_outputs", "invert"]
+
+
+def invert(
+    project: ProjectOpt = None,
+    steps: Annotated[int, declared(INVERT["steps"])] = INVERT["steps"].default,
+    prompt: Annotated[str, declared(INVERT["prompt"], metavar="PROMPT")] = INVERT["prompt"].default,
+    compile_unet: CompileOpt = False,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """DDIM-invert the tuned clip into the noise that edits start from.
+
+    `tav edit` runs this itself when the project has no inversion yet; run it to choose the steps
+    or the inversion prompt. The new inversion becomes the one `tav edit` uses.
+
+    Examples:
+
+      tav invert -p skiing.tav --steps 50
+
+      tav invert -p skiing.tav --prompt "a man is skiing"
+    """
+    project_dir = setup.existing_project(project)
+    chosen = setup.settings(project_dir, device=device, precision=precision)
+    session = setup.session(chosen, allow_pickle, compile_unet)
+    from tavcli.workflow.editing import invert as run_invert
+
+    output.report([run_invert(session, project_dir, steps=steps, prompt=prompt, force=force)])
+
+
+def edit(
+    prompts: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="One or more edited descriptions; one clip each.", metavar="PROMPT", show_default=False),
+    ] = None,
+    project: ProjectOpt = None,
+    steps: Annotated[int, declared(EDIT["steps"], SAMPLING)] = EDIT["steps"].default,
+    guidance: Annotated[float, declared(EDIT["guidance"], SAMPLING)] = EDIT["guidance"].default,
+    negative: Annotated[str, declared(EDIT["negative"], SAMPLING, metavar="PROMPT")] = EDIT["negative"].default,
+    seed: Annotated[int, declared(EDIT["seed"], SAMPLING)] = EDIT["seed"].default,
+    eta: Annotated[float, declared(EDIT["eta"], SAMPLING)] = EDIT["eta"].default,
+    fmt: Annotated[OutputFormat, declared(EDIT["format"], OUTPUT, short="-f")] = EDIT["format"].default,
+    fps: Annotated[Optional[float], declared(EDIT["fps"], OUTPUT)] = EDIT["fps"].default,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out",
+            "-o",
+            metavar="PATH",
+            help="Output folder [default: PROJECT/renders].",
+            rich_help_panel=OUTPUT,
+            show_default=False,
+        ),
+    ] = None,
+    batch_size: Annotated[int, declared(EDIT["batch_size"], RUN)] = EDIT["batch_size"].default,
+    compile_unet: CompileOpt = False,
+    control: Annotated[
+        Optional[str],
+        typer.Option(
+            metavar="KIND",
+            help="Condition each frame with a ControlNet: canny, depth, pose, seg, scribble, normal, lineart...",
+            rich_help_panel=CONTROL,
+            show_default=False,
+        ),
+    ] = None,
+    control_model: Annotated[
+        Optional[str],
+        typer.Option(
+            metavar="MODEL",
+            help="The ControlNet: hub id or local folder (needed with --control).",
+            rich_help_panel=CONTROL,
+        ),
+    ] = None,
+    control_video: Annotated[
+        Optional[Path],
+        typer.Option(
+            metavar="PATH",
+            help="A clip of condition maps (e.g. a pose sequence), sampled like the source [canny: computed from it].",
+            rich_help_panel=CONTROL,
+            show_default=False,
+        ),
+    ] = None,
+    control_scale: Annotated[float, declared(EDIT["control_scale"], CONTROL)] = EDIT["control_scale"].default,
+    grid: Annotated[
+        bool,
+        typer.Option(
+            "--grid",
+            help="Also write source | edits side by side (mp4, GIF) and a PNG contact sheet.",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = False,
+    evaluate: Annotated[
+        bool,
+        typer.Option(
+            "--eval", help="Score each output with CLIP as it renders (see tav eval).", rich_help_panel=OUTPUT
+        ),
+    ] = False,
+    clip_model: ClipModelOpt = DEFAULT_CLIP_MODEL,
+    from_sidecar: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--from-sidecar",
+            metavar="PATH",
+            help="Render an output again from its JSON sidecar (its project, tune and settings).",
+            show_default=False,
+        ),
+    ] = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Render the tuned clip with new prompts, one output (and a JSON sidecar) per prompt.
+
+    Starts from the project's DDIM inversion, inverting first with --steps if there is none.
+    Outputs are named PROMPT-KEY.mp4 (with the rate when --fps differs from the source's); a
+    rerun reuses every output whose edit, format and rate are unchanged.
+
+    Examples:
+
+      tav edit -p skiing.tav "a panda is skiing" "a man is skiing at sunset"
+
+      tav edit -p skiing.tav "a panda is skiing" --format gif --fps 8 --guidance 7.5
+
+      tav edit --from-sidecar skiing.tav/renders/a-panda-is-skiing-0be3c4a3.mp4.json
+    """
+    if from_sidecar is not None:
+        if prompts:
+            raise TavError("give prompts or --from-sidecar, not both")
+        from tavcli.sidecar import recorded_edit
+
+        recorded = recorded_edit(from_sidecar, out)  # checked before anything heavy loads
+        session = setup.session(setup.settings(None, device=device, precision=precision), allow_pickle, compile_unet)
+        from tavcli.workflow.editing import edit_from_sidecar
+
+        output.report(edit_from_sidecar(session, recorded, force))
+        return
+    from tavcli.requests import EditRequest, EditSettings, control_spec
+
+    request = EditRequest(
+        setup.existing_project(project),
+        prompts or [],
+        EditSettings(steps, guidance, negative, seed, eta),
+        out,
+        fmt,
+        fps,
+        batch_size,
+        control_spec(control, control_model, control_video, control_scale),
+    )
+    chosen = setup.settings(request.project, device=device, precision=precision)
+    session = setup.session(chosen, allow_pickle, compile_unet)
+    from tavcli.workflow.editing import edit as run_edit
+
+    artifacts = run_edit(session, request, force)
+    if evaluate:
+        from tavcli.metrics import ClipScorer, evaluate_output
+
+        scorer = ClipScorer(clip_model, session.runtime.device)
+        for artifact in artifacts:
+            scores = evaluate_output(scorer, artifact.path)
+            artifact.details["scores"] = {k: v for k, v in scores.items() if k not in ("path", "prompt")}
+    if grid:
+        from tavcli.workflow.rendering import render_grid
+
+        artifacts.append(render_grid(session, request.project, artifacts, fps))
+    output.report(artifacts)
+
+
+def evaluate_outputs(
+    outputs: Annotated[
+        list[Path],
+        typer.Argument(help="Rendered outputs: mp4/gif files or frames folders.", metavar="OUTPUT", show_default=False),
+    ],
+    prompt: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Prompt to score against [default: each output's sidecar prompt].",
+            metavar="PROMPT",
+            show_default=False,
+        ),
+    ] = None,
+    clip_model: ClipModelOpt = DEFAULT_CLIP_MODEL,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score outputs with CLIP: frame consistency and text faithfulness (the paper's metrics).
+
+    Frame consistency is the mean cosine similarity of the CLIP image embeddings of all pairs of
+    frames; text faithfulness the mean cosine similarity of each frame with the prompt. The scores
+    are also written into each output's sidecar.
+
+    Example: tav eval tav-demo.tav/renders/*.mp4 --clip-model ./clip-vit-large-patch14
+    """
+    from tavcli.inputs import require_regular_file
+
+    for path in outputs:
+        if not path.is_dir():
+            require_regular_file(path, "video file")
+    from tavcli.metrics import ClipScorer, evaluate_output
+    from tavcli.runtime import resolve_runtime
+
+    chosen = setup.settings(None, device=device)
+    scorer = ClipScorer(clip_model, resolve_runtime(chosen["device"].value or "auto").device)
+    results = []
+    with output.progress("scoring", len(outputs)) as advance:
+        for path in outputs:
+            results.append(evaluate_output(scorer, path, prompt))
+            advance()
+    if output.records_wanted(as_json):
+        for result in results:
+            output.print_record(result)
+    from rich import box
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"CLIP: {escape(clip_model)}", title_justify="left")
+    for column in ("output", "prompt", "frames", "consistency", "faithfulness"):
+        table.add_column(column, justify="right" if column in ("frames", "consistency", "faithfulness") else "left")
+    for result in results:
+        table.add_row(
+            escape(Path(str(result["path"])).name),
+            escape(str(result["prompt"])),
+            str(result["frames"]),
+            f"{result['frame_consistency']:.4f}",
+            f"{result['text_faithfulness']:.4f}",
+        )
+    output.show(table)

@@ -1,0 +1,199 @@
+"""The command line's options, each declared once and shared by the commands that take it.
+
+Numbers and choices come from their declarations in `tavcli.options` (type, range, default, help),
+so the command line, batch files and sidecars check them alike; this module only gives them their
+flags, metavars and help panels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from tavcli.cli.output import set_quiet
+from tavcli.config import DEFAULT_CLIP_MODEL
+from tavcli.options import TUNE, Option, Precision
+
+__all__ = [
+    "AllowPickleOpt",
+    "ClipModelOpt",
+    "ClipProjectOpt",
+    "CompileOpt",
+    "DEFAULT_CLIP_MODEL",
+    "DeviceOpt",
+    "DryRunOpt",
+    "ForceOpt",
+    "FramesOpt",
+    "HeightOpt",
+    "JsonOpt",
+    "ModelConfigOpt",
+    "ModelOpt",
+    "PrecisionOpt",
+    "ProjectOpt",
+    "QuietOpt",
+    "RevisionOpt",
+    "StartOpt",
+    "StrideOpt",
+    "VariantOpt",
+    "WidthOpt",
+    "YesOpt",
+    "declared",
+]
+
+# Help panels.
+RUN = "Hardware"
+MODEL = "Model"
+STORE = "Store"
+FRAMES = "Frames"
+TRAINING = "Training"
+SAMPLING = "Sampling"
+OUTPUT = "Output"
+CONTROL = "Control"
+
+
+def declared(
+    option: Option, panel: str | None = None, *, short: str | None = None, help: str | None = None, metavar: str = ""
+) -> Any:
+    """A typer option from its declaration: numbers are parsed and range-checked as the command line is read."""
+    numeric = option.kind in (int, float)
+    text = (help or option.help) + (f" [{option.bounds()}]" if numeric and option.bounds() else "")
+    if option.allowed:
+        metavar = metavar or "|".join(option.allowed)
+    return typer.Option(
+        option.flag,
+        *([short] if short else []),
+        parser=option.parse if numeric else None,
+        metavar=metavar or option.metavar,
+        help=text,
+        rich_help_panel=panel,
+    )
+
+
+QuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet",
+        "-q",
+        help="No progress, notes or tables on stderr (errors still show).",
+        callback=set_quiet,
+        expose_value=False,
+    ),
+]
+ProjectOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--project",
+        "-p",
+        metavar="PATH",
+        help="Project directory [default: $TAV_PROJECT, else the only *.tav here].",
+        show_default=False,
+    ),
+]
+ClipProjectOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--project",
+        "-p",
+        metavar="PATH",
+        help="Project directory [default: $TAV_PROJECT, else CLIP.tav in project_root or beside the clip].",
+        show_default=False,
+    ),
+]
+DeviceOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps [default: config, else auto].", rich_help_panel=RUN
+    ),
+]
+PrecisionOpt = Annotated[
+    Optional[Precision],
+    typer.Option(
+        metavar="auto|fp32|fp16|bf16",
+        help="auto = fp16 on CUDA (mixed precision), fp32 on CPU [default: config, else auto].",
+        rich_help_panel=RUN,
+    ),
+]
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model",
+        "-m",
+        metavar="MODEL",
+        help="Hub id, local diffusers folder, single-file checkpoint (.safetensors; .ckpt with --trust-pickle), "
+        "or 'tiny' (built-in, offline) "
+        "[default: $TAV_MODEL, tav.toml, config.toml, else CompVis/stable-diffusion-v1-4].",
+        rich_help_panel=MODEL,
+        show_default=False,
+    ),
+]
+ModelConfigOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model-config",
+        metavar="MODEL",
+        help="For a single-file --model: the diffusers model it was fine-tuned from (hub id or local folder; "
+        "'tiny' for tiny checkpoints), whose configs it is read with [default: $TAV_MODEL_CONFIG, tav.toml, "
+        "config.toml, else diffusers picks one by the checkpoint's architecture, online].",
+        rich_help_panel=MODEL,
+        show_default=False,
+    ),
+]
+RevisionOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--revision",
+        metavar="REV",
+        help="For a hub --model: the branch, tag or commit to use [default: main].",
+        rich_help_panel=MODEL,
+        show_default=False,
+    ),
+]
+VariantOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--variant",
+        metavar="VARIANT",
+        help="Weights variant to load, e.g. fp16 (files *.fp16.safetensors); 'none' for the main weights "
+        "[default: fp16 for a half-precision run when the model has it, else none].",
+        rich_help_panel=MODEL,
+        show_default=False,
+    ),
+]
+AllowPickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        "--allow-pickle",
+        help="Also load pickled (.bin/.ckpt/.pt) weights, with torch's weights_only loader. Only for models you trust.",
+        rich_help_panel=MODEL,
+    ),
+]
+CompileOpt = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="torch.compile the UNet (GPU; slow to start; rounds differently, so cached apart).",
+        rich_help_panel=RUN,
+    ),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute even if the project has the result.")]
+ClipModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--clip-model", metavar="MODEL", help="CLIP model for scoring: hub id or local folder.", rich_help_panel=OUTPUT
+    ),
+]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="JSON Lines on stdout (the default when stdout is not a terminal).")
+]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show the plan and change nothing.")]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do it without asking.")]
+
+# The frame options of `tav tune`, also taken by `tav import` (as overrides of the reference's run).
+FramesOpt = Annotated[int, declared(TUNE["frames"], FRAMES)]
+StrideOpt = Annotated[int, declared(TUNE["stride"], FRAMES)]
+StartOpt = Annotated[int, declared(TUNE["start"], FRAMES)]
+WidthOpt = Annotated[int, declared(TUNE["width"], FRAMES)]
+HeightOpt = Annotated[int, declared(TUNE["height"], FRAMES)]

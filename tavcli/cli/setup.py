@@ -1,0 +1,76 @@
+"""What every command sets up from its options: settings, the model's name, the session, the project.
+
+Nothing here imports torch until a session is made, so the commands check their inputs first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tavcli.config import Setting, default_project, find_project, project_from, resolve_settings
+from tavcli.errors import TavError
+
+if TYPE_CHECKING:
+    from tavcli.store import Project
+    from tavcli.workflow.session import Session
+
+__all__ = ["existing_project", "model_for", "open_store", "project_for_clip", "session", "settings"]
+
+
+def settings(project: Path | None, **flags: str | None) -> dict[str, Setting]:
+    """The effective model, device, precision and project root: flags over the configuration."""
+    return resolve_settings(flags, project)
+
+
+def model_for(
+    chosen: dict[str, Setting], loras: Sequence[str] = (), revision: str | None = None, variant: str | None = None
+) -> str:
+    """The model a command tunes: --model with --model-config, --lora, --revision and --variant folded in."""
+    from tavcli.model_name import model_name
+
+    base, config = chosen["model"].value or "", chosen["model_config"]
+    if config.source == "flag":
+        return model_name(base, config.value, loras, revision=revision, variant=variant)
+    return model_name(base, loras=loras, default_config=config.value, revision=revision, variant=variant)
+
+
+def session(chosen: dict[str, Setting], allow_pickle: bool, compile_unet: bool = False) -> Session:
+    """Where the work runs and which models are loaded: the first thing that imports torch."""
+    from tavcli.cli.output import RichReporter
+    from tavcli.runtime import resolve_runtime
+    from tavcli.workflow.session import Session
+
+    device, precision = chosen["device"].value or "auto", chosen["precision"].value or "auto"
+    runtime = resolve_runtime(device, precision, compile=compile_unet)
+    return Session(runtime, RichReporter(), allow_pickle)
+
+
+def project_for_clip(flag: Path | None, chosen: dict[str, Setting]) -> Callable[[Path], Path]:
+    """Where a clip's project is: --project, $TAV_PROJECT, PROJECT_ROOT/CLIP.tav (config), else beside the clip."""
+    named = project_from(flag)
+    root = chosen["project_root"].value
+    if named is not None:
+        return lambda clip: Path(named.value or "")
+    if root:
+        return lambda clip: Path(root).expanduser() / default_project(clip).name
+    return default_project
+
+
+def existing_project(flag: Path | None) -> Path:
+    """--project, $TAV_PROJECT, else the only `*.tav` folder here."""
+    named = project_from(flag)
+    return find_project(Path(named.value or "") if named else None)
+
+
+def open_store(flag: Path | None) -> Project:
+    """The project the store commands look after (refused if missing or written by a newer tav)."""
+    from tavcli.store import Project
+
+    root = existing_project(flag)
+    if not root.is_dir():
+        raise TavError(f"no project at {root}", "`tav tune CLIP PROMPT` creates one")
+    store = Project(root)
+    store.check_version()
+    return store

@@ -1,0 +1,243 @@
+"""`tav tune`, `tav import` and `tav demo`: commands that make a project's tune."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tavcli.cli import output, setup
+from tavcli.cli.options import (
+    FRAMES,
+    MODEL,
+    RUN,
+    STORE,
+    TRAINING,
+    AllowPickleOpt,
+    ClipProjectOpt,
+    CompileOpt,
+    DeviceOpt,
+    ForceOpt,
+    FramesOpt,
+    HeightOpt,
+    ModelConfigOpt,
+    ModelOpt,
+    PrecisionOpt,
+    QuietOpt,
+    RevisionOpt,
+    StartOpt,
+    StrideOpt,
+    VariantOpt,
+    WidthOpt,
+    declared,
+)
+from tavcli.errors import TavError
+from tavcli.options import TUNE, FrameNorm, ResizeMode
+
+__all__ = ["demo", "import_reference", "tune"]
+
+
+def tune(
+    video: Annotated[
+        Path, typer.Argument(help="The clip: mp4, mov, webm, mkv or gif.", metavar="VIDEO", show_default=False)
+    ],
+    prompt: Annotated[
+        str, typer.Argument(help='What the clip shows, e.g. "a man is skiing".', metavar="PROMPT", show_default=False)
+    ],
+    project: ClipProjectOpt = None,
+    model: ModelOpt = None,
+    model_config: ModelConfigOpt = None,
+    revision: RevisionOpt = None,
+    variant: VariantOpt = None,
+    lora: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="Fuse a LoRA (.safetensors file or folder) into the base model first: PATH or PATH:SCALE; repeatable.",
+            metavar="PATH[:SCALE]",
+            rich_help_panel=MODEL,
+            show_default=False,
+        ),
+    ] = None,
+    frames: FramesOpt = TUNE["frames"].default,
+    stride: StrideOpt = TUNE["stride"].default,
+    start: StartOpt = TUNE["start"].default,
+    width: WidthOpt = TUNE["width"].default,
+    height: HeightOpt = TUNE["height"].default,
+    resize: Annotated[ResizeMode, declared(TUNE["resize"], FRAMES)] = TUNE["resize"].default,
+    steps: Annotated[int, declared(TUNE["steps"], TRAINING)] = TUNE["steps"].default,
+    lr: Annotated[float, declared(TUNE["lr"], TRAINING)] = TUNE["lr"].default,
+    seed: Annotated[int, declared(TUNE["seed"], TRAINING)] = TUNE["seed"].default,
+    frame_norm: Annotated[FrameNorm, declared(TUNE["frame_norm"], MODEL)] = TUNE["frame_norm"].default,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option(help="Trade compute for memory (same results).", rich_help_panel=RUN)
+    ] = False,
+    checkpoint_every: Annotated[int, declared(TUNE["checkpoint_every"], STORE)] = TUNE["checkpoint_every"].default,
+    compile_unet: CompileOpt = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what is cached and the estimated peak memory; train nothing.")
+    ] = False,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Tune the model on one clip and its description (the reference's defaults).
+
+    The clip is VAE-encoded once; only the attention query projections and the new temporal
+    attention are trained, and only those tensors are saved in the project. Ctrl-C saves the
+    training state: the same command resumes it, and a larger --steps continues a finished tune.
+
+    Examples:
+
+      tav tune skiing.mp4 "a man is skiing"
+
+      tav tune skiing.mp4 "a man is skiing" --steps 300 --frames 16 --model ./my-sd-folder
+    """
+    from tavcli.requests import TuneRequest, TuneSettings, frame_size
+    from tavcli.video import FrameSelection, probe
+
+    project_dir = setup.project_for_clip(project, setup.settings(None))(video)
+    chosen = setup.settings(project_dir, model=model, model_config=model_config, device=device, precision=precision)
+    request = TuneRequest(
+        video,
+        prompt,
+        project_dir,
+        setup.model_for(chosen, lora or [], revision, variant),
+        FrameSelection(frames, stride, start),
+        frame_size(width, height, resize, output.RichReporter()),
+        TuneSettings(steps, lr, seed, gradient_checkpointing, checkpoint_every),
+        frame_norm,
+    )
+    probe(video, request.selection)  # a bad or short clip is reported before anything heavy loads
+    session = setup.session(chosen, allow_pickle, compile_unet)
+    if dry_run:
+        from tavcli.workflow.tuning import tune_plan
+
+        plan = tune_plan(session, request, force=force)
+        output.print_record(plan)
+        state = "cached" if plan["tune"]["cached"] else f"to train (from step {plan['tune']['resume_from'] or 0})"
+        output.show(f"tune {plan['tune']['key']}: {state}\nmemory: {plan['memory']['summary']}")
+        return
+    from tavcli.workflow.tuning import tune as run_tune
+
+    artifacts = run_tune(session, request, force=force)
+    output.report(artifacts)
+    tuned = artifacts[-1].details
+    ratio = tuned["base_unet_bytes"] / tuned["delta_bytes"]
+    output.show(f"delta {tuned['delta_bytes'] / 1e6:.2f} MB, {ratio:.0f}x smaller than the UNet")
+
+
+def import_reference(
+    folder: Annotated[
+        Path,
+        typer.Argument(help="Output folder of the reference Tune-A-Video training script.", metavar="FOLDER"),
+    ],
+    clip: Annotated[
+        Optional[Path],
+        typer.Option(help="The tuned clip [default: train_data.video_path].", metavar="PATH", show_default=False),
+    ] = None,
+    prompt: Annotated[
+        Optional[str],
+        typer.Option(help="Its description [default: train_data.prompt].", metavar="PROMPT", show_default=False),
+    ] = None,
+    project: ClipProjectOpt = None,
+    model: ModelOpt = None,
+    model_config: ModelConfigOpt = None,
+    revision: RevisionOpt = None,
+    variant: VariantOpt = None,
+    frames: Annotated[Optional[int], declared(TUNE["frames"], help="[default: n_sample_frames, else 24]")] = None,
+    stride: Annotated[Optional[int], declared(TUNE["stride"], help="[default: sample_frame_rate, else 2]")] = None,
+    start: Annotated[Optional[int], declared(TUNE["start"], help="[default: sample_start_idx, else 0]")] = None,
+    width: Annotated[Optional[int], declared(TUNE["width"], help="[default: width, else 512]")] = None,
+    height: Annotated[Optional[int], declared(TUNE["height"], help="[default: height, else 512]")] = None,
+    device: DeviceOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Import a model folder saved by the reference Tune-A-Video script as a tune, so its work is kept.
+
+    Reads unet/ (the full video UNet) and config.yaml (clip, prompt, frames, size, steps), checks
+    that the frozen weights are the base model's, stores only the tuned tensors, and makes the
+    tune the project's current one: then `tav edit` works as after `tav tune`.
+
+    Example: tav import outputs/man-skiing --model ./stable-diffusion-v1-4
+    """
+    from tavcli.importing import read_reference
+    from tavcli.requests import TuneRequest, TuneSettings, frame_size
+    from tavcli.video import FrameSelection, probe
+
+    recorded = read_reference(folder, allow_pickle).settings
+    clip_path = clip or (folder / recorded["clip"] if recorded.get("clip") else None)
+    if clip_path is not None and not clip_path.exists() and recorded.get("clip"):
+        clip_path = Path(recorded["clip"])  # relative to where the reference ran, often the current folder
+    text = prompt or recorded.get("prompt")
+    if clip_path is None or not text:
+        raise TavError("which clip and prompt was it tuned on? config.yaml does not say", "pass --clip and --prompt")
+    project_dir = setup.project_for_clip(project, setup.settings(None))(clip_path)
+    base = model or recorded.get("base_model")
+    chosen = setup.settings(project_dir, model=base, model_config=model_config, device=device)
+    size = (width or recorded.get("width") or 512, height or recorded.get("height") or 512)
+    request = TuneRequest(
+        clip_path,
+        text,
+        project_dir,
+        setup.model_for(chosen, (), revision, variant),
+        FrameSelection(
+            frames=frames or recorded.get("frames") or 24,
+            stride=stride or recorded.get("stride") or 2,
+            start=start if start is not None else recorded.get("start") or 0,
+        ),
+        frame_size(*size, "stretch", output.RichReporter()),
+        TuneSettings(
+            steps=recorded.get("steps") or 500,
+            learning_rate=recorded.get("learning_rate") or 3e-5,
+            seed=recorded.get("seed") or 33,
+        ),
+    )
+    probe(clip_path, request.selection)
+    session = setup.session(chosen, allow_pickle)
+    from tavcli.workflow.tuning import import_tune
+
+    output.report(import_tune(session, folder, request))
+
+
+def demo(
+    project: Annotated[
+        Path, typer.Option("--project", "-p", metavar="PATH", help="Where to put the demo project.")
+    ] = Path("tav-demo.tav"),
+    steps: Annotated[int, declared(TUNE["steps"], help="Training steps.")] = 30,
+    quiet: QuietOpt = False,
+) -> None:
+    """Tune the built-in tiny model on the bundled skiing clip and render two edits (offline, CPU).
+
+    The tiny model has random weights: the demo shows the whole pipeline and its speed, not pretty
+    pictures. It runs the same code as:
+
+      tav tune CLIP "a man is skiing" --model tiny --frames 8 --width 128 --height 128 --steps 30 -p tav-demo.tav
+
+      tav edit -p tav-demo.tav "a panda is skiing" "a man is skiing at sunset" --steps 20
+    """
+    from tavcli.requests import EditRequest, EditSettings, TuneRequest, TuneSettings
+    from tavcli.video import FrameSelection, FrameSize
+
+    session = setup.session(setup.settings(None, model="tiny"), allow_pickle=False)
+    from tavcli.workflow.editing import edit as run_edit
+    from tavcli.workflow.tuning import tune as run_tune
+
+    with resources.as_file(resources.files("tavcli") / "data" / "man-skiing.mp4") as clip:
+        request = TuneRequest(
+            clip,
+            "a man is skiing",
+            project,
+            "tiny",
+            FrameSelection(frames=8, stride=2),
+            FrameSize(width=128, height=128),
+            TuneSettings(steps=steps),
+        )
+        artifacts = run_tune(session, request)
+    prompts = ["a panda is skiing", "a man is skiing at sunset"]
+    artifacts += run_edit(session, EditRequest(project, prompts, EditSettings(steps=20)))
+    output.report(artifacts)
