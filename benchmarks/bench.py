@@ -360,8 +360,7 @@ def _sampling(args: Any, runtime: Any, components: Any, noise: Any, embeds: Any)
 def _edit(args: Any, runtime: Any, source: Any) -> dict:
     """Whole edits through the workflow, as `tav edit` runs them, on the bundled clip."""
     from tavcli import workflow
-    from tavcli.requests import EditRequest, EditSettings, TuneSettings
-    from tavcli.video import FrameSelection, FrameSize
+    from tavcli.requests import EditRequest, EditSettings, FrameSelection, FrameSize, TuneSettings
 
     project = args.workdir / f"edit-{args.config}-{os.getpid()}.tav"
     session = workflow.Session(runtime)

@@ -67,11 +67,6 @@ class Checkpoints:
         usable = [step for step in self.steps() if step <= at_most]
         return usable[-1] if usable else None
 
-    def latest(self, at_most: int) -> Path | None:
-        """The checkpoint with the most steps not beyond `at_most`."""
-        step = self.latest_step(at_most)
-        return None if step is None else self.path(step)
-
     def read(self, step: int) -> tuple[dict[str, Any], dict[str, str]]:
         """A saved state's tensors and metadata; TavError naming the file and the way out if it is damaged."""
         path = self.path(step)
@@ -81,11 +76,15 @@ class Checkpoints:
             if bad:
                 raise ValueError(f"it holds NaN or inf in {bad[0]}")
         except (OSError, ValueError) as error:
-            raise TavError(
-                f"damaged checkpoint {path}: {error}",
-                f"`tav gc -p {self.folder.parent.parent}` removes it; or pass --force to train from step 0",
-            ) from None
+            raise self.damaged(step, str(error)) from None
         return tensors, metadata
+
+    def damaged(self, step: int, problem: str) -> TavError:
+        """The error for a checkpoint that cannot be resumed from, with the ways out."""
+        return TavError(
+            f"damaged checkpoint {self.path(step)}: {problem}",
+            f"`tav gc -p {self.folder.parent.parent}` removes it; or pass --force to train from step 0",
+        )
 
     def problems(self, full: bool = False) -> list[str]:
         """What is wrong with the saved states: their structure, and with `full` their values too."""
@@ -149,8 +148,4 @@ def load_train_state(checkpoints: Checkpoints, step: int, device: torch.device) 
             losses=json.loads(metadata["losses"]),
         )
     except (ValueError, KeyError) as error:
-        path = checkpoints.path(step)
-        raise TavError(
-            f"damaged checkpoint {path}: its training state lacks {error}",
-            f"`tav gc -p {checkpoints.folder.parent.parent}` removes it; or pass --force to train from step 0",
-        ) from None
+        raise checkpoints.damaged(step, f"its training state lacks {error}") from None

@@ -17,9 +17,8 @@ from diffusers import ControlNetModel, T2IAdapter
 
 from tavcli.errors import TavError, first_line
 from tavcli.hub import local_only, unreachable
-from tavcli.requests import ControlSpec
 
-__all__ = ["ControlGuide", "ControlSpec", "canny_maps", "load_controlnet"]
+__all__ = ["ControlGuide", "canny_maps", "load_controlnet"]
 
 
 def load_controlnet(name: str, device: torch.device, dtype: torch.dtype) -> ControlNetModel | T2IAdapter:

@@ -43,17 +43,45 @@ def runnable_elsewhere() -> int | None:
 
 
 def other_tav_running() -> bool:
-    """Whether another `tav` process (the command, `python -m tavcli`) runs on this machine."""
+    """Whether another `tav` runs on this machine: a Python process running the `tav` script or
+    `-m tavcli`, other than this one and the processes it runs under (`time tav ...`)."""
+    mine = _ancestors()
     for folder in Path("/proc").glob("[0-9]*"):
-        if folder.name == str(os.getpid()):
+        if int(folder.name) in mine:
             continue
         try:
-            argv = (folder / "cmdline").read_bytes().split(b"\0")[:3]
+            argv = [arg.decode(errors="replace") for arg in (folder / "cmdline").read_bytes().split(b"\0")[:3]]
         except OSError:
             continue
-        if any(Path(arg.decode(errors="replace")).name in ("tav", "tavcli") for arg in argv):
+        if _runs_tav(argv):
             return True
     return False
+
+
+def _runs_tav(argv: list[str]) -> bool:
+    names = [Path(arg).name for arg in argv]
+    if names and names[0] == "tav":
+        return True
+    return bool(names) and names[0].startswith("python") and (names[1:2] == ["tav"] or argv[1:3] == ["-m", "tavcli"])
+
+
+def _ancestors() -> set[int]:
+    """This process and its parents, up to the first process."""
+    found, pid = set(), os.getpid()
+    while pid > 0 and pid not in found:
+        found.add(pid)
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            pid = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:"))
+        except (OSError, StopIteration, ValueError):
+            break
+    return found
+
+
+def _threads() -> int:
+    """The threads torch will start: OMP_NUM_THREADS (its first number, as in `4,2`), else every core."""
+    given = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(given) if given.isdigit() and int(given) > 0 else os.cpu_count() or 1
 
 
 def choose_wait_policy() -> str | None:
@@ -65,8 +93,7 @@ def choose_wait_policy() -> str | None:
     """
     if "OMP_WAIT_POLICY" in os.environ or os.environ.get("TAV_WAIT_POLICY") == "off" or "torch" in sys.modules:
         return None
-    cores = os.cpu_count() or 1
-    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or cores
+    cores, threads = os.cpu_count() or 1, _threads()
     busy = 0
     for sample in range(SAMPLES):
         others = runnable_elsewhere()

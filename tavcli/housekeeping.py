@@ -126,10 +126,10 @@ def renders(project: Project) -> list[Render]:
     for sidecar in sorted((project.root / "renders").glob("*.json")):
         try:
             record = read_sidecar(sidecar)
-            keys = tuple(edit_keys(record))
-        except (TavError, KeyError, TypeError):
-            continue
-        found.append(Render(sidecar, keys, tuple(output_files(sidecar, record))))
+            render = Render(sidecar, tuple(edit_keys(record)), tuple(output_files(sidecar, record)))
+        except (TavError, KeyError, TypeError, AttributeError):
+            continue  # not a sidecar tav can read: never listed, never removed
+        found.append(render)
     return found
 
 

@@ -26,8 +26,6 @@ from tavcli.hub import local_only, unreachable
 from tavcli.model_name import HUB_ID, NO_VARIANT, TINY_MODEL, ModelSpec, is_single_file, parse_model_name
 
 __all__ = [
-    "DEFAULT_MODEL",
-    "TINY_MODEL",
     "Components",
     "ModelSource",
     "encode_prompts",
@@ -47,7 +45,7 @@ OFFLINE_HINT = "no model hub is reachable: use --model tiny for the built-in off
 class ModelSource:
     """Where a model's files are, and what identifies them (for cache keys and sidecars)."""
 
-    name: str  # what the user asked for: a hub id, a folder, or "tiny", plus any "|lora=PATH:SCALE"
+    name: str  # the model's name (tavcli.model_name): base, revision and variant loaded, configs, LoRAs
     folder: Path
     revision: str  # hub commit, or a content hash of a local folder's weights (and of its LoRAs)
     loras: tuple[tuple[Path, float], ...] = ()  # fused into the base weights when loaded, in order
@@ -55,6 +53,11 @@ class ModelSource:
     @property
     def identity(self) -> dict[str, str]:
         return {"model": self.name, "revision": self.revision}
+
+    @property
+    def identity_key(self) -> tuple[str, str]:
+        """What tells loaded weights apart: the name (with its variant and LoRAs) and the revision."""
+        return self.name, self.revision
 
 
 @dataclass
@@ -70,19 +73,20 @@ class Components:
 
 
 def resolve_model(
-    name: str, allow_pickle: bool = False, note: Callable[[str], None] | None = None, half: bool = False
+    name: str, allow_pickle: bool = False, note: Callable[[str], None] | None = None, prefer_fp16: bool = False
 ) -> ModelSource:
     """Turn a model name (see `tavcli.model_name`) into a local diffusers folder.
 
     Builds `tiny`, checks a folder, converts a single-file checkpoint once, or fetches from the
     hub. LoRAs named in `name` become part of the model's identity; `note` hears about slow steps.
-    For a `half`-precision run the fp16 weights variant is chosen when the model has one and no
-    variant was asked for; the returned name records the variant loaded, so edits load it too.
+    With `prefer_fp16` (a tune choosing its model for a half-precision run) the fp16 weights variant is
+    chosen when the model has one and no variant was asked for; the returned name records it, so
+    edits load it too. A name without a variant loads the main weights.
     """
     spec = parse_model_name(name)
     if spec.loras:
         plain = ModelSpec(spec.base, spec.config, (), spec.revision, spec.variant)
-        base = resolve_model(plain.name, allow_pickle, note, half)
+        base = resolve_model(plain.name, allow_pickle, note, prefer_fp16)
         hashes = []
         for path, scale in spec.loras:
             if not path.exists():
@@ -105,30 +109,35 @@ def resolve_model(
 
         return single_file_model(path, spec.config, allow_pickle, note or (lambda _: None))
     if path.exists():
-        return _local_model(path, spec.variant, half)
+        return _local_model(path, spec.variant, prefer_fp16)
     if not HUB_ID.match(spec.base):
         raise TavError(
             f"unknown model {spec.base!r}: not a local folder or checkpoint file, nor a hub id like 'org/name'",
             f"e.g. {DEFAULT_MODEL}, a local diffusers folder, a .safetensors file, or --model tiny (built-in, offline)",
         )
-    return _hub_model(spec, allow_pickle, half)
+    return _hub_model(spec, allow_pickle, prefer_fp16)
 
 
-def _local_model(path: Path, variant: str | None, half: bool) -> ModelSource:
+def _local_model(path: Path, variant: str | None, prefer_fp16: bool) -> ModelSource:
     folder = path.resolve()
     missing = [part for part in COMPONENTS if not (folder / part).is_dir()]
     if missing:
         raise TavError(f"{path} is not a diffusers Stable Diffusion folder (missing {', '.join(missing)})")
-    chosen = _variant(str(path), variant, half, lambda wanted: _has_weights(folder, wanted))
+    chosen = _variant(str(path), variant, prefer_fp16, lambda wanted: _has_weights(folder, wanted))
     files = (p for part in COMPONENTS for p in (folder / part).rglob("*") if p.is_file())
     name = ModelSpec(str(folder), variant=chosen).name
     return ModelSource(name=name, folder=folder, revision=f"sha256-{files_sha256(folder, files)}")
 
 
-def _hub_model(spec: ModelSpec, allow_pickle: bool, half: bool) -> ModelSource:
+def _hub_model(spec: ModelSpec, allow_pickle: bool, prefer_fp16: bool) -> ModelSource:
     """A hub model at `spec.revision` (default: main), with only the weights of the variant loaded."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     def fetch(variant: str | None) -> Path:
         patterns = ["model_index.json", *(f"{part}/*.json" for part in COMPONENTS), "tokenizer/*.txt"]
@@ -139,8 +148,10 @@ def _hub_model(spec: ModelSpec, allow_pickle: bool, half: bool) -> ModelSource:
         )
 
     try:
-        chosen = _variant(spec.base, spec.variant, half, lambda wanted: _has_weights(fetch(wanted), wanted))
+        chosen = _variant(spec.base, spec.variant, prefer_fp16, lambda wanted: _has_weights(fetch(wanted), wanted))
         folder = fetch(None if chosen in (None, NO_VARIANT) else chosen)
+    except RevisionNotFoundError:
+        raise TavError(f"{spec.base!r} has no revision {spec.revision!r}", "give a branch, tag or commit") from None
     except RepositoryNotFoundError:
         raise TavError(f"unknown model {spec.base!r}: no such repository on the hub (or it is private)") from None
     except LocalEntryNotFoundError:
@@ -151,16 +162,16 @@ def _hub_model(spec: ModelSpec, allow_pickle: bool, half: bool) -> ModelSource:
     return ModelSource(name=name, folder=folder, revision=folder.name)
 
 
-def _variant(model: str, asked: str | None, half: bool, available: Callable[[str], bool]) -> str | None:
-    """The weights variant to load: the one asked for (refused if the model lacks it), else fp16 for a
-    half-precision run when the model has it, else the main weights (None)."""
+def _variant(model: str, asked: str | None, prefer_fp16: bool, available: Callable[[str], bool]) -> str | None:
+    """The weights variant to load: the one asked for (refused if the model lacks it), else fp16 when
+    preferred and the model has it, else the main weights (None)."""
     if asked == NO_VARIANT:
         return asked
     if asked is not None:
         if not available(asked):
             raise TavError(f"{model} has no {asked} weights (no {asked} variant files)", "drop --variant")
         return asked
-    return "fp16" if half and available("fp16") else None
+    return "fp16" if prefer_fp16 and available("fp16") else None
 
 
 def _has_weights(folder: Path, variant: str) -> bool:

@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-from tavcli.config import DEFAULT_CLIP_MODEL
 from tavcli.errors import TavError, first_line
 from tavcli.hub import local_only, unreachable
 
-__all__ = ["DEFAULT_CLIP_MODEL", "ClipScorer", "Scores", "evaluate_output"]
+__all__ = ["ClipScorer", "Scores", "evaluate_output"]
 
 
 @dataclass(frozen=True)

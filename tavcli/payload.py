@@ -88,6 +88,6 @@ def _header(data: bytes) -> dict[str, Any]:
             for name, info in header.items()
         ):
             raise ValueError
-    except (ValueError, struct.error, UnicodeDecodeError):
+    except (ValueError, TypeError, struct.error, UnicodeDecodeError):
         raise ValueError("its safetensors header is damaged") from None
     return header

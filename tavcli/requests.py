@@ -24,20 +24,59 @@ from tavcli.options import (
     check_rate,
 )
 from tavcli.progress import Reporter
-from tavcli.video import FrameSelection, FrameSize, snap_to_multiple
 
 __all__ = [
     "CONTROL_KINDS",
     "ControlSpec",
     "EditRequest",
     "EditSettings",
+    "FrameSelection",
+    "FrameSize",
     "TuneRequest",
     "TuneSettings",
     "control_spec",
     "frame_size",
+    "snap_to_multiple",
 ]
 
 CONTROL_KINDS = ("canny", "depth", "pose", "seg", "scribble", "normal", "lineart", "softedge")
+
+
+SIZE_MULTIPLE = 8  # the VAE halves the size three times and the UNet needs whole latents
+
+
+@dataclass(frozen=True)
+class FrameSelection:
+    """Which frames to take: `frames` of them, every `stride`-th, from frame `start` (0-based)."""
+
+    frames: int = 24
+    stride: int = 2
+    start: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(TUNE, asdict(self), "frame selection")
+
+    @property
+    def last_index(self) -> int:
+        return self.start + (self.frames - 1) * self.stride
+
+    def __contains__(self, index: int) -> bool:
+        """Whether frame `index` (0-based) is selected (arithmetic: --frames may be absurdly large)."""
+        return self.start <= index <= self.last_index and (index - self.start) % self.stride == 0
+
+
+@dataclass(frozen=True)
+class FrameSize:
+    """Output frame size in pixels (multiples of 8) and how to fit the source into it."""
+
+    width: int = 512
+    height: int = 512
+    resize: ResizeMode = "crop"
+
+
+def snap_to_multiple(value: int, multiple: int = SIZE_MULTIPLE) -> int:
+    """Round `value` to the nearest positive multiple of `multiple` (halves round up)."""
+    return max(multiple, (value + multiple // 2) // multiple * multiple)
 
 
 @dataclass(frozen=True)

@@ -70,9 +70,15 @@ def edit_keys(record: dict[str, Any]) -> list[str]:
 
 
 def output_files(sidecar: Path, record: dict[str, Any]) -> list[Path]:
-    """Every file or folder an output consists of (a grid's GIF and sheet too), its sidecar last."""
+    """Every file or folder an output consists of (a grid's GIF and sheet too), its sidecar last.
+
+    A grid's files are plain names beside the sidecar; anything else (`../x`, a path) is refused, so
+    that removing an output never reaches outside its folder.
+    """
     extra = record.get("grid", {}).get("files", []) if isinstance(record.get("grid"), dict) else []
-    return [output_of(sidecar), *(sidecar.parent / str(name) for name in extra), sidecar]
+    if not isinstance(extra, list) or not all(isinstance(name, str) and Path(name).name == name for name in extra):
+        raise TypeError(f"{sidecar} names files that are not beside it")
+    return [output_of(sidecar), *(sidecar.parent / name for name in extra), sidecar]
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,18 @@ class RecordedEdit:
     prompt: str
     request: EditRequest
 
+    @property
+    def key(self) -> str:
+        return str(self.record["edit"]["key"])
+
+    @property
+    def precision(self) -> str:
+        return str(self.record["edit"].get("precision", "fp32"))
+
+    @property
+    def compiled(self) -> bool:
+        return bool(self.record["edit"].get("compile"))
+
 
 def recorded_edit(sidecar: Path, out: Path | None = None) -> RecordedEdit:
     """The edit a sidecar describes, every setting checked as the command line checks it: a sidecar
@@ -94,6 +112,8 @@ def recorded_edit(sidecar: Path, out: Path | None = None) -> RecordedEdit:
     try:
         edit, output, inversion = record["edit"], record["output"], record["inversion"]
         prompt, group = edit["prompt"], record.get("batch", [edit["prompt"]])
+        if not isinstance(prompt, str) or not isinstance(group, list) or not all(isinstance(p, str) for p in group):
+            raise ValueError("its prompt or batch is not text")
         values = {name: edit[name] for name in ("steps", "guidance", "negative", "eta")}
         values["seed"] = edit["seed"] if edit["seed"] is not None else EditSettings.seed
         fps = None if output["fps"] is None else float(Fraction(output["fps"]))
@@ -102,6 +122,8 @@ def recorded_edit(sidecar: Path, out: Path | None = None) -> RecordedEdit:
         if not isinstance(group, list) or prompt not in group:
             raise ValueError("its batch does not hold its prompt")
         used = record.get("control")
+        if used and not edit.get("control"):
+            raise ValueError("it records a control its edit does not use")
         if edit.get("control") and not used:
             raise TavError(
                 f"{sidecar} records a controlled edit but not its condition clip (an older tav wrote it)",
@@ -124,6 +146,6 @@ def recorded_edit(sidecar: Path, out: Path | None = None) -> RecordedEdit:
             inversion["steps"],
             inversion["prompt"],
         )
-    except (ValueError, KeyError, TypeError, ZeroDivisionError) as error:
+    except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as error:
         raise TavError(f"{sidecar} is not a tav sidecar: {error}", "give the .json written beside an output") from None
     return RecordedEdit(sidecar, record, prompt, request)

@@ -131,10 +131,13 @@ class Entry:
             raise _damaged(self.path, error) from None
         if hashlib.sha256(payload).hexdigest() != recorded:
             raise _damaged(self.path, "its payload does not match the SHA-256 recorded when it was written")
-        problems = payload_problems(payload, TENSORS)
-        if problems:
-            raise _damaged(self.path, problems[0])
-        tensors, _ = load_payload(payload)
+        try:
+            tensors, _ = load_payload(payload)
+        except ValueError as error:
+            raise _damaged(self.path, f"{TENSORS} is {error}") from None
+        bad = nonfinite(tensors)
+        if bad:
+            raise _damaged(self.path, f"{TENSORS} holds NaN or inf in {', '.join(bad[:3])}")
         return {name: t.to(device) for name, t in tensors.items()}
 
     def quick_problems(self) -> list[str]:
@@ -158,6 +161,9 @@ class Entry:
         if found:
             return found
         for name, recorded in self.meta()["files"].items():
+            if not isinstance(recorded, dict):
+                found.append(f"meta.json's record of {name} is damaged")
+                continue
             data = (self.path / name).read_bytes()
             if hashlib.sha256(data).hexdigest() != recorded.get("sha256"):
                 found.append(f"{name} does not match its recorded SHA-256")
@@ -195,10 +201,15 @@ class Project:
         """Make sure `entry` exists, computing it under its lock unless present; return whether it was cached.
 
         Checking again after taking the lock means two processes never compute the same entry twice.
+        `lock` names a wider lock held first (a tune's whole training run); the entry's own lock is
+        always held too, so `tav gc` sees the entry as work under way.
         """
         if entry.complete and not force:
             return True
-        with self.lock(lock or f"{entry.kind}-{entry.key}"):
+        with contextlib.ExitStack() as held:
+            if lock is not None:
+                held.enter_context(self.lock(lock))
+            held.enter_context(self.lock(f"{entry.kind}-{entry.key}"))
             if entry.complete and not force:
                 return True
             compute()

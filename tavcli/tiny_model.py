@@ -22,7 +22,7 @@ from tavcli.config import cache_dir
 from tavcli.loading import ModelSource, quiet_libraries
 from tavcli.model_name import TINY_MODEL
 
-__all__ = ["TINY_MODEL", "tiny_model"]
+__all__ = ["tiny_model"]
 
 
 TINY_SEED = 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -13,55 +13,21 @@ from PIL import Image, ImageOps
 from tavcli.atomic import atomic_path
 from tavcli.errors import TavError
 from tavcli.inputs import require_regular_file
-from tavcli.options import GIF_MAX_FPS, TUNE, OutputFormat, ResizeMode, check_fields
+from tavcli.options import GIF_MAX_FPS, OutputFormat
+from tavcli.requests import FrameSelection, FrameSize
 
 __all__ = [
     "Clip",
-    "FrameSelection",
-    "FrameSize",
     "contact_sheet",
     "gif_delay",
     "read_frames",
     "side_by_side",
-    "OutputFormat",
-    "ResizeMode",
     "probe",
     "read_clip",
-    "snap_to_multiple",
     "write_video",
 ]
 
-SIZE_MULTIPLE = 8  # the VAE halves the size three times and the UNet needs whole latents
 FALLBACK_FPS = Fraction(8)  # for inputs (some GIFs) that state no frame rate
-
-
-@dataclass(frozen=True)
-class FrameSelection:
-    """Which frames to take: `frames` of them, every `stride`-th, from frame `start` (0-based)."""
-
-    frames: int = 24
-    stride: int = 2
-    start: int = 0
-
-    def __post_init__(self) -> None:
-        check_fields(TUNE, asdict(self), "frame selection")
-
-    @property
-    def last_index(self) -> int:
-        return self.start + (self.frames - 1) * self.stride
-
-    def __contains__(self, index: int) -> bool:
-        """Whether frame `index` (0-based) is selected (arithmetic: --frames may be absurdly large)."""
-        return self.start <= index <= self.last_index and (index - self.start) % self.stride == 0
-
-
-@dataclass(frozen=True)
-class FrameSize:
-    """Output frame size in pixels (multiples of 8) and how to fit the source into it."""
-
-    width: int = 512
-    height: int = 512
-    resize: ResizeMode = "crop"
 
 
 @dataclass
@@ -70,11 +36,6 @@ class Clip:
 
     frames: np.ndarray
     fps: Fraction
-
-
-def snap_to_multiple(value: int, multiple: int = SIZE_MULTIPLE) -> int:
-    """Round `value` to the nearest positive multiple of `multiple` (halves round up)."""
-    return max(multiple, (value + multiple // 2) // multiple * multiple)
 
 
 def _open(path: Path) -> av.container.InputContainer:

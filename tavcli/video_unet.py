@@ -29,7 +29,6 @@ from torch import nn
 from tavcli.options import FrameNorm
 
 __all__ = [
-    "FrameNorm",
     "TRAINABLE_MODULE_SUFFIXES",
     "VideoUNet",
     "inflate_unet",

@@ -197,6 +197,27 @@ def test_same_command_same_bits_and_rerender_from_sidecar(tuned: Path, run_tav) 
     assert code == 1 and "not both" in err
 
 
+def test_from_sidecar_renders_only_its_prompt_and_only_the_recorded_edit(tuned: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    code, out, err = run_tav("edit", "a cat", "a bird", "-p", tuned, "--steps", "2", "--batch-size", "2")
+    assert code == 0, err
+    cat, bird = (json.loads(line) for line in out.splitlines())
+    for record in (cat, bird):
+        Path(record["path"]).unlink()
+    code, out, err = run_tav("edit", "--from-sidecar", cat["sidecar"])
+    assert code == 0, err
+    assert [json.loads(line)["prompt"] for line in out.splitlines()] == ["a cat"]  # its batch sampled, it rendered
+    assert Path(cat["path"]).exists() and not Path(bird["path"]).exists()
+
+    sidecar = Path(cat["sidecar"])
+    record = json.loads(sidecar.read_text())
+    record["edit"]["key"] = "f" * 16  # an edit this session would not compute
+    sidecar.write_text(json.dumps(record))
+    edits = sorted(p.name for p in (tuned / "edits").iterdir())
+    code, out, err = run_tav("edit", "--from-sidecar", sidecar, "--force")
+    assert code == 1 and out == "" and f"records edit {'f' * 16}" in err
+    assert sorted(p.name for p in (tuned / "edits").iterdir()) == edits  # refused before sampling
+
+
 def test_run_tav_has_no_side_effects_on_sys() -> None:
     assert sys.argv  # the fixture restores argv through monkeypatch
 

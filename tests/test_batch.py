@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tavcli.batch import assign, parse_jobs
+from tavcli.errors import TavError
 
 from .conftest import CLIP
 
@@ -145,6 +146,8 @@ def test_parsing_paths_names_and_tables(tmp_path: Path) -> None:
     assert [str(p) for p in problems] == [
         "jobs.toml job 2 (job-1): the name 'job-1' is used by an earlier job; names must be unique"
     ]
+    with pytest.raises(TavError, match=r"\[defaults\] cannot set name"):
+        parse_jobs('[defaults]\nname = "same"\n' + text, "jobs.toml", tmp_path, jsonl=False)
 
 
 def test_assignment_keeps_tune_groups_together_and_covers_every_job(tmp_path: Path) -> None:
@@ -286,3 +289,17 @@ def test_root_confines_every_write_of_a_batch(tmp_path: Path, run_tav) -> None: 
     assert "(out): field 'edit.out' writes to /tmp/x, outside --root" in err
     assert "(default): field 'project' writes to" in err and "(link): field 'project'" in err
     assert "4 of 4 jobs are invalid" in err
+
+
+def test_a_job_model_that_cannot_be_named_is_reported_at_validation(batch_dir: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    bad = JOBS.replace('name = "sunset"', 'name = "sunset"\nrevision = "v1"')
+    (batch_dir / "bad.toml").write_text(bad)
+    code, out, err = run_tav("batch", batch_dir / "bad.toml")
+    assert code == 1 and out == "" and "Traceback" not in err
+    assert "job 2 (sunset): --revision only applies to hub models" in err
+    assert "1 of 3 jobs are invalid; nothing was run" in err
+    code, out, err = run_tav("batch", batch_dir / "bad.toml", "--keep-going", "--dry-run")
+    assert code == 1  # a dry run fails as the run would
+    records = _records(out)
+    assert [r["job"] for r in records if r.get("error")] == ["sunset"]
+    assert {r["job"] for r in records if "action" in r} == {"panda", "other-tune"}

@@ -173,3 +173,24 @@ def _prompt(text: str) -> Callable[[dict], bool]:
 
 def _grid(record: dict) -> bool:
     return record["kind"] == "grid"
+
+
+def test_nonsense_in_meta_checkpoint_header_and_grid_sidecar_is_damage_not_a_crash(project: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    edit_meta = next(project.glob("edits/*/meta.json"))
+    edit_meta.write_text("[]")
+    checkpoint = next(project.glob("checkpoints/*/step-*.safetensors"))
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": 4}}).encode()
+    checkpoint.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    outside = project.parent / "precious.txt"
+    outside.write_text("not tav's")
+    grid = {"grid": {"key": "0badc0de", "edits": ["0" * 16], "files": ["../../precious.txt"]}}
+    (project / "renders" / "grid-0badc0de.mp4.json").write_text(json.dumps(grid))
+    listed = _ls(run_tav, project)
+    assert listed[f"edits/{edit_meta.parent.name}"]["state"].startswith("damaged")
+    assert listed[f"checkpoints/{checkpoint.parent.name}"]["state"].startswith("damaged")
+    code, rows = _verify(run_tav, project)
+    assert code == 1
+    code, out, err = run_tav("gc", "-p", project, "--yes")
+    assert code == 0 and "Traceback" not in err, err
+    assert outside.read_text() == "not tav's"
+    assert not edit_meta.parent.exists() and not checkpoint.exists()

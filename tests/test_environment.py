@@ -104,3 +104,19 @@ def test_the_run_queue_is_read_and_torch_already_loaded_is_left_alone() -> None:
     others = runnable_elsewhere()
     assert others is None or others >= 0
     assert "torch" in sys.modules and choose_wait_policy() is None  # too late: libgomp read it already
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads the Linux run queue")
+def test_a_tav_is_not_its_own_competitor_and_any_thread_setting_is_read() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "TAV_WAIT_POLICY")}
+    check = f"exec -a tav {sys.executable} -c 'from tavcli.cores import other_tav_running; print(other_tav_running())'"
+    ask = ["bash", "-c", check]  # this process is named tav, as the `tav` script's Python is
+    assert subprocess.run(ask, capture_output=True, text=True, env=env, check=True).stdout.strip() == "False"
+    other = subprocess.Popen(["bash", "-c", "exec -a tav sleep 30"])
+    try:
+        assert subprocess.run(ask, capture_output=True, text=True, env=env, check=True).stdout.strip() == "True"
+    finally:
+        other.kill()
+        other.wait()
+    for threads in ("4,2", "abc", "0", ""):
+        assert _policy({**env, "OMP_NUM_THREADS": threads}) in ("None", "PASSIVE")

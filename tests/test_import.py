@@ -73,6 +73,10 @@ def test_import_refuses_other_bases_and_pickles(tmp_path: Path, run_tav) -> None
     assert code == 1 and "--trust-pickle" in err
     code, _, err = run_tav("import", pickled, "-p", tmp_path / "b.tav", "--trust-pickle")
     assert code == 0, err
+    code, _, err = run_tav(
+        "import", pickled, "-p", tmp_path / "b.tav", "--trust-pickle", "--clip", tmp_path / "typo.mp4"
+    )
+    assert code != 0 and "typo.mp4" in err and "Traceback" not in err  # never the recorded clip instead
     shutil.rmtree(tmp_path / "pickled" / "unet")
     code, _, err = run_tav("import", pickled, "-p", tmp_path / "c.tav")
     assert code == 1 and "not a Tune-A-Video output folder" in err

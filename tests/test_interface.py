@@ -108,8 +108,18 @@ def test_variant_loads_those_weights_and_is_recorded(variant_model: Path, tmp_pa
     weights = load_components(fp16, torch.device("cpu"), torch.float32).unet.state_dict()
     main = load_components(plain, torch.device("cpu"), torch.float32).unet.state_dict()
     assert all(torch.equal(weights[name], main[name].half().float()) for name in main)  # the fp16 file's values
-    assert resolve_model(str(variant_model), half=True).name.endswith("|variant=fp16")  # chosen for half precision
-    assert resolve_model(f"{variant_model}|variant=none", half=True).name.endswith("|variant=none")
+    assert resolve_model(str(variant_model), prefer_fp16=True).name.endswith(
+        "|variant=fp16"
+    )  # a half-precision tune's choice
+    assert resolve_model(f"{variant_model}|variant=none", prefer_fp16=True).name.endswith("|variant=none")
+
+    from tavcli.runtime import resolve_runtime
+    from tavcli.workflow.session import Session
+
+    session = Session(resolve_runtime("cpu", "fp32"))  # one process, both variants: never each other's weights
+    loaded = {name: session.model(name).unet.state_dict() for name in (str(variant_model), fp16.name)}
+    assert not all(torch.equal(loaded[fp16.name][k], loaded[str(variant_model)][k]) for k in main)
+    assert session.source(str(variant_model)).name == str(variant_model)  # a recorded name: the main weights
 
     project = tmp_path / "v.tav"
     args = ["tune", CLIP, "a man", "--model", variant_model, *SMALL[2:], "-p", project]
@@ -155,5 +165,11 @@ def test_revision_reaches_the_hub_download_and_the_tune(tmp_path: Path, monkeypa
     assert not any("token" in call or "cache_dir" in call for call in calls)  # HF_TOKEN and HF_HOME apply as in hf
     meta = json.loads((Path(json.loads(out.splitlines()[-1])["path"]) / "meta.json").read_text())
     assert meta["model"] == {"model": "org/tiny-sd|revision=v1.0", "revision": "0123abcd"}
+    code, out, err = run_tav("edit", "a dog", "-p", project, "--steps", "1")
+    assert code == 0, err
+    assert (
+        "--model org/tiny-sd --revision v1.0"
+        in json.loads(Path(json.loads(out)["sidecar"]).read_text())["reproduce"][0]
+    )
     code, _, err = run_tav("tune", CLIP, "a man", *SMALL, "--revision", "v1.0", "-p", project)
     assert code == 1 and "--revision only applies to hub models" in err

@@ -116,6 +116,22 @@ def test_sidecar_with_an_unreadable_rate_is_refused(tmp_path: Path) -> None:
         recorded_edit(_sidecar(tmp_path, "fps", "fast"))
 
 
+def test_sidecar_edited_into_nonsense_is_refused_in_one_line(tmp_path: Path) -> None:
+    for field, value in (("prompt", 3), ("prompt", ["a dog"])):
+        with pytest.raises(TavError, match="not a tav sidecar: its prompt or batch is not text"):
+            recorded_edit(_sidecar(tmp_path, field, value))
+    path = _sidecar(tmp_path, "steps", 2)
+    record = json.loads(path.read_text())
+    record["control"] = {"kind": "canny", "model": "m", "video": None, "scale": 1.0}
+    path.write_text(json.dumps(record))
+    with pytest.raises(TavError, match="records a control its edit does not use"):
+        recorded_edit(path)
+    record["control"], record["batch"] = None, "a dog"
+    path.write_text(json.dumps(record))
+    with pytest.raises(TavError, match="its prompt or batch is not text"):
+        recorded_edit(path)
+
+
 def test_gif_rate_above_fifty_is_refused_everywhere(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run_tav("edit", "a dog", "-f", "gif", "--fps", "60", "-p", tmp_path)
     assert code == 2 and "too fast for a GIF" in err

@@ -98,6 +98,21 @@ def test_garbage_is_interrupted_orphaned_and_dead_processes_temp_files(tmp_path:
     assert not any(row.kind == "tunes" for row in garbage(project))
 
 
+def test_gc_leaves_an_entry_alone_while_a_tune_computes_it(tmp_path: Path) -> None:
+    project = Project(tmp_path / "p.tav")
+    entry = project.entry("tunes", {"latents": "x", "prompt": "a man", "steps": 1})
+    collected: list[list[str]] = []
+
+    def compute() -> None:
+        (entry.path / "half-written").parent.mkdir(parents=True)
+        (entry.path / "half-written").write_bytes(b"x")  # looks interrupted, but a live process holds it
+        collected.append([f"{row.kind}/{row.key}" for row in garbage(project)])
+        entry.save({"w": torch.ones(1)}, {})
+
+    assert not project.produce(entry, compute, lock="checkpoints-run")  # a tune holds its run's lock too
+    assert collected == [[]]
+
+
 def test_newer_store_version_is_refused(tmp_path: Path) -> None:
     project, _ = _project(tmp_path)
     (project.root / "project.json").write_text(json.dumps({"store_version": STORE_VERSION + 1}))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from tavcli.errors import TavError
-from tavcli.video import FrameSelection, FrameSize, read_clip, snap_to_multiple, write_video
+from tavcli.requests import FrameSelection, FrameSize, snap_to_multiple
+from tavcli.video import read_clip, write_video
 
 from .conftest import CLIP
 

@@ -28,7 +28,7 @@ from tavcli.batch.schema import validate_job
 from tavcli.config import DEFAULT_MODEL, closest, default_project
 from tavcli.errors import TavError
 from tavcli.inputs import require_regular_file
-from tavcli.model_name import split_lora
+from tavcli.model_name import model_name, split_lora
 from tavcli.options import check_rate
 from tavcli.requests import control_spec
 
@@ -78,6 +78,7 @@ class Job:
     prompt: str
     edits: tuple[str, ...]
     project: Path  # absolute: the job's `project`, else the clip's default project
+    model: str  # the model's name, as `tav tune` builds it from the job's model options
     tune: dict[str, Any]
     invert: dict[str, Any]
     edit: dict[str, Any]
@@ -158,6 +159,8 @@ def _read_toml(text: str, source: str) -> list[tuple[str, dict[str, Any]]]:
     jobs, defaults = data.get("job", []), data.get("defaults", {})
     if not isinstance(jobs, list) or not isinstance(defaults, dict):
         raise TavError(f"{source}: write jobs as [[job]] tables and defaults as one [defaults] table")
+    if "name" in defaults:
+        raise TavError(f"{source}: [defaults] cannot set name", "every job's name must be its own: name each [[job]]")
     merged = []
     for number, job in enumerate(jobs, start=1):
         if not isinstance(job, dict):
@@ -214,7 +217,15 @@ def _job(name: str, where: str, data: dict[str, Any], base: Path, context: Batch
         edit.get("control"), edit.get("control_model"), edit.get("control_video"), edit.get("control_scale", 1.0)
     )
     edits = tuple(fields.get("edits", ()))
-    return Job(name, where, clip, fields["prompt"], edits, project, tune, fields.get("invert", {}), edit)
+    model = _job_model(tune, context)
+    return Job(name, where, clip, fields["prompt"], edits, project, model, tune, fields.get("invert", {}), edit)
+
+
+def _job_model(tune: dict[str, Any], context: BatchContext) -> str:
+    """The job's model name, with its model config, LoRAs, revision and variant (as `tav tune` builds it)."""
+    base, loras = str(tune.get("model", context.model)), list(tune.get("lora", ()))
+    config, revision, variant = tune.get("model_config"), tune.get("revision"), tune.get("variant")
+    return model_name(base, config, loras, context.model_config, revision, variant)
 
 
 def _confine(field: str, path: Path | None, root: Path | None) -> None:

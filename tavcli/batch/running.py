@@ -11,13 +11,19 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from tavcli.batch.jobs import BatchContext, Job, JobProblem
+from tavcli.batch.jobs import Job, JobProblem
 from tavcli.errors import TavError
-from tavcli.model_name import model_name
 from tavcli.options import EDIT, INVERT, TUNE
 from tavcli.progress import Reporter
-from tavcli.requests import EditRequest, EditSettings, TuneRequest, TuneSettings, control_spec, frame_size
-from tavcli.video import FrameSelection
+from tavcli.requests import (
+    EditRequest,
+    EditSettings,
+    FrameSelection,
+    TuneRequest,
+    TuneSettings,
+    control_spec,
+    frame_size,
+)
 
 __all__ = ["assign", "failure_record", "plan_jobs", "process_slot", "run_jobs"]
 
@@ -50,20 +56,20 @@ def assign(jobs: list[Job], process: int, processes: int) -> list[Job]:
 Emit = Callable[[dict[str, Any]], None]
 
 
-def run_jobs(session: Any, jobs: list[Job], context: BatchContext, keep_going: bool, emit: Emit) -> bool:
+def run_jobs(session: Any, jobs: list[Job], keep_going: bool, emit: Emit) -> bool:
     """Run `jobs` in order, one base-model load per model; emit a record per artifact or failed job.
 
     Returns whether every job succeeded. Without `keep_going` the first failure stops the rest.
     """
     import time
 
-    ordered = sorted(jobs, key=lambda job: _model(job, context))  # stable: same-model jobs stay in file order
+    ordered = sorted(jobs, key=lambda job: job.model)  # stable: same-model jobs stay in file order
     ok = True
     for index, job in enumerate(ordered):
         started = time.perf_counter()
         stage = ["tune"]  # the step under way, named in a failure record
         try:
-            for artifact in _job_artifacts(session, job, context, stage):
+            for artifact in _job_artifacts(session, job, stage):
                 emit({"job": job.name, **artifact.record(), "error": None})
         except (TavError, OSError) as error:
             if getattr(error, "exit_code", 1) == 130:
@@ -74,8 +80,8 @@ def run_jobs(session: Any, jobs: list[Job], context: BatchContext, keep_going: b
             if not keep_going:
                 return False
         following = ordered[index + 1] if index + 1 < len(ordered) else None
-        if following is None or _model(following, context) != _model(job, context):
-            session.release(_model(job, context))  # no later job needs it: free the memory
+        if following is None or following.model != job.model:
+            session.release(job.model)  # no later job needs it: free the memory
     return ok
 
 
@@ -95,22 +101,14 @@ def _failure(name: str, kind: str, message: str, seconds: float) -> dict[str, An
     }
 
 
-def _model(job: Job, context: BatchContext) -> str:
-    """The job's model name, with its model config, LoRAs, revision and variant (as `tav tune` builds it)."""
-    options = job.tune
-    base, loras = str(options.get("model", context.model)), list(options.get("lora", ()))
-    config, revision, variant = options.get("model_config"), options.get("revision"), options.get("variant")
-    return model_name(base, config, loras, context.model_config, revision, variant)
-
-
-def _tune_request(job: Job, context: BatchContext, reporter: Reporter) -> TuneRequest:
+def _tune_request(job: Job, reporter: Reporter) -> TuneRequest:
     """The job's tune as `tav tune` would make it from the same options."""
     options = {name: job.tune.get(name, option.default) for name, option in TUNE.items()}
     return TuneRequest(
         job.clip,
         job.prompt,
         job.project,
-        _model(job, context),
+        job.model,
         FrameSelection(options["frames"], options["stride"], options["start"]),
         frame_size(options["width"], options["height"], options["resize"], reporter),
         TuneSettings(
@@ -150,12 +148,12 @@ def _inversion(job: Job) -> tuple[int, str]:
     return steps, job.invert.get("prompt", INVERT["prompt"].default)
 
 
-def _job_artifacts(session: Any, job: Job, context: BatchContext, stage: list[str]) -> Any:
+def _job_artifacts(session: Any, job: Job, stage: list[str]) -> Any:
     """The job's artifacts as its tune, inversion and edits finish; `stage[0]` names the step under way."""
     from tavcli import workflow
 
     force = bool(job.tune.get("force", False))
-    tuned = workflow.tune(session, _tune_request(job, context, session.reporter), force)
+    tuned = workflow.tune(session, _tune_request(job, session.reporter), force)
     yield from tuned
     if not job.edits and not job.invert:
         return
@@ -166,14 +164,14 @@ def _job_artifacts(session: Any, job: Job, context: BatchContext, stage: list[st
         yield from workflow.edit(session, _edit_request(job, tuned[-1].key), force)
 
 
-def plan_jobs(session: Any, jobs: list[Job], context: BatchContext) -> list[dict[str, Any]]:
+def plan_jobs(session: Any, jobs: list[Job]) -> list[dict[str, Any]]:
     """What running `jobs` would reuse and what it would compute, without computing anything."""
     from tavcli import workflow
 
     rows = []
     for job in jobs:
         force = bool(job.tune.get("force", False))
-        plan = workflow.tune_plan(session, _tune_request(job, context, session.reporter), force, memory=False)
+        plan = workflow.tune_plan(session, _tune_request(job, session.reporter), force, memory=False)
         steps = [("latents", plan["latents"]), ("tune", plan["tune"])]
         if job.edits or job.invert:
             project = session.project(job.project)

@@ -107,12 +107,14 @@ def batch(
     from tavcli.batch import plan_jobs, run_jobs
 
     if dry_run:
-        rows = plan_jobs(session, mine, context)
+        rows = plan_jobs(session, mine)
         for row in rows:
             output.print_record(row)
         _show_plan(rows)
+        if problems:  # as the run itself would: the invalid jobs fail it
+            raise typer.Exit(1)
         return
-    if not run_jobs(session, mine, context, keep_going, output.print_record) or problems:
+    if not run_jobs(session, mine, keep_going, output.print_record) or problems:
         raise typer.Exit(1)
 
 

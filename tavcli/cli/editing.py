@@ -165,7 +165,8 @@ def edit(
         from tavcli.sidecar import recorded_edit
 
         recorded = recorded_edit(from_sidecar, out)  # checked before anything heavy loads
-        session = setup.session(setup.settings(None, device=device, precision=precision), allow_pickle, compile_unet)
+        chosen = setup.settings(recorded.request.project, device=device, precision=precision or recorded.precision)
+        session = setup.session(chosen, allow_pickle, compile_unet or recorded.compiled)
         from tavcli.workflow.editing import edit_from_sidecar
 
         output.report(edit_from_sidecar(session, recorded, force))

@@ -156,7 +156,7 @@ VariantOpt = Annotated[
         "--variant",
         metavar="VARIANT",
         help="Weights variant to load, e.g. fp16 (files *.fp16.safetensors); 'none' for the main weights "
-        "[default: fp16 for a half-precision run when the model has it, else none].",
+        "[default: fp16 for a half-precision tune when the model has it, else none].",
         rich_help_panel=MODEL,
         show_default=False,
     ),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -96,8 +96,8 @@ def tune(
 
       tav tune skiing.mp4 "a man is skiing" --steps 300 --frames 16 --model ./my-sd-folder
     """
-    from tavcli.requests import TuneRequest, TuneSettings, frame_size
-    from tavcli.video import FrameSelection, probe
+    from tavcli.requests import FrameSelection, TuneRequest, TuneSettings, frame_size
+    from tavcli.video import probe
 
     project_dir = setup.project_for_clip(project, setup.settings(None))(video)
     chosen = setup.settings(project_dir, model=model, model_config=model_config, device=device, precision=precision)
@@ -166,12 +166,12 @@ def import_reference(
     Example: tav import outputs/man-skiing --model ./stable-diffusion-v1-4
     """
     from tavcli.importing import read_reference
-    from tavcli.requests import TuneRequest, TuneSettings, frame_size
-    from tavcli.video import FrameSelection, probe
+    from tavcli.requests import FrameSelection, TuneRequest, TuneSettings, frame_size
+    from tavcli.video import probe
 
     recorded = read_reference(folder, allow_pickle).settings
     clip_path = clip or (folder / recorded["clip"] if recorded.get("clip") else None)
-    if clip_path is not None and not clip_path.exists() and recorded.get("clip"):
+    if clip is None and clip_path is not None and not clip_path.exists():
         clip_path = Path(recorded["clip"])  # relative to where the reference ran, often the current folder
     text = prompt or recorded.get("prompt")
     if clip_path is None or not text:
@@ -179,23 +179,19 @@ def import_reference(
     project_dir = setup.project_for_clip(project, setup.settings(None))(clip_path)
     base = model or recorded.get("base_model")
     chosen = setup.settings(project_dir, model=base, model_config=model_config, device=device)
-    size = (width or recorded.get("width") or 512, height or recorded.get("height") or 512)
+
+    def given(value: Any, option: str, key: str | None = None) -> Any:
+        """A flag, else the reference run's setting (`key`, default the option's name), else tav tune's default."""
+        return value if value is not None else recorded.get(key or option) or TUNE[option].default
+
     request = TuneRequest(
         clip_path,
         text,
         project_dir,
         setup.model_for(chosen, (), revision, variant),
-        FrameSelection(
-            frames=frames or recorded.get("frames") or 24,
-            stride=stride or recorded.get("stride") or 2,
-            start=start if start is not None else recorded.get("start") or 0,
-        ),
-        frame_size(*size, "stretch", output.RichReporter()),
-        TuneSettings(
-            steps=recorded.get("steps") or 500,
-            learning_rate=recorded.get("learning_rate") or 3e-5,
-            seed=recorded.get("seed") or 33,
-        ),
+        FrameSelection(given(frames, "frames"), given(stride, "stride"), given(start, "start")),
+        frame_size(given(width, "width"), given(height, "height"), "stretch", output.RichReporter()),
+        TuneSettings(given(None, "steps"), given(None, "lr", "learning_rate"), given(None, "seed")),
     )
     probe(clip_path, request.selection)
     session = setup.session(chosen, allow_pickle)
@@ -220,8 +216,7 @@ def demo(
 
       tav edit -p tav-demo.tav "a panda is skiing" "a man is skiing at sunset" --steps 20
     """
-    from tavcli.requests import EditRequest, EditSettings, TuneRequest, TuneSettings
-    from tavcli.video import FrameSelection, FrameSize
+    from tavcli.requests import EditRequest, EditSettings, FrameSelection, FrameSize, TuneRequest, TuneSettings
 
     session = setup.session(setup.settings(None, model="tiny"), allow_pickle=False)
     from tavcli.workflow.editing import edit as run_edit

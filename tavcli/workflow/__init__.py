@@ -19,11 +19,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Where the names below live; each is imported on first use (code inside tavcli imports the modules).
+# Where the names below live, torch-free modules first; each name is imported on first use (code
+# inside tavcli imports the modules themselves).
 MODULES = (
     "tavcli.requests",
-    "tavcli.workflow.session",
     "tavcli.workflow.keys",
+    "tavcli.workflow.session",
     "tavcli.workflow.tuning",
     "tavcli.workflow.editing",
     "tavcli.workflow.rendering",

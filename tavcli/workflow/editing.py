@@ -38,7 +38,7 @@ from tavcli.workflow.keys import (
 from tavcli.workflow.rendering import render_edit, source_frames
 from tavcli.workflow.session import Artifact, Session, prompt_embeddings, resolve_tune
 
-__all__ = ["EditPlan", "edit", "edit_from_sidecar", "invert", "plan_edit"]
+__all__ = ["EditPlan", "edit", "edit_from_sidecar", "invert", "plan_edit", "run_plan"]
 
 
 def invert(
@@ -90,11 +90,18 @@ def edit(session: Session, request: EditRequest, force: bool = False) -> list[Ar
 
     Up to `request.batch_size` prompts are sampled together (one UNet batch), which keeps a GPU busy.
     """
-    plan = plan_edit(session, request)
+    return run_plan(session, plan_edit(session, request), request, force)
+
+
+def run_plan(
+    session: Session, plan: EditPlan, request: EditRequest, force: bool = False, shown: list[str] | None = None
+) -> list[Artifact]:
+    """Sample what the store lacks of a planned edit, then render the `shown` prompts (default: all)."""
     started = time.perf_counter()
     computed = _sample_edits(session, plan, request.settings, force)
     share = (time.perf_counter() - started) / max(len(computed), 1)  # sampling time per computed prompt
-    return [render_edit(session, plan, request, prompt, prompt not in computed, share) for prompt in plan.entries]
+    prompts = shown if shown is not None else list(plan.entries)
+    return [render_edit(session, plan, request, prompt, prompt not in computed, share) for prompt in prompts]
 
 
 def plan_edit(session: Session, request: EditRequest) -> EditPlan:
@@ -171,7 +178,8 @@ def _control(
 
 def edit_from_sidecar(session: Session, recorded: RecordedEdit, force: bool = False) -> list[Artifact]:
     """Render an output again from its sidecar (`tavcli.sidecar.recorded_edit`): same project, tune,
-    inversion, settings and batch, after checking that its ControlNet and condition clip are unchanged."""
+    inversion, settings and batch, after checking that its ControlNet and condition clip are unchanged
+    and that this session computes the very edit recorded (its key: the same precision and --compile)."""
     request, sidecar = recorded.request, recorded.sidecar
     if not (request.project / "tunes" / str(request.tune_key) / "meta.json").is_file():
         raise TavError(
@@ -179,7 +187,7 @@ def edit_from_sidecar(session: Session, recorded: RecordedEdit, force: bool = Fa
             f"run the `reproduce` commands in {sidecar} to rebuild it",
         )
     if request.control is not None:
-        now, then = control_key(request.control), recorded.record["edit"]["control"]
+        now, then = control_key(request.control), recorded.record["edit"].get("control") or {}
         names = {
             "model": f"the ControlNet {request.control.model}",
             "maps": f"the condition clip {request.control.video}",
@@ -190,7 +198,14 @@ def edit_from_sidecar(session: Session, recorded: RecordedEdit, force: bool = Fa
                 f"{' and '.join(changed)} changed since {sidecar} was written",
                 "edit again with --control to render the new one",
             )
-    return [artifact for artifact in edit(session, request, force) if artifact.details["prompt"] == recorded.prompt]
+    plan = plan_edit(session, request)
+    key = plan.entries[recorded.prompt].key
+    if key != recorded.key:
+        raise TavError(
+            f"{sidecar} records edit {recorded.key}; with this precision and --compile it would be {key}",
+            f"use the recorded ones: --precision {recorded.precision}{' --compile' if recorded.compiled else ''}",
+        )
+    return run_plan(session, plan, request, force, [recorded.prompt])  # its batch is sampled, only it is rendered
 
 
 def _current_inversion(session: Session, project: Project, tune_entry: Entry, steps: int) -> Entry:

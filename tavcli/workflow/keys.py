@@ -18,8 +18,8 @@ from tavcli.store import Entry, Project
 
 if TYPE_CHECKING:
     from tavcli.loading import ModelSource
+    from tavcli.requests import FrameSelection, FrameSize
     from tavcli.runtime import Runtime
-    from tavcli.video import FrameSelection, FrameSize
 
 __all__ = [
     "CANNY_OF_SOURCE",

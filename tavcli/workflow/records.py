@@ -68,6 +68,8 @@ def _reproduce(session: Session, plan: EditPlan, request: EditRequest, prompt: s
     trust = ["--trust-pickle"] if session.allow_pickle else []
     tune_cmd = ["tav", "tune", clip["path"], tune["prompt"], "--project", project, "--model", model.base]
     tune_cmd += [] if model.config is None else ["--model-config", model.config]
+    tune_cmd += [] if model.revision is None else ["--revision", model.revision]
+    tune_cmd += [] if model.variant is None else ["--variant", model.variant]
     tune_cmd += [part for path, scale in model.loras for part in ("--lora", f"{path}:{scale}")]
     tune_cmd += ["--frames", clip["frames"], "--stride", clip["stride"], "--start", clip["start"]]
     tune_cmd += ["--width", clip["width"], "--height", clip["height"], "--resize", clip["resize"]]

@@ -45,13 +45,16 @@ def _output_rate(request: EditRequest, clip: dict[str, Any], reporter: Reporter)
     """The output's frame rate: --fps, else the tuned frames' rate (GIFs at most GIF_MAX_FPS); None for PNGs."""
     if request.format == "frames":
         return None  # PNG frames carry no rate
-    if request.fps is not None:
-        return Fraction(request.fps).limit_denominator(1001)
-    rate = Fraction(clip["fps"])
-    if request.format == "gif" and rate > GIF_MAX_FPS:
+    rate = _rate(request.fps, Fraction(clip["fps"]))
+    if request.fps is None and request.format == "gif" and rate > GIF_MAX_FPS:
         reporter.note(f"GIFs play at most {GIF_MAX_FPS:g} fps: writing {GIF_MAX_FPS:g} instead of {float(rate):.3g}")
         return Fraction(GIF_MAX_FPS)
     return rate
+
+
+def _rate(fps: float | None, source: Fraction) -> Fraction:
+    """--fps as a fraction (denominator at most 1001, as containers store rates), else the source's rate."""
+    return source if fps is None else Fraction(fps).limit_denominator(1001)
 
 
 def _output_path(
@@ -106,7 +109,7 @@ def render_grid(session: Session, project_root: Path, edits: list[Artifact], fps
     source = source_frames(session, tune_entry, latents, clip)
     clips = [source, *(read_frames(edit.path) for edit in edits)]
     captions = [f"source: {tune_entry.spec['prompt']}", *(str(edit.details["prompt"]) for edit in edits)]
-    rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(clip["fps"])
+    rate = _rate(fps, Fraction(clip["fps"]))
     key = hashlib.sha256(":".join([*(edit.key for edit in edits), str(rate)]).encode()).hexdigest()[:8]
     folder = edits[0].path.parent
     grid = side_by_side(clips, captions)

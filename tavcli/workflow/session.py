@@ -48,8 +48,8 @@ class Session:
         self.runtime = runtime
         self.reporter = reporter or Reporter()
         self.allow_pickle = allow_pickle
-        self._sources: dict[str, ModelSource] = {}
-        self._components: dict[str, Components] = {}  # by model revision
+        self._sources: dict[tuple[str, bool], ModelSource] = {}  # by name and whether fp16 was preferred
+        self._components: dict[tuple[str, str], Components] = {}  # by resolved name (variant included) and revision
         self._tuned: dict[str, VideoUNet] = {}
 
     def project(self, root: Path) -> Project:
@@ -58,21 +58,28 @@ class Session:
         project.check_version()
         return project
 
-    def source(self, name: str) -> ModelSource:
-        """Where model `name` is (downloading it if needed), without loading it."""
-        if name not in self._sources:
-            half = self.runtime.precision != "fp32"  # fp16 weights, where the model has them
-            self._sources[name] = resolve_model(name, self.allow_pickle, self.reporter.note, half)
-        return self._sources[name]
+    def source(self, name: str, choose_variant: bool = False) -> ModelSource:
+        """Where model `name` is (downloading it if needed), without loading it.
+
+        With `choose_variant` (a tune choosing its model) a half-precision run (fp16 or bf16) takes the
+        model's fp16 weights when it has them, as diffusers users load them; the returned name records
+        the choice. A name a tune recorded is resolved as it says: no variant means the main weights,
+        whatever this run's precision.
+        """
+        prefer_fp16 = choose_variant and self.runtime.precision != "fp32"
+        if (name, prefer_fp16) not in self._sources:
+            resolved = resolve_model(name, self.allow_pickle, self.reporter.note, prefer_fp16)
+            self._sources[(name, prefer_fp16)] = resolved
+        return self._sources[(name, prefer_fp16)]
 
     def model(self, name: str) -> Components:
         """Model `name`, loaded once, with every part on the device (moved back if it was offloaded)."""
         source = self.source(name)
-        if source.revision not in self._components:
+        if source.identity_key not in self._components:
             self.reporter.note(f"loading model {source.name}")
-            dtype = self.runtime.dtype
-            self._components[source.revision] = load_components(source, self.runtime.device, dtype, self.allow_pickle)
-        components = self._components[source.revision]
+            loaded = load_components(source, self.runtime.device, self.runtime.dtype, self.allow_pickle)
+            self._components[source.identity_key] = loaded
+        components = self._components[source.identity_key]
         for module in (components.vae, components.text_encoder):
             if module.device != self.runtime.device:
                 module.to(self.runtime.device)
@@ -89,8 +96,8 @@ class Session:
 
     def release(self, name: str) -> None:
         """Free model `name` (and UNets tuned from it) once no more work needs it."""
-        source = self._sources.get(name)
-        if source is not None and self._components.pop(source.revision, None) is not None:
+        freed = [self._components.pop(s.identity_key, None) for (n, _), s in self._sources.items() if n == name]
+        if any(freed):
             self._tuned.clear()
 
     def forget_tuned(self, key: str) -> None:

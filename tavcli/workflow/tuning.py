@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +15,12 @@ from tavcli.hashing import file_sha256
 from tavcli.inputs import require_folder, require_prompt
 from tavcli.loading import ModelSource, variant_of, weight_files
 from tavcli.memory import MemoryEstimate, check_fits, probe_activations, tune_estimate
-from tavcli.options import (
-    FrameNorm,
-)
 from tavcli.requests import TuneRequest, TuneSettings
 from tavcli.runtime import Runtime
 from tavcli.store import TENSORS, Entry, Project
 from tavcli.training import TrainState, stop_requests, train_delta
 from tavcli.vae import encode_clip
 from tavcli.video import (
-    FrameSelection,
-    FrameSize,
     probe,
     read_clip,
 )
@@ -46,25 +41,17 @@ def tune(session: Session, request: TuneRequest, force: bool = False) -> list[Ar
     Training resumes from the run's latest checkpoint at or below `settings.steps`, so an
     interrupted tune goes on where it stopped and a longer tune continues a shorter one.
     """
-    prompt, settings, frame_norm = require_prompt(request.prompt), request.settings, request.frame_norm
-    probe(request.clip, request.selection)  # a bad clip should fail before a slow model load
-    require_folder(request.project, "--project")
-    source = session.source(request.model)
-    project = session.project(request.project)
-    latents, latents_artifact = _clip_latents(
-        session, source, project, request.clip, request.selection, request.size, force
-    )
-    spec = tune_spec(latents.key, prompt, settings, session.runtime.precision, frame_norm, session.runtime.compile)
-    entry = project.entry("tunes", spec)
-    run = tune_run(spec)
-    checkpoints = Checkpoints.of_run(project.root, run)
+    resolved = _resolve(session, request)
+    latents_artifact = _encode(session, resolved, request, force)
+    entry, run, checkpoints = _tune_entry(session, request, resolved)
+    source, project, settings = resolved.source, resolved.project, request.settings
     started = time.perf_counter()
 
     def compute() -> None:
-        state = _train(session, source, project, latents, checkpoints, run, prompt, settings, frame_norm, force)
+        state = _train(session, resolved, checkpoints, run, request, force)
         facts = {
             "model": source.identity,
-            "clip": latents.meta()["clip"],
+            "clip": resolved.latents.meta()["clip"],
             "losses": state.losses,
             "seconds": time.perf_counter() - started,
             "gradient_checkpointing": settings.gradient_checkpointing,
@@ -79,9 +66,13 @@ def tune(session: Session, request: TuneRequest, force: bool = False) -> list[Ar
         project.update_state(tune=entry.key, inversion=None)
     delta_bytes = (entry.path / TENSORS).stat().st_size
     loaded = weight_files("unet", allow_pickle=True, variant=variant_of(source))
-    unet_files = {f for name in loaded for f in (source.folder / "unet").glob(name)}
-    unet_bytes = sum(f.stat().st_size for f in unet_files)
-    details = {"prompt": prompt, "steps": settings.steps, "delta_bytes": delta_bytes, "base_unet_bytes": unet_bytes}
+    unet_bytes = sum(f.stat().st_size for f in {f for name in loaded for f in (source.folder / "unet").glob(name)})
+    details = {
+        "prompt": request.prompt,
+        "steps": settings.steps,
+        "delta_bytes": delta_bytes,
+        "base_unet_bytes": unet_bytes,
+    }
     tuned = Artifact("tune", entry.key, entry.path, cached, time.perf_counter() - started, details)
     return [latents_artifact, tuned]
 
@@ -91,16 +82,9 @@ def tune_plan(session: Session, request: TuneRequest, force: bool = False, memor
 
     `resume_from` is the step of the checkpoint training would start from (None: from scratch).
     """
-    settings, selection, size = request.settings, request.selection, request.size
-    require_prompt(request.prompt)
-    probe(request.clip, selection)
-    source = session.source(request.model)
-    project = session.project(request.project)
-    latents = latents_entry(project, source, request.clip, selection, size, session.runtime.precision)
-    runtime = session.runtime
-    spec = tune_spec(latents.key, request.prompt, settings, runtime.precision, request.frame_norm, runtime.compile)
-    entry = project.entry("tunes", spec)
-    resume = Checkpoints.of_run(project.root, tune_run(spec)).latest_step(settings.steps)
+    resolved = _resolve(session, request)
+    entry, _, checkpoints = _tune_entry(session, request, resolved)
+    latents, settings, size = resolved.latents, request.settings, request.size
     plan: dict[str, Any] = {
         "kind": "plan",
         "latents": {"key": latents.key, "path": str(latents.path), "cached": latents.complete and not force},
@@ -108,15 +92,19 @@ def tune_plan(session: Session, request: TuneRequest, force: bool = False, memor
             "key": entry.key,
             "path": str(entry.path),
             "cached": entry.complete and not force,
-            "resume_from": None if force else resume,
+            "resume_from": None if force else checkpoints.latest_step(settings.steps),
         },
     }
     if not memory:
         return plan
     with torch.random.fork_rng(devices=[]):
-        unet = inflate_unet(session.model(request.model).unet, frame_norm=request.frame_norm)
-    precision = session.runtime.precision
-    estimate = tune_memory(unet, selection.frames, size.height, size.width, settings.gradient_checkpointing, precision)
+        unet = inflate_unet(session.model(resolved.source.name).unet, frame_norm=request.frame_norm)
+    frames, checkpointing, precision = (
+        request.selection.frames,
+        settings.gradient_checkpointing,
+        session.runtime.precision,
+    )
+    estimate = tune_memory(unet, frames, size.height, size.width, checkpointing, precision)
     return {
         **plan,
         "memory": {
@@ -133,83 +121,104 @@ def import_tune(session: Session, folder: Path, request: TuneRequest) -> list[Ar
     """Store the tuned tensors of a reference Tune-A-Video output folder as a tune of `request.clip`."""
     from tavcli.importing import extract_delta, read_reference
 
-    prompt = require_prompt(request.prompt)
-    probe(request.clip, request.selection)
-    require_folder(request.project, "--project")
+    resolved = _resolve(session, request)
     run = read_reference(folder, session.allow_pickle)
-    source = session.source(request.model)
-    project = session.project(request.project)
-    latents, latents_artifact = _clip_latents(
-        session, source, project, request.clip, request.selection, request.size, force=False
-    )
+    latents_artifact = _encode(session, resolved, request, force=False)
     spec = {
-        **tune_spec(latents.key, prompt, request.settings, "fp32", "joint"),
+        **tune_spec(resolved.latents.key, request.prompt, request.settings, "fp32", "joint"),
         "imported": file_sha256(run.weights_file),
     }
+    project, source = resolved.project, resolved.source
     entry = project.entry("tunes", spec)
     started = time.perf_counter()
 
     def compute() -> None:
-        unet = inflate_unet(session.model(request.model).unet)
+        unet = inflate_unet(session.model(source.name).unet)
         delta = extract_delta(run.weights, unet)
-        facts = {"model": source.identity, "clip": latents.meta()["clip"], "imported_from": str(folder.resolve())}
+        facts = {
+            "model": source.identity,
+            "clip": resolved.latents.meta()["clip"],
+            "imported_from": str(folder.resolve()),
+        }
         entry.save(delta, {**facts, "losses": [], "tav_version": __version__})
 
     cached = project.produce(entry, compute)
     project.update_state(tune=entry.key, inversion=None)
-    details = {"prompt": prompt, "imported_from": str(folder), "delta_bytes": (entry.path / TENSORS).stat().st_size}
+    delta_bytes = (entry.path / TENSORS).stat().st_size
+    details = {"prompt": request.prompt, "imported_from": str(folder), "delta_bytes": delta_bytes}
     return [latents_artifact, Artifact("tune", entry.key, entry.path, cached, time.perf_counter() - started, details)]
 
 
-def _clip_latents(
-    session: Session,
-    source: ModelSource,
-    project: Project,
-    clip: Path,
-    selection: FrameSelection,
-    size: FrameSize,
-    force: bool,
-) -> tuple[Entry, Artifact]:
+@dataclass(frozen=True)
+class _Resolved:
+    """A tune request resolved: the model it loads, its project, and the entry of the clip's latents."""
+
+    source: ModelSource
+    project: Project
+    latents: Entry
+
+
+def _resolve(session: Session, request: TuneRequest) -> _Resolved:
+    """Check the request's clip and project, then find its model (choosing a weights variant) and latents."""
+    require_prompt(request.prompt)
+    probe(request.clip, request.selection)  # a bad clip should fail before a slow model load
+    require_folder(request.project, "--project")
+    source = session.source(request.model, choose_variant=True)
+    project = session.project(request.project)
+    latents = latents_entry(project, source, request.clip, request.selection, request.size, session.runtime.precision)
+    return _Resolved(source, project, latents)
+
+
+def _tune_entry(
+    session: Session, request: TuneRequest, resolved: _Resolved
+) -> tuple[Entry, dict[str, Any], Checkpoints]:
+    """The tune's entry, its training run (its spec without the steps) and that run's checkpoints."""
+    runtime = session.runtime
+    spec = tune_spec(
+        resolved.latents.key, request.prompt, request.settings, runtime.precision, request.frame_norm, runtime.compile
+    )
+    run = tune_run(spec)
+    return resolved.project.entry("tunes", spec), run, Checkpoints.of_run(resolved.project.root, run)
+
+
+def _encode(session: Session, resolved: _Resolved, request: TuneRequest, force: bool) -> Artifact:
     """The clip's VAE posterior (mean, std), encoded once per model, clip content, frames and size."""
     started = time.perf_counter()
-    entry = latents_entry(project, source, clip, selection, size, session.runtime.precision)
+    entry, clip, selection, size = resolved.latents, request.clip, request.selection, request.size
 
     def compute() -> None:
         frames = read_clip(clip, selection, size)
-        vae = session.model(source.name).vae  # loaded before the progress bar starts
+        vae = session.model(resolved.source.name).vae  # loaded before the progress bar starts
         with session.reporter.task("encoding clip", 1) as advance:
             mean, std = encode_clip(vae, frames.frames)
             advance()
         clip_facts = {"path": str(clip.resolve()), "fps": str(frames.fps), **asdict(selection), **asdict(size)}
         entry.save({"mean": mean, "std": std}, {"clip": clip_facts})
 
-    cached = project.produce(entry, compute, force)
-    return entry, Artifact("latents", entry.key, entry.path, cached, time.perf_counter() - started)
+    cached = resolved.project.produce(entry, compute, force)
+    return Artifact("latents", entry.key, entry.path, cached, time.perf_counter() - started)
 
 
 def _train(
     session: Session,
-    source: ModelSource,
-    project: Project,
-    latents: Entry,
+    resolved: _Resolved,
     checkpoints: Checkpoints,
     run: dict[str, Any],
-    prompt: str,
-    settings: TuneSettings,
-    frame_norm: FrameNorm,
+    request: TuneRequest,
     force: bool,
 ) -> TrainState:
     """Train from scratch or from the latest usable checkpoint, saving checkpoints as it goes."""
-    runtime = session.runtime
+    runtime, settings = session.runtime, request.settings
+    source, project = resolved.source, resolved.project
     resume = _resume_point(session, checkpoints, settings.steps, force)
     if resume is not None and resume.step == settings.steps:
         return resume  # an earlier run reached exactly this step: nothing to train
     components = session.model(source.name)
-    stats = latents.tensors(runtime.device)
+    stats = resolved.latents.tensors(runtime.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)  # the temporal layers' initial weights
-        unet = inflate_unet(components.unet, frame_norm=frame_norm)
-    embeds = prompt_embeddings(session, project, source, [prompt])
+        unet = inflate_unet(components.unet, frame_norm=request.frame_norm)
+    embeds = prompt_embeddings(session, project, source, [request.prompt])
     session.offload_frozen(source.name)  # the latents and the embedding are all tuning needs
     if runtime.device.type == "cuda":
         _check_memory(unet, stats["mean"].shape, settings, runtime)
