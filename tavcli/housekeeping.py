@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from tavcli.checkpoints import Checkpoints
+from tavcli.entry import KEY, KINDS, PARENTS, Entry, timestamp
 from tavcli.errors import TavError
 from tavcli.sidecar import edit_keys, output_files, read_sidecar
-from tavcli.store import KEY, KINDS, PARENTS, STATE_FILE, Entry, Project, timestamp
+from tavcli.store import STATE_FILE, Project
 
 __all__ = [
     "Listing",

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from tavcli.control import ControlGuide, canny_maps, load_controlnet
+from tavcli.entry import Entry
 from tavcli.errors import TavError
 from tavcli.inversion import ddim_inversion
 from tavcli.options import (
@@ -24,7 +25,7 @@ from tavcli.options import (
 from tavcli.requests import ControlSpec, EditRequest, EditSettings
 from tavcli.sampling import ddim_sample
 from tavcli.sidecar import RecordedEdit
-from tavcli.store import Entry, Project
+from tavcli.store import Project
 from tavcli.video import (
     FrameSelection,
     FrameSize,

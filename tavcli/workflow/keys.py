@@ -12,9 +12,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tavcli.entry import Entry
 from tavcli.hashing import file_sha256, files_sha256
 from tavcli.requests import ControlSpec, EditRequest, EditSettings, TuneSettings
-from tavcli.store import Entry, Project
+from tavcli.store import Project
 
 if TYPE_CHECKING:
     from tavcli.loading import ModelSource

@@ -13,6 +13,7 @@ import numpy as np
 
 from tavcli import __version__
 from tavcli.atomic import atomic_path
+from tavcli.entry import Entry
 from tavcli.errors import TavError
 from tavcli.options import (
     GIF_MAX_FPS,
@@ -21,7 +22,6 @@ from tavcli.options import (
 from tavcli.progress import Reporter
 from tavcli.requests import EditRequest
 from tavcli.sidecar import read_sidecar, sidecar_of, write_sidecar
-from tavcli.store import Entry
 from tavcli.vae import decode_latents
 from tavcli.video import (
     FrameSelection,

@@ -8,11 +8,12 @@ from typing import Any
 
 import torch
 
+from tavcli.entry import Entry
 from tavcli.errors import TavError
 from tavcli.loading import Components, ModelSource, encode_prompts, load_components, resolve_model
 from tavcli.progress import Reporter
 from tavcli.runtime import Runtime
-from tavcli.store import Entry, Project
+from tavcli.store import Project
 from tavcli.video_unet import VideoUNet, inflate_unet
 from tavcli.workflow.keys import embeddings_entry
 

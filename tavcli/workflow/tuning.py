@@ -11,13 +11,14 @@ import torch
 
 from tavcli import __version__
 from tavcli.checkpoints import Checkpoints, load_train_state, train_state_bytes
+from tavcli.entry import TENSORS, Entry
 from tavcli.hashing import file_sha256
 from tavcli.inputs import require_folder, require_prompt
 from tavcli.loading import ModelSource, variant_of, weight_files
 from tavcli.memory import MemoryEstimate, check_fits, probe_activations, tune_estimate
 from tavcli.requests import TuneRequest, TuneSettings
 from tavcli.runtime import Runtime
-from tavcli.store import TENSORS, Entry, Project
+from tavcli.store import Project
 from tavcli.training import TrainState, stop_requests, train_delta
 from tavcli.vae import encode_clip
 from tavcli.video import (
