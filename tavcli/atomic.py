@@ -6,6 +6,7 @@ even when the writer is killed half-way.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -18,7 +19,7 @@ from typing import Any
 
 from tavcli.errors import TavError
 
-__all__ = ["atomic_path", "write_json", "write_text"]
+__all__ = ["atomic_path", "create_json", "write_json", "write_text"]
 
 
 @contextmanager
@@ -61,4 +62,23 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_text(path, _json_text(data))
+
+
+def create_json(path: Path, data: Any) -> None:
+    """Write `path` completely, but only if no file of that name exists yet (first writer wins).
+
+    The text goes to a temporary file that is then hard-linked to `path`: linking fails on an
+    existing name, so a concurrent writer's file is never replaced.
+    """
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        temp.write_text(_json_text(data), encoding="utf-8")
+        with contextlib.suppress(FileExistsError):
+            os.link(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _json_text(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from tavcli.atomic import atomic_path, write_json
+from tavcli.atomic import create_json, write_json
 from tavcli.entry import KEY, Entry
 from tavcli.errors import TavError
 
@@ -151,7 +150,7 @@ class Project:
             of_tune = [key for key in inverted if self._spec_of("inversions", key).get("tune") == tunes[0]]
             state.update(tune=tunes[0], inversion=of_tune[0] if len(of_tune) == 1 else None)
         with contextlib.suppress(OSError):  # a read-only project only loses the memo
-            _create_json(self.root / STATE_FILE, state)
+            create_json(self.root / STATE_FILE, state)
         return state
 
     def _spec_of(self, kind: str, key: str) -> dict[str, Any]:
@@ -217,11 +216,3 @@ def _state_problem(text: str) -> str | None:
         if state.get(name) is not None and not (isinstance(state[name], str) and KEY.fullmatch(state[name])):
             return f"{name} is {state[name]!r}, not an entry key"
     return None
-
-
-def _create_json(path: Path, data: Any) -> None:
-    """Write `path` atomically only if it does not exist yet (a hard link fails on an existing name)."""
-    with atomic_path(path.with_name(f"{path.name}.new")) as temp:
-        temp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        with contextlib.suppress(FileExistsError):
-            os.link(temp, path)

@@ -133,6 +133,7 @@ def test_missing_project_json_is_rebuilt_only_when_unambiguous(project: Path, ru
     (project / "project.json").unlink()
     assert run_tav("edit", "a cat", "-p", project, "--steps", "2")[0] == 0
     assert json.loads((project / "project.json").read_text())["tune"]
+    assert sorted(p.name for p in project.glob("project.json*")) == ["project.json"]  # no temporary file left
     assert run_tav("tune", CLIP, "a woman is skiing", *SMALL, "-p", project)[0] == 0  # a second tune
     (project / "project.json").unlink()
     code, _, err = run_tav("edit", "a cat", "-p", project, "--steps", "2")
