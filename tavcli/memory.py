@@ -26,9 +26,21 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from tavcli.errors import TavError
 from tavcli.video_unet import VideoUNet, trainable_parameters
 
-__all__ = ["ActivationProbe", "MemoryEstimate", "check_fits", "probe_activations", "tune_estimate"]
+__all__ = [
+    "CARDS_GIB",
+    "CUDA_CONTEXT",
+    "ActivationProbe",
+    "MemoryEstimate",
+    "card_fits",
+    "check_fits",
+    "probe_activations",
+    "tune_estimate",
+]
 
 MARGIN = 1.1
+CARDS_GIB = (8, 12, 16, 24)  # the card sizes `tav tune --dry-run` says what fits on
+CUDA_CONTEXT = 2**29  # what the CUDA context and allocator take of a card before tavcli allocates anything
+MAX_FRAMES = 128  # what the card table counts up to
 
 
 @dataclass(frozen=True)
@@ -146,11 +158,46 @@ def tune_estimate(
     """A tune's peak: fp32 UNet weights, 3x the trained tensors, activations (VAE and text encoder are off)."""
     weights = sum(p.numel() * p.element_size() for p in unet.parameters())
     trained = sum(p.numel() * 4 for p in trainable_parameters(unet).values())
-    tokens = frames * (height // 8) * (width // 8)
-    activations = probe.activations(tokens, checkpointing)
+    activations = _activations(probe, frames, height, width, checkpointing, precision)
+    return MemoryEstimate(weights, 3 * trained, activations, frames, height, width, checkpointing, precision)
+
+
+def card_fits(estimate: MemoryEstimate, probe: ActivationProbe) -> dict[str, dict[str, int]]:
+    """For each card size in `CARDS_GIB`: the most frames at `estimate`'s size that a tune fits, per precision
+    (half = fp16 or bf16) with and without gradient checkpointing (0: not even one frame)."""
+    fits: dict[str, dict[str, int]] = {}
+    for gib in CARDS_GIB:
+        usable = gib * 2**30 - CUDA_CONTEXT
+        fits[f"{gib} GB"] = {
+            f"{precision}{' + checkpointing' if checkpointing else ''}": _most_frames(
+                estimate, probe, usable, checkpointing, "bf16" if precision == "half" else precision
+            )
+            for precision in ("fp32", "half")
+            for checkpointing in (False, True)
+        }
+    return fits
+
+
+def _most_frames(
+    estimate: MemoryEstimate, probe: ActivationProbe, usable: int, checkpointing: bool, precision: str
+) -> int:
+    fixed = estimate.weights + estimate.training_state
+    frames = 0
+    while frames < MAX_FRAMES:
+        activations = _activations(probe, frames + 1, estimate.height, estimate.width, checkpointing, precision)
+        if (fixed + activations) * MARGIN > usable:
+            break
+        frames += 1
+    return frames
+
+
+def _activations(
+    probe: ActivationProbe, frames: int, height: int, width: int, checkpointing: bool, precision: str
+) -> int:
+    activations = probe.activations(frames * (height // 8) * (width // 8), checkpointing)
     if precision in ("fp16", "bf16"):
         activations //= 2  # autocast keeps most activations in half precision
-    return MemoryEstimate(weights, 3 * trained, activations, frames, height, width, checkpointing, precision)
+    return activations
 
 
 def check_fits(estimate: MemoryEstimate, unet: VideoUNet, probe: ActivationProbe, available: int) -> None:

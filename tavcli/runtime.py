@@ -40,7 +40,11 @@ class Runtime:
 
 
 def resolve_runtime(device: str = "auto", precision: Precision | str = "auto", compile: bool = False) -> Runtime:
-    """`--device auto` picks CUDA, then Apple MPS, then the CPU; `--precision auto` is fp16 on CUDA, else fp32."""
+    """`--device auto` picks CUDA, then Apple MPS, then the CPU.
+
+    `--precision auto` is bf16 on CUDA GPUs that support it (Ampere and later: fp32's range, so no
+    overflow), fp16 on older ones, fp32 elsewhere. fp16 and bf16 also run on a CPU (autocast), slowly.
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
@@ -50,11 +54,13 @@ def resolve_runtime(device: str = "auto", precision: Precision | str = "auto", c
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise TavError(f"--device {device}: no CUDA GPU is available here", "use --device cpu")
     if precision == "auto":
-        precision = "fp16" if chosen.type == "cuda" else "fp32"
+        precision = "fp32" if chosen.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if precision not in DTYPES:
         raise TavError(f"unknown precision {precision!r}", "use auto, fp32, fp16 or bf16")
-    if precision != "fp32" and chosen.type == "cpu":
-        raise TavError(f"--precision {precision} needs a GPU; the CPU runs fp32", "use --precision fp32")
+    if precision != "fp32":
+        # What `upcast_attention` (SD 2.x) asks for: attention scores and softmax in fp32. SDPA does
+        # that for half inputs on every backend, its math fallback too unless this flag allows half.
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(False)
     if chosen.type == "cpu":
         keep_freed_memory()
     return Runtime(device=chosen, precision=precision, compile=compile)

@@ -111,7 +111,7 @@ PrecisionOpt = Annotated[
     Optional[Precision],
     typer.Option(
         metavar="auto|fp32|fp16|bf16",
-        help="auto = fp16 on CUDA (mixed precision), fp32 on CPU [default: config, else auto].",
+        help="auto = bf16 on CUDA GPUs that have it, else fp16; fp32 elsewhere [default: config, else auto].",
         rich_help_panel=RUN,
     ),
 ]

@@ -120,6 +120,7 @@ def tune(
         output.print_record(plan)
         state = "cached" if plan["tune"]["cached"] else f"to train (from step {plan['tune']['resume_from'] or 0})"
         output.show(f"tune {plan['tune']['key']}: {state}\nmemory: {plan['memory']['summary']}")
+        output.show(_fits_table(plan["memory"]["frames_that_fit"], request.size.width, request.size.height))
         return
     from tavcli.workflow.tuning import tune as run_tune
 
@@ -236,3 +237,20 @@ def demo(
     prompts = ["a panda is skiing", "a man is skiing at sunset"]
     artifacts += run_edit(session, EditRequest(project, prompts, EditSettings(steps=20)))
     output.report(artifacts)
+
+
+def _fits_table(fits: dict[str, dict[str, int]], width: int, height: int) -> Any:
+    """The most frames at this size that a tune fits on each card size (estimated; half = fp16 or bf16)."""
+    from rich import box
+    from rich.table import Table
+
+    from tavcli.memory import MAX_FRAMES
+
+    settings = list(next(iter(fits.values())))
+    table = Table(title=f"frames that fit at {width}x{height} (estimated)", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("card")
+    for setting in settings:
+        table.add_column(setting, justify="right")
+    for card, frames in fits.items():
+        table.add_row(card, *(f"{frames[s]}{'+' if frames[s] == MAX_FRAMES else ''}" for s in settings))
+    return table

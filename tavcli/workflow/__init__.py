@@ -52,7 +52,6 @@ __all__ = [
     "prompt_embeddings",
     "render_grid",
     "tune",
-    "tune_memory",
     "tune_plan",
     "tune_run",
     "tune_spec",

@@ -15,7 +15,7 @@ from tavcli.entry import TENSORS, Entry
 from tavcli.hashing import file_sha256
 from tavcli.inputs import require_folder, require_prompt
 from tavcli.loading import ModelSource, variant_of, weight_files
-from tavcli.memory import MemoryEstimate, check_fits, probe_activations, tune_estimate
+from tavcli.memory import card_fits, check_fits, probe_activations, tune_estimate
 from tavcli.requests import TuneRequest, TuneSettings
 from tavcli.runtime import Runtime
 from tavcli.store import Project
@@ -33,7 +33,7 @@ from tavcli.workflow.keys import (
 )
 from tavcli.workflow.session import Artifact, Session, prompt_embeddings
 
-__all__ = ["import_tune", "tune", "tune_memory", "tune_plan"]
+__all__ = ["import_tune", "tune", "tune_plan"]
 
 
 def tune(session: Session, request: TuneRequest, force: bool = False) -> list[Artifact]:
@@ -105,7 +105,8 @@ def tune_plan(session: Session, request: TuneRequest, force: bool = False, memor
         settings.gradient_checkpointing,
         session.runtime.precision,
     )
-    estimate = tune_memory(unet, frames, size.height, size.width, checkpointing, precision)
+    probe = probe_activations(unet)
+    estimate = tune_estimate(unet, probe, frames, size.height, size.width, checkpointing, precision)
     return {
         **plan,
         "memory": {
@@ -114,6 +115,7 @@ def tune_plan(session: Session, request: TuneRequest, force: bool = False, memor
             "training_state_bytes": estimate.training_state,
             "activation_bytes": estimate.activations,
             "summary": estimate.describe(),
+            "frames_that_fit": card_fits(estimate, probe),
         },
     }
 
@@ -251,13 +253,6 @@ def _train(
     finished = {step for step in checkpoints.steps() if project.entry("tunes", {**run, "steps": step}).complete}
     checkpoints.discard([step for step in checkpoints.steps() if step < state.step and step not in finished])
     return state
-
-
-def tune_memory(
-    unet: VideoUNet, frames: int, height: int, width: int, checkpointing: bool, precision: str
-) -> MemoryEstimate:
-    """The estimated peak memory of tuning `unet` on such a clip (see `tavcli.memory`)."""
-    return tune_estimate(unet, probe_activations(unet), frames, height, width, checkpointing, precision)
 
 
 def _check_memory(unet: VideoUNet, shape: torch.Size, settings: TuneSettings, runtime: Runtime) -> None:
