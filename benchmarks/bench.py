@@ -3,6 +3,7 @@
     python benchmarks/bench.py --config mid             # the CPU targets: 8 frames, 256x256, fp32, 2 threads
     python benchmarks/bench.py --config tiny            # seconds, for a quick look
     python benchmarks/bench.py --config sd15 --device cuda --precision bf16   # SD 1.5 shapes, 24x512x512
+    python benchmarks/bench.py --config sd21-v --device cuda   # SD 2.1 768-v (also sd21-base), 24x768x768
 
 Random weights of the named architecture are built once, saved with `save_pretrained` and loaded
 back through tavcli's own loading code. Each measurement runs in a fresh process, so its peak
@@ -41,43 +42,25 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-SD15_UNET = {
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-    "sample_size": 64,
+# Architectures come from tavcli.architectures (random weights, full size); `mid` is SD 1.5's structure at
+# a fifth of its UNet width, for the CPU targets; `tiny` is tavcli's built-in model.
+MID = {
+    "unet": {"block_out_channels": [64, 128, 256, 256], "cross_attention_dim": 256, "sample_size": 32},
+    "vae": {"block_out_channels": [32, 64, 128, 128]},
+    "text_encoder": {
+        "hidden_size": 256,
+        "num_attention_heads": 4,
+        "intermediate_size": 1024,
+        "projection_dim": 256,
+        "vocab_size": 626,  # the tiny tokenizer's
+    },
 }
 CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny": {"frames": 8, "size": 128, "unet": None, "vae": None, "text": None},  # tavcli's built-in tiny model
-    "mid": {
-        "frames": 8,
-        "size": 256,
-        "unet": {
-            "block_out_channels": [64, 128, 256, 256],
-            "layers_per_block": 2,
-            "cross_attention_dim": 256,
-            "attention_head_dim": 8,
-            "norm_num_groups": 32,
-            "sample_size": 32,
-        },
-        "vae": {"block_out_channels": [32, 64, 128, 128], "layers_per_block": 2, "norm_num_groups": 32},
-        "text": {"hidden_size": 256, "num_hidden_layers": 12, "num_attention_heads": 4, "intermediate_size": 1024},
-    },
-    "sd15": {
-        "frames": 24,
-        "size": 512,
-        "unet": SD15_UNET,
-        "vae": {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32},
-        "text": {
-            "hidden_size": 768,
-            "num_hidden_layers": 12,
-            "num_attention_heads": 12,
-            "intermediate_size": 3072,
-            "vocab_size": 49408,
-        },
-    },
+    "tiny": {"frames": 8, "size": 128, "architecture": None},
+    "mid": {"frames": 8, "size": 256, "architecture": "sd15", "changes": MID},
+    "sd15": {"frames": 24, "size": 512, "architecture": "sd15"},
+    "sd21-base": {"frames": 24, "size": 512, "architecture": "sd21-base"},
+    "sd21-v": {"frames": 24, "size": 768, "architecture": "sd21-v"},
 }
 # Dense peak FLOP/s by GPU name fragment and dtype (vendor data sheets, SXM parts).
 PEAK_FLOPS = {
@@ -90,42 +73,16 @@ PEAK_FLOPS = {
 PHASES = ("tune", "tune_checkpointing", "inversion", "sampling", "edit", "unet2d")
 
 
-VAE_BLOCKS = {
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "latent_channels": 4,
-    "scaling_factor": 0.18215,
-}
-
-
 def build_model(config: str, folder: Path) -> Path:
     """A diffusers folder with random weights of `config`'s architecture (built once)."""
-    if config == "tiny":
+    spec = CONFIGS[config]
+    if spec["architecture"] is None:
         from tavcli.loading import resolve_model
 
         return resolve_model("tiny").folder
-    target = folder / config
-    if (target / "model_index.json").exists():
-        return target
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from tavcli.architectures import build_model as build_architecture
 
-    tiny = resources.files("tavcli") / "tiny"
-    spec = CONFIGS[config]
-    text_config = json.loads((tiny / "text_encoder.json").read_text()) | {"projection_dim": spec["text"]["hidden_size"]}
-    temp = target.with_name(target.name + ".partial")
-    shutil.rmtree(temp, ignore_errors=True)
-    torch.manual_seed(0)
-    UNet2DConditionModel(**spec["unet"]).save_pretrained(temp / "unet")
-    AutoencoderKL(**spec["vae"], **VAE_BLOCKS).save_pretrained(temp / "vae")
-    CLIPTextModel(CLIPTextConfig(**(text_config | spec["text"]))).save_pretrained(temp / "text_encoder")
-    shutil.copytree(str(tiny / "tokenizer"), temp / "tokenizer")  # ids < 626 fit any vocabulary
-    (temp / "scheduler").mkdir()
-    shutil.copyfile(str(tiny / "scheduler.json"), temp / "scheduler" / "scheduler_config.json")
-    (temp / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    os.replace(temp, target)
-    return target
+    return build_architecture(spec["architecture"], folder / config, changes=spec.get("changes"))
 
 
 def main() -> None:
@@ -295,7 +252,8 @@ def _tune(args: Any, runtime: Any, components: Any, mean: Any, std: Any, embeds:
     settings = TuneSettings(steps=args.warmup + args.repeats, gradient_checkpointing=checkpointing, checkpoint_every=0)
     stamps = _Stamps(runtime)
     flops = _flops(runtime, lambda: _train_once(unet, runtime, mean, embeds))
-    train_delta(unet, components.scheduler, mean, std, 0.18215, embeds, settings, runtime, lambda **_: stamps())
+    scaling = components.vae.config.scaling_factor
+    train_delta(unet, components.scheduler, mean, std, scaling, embeds, settings, runtime, lambda **_: stamps())
     name = "tune_step_checkpointing_s" if checkpointing else "tune_step_s"
     trainable = sum(p.numel() for p in trainable_parameters(unet).values())
     return {

@@ -8,7 +8,9 @@ its prediction **at the destination t_k** from the current latent x (the referen
     x'   = sqrt(a_t) * x0 + sqrt(1 - a_t) * eps
 
 with `a` the cumulative alphas and a_s = `alphas_cumprod[0]` (or 1) when s < 0. That is exactly
-`diffusers.DDIMInverseScheduler.step`, which this module calls.
+`diffusers.DDIMInverseScheduler.step` for noise-predicting models, which this module calls. A
+v-prediction output is converted here, with the alphas of t_k where the model was asked
+(eps = sqrt(a_t) * v + sqrt(1 - a_t) * x): the inverse scheduler would convert it with a_s.
 """
 
 from __future__ import annotations
@@ -48,12 +50,23 @@ def ddim_inversion(
     Returns:
         N + 1 tensors shaped like `latents`: `[0]` is the input, `[-1]` the noise used for editing.
     """
-    inverse = DDIMInverseScheduler.from_config(scheduler.config)
+    inverse = DDIMInverseScheduler.from_config(scheduler.config, prediction_type="epsilon")
+    velocity = scheduler.config.prediction_type == "v_prediction"
     inverse.set_timesteps(num_steps, device=latents.device)
     trajectory = [latents]
     for done, timestep in enumerate(inverse.timesteps, start=1):
         model_output = unet(trajectory[-1], timestep, prompt_embeds).sample
+        if velocity:
+            model_output = _noise_from_velocity(inverse, model_output, trajectory[-1], timestep)
         trajectory.append(inverse.step(model_output, timestep, trajectory[-1]).prev_sample)
         if on_step is not None:
             on_step(done, num_steps)
     return trajectory
+
+
+def _noise_from_velocity(
+    scheduler: DDIMInverseScheduler, velocity: torch.Tensor, sample: torch.Tensor, timestep: torch.Tensor
+) -> torch.Tensor:
+    """The noise a v-prediction model predicts for `sample` at `timestep`: sqrt(a) * v + sqrt(1 - a) * x."""
+    alpha = scheduler.alphas_cumprod[timestep].to(sample.device, torch.float32)
+    return alpha.sqrt() * velocity + (1 - alpha).sqrt() * sample

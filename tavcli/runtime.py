@@ -43,7 +43,7 @@ def resolve_runtime(device: str = "auto", precision: Precision | str = "auto", c
     """`--device auto` picks CUDA, then Apple MPS, then the CPU.
 
     `--precision auto` is bf16 on CUDA GPUs that support it (Ampere and later: fp32's range, so no
-    overflow), fp16 on older ones, fp32 elsewhere. fp16 and bf16 also run on a CPU (autocast), slowly.
+    overflow), fp16 on older ones, fp32 elsewhere. fp16 and bf16 also run on a CPU (autocast).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"

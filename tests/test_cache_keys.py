@@ -258,3 +258,15 @@ def test_reproduce_commands_give_the_same_bits_in_a_fresh_project(tmp_path: Path
     assert Path(again["path"]).read_bytes() == Path(original["path"]).read_bytes()
     payload = Path("edits") / original["key"] / "tensors.safetensors"
     assert (fresh / payload).read_bytes() == (project / payload).read_bytes()
+
+
+def test_inversions_carry_their_formula_so_old_ones_go_stale(tmp_path: Path) -> None:
+    """v-prediction inversions changed numbers (formula 2): an inversion stored before must not be reused."""
+    from tavcli.runtime import Runtime
+    from tavcli.store import Project
+    from tavcli.workflow.keys import INVERSION_FORMULA, inversion_entry
+
+    entry = inversion_entry(Project(tmp_path), "1" * 16, 2, "", Runtime(torch.device("cpu"), "fp32"))
+    assert entry.spec["formula"] == INVERSION_FORMULA == 2
+    before = Project(tmp_path).entry("inversions", {k: v for k, v in entry.spec.items() if k != "formula"})
+    assert before.key != entry.key

@@ -142,7 +142,7 @@ BAD_INPUTS = {
     "edit-untuned": (lambda t: ["edit", "a dog", "-p", _untuned(t)], "never tuned"),
     "invert-untuned": (lambda t: ["invert", "-p", _untuned(t)], "never tuned"),
     "edit-no-project": (lambda t: ["edit", "a dog", "-p", t / "none.tav"], "no project"),
-    "fp16-on-cpu": (lambda t: ["tune", CLIP, "a man", "-m", "tiny", "--device", "cpu", "--precision", "fp16"], "GPU"),
+    "cuda-absent": (lambda t: ["tune", CLIP, "a man", "-m", "tiny", "--device", "cuda"], "no CUDA GPU"),
     "project-is-a-file": (lambda t: ["tune", CLIP, "a man", "-m", "tiny", "-p", CLIP], "is a file"),
     "out-is-a-file": (lambda t: ["edit", "a dog", "-p", _untuned(t), "--out", CLIP], "is a file"),
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -66,3 +68,30 @@ def test_guidance_batches_negative_then_prompt(oracle_video_unet, scheduler, emb
     assert torch.allclose(sample(cat, empty, 1.0), sample(cat, dog, 1.0), atol=1e-5)
     assert torch.allclose(sample(cat, empty, 0.0), sample(dog, empty, 0.0), atol=1e-5)
     assert not torch.allclose(sample(cat, empty, 7.5), sample(dog, empty, 7.5), atol=1e-3)
+
+
+class _StandIn(torch.nn.Module):
+    """A deterministic stand-in UNet predicting noise, or the velocity that noise means at the asked timestep."""
+
+    def __init__(self, alphas: torch.Tensor, velocity: bool) -> None:
+        super().__init__()
+        self.alphas, self.velocity = alphas, velocity
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> SimpleNamespace:
+        noise = 0.3 * x + torch.sin(x * (1 + int(t) / 100))
+        if not self.velocity:
+            return SimpleNamespace(sample=noise)
+        a = self.alphas[int(t)]
+        return SimpleNamespace(sample=(noise - (1 - a).sqrt() * x) / a.sqrt())  # so that eps = sqrt(a) v + sqrt(1-a) x
+
+
+def test_a_v_prediction_model_inverts_like_its_noise_predicting_equivalent(scheduler) -> None:  # type: ignore[no-untyped-def]
+    """The output is converted with the alphas of the timestep the model was asked at (DESIGN.md section 3)."""
+    latents = torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    v_scheduler = DDIMScheduler.from_config(scheduler.config, prediction_type="v_prediction")
+    text = torch.zeros(1, 77, 32)
+    noise_model = _StandIn(scheduler.alphas_cumprod, velocity=False)
+    velocity_model = _StandIn(scheduler.alphas_cumprod, velocity=True)
+    expected = ddim_inversion(noise_model, scheduler, latents, text, 10)  # type: ignore[arg-type]
+    found = ddim_inversion(velocity_model, v_scheduler, latents, text, 10)  # type: ignore[arg-type]
+    assert all(torch.allclose(e, f, atol=1e-4) for e, f in zip(expected, found, strict=True))

@@ -103,10 +103,15 @@ def _checkpoints_what(spec: dict[str, Any]) -> str:
     return f"{spec.get('prompt', '')!r} at steps {', '.join(map(str, spec.get('steps', [])))}"
 
 
+# Bump when the inversion's numbers change for some models (2: v-prediction outputs are converted to
+# noise at the timestep the model was asked at). Only inversions and the edits made from them go stale.
+INVERSION_FORMULA = 2
+
+
 def inversion_entry(project: Project, tune_key: str, steps: int, prompt: str, runtime: Runtime) -> Entry:
     """The store entry of a tune's DDIM inversion: its steps, prompt, precision and compilation."""
     spec = {"tune": tune_key, "steps": steps, "prompt": prompt, **_unless_fp32(runtime.precision)}
-    return project.entry("inversions", {**spec, **_compiled(runtime.compile)})
+    return project.entry("inversions", {**spec, **_compiled(runtime.compile), "formula": INVERSION_FORMULA})
 
 
 def _inversion_what(spec: dict[str, Any]) -> str:
