@@ -27,6 +27,7 @@ __all__ = [
     "OutputFormat",
     "Precision",
     "ResizeMode",
+    "SavePrecision",
     "check_fields",
     "check_rate",
     "choices",
@@ -36,6 +37,7 @@ OutputFormat = Literal["mp4", "gif", "frames"]
 ResizeMode = Literal["crop", "stretch"]
 FrameNorm = Literal["joint", "frame"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
+SavePrecision = Literal["fp32", "fp16", "bf16"]  # what a tune's tensors are stored in
 
 # GIF frame delays are whole hundredths of a second, and players stretch a delay below 2 to 10.
 GIF_MAX_FPS = 50.0
@@ -201,6 +203,14 @@ TUNE = {
             100,
             "Save a resumable state every N steps (0: only on Ctrl-C and at the end).",
             low=0,
+        ),
+        Option(
+            "--save-precision",
+            str,
+            "fp32",
+            "Store the tuned tensors in fp16 or bf16: half the size; edits then use the rounded tensors "
+            "(another result, its own key). Training is shared with the fp32 tune.",
+            allowed=choices(SavePrecision),
         ),
     )
 }

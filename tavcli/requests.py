@@ -20,6 +20,7 @@ from tavcli.options import (
     OptionError,
     OutputFormat,
     ResizeMode,
+    SavePrecision,
     check_fields,
     check_rate,
 )
@@ -88,10 +89,12 @@ class TuneSettings:
     seed: int = 33
     gradient_checkpointing: bool = False  # saves memory, same numbers: not part of the cache key
     checkpoint_every: int = 100  # save a resumable state every N steps (0: only when stopped or done)
+    save_precision: SavePrecision = "fp32"  # the stored tensors' precision: changes the edits' numbers
 
     def __post_init__(self) -> None:
         values = {"steps": self.steps, "lr": self.learning_rate, "seed": self.seed}
-        check_fields(TUNE, {**values, "checkpoint_every": self.checkpoint_every}, "tune settings")
+        stored = {"checkpoint_every": self.checkpoint_every, "save_precision": self.save_precision}
+        check_fields(TUNE, {**values, **stored}, "tune settings")
 
 
 def frame_size(width: int, height: int, resize: ResizeMode, reporter: Reporter) -> FrameSize:

@@ -10,7 +10,7 @@ import torch
 from tavcli.errors import TavError
 from tavcli.options import Precision
 
-__all__ = ["Runtime", "resolve_runtime"]
+__all__ = ["DTYPES", "Runtime", "resolve_runtime"]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -303,3 +303,13 @@ def test_a_job_model_that_cannot_be_named_is_reported_at_validation(batch_dir: P
     records = _records(out)
     assert [r["job"] for r in records if r.get("error")] == ["sunset"]
     assert {r["job"] for r in records if "action" in r} == {"panda", "other-tune"}
+
+
+def test_a_batch_job_stores_its_tune_in_the_precision_asked(tmp_path: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    job = {"clip": str(CLIP), "prompt": "a man", "project": str(tmp_path / "p.tav"), "model": "tiny", "frames": 2}
+    job |= {"width": 32, "height": 32, "steps": 1, "save_precision": "bf16", "edits": ["a cat"], "edit": {"steps": 1}}
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(job) + "\n"))
+    code, out, err = run_tav("batch", "-")
+    assert code == 0, err
+    tune = next(r for r in _records(out) if r["kind"] == "tune")
+    assert json.loads((Path(tune["path"]) / "meta.json").read_text())["spec"]["save_precision"] == "bf16"

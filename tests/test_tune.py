@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -14,7 +17,7 @@ from tavcli.runtime import resolve_runtime
 from tavcli.training import TrainState, TuneInterrupted, train_delta, training_target
 from tavcli.video_unet import inflate_unet, trainable_parameters
 
-from .conftest import ORACLE, TINY_SD
+from .conftest import CLIP, ORACLE, TINY_SD
 
 
 def _video_unet(unet2d):  # type: ignore[no-untyped-def]
@@ -114,3 +117,38 @@ def test_reporter_base_class_is_silent() -> None:
     reporter.note("nothing")
     with reporter.task("work", 3) as advance:
         advance(loss=0.5)
+
+
+def test_a_half_precision_delta_shares_the_training_and_halves_the_size(tmp_path, run_tav) -> None:  # type: ignore[no-untyped-def]
+
+    small = [
+        "--model",
+        "tiny",
+        "--frames",
+        "2",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "3",
+        "-p",
+        tmp_path / "p.tav",
+    ]
+    tunes, edits = {}, {}
+    for stored in ("fp32", "fp16", "bf16"):
+        code, out, err = run_tav("tune", CLIP, "a man is skiing", *small, "--save-precision", stored)
+        assert code == 0, err
+        tunes[stored] = json.loads(out.splitlines()[-1])
+        assert ("resuming from step 3" in err) == (stored != "fp32")  # the fp32 run's final state, not trained again
+        code, out, err = run_tav("edit", "a cat", "-p", tmp_path / "p.tav", "--steps", "3", "-f", "frames")
+        assert code == 0, err
+        edits[stored] = json.loads(out.splitlines()[-1])["key"]
+    assert len({t["key"] for t in tunes.values()}) == len(set(edits.values())) == 3  # each its own result
+    metas = {s: json.loads((Path(t["path"]) / "meta.json").read_text()) for s, t in tunes.items()}
+    assert metas["fp16"]["losses"] == metas["bf16"]["losses"] == metas["fp32"]["losses"]  # one training run
+    full = load_file(Path(tunes["fp32"]["path"]) / "tensors.safetensors")
+    for stored, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        half = load_file(Path(tunes[stored]["path"]) / "tensors.safetensors")
+        assert all(t.dtype == dtype and torch.equal(t, full[name].to(dtype)) for name, t in half.items())
+        assert tunes[stored]["delta_bytes"] < 0.55 * tunes["fp32"]["delta_bytes"]

@@ -117,6 +117,7 @@ def _tune_request(job: Job, reporter: Reporter) -> TuneRequest:
             options["seed"],
             job.tune.get("gradient_checkpointing", False),
             options["checkpoint_every"],
+            options["save_precision"],
         ),
         options["frame_norm"],
     )

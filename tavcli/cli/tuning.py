@@ -34,7 +34,7 @@ from tavcli.cli.options import (
     declared,
 )
 from tavcli.errors import TavError
-from tavcli.options import TUNE, FrameNorm, ResizeMode
+from tavcli.options import TUNE, FrameNorm, ResizeMode, SavePrecision
 
 __all__ = ["demo", "import_reference", "tune"]
 
@@ -74,6 +74,7 @@ def tune(
         bool, typer.Option(help="Trade compute for memory (same results).", rich_help_panel=RUN)
     ] = False,
     checkpoint_every: Annotated[int, declared(TUNE["checkpoint_every"], STORE)] = TUNE["checkpoint_every"].default,
+    save_precision: Annotated[SavePrecision, declared(TUNE["save_precision"], STORE)] = TUNE["save_precision"].default,
     compile_unet: CompileOpt = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print what is cached and the estimated peak memory; train nothing.")
@@ -108,7 +109,7 @@ def tune(
         setup.model_for(chosen, lora or [], revision, variant),
         FrameSelection(frames, stride, start),
         frame_size(width, height, resize, output.RichReporter()),
-        TuneSettings(steps, lr, seed, gradient_checkpointing, checkpoint_every),
+        TuneSettings(steps, lr, seed, gradient_checkpointing, checkpoint_every, save_precision),
         frame_norm,
     )
     probe(video, request.selection)  # a bad or short clip is reported before anything heavy loads

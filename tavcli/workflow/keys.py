@@ -87,16 +87,19 @@ def tune_spec(
         "precision": precision,
         "frame_norm": frame_norm,
         **_compiled(compiled),
+        **({"save_precision": settings.save_precision} if settings.save_precision != "fp32" else {}),
     }
 
 
 def _tune_what(spec: dict[str, Any]) -> str:
-    return f"{spec.get('prompt')!r}, {spec.get('steps')} steps" + (", imported" if spec.get("imported") else "")
+    stored = f", stored in {spec['save_precision']}" if spec.get("save_precision") else ""
+    return f"{spec.get('prompt')!r}, {spec.get('steps')} steps{stored}" + (", imported" if spec.get("imported") else "")
 
 
 def tune_run(spec: dict[str, Any]) -> dict[str, Any]:
-    """A tune's spec without its step count: what names the training run its checkpoints belong to."""
-    return {k: v for k, v in spec.items() if k != "steps"}
+    """A tune's spec without its step count and stored precision: what names the training run its
+    checkpoints belong to (runs that differ only there train alike)."""
+    return {k: v for k, v in spec.items() if k not in ("steps", "save_precision")}
 
 
 def _checkpoints_what(spec: dict[str, Any]) -> str:

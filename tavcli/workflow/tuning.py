@@ -17,7 +17,7 @@ from tavcli.inputs import require_folder, require_prompt
 from tavcli.loading import ModelSource, variant_of, weight_files
 from tavcli.memory import card_fits, check_fits, probe_activations, tune_estimate
 from tavcli.requests import TuneRequest, TuneSettings
-from tavcli.runtime import Runtime
+from tavcli.runtime import DTYPES, Runtime
 from tavcli.store import Project
 from tavcli.training import TrainState, stop_requests, train_delta
 from tavcli.vae import encode_clip
@@ -59,7 +59,7 @@ def tune(session: Session, request: TuneRequest, force: bool = False) -> list[Ar
             "device": session.runtime.device.type,
             "tav_version": __version__,
         }
-        entry.save(state.params, facts)
+        entry.save({name: t.to(DTYPES[settings.save_precision]) for name, t in state.params.items()}, facts)
         session.forget_tuned(entry.key)
 
     cached = project.produce(entry, compute, force, lock=f"checkpoints-{checkpoints.key}")
