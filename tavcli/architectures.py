@@ -21,10 +21,11 @@ from typing import Any
 
 from tavcli.atomic import atomic_path
 
-__all__ = ["ARCHITECTURES", "build_model", "configs"]
+__all__ = ["ARCHITECTURES", "build_model", "configs", "save_random_model"]
 
 Configs = dict[str, dict[str, Any]]  # part (unet, vae, text_encoder, scheduler) -> its config
 SEED = 0
+TINY_CONFIGS = resources.files("tavcli") / "tiny"  # the built-in model's configs and tokenizer
 
 _SD_UNET = {
     "in_channels": 4,
@@ -164,6 +165,17 @@ def build_model(
     if (folder / "model_index.json").is_file():
         return folder
     parts = configs(name, narrow, changes)
+    tokens = json.loads((TINY_CONFIGS / "text_encoder.json").read_text())
+    special = {key: tokens[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    parts["text_encoder"] = special | parts["text_encoder"]
+    with atomic_path(folder) as temp:
+        save_random_model(temp, parts)
+    return folder
+
+
+def save_random_model(folder: Path, parts: Configs, seed: int = SEED) -> None:
+    """Save a Stable Diffusion model of these configs with weights drawn after `torch.manual_seed(seed)`
+    (deterministic), the tiny model's tokenizer, and model_index.json last: it marks a complete model."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -171,17 +183,13 @@ def build_model(
     from tavcli.loading import quiet_libraries
 
     quiet_libraries()
-    tiny = resources.files("tavcli") / "tiny"
-    tokens = json.loads((tiny / "text_encoder.json").read_text())
-    text = {key: tokens[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")} | parts["text_encoder"]
-    with atomic_path(folder) as temp, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        UNet2DConditionModel(**parts["unet"]).save_pretrained(temp / "unet")
-        AutoencoderKL(**parts["vae"]).save_pretrained(temp / "vae")
-        CLIPTextModel(CLIPTextConfig(**text)).save_pretrained(temp / "text_encoder")
-        DDIMScheduler(**parts["scheduler"]).save_pretrained(temp / "scheduler")
-        (temp / "tokenizer").mkdir()
-        for file in (tiny / "tokenizer").iterdir():
-            shutil.copyfile(str(file), temp / "tokenizer" / file.name)
-        shutil.copyfile(str(tiny / "model_index.json"), temp / "model_index.json")  # last: marks a complete model
-    return folder
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        UNet2DConditionModel(**parts["unet"]).save_pretrained(folder / "unet")
+        AutoencoderKL(**parts["vae"]).save_pretrained(folder / "vae")
+        CLIPTextModel(CLIPTextConfig(**parts["text_encoder"])).save_pretrained(folder / "text_encoder")
+    DDIMScheduler(**parts["scheduler"]).save_pretrained(folder / "scheduler")
+    (folder / "tokenizer").mkdir()
+    for file in (TINY_CONFIGS / "tokenizer").iterdir():
+        shutil.copyfile(str(file), folder / "tokenizer" / file.name)
+    shutil.copyfile(str(TINY_CONFIGS / "model_index.json"), folder / "model_index.json")

@@ -30,7 +30,7 @@ def atomic_path(final: Path, needed: int | None = None) -> Iterator[Path]:
     when `needed` (bytes) is given, the space it takes.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    temp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    temp = _temporary(final)
     try:
         try:
             yield temp
@@ -71,13 +71,18 @@ def create_json(path: Path, data: Any) -> None:
     The text goes to a temporary file that is then hard-linked to `path`: linking fails on an
     existing name, so a concurrent writer's file is never replaced.
     """
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    temp = _temporary(path)
     try:
         temp.write_text(_json_text(data), encoding="utf-8")
         with contextlib.suppress(FileExistsError):
             os.link(temp, path)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def _temporary(path: Path) -> Path:
+    """A hidden name beside `path`, unique to this process and call."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 def _json_text(data: Any) -> str:

@@ -170,7 +170,11 @@ def card_fits(estimate: MemoryEstimate, probe: ActivationProbe) -> dict[str, dic
         usable = gib * 2**30 - CUDA_CONTEXT
         fits[f"{gib} GB"] = {
             f"{precision}{' + checkpointing' if checkpointing else ''}": _most_frames(
-                estimate, probe, usable, checkpointing, "bf16" if precision == "half" else precision
+                estimate,
+                probe,
+                usable,
+                checkpointing=checkpointing,
+                precision="bf16" if precision == "half" else precision,
             )
             for precision in ("fp32", "half")
             for checkpointing in (False, True)
@@ -178,46 +182,22 @@ def card_fits(estimate: MemoryEstimate, probe: ActivationProbe) -> dict[str, dic
     return fits
 
 
-def _most_frames(
-    estimate: MemoryEstimate, probe: ActivationProbe, usable: int, checkpointing: bool, precision: str
-) -> int:
-    fixed = estimate.weights + estimate.training_state
-    frames = 0
-    while frames < MAX_FRAMES:
-        activations = _activations(probe, frames + 1, estimate.height, estimate.width, checkpointing, precision)
-        if (fixed + activations) * MARGIN > usable:
-            break
-        frames += 1
-    return frames
-
-
-def _activations(
-    probe: ActivationProbe, frames: int, height: int, width: int, checkpointing: bool, precision: str
-) -> int:
-    activations = probe.activations(frames * (height // 8) * (width // 8), checkpointing)
-    if precision in ("fp16", "bf16"):
-        activations //= 2  # autocast keeps most activations in half precision
-    return activations
-
-
-def check_fits(estimate: MemoryEstimate, unet: VideoUNet, probe: ActivationProbe, available: int) -> None:
+def check_fits(estimate: MemoryEstimate, probe: ActivationProbe, available: int) -> None:
     """Stop before a tune that would run out of memory, naming settings that would fit."""
     if estimate.total <= available:
         return
-    options = []
+    options: list[tuple[str, dict[str, object]]] = []
     if not estimate.checkpointing:
-        options.append(("--gradient-checkpointing", replace(estimate, checkpointing=True)))
+        options.append(("--gradient-checkpointing", {"checkpointing": True}))
     if estimate.precision == "fp32":
-        options.append(("--precision bf16", replace(estimate, precision="bf16")))
-    fewer = next(
-        (f for f in range(estimate.frames - 1, 0, -1) if _total(unet, probe, estimate, frames=f) <= available), None
-    )
-    suggestions = [flag for flag, alt in options if _total(unet, probe, alt) <= available]
+        options.append(("--precision bf16", {"precision": "bf16"}))
+    suggestions = [flag for flag, changes in options if _changed(estimate, probe, **changes).total <= available]
+    fewer = _most_frames(estimate, probe, available, limit=estimate.frames - 1)
     if fewer:
         suggestions.append(f"--frames {fewer}")
     for size in (448, 384, 320, 256):
         smaller = size < max(estimate.height, estimate.width)
-        if smaller and _total(unet, probe, estimate, height=size, width=size) <= available:
+        if smaller and _changed(estimate, probe, height=size, width=size).total <= available:
             suggestions.append(f"--width {size} --height {size}")
             break
     gib = 2**30
@@ -228,11 +208,32 @@ def check_fits(estimate: MemoryEstimate, unet: VideoUNet, probe: ActivationProbe
     )
 
 
-def _total(unet: VideoUNet, probe: ActivationProbe, base: MemoryEstimate, **changes: object) -> int:
-    changed = replace(base, **changes)  # type: ignore[arg-type]
-    return tune_estimate(
-        unet, probe, changed.frames, changed.height, changed.width, changed.checkpointing, changed.precision
-    ).total
+def _most_frames(
+    estimate: MemoryEstimate, probe: ActivationProbe, usable: int, limit: int = MAX_FRAMES, **changes: object
+) -> int:
+    """The most frames, up to `limit`, whose tune (`estimate` with `changes`) fits in `usable` bytes."""
+    frames = 0
+    while frames < limit and _changed(estimate, probe, frames=frames + 1, **changes).total <= usable:
+        frames += 1
+    return frames
+
+
+def _changed(estimate: MemoryEstimate, probe: ActivationProbe, **changes: object) -> MemoryEstimate:
+    """`estimate` for other frames, size, checkpointing or precision: the same weights, activations from the probe."""
+    changed = replace(estimate, **changes)  # type: ignore[arg-type]
+    activations = _activations(
+        probe, changed.frames, changed.height, changed.width, changed.checkpointing, changed.precision
+    )
+    return replace(changed, activations=activations)
+
+
+def _activations(
+    probe: ActivationProbe, frames: int, height: int, width: int, checkpointing: bool, precision: str
+) -> int:
+    activations = probe.activations(frames * (height // 8) * (width // 8), checkpointing)
+    if precision in ("fp16", "bf16"):
+        activations //= 2  # autocast keeps most activations in half precision
+    return activations
 
 
 def _storage_key(tensor: torch.Tensor) -> int:

@@ -8,35 +8,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
-
+from tavcli.architectures import TINY_CONFIGS, save_random_model
 from tavcli.atomic import atomic_path
 from tavcli.config import cache_dir
-from tavcli.loading import ModelSource, quiet_libraries
+from tavcli.loading import ModelSource
 from tavcli.model_name import TINY_MODEL
 
 __all__ = ["tiny_model"]
 
 
 TINY_SEED = 0
+PARTS = ("unet", "vae", "text_encoder", "scheduler")  # tavcli/tiny/PART.json
 
 
 def tiny_model() -> ModelSource:
-    configs = resources.files("tavcli") / "tiny"
+    configs = TINY_CONFIGS
     digest = hashlib.sha256(f"seed={TINY_SEED}\n".encode())
     for entry in sorted(_walk(configs), key=str):
         digest.update(entry.read_bytes())
     revision = f"tiny-{digest.hexdigest()[:16]}"
     folder = cache_dir() / "models" / revision
     if not (folder / "model_index.json").exists():
-        quiet_libraries()
         with atomic_path(folder) as temp:
             _build_tiny_model(configs, temp)
     return ModelSource(name=TINY_MODEL, folder=folder, revision=revision)
@@ -48,18 +43,5 @@ def _walk(node: Any) -> list[Any]:
 
 def _build_tiny_model(configs: Any, folder: Path) -> None:
     """Save an SD-shaped model with seeded random weights; deterministic for a given config."""
-
-    def config(name: str) -> dict[str, Any]:
-        return json.loads((configs / name).read_text())
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        UNet2DConditionModel(**config("unet.json")).save_pretrained(folder / "unet")
-        AutoencoderKL(**config("vae.json")).save_pretrained(folder / "vae")
-        CLIPTextModel(CLIPTextConfig(**config("text_encoder.json"))).save_pretrained(folder / "text_encoder")
-    DDIMScheduler(**config("scheduler.json")).save_pretrained(folder / "scheduler")
-    (folder / "tokenizer").mkdir()
-    for file in (configs / "tokenizer").iterdir():
-        shutil.copyfile(str(file), folder / "tokenizer" / file.name)
-    # Written last: its presence marks a complete model.
-    shutil.copyfile(str(configs / "model_index.json"), folder / "model_index.json")
+    parts = {part: json.loads((configs / f"{part}.json").read_text()) for part in PARTS}
+    save_random_model(folder, parts, TINY_SEED)

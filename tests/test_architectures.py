@@ -31,6 +31,7 @@ from tavcli.video_unet import inflate_unet, trainable_parameters
 
 from .conftest import CLIP
 from .ldm_format import ldm_checkpoint
+from .reference_format import write_reference_output
 
 NAMES = list(ARCHITECTURES)
 CPU = torch.device("cpu")
@@ -263,14 +264,11 @@ def _reference_output(model: Path, path: Path) -> dict[str, torch.Tensor]:
             for k, v in weights.items()
             if k.endswith(("attn1.to_q.weight", "attn2.to_q.weight")) or ".attn_temp." in k or ".norm_temp." in k
         }
-    (path / "unet").mkdir(parents=True)
-    save_file(weights | tuned, path / "unet" / "diffusion_pytorch_model.safetensors")
-    config = json.loads((model / "unet" / "config.json").read_text()) | {"_class_name": "UNet3DConditionModel"}
-    (path / "unet" / "config.json").write_text(json.dumps(config))
     data = {"video_path": str(CLIP), "prompt": PROMPT, "n_sample_frames": 3, "width": 64, "height": 64}
     data |= {"sample_start_idx": 0, "sample_frame_rate": 2}
     run = {"pretrained_model_path": str(model), "train_data": data, "learning_rate": 3e-5, "max_train_steps": 300}
-    (path / "config.yaml").write_text(yaml.safe_dump(run))
+    unet_config = json.loads((model / "unet" / "config.json").read_text())
+    write_reference_output(path, weights | tuned, unet_config, yaml.safe_dump(run))
     return tuned
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .conftest import CLIP, ORACLE, TINY_SD
+from .reference_format import write_reference_output
 
 
 def _reference_folder(path: Path, tamper: bool = False, pickled: bool = False) -> Path:
@@ -24,14 +25,7 @@ def _reference_folder(path: Path, tamper: bool = False, pickled: bool = False) -
     weights[to_q] += 0.5  # "tuned"
     if tamper:
         weights["conv_in.weight"] += 1.0  # a frozen tensor that is not the base model's
-    (path / "unet").mkdir(parents=True)
-    config = json.loads((TINY_SD / "unet" / "config.json").read_text()) | {"_class_name": "UNet3DConditionModel"}
-    (path / "unet" / "config.json").write_text(json.dumps(config))
-    if pickled:
-        torch.save(weights, path / "unet" / "diffusion_pytorch_model.bin")
-    else:
-        save_file(weights, path / "unet" / "diffusion_pytorch_model.safetensors")
-    (path / "config.yaml").write_text(
+    run = (
         f'pretrained_model_path: "{TINY_SD}"\n'
         "train_data:\n"
         f'  video_path: "{CLIP}"\n'
@@ -39,7 +33,8 @@ def _reference_folder(path: Path, tamper: bool = False, pickled: bool = False) -
         "  n_sample_frames: 4\n  width: 32\n  height: 32\n  sample_start_idx: 0\n  sample_frame_rate: 2\n"
         "learning_rate: 3e-5\nmax_train_steps: 300\nseed: 33\n"
     )
-    return path
+    unet_config = json.loads((TINY_SD / "unet" / "config.json").read_text())
+    return write_reference_output(path, weights, unet_config, run, pickled)
 
 
 @pytest.mark.slow

@@ -35,9 +35,9 @@ def test_a_tune_that_does_not_fit_names_settings_that_do(oracle_unet2d) -> None:
     unet = inflate_unet(oracle_unet2d)
     probe = probe_activations(unet)
     estimate = tune_estimate(unet, probe, 24, 512, 512, checkpointing=False, precision="fp32")
-    check_fits(estimate, unet, probe, available=estimate.total)  # fits exactly: no error
+    check_fits(estimate, probe, available=estimate.total)  # fits exactly: no error
     with pytest.raises(TavError) as raised:
-        check_fits(estimate, unet, probe, available=int(estimate.total * 0.6))
+        check_fits(estimate, probe, available=int(estimate.total * 0.6))
     assert "GiB is free" in raised.value.message
     assert raised.value.hint is not None and "--gradient-checkpointing" in raised.value.hint
     assert "--frames" in raised.value.hint

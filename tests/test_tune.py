@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,7 @@ def test_every_trainable_tensor_gets_a_gradient(oracle_unet2d, checkpointing: bo
     assert frozen_with_grad == []
 
 
-def _train(unet2d, steps: int = 2, seed: int = 33, checkpointing: bool = False, **resumable):  # type: ignore[no-untyped-def]
+def _train(unet2d, steps: int = 2, seed: int = 33, checkpointing: bool = False, precision: str = "fp32", **resumable):  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     unet = inflate_unet(unet2d)
     mean = torch.randn(1, 4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
@@ -57,15 +58,16 @@ def _train(unet2d, steps: int = 2, seed: int = 33, checkpointing: bool = False, 
         steps=steps, learning_rate=1e-3, seed=seed, gradient_checkpointing=checkpointing, checkpoint_every=2
     )
     scheduler = DDIMScheduler.from_pretrained(TINY_SD / "scheduler")
-    runtime = resolve_runtime("cpu", "fp32")
+    runtime = resolve_runtime("cpu", precision)
     state = train_delta(
         unet, scheduler, mean, std, 0.18215, text, settings, runtime, lambda loss: losses.append(loss), **resumable
     )
-    return unet, state.params, losses
+    return unet, state, losses
 
 
 def test_resuming_from_a_saved_state_gives_the_uninterrupted_result(oracle_unet2d, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    _, straight, straight_losses = _train(oracle_unet2d, steps=5)
+    _, straight_state, straight_losses = _train(oracle_unet2d, steps=5)
+    straight = straight_state.params
     saved: list[TrainState] = []
     with pytest.raises(TuneInterrupted, match="step 3 of 5"):
         _train(oracle_unet2d, steps=5, save=saved.append, stop_requested=lambda: len(saved) == 1)
@@ -74,28 +76,44 @@ def test_resuming_from_a_saved_state_gives_the_uninterrupted_result(oracle_unet2
     checkpoints.save(3, train_state_bytes(saved[-1], {"run": "test"}))
     resumed_state = load_train_state(checkpoints, 3, torch.device("cpu"))
     assert resumed_state.step == 3 and len(resumed_state.losses) == 3
-    _, resumed, _ = _train(oracle_unet2d, steps=5, resume=resumed_state)
+    resumed = _train(oracle_unet2d, steps=5, resume=resumed_state)[1].params
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
     assert resumed_state.losses == straight_losses[:3]
 
 
 def test_training_changes_only_the_tuned_tensors_and_is_reproducible(oracle_unet2d) -> None:
     before = {name: t.clone() for name, t in oracle_unet2d.state_dict().items()}
-    unet, delta, losses = _train(oracle_unet2d)
+    unet, state, losses = _train(oracle_unet2d)
+    delta = state.params
     assert len(losses) == 2 and all(loss > 0 for loss in losses)
     assert set(delta) == set(trainable_parameters(unet))
     assert all(torch.equal(t, before[name]) for name, t in oracle_unet2d.state_dict().items())
     changed = [name for name, t in delta.items() if name in before and not torch.equal(t, before[name])]
     assert len(changed) == 32  # every attn1.to_q and attn2.to_q moved
-    _, again, _ = _train(oracle_unet2d)
+    again = _train(oracle_unet2d)[1].params
     assert all(torch.equal(delta[name], again[name]) for name in delta)
-    _, other_seed, _ = _train(oracle_unet2d, seed=34)
+    other_seed = _train(oracle_unet2d, seed=34)[1].params
     assert not all(torch.equal(delta[name], other_seed[name]) for name in delta)
 
 
+def test_half_precision_training_runs_autocast_and_scales_fp16_losses(oracle_unet2d) -> None:  # type: ignore[no-untyped-def]
+    """fp16 and bf16 on the CPU (autocast and GradScaler run there), so CI covers a GPU's code paths."""
+    _, full, full_losses = _train(oracle_unet2d)
+    for precision in ("fp16", "bf16"):
+        _, state, losses = _train(oracle_unet2d, precision=precision)
+        assert all(math.isfinite(loss) for loss in losses) and losses != full_losses  # computed in half precision
+        params = state.params
+        assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all()) for p in params.values())  # fp32 masters
+        assert sum(not torch.equal(params[n], full.params[n]) for n in params) > 0
+        assert bool(state.scaler) == (precision == "fp16")  # GradScaler only where fp16's range needs it
+        if state.scaler:
+            assert state.scaler["scale"] > 1
+    assert full.scaler == {}
+
+
 def test_gradient_checkpointing_gives_the_same_delta(oracle_unet2d) -> None:
-    _, plain, _ = _train(oracle_unet2d)
-    _, checkpointed, _ = _train(oracle_unet2d, checkpointing=True)
+    plain = _train(oracle_unet2d)[1].params
+    checkpointed = _train(oracle_unet2d, checkpointing=True)[1].params
     assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
 
 

@@ -87,7 +87,7 @@ def tune_spec(
         "precision": precision,
         "frame_norm": frame_norm,
         **_compiled(compiled),
-        **({"save_precision": settings.save_precision} if settings.save_precision != "fp32" else {}),
+        **_unless_fp32(settings.save_precision, "save_precision"),
     }
 
 
@@ -176,9 +176,9 @@ def controlnet_identity(name: str) -> str:
     return f"{path.resolve()}@sha256-{files_sha256(path, (p for p in path.rglob('*') if p.is_file()))}"
 
 
-def _unless_fp32(precision: str) -> dict[str, str]:
-    """The precision in the keys of latents and inversions, which first recorded none: fp32 keys stay as they were."""
-    return {} if precision == "fp32" else {"precision": precision}
+def _unless_fp32(precision: str, field: str = "precision") -> dict[str, str]:
+    """A precision in keys that first recorded none (latents, inversions, stored tunes): fp32 keys stay as they were."""
+    return {} if precision == "fp32" else {field: precision}
 
 
 def _compiled(compiled: bool) -> dict[str, bool]:

@@ -262,7 +262,7 @@ def _check_memory(unet: VideoUNet, shape: torch.Size, settings: TuneSettings, ru
     checkpointing, precision = settings.gradient_checkpointing, runtime.precision
     estimate = tune_estimate(unet, activations, frames, height, width, checkpointing, precision)
     free, _ = torch.cuda.mem_get_info(runtime.device)
-    check_fits(estimate, unet, activations, free + torch.cuda.memory_allocated(runtime.device))
+    check_fits(estimate, activations, free + torch.cuda.memory_allocated(runtime.device))
 
 
 def _resume_point(session: Session, checkpoints: Checkpoints, steps: int, force: bool) -> TrainState | None:
