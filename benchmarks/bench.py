@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--edit-steps", type=int, default=10)
+    parser.add_argument("--window", type=int, help="run inversion and sampling in windows of W frames (tav --window)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (tavcli --compile)")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TAV_BENCH_DIR", ".tav-bench")))
@@ -278,9 +279,10 @@ def _inversion(args: Any, runtime: Any, components: Any, latents: Any, empty: An
 
     from tavcli.inversion import ddim_inversion
     from tavcli.video_unet import inflate_unet
+    from tavcli.workflow.editing import windowed
 
     torch.manual_seed(0)
-    unet = runtime.prepare(inflate_unet(components.unet).eval())
+    unet = windowed(runtime.prepare(inflate_unet(components.unet).eval()), args.window)
     stamps = _Stamps(runtime)
     flops = _flops(runtime, lambda: ddim_inversion(unet, components.scheduler, latents, empty, 1))
     with runtime.autocast():

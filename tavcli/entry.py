@@ -72,8 +72,9 @@ class Entry:
             raise _damaged(self.path, f"meta.json does not list its payload {TENSORS}")
         return meta
 
-    def save(self, tensors: dict[str, Any], facts: dict[str, Any]) -> None:
-        """Write the tensors, then the metadata (with the payload's hash) that marks the entry complete.
+    def save(self, tensors: dict[str, Any], facts: dict[str, Any], extra: dict[str, bytes] | None = None) -> None:
+        """Write the tensors (and `extra` files by name, e.g. a picture), then the metadata that lists each
+        file with its hash and marks the entry complete.
 
         Tensors holding NaN or inf are refused: a cached wrong result would be reused forever.
         """
@@ -87,9 +88,11 @@ class Entry:
             )
         payload = save({name: t.detach().contiguous().cpu() for name, t in tensors.items()})
         self.path.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path / TENSORS, needed=len(payload)) as temp:
-            temp.write_bytes(payload)
-        files = {TENSORS: {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}}
+        files = {}
+        for name, data in {TENSORS: payload, **(extra or {})}.items():
+            with atomic_path(self.path / name, needed=len(data)) as temp:
+                temp.write_bytes(data)
+            files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         write_json(
             self.path / "meta.json",
             {"kind": self.kind, "key": self.key, "spec": self.spec, "files": files, "created": timestamp(), **facts},

@@ -16,21 +16,22 @@ v-prediction output is converted here, with the alphas of t_k where the model wa
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from diffusers import DDIMInverseScheduler, SchedulerMixin
 
-from tavcli.video_unet import VideoUNet
+__all__ = ["StepCallback", "UNetCall", "ddim_inversion"]
 
-__all__ = ["StepCallback", "ddim_inversion"]
-
+UNetCall = Callable[..., Any]
+"""A video UNet, or `tavcli.windows.WindowedUNet` running one over windows: (sample, t, text, **extra) -> .sample"""
 StepCallback = Callable[[int, int], None]
 """Called after each denoising step with (steps done, steps in all)."""
 
 
 @torch.no_grad()
 def ddim_inversion(
-    unet: VideoUNet,
+    unet: UNetCall,
     scheduler: SchedulerMixin,
     latents: torch.Tensor,
     prompt_embeds: torch.Tensor,

@@ -24,6 +24,7 @@ __all__ = [
     "FrameNorm",
     "Option",
     "OptionError",
+    "SELECTION",
     "OutputFormat",
     "Precision",
     "ResizeMode",
@@ -67,6 +68,7 @@ class Option:
     above: bool = False  # `low` itself is not allowed
     allowed: tuple[str, ...] = ()
     why: str = ""  # a hint given with a refused value
+    words: tuple[str, ...] = ()  # words a number option also takes (`--frames all`)
 
     @property
     def name(self) -> str:
@@ -75,7 +77,8 @@ class Option:
 
     @property
     def metavar(self) -> str:
-        return {int: "INT", float: "FLOAT", str: "TEXT"}.get(self.kind, "")
+        number = {int: "INT", float: "FLOAT", str: "TEXT"}.get(self.kind, "")
+        return "|".join((number, *self.words)) if self.words else number
 
     def describe(self) -> str:
         """What a valid value is, in words: 'an integer from 1 to 999', 'a finite number above 0'."""
@@ -87,7 +90,8 @@ class Option:
             return "true or false"
         noun = "an integer" if self.kind is int else "a finite number"
         bounds = self.bounds()
-        return f"{noun} {'of ' if bounds.startswith('at ') else ''}{bounds}".rstrip()
+        number = f"{noun} {'of ' if bounds.startswith('at ') else ''}{bounds}".rstrip()
+        return " or ".join((number, *self.words))
 
     def bounds(self) -> str:
         """The numeric range alone: 'from 1 to 999', 'at least 0', 'above 0' ('' when unbounded)."""
@@ -108,6 +112,8 @@ class Option:
             if not isinstance(value, str) or (self.allowed and value not in self.allowed):
                 raise ValueError(f"must be {self.describe()}")
             return value
+        if value in self.words:
+            return value
         number_types = (int,) if self.kind is int else (int, float)
         if isinstance(value, bool) or not isinstance(value, number_types):
             raise ValueError(f"must be {self.describe()}")
@@ -123,7 +129,7 @@ class Option:
     def parse(self, given: Any) -> Any:
         """A flag's text (or its default) as a checked value; OptionError names the flag and what it takes."""
         value = given
-        if isinstance(given, str) and self.kind in (int, float):
+        if isinstance(given, str) and self.kind in (int, float) and given not in self.words:
             try:
                 value = self.kind(given)
             except ValueError:
@@ -212,6 +218,32 @@ TUNE = {
             "(another result, its own key). Training is shared with the fp32 tune.",
             allowed=choices(SavePrecision),
         ),
+        Option(
+            "--rank",
+            int,
+            0,
+            "Tune rank-R LoRA adapters (peft) on the same layers instead of the whole projections: a tune of a "
+            "few MB (another method, its own key). 0: the whole projections, as the paper.",
+            low=0,
+            high=1024,
+            why="4 to 64 are usual ranks",
+        ),
+        Option(
+            "--preview",
+            str,
+            "",
+            "Keep the tuned state every --preview-every steps and render this prompt from each, with a grid over "
+            "steps: pick a step count by looking.",
+        ),
+        Option("--preview-every", int, 100, "Steps between kept states (with --preview).", low=1),
+        Option(
+            "--preview-steps",
+            int,
+            10,
+            "DDIM steps of each preview's inversion and edit (a preview, not the final edit).",
+            low=1,
+            high=DDIM_MAX_STEPS,
+        ),
     )
 }
 
@@ -219,6 +251,32 @@ TUNE = {
 def _ddim_steps(help: str) -> Option:
     return Option("--steps", int, 50, help, low=1, high=DDIM_MAX_STEPS, why="50 is the usual choice")
 
+
+# Which frames `tav invert` and `tav edit` work on: any number, not only the tuned ones (long clips).
+SELECTION = {
+    option.name: option
+    for option in (
+        Option(
+            "--frames",
+            int,
+            None,
+            "Frames to invert and edit [default: the tuned ones]; all: the clip's whole length from --start.",
+            low=1,
+            words=("all",),
+        ),
+        Option("--stride", int, None, "Take every S-th frame [default: the tuned stride].", low=1),
+        Option("--start", int, None, "First frame, 0-based [default: the tuned start].", low=0),
+        Option(
+            "--window",
+            int,
+            None,
+            "Frames per UNet call: longer selections run in overlapping windows that all keep the clip's frame 0, "
+            "blended (bounds memory by the window) [default: all frames at once].",
+            low=2,
+            why="the tuned frame count (24 by default) is a good window",
+        ),
+    )
+}
 
 INVERT = {
     option.name: option
@@ -256,6 +314,15 @@ EDIT = {
         ),
         Option("--batch-size", int, 1, "Prompts sampled together in one UNet batch (GPU throughput).", low=1),
         Option("--control-scale", float, 1.0, "Strength of the ControlNet residuals.", low=0, high=10),
+        *SELECTION.values(),
+        Option(
+            "--tune-step",
+            int,
+            None,
+            "Edit with the state kept at step N of the tune (tav tune --preview-every) [default: the finished tune].",
+            low=1,
+            high=1_000_000,
+        ),
     )
 }
 

@@ -15,6 +15,7 @@ from tavcli.inputs import require_folder, require_prompt, require_regular_file
 from tavcli.options import (
     EDIT,
     INVERT,
+    SELECTION,
     TUNE,
     FrameNorm,
     OptionError,
@@ -31,8 +32,10 @@ __all__ = [
     "ControlSpec",
     "EditRequest",
     "EditSettings",
+    "FrameChoice",
     "FrameSelection",
     "FrameSize",
+    "Preview",
     "TuneRequest",
     "TuneSettings",
     "control_spec",
@@ -90,11 +93,25 @@ class TuneSettings:
     gradient_checkpointing: bool = False  # saves memory, same numbers: not part of the cache key
     checkpoint_every: int = 100  # save a resumable state every N steps (0: only when stopped or done)
     save_precision: SavePrecision = "fp32"  # the stored tensors' precision: changes the edits' numbers
+    rank: int = 0  # > 0: tune rank-`rank` LoRA adapters instead of the whole projections (another method)
 
     def __post_init__(self) -> None:
-        values = {"steps": self.steps, "lr": self.learning_rate, "seed": self.seed}
+        values = {"steps": self.steps, "lr": self.learning_rate, "seed": self.seed, "rank": self.rank}
         stored = {"checkpoint_every": self.checkpoint_every, "save_precision": self.save_precision}
         check_fields(TUNE, {**values, **stored}, "tune settings")
+
+
+@dataclass(frozen=True)
+class Preview:
+    """`tav tune --preview`: keep the state every `every` steps, render `prompt` from each with `steps` DDIM steps."""
+
+    prompt: str
+    every: int = 100
+    steps: int = 10
+
+    def __post_init__(self) -> None:
+        require_prompt(self.prompt)
+        check_fields(TUNE, {"preview_every": self.every, "preview_steps": self.steps}, "preview")
 
 
 def frame_size(width: int, height: int, resize: ResizeMode, reporter: Reporter) -> FrameSize:
@@ -168,6 +185,25 @@ def control_spec(kind: str | None, model: str | None, video: Path | None, scale:
 
 
 @dataclass(frozen=True)
+class FrameChoice:
+    """The frames `tav invert`/`tav edit` work on: each field None takes the tuned selection's; `frames`
+    may be "all" (the clip's whole length from `start`). `window` frames per UNet call (None: all at once)."""
+
+    frames: int | str | None = None
+    stride: int | None = None
+    start: int | None = None
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(SELECTION, asdict(self), "frame choice")
+
+    @property
+    def tuned(self) -> bool:
+        """Whether this is the tuned selection, processed at once: what `tav edit` did before it had a choice."""
+        return self == FrameChoice()
+
+
+@dataclass(frozen=True)
 class EditRequest:
     """What to render: new prompts for a project's tune, how to sample them, and how to write them."""
 
@@ -182,6 +218,9 @@ class EditRequest:
     tune_key: str | None = None  # default: the project's current tune and inversion (else this tune's)
     invert_steps: int | None = None  # with `tune_key`; default: the sampling steps
     invert_prompt: str = ""
+    frames: FrameChoice = field(default_factory=FrameChoice)
+    tune_step: int | None = None  # edit with the state kept at this step of the tune
+    loras: tuple[tuple[Path, float], ...] = ()  # applied on top of the tuned model for this edit only
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -194,6 +233,12 @@ class EditRequest:
             check_fields(INVERT, {"steps": self.invert_steps, "prompt": self.invert_prompt}, "inversion")
         if self.out is not None:
             require_folder(self.out, "--out")
+        check_fields(EDIT, {"tune_step": self.tune_step}, "edit")
+        if self.tune_step is not None and self.tune_key is not None:
+            raise OptionError("--tune-step picks a state of the project's current tune: no other tune with it")
+        for path, _ in self.loras:
+            if not path.is_dir():
+                require_regular_file(path, "LoRA file", "--lora takes a .safetensors file (or folder) of LoRA weights")
 
     @property
     def groups(self) -> list[list[str]]:

@@ -14,15 +14,14 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler, SchedulerMixin
 
-from tavcli.inversion import StepCallback
-from tavcli.video_unet import VideoUNet
+from tavcli.inversion import StepCallback, UNetCall
 
 __all__ = ["ddim_sample"]
 
 
 @torch.no_grad()
 def ddim_sample(
-    unet: VideoUNet,
+    unet: UNetCall,
     scheduler: SchedulerMixin,
     latents: torch.Tensor,
     prompt_embeds: torch.Tensor,

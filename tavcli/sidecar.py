@@ -17,7 +17,7 @@ from tavcli.atomic import write_json
 from tavcli.errors import TavError
 from tavcli.inputs import require_regular_file
 from tavcli.options import EDIT, INVERT, check_fields
-from tavcli.requests import ControlSpec, EditRequest, EditSettings
+from tavcli.requests import ControlSpec, EditRequest, EditSettings, FrameChoice
 
 __all__ = [
     "RecordedEdit",
@@ -133,6 +133,9 @@ def recorded_edit(sidecar: Path, out: Path | None = None) -> RecordedEdit:
         if used:
             video = None if used["video"] is None else Path(used["video"])
             control = ControlSpec(used["kind"], used["model"], video, used["scale"])
+        chosen = record.get("frames") or {}
+        frames = FrameChoice(*(chosen.get(name) for name in ("frames", "stride", "start", "window")))
+        loras = tuple((Path(lora["path"]), float(lora["scale"])) for lora in record.get("loras", []))
         request = EditRequest(
             Path(record["project"]),
             group,
@@ -145,6 +148,8 @@ def recorded_edit(sidecar: Path, out: Path | None = None) -> RecordedEdit:
             str(record["tune"]["key"]),
             inversion["steps"],
             inversion["prompt"],
+            frames=frames,
+            loras=loras,
         )
     except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as error:
         raise TavError(f"{sidecar} is not a tav sidecar: {error}", "give the .json written beside an output") from None

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, SchedulerMixin
 
 from tavcli.errors import Interrupted, TavError
+from tavcli.low_rank import low_rank_parameters
 from tavcli.progress import Advance
 from tavcli.requests import TuneSettings
 from tavcli.runtime import Runtime
@@ -84,7 +85,7 @@ def train_delta(
     """
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
     model = runtime.prepare(unet)  # what is called; `unet` names the parameters
-    params = trainable_parameters(unet)
+    params = low_rank_parameters(unet) or trainable_parameters(unet)  # the adapters, when the tune has them
     unet.requires_grad_(False)
     for param in params.values():
         param.requires_grad_(True)

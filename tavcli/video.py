@@ -19,6 +19,7 @@ from tavcli.requests import FrameSelection, FrameSize
 __all__ = [
     "Clip",
     "contact_sheet",
+    "frame_count",
     "gif_delay",
     "read_frames",
     "side_by_side",
@@ -64,6 +65,18 @@ def probe(path: Path, selection: FrameSelection | None = None) -> None:
             raise TavError(
                 f"{path} has {recorded} frames, too few for {_describe(selection)}", _suggest(selection, recorded)
             )
+
+
+def frame_count(path: Path) -> int:
+    """How many frames `path` has: the count its container records, else counted by decoding."""
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        if stream.frames:
+            return int(stream.frames)
+        try:
+            return sum(1 for _ in container.decode(stream))
+        except av.FFmpegError as error:
+            raise TavError(f"{path} could not be decoded: {error}") from None
 
 
 def _upright(frame: av.VideoFrame) -> Image.Image:

@@ -190,15 +190,20 @@ def _add_temporal_attention(block: BasicTransformerBlock, layout: ClipLayout) ->
     block.register_forward_hook(_TemporalAttentionHook(layout))
 
 
-def inflate_unet(unet: UNet2DConditionModel, frame_norm: FrameNorm = "joint") -> VideoUNet:
+def inflate_unet(unet: UNet2DConditionModel, frame_norm: FrameNorm = "joint", seed: int | None = None) -> VideoUNet:
     """Return the video UNet for `unet`, sharing its frozen weights (the tuned projections are copies).
 
-    New temporal modules are initialised from torch's global RNG (seed it first to reproduce them).
+    New temporal modules are initialised from torch's global RNG, or from `seed` (reproducibly, leaving the
+    global RNG as it was): a tune's seed re-creates the temporal weights it started from.
     `frame_norm="joint"` (the reference) normalises ResNet features over all frames of a clip;
     `"frame"` normalises each frame alone, like the image model.
     """
     if frame_norm not in ("joint", "frame"):
         raise ValueError(f"frame_norm must be 'joint' or 'frame', not {frame_norm!r}")
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return inflate_unet(unet, frame_norm)
     with torch.device("meta"):
         video = VideoUNet.from_config(unet.config)
     video.load_state_dict(unet.state_dict(), strict=True, assign=True)

@@ -87,6 +87,25 @@ def tiny_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_query_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA for the tiny model that also adapts `to_q`, the projection a tune replaces (saved as a folder)."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from tavcli.loading import resolve_model
+
+    unet = UNet2DConditionModel.from_pretrained(resolve_model("tiny").folder / "unet")
+    torch.manual_seed(1)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k"], init_lora_weights=False))
+    folder = tmp_path_factory.mktemp("tiny-query-lora")
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_controlnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from diffusers import ControlNetModel, UNet2DConditionModel

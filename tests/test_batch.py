@@ -313,3 +313,51 @@ def test_a_batch_job_stores_its_tune_in_the_precision_asked(tmp_path: Path, run_
     assert code == 0, err
     tune = next(r for r in _records(out) if r["kind"] == "tune")
     assert json.loads((Path(tune["path"]) / "meta.json").read_text())["spec"]["save_precision"] == "bf16"
+
+
+@pytest.mark.slow
+def test_batch_jobs_take_previews_low_rank_tunes_and_long_clip_edits(  # type: ignore[no-untyped-def]
+    batch_dir: Path, tiny_lora: Path, run_tav
+) -> None:
+    """Issue 14's options as job fields: rank and previews for the tune; frames, window, a kept state and a
+    LoRA for the edits."""
+    shutil.copy(tiny_lora, batch_dir / "style.safetensors")
+    job = {
+        "clip": "clip.mp4",
+        "prompt": "a man is skiing",
+        "model": "tiny",
+        "frames": 3,
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+        "rank": 2,
+        "preview": "a cat is skiing",
+        "preview_every": 1,
+        "preview_steps": 1,
+        "edits": ["a dog is skiing"],
+        "edit": {
+            "steps": 1,
+            "frames": "all",
+            "stride": 6,
+            "window": 3,
+            "tune_step": 1,
+            "lora": ["style.safetensors:0.5"],
+        },
+    }
+    (batch_dir / "long.jsonl").write_text(json.dumps(job) + "\n")
+    code, out, err = run_tav("batch", batch_dir / "long.jsonl")
+    assert code == 0, err
+    records = _records(out)
+    tunes = [r for r in records if r["kind"] == "tune"]
+    assert [t["steps"] for t in tunes] == [1, 2] and all(t["rank"] == 2 for t in tunes)
+    assert [r["step"] for r in records if r["kind"] == "edit" and "step" in r] == [1, 2]
+    assert any(r["kind"] == "preview" for r in records)
+    edit = [r for r in records if r["kind"] == "edit" and "step" not in r][0]
+    sidecar = json.loads(Path(edit["sidecar"]).read_text())
+    assert sidecar["tune"]["key"] == tunes[0]["key"]  # the state kept at step 1
+    assert sidecar["frames"]["edited"]["frames"] == 8 and sidecar["inversion"]["window"] == 3  # 48 frames, every 6th
+    assert sidecar["loras"][0]["scale"] == 0.5
+    bad = {**job, "edit": {"frames": "most"}}
+    (batch_dir / "bad.jsonl").write_text(json.dumps(bad) + "\n")
+    code, _, err = run_tav("batch", batch_dir / "bad.jsonl")
+    assert code == 1 and "edit.frames" in err and "or all" in err

@@ -78,6 +78,12 @@ CHANGES: dict[str, tuple[Args, Args]] = {
     "--control-video": (lambda p: [*_control(p)], lambda p: [*_control(p, video=p["maps"])]),
     "--control-scale": (lambda p: [*_control(p)], lambda p: [*_control(p), "--control-scale", "0.5"]),
     "--device": (lambda p: [], lambda p: ["--device", "cpu"]),
+    "--frames": (lambda p: [], lambda p: ["--frames", "6"]),
+    "--stride": (lambda p: [], lambda p: ["--stride", "1"]),
+    "--start": (lambda p: [], lambda p: ["--start", "2"]),
+    "--window": (lambda p: ["--frames", "6"], lambda p: ["--frames", "6", "--window", "3"]),
+    "--tune-step": (lambda p: [], lambda p: ["--tune-step", "1"]),
+    "--lora": (lambda p: [], lambda p: ["--lora", str(p["lora"])]),
     "--grid": (lambda p: [], lambda p: ["--grid"]),
     "--eval": (lambda p: [], lambda p: ["--eval", "--clip-model", str(p["clip_model"])]),
     "--clip-model": (
@@ -105,13 +111,17 @@ def _control(paths: dict[str, Path], model: Path | None = None, video: Path | No
 
 
 @pytest.fixture(scope="module")
-def edit_world(tmp_path_factory: pytest.TempPathFactory, tiny_controlnet: Path, tiny_clip: Path) -> dict[str, Path]:
-    """A tuned project, a copy of it, a second ControlNet and CLIP model, and a second condition clip."""
+def edit_world(
+    tmp_path_factory: pytest.TempPathFactory, tiny_controlnet: Path, tiny_clip: Path, tiny_lora: Path
+) -> dict[str, Path]:
+    """A tuned project (its state at step 1 kept), a copy of it, a second ControlNet and CLIP model, a second
+    condition clip, and a LoRA."""
     from tavcli.cli import main
 
     tmp = tmp_path_factory.mktemp("edit-world")
     project = tmp / "p.tav"
-    _run(main, "tune", CLIP, "a man is skiing", *SMALL, "-p", project)
+    preview = ["--preview", "a dog", "--preview-every", "1", "--preview-steps", "1"]
+    _run(main, "tune", CLIP, "a man is skiing", *SMALL, *preview, "-p", project)
     _run(main, "invert", "-p", project, "--steps", "2")
     shutil.copytree(project, tmp / "other.tav")
     shutil.copytree(tiny_controlnet, tmp / "controlnet-2")
@@ -131,6 +141,7 @@ def edit_world(tmp_path_factory: pytest.TempPathFactory, tiny_controlnet: Path, 
         "clip_model": tiny_clip,
         "other_clip": tmp / "clip-2",
         "maps": maps,
+        "lora": tiny_lora,
     }
 
 

@@ -205,6 +205,8 @@ def _job(name: str, where: str, data: dict[str, Any], base: Path, context: Batch
     for key in ("out", "control_video"):
         if key in edit:
             edit[key] = _path(edit[key], base)
+    if "lora" in edit:
+        edit["lora"] = _loras(edit["lora"], base)
     if "control_model" in edit:
         edit["control_model"] = _model_name(edit["control_model"], base)
     project = Path(

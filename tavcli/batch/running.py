@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tavcli.batch.jobs import Job, JobProblem
+from tavcli.config import DEFAULT_CLIP_MODEL
 from tavcli.errors import TavError
+from tavcli.model_name import split_lora
 from tavcli.options import EDIT, INVERT, TUNE
 from tavcli.progress import Reporter
 from tavcli.requests import (
     EditRequest,
     EditSettings,
+    FrameChoice,
     FrameSelection,
+    Preview,
     TuneRequest,
     TuneSettings,
     control_spec,
@@ -118,9 +123,20 @@ def _tune_request(job: Job, reporter: Reporter) -> TuneRequest:
             job.tune.get("gradient_checkpointing", False),
             options["checkpoint_every"],
             options["save_precision"],
+            options["rank"],
         ),
         options["frame_norm"],
     )
+
+
+def _preview(job: Job) -> Preview | None:
+    """The job's previews while tuning, as `tav tune --preview` asks for them."""
+    options = {name: job.tune.get(name, TUNE[name].default) for name in ("preview", "preview_every", "preview_steps")}
+    if not options["preview"]:
+        if job.tune.get("eval"):
+            raise TavError("field 'eval' scores the previews: give 'preview' too")
+        return None
+    return Preview(options["preview"], options["preview_every"], options["preview_steps"])
 
 
 def _edit_request(job: Job, tune_key: str) -> EditRequest:
@@ -140,6 +156,8 @@ def _edit_request(job: Job, tune_key: str) -> EditRequest:
         ),
         tune_key,
         *_inversion(job),
+        frames=FrameChoice(*(edit[name] for name in ("frames", "stride", "start", "window"))),
+        loras=tuple((Path(path), scale) for path, scale in map(split_lora, job.edit.get("lora", ()))),
     )
 
 
@@ -154,15 +172,25 @@ def _job_artifacts(session: Any, job: Job, stage: list[str]) -> Any:
     from tavcli import workflow
 
     force = bool(job.tune.get("force", False))
-    tuned = workflow.tune(session, _tune_request(job, session.reporter), force)
+    scorer = None
+    if job.tune.get("eval"):
+        from tavcli.metrics import ClipScorer
+
+        scorer = ClipScorer(job.tune.get("clip_model", DEFAULT_CLIP_MODEL), session.runtime.device)
+    tuned = workflow.tune(session, _tune_request(job, session.reporter), force, _preview(job), scorer)
     yield from tuned
     if not job.edits and not job.invert:
         return
     stage[0] = "invert"
-    yield workflow.invert(session, job.project, *_inversion(job), force, tune_key=tuned[-1].key)
+    tune_key = next(artifact for artifact in reversed(tuned) if artifact.kind == "tune").key
+    if job.edit.get("tune_step"):  # the state kept at that step of the job's tune
+        project = session.project(job.project)
+        tune_key = workflow.kept_tune(project, project.find("tunes", tune_key), job.edit["tune_step"]).key
+    request = _edit_request(job, tune_key)
+    yield workflow.invert(session, job.project, *_inversion(job), force, tune_key=tune_key, frames=request.frames)
     if job.edits:
         stage[0] = "edit"
-        yield from workflow.edit(session, _edit_request(job, tuned[-1].key), force)
+        yield from workflow.edit(session, request, force)
 
 
 def plan_jobs(session: Any, jobs: list[Job]) -> list[dict[str, Any]]:
@@ -174,11 +202,11 @@ def plan_jobs(session: Any, jobs: list[Job]) -> list[dict[str, Any]]:
         force = bool(job.tune.get("force", False))
         plan = workflow.tune_plan(session, _tune_request(job, session.reporter), force, memory=False)
         steps = [("latents", plan["latents"]), ("tune", plan["tune"])]
-        if job.edits or job.invert:
+        if (job.edits or job.invert) and not _other_frames(job):
             project = session.project(job.project)
             inversion = workflow.inversion_entry(project, plan["tune"]["key"], *_inversion(job), session.runtime)
             steps.append(("inversion", _planned(inversion, force)))
-        if job.edits:
+        if job.edits and not _other_frames(job):
             request = _edit_request(job, plan["tune"]["key"])
             control = None if request.control is None else workflow.control_key(request.control)
             entries = workflow.edit_entries(project, inversion.key, request, session.runtime, control)
@@ -188,6 +216,11 @@ def plan_jobs(session: Any, jobs: list[Job]) -> list[dict[str, Any]]:
             row = {"job": job.name, "kind": kind, "key": step["key"], "path": step["path"], "cached": step["cached"]}
             rows.append({**row, "action": "reuse" if step["cached"] else "compute", **extra})
     return rows
+
+
+def _other_frames(job: Job) -> bool:
+    """Whether the job edits other frames or a kept state: their keys are only known once they are read."""
+    return any(job.edit.get(name) is not None for name in ("frames", "stride", "start", "window", "tune_step"))
 
 
 def _planned(entry: Any, force: bool) -> dict[str, Any]:

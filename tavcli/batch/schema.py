@@ -9,7 +9,7 @@ is never read from a string, a bool never counts as a number, NaN and inf are re
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, create_model
 
@@ -36,7 +36,13 @@ OTHER_FIELDS: dict[str, tuple[Any, str, str]] = {
     "model_config": (StrictStr, "a string", "as tav tune --model-config"),
     "revision": (StrictStr, "a string", "as tav tune --revision"),
     "variant": (StrictStr, "a string", "as tav tune --variant"),
-    "lora": (list[StrictStr], 'a list like ["style.safetensors:0.8"]', "as tav tune --lora, relative to the file"),
+    "lora": (
+        list[StrictStr],
+        'a list like ["style.safetensors:0.8"]',
+        "as tav tune --lora (top level) or tav edit --lora (edit table), relative to the file",
+    ),
+    "eval": (StrictBool, "true or false", "as tav tune --eval: score each preview with CLIP"),
+    "clip_model": (StrictStr, "a string", "as tav tune --clip-model"),
     "project": (StrictStr, "a string", "the project directory (default: beside the clip)"),
     "gradient_checkpointing": (StrictBool, "true or false", "as tav tune --gradient-checkpointing"),
     "force": (StrictBool, "true or false", "recompute every step of the job"),
@@ -45,8 +51,19 @@ OTHER_FIELDS: dict[str, tuple[Any, str, str]] = {
     "control_model": (StrictStr, "a string", "as tav edit --control-model"),
     "control_video": (StrictStr, "a string", "as tav edit --control-video, relative to the batch file"),
 }
-TUNE_ONLY = ("model", "model_config", "revision", "variant", "lora", "project", "gradient_checkpointing", "force")
-EDIT_ONLY = ("out", "control", "control_model", "control_video")
+TUNE_ONLY = (
+    "model",
+    "model_config",
+    "revision",
+    "variant",
+    "lora",
+    "project",
+    "gradient_checkpointing",
+    "force",
+    "eval",
+    "clip_model",
+)
+EDIT_ONLY = ("out", "control", "control_model", "control_video", "lora")
 
 
 def _declared(option: Option) -> tuple[Any, Any]:
@@ -61,6 +78,9 @@ def _declared(option: Option) -> tuple[Any, Any]:
         bounds["le"] = option.high
     if option.kind is float:
         bounds["allow_inf_nan"] = False
+    if option.words:  # a number or one of its words (`"frames": "all"`): the bounds go with the number
+        annotation = Union[Annotated[annotation, Field(**bounds)], Literal[option.words]]
+        bounds = {}
     return Optional[annotation], Field(None, description=option.help, **bounds)
 
 
@@ -140,6 +160,7 @@ def _underscored(data: dict[str, Any]) -> dict[str, Any]:
 def _message(problem: Any) -> str:
     """One pydantic error as tav's message: the field, what it must be (from its declaration), the value."""
     loc = [str(part) for part in problem["loc"] if not isinstance(part, int)]
+    loc = loc[: 2 if loc and loc[0] in ("invert", "edit") else 1]  # no union member's tag (`frames.constrained-int`)
     field = ".".join(loc)
     if problem["type"] == "extra_forbidden":
         known = tuple((EditFields if loc[0] == "edit" else InvertFields).model_fields) if len(loc) > 1 else JOB_FIELDS

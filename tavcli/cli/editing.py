@@ -16,6 +16,9 @@ from tavcli.cli.options import (
     RUN,
     SAMPLING,
     AllowPickleOpt,
+    ChosenFramesOpt,
+    ChosenStartOpt,
+    ChosenStrideOpt,
     ClipModelOpt,
     CompileOpt,
     DeviceOpt,
@@ -24,6 +27,7 @@ from tavcli.cli.options import (
     PrecisionOpt,
     ProjectOpt,
     QuietOpt,
+    WindowOpt,
     declared,
 )
 from tavcli.errors import TavError
@@ -36,6 +40,10 @@ def invert(
     project: ProjectOpt = None,
     steps: Annotated[int, declared(INVERT["steps"])] = INVERT["steps"].default,
     prompt: Annotated[str, declared(INVERT["prompt"], metavar="PROMPT")] = INVERT["prompt"].default,
+    frames: ChosenFramesOpt = None,
+    stride: ChosenStrideOpt = None,
+    start: ChosenStartOpt = None,
+    window: WindowOpt = None,
     compile_unet: CompileOpt = False,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
@@ -53,13 +61,18 @@ def invert(
       tav invert -p skiing.tav --steps 50
 
       tav invert -p skiing.tav --prompt "a man is skiing"
+
+      tav invert -p skiing.tav --frames all --stride 1 --window 24
     """
+    from tavcli.requests import FrameChoice
+
+    choice = FrameChoice(frames, stride, start, window)
     project_dir = setup.existing_project(project)
     chosen = setup.settings(project_dir, device=device, precision=precision)
     session = setup.session(chosen, allow_pickle, compile_unet)
     from tavcli.workflow.editing import invert as run_invert
 
-    output.report([run_invert(session, project_dir, steps=steps, prompt=prompt, force=force)])
+    output.report([run_invert(session, project_dir, steps=steps, prompt=prompt, force=force, frames=choice)])
 
 
 def edit(
@@ -83,6 +96,21 @@ def edit(
             metavar="PATH",
             help="Output folder [default: PROJECT/renders].",
             rich_help_panel=OUTPUT,
+            show_default=False,
+        ),
+    ] = None,
+    frames: ChosenFramesOpt = None,
+    stride: ChosenStrideOpt = None,
+    start: ChosenStartOpt = None,
+    window: WindowOpt = None,
+    tune_step: Annotated[Optional[int], declared(EDIT["tune_step"], SAMPLING)] = EDIT["tune_step"].default,
+    lora: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="Apply a LoRA (.safetensors file or folder) on top of the tuned model for this edit only: "
+            "PATH or PATH:SCALE; repeatable. The tune and its inversion are reused.",
+            metavar="PATH[:SCALE]",
+            rich_help_panel=SAMPLING,
             show_default=False,
         ),
     ] = None,
@@ -157,6 +185,10 @@ def edit(
 
       tav edit -p skiing.tav "a panda is skiing" --format gif --fps 8 --guidance 7.5
 
+      tav edit -p skiing.tav "a panda is skiing" --frames all --stride 1 --window 24
+
+      tav edit -p skiing.tav "a panda is skiing" --lora watercolor.safetensors:0.8 --tune-step 300
+
       tav edit --from-sidecar skiing.tav/renders/a-panda-is-skiing-0be3c4a3.mp4.json
     """
     if from_sidecar is not None:
@@ -171,7 +203,8 @@ def edit(
 
         output.report(edit_from_sidecar(session, recorded, force))
         return
-    from tavcli.requests import EditRequest, EditSettings, control_spec
+    from tavcli.model_name import split_lora
+    from tavcli.requests import EditRequest, EditSettings, FrameChoice, control_spec
 
     request = EditRequest(
         setup.existing_project(project),
@@ -182,6 +215,9 @@ def edit(
         fps,
         batch_size,
         control_spec(control, control_model, control_video, control_scale),
+        frames=FrameChoice(frames, stride, start, window),
+        tune_step=tune_step,
+        loras=tuple((Path(path), scale) for path, scale in map(split_lora, lora or [])),
     )
     chosen = setup.settings(request.project, device=device, precision=precision)
     session = setup.session(chosen, allow_pickle, compile_unet)

@@ -14,10 +14,13 @@ import typer
 
 from tavcli.cli.output import set_quiet
 from tavcli.config import DEFAULT_CLIP_MODEL
-from tavcli.options import TUNE, Option, Precision
+from tavcli.options import SELECTION, TUNE, Option, Precision
 
 __all__ = [
     "AllowPickleOpt",
+    "ChosenFramesOpt",
+    "ChosenStartOpt",
+    "ChosenStrideOpt",
     "ClipModelOpt",
     "ClipProjectOpt",
     "CompileOpt",
@@ -38,6 +41,7 @@ __all__ = [
     "StrideOpt",
     "VariantOpt",
     "WidthOpt",
+    "WindowOpt",
     "YesOpt",
     "declared",
 ]
@@ -51,6 +55,7 @@ TRAINING = "Training"
 SAMPLING = "Sampling"
 OUTPUT = "Output"
 CONTROL = "Control"
+PREVIEW = "Previews"
 
 
 def declared(
@@ -197,3 +202,9 @@ StrideOpt = Annotated[int, declared(TUNE["stride"], FRAMES)]
 StartOpt = Annotated[int, declared(TUNE["start"], FRAMES)]
 WidthOpt = Annotated[int, declared(TUNE["width"], FRAMES)]
 HeightOpt = Annotated[int, declared(TUNE["height"], FRAMES)]
+
+# The frames `tav invert` and `tav edit` work on (default: the tuned ones).
+ChosenFramesOpt = Annotated[Optional[str], declared(SELECTION["frames"], FRAMES, metavar="N|all")]
+ChosenStrideOpt = Annotated[Optional[int], declared(SELECTION["stride"], FRAMES)]
+ChosenStartOpt = Annotated[Optional[int], declared(SELECTION["start"], FRAMES)]
+WindowOpt = Annotated[Optional[int], declared(SELECTION["window"], FRAMES)]

@@ -10,12 +10,15 @@ import typer
 
 from tavcli.cli import output, setup
 from tavcli.cli.options import (
+    DEFAULT_CLIP_MODEL,
     FRAMES,
     MODEL,
+    PREVIEW,
     RUN,
     STORE,
     TRAINING,
     AllowPickleOpt,
+    ClipModelOpt,
     ClipProjectOpt,
     CompileOpt,
     DeviceOpt,
@@ -75,6 +78,15 @@ def tune(
     ] = False,
     checkpoint_every: Annotated[int, declared(TUNE["checkpoint_every"], STORE)] = TUNE["checkpoint_every"].default,
     save_precision: Annotated[SavePrecision, declared(TUNE["save_precision"], STORE)] = TUNE["save_precision"].default,
+    rank: Annotated[int, declared(TUNE["rank"], TRAINING)] = TUNE["rank"].default,
+    preview: Annotated[str, declared(TUNE["preview"], PREVIEW, metavar="PROMPT")] = TUNE["preview"].default,
+    preview_every: Annotated[int, declared(TUNE["preview_every"], PREVIEW)] = TUNE["preview_every"].default,
+    preview_steps: Annotated[int, declared(TUNE["preview_steps"], PREVIEW)] = TUNE["preview_steps"].default,
+    evaluate: Annotated[
+        bool,
+        typer.Option("--eval", help="Score each preview with CLIP (see tav eval).", rich_help_panel=PREVIEW),
+    ] = False,
+    clip_model: ClipModelOpt = DEFAULT_CLIP_MODEL,
     compile_unet: CompileOpt = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print what is cached and the estimated peak memory; train nothing.")
@@ -96,9 +108,17 @@ def tune(
       tav tune skiing.mp4 "a man is skiing"
 
       tav tune skiing.mp4 "a man is skiing" --steps 300 --frames 16 --model ./my-sd-folder
+
+      tav tune skiing.mp4 "a man is skiing" --preview "a panda is skiing" --preview-every 100 --eval
+
+      tav tune skiing.mp4 "a man is skiing" --rank 16
     """
-    from tavcli.requests import FrameSelection, TuneRequest, TuneSettings, frame_size
+    from tavcli.requests import FrameSelection, Preview, TuneRequest, TuneSettings, frame_size
     from tavcli.video import probe
+
+    if evaluate and not preview:
+        raise TavError("--eval scores the previews: give --preview PROMPT too")
+    previewed = Preview(preview, preview_every, preview_steps) if preview else None
 
     project_dir = setup.project_for_clip(project, setup.settings(None))(video)
     chosen = setup.settings(project_dir, model=model, model_config=model_config, device=device, precision=precision)
@@ -109,7 +129,7 @@ def tune(
         setup.model_for(chosen, lora or [], revision, variant),
         FrameSelection(frames, stride, start),
         frame_size(width, height, resize, output.RichReporter()),
-        TuneSettings(steps, lr, seed, gradient_checkpointing, checkpoint_every, save_precision),
+        TuneSettings(steps, lr, seed, gradient_checkpointing, checkpoint_every, save_precision, rank),
         frame_norm,
     )
     probe(video, request.selection)  # a bad or short clip is reported before anything heavy loads
@@ -125,9 +145,14 @@ def tune(
         return
     from tavcli.workflow.tuning import tune as run_tune
 
-    artifacts = run_tune(session, request, force=force)
+    scorer = None
+    if evaluate:
+        from tavcli.metrics import ClipScorer
+
+        scorer = ClipScorer(clip_model, session.runtime.device)
+    artifacts = run_tune(session, request, force=force, preview=previewed, scorer=scorer)
     output.report(artifacts)
-    tuned = artifacts[-1].details
+    tuned = next(artifact for artifact in reversed(artifacts) if artifact.kind == "tune").details
     ratio = tuned["base_unet_bytes"] / tuned["delta_bytes"]
     output.show(f"delta {tuned['delta_bytes'] / 1e6:.2f} MB, {ratio:.0f}x smaller than the UNet")
 

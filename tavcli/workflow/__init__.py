@@ -47,6 +47,8 @@ __all__ = [
     "import_tune",
     "inversion_entry",
     "invert",
+    "kept_steps",
+    "kept_tune",
     "latents_entry",
     "plan_edit",
     "prompt_embeddings",

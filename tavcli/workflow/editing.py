@@ -17,29 +17,38 @@ import torch
 from tavcli.control import ControlGuide, canny_maps, load_controlnet
 from tavcli.entry import Entry
 from tavcli.errors import TavError
+from tavcli.hashing import file_sha256
 from tavcli.inversion import ddim_inversion
 from tavcli.options import (
     INVERT,
+    OptionError,
     check_fields,
 )
-from tavcli.requests import ControlSpec, EditRequest, EditSettings
+from tavcli.requests import ControlSpec, EditRequest, EditSettings, FrameChoice
 from tavcli.sampling import ddim_sample
 from tavcli.sidecar import RecordedEdit
 from tavcli.store import Project
+from tavcli.styles import applied_loras
 from tavcli.video import (
     FrameSelection,
     FrameSize,
+    frame_count,
     read_clip,
 )
+from tavcli.video_unet import VideoUNet
+from tavcli.windows import WindowedUNet, Windows
 from tavcli.workflow.keys import (
     control_key,
     edit_entries,
     inversion_entry,
+    latents_entry,
+    lora_identity,
+    tune_run,
 )
 from tavcli.workflow.rendering import render_edit, source_frames
-from tavcli.workflow.session import Artifact, Session, prompt_embeddings, resolve_tune
+from tavcli.workflow.session import Artifact, Session, encode_latents, prompt_embeddings, resolve_tune
 
-__all__ = ["EditPlan", "edit", "edit_from_sidecar", "invert", "plan_edit", "run_plan"]
+__all__ = ["EditPlan", "edit", "edit_from_sidecar", "invert", "kept_steps", "kept_tune", "plan_edit", "run_plan"]
 
 
 def invert(
@@ -49,28 +58,84 @@ def invert(
     prompt: str = "",
     force: bool = False,
     tune_key: str | None = None,
+    frames: FrameChoice | None = None,
 ) -> Artifact:
-    """DDIM-invert the clip's posterior-mean latents with a tune (default: the project's current one)."""
+    """DDIM-invert the clip's posterior-mean latents with a tune (default: the project's current one, whose
+    inversion this becomes), on the tuned frames or on `frames` (encoded first if the store lacks them)."""
     check_fields(INVERT, {"steps": steps, "prompt": prompt}, "inversion")
     project, tune_entry = resolve_tune(session, project_root, tune_key)
     runtime = session.runtime
-    entry = inversion_entry(project, tune_entry.key, steps, prompt, runtime)
+    chosen = choose_frames(session, project, tune_entry, frames or FrameChoice())
+    latents_key = None if chosen.latents.key == tune_entry.spec["latents"] else chosen.latents.key
+    entry = inversion_entry(project, tune_entry.key, steps, prompt, runtime, latents_key, chosen.window)
     started = time.perf_counter()
 
     def compute() -> None:
         components, unet = session.tuned_unet(project, tune_entry)
-        stats = project.find("latents", tune_entry.spec["latents"]).tensors(runtime.device)
+        stats = chosen.latents.tensors(runtime.device)
         latents = stats["mean"] * components.vae.config.scaling_factor
         embeds = prompt_embeddings(session, project, components.source, [prompt])
         with session.reporter.task("inverting", steps) as advance, runtime.autocast():
-            trajectory = ddim_inversion(unet, components.scheduler, latents, embeds, steps, lambda *_: advance())
+            trajectory = ddim_inversion(
+                windowed(unet, chosen.window), components.scheduler, latents, embeds, steps, lambda *_: advance()
+            )
         facts = {"seconds": time.perf_counter() - started, "device": runtime.device.type}
         entry.save({"trajectory": torch.stack(trajectory).float()}, facts)
 
     cached = project.produce(entry, compute, force)
     if tune_key is None:
         project.update_state(inversion=entry.key)
-    return Artifact("inversion", entry.key, entry.path, cached, time.perf_counter() - started, {"steps": steps})
+    details = {"steps": steps, "frames": chosen.count, **({"window": chosen.window} if chosen.window else {})}
+    return Artifact("inversion", entry.key, entry.path, cached, time.perf_counter() - started, details)
+
+
+@dataclass(frozen=True)
+class ChosenFrames:
+    """The frames an inversion works on: their latents entry, how many, and the window (None: all at once)."""
+
+    latents: Entry
+    count: int
+    window: int | None
+
+
+def choose_frames(session: Session, project: Project, tune_entry: Entry, choice: FrameChoice) -> ChosenFrames:
+    """The tuned frames, or the selection `choice` makes of the same clip (its latents encoded if missing)."""
+    tuned = project.find("latents", tune_entry.spec["latents"])
+    clip = tuned.meta()["clip"]
+    stride = choice.stride or clip["stride"]
+    start = clip["start"] if choice.start is None else choice.start
+    if choice.frames == "all":
+        count = frame_count(_tuned_clip(tuned, clip))
+        if start >= count:
+            raise OptionError(f"--start {start} is past the clip's last frame ({count} frames)")
+        frames = 1 + (count - 1 - start) // stride
+    else:
+        frames = int(choice.frames or clip["frames"])
+    selection = FrameSelection(frames=frames, stride=stride, start=start)
+    window = choice.window if choice.window is not None and choice.window < frames else None
+    if selection == FrameSelection(frames=clip["frames"], stride=clip["stride"], start=clip["start"]):
+        return ChosenFrames(tuned, frames, window)
+    path = _tuned_clip(tuned, clip)
+    size = FrameSize(clip["width"], clip["height"], clip["resize"])
+    source = session.source(tune_entry.meta()["model"]["model"])
+    entry = latents_entry(project, source, path, selection, size, session.runtime.precision)
+    encode_latents(session, project, entry, source.name, path, selection, size)
+    return ChosenFrames(entry, frames, window)
+
+
+def _tuned_clip(tuned: Entry, clip: dict[str, Any]) -> Path:
+    """The clip the project was tuned on, checked to be the very file (other frames are read from it)."""
+    path = Path(clip["path"])
+    if not path.is_file():
+        raise TavError(f"the tuned clip {path} is gone: other frames than the tuned ones are read from it")
+    if file_sha256(path) != tuned.spec["clip_sha256"]:
+        raise TavError(f"{path} has changed since the project was tuned on it", "tune again on the new clip")
+    return path
+
+
+def windowed(unet: VideoUNet, window: int | None) -> VideoUNet | WindowedUNet:
+    """`unet`, or `unet` run over overlapping windows of `window` frames (a quarter of each shared)."""
+    return unet if window is None else WindowedUNet(unet, Windows(window, overlap=window // 4))
 
 
 @dataclass
@@ -80,10 +145,12 @@ class EditPlan:
     project: Project
     tune: Entry
     inversion: Entry
-    clip: dict[str, Any]  # the tuned frames' facts (path, fps, selection, size)
+    latents: Entry  # of the frames edited: the tuned ones, or those --frames chose
+    clip: dict[str, Any]  # those frames' facts (path, fps, selection, size)
     entries: dict[str, Entry]  # by prompt
     groups: list[list[str]]
     guide: ControlGuide | None
+    loras: tuple[tuple[Path, float], ...] = ()
 
 
 def edit(session: Session, request: EditRequest, force: bool = False) -> list[Artifact]:
@@ -108,16 +175,42 @@ def run_plan(
 def plan_edit(session: Session, request: EditRequest) -> EditPlan:
     """Resolve the project, tune and inversion (inverting now if needed) and the control, before any sampling."""
     project, tune_entry = resolve_tune(session, request.project, request.tune_key)
+    if request.tune_step is not None:
+        tune_entry = kept_tune(project, tune_entry, request.tune_step)
     steps = request.invert_steps or request.settings.steps
-    if request.tune_key is None:
+    if request.tune_key is None and request.tune_step is None and request.frames.tuned:
         inversion = _current_inversion(session, project, tune_entry, steps)
     else:
-        artifact = invert(session, request.project, steps, request.invert_prompt, tune_key=request.tune_key)
+        artifact = invert(
+            session, request.project, steps, request.invert_prompt, tune_key=tune_entry.key, frames=request.frames
+        )
         inversion = project.find("inversions", artifact.key)
-    clip = project.find("latents", tune_entry.spec["latents"]).meta()["clip"]
-    guide, control = _control(session, project, tune_entry, clip, request.control)
+    latents = project.find("latents", inversion.spec.get("latents") or tune_entry.spec["latents"])
+    clip = latents.meta()["clip"]
+    guide, control = _control(session, project, latents, clip, request.control)
     entries = edit_entries(project, inversion.key, request, session.runtime, control)
-    return EditPlan(project, tune_entry, inversion, clip, entries, request.groups, guide)
+    return EditPlan(project, tune_entry, inversion, latents, clip, entries, request.groups, guide, request.loras)
+
+
+def kept_tune(project: Project, tune_entry: Entry, step: int) -> Entry:
+    """The state `tune_entry`'s run kept at `step` (a tune of `step` steps, as `tav tune --steps` makes it)."""
+    if step == tune_entry.spec["steps"]:
+        return tune_entry
+    entry = project.entry("tunes", {**tune_entry.spec, "steps": step})
+    if not entry.complete:
+        kept = ", ".join(map(str, kept_steps(project, tune_entry.spec))) or "none"
+        raise TavError(
+            f"the tune kept no state at step {step} (kept: {kept})",
+            f"tav tune --preview PROMPT --preview-every N keeps states; or tune again with --steps {step}",
+        )
+    return entry
+
+
+def kept_steps(project: Project, spec: dict[str, Any]) -> list[int]:
+    """The step counts the store holds a tune of, for the run of tune `spec` (its kept states and itself)."""
+    run = {**tune_run(spec), "save_precision": spec.get("save_precision")}
+    found = (project.find("tunes", key).spec for key in project.complete_keys("tunes"))
+    return sorted(s["steps"] for s in found if {**tune_run(s), "save_precision": s.get("save_precision")} == run)
 
 
 def _sample_edits(session: Session, plan: EditPlan, settings: EditSettings, force: bool) -> set[str]:
@@ -136,23 +229,28 @@ def _sample_edits(session: Session, plan: EditPlan, settings: EditSettings, forc
                 continue
             components, unet = session.tuned_unet(project, plan.tune)
             noise = plan.inversion.tensors(runtime.device)["trajectory"][-1]
-            embeds = [prompt_embeddings(session, project, components.source, [p, settings.negative]) for p in group]
             generator = torch.Generator(runtime.device).manual_seed(settings.seed)
             label = group[0] if len(group) == 1 else f"{len(group)} prompts"
-            with session.reporter.task(f"editing: {label}", settings.steps) as advance, runtime.autocast():
-                latents = ddim_sample(
-                    unet,
-                    components.scheduler,
-                    noise.expand(len(group), *noise.shape[1:]),
-                    torch.cat([e[:1] for e in embeds]),
-                    torch.cat([e[1:] for e in embeds]),
-                    settings.steps,
-                    settings.guidance,
-                    eta=settings.eta,
-                    generator=generator,
-                    on_step=lambda *_: advance(),
-                    control=plan.guide,
-                )
+            loras = lora_identity(plan.loras)
+            with applied_loras(components, unet, plan.loras):
+                embeds = [
+                    prompt_embeddings(session, project, components.source, [p, settings.negative], loras)
+                    for p in group
+                ]
+                with session.reporter.task(f"editing: {label}", settings.steps) as advance, runtime.autocast():
+                    latents = ddim_sample(
+                        windowed(unet, plan.inversion.spec.get("window")),
+                        components.scheduler,
+                        noise.expand(len(group), *noise.shape[1:]),
+                        torch.cat([e[:1] for e in embeds]),
+                        torch.cat([e[1:] for e in embeds]),
+                        settings.steps,
+                        settings.guidance,
+                        eta=settings.eta,
+                        generator=generator,
+                        on_step=lambda *_: advance(),
+                        control=plan.guide,
+                    )
             for prompt, entry, sample in zip(group, members, latents.split(1), strict=True):
                 if force or not entry.complete:
                     entry.save({"latents": sample.float()}, {"batch": group, "device": runtime.device.type})
@@ -161,9 +259,9 @@ def _sample_edits(session: Session, plan: EditPlan, settings: EditSettings, forc
 
 
 def _control(
-    session: Session, project: Project, tune_entry: Entry, clip: dict[str, Any], control: ControlSpec | None
+    session: Session, project: Project, latents: Entry, clip: dict[str, Any], control: ControlSpec | None
 ) -> tuple[ControlGuide | None, dict[str, Any] | None]:
-    """The ControlNet guide for this project's frames, and what identifies it in the edits' keys."""
+    """The ControlNet guide for the edited frames (`latents`, `clip`), and what identifies it in the edits' keys."""
     if control is None:
         return None, None
     selection = FrameSelection(frames=clip["frames"], stride=clip["stride"], start=clip["start"])
@@ -171,8 +269,7 @@ def _control(
     if control.video is not None:
         maps = read_clip(control.video, selection, size).frames
     else:
-        latents = project.find("latents", tune_entry.spec["latents"])
-        maps = canny_maps(source_frames(session, tune_entry, latents, clip))
+        maps = canny_maps(source_frames(session, latents, clip))
     controlnet = load_controlnet(control.model, session.runtime.device, session.runtime.dtype)
     return ControlGuide(controlnet, maps, control.scale), control_key(control)
 
@@ -214,7 +311,7 @@ def _current_inversion(session: Session, project: Project, tune_entry: Entry, st
     key = project.state.get("inversion")
     if key and (project.root / "inversions" / key / "meta.json").is_file():
         entry = project.find("inversions", key)
-        if entry.spec.get("tune") == tune_entry.key:
+        if entry.spec.get("tune") == tune_entry.key and not {"latents", "window"} & set(entry.spec):
             return entry
     artifact = invert(session, project.root, steps=steps)
     return project.find("inversions", artifact.key)

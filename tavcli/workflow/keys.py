@@ -33,6 +33,7 @@ __all__ = [
     "embeddings_entry",
     "inversion_entry",
     "latents_entry",
+    "lora_identity",
     "tune_run",
     "tune_spec",
 ]
@@ -65,9 +66,12 @@ def _latents_what(spec: dict[str, Any]) -> str:
     return f"{selection.get('frames')} frames, {size.get('width')}x{size.get('height')}"
 
 
-def embeddings_entry(project: Project, source: ModelSource, prompts: list[str], precision: str) -> Entry:
-    """The store entry of prompts' CLIP text embeddings: per model, prompts and precision."""
-    return project.entry("embeddings", {"model": source.identity, "prompts": prompts, "precision": precision})
+def embeddings_entry(
+    project: Project, source: ModelSource, prompts: list[str], precision: str, loras: list[dict[str, Any]] | None = None
+) -> Entry:
+    """The store entry of prompts' CLIP text embeddings: per model, prompts, precision and edit-time LoRAs."""
+    spec = {"model": source.identity, "prompts": prompts, "precision": precision, **({"loras": loras} if loras else {})}
+    return project.entry("embeddings", spec)
 
 
 def _embeddings_what(spec: dict[str, Any]) -> str:
@@ -88,12 +92,15 @@ def tune_spec(
         "frame_norm": frame_norm,
         **_compiled(compiled),
         **_unless_fp32(settings.save_precision, "save_precision"),
+        **({"rank": settings.rank} if settings.rank else {}),  # absent for whole projections: earlier keys stay
     }
 
 
 def _tune_what(spec: dict[str, Any]) -> str:
     stored = f", stored in {spec['save_precision']}" if spec.get("save_precision") else ""
-    return f"{spec.get('prompt')!r}, {spec.get('steps')} steps{stored}" + (", imported" if spec.get("imported") else "")
+    rank = f", rank {spec['rank']}" if spec.get("rank") else ""
+    what = f"{spec.get('prompt')!r}, {spec.get('steps')} steps{rank}{stored}"
+    return what + (", imported" if spec.get("imported") else "")
 
 
 def tune_run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -111,14 +118,27 @@ def _checkpoints_what(spec: dict[str, Any]) -> str:
 INVERSION_FORMULA = 2
 
 
-def inversion_entry(project: Project, tune_key: str, steps: int, prompt: str, runtime: Runtime) -> Entry:
-    """The store entry of a tune's DDIM inversion: its steps, prompt, precision and compilation."""
+def inversion_entry(
+    project: Project,
+    tune_key: str,
+    steps: int,
+    prompt: str,
+    runtime: Runtime,
+    latents_key: str | None = None,
+    window: int | None = None,
+) -> Entry:
+    """The store entry of a tune's DDIM inversion: its steps, prompt, precision and compilation, and, for
+    frames other than the tuned ones, their latents (`latents_key`) and the window they are processed in."""
     spec = {"tune": tune_key, "steps": steps, "prompt": prompt, **_unless_fp32(runtime.precision)}
-    return project.entry("inversions", {**spec, **_compiled(runtime.compile), "formula": INVERSION_FORMULA})
+    frames: dict[str, Any] = {"latents": latents_key} if latents_key else {}
+    frames |= {"window": window} if window else {}
+    return project.entry("inversions", {**spec, **frames, **_compiled(runtime.compile), "formula": INVERSION_FORMULA})
 
 
 def _inversion_what(spec: dict[str, Any]) -> str:
-    return f"{spec.get('steps')} steps" + (f", prompt {spec['prompt']!r}" if spec.get("prompt") else "")
+    what = f"{spec.get('steps')} steps" + (f", prompt {spec['prompt']!r}" if spec.get("prompt") else "")
+    what += ", other frames" if spec.get("latents") else ""
+    return what + (f", window {spec['window']}" if spec.get("window") else "")
 
 
 def edit_spec(
@@ -128,13 +148,17 @@ def edit_spec(
     runtime: Runtime,
     control: dict[str, Any] | None = None,
     batch: int = 1,
+    loras: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Everything that determines an edit. `batch` is how many prompts share its UNet batch: batched
     matrix products round differently, so a batched edit is another entry (absent for 1, like
-    `control` when uncontrolled, so that keys of earlier edits stay valid)."""
+    `control` when uncontrolled and `loras` without edit-time LoRAs, so that keys of earlier edits stay
+    valid). The frames and window come with the inversion's key."""
     spec = {"inversion": inversion_key, "prompt": prompt, **asdict(settings), "precision": runtime.precision}
     if control is not None:
         spec["control"] = control
+    if loras:
+        spec["loras"] = loras
     if batch > 1:
         spec["batch"] = batch
     if settings.eta == 0:
@@ -148,6 +172,7 @@ def _edit_what(spec: dict[str, Any]) -> str:
         what
         + (f", batch of {spec['batch']}" if spec.get("batch") else "")
         + (", controlled" if spec.get("control") else "")
+        + (f", {len(spec['loras'])} LoRA(s)" if spec.get("loras") else "")
     )
 
 
@@ -155,11 +180,24 @@ def edit_entries(
     project: Project, inversion_key: str, request: EditRequest, runtime: Runtime, control: dict[str, Any] | None
 ) -> dict[str, Entry]:
     """Each prompt's edit entry, keyed with the size of the UNet batch it is sampled in."""
+    loras = lora_identity(request.loras)
     return {
-        prompt: project.entry("edits", edit_spec(inversion_key, prompt, request.settings, runtime, control, len(group)))
+        prompt: project.entry(
+            "edits", edit_spec(inversion_key, prompt, request.settings, runtime, control, len(group), loras)
+        )
         for group in request.groups
         for prompt in group
     }
+
+
+def lora_identity(loras: tuple[tuple[Path, float], ...]) -> list[dict[str, Any]]:
+    """What identifies edit-time LoRAs in keys: each one's content hash and scale, in order (not its path)."""
+    return [{"sha256": _content_sha256(path), "scale": scale} for path, scale in loras]
+
+
+def _content_sha256(path: Path) -> str:
+    """A file's SHA-256, or a folder's over its files."""
+    return file_sha256(path) if path.is_file() else files_sha256(path, (p for p in path.rglob("*") if p.is_file()))
 
 
 def control_key(control: ControlSpec) -> dict[str, Any]:

@@ -6,6 +6,7 @@ The sidecar's format (where it is, reading, writing) is `tavcli.sidecar`'s; this
 from __future__ import annotations
 
 import shlex
+from dataclasses import asdict
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,8 @@ def edit_record(
         "edit": {"key": entry.key, **entry.spec},
         **({} if len(group) == 1 else {"batch": group}),
         **({} if used is None else {"control": used}),
+        **({} if request.frames.tuned else {"frames": {**asdict(request.frames), "edited": plan.clip}}),
+        **({} if not request.loras else {"loras": [{"path": str(p.resolve()), "scale": s} for p, s in request.loras]}),
         "output": {
             "format": request.format,
             "fps": None if rate is None else str(rate),
@@ -75,10 +78,14 @@ def _reproduce(session: Session, plan: EditPlan, request: EditRequest, prompt: s
     tune_cmd += ["--width", clip["width"], "--height", clip["height"], "--resize", clip["resize"]]
     tune_cmd += ["--steps", tune["steps"], "--lr", tune["learning_rate"], "--seed", tune["seed"]]
     tune_cmd += ["--frame-norm", tune["frame_norm"], *_numerics(tune, meta.get("device")), *trust]
-    invert_cmd = ["tav", "invert", "--project", project, "--steps", inversion["steps"]]
+    tune_cmd += [] if not tune.get("rank") else ["--rank", tune["rank"]]
+    tune_cmd += [] if not tune.get("save_precision") else ["--save-precision", tune["save_precision"]]
+    frames = [] if request.frames.tuned else _frame_flags(request, plan.clip)
+    invert_cmd = ["tav", "invert", "--project", project, "--steps", inversion["steps"], *frames]
     invert_cmd += ["--prompt", inversion["prompt"]] if inversion["prompt"] else []
     invert_cmd += [*_numerics(inversion, plan.inversion.meta().get("device")), *trust]
-    edit_cmd = ["tav", "edit", *group, "--project", project, "--steps", edit_spec["steps"]]
+    edit_cmd = ["tav", "edit", *group, "--project", project, "--steps", edit_spec["steps"], *frames]
+    edit_cmd += [part for path, scale in request.loras for part in ("--lora", f"{path.resolve()}:{scale}")]
     edit_cmd += ["--guidance", edit_spec["guidance"], "--eta", edit_spec["eta"]]
     edit_cmd += ["--negative", edit_spec["negative"]] if edit_spec["negative"] else []
     edit_cmd += [] if edit_spec["seed"] is None else ["--seed", edit_spec["seed"]]
@@ -92,6 +99,12 @@ def _reproduce(session: Session, plan: EditPlan, request: EditRequest, prompt: s
         edit_cmd += ["--control-scale", control["scale"]]
         edit_cmd += [] if control["video"] is None else ["--control-video", control["video"]]
     return [shlex.join(map(str, cmd)) for cmd in (tune_cmd, invert_cmd, edit_cmd)]
+
+
+def _frame_flags(request: EditRequest, clip: dict[str, Any]) -> list[Any]:
+    """`--frames --stride --start` of the frames edited (as numbers: the clip may grow), and `--window`."""
+    window = [] if request.frames.window is None else ["--window", request.frames.window]
+    return ["--frames", clip["frames"], "--stride", clip["stride"], "--start", clip["start"], *window]
 
 
 def _numerics(spec: dict[str, Any], device: str | None) -> list[str]:

@@ -103,10 +103,12 @@ def render_grid(session: Session, project_root: Path, edits: list[Artifact], fps
     """The source clip and each edit side by side (mp4 and GIF, prompts as captions) and a PNG contact sheet,
     with a sidecar naming the edits it shows (so `tav rm` and `tav gc` find it)."""
     started = time.perf_counter()
-    project, tune_entry = resolve_tune(session, project_root, None)
-    latents = project.find("latents", tune_entry.spec["latents"])
+    project, _ = resolve_tune(session, project_root, None)
+    edited = project.find("inversions", project.find("edits", edits[0].key).spec["inversion"])
+    tune_entry = project.find("tunes", edited.spec["tune"])  # a kept state's (--tune-step) too
+    latents = project.find("latents", edited.spec.get("latents") or tune_entry.spec["latents"])
     clip = latents.meta()["clip"]
-    source = source_frames(session, tune_entry, latents, clip)
+    source = source_frames(session, latents, clip)
     clips = [source, *(read_frames(edit.path) for edit in edits)]
     captions = [f"source: {tune_entry.spec['prompt']}", *(str(edit.details["prompt"]) for edit in edits)]
     rate = _rate(fps, Fraction(clip["fps"]))
@@ -125,13 +127,57 @@ def render_grid(session: Session, project_root: Path, edits: list[Artifact], fps
     return Artifact("grid", key, video, False, time.perf_counter() - started, details)
 
 
-def source_frames(session: Session, tune_entry: Entry, latents: Entry, clip: dict[str, Any]) -> np.ndarray:
-    """The frames the project was tuned on: from the clip if it is still there, else decoded from its latents."""
+PREVIEW_FRAMES = 8  # frames per row of a preview sheet: enough to see the motion, small enough to see the rows
+
+
+def render_preview_sheet(session: Session, project_root: Path, tuned: Artifact, previews: list[Artifact]) -> Artifact:
+    """One PNG for choosing a step count: the tune's loss curve, the kept steps marked, above a row of frames of
+    each preview (its step and CLIP scores as caption), with a sidecar naming the previews' edits."""
+    from PIL import Image
+
+    from tavcli.plots import loss_curve
+
+    started = time.perf_counter()
+    project = session.project(project_root)
+    tune_entry = project.find("tunes", tuned.key)
+    losses = tune_entry.meta().get("losses") or [float("nan")]
+    steps = [int(preview.details["step"]) for preview in previews]
+    curve = loss_curve(losses, marks=steps, title=f"{tune_entry.spec['prompt']!r}, {len(losses)} steps")
+    latents = project.find("latents", tune_entry.spec["latents"])
+    source = source_frames(session, latents, latents.meta()["clip"])
+    rows = [_evenly(clip, PREVIEW_FRAMES) for clip in (source, *(read_frames(p.path) for p in previews))]
+    captions = [_preview_caption(preview) for preview in previews]
+    sheet = contact_sheet(rows, [f"source: {tune_entry.spec['prompt']}", *captions])
+    picture = Image.new("RGB", (max(curve.width, sheet.width), curve.height + sheet.height), "white")
+    picture.paste(curve, (0, 0))
+    picture.paste(sheet, (0, curve.height))
+    output = project.root / "renders" / f"preview-{tuned.key[:8]}.png"
+    with atomic_path(output) as temp:
+        picture.save(temp, format="PNG")
+    record = {"key": tuned.key, "edits": [p.key for p in previews], "prompts": captions, "steps": steps, "files": []}
+    write_sidecar(output, {"tav_version": __version__, "grid": record})
+    details = {"steps": steps, "prompt": str(previews[0].details["prompt"])}
+    return Artifact("preview", tuned.key, output, False, time.perf_counter() - started, details)
+
+
+def _evenly(frames: np.ndarray, most: int) -> np.ndarray:
+    """At most `most` frames, evenly spread from the first to the last."""
+    return frames[np.linspace(0, len(frames) - 1, min(most, len(frames))).round().astype(int)]
+
+
+def _preview_caption(preview: Artifact) -> str:
+    scores = preview.details.get("scores") or {}
+    shown = f" | text {scores['text_faithfulness']:.3f} | frames {scores['frame_consistency']:.3f}" if scores else ""
+    return f"step {preview.details['step']}{shown}"
+
+
+def source_frames(session: Session, latents: Entry, clip: dict[str, Any]) -> np.ndarray:
+    """The frames of a latents entry (`clip`: its facts): from the clip if it is still there, else decoded."""
     path = Path(clip["path"])
     if path.is_file():
         selection = FrameSelection(frames=clip["frames"], stride=clip["stride"], start=clip["start"])
         return read_clip(path, selection, FrameSize(clip["width"], clip["height"], clip["resize"])).frames
-    vae = session.model(tune_entry.meta()["model"]["model"]).vae
+    vae = session.model(latents.spec["model"]["model"]).vae
     mean = latents.tensors(session.runtime.device)["mean"]
     return decode_latents(vae, mean * vae.config.scaling_factor)
 

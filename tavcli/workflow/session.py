@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,15 @@ from tavcli.entry import Entry
 from tavcli.errors import TavError
 from tavcli.loading import Components, ModelSource, encode_prompts, load_components, resolve_model
 from tavcli.progress import Reporter
+from tavcli.requests import FrameSelection, FrameSize
 from tavcli.runtime import Runtime
 from tavcli.store import Project
+from tavcli.vae import encode_clip
+from tavcli.video import read_clip
 from tavcli.video_unet import VideoUNet, inflate_unet
 from tavcli.workflow.keys import embeddings_entry
 
-__all__ = ["Artifact", "Session", "prompt_embeddings", "resolve_tune"]
+__all__ = ["Artifact", "Session", "encode_latents", "prompt_embeddings", "resolve_tune"]
 
 
 @dataclass
@@ -111,18 +115,49 @@ class Session:
         components = self.model(meta["model"]["model"])
         _check_same_model(components.source, meta["model"])
         if tune_entry.key not in self._tuned:
-            unet = inflate_unet(components.unet, frame_norm=tune_entry.spec["frame_norm"])
+            spec = tune_entry.spec
+            unet = inflate_unet(components.unet, frame_norm=spec["frame_norm"], seed=spec.get("seed"))
             delta = tune_entry.tensors(self.runtime.device)
-            result = unet.load_state_dict(delta, strict=False)
-            if result.unexpected_keys:
+            if spec.get("rank"):
+                _apply_low_rank(unet, delta, spec["rank"], meta.get("temporal_init"), tune_entry.path)
+            elif unet.load_state_dict(delta, strict=False).unexpected_keys:
                 raise TavError(f"tuned delta {tune_entry.path} does not fit this model", "run `tav tune` again")
             self._tuned[tune_entry.key] = self.runtime.prepare(unet.eval())  # type: ignore[assignment]
         return components, self._tuned[tune_entry.key]
 
 
-def prompt_embeddings(session: Session, project: Project, source: ModelSource, prompts: list[str]) -> torch.Tensor:
-    """CLIP text embeddings of `prompts` (stacked), computed once per model, precision and prompts."""
-    entry = embeddings_entry(project, source, prompts, session.runtime.precision)
+def _apply_low_rank(
+    unet: VideoUNet, tensors: dict[str, torch.Tensor], rank: int, digest: str | None, path: Path
+) -> None:
+    """Fold a low-rank tune into `unet`, inflated with the tune's seed: its temporal layers must start where the
+    tune's did (they are re-created, not stored), which the digest recorded at tuning time checks."""
+    from tavcli.low_rank import add_low_rank_adapters, load_low_rank, merge_low_rank, temporal_init_digest
+
+    if digest != temporal_init_digest(unet):
+        raise TavError(
+            f"the low-rank tune {path} cannot be rebuilt here: its temporal layers start from weights this "
+            "torch version does not re-create from its seed",
+            "tune again with this installation",
+        )
+    add_low_rank_adapters(unet, rank)
+    try:
+        load_low_rank(unet, tensors)
+    except ValueError as error:
+        raise TavError(f"{path}: {error}", "run `tav tune` again") from None
+    merge_low_rank(unet)
+
+
+def prompt_embeddings(
+    session: Session,
+    project: Project,
+    source: ModelSource,
+    prompts: list[str],
+    loras: list[dict[str, Any]] | None = None,
+) -> torch.Tensor:
+    """CLIP text embeddings of `prompts` (stacked), computed once per model, precision and prompts.
+
+    `loras` identifies edit-time LoRAs the text encoder carries now (`tavcli.styles.applied_loras`)."""
+    entry = embeddings_entry(project, source, prompts, session.runtime.precision, loras)
 
     def compute() -> None:
         components = session.model(source.name)
@@ -135,6 +170,32 @@ def prompt_embeddings(session: Session, project: Project, source: ModelSource, p
 
     project.produce(entry, compute)
     return entry.tensors(session.runtime.device)["embeddings"]
+
+
+def encode_latents(
+    session: Session,
+    project: Project,
+    entry: Entry,
+    model: str,
+    clip: Path,
+    selection: FrameSelection,
+    size: FrameSize,
+    force: bool = False,
+) -> Artifact:
+    """The clip's VAE posterior (mean, std) in `entry`: encoded once per model, clip content, frames and size."""
+    started = time.perf_counter()
+
+    def compute() -> None:
+        frames = read_clip(clip, selection, size)
+        vae = session.model(model).vae  # loaded before the progress bar starts
+        with session.reporter.task("encoding clip", 1) as advance:
+            mean, std = encode_clip(vae, frames.frames)
+            advance()
+        clip_facts = {"path": str(clip.resolve()), "fps": str(frames.fps), **asdict(selection), **asdict(size)}
+        entry.save({"mean": mean, "std": std}, {"clip": clip_facts})
+
+    cached = project.produce(entry, compute, force)
+    return Artifact("latents", entry.key, entry.path, cached, time.perf_counter() - started)
 
 
 def resolve_tune(session: Session, project_root: Path, tune_key: str | None) -> tuple[Project, Entry]:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,51 +15,106 @@ from tavcli.entry import TENSORS, Entry
 from tavcli.hashing import file_sha256
 from tavcli.inputs import require_folder, require_prompt
 from tavcli.loading import ModelSource, variant_of, weight_files
+from tavcli.low_rank import add_low_rank_adapters, temporal_init_digest
 from tavcli.memory import card_fits, check_fits, probe_activations, tune_estimate
-from tavcli.requests import TuneRequest, TuneSettings
+from tavcli.requests import EditRequest, EditSettings, Preview, TuneRequest, TuneSettings
 from tavcli.runtime import DTYPES, Runtime
 from tavcli.store import Project
 from tavcli.training import TrainState, stop_requests, train_delta
-from tavcli.vae import encode_clip
-from tavcli.video import (
-    probe,
-    read_clip,
-)
+from tavcli.video import probe
 from tavcli.video_unet import VideoUNet, inflate_unet
 from tavcli.workflow.keys import (
     latents_entry,
     tune_run,
     tune_spec,
 )
-from tavcli.workflow.session import Artifact, Session, prompt_embeddings
+from tavcli.workflow.rendering import render_preview_sheet
+from tavcli.workflow.session import Artifact, Session, encode_latents, prompt_embeddings
 
-__all__ = ["import_tune", "tune", "tune_plan"]
+if TYPE_CHECKING:
+    from tavcli.metrics import ClipScorer
+
+__all__ = ["LOSS_PLOT", "import_tune", "tune", "tune_plan"]
+
+LOSS_PLOT = "loss.png"  # a tune entry's picture of its loss per step
 
 
-def tune(session: Session, request: TuneRequest, force: bool = False) -> list[Artifact]:
+def tune(
+    session: Session,
+    request: TuneRequest,
+    force: bool = False,
+    preview: Preview | None = None,
+    scorer: ClipScorer | None = None,
+) -> list[Artifact]:
     """Encode the clip (once) and tune the model on it; make the tune the project's current one.
 
     Training resumes from the run's latest checkpoint at or below `settings.steps`, so an
     interrupted tune goes on where it stopped and a longer tune continues a shorter one.
+    With `preview`, the run pauses every `preview.every` steps: the state there is kept (as the tune
+    of that many steps, the very one `--steps` makes) and the preview prompt rendered from it, scored
+    with `scorer` if given; a picture of the loss curve above every preview ends the run.
     """
+    settings = request.settings
+    kept = list(range(preview.every, settings.steps, preview.every)) if preview else []
+    artifacts: list[Artifact] = []
+    previews: list[Artifact] = []
+    for index, steps in enumerate([*kept, settings.steps]):
+        part = replace(request, settings=replace(settings, steps=steps))
+        latents, tuned = _tune(session, part, force, fresh=force and index == 0)
+        artifacts += [latents, tuned] if index == 0 else [tuned]
+        if steps != settings.steps:
+            tuned.details["kept"] = True
+        if preview is not None:
+            previews.append(_render_preview(session, request.project, tuned, preview, scorer))
+    if not preview:
+        return artifacts
+    final = artifacts[-1]
+    if kept:  # a kept state's tune is in the store; only the last state is needed to train on
+        spec = session.project(request.project).find("tunes", final.key).spec
+        Checkpoints.of_run(request.project, tune_run(spec)).discard(kept)
+    return [*artifacts, *previews, render_preview_sheet(session, request.project, final, previews)]
+
+
+def _render_preview(
+    session: Session, project: Path, tuned: Artifact, preview: Preview, scorer: ClipScorer | None
+) -> Artifact:
+    """Render the preview prompt from one kept state: a short inversion and edit, the store's usual entries."""
+    from tavcli.workflow.editing import edit
+
+    settings = EditSettings(steps=preview.steps)
+    request = EditRequest(project, [preview.prompt], settings, tune_key=tuned.key, invert_steps=preview.steps)
+    [artifact] = edit(session, request)
+    artifact.details["step"] = tuned.details["steps"]
+    if scorer is not None:
+        from tavcli.metrics import evaluate_output
+
+        scores = evaluate_output(scorer, artifact.path)
+        artifact.details["scores"] = {k: v for k, v in scores.items() if k not in ("path", "prompt")}
+    return artifact
+
+
+def _tune(session: Session, request: TuneRequest, force: bool, fresh: bool) -> tuple[Artifact, Artifact]:
+    """The clip's latents and one tune of `request.settings.steps` steps (`fresh`: training ignores checkpoints)."""
     resolved = _resolve(session, request)
-    latents_artifact = _encode(session, resolved, request, force)
+    latents_artifact = _encode(session, resolved, request, fresh)
     entry, run, checkpoints = _tune_entry(session, request, resolved)
     source, project, settings = resolved.source, resolved.project, request.settings
     started = time.perf_counter()
 
     def compute() -> None:
-        state = _train(session, resolved, checkpoints, run, request, force)
+        state, initial = _train(session, resolved, checkpoints, run, request, fresh)
         facts = {
             "model": source.identity,
             "clip": resolved.latents.meta()["clip"],
             "losses": state.losses,
+            "temporal_init": initial,
             "seconds": time.perf_counter() - started,
             "gradient_checkpointing": settings.gradient_checkpointing,
             "device": session.runtime.device.type,
             "tav_version": __version__,
         }
-        entry.save({name: t.to(DTYPES[settings.save_precision]) for name, t in state.params.items()}, facts)
+        tensors = {name: t.to(DTYPES[settings.save_precision]) for name, t in state.params.items()}
+        entry.save(tensors, facts, {LOSS_PLOT: _loss_png(state.losses, request.prompt)})
         session.forget_tuned(entry.key)
 
     cached = project.produce(entry, compute, force, lock=f"checkpoints-{checkpoints.key}")
@@ -71,11 +126,24 @@ def tune(session: Session, request: TuneRequest, force: bool = False) -> list[Ar
     details = {
         "prompt": request.prompt,
         "steps": settings.steps,
+        **({"rank": settings.rank} if settings.rank else {}),
         "delta_bytes": delta_bytes,
         "base_unet_bytes": unet_bytes,
+        **({"loss_plot": str(entry.path / LOSS_PLOT)} if (entry.path / LOSS_PLOT).is_file() else {}),
     }
     tuned = Artifact("tune", entry.key, entry.path, cached, time.perf_counter() - started, details)
-    return [latents_artifact, tuned]
+    return latents_artifact, tuned
+
+
+def _loss_png(losses: list[float], prompt: str) -> bytes:
+    """The tune's loss per step as PNG bytes (stored in the tune's entry)."""
+    from io import BytesIO
+
+    from tavcli.plots import loss_curve
+
+    buffer = BytesIO()
+    loss_curve(losses, title=f"{prompt!r}, {len(losses)} steps").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def tune_plan(session: Session, request: TuneRequest, force: bool = False, memory: bool = True) -> dict[str, Any]:
@@ -186,20 +254,10 @@ def _tune_entry(
 
 def _encode(session: Session, resolved: _Resolved, request: TuneRequest, force: bool) -> Artifact:
     """The clip's VAE posterior (mean, std), encoded once per model, clip content, frames and size."""
-    started = time.perf_counter()
-    entry, clip, selection, size = resolved.latents, request.clip, request.selection, request.size
-
-    def compute() -> None:
-        frames = read_clip(clip, selection, size)
-        vae = session.model(resolved.source.name).vae  # loaded before the progress bar starts
-        with session.reporter.task("encoding clip", 1) as advance:
-            mean, std = encode_clip(vae, frames.frames)
-            advance()
-        clip_facts = {"path": str(clip.resolve()), "fps": str(frames.fps), **asdict(selection), **asdict(size)}
-        entry.save({"mean": mean, "std": std}, {"clip": clip_facts})
-
-    cached = resolved.project.produce(entry, compute, force)
-    return Artifact("latents", entry.key, entry.path, cached, time.perf_counter() - started)
+    project, source = resolved.project, resolved.source
+    return encode_latents(
+        session, project, resolved.latents, source.name, request.clip, request.selection, request.size, force
+    )
 
 
 def _train(
@@ -209,18 +267,22 @@ def _train(
     run: dict[str, Any],
     request: TuneRequest,
     force: bool,
-) -> TrainState:
-    """Train from scratch or from the latest usable checkpoint, saving checkpoints as it goes."""
+) -> tuple[TrainState, str]:
+    """Train from scratch or from the latest usable checkpoint, saving checkpoints as it goes; return the final
+    state and the digest of the temporal layers' initial weights (a low-rank tune re-creates them from it)."""
     runtime, settings = session.runtime, request.settings
     source, project = resolved.source, resolved.project
+    components = session.model(source.name)
+    unet = inflate_unet(components.unet, frame_norm=request.frame_norm, seed=settings.seed)
+    initial = temporal_init_digest(unet)
     resume = _resume_point(session, checkpoints, settings.steps, force)
     if resume is not None and resume.step == settings.steps:
-        return resume  # an earlier run reached exactly this step: nothing to train
-    components = session.model(source.name)
+        return resume, initial  # an earlier run reached exactly this step: nothing to train
+    if settings.rank:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)  # the adapters' initial A: part of what the seed determines
+            add_low_rank_adapters(unet, settings.rank)
     stats = resolved.latents.tensors(runtime.device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)  # the temporal layers' initial weights
-        unet = inflate_unet(components.unet, frame_norm=request.frame_norm)
     embeds = prompt_embeddings(session, project, source, [request.prompt])
     session.offload_frozen(source.name)  # the latents and the embedding are all tuning needs
     if runtime.device.type == "cuda":
@@ -252,7 +314,7 @@ def _train(
     # Earlier interrupted runs' states below this one are superseded; finished tunes' states stay.
     finished = {step for step in checkpoints.steps() if project.entry("tunes", {**run, "steps": step}).complete}
     checkpoints.discard([step for step in checkpoints.steps() if step < state.step and step not in finished])
-    return state
+    return state, initial
 
 
 def _check_memory(unet: VideoUNet, shape: torch.Size, settings: TuneSettings, runtime: Runtime) -> None:

@@ -1,0 +1,105 @@
+"""Windowed video UNet calls: edit clips longer than fit in memory, MultiDiffusion-style.
+
+The clip's frames are split into overlapping windows of `size` frames; every window also holds the
+clip's frame 0, so sparse-causal attention keys always include frame 0 and the whole clip keeps one
+appearance. Each UNet call runs on one window; the predictions are then blended per frame: frame 0
+comes from the first window, the other frames are weighted averages over the windows that contain
+them, with weights ramping linearly across the frames two neighbouring windows share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
+
+import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+__all__ = ["Windows", "WindowedUNet"]
+
+
+@dataclass(frozen=True)
+class Windows:
+    """How to split a clip: `size` frames per UNet call (frame 0 included), `overlap` frames shared besides frame 0."""
+
+    size: int
+    overlap: int
+
+    def __post_init__(self) -> None:
+        if self.size < 2:
+            raise ValueError(f"window size must be at least 2 frames (frame 0 plus one more), not {self.size}")
+        if not 0 <= self.overlap <= self.size - 2:
+            raise ValueError(
+                f"window overlap must be between 0 and size - 2 = {self.size - 2} frames, not {self.overlap}"
+            )
+
+    def spans(self, frames: int) -> list[list[int]]:
+        """Frame indices each UNet call processes; every frame is covered.
+
+        frames <= size: one call on all frames. Else the first window is frames 0..size-1; each later
+        window is [0] + a run of size-1 consecutive frames starting size-1-overlap after the previous
+        run's start; the last run is shifted back to end at frames-1 (overlapping its predecessor more).
+        """
+        if frames <= self.size:
+            return [list(range(frames))]
+        run, step = self.size - 1, self.size - 1 - self.overlap
+        starts = [1]
+        while starts[-1] + run < frames:
+            starts.append(min(starts[-1] + step, frames - run))
+        return [[0, *range(start, start + run)] for start in starts]
+
+
+def _blend_weights(spans: list[list[int]], frames: int) -> torch.Tensor:
+    """(windows, frames) float32 weights, each frame's column summing to 1 (zero where a window lacks it)."""
+    runs = [span[1:] for span in spans]
+    shared = [len(set(a) & set(b)) for a, b in pairwise(runs)]
+    weights = torch.zeros(len(spans), frames)
+    for k, run in enumerate(runs):
+        head = shared[k - 1] if k > 0 else 0
+        tail = shared[k] if k < len(shared) else 0
+        for j, frame in enumerate(run):
+            # Linear ramps over the shared frames (never zero), 1 elsewhere: neighbours cross-fade.
+            weights[k, frame] = min(1.0, (j + 1) / (head + 1), (len(run) - j) / (tail + 1))
+    weights[0, 0] = 1.0  # frame 0 from the first window only: later windows only use it as attention context
+    return weights / weights.sum(dim=0, keepdim=True)
+
+
+def _slice_frames(value: Any, clips: int, frames: int, span: list[int]) -> Any:
+    """Per-frame kwargs (first dim clips*frames, clip-major) restricted to `span`; anything else unchanged."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == clips * frames:
+        index = torch.tensor(span, device=value.device)
+        return value.unflatten(0, (clips, frames))[:, index].flatten(0, 1)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return type(value)(_slice_frames(v, clips, frames, span) for v in value)
+    return value
+
+
+class WindowedUNet:
+    """Callable like a `VideoUNet` ((b, c, F, h, w) sample, timestep, text) that runs it over frame windows."""
+
+    def __init__(self, unet: Any, windows: Windows) -> None:
+        self.unet = unet
+        self.windows = windows
+
+    def __call__(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        **kwargs: Any,
+    ) -> UNet2DConditionOutput:
+        clips, _, frames = sample.shape[:3]
+        if frames <= self.windows.size:
+            return self.unet(sample, timestep, encoder_hidden_states, **kwargs)
+        spans = self.windows.spans(frames)
+        weights = _blend_weights(spans, frames).to(sample.device)
+        total: torch.Tensor | None = None
+        for k, span in enumerate(spans):
+            extra = {name: _slice_frames(value, clips, frames, span) for name, value in kwargs.items()}
+            out = self.unet(sample[:, :, span], timestep, encoder_hidden_states, **extra).sample
+            if total is None:  # shaped like the UNet's output (its channels may differ from the sample's)
+                total = out.new_zeros((*out.shape[:2], frames, *out.shape[3:]), dtype=torch.float32)
+            total[:, :, span] += out.float() * weights[k, span].view(-1, 1, 1)
+        assert total is not None  # there is always at least one span
+        return UNet2DConditionOutput(sample=total.to(out.dtype))  # blended in float32, returned in the UNet's dtype
