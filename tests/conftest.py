@@ -30,6 +30,26 @@ def isolated_cache(cache_root: Path, tmp_path_factory: pytest.TempPathFactory, m
         monkeypatch.delenv(name, raising=False)
 
 
+def tav_ok(*args: object) -> None:
+    """Run `tav ARGS...` in-process (for module fixtures, which cannot use `run_tav`) and require success."""
+    from tavcli.cli import main
+
+    sys.argv = ["tav", *map(str, args)]
+    try:
+        main()
+    except SystemExit as exit_:
+        assert not exit_.code, args
+
+
+def edit_record(run_tav, project: Path, *extra: object) -> dict:  # type: ignore[no-untyped-def]
+    """`tav edit "a dog is skiing" --steps 2 EXTRA...` on `project`: its first JSON record."""
+    import json
+
+    code, out, err = run_tav("edit", "a dog is skiing", "-p", project, "--steps", "2", *extra)
+    assert code == 0, err
+    return json.loads(out.splitlines()[0])
+
+
 @pytest.fixture(scope="session")
 def oracle_unet2d():  # type: ignore[no-untyped-def]
     from diffusers import UNet2DConditionModel
@@ -67,9 +87,8 @@ def run_tav(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch)
     return run
 
 
-@pytest.fixture(scope="session")
-def tiny_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A LoRA for the tiny model's UNet, made with peft and saved the way diffusers tools save them."""
+def _tiny_lora(folder: Path, targets: list[str], seed: int) -> Path:
+    """A LoRA of the tiny model's UNet on `targets`, made with peft and saved the way diffusers tools save them."""
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -78,31 +97,23 @@ def tiny_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tavcli.loading import resolve_model
 
     unet = UNet2DConditionModel.from_pretrained(resolve_model("tiny").folder / "unet")
-    torch.manual_seed(0)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_v"], init_lora_weights=False))
-    folder = tmp_path_factory.mktemp("tiny-lora")
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
-    return folder / "pytorch_lora_weights.safetensors"
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA file for the tiny model's UNet (keys and values)."""
+    return _tiny_lora(tmp_path_factory.mktemp("tiny-lora"), ["to_k", "to_v"], 0) / "pytorch_lora_weights.safetensors"
 
 
 @pytest.fixture(scope="session")
 def tiny_query_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A LoRA for the tiny model that also adapts `to_q`, the projection a tune replaces (saved as a folder)."""
-    import torch
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    from tavcli.loading import resolve_model
-
-    unet = UNet2DConditionModel.from_pretrained(resolve_model("tiny").folder / "unet")
-    torch.manual_seed(1)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k"], init_lora_weights=False))
-    folder = tmp_path_factory.mktemp("tiny-query-lora")
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
-    return folder
+    """A LoRA folder for the tiny model that also adapts `to_q`, the projection a tune replaces."""
+    return _tiny_lora(tmp_path_factory.mktemp("tiny-query-lora"), ["to_q", "to_k"], 1)
 
 
 @pytest.fixture(scope="session")

@@ -10,34 +10,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import CLIP
+from .conftest import CLIP, edit_record, tav_ok
 
 SMALL = ["--model", "tiny", "--frames", "4", "--width", "64", "--height", "64", "--steps", "2"]
 
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tavcli.cli import main
-
     project = tmp_path_factory.mktemp("loras") / "p.tav"
-    _run(main, "tune", CLIP, "a man is skiing", *SMALL, "-p", project)
+    tav_ok("tune", CLIP, "a man is skiing", *SMALL, "-p", project)
     return project
-
-
-def _run(main, *args: object) -> None:  # type: ignore[no-untyped-def]
-    import sys
-
-    sys.argv = ["tav", *map(str, args)]
-    try:
-        main()
-    except SystemExit as exit_:
-        assert not exit_.code, args
-
-
-def _edit(run_tav, project: Path, *extra: object) -> dict:  # type: ignore[no-untyped-def]
-    code, out, err = run_tav("edit", "a dog is skiing", "-p", project, "--steps", "2", *extra)
-    assert code == 0, err
-    return json.loads(out.splitlines()[0])
 
 
 def test_a_lora_adds_to_the_tuned_query_projection_and_comes_off_again(tuned: Path, tiny_query_lora: Path) -> None:
@@ -74,20 +56,20 @@ def test_a_lora_adds_to_the_tuned_query_projection_and_comes_off_again(tuned: Pa
 def test_edit_loras_join_the_edit_key_and_reuse_the_tune_and_inversion(  # type: ignore[no-untyped-def]
     tuned: Path, tiny_lora: Path, tiny_query_lora: Path, tmp_path: Path, run_tav
 ) -> None:
-    plain = _edit(run_tav, tuned)
+    plain = edit_record(run_tav, tuned)
     counts = {kind: len(list((tuned / kind).iterdir())) for kind in ("tunes", "inversions", "latents")}
-    styled = _edit(run_tav, tuned, "--lora", tiny_query_lora)
+    styled = edit_record(run_tav, tuned, "--lora", tiny_query_lora)
     assert styled["key"] != plain["key"]
     assert {kind: len(list((tuned / kind).iterdir())) for kind in counts} == counts  # nothing tuned or inverted
-    half = _edit(run_tav, tuned, "--lora", f"{tiny_query_lora}:0.5")
-    both = _edit(run_tav, tuned, "--lora", f"{tiny_query_lora}:0.5", "--lora", tiny_lora)
+    half = edit_record(run_tav, tuned, "--lora", f"{tiny_query_lora}:0.5")
+    both = edit_record(run_tav, tuned, "--lora", f"{tiny_query_lora}:0.5", "--lora", tiny_lora)
     assert len({plain["key"], styled["key"], half["key"], both["key"]}) == 4
     moved = tmp_path / "moved-lora"
     moved.mkdir()
     (moved / "pytorch_lora_weights.safetensors").write_bytes(
         (tiny_query_lora / "pytorch_lora_weights.safetensors").read_bytes()
     )
-    again = _edit(run_tav, tuned, "--lora", moved)
+    again = edit_record(run_tav, tuned, "--lora", moved)
     assert again["key"] == styled["key"] and again["cached"] is True  # its content identifies it, not its path
     frames = [Path(record["path"]).read_bytes() for record in (plain, styled, half)]
     assert len(set(frames)) == 3
@@ -97,7 +79,7 @@ def test_edit_loras_join_the_edit_key_and_reuse_the_tune_and_inversion(  # type:
 
 @pytest.mark.slow
 def test_an_edit_with_a_lora_is_reproduced_from_its_sidecar(tuned: Path, tiny_query_lora: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
-    styled = _edit(run_tav, tuned, "--lora", f"{tiny_query_lora}:0.7")
+    styled = edit_record(run_tav, tuned, "--lora", f"{tiny_query_lora}:0.7")
     record = json.loads(Path(styled["sidecar"]).read_text())
     assert record["loras"] == [{"path": str(tiny_query_lora.resolve()), "scale": 0.7}]
     assert f"--lora {shlex.quote(f'{tiny_query_lora.resolve()}:0.7')}" in record["reproduce"][2]

@@ -11,7 +11,7 @@ import av
 import pytest
 from safetensors.torch import load_file
 
-from .conftest import CLIP
+from .conftest import CLIP, edit_record, tav_ok
 
 SMALL = ["--model", "tiny", "--frames", "4", "--width", "64", "--height", "64", "--steps", "2"]
 RATE = Fraction(30000, 1001)  # the bundled clip's
@@ -20,28 +20,10 @@ RATE = Fraction(30000, 1001)  # the bundled clip's
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project tuned on 4 frames at stride 2, on its own copy of the clip."""
-    from tavcli.cli import main
-
     folder = tmp_path_factory.mktemp("long")
     shutil.copy(CLIP, folder / "clip.mp4")
-    _run(main, "tune", folder / "clip.mp4", "a man is skiing", *SMALL, "-p", folder / "p.tav")
+    tav_ok("tune", folder / "clip.mp4", "a man is skiing", *SMALL, "-p", folder / "p.tav")
     return folder / "p.tav"
-
-
-def _run(main, *args: object) -> None:  # type: ignore[no-untyped-def]
-    import sys
-
-    sys.argv = ["tav", *map(str, args)]
-    try:
-        main()
-    except SystemExit as exit_:
-        assert not exit_.code, args
-
-
-def _edit(run_tav, project: Path, *extra: object) -> dict:  # type: ignore[no-untyped-def]
-    code, out, err = run_tav("edit", "a dog is skiing", "-p", project, "--steps", "2", *extra)
-    assert code == 0, err
-    return json.loads(out.splitlines()[0])
 
 
 def _frames_and_rate(path: Path) -> tuple[int, Fraction]:
@@ -56,9 +38,9 @@ def _latents(project: Path, key: str):  # type: ignore[no-untyped-def]
 
 @pytest.mark.slow
 def test_the_tuned_selection_gives_exactly_the_edit_of_before(tuned: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
-    plain = _edit(run_tav, tuned)
+    plain = edit_record(run_tav, tuned)
     for extra in (["--frames", "4", "--stride", "2", "--start", "0"], ["--window", "4"], ["--window", "9"]):
-        same = _edit(run_tav, tuned, *extra)
+        same = edit_record(run_tav, tuned, *extra)
         assert same["key"] == plain["key"] and same["cached"] is True, extra
     inversion = json.loads((tuned / "edits" / plain["key"] / "meta.json").read_text())["spec"]["inversion"]
     assert not {"latents", "window"} & set(
@@ -68,11 +50,11 @@ def test_the_tuned_selection_gives_exactly_the_edit_of_before(tuned: Path, run_t
 
 @pytest.mark.slow
 def test_a_window_as_long_as_the_selection_is_the_unwindowed_edit(tuned: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
-    whole = _edit(run_tav, tuned, "--frames", "8")
+    whole = edit_record(run_tav, tuned, "--frames", "8")
     for window in ("8", "20"):
-        same = _edit(run_tav, tuned, "--frames", "8", "--window", window)
+        same = edit_record(run_tav, tuned, "--frames", "8", "--window", window)
         assert same["key"] == whole["key"]
-    windowed = _edit(run_tav, tuned, "--frames", "8", "--window", "4")
+    windowed = edit_record(run_tav, tuned, "--frames", "8", "--window", "4")
     assert windowed["key"] != whole["key"]
     difference = (_latents(tuned, windowed["key"]) - _latents(tuned, whole["key"])).abs()
     assert difference[:, :, :4].max() > 0  # the windows' statistics differ from the whole clip's...
@@ -81,11 +63,11 @@ def test_a_window_as_long_as_the_selection_is_the_unwindowed_edit(tuned: Path, r
 
 @pytest.mark.slow
 def test_a_longer_selection_renders_its_frame_count_at_its_rate(tuned: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
-    tripled = _edit(run_tav, tuned, "--frames", "12", "--window", "4")
+    tripled = edit_record(run_tav, tuned, "--frames", "12", "--window", "4")
     assert _frames_and_rate(Path(tripled["path"])) == (12, RATE / 2)
-    whole = _edit(run_tav, tuned, "--frames", "all", "--stride", "1", "--window", "6")
+    whole = edit_record(run_tav, tuned, "--frames", "all", "--stride", "1", "--window", "6")
     assert _frames_and_rate(Path(whole["path"])) == (48, RATE)  # the whole clip at its native rate
-    late = _edit(run_tav, tuned, "--frames", "all", "--start", "40", "--stride", "3")
+    late = edit_record(run_tav, tuned, "--frames", "all", "--start", "40", "--stride", "3")
     assert _frames_and_rate(Path(late["path"]))[0] == 3  # frames 40, 43, 46
     sidecar = json.loads(Path(whole["sidecar"]).read_text())
     assert sidecar["frames"]["edited"]["frames"] == 48 and "--window 6" in sidecar["reproduce"][2]
@@ -102,7 +84,7 @@ def test_tav_invert_takes_the_same_frames(tuned: Path, run_tav) -> None:  # type
     assert record["frames"] == 6 and record["window"] == 3
     trajectory = load_file(Path(record["path"]) / "tensors.safetensors")["trajectory"]
     assert trajectory.shape[3] == 6
-    plain = _edit(run_tav, tuned)  # the current inversion is of other frames: a plain edit does not take it
+    plain = edit_record(run_tav, tuned)  # the current inversion is of other frames: a plain edit does not take it
     assert _frames_and_rate(Path(plain["path"]))[0] == 4
 
 
