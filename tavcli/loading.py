@@ -30,6 +30,8 @@ __all__ = [
     "ModelSource",
     "encode_prompts",
     "load_components",
+    "load_lora",
+    "lora_loader",
     "resolve_model",
     "variant_of",
     "quiet_libraries",
@@ -235,10 +237,18 @@ def load_components(
 
 def _fuse_loras(source: ModelSource, *parts: Any) -> None:
     """Fuse each LoRA into the UNet and text encoder weights with diffusers' LoRA loading (needs peft)."""
+    pipe = lora_loader(*parts)
+    for index, (path, scale) in enumerate(source.loras):
+        load_lora(pipe, path, f"lora{index}")
+        pipe.fuse_lora(lora_scale=scale, adapter_names=[f"lora{index}"])
+        pipe.unload_lora_weights()
+
+
+def lora_loader(tokenizer: Any, text_encoder: Any, vae: Any, unet: Any, scheduler: Any) -> Any:
+    """A pipeline made only to load LoRAs: diffusers' LoRA loading maps a file's keys onto these modules."""
     from diffusers import StableDiffusionPipeline
 
-    tokenizer, text_encoder, vae, unet, scheduler = parts
-    pipe = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -248,15 +258,16 @@ def _fuse_loras(source: ModelSource, *parts: Any) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    for index, (path, scale) in enumerate(source.loras):
-        try:
-            pipe.load_lora_weights(str(path), adapter_name=f"lora{index}")
-        except (OSError, ValueError, KeyError) as error:
-            raise TavError(f"cannot load the LoRA {path}: {first_line(error)}") from None
-        except ImportError:
-            raise TavError("LoRAs need peft", 'pip install "tavcli[lora]"') from None
-        pipe.fuse_lora(lora_scale=scale, adapter_names=[f"lora{index}"])
-        pipe.unload_lora_weights()
+
+
+def load_lora(pipe: Any, path: Path, adapter_name: str) -> None:
+    """Load one LoRA (file or folder) onto `lora_loader`'s modules as an unfused peft adapter."""
+    try:
+        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+    except (OSError, ValueError, KeyError) as error:
+        raise TavError(f"cannot load the LoRA {path}: {first_line(error)}") from None
+    except ImportError:
+        raise TavError("LoRAs need peft", 'pip install "tavcli[lora]"') from None
 
 
 @torch.no_grad()

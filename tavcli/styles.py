@@ -13,8 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tavcli.errors import TavError, first_line
-from tavcli.loading import Components
+from tavcli.loading import Components, load_lora, lora_loader
 from tavcli.video_unet import VideoUNet
 
 __all__ = ["applied_loras"]
@@ -26,28 +25,12 @@ def applied_loras(components: Components, unet: VideoUNet, loras: tuple[tuple[Pa
     if not loras:
         yield
         return
-    from diffusers import StableDiffusionPipeline
-
-    # The pipeline is only the LoRA loader's address book: it maps a LoRA file's keys to the modules.
-    pipe = StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=getattr(unet, "_orig_mod", unet),  # the module itself under --compile
-        scheduler=components.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    module = getattr(unet, "_orig_mod", unet)  # the module itself under --compile
+    pipe = lora_loader(components.tokenizer, components.text_encoder, components.vae, module, components.scheduler)
     names = [f"edit{index}" for index in range(len(loras))]
     try:
         for name, (path, _) in zip(names, loras, strict=True):
-            try:
-                pipe.load_lora_weights(str(path), adapter_name=name)
-            except (OSError, ValueError, KeyError) as error:
-                raise TavError(f"cannot load the LoRA {path}: {first_line(error)}") from None
-            except ImportError:
-                raise TavError("LoRAs need peft", 'pip install "tavcli[lora]"') from None
+            load_lora(pipe, path, name)
         pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
         yield
     finally:

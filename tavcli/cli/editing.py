@@ -225,12 +225,12 @@ def edit(
 
     artifacts = run_edit(session, request, force)
     if evaluate:
-        from tavcli.metrics import ClipScorer, evaluate_output
+        from tavcli.metrics import ClipScorer
+        from tavcli.workflow.rendering import score_edit
 
         scorer = ClipScorer(clip_model, session.runtime.device)
         for artifact in artifacts:
-            scores = evaluate_output(scorer, artifact.path)
-            artifact.details["scores"] = {k: v for k, v in scores.items() if k not in ("path", "prompt")}
+            score_edit(scorer, artifact)
     if grid:
         from tavcli.workflow.rendering import render_grid
 

@@ -31,7 +31,6 @@ from tavcli.store import Project
 from tavcli.styles import applied_loras
 from tavcli.video import (
     FrameSelection,
-    FrameSize,
     frame_count,
     read_clip,
 )
@@ -42,11 +41,16 @@ from tavcli.workflow.keys import (
     edit_entries,
     inversion_entry,
     latents_entry,
-    lora_identity,
-    tune_run,
 )
 from tavcli.workflow.rendering import render_edit, source_frames
-from tavcli.workflow.session import Artifact, Session, encode_latents, prompt_embeddings, resolve_tune
+from tavcli.workflow.session import (
+    Artifact,
+    Session,
+    encode_latents,
+    prompt_embeddings,
+    recorded_frames,
+    resolve_tune,
+)
 
 __all__ = ["EditPlan", "edit", "edit_from_sidecar", "invert", "kept_steps", "kept_tune", "plan_edit", "run_plan"]
 
@@ -102,23 +106,25 @@ def choose_frames(session: Session, project: Project, tune_entry: Entry, choice:
     """The tuned frames, or the selection `choice` makes of the same clip (its latents encoded if missing)."""
     tuned = project.find("latents", tune_entry.spec["latents"])
     clip = tuned.meta()["clip"]
-    stride = choice.stride or clip["stride"]
-    start = clip["start"] if choice.start is None else choice.start
+    tuned_selection, size = recorded_frames(clip)
+    stride = choice.stride or tuned_selection.stride
+    start = tuned_selection.start if choice.start is None else choice.start
+    path = None  # the clip file, read only when other frames need it
     if choice.frames == "all":
-        count = frame_count(_tuned_clip(tuned, clip))
+        path = _tuned_clip(tuned, clip)
+        count = frame_count(path)
         if start >= count:
             raise OptionError(f"--start {start} is past the clip's last frame ({count} frames)")
         frames = 1 + (count - 1 - start) // stride
     else:
-        frames = int(choice.frames or clip["frames"])
+        frames = int(choice.frames or tuned_selection.frames)
     selection = FrameSelection(frames=frames, stride=stride, start=start)
     window = choice.window if choice.window is not None and choice.window < frames else None
-    if selection == FrameSelection(frames=clip["frames"], stride=clip["stride"], start=clip["start"]):
+    if selection == tuned_selection:
         return ChosenFrames(tuned, frames, window)
-    path = _tuned_clip(tuned, clip)
-    size = FrameSize(clip["width"], clip["height"], clip["resize"])
+    path = path or _tuned_clip(tuned, clip)
     source = session.source(tune_entry.meta()["model"]["model"])
-    entry = latents_entry(project, source, path, selection, size, session.runtime.precision)
+    entry = latents_entry(project, source, tuned.spec["clip_sha256"], selection, size, session.runtime.precision)
     encode_latents(session, project, entry, source.name, path, selection, size)
     return ChosenFrames(entry, frames, window)
 
@@ -145,8 +151,7 @@ class EditPlan:
     project: Project
     tune: Entry
     inversion: Entry
-    latents: Entry  # of the frames edited: the tuned ones, or those --frames chose
-    clip: dict[str, Any]  # those frames' facts (path, fps, selection, size)
+    clip: dict[str, Any]  # the edited frames' facts (path, fps, selection, size): tuned or chosen by --frames
     entries: dict[str, Entry]  # by prompt
     groups: list[list[str]]
     guide: ControlGuide | None
@@ -189,7 +194,7 @@ def plan_edit(session: Session, request: EditRequest) -> EditPlan:
     clip = latents.meta()["clip"]
     guide, control = _control(session, project, latents, clip, request.control)
     entries = edit_entries(project, inversion.key, request, session.runtime, control)
-    return EditPlan(project, tune_entry, inversion, latents, clip, entries, request.groups, guide, request.loras)
+    return EditPlan(project, tune_entry, inversion, clip, entries, request.groups, guide, request.loras)
 
 
 def kept_tune(project: Project, tune_entry: Entry, step: int) -> Entry:
@@ -208,9 +213,12 @@ def kept_tune(project: Project, tune_entry: Entry, step: int) -> Entry:
 
 def kept_steps(project: Project, spec: dict[str, Any]) -> list[int]:
     """The step counts the store holds a tune of, for the run of tune `spec` (its kept states and itself)."""
-    run = {**tune_run(spec), "save_precision": spec.get("save_precision")}
+
+    def others(spec: dict[str, Any]) -> dict[str, Any]:
+        return {field: value for field, value in spec.items() if field != "steps"}
+
     found = (project.find("tunes", key).spec for key in project.complete_keys("tunes"))
-    return sorted(s["steps"] for s in found if {**tune_run(s), "save_precision": s.get("save_precision")} == run)
+    return sorted(s["steps"] for s in found if others(s) == others(spec))
 
 
 def _sample_edits(session: Session, plan: EditPlan, settings: EditSettings, force: bool) -> set[str]:
@@ -231,11 +239,10 @@ def _sample_edits(session: Session, plan: EditPlan, settings: EditSettings, forc
             noise = plan.inversion.tensors(runtime.device)["trajectory"][-1]
             generator = torch.Generator(runtime.device).manual_seed(settings.seed)
             label = group[0] if len(group) == 1 else f"{len(group)} prompts"
-            loras = lora_identity(plan.loras)
+            loras = members[0].spec.get("loras")  # their identity in the edits' keys
             with applied_loras(components, unet, plan.loras):
                 embeds = [
-                    prompt_embeddings(session, project, components.source, [p, settings.negative], loras)
-                    for p in group
+                    prompt_embeddings(session, project, components.source, [p, settings.negative], loras) for p in group
                 ]
                 with session.reporter.task(f"editing: {label}", settings.steps) as advance, runtime.autocast():
                     latents = ddim_sample(
@@ -264,10 +271,8 @@ def _control(
     """The ControlNet guide for the edited frames (`latents`, `clip`), and what identifies it in the edits' keys."""
     if control is None:
         return None, None
-    selection = FrameSelection(frames=clip["frames"], stride=clip["stride"], start=clip["start"])
-    size = FrameSize(clip["width"], clip["height"], clip["resize"])
     if control.video is not None:
-        maps = read_clip(control.video, selection, size).frames
+        maps = read_clip(control.video, *recorded_frames(clip)).frames
     else:
         maps = canny_maps(source_frames(session, latents, clip))
     controlnet = load_controlnet(control.model, session.runtime.device, session.runtime.dtype)

@@ -48,12 +48,13 @@ def describe(kind: str, spec: dict[str, Any]) -> str:
 
 
 def latents_entry(
-    project: Project, source: ModelSource, clip: Path, selection: FrameSelection, size: FrameSize, precision: str
+    project: Project, source: ModelSource, clip_sha256: str, selection: FrameSelection, size: FrameSize, precision: str
 ) -> Entry:
-    """The store entry of a clip's VAE posterior: per model, clip content, frames, size and VAE precision."""
+    """The store entry of a clip's VAE posterior: per model, clip content (its SHA-256), frames, size and VAE
+    precision."""
     spec = {
         "model": source.identity,
-        "clip_sha256": file_sha256(clip),
+        "clip_sha256": clip_sha256,
         "selection": asdict(selection),
         "size": asdict(size),
         **_unless_fp32(precision),
@@ -211,7 +212,7 @@ def controlnet_identity(name: str) -> str:
     path = Path(name).expanduser()
     if not path.is_dir():
         return name
-    return f"{path.resolve()}@sha256-{files_sha256(path, (p for p in path.rglob('*') if p.is_file()))}"
+    return f"{path.resolve()}@sha256-{_content_sha256(path)}"
 
 
 def _unless_fp32(precision: str, field: str = "precision") -> dict[str, str]:

@@ -24,8 +24,6 @@ from tavcli.requests import EditRequest
 from tavcli.sidecar import read_sidecar, sidecar_of, write_sidecar
 from tavcli.vae import decode_latents
 from tavcli.video import (
-    FrameSelection,
-    FrameSize,
     contact_sheet,
     read_clip,
     read_frames,
@@ -33,12 +31,13 @@ from tavcli.video import (
     write_video,
 )
 from tavcli.workflow.records import edit_record
-from tavcli.workflow.session import Artifact, Session, resolve_tune
+from tavcli.workflow.session import Artifact, Session, recorded_frames, resolve_tune
 
 if TYPE_CHECKING:
+    from tavcli.metrics import ClipScorer
     from tavcli.workflow.editing import EditPlan
 
-__all__ = ["render_edit", "render_grid", "slug", "source_frames"]
+__all__ = ["render_edit", "render_grid", "render_preview_sheet", "score_edit", "slug", "source_frames"]
 
 
 def _output_rate(request: EditRequest, clip: dict[str, Any], reporter: Reporter) -> Fraction | None:
@@ -160,6 +159,14 @@ def render_preview_sheet(session: Session, project_root: Path, tuned: Artifact, 
     return Artifact("preview", tuned.key, output, False, time.perf_counter() - started, details)
 
 
+def score_edit(scorer: ClipScorer, artifact: Artifact) -> None:
+    """Score a rendered edit with CLIP (`tav eval`'s metrics, also written to its sidecar) into its record."""
+    from tavcli.metrics import evaluate_output
+
+    scores = evaluate_output(scorer, artifact.path)
+    artifact.details["scores"] = {k: v for k, v in scores.items() if k not in ("path", "prompt")}
+
+
 def _evenly(frames: np.ndarray, most: int) -> np.ndarray:
     """At most `most` frames, evenly spread from the first to the last."""
     return frames[np.linspace(0, len(frames) - 1, min(most, len(frames))).round().astype(int)]
@@ -175,8 +182,7 @@ def source_frames(session: Session, latents: Entry, clip: dict[str, Any]) -> np.
     """The frames of a latents entry (`clip`: its facts): from the clip if it is still there, else decoded."""
     path = Path(clip["path"])
     if path.is_file():
-        selection = FrameSelection(frames=clip["frames"], stride=clip["stride"], start=clip["start"])
-        return read_clip(path, selection, FrameSize(clip["width"], clip["height"], clip["resize"])).frames
+        return read_clip(path, *recorded_frames(clip)).frames
     vae = session.model(latents.spec["model"]["model"]).vae
     mean = latents.tensors(session.runtime.device)["mean"]
     return decode_latents(vae, mean * vae.config.scaling_factor)

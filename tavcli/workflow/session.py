@@ -21,7 +21,7 @@ from tavcli.video import read_clip
 from tavcli.video_unet import VideoUNet, inflate_unet
 from tavcli.workflow.keys import embeddings_entry
 
-__all__ = ["Artifact", "Session", "encode_latents", "prompt_embeddings", "resolve_tune"]
+__all__ = ["Artifact", "Session", "encode_latents", "prompt_embeddings", "recorded_frames", "resolve_tune"]
 
 
 @dataclass
@@ -196,6 +196,12 @@ def encode_latents(
 
     cached = project.produce(entry, compute, force)
     return Artifact("latents", entry.key, entry.path, cached, time.perf_counter() - started)
+
+
+def recorded_frames(clip: dict[str, Any]) -> tuple[FrameSelection, FrameSize]:
+    """The selection and size of a latents entry's clip facts (as `encode_latents` records them)."""
+    selection = FrameSelection(frames=clip["frames"], stride=clip["stride"], start=clip["start"])
+    return selection, FrameSize(clip["width"], clip["height"], clip["resize"])
 
 
 def resolve_tune(session: Session, project_root: Path, tune_key: str | None) -> tuple[Project, Entry]:

@@ -28,7 +28,7 @@ from tavcli.workflow.keys import (
     tune_run,
     tune_spec,
 )
-from tavcli.workflow.rendering import render_preview_sheet
+from tavcli.workflow.rendering import render_preview_sheet, score_edit
 from tavcli.workflow.session import Artifact, Session, encode_latents, prompt_embeddings
 
 if TYPE_CHECKING:
@@ -86,10 +86,7 @@ def _render_preview(
     [artifact] = edit(session, request)
     artifact.details["step"] = tuned.details["steps"]
     if scorer is not None:
-        from tavcli.metrics import evaluate_output
-
-        scores = evaluate_output(scorer, artifact.path)
-        artifact.details["scores"] = {k: v for k, v in scores.items() if k not in ("path", "prompt")}
+        score_edit(scorer, artifact)
     return artifact
 
 
@@ -236,7 +233,8 @@ def _resolve(session: Session, request: TuneRequest) -> _Resolved:
     require_folder(request.project, "--project")
     source = session.source(request.model, choose_variant=True)
     project = session.project(request.project)
-    latents = latents_entry(project, source, request.clip, request.selection, request.size, session.runtime.precision)
+    clip_sha256 = file_sha256(request.clip)
+    latents = latents_entry(project, source, clip_sha256, request.selection, request.size, session.runtime.precision)
     return _Resolved(source, project, latents)
 
 
