@@ -8,12 +8,14 @@ quickly.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tavcli.errors import TavError
+from tavcli.options import OptionError
 
 __all__ = [
     "HUB_ID",
@@ -59,12 +61,18 @@ def is_single_file(base: str) -> bool:
 
 
 def split_lora(given: str) -> tuple[str, float]:
-    """`PATH` or `PATH:SCALE` as (path, scale); the scale defaults to 1."""
+    """`PATH` or `PATH:SCALE` as (path, scale); the scale defaults to 1. A NaN or infinite scale is refused:
+    it would only show as NaN weights after the model is loaded."""
     path, _, scale = given.rpartition(":")
     try:
-        return (path, float(scale)) if path else (given, 1.0)
+        value = float(scale)
     except ValueError:
         return given, 1.0
+    if not path:
+        return given, 1.0
+    if not math.isfinite(value):
+        raise OptionError(f"--lora {given}: the scale must be a finite number, not {scale}")
+    return path, value
 
 
 def model_name(

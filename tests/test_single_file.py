@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from tavcli.loading import load_components, resolve_model
 from tavcli.model_name import model_name, parse_model_name, split_lora
+from tavcli.options import OptionError
 
 from .conftest import CLIP
 from .ldm_format import ldm_checkpoint
@@ -153,6 +154,9 @@ def test_lora_scales_parse_one_way() -> None:
     assert split_lora("style.safetensors:0.5") == ("style.safetensors", 0.5)
     assert split_lora("style.safetensors:-0.5") == ("style.safetensors", -0.5)
     assert split_lora("dir:with:colons/style.safetensors") == ("dir:with:colons/style.safetensors", 1.0)
+    for scale in ("nan", "inf", "-inf"):
+        with pytest.raises(OptionError, match="finite"):
+            split_lora(f"style.safetensors:{scale}")
     spec = parse_model_name("/m/x.safetensors|config=tiny|lora=/l/a.safetensors:0.5|lora=/l/b:1.0")
     assert spec.base == "/m/x.safetensors" and spec.config == "tiny"
     assert spec.loras == ((Path("/l/a.safetensors"), 0.5), (Path("/l/b"), 1.0))
