@@ -6,18 +6,23 @@
     python benchmarks/bench.py --config sd21-v --device cuda   # SD 2.1 768-v (also sd21-base), 24x768x768
 
 Random weights of the named architecture are built once, saved with `save_pretrained` and loaded
-back through tavcli's own loading code. Each measurement runs in a fresh process, so its peak
-memory (process RSS on CPU, `torch.cuda.max_memory_allocated` on GPU) is its own:
+back through tavcli's own loading code, once per measurement, into a `tavcli.workflow.Session`.
+Each measurement runs in a fresh process, so its peak memory (process RSS on CPU,
+`torch.cuda.max_memory_allocated` on GPU) is its own:
 
-- tune step, without and with gradient checkpointing (`tavcli.training.train_delta`, every trainable tensor);
+- tune step, without and with gradient checkpointing (`tavcli.training.train_delta`, every trainable
+  tensor), with the VAE and text encoder offloaded to the CPU on a GPU, as `tav tune` runs;
 - inversion step (`tavcli.inversion.ddim_inversion`) and guided sampling step (`tavcli.sampling.ddim_sample`);
 - a whole edit per prompt (text encoding, sampling, VAE decode, mp4 write: `tavcli.workflow.edit`),
-  and prompts per minute for 1 prompt and for 4 prompts in one `--batch-size 4` call;
-- the same work on the plain, un-inflated 2D UNet with the same weights on the same folded
-  frames, and each figure's ratio to it: the cost of the inflation itself.
+  and prompts per minute for 1 prompt and for 4 prompts in one `--batch-size 4` call, on a project
+  tuned for one step by `tav tune` in a child process (so neither its load nor its peak counts);
+- the same loops (`train_delta`, `ddim_inversion`, `ddim_sample`) on the plain, un-inflated 2D UNet
+  with the same weights on the same folded frames, through the same `Runtime` (`--compile`, fused
+  AdamW on GPUs), and each figure's ratio to it: the cost of the inflation itself.
 
 Timings are medians of `--repeats` steps after `--warmup` steps. On a GPU each step's FLOPs are
-counted (`torch.utils.flop_counter`) and divided by the device's peak to give the fraction reached.
+counted (`torch.utils.flop_counter`) and divided by the device's dense peak for the arithmetic used
+(`environment.peak` names the row and the arithmetic: fp32 counts at the TF32 peak when TF32 is on).
 
 `--contention` times something else: whole `tav tune` commands (`--tune-steps` steps, the
 configuration's frames and size, through the real command line) alone, beside a busy process (a
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -38,6 +44,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -62,15 +69,64 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "sd21-base": {"frames": 24, "size": 512, "architecture": "sd21-base"},
     "sd21-v": {"frames": 24, "size": 768, "architecture": "sd21-v"},
 }
-# Dense peak FLOP/s by GPU name fragment and dtype (vendor data sheets, SXM parts).
-PEAK_FLOPS = {
-    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
-    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
-    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
-    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
-    "4090": {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12},
-}
 PHASES = ("tune", "tune_checkpointing", "inversion", "sampling", "edit", "unet2d")
+# Dense peak FLOP/s (no 2:4 sparsity: NVIDIA's data sheets quote tensor-core figures with it, twice
+# these) by arithmetic, per GPU. The first row whose pattern matches `torch.cuda.get_device_name` wins:
+# whole words only ("A100" is not in "RTX A1000"), a family's variants before its plain name, and
+# variants with fewer cores (RTX 4090 D, laptop parts) match no row rather than a faster one's.
+# Sources: NVIDIA H100 data sheet and product brief PB-11133-001 (SXM: FP32 67, TF32 989*, BF16/FP16
+# 1,979*; PCIe: 51, 756*, 1,513*; NVL: 60, 835*, 1,671*; * with sparsity); H200 data sheet (SXM as
+# H100 SXM, NVL as H100 NVL: the same GH100 compute); A100 data sheet (FP32 19.5, TF32 156, BF16 312,
+# SXM and PCIe alike); L40S data sheet (FP32 91.6, TF32 183, BF16 362.05); Ada architecture
+# whitepaper, RTX 4090 (FP32 82.6, TF32 82.6, FP16/BF16 with FP32 accumulate 165.2: what PyTorch uses).
+_HOPPER_SXM = {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12, "fp32": 67e12}
+_HOPPER_NVL = {"bf16": 835e12, "fp16": 835e12, "tf32": 417.5e12, "fp32": 60e12}
+_ADA_4090 = {"bf16": 165.2e12, "fp16": 165.2e12, "tf32": 82.6e12, "fp32": 82.6e12}
+PEAK_FLOPS: tuple[tuple[str, str, dict[str, float]], ...] = (
+    ("H100 NVL", r"\bH100\b.*\bNVL\b", _HOPPER_NVL),
+    ("H100 PCIe", r"\bH100\b.*\bPCIe\b", {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    ("H100 SXM", r"\bH100\b", _HOPPER_SXM),  # the SXM part is "NVIDIA H100 80GB HBM3"
+    ("H200 NVL", r"\bH200\b.*\bNVL\b", _HOPPER_NVL),
+    ("H200 SXM", r"\bH200\b", _HOPPER_SXM),
+    ("A100", r"\bA100\b", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    ("L40S", r"\bL40S\b", {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12, "fp32": 91.6e12}),
+    ("RTX 4090", r"\bRTX 4090\b(?!\s+(?:D|Laptop)\b)", _ADA_4090),
+)
+
+
+@dataclass(frozen=True)
+class Peak:
+    """A GPU's dense peak for the arithmetic a run uses: its row in PEAK_FLOPS, the arithmetic, FLOP/s."""
+
+    row: str
+    arithmetic: str  # bf16, fp16, tf32 or fp32
+    flops: float
+
+
+def peak_flops(device_name: str, precision: str, tf32: bool) -> Peak | None:
+    """The dense peak of `device_name` for `precision` (fp32 at the TF32 peak when `tf32`); None for unknown GPUs."""
+    arithmetic = "tf32" if precision == "fp32" and tf32 else precision
+    for row, pattern, peaks in PEAK_FLOPS:
+        if re.search(pattern, device_name, re.IGNORECASE):
+            return Peak(row, arithmetic, peaks[arithmetic])
+    return None
+
+
+def tf32_in_use() -> bool:
+    """Whether fp32 work may run on TF32 tensor cores, whose peak is 8x fp32's: a plain fp32 peak would allow
+    fractions over 1. Matrix products use TF32 when asked (off by default); cuDNN convolutions by default."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    return bool(matmul or torch.backends.cudnn.allow_tf32)
+
+
+def _peak(runtime: Any) -> Peak | None:
+    import torch
+
+    if runtime.device.type != "cuda":
+        return None
+    return peak_flops(torch.cuda.get_device_name(runtime.device), runtime.precision, tf32_in_use())
 
 
 def build_model(config: str, folder: Path) -> Path:
@@ -208,60 +264,79 @@ def summarise(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, An
 
 
 def run_phase(args: argparse.Namespace) -> dict[str, Any]:
+    """One measurement in this process, its model loaded once into one session (the edit's workflow reuses it)."""
     import torch
 
     torch.set_num_threads(args.threads)
-    from tavcli.loading import load_components, resolve_model
     from tavcli.runtime import resolve_runtime
+    from tavcli.workflow.session import Session
 
     runtime = resolve_runtime(args.device, args.precision, compile=args.compile)
-    folder = build_model(args.config, args.workdir / "models")
-    source = resolve_model(str(folder))
-    components = load_components(source, runtime.device, runtime.dtype)
+    model = str(build_model(args.config, args.workdir / "models"))
+    session = Session(runtime)
+    found = _edit(args, session, model) if args.phase == "edit" else _unet_phase(args, session, model)
+    found[f"{args.phase}_peak_memory_gb"] = round(_peak_memory(runtime) / 1e9, 3)
+    found["environment"] = _environment(runtime)
+    return found
+
+
+def _unet_phase(args: argparse.Namespace, session: Any, model: str) -> dict[str, Any]:
+    """A UNet measurement on random latents of the configuration's shape and the embedded prompts."""
+    import torch
+
+    from tavcli.loading import encode_prompts
+
+    runtime = session.runtime
+    components = session.model(model)
     latent = args.size // 8
     shape = (1, 4, args.frames, latent, latent)
     generator = torch.Generator().manual_seed(0)
     mean = torch.randn(shape, generator=generator).to(runtime.device)
     std = torch.full(shape, 0.1, device=runtime.device)
     with torch.no_grad():
-        from tavcli.loading import encode_prompts
-
         embeds = encode_prompts(components, ["a man is skiing", ""]).float()
+    if args.phase in ("tune", "tune_checkpointing"):
+        session.offload_frozen(model)  # as `tav tune`: on a GPU only the UNet stays while training
     phase = {
         "tune": lambda: _tune(args, runtime, components, mean, std, embeds[:1], checkpointing=False),
         "tune_checkpointing": lambda: _tune(args, runtime, components, mean, std, embeds[:1], checkpointing=True),
         "inversion": lambda: _inversion(args, runtime, components, mean, embeds[1:]),
         "sampling": lambda: _sampling(args, runtime, components, mean, embeds),
-        "edit": lambda: _edit(args, runtime, source),
-        "unet2d": lambda: _unet2d(args, runtime, components, mean, embeds),
+        "unet2d": lambda: _unet2d(args, runtime, components, mean, std, embeds),
     }[args.phase]
-    found = phase()
-    found[f"{args.phase}_peak_memory_gb"] = round(_peak_memory(runtime) / 1e9, 3)
-    found["environment"] = _environment(runtime)
-    return found
+    return phase()
 
 
 def _tune(args: Any, runtime: Any, components: Any, mean: Any, std: Any, embeds: Any, checkpointing: bool) -> dict:
     import torch
 
-    from tavcli.requests import TuneSettings
-    from tavcli.training import train_delta
     from tavcli.video_unet import inflate_unet, trainable_parameters
 
     torch.manual_seed(0)
     unet = inflate_unet(components.unet)
-    settings = TuneSettings(steps=args.warmup + args.repeats, gradient_checkpointing=checkpointing, checkpoint_every=0)
-    stamps = _Stamps(runtime)
     flops = _flops(runtime, lambda: _train_once(unet, runtime, mean, embeds))
-    scaling = components.vae.config.scaling_factor
-    train_delta(unet, components.scheduler, mean, std, scaling, embeds, settings, runtime, lambda **_: stamps())
+    seconds = _training_step_s(args, runtime, unet, components, mean, std, embeds, checkpointing)
     name = "tune_step_checkpointing_s" if checkpointing else "tune_step_s"
     trainable = sum(p.numel() for p in trainable_parameters(unet).values())
     return {
-        name: stamps.median(args.warmup),
-        **_flop_report(name, flops, stamps.median(args.warmup), runtime),
+        name: seconds,
+        **_flop_report(name, flops, seconds, runtime),
         "trainable_parameters_m": round(trainable / 1e6, 2),
     }
+
+
+def _training_step_s(
+    args: Any, runtime: Any, unet: Any, components: Any, mean: Any, std: Any, embeds: Any, checkpointing: bool = False
+) -> float:
+    """Median seconds per `train_delta` step: `tav tune`'s loop (compile, AdamW, loss read per step) on `unet`."""
+    from tavcli.requests import TuneSettings
+    from tavcli.training import train_delta
+
+    settings = TuneSettings(steps=args.warmup + args.repeats, gradient_checkpointing=checkpointing, checkpoint_every=0)
+    stamps = _Stamps(runtime)
+    scaling = components.vae.config.scaling_factor
+    train_delta(unet, components.scheduler, mean, std, scaling, embeds, settings, runtime, lambda **_: stamps())
+    return stamps.median(args.warmup)
 
 
 def _train_once(unet: Any, runtime: Any, sample: Any, embeds: Any) -> None:
@@ -283,12 +358,19 @@ def _inversion(args: Any, runtime: Any, components: Any, latents: Any, empty: An
 
     torch.manual_seed(0)
     unet = windowed(runtime.prepare(inflate_unet(components.unet).eval()), args.window)
-    stamps = _Stamps(runtime)
     flops = _flops(runtime, lambda: ddim_inversion(unet, components.scheduler, latents, empty, 1))
-    with runtime.autocast():
-        ddim_inversion(unet, components.scheduler, latents, empty, args.warmup + args.repeats, lambda *_: stamps())
-    seconds = stamps.median(args.warmup)
+    seconds = _inversion_step_s(args, runtime, unet, components.scheduler, latents, empty)
     return {"inversion_step_s": seconds, **_flop_report("inversion_step_s", flops, seconds, runtime)}
+
+
+def _inversion_step_s(args: Any, runtime: Any, unet: Any, scheduler: Any, latents: Any, empty: Any) -> float:
+    """Median seconds per `ddim_inversion` step of `unet` (already prepared by the runtime)."""
+    from tavcli.inversion import ddim_inversion
+
+    stamps = _Stamps(runtime)
+    with runtime.autocast():
+        ddim_inversion(unet, scheduler, latents, empty, args.warmup + args.repeats, lambda *_: stamps())
+    return stamps.median(args.warmup)
 
 
 def _sampling(args: Any, runtime: Any, components: Any, noise: Any, embeds: Any) -> dict:
@@ -299,42 +381,29 @@ def _sampling(args: Any, runtime: Any, components: Any, noise: Any, embeds: Any)
 
     torch.manual_seed(0)
     unet = runtime.prepare(inflate_unet(components.unet).eval())
-    stamps = _Stamps(runtime)
     cond, uncond = embeds[:1], embeds[1:]
     flops = _flops(runtime, lambda: ddim_sample(unet, components.scheduler, noise, cond, uncond, 1, 12.5))
-    with runtime.autocast():
-        ddim_sample(
-            unet,
-            components.scheduler,
-            noise,
-            cond,
-            uncond,
-            args.warmup + args.repeats,
-            12.5,
-            on_step=lambda *_: stamps(),
-        )
-    seconds = stamps.median(args.warmup)
+    seconds = _sampling_step_s(args, runtime, unet, components.scheduler, noise, cond, uncond)
     return {"sampling_step_s": seconds, **_flop_report("sampling_step_s", flops, seconds, runtime)}
 
 
-def _edit(args: Any, runtime: Any, source: Any) -> dict:
-    """Whole edits through the workflow, as `tav edit` runs them, on the bundled clip."""
-    from tavcli import workflow
-    from tavcli.requests import EditRequest, EditSettings, FrameSelection, FrameSize, TuneSettings
+def _sampling_step_s(args: Any, runtime: Any, unet: Any, scheduler: Any, noise: Any, cond: Any, uncond: Any) -> float:
+    """Median seconds per guided `ddim_sample` step of `unet` (already prepared by the runtime)."""
+    from tavcli.sampling import ddim_sample
 
-    project = args.workdir / f"edit-{args.config}-{os.getpid()}.tav"
-    session = workflow.Session(runtime)
-    with resources.as_file(resources.files("tavcli") / "data" / "man-skiing.mp4") as clip:
-        request = workflow.TuneRequest(
-            clip,
-            "a man is skiing",
-            project,
-            source.name,
-            FrameSelection(frames=args.frames, stride=1),
-            FrameSize(args.size, args.size),
-            TuneSettings(steps=1, checkpoint_every=0),
-        )
-        workflow.tune(session, request)
+    stamps = _Stamps(runtime)
+    steps = args.warmup + args.repeats
+    with runtime.autocast():
+        ddim_sample(unet, scheduler, noise, cond, uncond, steps, 12.5, on_step=lambda *_: stamps())
+    return stamps.median(args.warmup)
+
+
+def _edit(args: Any, session: Any, model: str) -> dict:
+    """Whole edits through the workflow, as `tav edit` runs them, on a project of the bundled clip."""
+    from tavcli import workflow
+    from tavcli.requests import EditRequest, EditSettings
+
+    project = _tuned_project(args, model)
     settings = EditSettings(steps=args.edit_steps)
     workflow.edit(session, EditRequest(project, ["warm-up"], settings))  # inverts, builds the tuned UNet
     singles = []
@@ -356,45 +425,41 @@ def _edit(args: Any, runtime: Any, source: Any) -> dict:
     }
 
 
-def _unet2d(args: Any, runtime: Any, components: Any, latents: Any, embeds: Any) -> dict:
-    """The same steps on the plain 2D UNet over the folded frames (b*f, c, h, w)."""
-    import torch
+def _tuned_project(args: Any, model: str) -> Path:
+    """A project of the bundled clip tuned for one step by `tav tune` in a child process: its model load
+    and its training peak stay out of this process, whose peak is then the edits' own."""
+    project = args.workdir / f"edit-{args.config}-{os.getpid()}.tav"
+    with resources.as_file(resources.files("tavcli") / "data" / "man-skiing.mp4") as clip:
+        command = [sys.executable, "-m", "tavcli", "tune", str(clip), "a man is skiing", "-m", model]
+        command += ["-p", str(project), "--frames", str(args.frames), "--stride", "1"]
+        command += ["--width", str(args.size), "--height", str(args.size), "--steps", "1", "--checkpoint-every", "0"]
+        command += ["--device", args.device, "--precision", args.precision]
+        done = subprocess.run([*command, "-q"], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"tav tune failed: {' '.join(command)}\n{done.stderr}")
+    return project
 
-    unet = components.unet
+
+def _unet2d(args: Any, runtime: Any, components: Any, latents: Any, std: Any, embeds: Any) -> dict:
+    """The same loops on the plain 2D UNet over the folded frames (b*f, c, h, w), through the same runtime:
+    `train_delta` (compiled with --compile, fused AdamW on GPUs, the loss read each step), then inversion
+    and guided sampling on `runtime.prepare(unet)`. Only the inflation differs from the video figures."""
     frames = latents.shape[2]
-    folded = latents[0].transpose(0, 1).contiguous()
+    folded, folded_std = _fold(latents), _fold(std)
     cond, uncond = embeds[:1].expand(frames, -1, -1), embeds[1:].expand(frames, -1, -1)
-    t = torch.tensor([500], device=latents.device)
-    params = [p for n, m in unet.named_modules() if n.endswith(("attn1.to_q", "attn2.to_q")) for p in m.parameters()]
-    for param in params:
-        param.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=3e-5)
-
-    def train() -> None:
-        unet.train()
-        with runtime.autocast():
-            loss = unet(folded, t, cond).sample.float().square().mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    @torch.no_grad()
-    def invert() -> None:
-        unet.eval()
-        with runtime.autocast():
-            unet(folded, t, uncond)
-
-    @torch.no_grad()
-    def sample() -> None:
-        unet.eval()
-        with runtime.autocast():
-            unet(torch.cat([folded, folded]), t, torch.cat([uncond, cond]))
-
+    unet, scheduler = components.unet, components.scheduler
+    tune = _training_step_s(args, runtime, unet, components, folded, folded_std, cond)
+    model = runtime.prepare(unet.eval())
     return {
-        f"unet2d_{name}_step_s": _median_time(step, args.warmup, args.repeats, runtime)
-        for name, step in [("tune", train), ("inversion", invert), ("sampling", sample)]
+        "unet2d_tune_step_s": tune,
+        "unet2d_inversion_step_s": _inversion_step_s(args, runtime, model, scheduler, folded, uncond),
+        "unet2d_sampling_step_s": _sampling_step_s(args, runtime, model, scheduler, folded, cond, uncond),
     }
+
+
+def _fold(video: Any) -> Any:
+    """(1, c, f, h, w) latents as f images (f, c, h, w): what the 2D UNet sees of a clip."""
+    return video[0].transpose(0, 1).contiguous()
 
 
 class _Stamps:
@@ -413,19 +478,6 @@ class _Stamps:
         return round(statistics.median(steps[warmup:]), 4)
 
 
-def _median_time(step: Callable[[], None], warmup: int, repeats: int, runtime: Any) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        _sync(runtime)
-        started = time.perf_counter()
-        step()
-        _sync(runtime)
-        times.append(time.perf_counter() - started)
-    return round(statistics.median(times), 4)
-
-
 def _flops(runtime: Any, step: Callable[[], Any]) -> float | None:
     """FLOPs of one step, counted on GPU only (counting costs a step; on CPU it adds nothing we use)."""
     if runtime.device.type != "cuda":
@@ -438,15 +490,14 @@ def _flops(runtime: Any, step: Callable[[], Any]) -> float | None:
 
 
 def _flop_report(name: str, flops: float | None, seconds: float, runtime: Any) -> dict[str, Any]:
+    """FLOP/s reached and their fraction of the device's peak (None for a GPU without a row)."""
     if flops is None:
         return {}
-    import torch
-
     achieved = flops / seconds
-    gpu = torch.cuda.get_device_name(runtime.device)
-    peak = next((table[runtime.precision] for key, table in PEAK_FLOPS.items() if key in gpu), None)
+    peak = _peak(runtime)
     stem = name.removesuffix("_s")
-    return {f"{stem}_tflops": round(achieved / 1e12, 1), f"{stem}_peak_fraction": peak and round(achieved / peak, 3)}
+    fraction = round(achieved / peak.flops, 3) if peak else None
+    return {f"{stem}_tflops": round(achieved / 1e12, 1), f"{stem}_peak_fraction": fraction}
 
 
 def _sync(runtime: Any) -> None:
@@ -470,9 +521,12 @@ def _environment(runtime: Any) -> dict[str, Any]:
     import torch
 
     device = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else platform.processor()
+    peak = _peak(runtime)
     return {
         "torch": torch.__version__,
         "device_name": device or platform.machine(),
+        # The peak `*_peak_fraction` divides by: which row, which arithmetic (tf32 for fp32 when TF32 is on).
+        "peak": peak and {"row": peak.row, "arithmetic": peak.arithmetic, "tflops": round(peak.flops / 1e12, 1)},
         "cpu_count": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d"),
     }

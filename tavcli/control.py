@@ -8,7 +8,6 @@ For `canny` the maps can be computed from the source clip itself (OpenCV).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,9 +15,9 @@ import torch
 from diffusers import ControlNetModel, T2IAdapter
 
 from tavcli.errors import TavError, first_line
-from tavcli.hub import local_only, unreachable
+from tavcli.hub import local_folder, local_only, unreachable
 
-__all__ = ["ControlGuide", "canny_maps", "load_controlnet"]
+__all__ = ["ControlGuide", "canny_maps", "load_controlnet", "require_opencv"]
 
 
 def load_controlnet(name: str, device: torch.device, dtype: torch.dtype) -> ControlNetModel | T2IAdapter:
@@ -26,13 +25,13 @@ def load_controlnet(name: str, device: torch.device, dtype: torch.dtype) -> Cont
     from tavcli.loading import quiet_libraries
 
     quiet_libraries()
-    path = Path(name).expanduser()
-    offline = not path.is_dir() and local_only()
+    path = local_folder(name, "ControlNet", "--control-model")
+    offline = path is None and local_only()
     try:
         kind = ControlNetModel
-        if path.is_dir() and '"T2IAdapter"' in (path / "config.json").read_text():
+        if path is not None and '"T2IAdapter"' in (path / "config.json").read_text():
             kind = T2IAdapter
-        source = str(path) if path.is_dir() else name
+        source = name if path is None else str(path)
         model = kind.from_pretrained(source, use_safetensors=True, local_files_only=offline)
     except (OSError, ValueError) as error:
         if offline:
@@ -43,14 +42,20 @@ def load_controlnet(name: str, device: torch.device, dtype: torch.dtype) -> Cont
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def canny_maps(frames: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
-    """Canny edge maps (f, h, w, 3) of uint8 frames, white edges on black, as ControlNet-canny expects."""
+def require_opencv() -> Any:
+    """OpenCV, which canny maps of the source clip need (the `control` extra), or one line saying so."""
     try:
         import cv2
     except ImportError:
         raise TavError(
             "computing canny maps needs OpenCV", "pip install opencv-python-headless, or pass --control-video"
         ) from None
+    return cv2
+
+
+def canny_maps(frames: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
+    """Canny edge maps (f, h, w, 3) of uint8 frames, white edges on black, as ControlNet-canny expects."""
+    cv2 = require_opencv()
     edges = [cv2.Canny(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), low, high) for frame in frames]
     return np.stack([np.repeat(edge[..., None], 3, axis=-1) for edge in edges])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from tavcli.atomic import atomic_path, write_json
 from tavcli.errors import TavError
 from tavcli.payload import load_payload, nonfinite, payload_problems
 
-__all__ = ["KEY", "KINDS", "PARENTS", "TENSORS", "Entry", "timestamp"]
+__all__ = ["KEY", "KINDS", "PARENTS", "TENSORS", "Entry", "noun", "timestamp"]
 
 TENSORS = "tensors.safetensors"
 # The entry kinds, each after the kind it is computed from.
@@ -26,6 +27,13 @@ KINDS = ("latents", "embeddings", "tunes", "inversions", "edits")
 # kind -> (the spec field naming its parent's key, the parent's kind)
 PARENTS = {"tunes": ("latents", "latents"), "inversions": ("tune", "tunes"), "edits": ("inversion", "inversions")}
 KEY = re.compile(r"[0-9a-f]{16}")
+# One entry of each kind, in words.
+NOUNS = {"latents": "latents", "embeddings": "prompt embeddings", "tunes": "tune", "inversions": "inversion"}
+
+
+def noun(kind: str) -> str:
+    """What one entry of `kind` is called in messages ("the tune 3fe8...")."""
+    return NOUNS.get(kind, kind.removesuffix("s"))
 
 
 def timestamp(seconds: float | None = None) -> str:
@@ -33,6 +41,8 @@ def timestamp(seconds: float | None = None) -> str:
 
 
 def _damaged(path: Path, why: object) -> TavError:
+    if not path.is_dir():  # not damaged: gone, removed by `tav rm` or `tav gc` while this command ran
+        return TavError(f"the {noun(path.parent.name)} {path.name} was removed by another tav command", "run it again")
     hint = f"`tav rm {path.parent.name}/{path.name} -p {path.parent.parent}` removes it; then run again"
     return TavError(f"damaged cache entry {path}: {why}", hint)
 
@@ -62,7 +72,9 @@ class Entry:
         """`meta.json`, checked to hold a spec and to list the payload with its hash and size."""
         try:
             meta = json.loads((self.path / "meta.json").read_text())
-        except (OSError, ValueError) as error:
+        except ValueError as error:
+            raise _damaged(self.path, f"meta.json is not valid JSON ({error})") from None
+        except OSError as error:
             raise _damaged(self.path, error) from None
         if not isinstance(meta, dict) or not isinstance(meta.get("spec"), dict):
             raise _damaged(self.path, "meta.json has no spec")
@@ -72,31 +84,41 @@ class Entry:
             raise _damaged(self.path, f"meta.json does not list its payload {TENSORS}")
         return meta
 
-    def save(self, tensors: dict[str, Any], facts: dict[str, Any], extra: dict[str, bytes] | None = None) -> None:
+    def save(
+        self,
+        tensors: dict[str, Any],
+        facts: dict[str, Any],
+        extra: dict[str, bytes] | None = None,
+        causes: str | None = "with fp16, try --precision bf16 or fp32",
+    ) -> None:
         """Write the tensors (and `extra` files by name, e.g. a picture), then the metadata that lists each
         file with its hash and marks the entry complete.
 
-        Tensors holding NaN or inf are refused: a cached wrong result would be reused forever.
+        Tensors holding NaN or inf are refused: a cached wrong result would be reused forever. `causes`
+        is the hint then, from a caller that knows the run (its precision, its LoRAs).
         """
         from safetensors.torch import save
 
         bad = nonfinite(tensors)
         if bad:
             raise TavError(
-                f"the {self.kind[:-1]} came out as NaN or inf ({', '.join(bad)}); nothing was stored",
-                "with fp16, try --precision bf16 or fp32",
+                f"the {self.kind[:-1]} came out as NaN or inf ({', '.join(bad)}); nothing was stored", causes
             )
         payload = save({name: t.detach().contiguous().cpu() for name, t in tensors.items()})
+        first = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
-        files = {}
-        for name, data in {TENSORS: payload, **(extra or {})}.items():
-            with atomic_path(self.path / name, needed=len(data)) as temp:
-                temp.write_bytes(data)
-            files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-        write_json(
-            self.path / "meta.json",
-            {"kind": self.kind, "key": self.key, "spec": self.spec, "files": files, "created": timestamp(), **facts},
-        )
+        try:
+            files = {}
+            for name, data in {TENSORS: payload, **(extra or {})}.items():
+                with atomic_path(self.path / name, needed=len(data)) as temp:
+                    temp.write_bytes(data)
+                files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+            meta = {"kind": self.kind, "key": self.key, "spec": self.spec, "files": files, "created": timestamp()}
+            write_json(self.path / "meta.json", {**meta, **facts})
+        except BaseException:
+            if first:  # a failed first write (a full disk) leaves no half entry for `tav verify` to trip on
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
 
     def tensors(self, device: Any = "cpu") -> dict[str, Any]:
         """The payload, checked against the SHA-256 recorded when it was written and for NaN or inf."""

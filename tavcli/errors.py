@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["Interrupted", "TavError", "first_line"]
+__all__ = ["Interrupted", "TavError", "first_line", "interruption"]
 
 
 class TavError(Exception):
@@ -32,3 +32,14 @@ def first_line(error: BaseException) -> str:
     """An exception's message cut to its first line (library errors can be pages long), or its type."""
     text = str(error).strip()
     return text.splitlines()[0] if text else error.__class__.__name__
+
+
+def interruption(error: BaseException) -> Interrupted | None:
+    """The `Interrupted` behind `error`, if any: a signal that lands inside a library can come back wrapped
+    (diffusers' lazy imports re-raise what an import raised as a RuntimeError)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, Interrupted):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -22,6 +22,7 @@ __all__ = [
     "dependents",
     "fix",
     "garbage",
+    "held",
     "listing",
     "match",
     "pid_alive",
@@ -29,6 +30,7 @@ __all__ = [
     "remove",
     "removal_files",
     "renders",
+    "sort_garbage",
 ]
 
 # What each kind of row is computed from (the entries' parents are the store's), for removing children first.
@@ -173,16 +175,42 @@ def dependents(project: Project, targets: list[Listing]) -> list[Listing]:
     return sorted(picked, key=_removal_rank)
 
 
+def held(project: Project, row: Listing) -> str | None:
+    """Why a live process holds `row` (computing, writing or using it: `tav rm` refuses it, `tav gc` leaves
+    it), or None."""
+    if row.kind in KINDS:
+        return project.in_use(row.kind, row.key)
+    if row.kind == "checkpoints" and project.busy(f"checkpoints-{row.key}"):
+        return "is being trained by a running tav command"
+    return None
+
+
 def garbage(project: Project, checkpoints: bool = False) -> list[Listing]:
     """What `tav gc` removes: interrupted and damaged entries, entries whose parent is gone, renders and grids
     of removed edits, a damaged `project.json`, temporary files of dead processes, and (if asked) the
-    resumable checkpoints. Work a live process holds a lock on is left alone."""
+    resumable checkpoints. Work a live process holds is left alone (`sort_garbage` says which)."""
+    return sort_garbage(project, checkpoints)[0]
+
+
+def sort_garbage(project: Project, checkpoints: bool = False) -> tuple[list[Listing], list[tuple[Listing, str]]]:
+    """What `tav gc` removes, and what it would remove but leaves alone because a live process holds it
+    (with why)."""
+    found, left = [], []
+    for row in _garbage(project, checkpoints):
+        why = held(project, row)
+        if why is None:
+            found.append(row)
+        else:
+            left.append((row, why))
+    return found, left
+
+
+def _garbage(project: Project, checkpoints: bool) -> list[Listing]:
+    """Everything `tav gc` collects, held or not."""
     rows = listing(project)
     present = {f"{r.kind}/{r.key}" for r in rows if r.state == "complete"}
     found = []
     for row in rows:
-        if project.busy(f"{row.kind}-{row.key}") or project.busy(f"checkpoints-{row.key}"):
-            continue
         if row.state == "incomplete":
             found.append(_with_state(row, "interrupted before it was complete"))
         elif row.damaged:
@@ -217,14 +245,18 @@ def removal_files(project: Project, row: Listing) -> list[Path]:
 
 
 def remove(project: Project, row: Listing) -> None:
-    """Remove references before payloads: pointers, then `meta.json` (the entry stops counting), then files."""
+    """Remove references before payloads: pointers, then `meta.json` (the entry stops counting), then files.
+
+    An entry a live process computes or uses is refused in one line (`Project.removing`): a command may
+    hold one for hours, and removing it under the command would break it or leave an orphan.
+    """
     if row.kind == "render":
         _remove_render(project, row.path)
         return
     if row.kind in ("temp", "project"):
         shutil.rmtree(row.path) if row.path.is_dir() else row.path.unlink(missing_ok=True)
         return
-    with project.lock(f"{row.kind}-{row.key}"):
+    with project.removing(row.kind, row.key):
         if KEY.fullmatch(row.key) and project.state_problem() is None:
             state = project.state
             pointers = {name: None for name in ("tune", "inversion") if state.get(name) == row.key}
@@ -235,7 +267,7 @@ def remove(project: Project, row: Listing) -> None:
                 if row.key in render.edits:
                     _remove_render(project, render.sidecar)
         (row.path / "meta.json").unlink(missing_ok=True)
-        shutil.rmtree(row.path, ignore_errors=True)
+    shutil.rmtree(row.path, ignore_errors=True)
 
 
 def _remove_render(project: Project, sidecar: Path) -> None:

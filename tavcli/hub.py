@@ -10,10 +10,12 @@ respected, as huggingface_hub respects them.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 from tavcli.errors import TavError
+from tavcli.model_name import HUB_ID
 
-__all__ = ["PROBE_SECONDS", "hub_reachable", "local_only", "unreachable"]
+__all__ = ["PROBE_SECONDS", "hub_reachable", "local_folder", "local_only", "unreachable"]
 
 PROBE_SECONDS = 5.0  # a reachable hub answers a HEAD request far sooner
 
@@ -41,3 +43,15 @@ def local_only() -> bool:
 def unreachable(name: str, hint: str) -> TavError:
     """The one line for a model that is neither cached nor downloadable."""
     return TavError(f"cannot load {name!r}: the hub is unreachable and it is not in the local cache", hint)
+
+
+def local_folder(name: str, what: str, flag: str) -> Path | None:
+    """`name` as a local folder, or None for a hub id (`org/name`). A path that is neither (`./missing`, a file)
+    is one line naming it: blaming the hub for a mistyped folder would send users the wrong way."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if HUB_ID.match(name) and not path.exists():
+        return None
+    problem = "not a folder" if path.exists() else "no such folder"
+    raise TavError(f"cannot load the {what} {name!r}: {problem}", f"give a {what} folder or a hub id with {flag}")

@@ -54,20 +54,22 @@ def ddim_inversion(
     inverse = DDIMInverseScheduler.from_config(scheduler.config, prediction_type="epsilon")
     velocity = scheduler.config.prediction_type == "v_prediction"
     inverse.set_timesteps(num_steps, device=latents.device)
+    # Per-run constants, so that a step reads nothing back from the device: the scheduler's step gets
+    # the timestep as an int (a device tensor is read back at each of its four alpha lookups), and the
+    # v-prediction conversion its alphas on the device, indexed by that int.
+    steps = inverse.timesteps.tolist()
+    alphas = inverse.alphas_cumprod.to(latents.device, torch.float32) if velocity else None
     trajectory = [latents]
-    for done, timestep in enumerate(inverse.timesteps, start=1):
+    for done, (timestep, step) in enumerate(zip(inverse.timesteps, steps, strict=True), start=1):
         model_output = unet(trajectory[-1], timestep, prompt_embeds).sample
-        if velocity:
-            model_output = _noise_from_velocity(inverse, model_output, trajectory[-1], timestep)
-        trajectory.append(inverse.step(model_output, timestep, trajectory[-1]).prev_sample)
+        if alphas is not None:
+            model_output = _noise_from_velocity(alphas[step], model_output, trajectory[-1])
+        trajectory.append(inverse.step(model_output, step, trajectory[-1]).prev_sample)
         if on_step is not None:
             on_step(done, num_steps)
     return trajectory
 
 
-def _noise_from_velocity(
-    scheduler: DDIMInverseScheduler, velocity: torch.Tensor, sample: torch.Tensor, timestep: torch.Tensor
-) -> torch.Tensor:
-    """The noise a v-prediction model predicts for `sample` at `timestep`: sqrt(a) * v + sqrt(1 - a) * x."""
-    alpha = scheduler.alphas_cumprod[timestep].to(sample.device, torch.float32)
+def _noise_from_velocity(alpha: torch.Tensor, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """The noise a v-prediction model predicts for `sample` at cumulative alpha a: sqrt(a) v + sqrt(1 - a) x."""
     return alpha.sqrt() * velocity + (1 - alpha).sqrt() * sample

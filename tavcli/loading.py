@@ -10,6 +10,7 @@ user cache and read back like any other folder.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,10 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from tavcli.config import DEFAULT_MODEL
-from tavcli.errors import TavError, first_line
-from tavcli.hashing import files_sha256
+from tavcli.errors import TavError, first_line, interruption
+from tavcli.hashing import files_sha256, lora_files
 from tavcli.hub import local_only, unreachable
+from tavcli.inputs import require_regular_file
 from tavcli.model_name import HUB_ID, NO_VARIANT, TINY_MODEL, ModelSpec, is_single_file, parse_model_name
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "encode_prompts",
     "load_components",
     "load_lora",
+    "lora_base_guess",
     "lora_loader",
     "resolve_model",
     "variant_of",
@@ -93,8 +96,8 @@ def resolve_model(
         for path, scale in spec.loras:
             if not path.exists():
                 raise TavError(f"the LoRA {path} is gone", "tune again with --lora pointing at it")
-            files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-            hashes.append(f"{scale}:{files_sha256(path.parent if path.is_file() else path, files)}")
+            files = lora_files(path)  # its weights: as a file or as its folder, the same LoRA
+            hashes.append(f"{scale}:{files_sha256(files[0].parent, files)}")  # names too, as tunes always had
         revision = f"{base.revision}+lora-{hashlib.sha256(','.join(hashes).encode()).hexdigest()[:16]}"
         chosen = parse_model_name(base.name)
         name = ModelSpec(chosen.base, chosen.config, spec.loras, chosen.revision, chosen.variant).name
@@ -261,13 +264,94 @@ def lora_loader(tokenizer: Any, text_encoder: Any, vae: Any, unet: Any, schedule
 
 
 def load_lora(pipe: Any, path: Path, adapter_name: str) -> None:
-    """Load one LoRA (file or folder) onto `lora_loader`'s modules as an unfused peft adapter."""
+    """Load one LoRA (file or folder) onto `lora_loader`'s modules as an unfused peft adapter.
+
+    The file is the user's: whatever diffusers, peft or safetensors raise on it becomes one line
+    (diffusers takes a failed adapter off again itself).
+    """
+    weights = _lora_weights(path)
     try:
-        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
-    except (OSError, ValueError, KeyError) as error:
-        raise TavError(f"cannot load the LoRA {path}: {first_line(error)}") from None
+        pipe.load_lora_weights(str(path), weight_name=weights, adapter_name=adapter_name)
     except ImportError:
         raise TavError("LoRAs need peft", 'pip install "tavcli[lora]"') from None
+    except Exception as error:
+        if interruption(error) or isinstance(error, torch.OutOfMemoryError):
+            raise  # not the file's fault: the command line reports these
+        if "size mismatch for" not in str(error):
+            raise TavError(f"cannot load the LoRA {path}: {first_line(error)}") from None
+        raise TavError(
+            f"the LoRA {path} does not fit this model: its tensor shapes are another model's"
+            + lora_base_guess(_lora_keys(path, weights), str(error)),
+            _lora_hint(pipe),
+        ) from None
+    if not any(adapter_name in names for names in pipe.get_list_adapters().values()):
+        # diffusers only warns when no key names a part of this model: the LoRA would change nothing
+        raise TavError(
+            f"the LoRA {path} adapts nothing in this model: none of its keys name one of its layers"
+            + lora_base_guess(_lora_keys(path, weights), ""),
+            _lora_hint(pipe),
+        )
+
+
+def _lora_weights(path: Path) -> str | None:
+    """The weights file diffusers is to load from a LoRA folder, the one its identity hashes (`lora_files`);
+    None for a file, or a folder of `.bin` weights, which diffusers searches itself. Only regular files
+    are opened."""
+    hint = "give a LoRA .safetensors file, or the folder that holds it"
+    if not path.is_dir():
+        require_regular_file(path, "LoRA file", hint)
+        return None
+    [chosen] = lora_files(path)
+    require_regular_file(chosen, "LoRA file", hint)
+    return chosen.name if chosen.suffix == ".safetensors" else None
+
+
+# What the width of the text that cross-attention reads says of the base a LoRA was trained on.
+CROSS_ATTENTION_BASES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+SDXL_KEYS = ("text_encoder_2", "lora_te2_", "add_embedding", "conditioner.embedders")  # parts only SDXL has
+MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from checkpoint, "
+    r"the shape in current model is torch\.Size\(\[([\d, ]*)\]\)"
+)
+
+
+def lora_base_guess(keys: list[str], mismatches: str) -> str:
+    """What a LoRA's keys and torch's size-mismatch lines tell of the base it was made for, as a clause
+    to end a message with; empty when they do not tell (a guess is said only where the evidence is plain)."""
+    marks = [mark for mark in SDXL_KEYS if any(mark in key for key in keys)]
+    if marks:
+        return f"; it was made for SDXL, by its {marks[0]} keys"
+    for name, given, here in MISMATCH.findall(mismatches):
+        # a LoRA's down projection of attn2's key or value takes the text embeddings: its width is theirs
+        if ".attn2.to_k.lora_A." not in name and ".attn2.to_v.lora_A." not in name:
+            continue
+        width, own = int(given.split(",")[-1]), int(here.split(",")[-1])
+        base = CROSS_ATTENTION_BASES.get(width)
+        if base is None:
+            return f"; its cross-attention is {width}-wide, this model's {own}-wide"
+        return f"; it was made for {base}, by its {width}-wide cross-attention (this model's is {own}-wide)"
+    return ""
+
+
+def _lora_keys(path: Path, weights: str | None) -> list[str]:
+    """The tensor names of the LoRA file loaded (`_lora_weights`), read from its header (none when unknown)."""
+    from safetensors import SafetensorError, safe_open
+
+    file = path / weights if weights else path
+    if not file.is_file():
+        return []  # a folder diffusers searched itself
+    try:
+        with safe_open(str(file), framework="pt") as opened:
+            return list(opened.keys())
+    except (OSError, SafetensorError):
+        return []
+
+
+def _lora_hint(pipe: Any) -> str:
+    """Which LoRAs would fit: those of this model's base, named where its text width tells it."""
+    width = getattr(pipe.unet.config, "cross_attention_dim", None)
+    base = CROSS_ATTENTION_BASES.get(width) if isinstance(width, int) else None
+    return f"use a LoRA made for {base} models" if base else "use a LoRA made for this model's base"
 
 
 @torch.no_grad()

@@ -1,22 +1,26 @@
 """Memory pre-flight: estimate a tune's peak memory before starting it.
 
-Activation memory is measured, not guessed: one forward and backward of the inflated UNet on a
-small probe clip (2 frames, 16x16 latents) counts the bytes autograd saves, in total and inside
-each block that gradient checkpointing would recompute, and the bytes entering those blocks.
-Flash and memory-efficient attention keep all of these linear in frames x latent pixels, so the
-probe scales to the real clip:
+Activation memory is measured, not guessed: a forward and backward of the inflated UNet under the
+run's own precision (autocast), on two small probe clips of 3 and 5 frames at 16x16 latents,
+counts the bytes autograd saves, in total and inside each block that gradient checkpointing
+would recompute, and the bytes entering those blocks. Each count is fitted as a constant plus a
+slope per token (frame x latent pixel) and extrapolated to the real clip:
 
     no checkpointing: saved
     checkpointing:    saved - saved inside blocks + block inputs + the largest block's saved bytes
 
-plus twice the largest block input for the gradients in flight during backward; to which come
-the weights, the trained tensors' gradients and AdamW moments (3x, fp32), and a
-10% margin for temporaries. `tav tune --dry-run` prints it; on a GPU a tune that would not fit
-stops with the settings that would.
+plus twice the largest block input for the gradients in flight during backward. The constant
+matters in half precision: autocast saves a half copy of every frozen fp32 weight each layer
+uses, once per step whatever the frames. Both probes have more than 2 frames, so they take the
+sparse-causal path where frames from the third on attend to two frames. To the activations come
+the weights, the gradients and AdamW moments of the tensors that train (3x, fp32; for a low-rank
+tune the adapters alone), and a 10% margin for temporaries. `tav tune --dry-run` prints it; on a
+GPU a tune that would not fit stops with the settings that would.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -24,16 +28,23 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from tavcli.errors import TavError
+from tavcli.low_rank import low_rank_parameters
+from tavcli.runtime import Runtime
 from tavcli.video_unet import VideoUNet, trainable_parameters
 
 __all__ = [
     "CARDS_GIB",
     "CUDA_CONTEXT",
+    "PROBE_FRAMES",
     "ActivationProbe",
     "MemoryEstimate",
+    "Probes",
+    "SavedBytes",
     "card_fits",
     "check_fits",
     "probe_activations",
+    "probe_tune",
+    "trained_parameters",
     "tune_estimate",
 ]
 
@@ -41,26 +52,60 @@ MARGIN = 1.1
 CARDS_GIB = (8, 12, 16, 24)  # the card sizes `tav tune --dry-run` says what fits on
 CUDA_CONTEXT = 2**29  # what the CUDA context and allocator take of a card before tavcli allocates anything
 MAX_FRAMES = 128  # what the card table counts up to
+PROBE_FRAMES = (3, 5)  # two clip lengths past 2, so frames attend to frame 0 and the previous one
+PROBE_LATENT = 16  # probe latents are 16x16 (128x128 pixels)
+
+
+@dataclass(frozen=True)
+class SavedBytes:
+    """Saved-for-backward bytes of one training step on a probe clip of `tokens` frame x latent pixels:
+    in total, inside each block checkpointing would recompute, and entering each (in forward order)."""
+
+    tokens: int
+    saved: int
+    blocks: tuple[int, ...]
+    inputs: tuple[int, ...]
+
+    @property
+    def inside_blocks(self) -> int:
+        return sum(self.blocks)
+
+    @property
+    def largest_block(self) -> int:
+        return max(self.blocks, default=0)
 
 
 @dataclass(frozen=True)
 class ActivationProbe:
-    """Saved-for-backward bytes of one training step on a probe clip of `tokens` frame x latent pixels."""
+    """Two probes in one precision: each count is their line (a constant plus a slope per token)."""
 
-    tokens: int
-    saved: int
-    inside_blocks: int
-    block_inputs: int
-    largest_block: int
-    largest_input: int
+    precision: str
+    small: SavedBytes
+    large: SavedBytes
 
     def activations(self, tokens: int, checkpointing: bool) -> int:
-        """Saved activations at the start of backward, plus the gradients in flight (2x a block's input)."""
-        scale = tokens / self.tokens
-        kept = self.saved
+        """Saved activations at the start of backward, plus the gradients in flight (2x a block's input).
+
+        The largest block is chosen at `tokens`, block by block: at the probe's size a block of big
+        weights (autocast copies them) can outweigh one of big activations that dominates a real clip.
+        """
+
+        def at(small: int, large: int) -> float:
+            return small + (large - small) * (tokens - self.small.tokens) / (self.large.tokens - self.small.tokens)
+
+        blocks = [at(s, b) for s, b in zip(self.small.blocks, self.large.blocks, strict=True)]
+        inputs = [at(s, b) for s, b in zip(self.small.inputs, self.large.inputs, strict=True)]
+        kept = at(self.small.saved, self.large.saved)
         if checkpointing:
-            kept = self.saved - self.inside_blocks + self.block_inputs + self.largest_block
-        return int((kept + 2 * self.largest_input) * scale)
+            kept = kept - sum(blocks) + sum(inputs) + max(blocks, default=0)
+        return max(0, int(kept + 2 * max(inputs, default=0)))
+
+    def constant(self, checkpointing: bool) -> int:
+        """The bytes that do not grow with the clip (in half precision: mostly autocast's weight copies)."""
+        return self.activations(0, checkpointing)
+
+
+Probes = Mapping[str, ActivationProbe]  # "fp32" and "half" (fp16 or bf16): what the card table compares
 
 
 @dataclass(frozen=True)
@@ -90,13 +135,45 @@ class MemoryEstimate:
         )
 
 
-def probe_activations(unet: VideoUNet) -> ActivationProbe:
-    """Run one fp32 training step of `unet` on a small clip and count what autograd keeps for backward.
+def trained_parameters(unet: VideoUNet) -> dict[str, torch.nn.Parameter]:
+    """What a tune trains, as `train_delta` picks it: the low-rank adapters when attached (never peft's
+    frozen `base_layer` weights), otherwise Tune-A-Video's projections."""
+    return low_rank_parameters(unet) or trainable_parameters(unet)
 
-    Weights saved for backward are not activations (they are counted once, as weights).
+
+def probe_tune(unet: VideoUNet, precision: str) -> dict[str, ActivationProbe]:
+    """Probes in fp32 and in half precision (the run's own when it is half, otherwise bf16)."""
+    half = precision if precision in ("fp16", "bf16") else "bf16"
+    return {"fp32": probe_activations(unet, "fp32"), "half": probe_activations(unet, half)}
+
+
+def probe_activations(unet: VideoUNet, precision: str = "fp32") -> ActivationProbe:
+    """Count what autograd keeps for backward in training steps of `unet` under `precision`'s autocast,
+    at each of `PROBE_FRAMES`; the trained tensors require grad as in training, nothing else does.
+
+    Weights saved for backward are not activations (they are counted once, as weights); autocast's
+    half copies of them are, since each is a new tensor held until backward.
     """
-    height = width = 16
-    frames = 2
+    params = trained_parameters(unet)
+    flags = {name: p.requires_grad for name, p in unet.named_parameters()}
+    was_training = unet.training
+    unet.requires_grad_(False)
+    for param in params.values():
+        param.requires_grad_(True)
+    unet.train()
+    try:
+        small, large = (_saved_bytes(unet, frames, precision) for frames in PROBE_FRAMES)
+    finally:
+        for name, param in unet.named_parameters():
+            param.grad = None
+            param.requires_grad_(flags[name])
+        unet.train(was_training)
+    return ActivationProbe(precision, small, large)
+
+
+def _saved_bytes(unet: VideoUNet, frames: int, precision: str) -> SavedBytes:
+    """One forward and backward of a `frames`-frame probe clip, counting saved tensors by storage."""
+    height = width = PROBE_LATENT
     device = unet.device
     weights = {_storage_key(p) for p in unet.parameters()}
     saved: dict[int, int] = {}
@@ -118,51 +195,36 @@ def probe_activations(unet: VideoUNet) -> ActivationProbe:
 
     blocks = [m for m in unet.modules() if isinstance(m, (ResnetBlock2D, Transformer2DModel))]
     handles = [h for m in blocks for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
-    params = trainable_parameters(unet)
-    was_training, grads = unet.training, {n: p.requires_grad for n, p in params.items()}
-    unet.train()
-    for param in params.values():
-        param.requires_grad_(True)
     try:
         sample = torch.zeros(1, unet.config.in_channels, frames, height, width, device=device)
         text = torch.zeros(1, 77, unet.config.cross_attention_dim, device=device)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Runtime(device, precision).autocast():
             out = unet(sample, torch.tensor([500], device=device), text).sample
         out.float().sum().backward()
     finally:
         for handle in handles:
             handle.remove()
-        for name, param in params.items():
-            param.grad = None
-            param.requires_grad_(grads[name])
-        unet.train(was_training)
-    return ActivationProbe(
-        tokens=frames * height * width,
-        saved=sum(saved.values()),
-        inside_blocks=sum(inside),
-        block_inputs=sum(inputs),
-        largest_block=max(inside, default=0),
-        largest_input=max(inputs, default=0),
-    )
+    return SavedBytes(frames * height * width, sum(saved.values()), tuple(inside), tuple(inputs))
 
 
 def tune_estimate(
     unet: VideoUNet,
-    probe: ActivationProbe,
+    probes: Probes,
     frames: int,
     height: int,
     width: int,
     checkpointing: bool,
     precision: str,
 ) -> MemoryEstimate:
-    """A tune's peak: fp32 UNet weights, 3x the trained tensors, activations (VAE and text encoder are off)."""
+    """A tune's peak: the UNet's weights, 3x the tensors that train (fp32 gradient and two AdamW moments),
+    activations from the probe of `precision` (VAE and text encoder are off the device)."""
     weights = sum(p.numel() * p.element_size() for p in unet.parameters())
-    trained = sum(p.numel() * 4 for p in trainable_parameters(unet).values())
-    activations = _activations(probe, frames, height, width, checkpointing, precision)
+    trained = sum(p.numel() * 4 for p in trained_parameters(unet).values())
+    activations = _activations(probes, frames, height, width, checkpointing, precision)
     return MemoryEstimate(weights, 3 * trained, activations, frames, height, width, checkpointing, precision)
 
 
-def card_fits(estimate: MemoryEstimate, probe: ActivationProbe) -> dict[str, dict[str, int]]:
+def card_fits(estimate: MemoryEstimate, probes: Probes) -> dict[str, dict[str, int]]:
     """For each card size in `CARDS_GIB`: the most frames at `estimate`'s size that a tune fits, per precision
     (half = fp16 or bf16) with and without gradient checkpointing (0: not even one frame)."""
     fits: dict[str, dict[str, int]] = {}
@@ -171,10 +233,10 @@ def card_fits(estimate: MemoryEstimate, probe: ActivationProbe) -> dict[str, dic
         fits[f"{gib} GB"] = {
             f"{precision}{' + checkpointing' if checkpointing else ''}": _most_frames(
                 estimate,
-                probe,
+                probes,
                 usable,
                 checkpointing=checkpointing,
-                precision="bf16" if precision == "half" else precision,
+                precision=probes[precision].precision,
             )
             for precision in ("fp32", "half")
             for checkpointing in (False, True)
@@ -182,7 +244,7 @@ def card_fits(estimate: MemoryEstimate, probe: ActivationProbe) -> dict[str, dic
     return fits
 
 
-def check_fits(estimate: MemoryEstimate, probe: ActivationProbe, available: int) -> None:
+def check_fits(estimate: MemoryEstimate, probes: Probes, available: int) -> None:
     """Stop before a tune that would run out of memory, naming settings that would fit."""
     if estimate.total <= available:
         return
@@ -191,13 +253,13 @@ def check_fits(estimate: MemoryEstimate, probe: ActivationProbe, available: int)
         options.append(("--gradient-checkpointing", {"checkpointing": True}))
     if estimate.precision == "fp32":
         options.append(("--precision bf16", {"precision": "bf16"}))
-    suggestions = [flag for flag, changes in options if _changed(estimate, probe, **changes).total <= available]
-    fewer = _most_frames(estimate, probe, available, limit=estimate.frames - 1)
+    suggestions = [flag for flag, changes in options if _changed(estimate, probes, **changes).total <= available]
+    fewer = _most_frames(estimate, probes, available, limit=estimate.frames - 1)
     if fewer:
         suggestions.append(f"--frames {fewer}")
     for size in (448, 384, 320, 256):
         smaller = size < max(estimate.height, estimate.width)
-        if smaller and _changed(estimate, probe, height=size, width=size).total <= available:
+        if smaller and _changed(estimate, probes, height=size, width=size).total <= available:
             suggestions.append(f"--width {size} --height {size}")
             break
     gib = 2**30
@@ -209,31 +271,28 @@ def check_fits(estimate: MemoryEstimate, probe: ActivationProbe, available: int)
 
 
 def _most_frames(
-    estimate: MemoryEstimate, probe: ActivationProbe, usable: int, limit: int = MAX_FRAMES, **changes: object
+    estimate: MemoryEstimate, probes: Probes, usable: int, limit: int = MAX_FRAMES, **changes: object
 ) -> int:
     """The most frames, up to `limit`, whose tune (`estimate` with `changes`) fits in `usable` bytes."""
     frames = 0
-    while frames < limit and _changed(estimate, probe, frames=frames + 1, **changes).total <= usable:
+    while frames < limit and _changed(estimate, probes, frames=frames + 1, **changes).total <= usable:
         frames += 1
     return frames
 
 
-def _changed(estimate: MemoryEstimate, probe: ActivationProbe, **changes: object) -> MemoryEstimate:
+def _changed(estimate: MemoryEstimate, probes: Probes, **changes: object) -> MemoryEstimate:
     """`estimate` for other frames, size, checkpointing or precision: the same weights, activations from the probe."""
     changed = replace(estimate, **changes)  # type: ignore[arg-type]
     activations = _activations(
-        probe, changed.frames, changed.height, changed.width, changed.checkpointing, changed.precision
+        probes, changed.frames, changed.height, changed.width, changed.checkpointing, changed.precision
     )
     return replace(changed, activations=activations)
 
 
-def _activations(
-    probe: ActivationProbe, frames: int, height: int, width: int, checkpointing: bool, precision: str
-) -> int:
-    activations = probe.activations(frames * (height // 8) * (width // 8), checkpointing)
-    if precision in ("fp16", "bf16"):
-        activations //= 2  # autocast keeps most activations in half precision
-    return activations
+def _activations(probes: Probes, frames: int, height: int, width: int, checkpointing: bool, precision: str) -> int:
+    """Activations of a clip from the probe of its precision family (fp16 and bf16 both store 2 bytes)."""
+    probe = probes["fp32" if precision == "fp32" else "half"]
+    return probe.activations(frames * (height // 8) * (width // 8), checkpointing)
 
 
 def _storage_key(tensor: torch.Tensor) -> int:

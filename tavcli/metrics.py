@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 from tavcli.errors import TavError, first_line
-from tavcli.hub import local_only, unreachable
+from tavcli.hub import local_folder, local_only, unreachable
 
 __all__ = ["ClipScorer", "Scores", "evaluate_output"]
 
@@ -45,12 +45,14 @@ class ClipScorer:
         from tavcli.loading import quiet_libraries
 
         quiet_libraries()
-        offline = not Path(name).expanduser().is_dir() and local_only()
+        folder = local_folder(name, "CLIP model", "--clip-model")
+        offline = folder is None and local_only()
+        source = name if folder is None else str(folder)
         try:
-            model = CLIPModel.from_pretrained(name, use_safetensors=True, local_files_only=offline)
+            model = CLIPModel.from_pretrained(source, use_safetensors=True, local_files_only=offline)
             self.model = model.to(device).eval()
-            self.processor = CLIPImageProcessor.from_pretrained(name, local_files_only=offline)
-            self.tokenizer = CLIPTokenizer.from_pretrained(name, local_files_only=offline)
+            self.processor = CLIPImageProcessor.from_pretrained(source, local_files_only=offline)
+            self.tokenizer = CLIPTokenizer.from_pretrained(source, local_files_only=offline)
         except (OSError, ValueError) as error:
             if offline:
                 raise unreachable(name, "give a local CLIP folder with --clip-model") from None
@@ -60,6 +62,12 @@ class ClipScorer:
             ) from None
         self.name = name
         self.device = device
+
+    def to(self, device: torch.device) -> ClipScorer:
+        """Move the model (loaded early on the CPU to check it is there, scored with on the run's device)."""
+        self.model.to(device)
+        self.device = device
+        return self
 
     @torch.no_grad()
     def score(self, frames: np.ndarray, prompt: str) -> Scores:

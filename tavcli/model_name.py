@@ -9,12 +9,14 @@ quickly.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tavcli.errors import TavError
+from tavcli.inputs import require_regular_file
 from tavcli.options import OptionError
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "TINY_MODEL",
     "ModelSpec",
     "is_single_file",
+    "lora_path",
     "model_name",
     "parse_model_name",
     "split_lora",
@@ -60,9 +63,13 @@ def is_single_file(base: str) -> bool:
     return path.suffix.lower() in SINGLE_FILE_SUFFIXES and path.is_file()
 
 
-def split_lora(given: str) -> tuple[str, float]:
+def split_lora(given: str, named: str = "--lora") -> tuple[str, float]:
     """`PATH` or `PATH:SCALE` as (path, scale); the scale defaults to 1. A NaN or infinite scale is refused:
-    it would only show as NaN weights after the model is loaded."""
+    it would only show as NaN weights after the model is loaded. `named` is how messages name the option.
+
+    The rule is the text's alone, never the file system's: what follows the last colon, if it reads as a
+    number, is the scale. So a file named `a:0.5` is written `a:0.5:1` (`a:0.5` is `a` at scale 0.5).
+    """
     path, _, scale = given.rpartition(":")
     try:
         value = float(scale)
@@ -71,8 +78,26 @@ def split_lora(given: str) -> tuple[str, float]:
     if not path:
         return given, 1.0
     if not math.isfinite(value):
-        raise OptionError(f"--lora {given}: the scale must be a finite number, not {scale}")
+        raise OptionError(f"{named} {given}: the scale must be a finite number, not {scale}")
     return path, value
+
+
+def lora_path(given: str, named: str = "--lora", base: Path | None = None) -> tuple[Path, float]:
+    """`PATH[:SCALE]` (see `split_lora`) as an existing LoRA file or folder and its scale; a relative path
+    is taken from `base` (default: the current folder), with `..` folded and links kept."""
+    path, scale = split_lora(given, named)
+    if not path.strip():
+        raise OptionError(f"{named} is empty", "give a LoRA .safetensors file or folder, optionally :SCALE")
+    file = Path(os.path.abspath((base or Path.cwd()) / Path(path).expanduser()))
+    if not file.exists():
+        whole = Path(os.path.abspath((base or Path.cwd()) / Path(given).expanduser()))
+        hint = f"{named} takes a .safetensors file or folder, optionally :SCALE"
+        if path != given and whole.exists():  # the user meant the file whose name ends in `:NUMBER`
+            hint = f"{named} {given} reads as {path} at scale {scale:g}; for the file {given}, write {given}:1"
+        raise TavError(f"no LoRA at {file}", hint)
+    if not file.is_dir():  # a FIFO or a device would block or never end when hashed and loaded
+        require_regular_file(file, "LoRA file", f"{named} takes a .safetensors file or folder")
+    return file, scale
 
 
 def model_name(
@@ -103,10 +128,7 @@ def model_name(
         config = str(folder.resolve()) if folder.is_dir() else config
     fused = []
     for given in loras:
-        path, scale = split_lora(given)
-        file = Path(path).expanduser()
-        if not file.exists():
-            raise TavError(f"no LoRA at {file}", "--lora takes a .safetensors file or folder, optionally :SCALE")
+        file, scale = lora_path(given)
         fused.append((file.resolve(), scale))
     return ModelSpec(base, config or None, tuple(fused), revision or None, variant or None).name
 

@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from tavcli.captions import drawable
+
 __all__ = ["loss_curve"]
 
 PLOT_WIDTH, PLOT_HEIGHT = 800, 400
@@ -74,7 +76,8 @@ def loss_curve(losses: Sequence[float], marks: Sequence[int] = (), title: str = 
 
     draw.rectangle([LEFT - 1, TOP - 1, LEFT + PLOT_WIDTH, TOP + PLOT_HEIGHT], outline=AXIS_COLOUR)
     subtitle = f"loss (dark: moving average over {window} step{'s' if window > 1 else ''})"
-    draw.text((LEFT, 4), title, fill="black", font=font)
+    shown, title_font = drawable(title)  # the title holds the prompt: any script
+    draw.text((LEFT, 4), shown, fill="black", font=title_font)
     draw.text((LEFT, 18), subtitle, fill=AXIS_COLOUR, font=font)
     return image
 

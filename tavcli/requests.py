@@ -7,6 +7,7 @@ imports no torch: the command line builds its requests before loading anything h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,11 +36,14 @@ __all__ = [
     "FrameChoice",
     "FrameSelection",
     "FrameSize",
+    "FLAGS",
+    "Names",
     "Preview",
     "TuneRequest",
     "TuneSettings",
     "control_spec",
     "frame_size",
+    "preview_choice",
     "snap_to_multiple",
 ]
 
@@ -47,6 +51,31 @@ CONTROL_KINDS = ("canny", "depth", "pose", "seg", "scribble", "normal", "lineart
 
 
 SIZE_MULTIPLE = 8  # the VAE halves the size three times and the UNet needs whole latents
+
+
+@dataclass(frozen=True)
+class Names:
+    """How a rule's message names the options it concerns: as the command line's flags (`--start`), or as
+    a batch file's fields (`'edit.start'`), so that one rule serves both."""
+
+    table: str | None = None  # None: flags; "" a batch job's top level; "edit" or "invert" one of its tables
+
+    def __call__(self, name: str) -> str:
+        """`--preview-every`, or `field 'preview_every'`."""
+        if self.table is None:
+            return "--" + name.replace("_", "-")
+        return f"field '{self.table + '.' if self.table else ''}{name}'"
+
+    def given(self, name: str, value: object) -> str:
+        """An option with its value: `--start 48`, or `field 'edit.start' = 48`."""
+        return f"{self(name)} {value}" if self.table is None else f"{self(name)} = {value}"
+
+    def wanted(self, name: str, metavar: str) -> str:
+        """An option to add: `--preview PROMPT`, or `field 'preview'`."""
+        return f"{self(name)} {metavar}" if self.table is None else self(name)
+
+
+FLAGS = Names()
 
 
 @dataclass(frozen=True)
@@ -112,6 +141,28 @@ class Preview:
     def __post_init__(self) -> None:
         require_prompt(self.prompt)
         check_fields(TUNE, {"preview_every": self.every, "preview_steps": self.steps}, "preview")
+
+
+def preview_choice(
+    prompt: str | None,
+    every: int | None = None,
+    steps: int | None = None,
+    evaluate: bool = False,
+    names: Names = FLAGS,
+) -> Preview | None:
+    """The previews a tune asks for, or None; each None was not given. The options that only concern
+    previews are refused without a preview prompt (they would change nothing), and so is an empty one."""
+    if prompt is None:
+        if evaluate:
+            raise OptionError(f"{names('eval')} scores the previews: give {names.wanted('preview', 'PROMPT')} too")
+        alone = [name for name, value in (("preview_every", every), ("preview_steps", steps)) if value is not None]
+        if alone:
+            raise OptionError(f"{names(alone[0])} applies to previews: give {names.wanted('preview', 'PROMPT')} too")
+        return None
+    if not prompt.strip():
+        raise OptionError(f"{names('preview')} is empty: it is the prompt the previews render", "give it some text")
+    every = TUNE["preview_every"].default if every is None else every
+    return Preview(prompt, every, TUNE["preview_steps"].default if steps is None else steps)
 
 
 def frame_size(width: int, height: int, resize: ResizeMode, reporter: Reporter) -> FrameSize:
@@ -201,6 +252,18 @@ class FrameChoice:
     def tuned(self) -> bool:
         """Whether this is the tuned selection, processed at once: what `tav edit` did before it had a choice."""
         return self == FrameChoice()
+
+    def selection(self, tuned: FrameSelection, length: Callable[[], int], names: Names = FLAGS) -> FrameSelection:
+        """The frames chosen of the tuned clip: each field None takes the `tuned` selection's. `length()` (the
+        clip's frame count) is asked only for `frames = "all"`: every frame from `start` on."""
+        stride = self.stride or tuned.stride
+        start = tuned.start if self.start is None else self.start
+        if self.frames != "all":
+            return FrameSelection(frames=int(self.frames or tuned.frames), stride=stride, start=start)
+        count = length()
+        if start >= count:
+            raise OptionError(f"{names.given('start', start)} is past the clip's last frame ({count} frames)")
+        return FrameSelection(frames=1 + (count - 1 - start) // stride, stride=stride, start=start)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import torch
 from tavcli.errors import TavError
 from tavcli.options import Precision
 
-__all__ = ["DTYPES", "Runtime", "resolve_runtime"]
+__all__ = ["DTYPES", "Runtime", "available_devices", "resolve_runtime"]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -32,6 +32,15 @@ class Runtime:
     def dtype(self) -> torch.dtype:
         return DTYPES[self.precision]
 
+    def generator(self, seed: int) -> torch.Generator:
+        """The seeded generator of every random draw (training noise and timesteps, `--eta` noise).
+
+        It lives on the CPU whatever the device, and draws are moved to the device: CUDA's and MPS's
+        generators give other numbers for the same seed, and results must not depend on the device
+        type beyond rounding (the device is not in any cache key). That costs a few MB of copies per step.
+        """
+        return torch.Generator("cpu").manual_seed(seed)
+
     def autocast(self) -> AbstractContextManager[object]:
         """Mixed precision for UNet calls: float32 weights, `dtype` matrix products."""
         if self.precision == "fp32":
@@ -42,8 +51,9 @@ class Runtime:
 def resolve_runtime(device: str = "auto", precision: Precision | str = "auto", compile: bool = False) -> Runtime:
     """`--device auto` picks CUDA, then Apple MPS, then the CPU.
 
-    `--precision auto` is bf16 on CUDA GPUs that support it (Ampere and later: fp32's range, so no
-    overflow), fp16 on older ones, fp32 elsewhere. fp16 and bf16 also run on a CPU (autocast).
+    `--precision auto` is bf16 on CUDA GPUs with bf16 tensor cores (compute capability 8.0 and later,
+    Ampere on: fp32's range, so no overflow), fp16 on older ones, fp32 elsewhere. fp16 and bf16 also
+    run on a CPU (autocast).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -51,10 +61,9 @@ def resolve_runtime(device: str = "auto", precision: Precision | str = "auto", c
         chosen = torch.device(device)
     except RuntimeError:
         raise TavError(f"unknown device {device!r}", "use auto, cpu, cuda, cuda:N or mps") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise TavError(f"--device {device}: no CUDA GPU is available here", "use --device cpu")
+    _require_device(chosen, device)
     if precision == "auto":
-        precision = "fp32" if chosen.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        precision = "fp32" if chosen.type != "cuda" else "bf16" if _has_bf16_cores(chosen) else "fp16"
     if precision not in DTYPES:
         raise TavError(f"unknown precision {precision!r}", "use auto, fp32, fp16 or bf16")
     if precision != "fp32":
@@ -64,6 +73,38 @@ def resolve_runtime(device: str = "auto", precision: Precision | str = "auto", c
     if chosen.type == "cpu":
         keep_freed_memory()
     return Runtime(device=chosen, precision=precision, compile=compile)
+
+
+def _require_device(chosen: torch.device, given: str) -> None:
+    """Refuse, in one line naming the devices there are, a device this machine does not have."""
+    there = f"this machine has {', '.join(available_devices())}"
+    if chosen.type not in ("cpu", "cuda", "mps"):
+        raise TavError(f"--device {given}: tav runs on cpu, cuda or mps devices", there)
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise TavError(f"--device {given}: no CUDA GPU is available here", there)
+        if chosen.index is not None and chosen.index >= count:
+            raise TavError(f"--device {given}: there is no CUDA GPU {chosen.index} here", there)
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise TavError(f"--device {given}: no Apple GPU (MPS) is available here", there)
+
+
+def available_devices() -> list[str]:
+    """The devices `--device` can name here, CUDA GPUs with their names (`cuda:0 (NVIDIA A100)`)."""
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    found = [f"cuda:{index} ({torch.cuda.get_device_name(index)})" for index in range(cuda)]
+    return [*found, *(["mps"] if torch.backends.mps.is_available() else []), "cpu"]
+
+
+def _has_bf16_cores(device: torch.device) -> bool:
+    """Whether the chosen GPU (not the current one) computes bf16 natively: compute capability 8.0 and later.
+
+    `torch.cuda.is_bf16_supported()` also counts emulated bf16 (T4, V100, RTX 20xx), where it is slow
+    and SDPA's fused kernels may refuse it, so attention would materialise whole score matrices.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def keep_freed_memory() -> None:

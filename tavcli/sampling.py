@@ -43,12 +43,16 @@ def ddim_sample(
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(num_steps, device=latents.device)
     text = torch.cat([negative_prompt_embeds, prompt_embeds])
-    for done, timestep in enumerate(ddim.timesteps, start=1):
+    # The scheduler's step gets the timestep as an int, read once per run: it looks its CPU alphas up
+    # with it, and a device tensor would be read back at each of six lookups per step. The UNet and the
+    # control keep the device tensor.
+    steps = ddim.timesteps.tolist()
+    for done, (timestep, step) in enumerate(zip(ddim.timesteps, steps, strict=True), start=1):
         model_input = ddim.scale_model_input(torch.cat([latents, latents]), timestep)
         extra = control(model_input, timestep, text) if control is not None else {}
         pred_uncond, pred_cond = unet(model_input, timestep, text, **extra).sample.chunk(2)
         pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
-        latents = ddim.step(pred, timestep, latents, eta=eta, generator=generator).prev_sample
+        latents = ddim.step(pred, step, latents, eta=eta, generator=generator).prev_sample
         if on_step is not None:
             on_step(done, num_steps)
     return latents

@@ -15,6 +15,7 @@ from typing import Any
 
 from tavcli.atomic import write_json
 from tavcli.errors import TavError
+from tavcli.hashing import lora_sha256
 from tavcli.inputs import require_regular_file
 from tavcli.options import EDIT, INVERT, check_fields
 from tavcli.requests import ControlSpec, EditRequest, EditSettings, FrameChoice
@@ -101,6 +102,21 @@ class RecordedEdit:
     @property
     def compiled(self) -> bool:
         return bool(self.record["edit"].get("compile"))
+
+    def require_same_loras(self) -> None:
+        """Refuse, naming them, the edit-time LoRAs whose content changed since the sidecar was written
+        (the key would differ, and not because of the precision or --compile)."""
+        recorded = self.record["edit"].get("loras") or []
+        changed = [
+            path
+            for (path, _), then in zip(self.request.loras, recorded, strict=False)
+            if not isinstance(then, dict) or lora_sha256(path) != then.get("sha256")
+        ]
+        if changed:
+            raise TavError(
+                f"{' and '.join(f'the LoRA {path}' for path in changed)} changed since {self.sidecar} was written",
+                "edit again with --lora to render with it as it is now",
+            )
 
 
 def recorded_edit(sidecar: Path, out: Path | None = None) -> RecordedEdit:

@@ -10,9 +10,12 @@ This module imports no torch.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,16 +23,24 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from tavcli.atomic import create_json, write_json
-from tavcli.entry import KEY, Entry
+from tavcli.entry import KEY, Entry, noun
 from tavcli.errors import TavError
 
-__all__ = ["METHOD_VERSION", "STORE_VERSION", "STATE_FILE", "Project", "cache_key"]
+__all__ = ["BUSY", "METHOD_VERSION", "STORE_VERSION", "STATE_FILE", "Project", "cache_key"]
 
 # Bump when a change to the method changes what an entry holds: old entries then stop matching.
 METHOD_VERSION = 1
 # Bump when the layout changes: an older tav refuses a newer project instead of misreading it.
 STORE_VERSION = 1
 STATE_FILE = "project.json"
+# Held briefly while a command starts using entries or a removal checks for users, so neither races the other.
+USES_LOCK = "uses"
+BUSY = "is being computed or written by a running tav command"  # its own lock is held
+READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)  # no lock file can be made: nobody writes here
+
+# This process's use locks (`.locks/use-KIND-KEY-PID.lock`) by path: the lock and how many holds it has.
+_uses: dict[Path, list[Any]] = {}
+_uses_guard = threading.Lock()
 
 
 def cache_key(spec: dict[str, Any]) -> str:
@@ -78,26 +89,111 @@ class Project:
             held.enter_context(self.lock(f"{entry.kind}-{entry.key}"))
             if entry.complete and not force:
                 return True
+            parent = self._parent(entry)
+            if parent is not None and parent.complete:  # what it is computed from stays until it is stored
+                held.enter_context(self.using([parent], f"this {noun(entry.kind)}"))
             compute()
         return False
+
+    # --- entries in use -----------------------------------------------------------------------------
+
+    @contextmanager
+    def using(self, entries: Iterable[Entry], doing: str = "this command") -> Iterator[None]:
+        """Hold `entries` in use while the block runs: `tav rm` refuses them and `tav gc` leaves them.
+
+        Each process holds its own lock file per entry (`.locks/use-KIND-KEY-PID.lock`), so any number
+        of commands can use an entry at once, and the kernel drops the hold of one that dies. An entry
+        already removed is one line naming it (`doing`: what was running, e.g. "this edit").
+        """
+        held: list[Path] = []
+        try:
+            with self.lock(USES_LOCK, quiet=True, optional=True):
+                for entry in entries:
+                    if not entry.complete:
+                        raise TavError(
+                            f"the {noun(entry.kind)} {entry.key} was removed by another tav command while {doing} ran",
+                            "run it again",
+                        )
+                    path = self._use_path(entry.kind, entry.key, os.getpid())
+                    if _hold_use(path):
+                        held.append(path)
+            yield
+        finally:
+            for path in held:
+                _release_use(path)
+
+    def users(self, kind: str, key: str) -> list[int]:
+        """The ids of the live processes that hold entry `kind/key` in use (see `using`)."""
+        found = []
+        for path in sorted((self.root / ".locks").glob(f"use-{kind}-{key}-*.lock")):
+            pid = path.stem.rsplit("-", 1)[-1]
+            if pid.isdigit() and self.busy(path.stem):
+                found.append(int(pid))
+        return found
+
+    def in_use(self, kind: str, key: str) -> str | None:
+        """Why a live process holds entry `kind/key` (computing, writing or using it), or None."""
+        if self.busy(f"{kind}-{key}"):
+            return BUSY
+        with self.lock(USES_LOCK, quiet=True, optional=True):  # probing a use lock must not block taking it
+            pids = self.users(kind, key)
+        return _used_by(pids) if pids else None
+
+    @contextmanager
+    def removing(self, kind: str, key: str) -> Iterator[None]:
+        """Hold entry `kind/key` for removal, or refuse in one line while a live process computes or uses it.
+
+        The block runs under the entry's lock and the uses lock: no command starts using the entry
+        meanwhile, so once its `meta.json` is gone (in the block) none ever will.
+        """
+        with contextlib.ExitStack() as held:
+            if not held.enter_context(self.lock(f"{kind}-{key}", wait=False)):
+                raise _refused(kind, key, BUSY)
+            held.enter_context(self.lock(USES_LOCK, quiet=True))
+            pids = self.users(kind, key)
+            if pids:
+                raise _refused(kind, key, _used_by(pids))
+            yield
+
+    def _parent(self, entry: Entry) -> Entry | None:
+        if entry.parent is None:
+            return None
+        kind, key = entry.parent
+        return Entry(kind, key, self.root / kind / key, {})
+
+    def _use_path(self, kind: str, key: str, pid: int) -> Path:
+        return self.root / ".locks" / f"use-{kind}-{key}-{pid}.lock"
 
     # --- locks and state ------------------------------------------------------------------------
 
     @contextmanager
-    def lock(self, name: str) -> Iterator[None]:
-        """An exclusive OS file lock, released by the kernel if its holder dies (so no stale locks)."""
+    def lock(self, name: str, wait: bool = True, quiet: bool = False, optional: bool = False) -> Iterator[bool]:
+        """An exclusive OS file lock, released by the kernel if its holder dies (so no stale locks); yields
+        whether it is held. Without `wait` a busy lock is not waited for (yields False); `quiet` waits
+        without a note (for locks held only for a moment); `optional` goes on unlocked in a project this
+        user cannot write to (where no tav command can remove or write anything either)."""
         folder = self.root / ".locks"
-        folder.mkdir(parents=True, exist_ok=True)
         file_lock = FileLock(str(folder / f"{name}.lock"), thread_local=False)
+        held: bool | None = True  # None: busy
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             file_lock.acquire(timeout=0)
         except Timeout:
-            self.on_wait(f"waiting for another tav process working on {name} in {self.root}")
+            held = None
+        except OSError as error:
+            if not optional or error.errno not in READ_ONLY:
+                raise
+            held = False
+        if held is None and wait:
+            if not quiet:
+                self.on_wait(f"waiting for another tav process working on {name} in {self.root}")
             file_lock.acquire()
+            held = True
         try:
-            yield
+            yield bool(held)
         finally:
-            file_lock.release()
+            if held:
+                file_lock.release()
 
     def busy(self, name: str) -> bool:
         """Whether a live process holds lock `name` right now."""
@@ -176,8 +272,10 @@ class Project:
         tunes = self.complete_keys("tunes")
         if tunes:
             raise TavError(
-                f"{self.root / STATE_FILE} does not say which of the project's {len(tunes)} tunes to use",
-                "run the `tav tune` command of the one you want again (it is cached), or `tav rm` the others",
+                f"{self.root / STATE_FILE} does not say which of the project's {len(tunes)} "
+                f"{'tune' if len(tunes) == 1 else 'tunes'} to use",
+                "a tune becomes current when `tav tune` finishes it: run the `tav tune` command of the one you want "
+                "again (it is cached, or resumes where it was interrupted), or `tav rm` the others",
             )
         raise TavError(f"project {self.root} was never tuned", f"run `tav tune CLIP PROMPT --project {self.root}`")
 
@@ -199,6 +297,39 @@ class Project:
         self.check_version()
         with self.lock("project"):
             write_json(self.root / STATE_FILE, {**self.state, "store_version": STORE_VERSION, **changes})
+
+
+def _hold_use(path: Path) -> bool:
+    """Take (or count one more hold of) this process's use lock `path`; False where it cannot be made."""
+    with _uses_guard:
+        if path in _uses:
+            _uses[path][1] += 1
+            return True
+        file_lock = FileLock(str(path), thread_local=False)
+        try:
+            file_lock.acquire(timeout=0)  # named after this process: only a dead one could have held it
+        except OSError:  # a read-only project: nothing can remove anything from it either
+            return False
+        _uses[path] = [file_lock, 1]
+        return True
+
+
+def _release_use(path: Path) -> None:
+    """Drop one hold of a use lock; the last one releases it and deletes its file."""
+    with _uses_guard:
+        _uses[path][1] -= 1
+        if _uses[path][1] == 0:
+            _uses.pop(path)[0].release()
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def _used_by(pids: list[int]) -> str:
+    return f"is in use by a running tav command (process {', '.join(map(str, pids))})"
+
+
+def _refused(kind: str, key: str, why: str) -> TavError:
+    return TavError(f"{kind}/{key} {why}", "run it again when that command has finished")
 
 
 def _state_problem(text: str) -> str | None:

@@ -16,7 +16,16 @@ from pathlib import Path
 from tavcli.loading import Components, load_lora, lora_loader
 from tavcli.video_unet import VideoUNet
 
-__all__ = ["applied_loras"]
+__all__ = ["applied_loras", "overflow_causes"]
+
+
+def overflow_causes(precision: str, loras: object) -> str | None:
+    """What may have made a result with these edit-time LoRAs NaN or inf, and what to try: only what would
+    help (bf16 and fp32 share a range, so only fp16 overflows where they would not)."""
+    causes = ["a LoRA scale may be too large: try a smaller PATH:SCALE"] if loras else []
+    if precision == "fp16":
+        causes.append("fp16 may have overflowed: try --precision bf16 or fp32")
+    return "; ".join(causes) or None
 
 
 @contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,10 +55,15 @@ class TuneDiverged(TavError):
 
 
 class TuneInterrupted(Interrupted):
-    """Ctrl-C or SIGTERM stopped a tune; its state was saved at `step`."""
+    """Ctrl-C or SIGTERM stopped a tune; its state was saved at `step`.
 
-    def __init__(self, step: int, total: int) -> None:
+    `made` holds the caller's records of what the run had finished before (kept states, previews),
+    for the command to print before it exits.
+    """
+
+    def __init__(self, step: int, total: int, made: Sequence[object] = ()) -> None:
         super().__init__(f"tune interrupted at step {step} of {total}; its state is saved", "run it again to resume")
+        self.step, self.total, self.made = step, total, tuple(made)
 
 
 def train_delta(
@@ -102,7 +107,7 @@ def train_delta(
         fused=runtime.device.type == "cuda",
     )
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
-    generator = torch.Generator(runtime.device).manual_seed(settings.seed)
+    generator = runtime.generator(settings.seed)
     num_timesteps = noise_scheduler.config.num_train_timesteps
     step, losses = 0, []
     if resume is not None:
@@ -130,7 +135,7 @@ def train_delta(
     while step < settings.steps:
         latents = (latent_mean + latent_std * _randn(latent_mean, generator)) * scaling_factor
         noise = _randn(latents, generator)
-        timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator, device=latents.device)
+        timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         target = training_target(noise_scheduler, latents, noise, timesteps)
         with runtime.autocast():
@@ -194,4 +199,5 @@ def training_target(
 
 
 def _randn(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    """Noise shaped like `like`, drawn where `generator` lives (the CPU: see `Runtime.generator`), moved to `like`."""
+    return torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)

@@ -125,12 +125,17 @@ def _describe(selection: FrameSelection) -> str:
 
 
 def _suggest(selection: FrameSelection, available: int) -> str:
+    """Selections that fit `available` frames, each changing one thing: the start, the count or the stride."""
+    frames, stride = selection.frames, selection.stride
+    latest = available - 1 - (frames - 1) * stride  # the last start these frames and stride fit from
+    fits = [f"--start {latest} (the latest for --frames {frames} --stride {stride})"] if latest >= 0 else []
     room = available - selection.start
-    if room < 1:
-        return f"use --start below {available}"
-    fits = [f"--frames {1 + (room - 1) // selection.stride} --stride {selection.stride}"]
-    if selection.frames > 1 and (room - 1) // (selection.frames - 1) >= 1:
-        fits.append(f"--frames {selection.frames} --stride {(room - 1) // (selection.frames - 1)}")
+    if room >= 1:
+        fits.append(f"--frames {1 + (room - 1) // stride} --stride {stride}")
+        if frames > 1 and (room - 1) // (frames - 1) >= 1:
+            fits.append(f"--frames {frames} --stride {(room - 1) // (frames - 1)}")
+    elif not fits:
+        fits.append(f"--start 0 --frames {1 + (available - 1) // stride} --stride {stride}")
     return "try " + " or ".join(fits)
 
 
@@ -177,10 +182,13 @@ def contact_sheet(clips: list[np.ndarray], captions: list[str]) -> Image.Image:
 
 def _caption(text: str, width: int) -> np.ndarray:
     """A white strip with `text` in black, clipped to `width` pixels."""
-    from PIL import ImageDraw, ImageFont
+    from PIL import ImageDraw
+
+    from tavcli.captions import drawable
 
     image = Image.new("RGB", (width, CAPTION_HEIGHT), "white")
-    ImageDraw.Draw(image).text((3, 1), text, fill="black", font=ImageFont.load_default(size=12))
+    shown, font = drawable(text)
+    ImageDraw.Draw(image).text((3, 1), shown, fill="black", font=font)
     return np.asarray(image)
 
 

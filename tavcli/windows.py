@@ -65,14 +65,32 @@ def _blend_weights(spans: list[list[int]], frames: int) -> torch.Tensor:
     return weights / weights.sum(dim=0, keepdim=True)
 
 
-def _slice_frames(value: Any, clips: int, frames: int, span: list[int]) -> Any:
-    """Per-frame kwargs (first dim clips*frames, clip-major) restricted to `span`; anything else unchanged."""
+def _slice_frames(value: Any, clips: int, frames: int, index: torch.Tensor) -> Any:
+    """Per-frame kwargs (first dim clips*frames, clip-major) restricted to `index`'s frames; anything else unchanged."""
     if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == clips * frames:
-        index = torch.tensor(span, device=value.device)
         return value.unflatten(0, (clips, frames))[:, index].flatten(0, 1)
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
-        return type(value)(_slice_frames(v, clips, frames, span) for v in value)
+        return type(value)(_slice_frames(v, clips, frames, index) for v in value)
     return value
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One clip length's windows on one device, made once: a step then copies nothing from the host."""
+
+    indices: list[torch.Tensor]
+    """Each span as an index tensor on the device (a Python list index is copied there at every use)."""
+    weights: list[torch.Tensor]
+    """Each window's blend weights of its own frames, (len(span), 1, 1) float32 on the device."""
+
+    @classmethod
+    def make(cls, windows: Windows, frames: int, device: torch.device) -> _Plan:
+        spans = windows.spans(frames)
+        weights = _blend_weights(spans, frames)
+        return cls(
+            [torch.tensor(span, device=device) for span in spans],
+            [weights[k, span].view(-1, 1, 1).to(device) for k, span in enumerate(spans)],
+        )
 
 
 class WindowedUNet:
@@ -81,6 +99,7 @@ class WindowedUNet:
     def __init__(self, unet: Any, windows: Windows) -> None:
         self.unet = unet
         self.windows = windows
+        self._plans: dict[tuple[int, torch.device], _Plan] = {}  # every step of a run asks for the same one
 
     def __call__(
         self,
@@ -92,14 +111,16 @@ class WindowedUNet:
         clips, _, frames = sample.shape[:3]
         if frames <= self.windows.size:
             return self.unet(sample, timestep, encoder_hidden_states, **kwargs)
-        spans = self.windows.spans(frames)
-        weights = _blend_weights(spans, frames).to(sample.device)
+        key = (frames, sample.device)
+        if key not in self._plans:
+            self._plans[key] = _Plan.make(self.windows, frames, sample.device)
+        plan = self._plans[key]
         total: torch.Tensor | None = None
-        for k, span in enumerate(spans):
-            extra = {name: _slice_frames(value, clips, frames, span) for name, value in kwargs.items()}
-            out = self.unet(sample[:, :, span], timestep, encoder_hidden_states, **extra).sample
+        for index, weights in zip(plan.indices, plan.weights, strict=True):
+            extra = {name: _slice_frames(value, clips, frames, index) for name, value in kwargs.items()}
+            out = self.unet(sample[:, :, index], timestep, encoder_hidden_states, **extra).sample
             if total is None:  # shaped like the UNet's output (its channels may differ from the sample's)
                 total = out.new_zeros((*out.shape[:2], frames, *out.shape[3:]), dtype=torch.float32)
-            total[:, :, span] += out.float() * weights[k, span].view(-1, 1, 1)
+            total[:, :, index] += out.float() * weights
         assert total is not None  # there is always at least one span
         return UNet2DConditionOutput(sample=total.to(out.dtype))  # blended in float32, returned in the UNet's dtype

@@ -41,6 +41,22 @@ def tav_ok(*args: object) -> None:
         assert not exit_.code, args
 
 
+def tav_in_fresh_python(argv: list[str], cwd: Path) -> tuple[bool, object, str]:
+    """Run `tav ARGV...` in a new Python: (whether torch got imported, the exit status, stderr)."""
+    import subprocess
+
+    code = (
+        "import sys\n"
+        f"sys.argv = ['tav', *{argv!r}]\n"
+        "from tavcli.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as exit_:\n    status = exit_.code\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', status)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=60)
+    torch_loaded, status = result.stdout.split()[-2:]
+    return torch_loaded == "TORCH", status, result.stderr
+
+
 def edit_record(run_tav, project: Path, *extra: object) -> dict:  # type: ignore[no-untyped-def]
     """`tav edit "a dog is skiing" --steps 2 EXTRA...` on `project`: its first JSON record."""
     import json

@@ -68,7 +68,7 @@ CLIPS = {
 }
 OPTIONS = {
     "frames-past-end": (["--frames", "30", "--stride", "2"], "has 48 frames"),
-    "start-past-end": (["--start", "60"], "use --start below 48"),
+    "start-past-end": (["--start", "60"], "try --start 45 (the latest for --frames 2 --stride 2)"),
     "frames-absurd": (["--frames", "1000000000000"], "too few for --frames 1000000000000"),
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,11 +80,11 @@ def test_control_mistakes_are_one_line(tiny_controlnet: Path, tmp_path: Path, ru
     ]:
         code, out, err = run_tav(*edit, *args)
         assert code == status and out == "" and expected in err and "Traceback" not in err, err
-    try:
-        import cv2  # noqa: F401
-    except ImportError:  # without OpenCV, canny maps of the source clip say what to install
+    with pytest.MonkeyPatch.context() as patch:  # without OpenCV, canny maps of the source clip say what to install
+        patch.setitem(sys.modules, "cv2", None)
         code, _, err = run_tav(*edit, "--control", "canny", "--control-model", tiny_controlnet)
         assert code == 1 and "pip install opencv-python-headless" in err
+        assert not (project / "inversions").exists(), err  # checked before any inversion work
     shutil.rmtree(project)
 
 

@@ -75,6 +75,7 @@ def test_an_unreachable_hub_fails_at_once_with_one_line(tmp_path: Path, hub_at, 
         last = err.strip().splitlines()[-1]
         assert code == 1 and out == "" and "Traceback" not in err, err
         assert last.startswith(f"error: cannot load '{model}': the hub is unreachable") and hint in last, err
+        assert "inverting" not in err  # every model of the command is found before any work
 
 
 def _policy(env: dict[str, str]) -> str:

@@ -66,3 +66,13 @@ def test_eval_errors_are_one_line(tiny_clip: Path, tmp_path: Path, run_tav) -> N
     assert code == 1 and "pass --prompt" in err
     code, out, err = run_tav("eval", CLIP, "--clip-model", tiny_clip, "--prompt", "a man is skiing", "--json")
     assert code == 0 and json.loads(out)["frames"] == 48
+
+
+def test_edit_eval_finds_its_clip_model_before_any_work(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+    project = tmp_path / "p.tav"
+    small = ["--model", "tiny", "--frames", "2", "--width", "32", "--height", "32", "--steps", "1"]
+    assert run_tav("tune", CLIP, "a man is skiing", *small, "-p", project)[0] == 0
+    evaluate = ["--eval", "--clip-model", tmp_path / "none"]
+    code, out, err = run_tav("edit", "a dog", "-p", project, "--steps", "1", *evaluate)
+    assert code == 1 and out == "" and "cannot load the CLIP model" in err, err
+    assert not (project / "inversions").exists() and not (project / "edits").exists()

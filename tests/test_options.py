@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from tavcli.errors import TavError
 from tavcli.options import EDIT, INVERT, TUNE, Option, OptionError
 from tavcli.sidecar import recorded_edit
 
-from .conftest import CLIP
+from .conftest import CLIP, tav_in_fresh_python
 
 TABLES = {"tune": TUNE, "invert": INVERT, "edit": EDIT}
 ARGS = {"tune": ["tune", str(CLIP), "a man"], "invert": ["invert"], "edit": ["edit", "a dog"]}
@@ -156,13 +154,6 @@ MISTAKES = [
 
 @pytest.mark.parametrize("argv", MISTAKES, ids=lambda argv: " ".join(argv[:2] + argv[-2:]))
 def test_mistakes_are_reported_before_torch_is_imported(argv: list[str], tmp_path: Path) -> None:
-    code = (
-        "import sys\n"
-        f"sys.argv = ['tav', *{argv!r}]\n"
-        "from tavcli.cli import main\n"
-        "try:\n    main()\nexcept SystemExit as exit_:\n    status = exit_.code\n"
-        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', status)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
-    assert result.stdout.split()[-2:][0] == "NO-TORCH" and result.stdout.split()[-1] in ("1", "2"), result
-    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    torch_loaded, status, err = tav_in_fresh_python(argv, tmp_path)
+    assert not torch_loaded and status in ("1", "2"), err
+    assert err.startswith("error: ") and "Traceback" not in err

@@ -26,14 +26,51 @@ from .conftest import CLIP, TINY_SD
 SMALL = ["-m", "tiny", "--frames", "2", "--width", "32", "--height", "32"]
 
 
-@pytest.mark.parametrize("bf16_supported, expected", [(True, "bf16"), (False, "fp16")])
-def test_auto_precision_on_cuda_is_bf16_where_supported_else_fp16(
-    monkeypatch: pytest.MonkeyPatch, bf16_supported: bool, expected: str
-) -> None:
+def _gpus(monkeypatch: pytest.MonkeyPatch, capabilities: list[tuple[int, int]], current: int = 0) -> None:
+    """Pretend this machine has CUDA GPUs of these compute capabilities (and emulated bf16 on all of them)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    capability = lambda index=None: capabilities[current if index is None else index]  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: f"GPU {index}")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # emulated counts
+
+
+@pytest.mark.parametrize(
+    "capability, expected", [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")]
+)
+def test_auto_precision_on_cuda_is_bf16_on_cards_with_bf16_cores_else_fp16(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], expected: str
+) -> None:
+    _gpus(monkeypatch, [capability])
     assert resolve_runtime("cuda", "auto").precision == expected
+    assert resolve_runtime("cuda:0", "auto").precision == expected
     assert resolve_runtime("cpu", "auto").precision == "fp32"
+
+
+def test_auto_precision_asks_the_chosen_gpu_not_the_current_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    _gpus(monkeypatch, [(8, 6), (7, 5)], current=0)  # an RTX 3090 beside a T4
+    assert resolve_runtime("cuda:1", "auto").precision == "fp16"
+    assert resolve_runtime("cuda:0", "auto").precision == "bf16"
+    _gpus(monkeypatch, [(8, 6), (7, 5)], current=1)
+    assert resolve_runtime("cuda", "auto").precision == "fp16"  # plain cuda: the current device
+
+
+def test_a_device_that_is_not_here_is_one_line_naming_those_that_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    _gpus(monkeypatch, [(8, 0)])
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for device, said in [
+        ("cuda:3", "--device cuda:3: there is no CUDA GPU 3 here"),
+        ("mps", "--device mps: no Apple GPU (MPS) is available here"),
+        ("xpu", "--device xpu: tav runs on cpu, cuda or mps devices"),
+    ]:
+        with pytest.raises(TavError) as raised:
+            resolve_runtime(device, "auto")
+        assert raised.value.message == said and raised.value.hint == "this machine has cuda:0 (GPU 0), cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(TavError, match="no CUDA GPU is available here"):
+        resolve_runtime("cuda", "auto")
 
 
 @pytest.mark.parametrize("mixed, expected", [("bf16", "bf16"), ("fp16", "fp16"), ("no", "fp32")])
@@ -136,3 +173,40 @@ def test_a_half_precision_vae_that_overflows_decodes_in_fp32() -> None:
     frames = decode_latents(vae, latents)
     assert vae.dtype == torch.float16  # put back as it was
     assert np.abs(frames.astype(int) - expected.astype(int)).max() <= 1
+
+
+class _StubVAE:
+    """What `vae_frames` and the fp32 retry read of a VAE: its device, dtype and first block's width."""
+
+    def __init__(self, device: str, dtype: torch.dtype) -> None:
+        self.device, self.dtype = torch.device(device), dtype
+        self.config = type("Config", (), {"block_out_channels": [128, 256, 512, 512]})()
+        self.calls: list[tuple[torch.dtype, int]] = []
+
+    def to(self, dtype: torch.dtype) -> _StubVAE:
+        self.dtype = dtype
+        return self
+
+
+def test_the_vae_chunk_on_a_gpu_follows_resolution_and_precision() -> None:
+    from tavcli.vae import vae_frames
+
+    gpu = _StubVAE("meta", torch.float16)  # any device but the CPU counts as an accelerator
+    assert vae_frames(gpu, 512, 512) == 8 and vae_frames(gpu, 768, 768) == 3 and vae_frames(gpu, 256, 256) == 32
+    assert vae_frames(_StubVAE("meta", torch.float32), 512, 512) == 4  # fp32 activations are twice the size
+
+
+def test_the_fp32_retry_of_an_overflowing_half_vae_takes_fewer_frames_per_call() -> None:
+    from tavcli.vae import _finite_or_fp32
+
+    vae = _StubVAE("meta", torch.float16)
+
+    def call(stub: _StubVAE, chunk: torch.Tensor) -> torch.Tensor:
+        stub.calls.append((stub.dtype, len(chunk)))
+        value = float("inf") if stub.dtype == torch.float16 else 1.0
+        return torch.full((len(chunk), 8, 2, 2), value)
+
+    pixels = torch.zeros(8, 3, 512, 512)
+    out = _finite_or_fp32(vae, call, pixels)  # type: ignore[arg-type]
+    assert out.shape[0] == 8 and torch.isfinite(out).all() and vae.dtype == torch.float16
+    assert vae.calls == [(torch.float16, 8), (torch.float32, 4), (torch.float32, 4)]

@@ -67,7 +67,7 @@ def test_previews_keep_states_that_are_the_tunes_of_those_steps(tmp_path: Path, 
 
 def test_eval_needs_previews(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run_tav("tune", CLIP, "a man", *SMALL, "--steps", "2", "--eval", "-p", tmp_path / "p.tav")
-    assert code == 1 and "--preview" in err
+    assert code == 2 and "--preview" in err
 
 
 @pytest.mark.slow

@@ -232,3 +232,36 @@ def test_local_model_identity_is_a_content_hash(tmp_path: Path) -> None:
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert resolve_model(str(model)).revision != first
+
+
+def test_a_failed_first_write_leaves_no_entry_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from tavcli import entry as entry_module
+
+    project = Project(tmp_path / "p.tav")
+    inversion = project.entry("inversions", {"tune": "0" * 16, "steps": 2, "prompt": ""})
+
+    def full_disk(path: Path, needed: int = 0) -> object:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(entry_module, "atomic_path", full_disk)
+    with pytest.raises(OSError):
+        inversion.save({"trajectory": torch.ones(2)}, {})
+    assert not inversion.path.exists()  # `tav verify` finds nothing incomplete
+    assert listing(project) == []
+    monkeypatch.undo()
+    inversion.save({"trajectory": torch.ones(2)}, {})  # an entry already there keeps its folder on failure
+    monkeypatch.setattr(entry_module, "atomic_path", full_disk)
+    with pytest.raises(OSError):
+        inversion.save({"trajectory": torch.zeros(2)}, {})
+    assert inversion.complete
+
+
+def test_meta_that_is_not_json_says_so(tmp_path: Path) -> None:
+    project, entries = _project(tmp_path)
+    tune = entries["tune"]
+    (tune.path / "meta.json").write_text("{not json")  # type: ignore[attr-defined]
+    with pytest.raises(TavError) as raised:
+        tune.meta()  # type: ignore[attr-defined]
+    assert "meta.json is not valid JSON (Expecting property name" in raised.value.message

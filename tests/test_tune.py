@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -155,18 +156,37 @@ def test_a_half_precision_delta_shares_the_training_and_halves_the_size(tmp_path
     ]
     tunes, edits = {}, {}
     for stored in ("fp32", "fp16", "bf16"):
+        if stored == "fp16":  # the stored fp32 tune is enough: its rounding is what training would store
+            shutil.rmtree(tmp_path / "p.tav" / "checkpoints")
         code, out, err = run_tav("tune", CLIP, "a man is skiing", *small, "--save-precision", stored)
         assert code == 0, err
         tunes[stored] = json.loads(out.splitlines()[-1])
-        assert ("resuming from step 3" in err) == (stored != "fp32")  # the fp32 run's final state, not trained again
+        assert ("rounding the fp32 tune" in err) == (stored != "fp32") and "resuming" not in err, err
         code, out, err = run_tav("edit", "a cat", "-p", tmp_path / "p.tav", "--steps", "3", "-f", "frames")
         assert code == 0, err
         edits[stored] = json.loads(out.splitlines()[-1])["key"]
     assert len({t["key"] for t in tunes.values()}) == len(set(edits.values())) == 3  # each its own result
     metas = {s: json.loads((Path(t["path"]) / "meta.json").read_text()) for s, t in tunes.items()}
     assert metas["fp16"]["losses"] == metas["bf16"]["losses"] == metas["fp32"]["losses"]  # one training run
+    assert metas["fp16"]["rounded_from"] == metas["bf16"]["rounded_from"] == tunes["fp32"]["key"]
     full = load_file(Path(tunes["fp32"]["path"]) / "tensors.safetensors")
     for stored, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
         half = load_file(Path(tunes[stored]["path"]) / "tensors.safetensors")
         assert all(t.dtype == dtype and torch.equal(t, full[name].to(dtype)) for name, t in half.items())
         assert tunes[stored]["delta_bytes"] < 0.55 * tunes["fp32"]["delta_bytes"]
+
+
+def test_seeded_draws_come_from_the_cpu_generator_on_every_device() -> None:
+    """The same seed draws the same training noise and timesteps, and --eta noise, on a GPU as on the CPU."""
+    from tavcli.runtime import Runtime
+    from tavcli.training import _randn
+
+    elsewhere = Runtime(torch.device("meta"), "fp32")  # stands in for a CUDA or MPS device
+    generator = elsewhere.generator(7)
+    assert generator.device.type == "cpu"
+    noise = _randn(torch.empty(2, 4, device="meta"), generator)
+    assert noise.device.type == "meta" and noise.shape == (2, 4)
+    on_cpu = Runtime(torch.device("cpu"), "fp32").generator(7)
+    expected = _randn(torch.empty(2, 4), on_cpu)
+    assert torch.equal(torch.randn(3, generator=generator), torch.randn(3, generator=on_cpu))  # drew alike
+    assert expected.device.type == "cpu"

@@ -7,7 +7,7 @@
 Importing it imports no torch: parsing and validating stay fast and testable on their own.
 """
 
-from tavcli.batch.jobs import BatchContext, Job, JobProblem, parse_jobs, read_jobs
+from tavcli.batch.jobs import BatchContext, Job, JobProblem, check_frames, parse_jobs, read_jobs
 from tavcli.batch.running import assign, failure_record, plan_jobs, process_slot, run_jobs
 from tavcli.batch.schema import job_file_schema
 
@@ -16,6 +16,7 @@ __all__ = [
     "Job",
     "JobProblem",
     "assign",
+    "check_frames",
     "failure_record",
     "job_file_schema",
     "parse_jobs",

@@ -28,16 +28,16 @@ from tavcli.batch.schema import validate_job
 from tavcli.config import DEFAULT_MODEL, closest, default_project
 from tavcli.errors import TavError
 from tavcli.inputs import require_regular_file
-from tavcli.model_name import model_name, split_lora
-from tavcli.options import check_rate
-from tavcli.requests import control_spec
+from tavcli.model_name import lora_path, model_name
+from tavcli.options import TUNE, OptionError, check_rate
+from tavcli.requests import FrameChoice, FrameSelection, Names, control_spec, preview_choice
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["BatchContext", "Job", "JobProblem", "parse_jobs", "read_jobs"]
+__all__ = ["BatchContext", "Job", "JobProblem", "check_frames", "parse_jobs", "read_jobs"]
 
 NOT_TUNE = ("name", "clip", "prompt", "edits", "invert", "edit")  # a job's fields that are no tune option
 
@@ -53,9 +53,9 @@ def _model_name(value: str, base: Path) -> str:
     return str(local) if local.exists() else value
 
 
-def _loras(value: list[str], base: Path) -> tuple[str, ...]:
-    """LoRA files as PATH or PATH:SCALE, relative to the batch file."""
-    return tuple(f"{_path(path, base)}:{scale}" for path, scale in map(split_lora, value))
+def _loras(value: list[str], base: Path, names: Names) -> tuple[str, ...]:
+    """LoRA files as PATH or PATH:SCALE, relative to the batch file, each there (as `tav edit` checks them)."""
+    return tuple(f"{path}:{scale}" for path, scale in (lora_path(given, names("lora"), base) for given in value))
 
 
 @dataclass(frozen=True)
@@ -119,12 +119,18 @@ def read_jobs(given: str) -> tuple[str, str, Path, bool]:
 
 
 def parse_jobs(
-    text: str, source: str, base: Path, jsonl: bool, context: BatchContext | None = None
+    text: str,
+    source: str,
+    base: Path,
+    jsonl: bool,
+    context: BatchContext | None = None,
+    check: Callable[[Job], None] | None = None,
 ) -> tuple[list[Job], list[JobProblem]]:
-    """Parse and validate every job; syntax errors raise, per-job problems are returned.
+    """Parse and validate every job; syntax errors raise, per-job problems are returned in file order.
 
     Paths are the user's choice, absolute or relative to `base`; with `context.root` every path a
-    job writes to (its project, its `edit.out`) must lie inside that folder.
+    job writes to (its project, its `edit.out`) must lie inside that folder. `check` looks further
+    at each job whose fields are valid (`check_frames` reads its clip).
     """
     context = context or BatchContext()
     raw = _read_jsonl(text, source) if jsonl else _read_toml(text, source)
@@ -139,6 +145,8 @@ def parse_jobs(
             if job.name in seen:
                 raise ValueError(f"the name {job.name!r} is used by an earlier job; names must be unique")
             seen.add(job.name)
+            if check is not None:
+                check(job)
             jobs.append(job)
         except (ValueError, TavError) as error:
             problems.append(JobProblem(name, where, str(error)))
@@ -200,13 +208,13 @@ def _job(name: str, where: str, data: dict[str, Any], base: Path, context: Batch
         if key in tune:
             tune[key] = _model_name(tune[key], base)
     if "lora" in tune:
-        tune["lora"] = _loras(tune["lora"], base)
+        tune["lora"] = _loras(tune["lora"], base, Names(""))
     edit = dict(fields.get("edit", {}))
     for key in ("out", "control_video"):
         if key in edit:
             edit[key] = _path(edit[key], base)
     if "lora" in edit:
-        edit["lora"] = _loras(edit["lora"], base)
+        edit["lora"] = _loras(edit["lora"], base, Names("edit"))
     if "control_model" in edit:
         edit["control_model"] = _model_name(edit["control_model"], base)
     project = Path(
@@ -215,12 +223,39 @@ def _job(name: str, where: str, data: dict[str, Any], base: Path, context: Batch
     _confine("project", project, context.root)
     _confine("edit.out", edit.get("out"), context.root)
     check_rate(edit.get("format", "mp4"), edit.get("fps"))
+    preview = tune.get("preview"), tune.get("preview_every"), tune.get("preview_steps")
+    preview_choice(*preview, evaluate=tune.get("eval", False), names=Names(""))  # the rule `tav tune` follows
     control_spec(
         edit.get("control"), edit.get("control_model"), edit.get("control_video"), edit.get("control_scale", 1.0)
     )
     edits = tuple(fields.get("edits", ()))
     model = _job_model(tune, context)
     return Job(name, where, clip, fields["prompt"], edits, project, model, tune, fields.get("invert", {}), edit)
+
+
+def check_frames(job: Job) -> None:
+    """Refuse a job whose clip is no video long enough for its tune's frames and its edit's (`tav tune` probes
+    its clip so before loading anything); reads the clip's header (and decodes it if that has no count)."""
+    from tavcli.video import frame_count, probe
+
+    tuned = FrameSelection(*(job.tune.get(name, TUNE[name].default) for name in ("frames", "stride", "start")))
+    probe(job.clip, tuned)
+    chosen = {name: job.edit[name] for name in ("frames", "stride", "start") if name in job.edit}
+    if not chosen:
+        return  # the tuned frames: just checked
+    count = frame_count(job.clip)
+    names = Names("edit")
+    selection = FrameChoice(chosen.get("frames"), chosen.get("stride"), chosen.get("start")).selection(
+        tuned, lambda: count, names
+    )
+    if selection.last_index >= count:
+        given = [names.given(name, value) for name, value in chosen.items()]
+        fields = given[0] if len(given) == 1 else "fields " + ", ".join(g.removeprefix("field ") for g in given)
+        raise OptionError(
+            f"{fields}: the edited frames ({selection.frames} at stride {selection.stride} from frame "
+            f"{selection.start}) need {selection.last_index + 1}, and {job.clip} has {count}",
+            "lower edit.start, edit.frames or edit.stride",
+        )
 
 
 def _job_model(tune: dict[str, Any], context: BatchContext) -> str:

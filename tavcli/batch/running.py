@@ -8,13 +8,14 @@ when work starts.
 from __future__ import annotations
 
 import os
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tavcli.batch.jobs import Job, JobProblem
 from tavcli.config import DEFAULT_CLIP_MODEL
-from tavcli.errors import TavError
+from tavcli.errors import TavError, first_line, interruption
 from tavcli.model_name import split_lora
 from tavcli.options import EDIT, INVERT, TUNE
 from tavcli.progress import Reporter
@@ -23,11 +24,13 @@ from tavcli.requests import (
     EditSettings,
     FrameChoice,
     FrameSelection,
+    Names,
     Preview,
     TuneRequest,
     TuneSettings,
     control_spec,
     frame_size,
+    preview_choice,
 )
 
 __all__ = ["assign", "failure_record", "plan_jobs", "process_slot", "run_jobs"]
@@ -76,11 +79,15 @@ def run_jobs(session: Any, jobs: list[Job], keep_going: bool, emit: Emit) -> boo
         try:
             for artifact in _job_artifacts(session, job, stage):
                 emit({"job": job.name, **artifact.record(), "error": None})
-        except (TavError, OSError) as error:
-            if getattr(error, "exit_code", 1) == 130:
-                raise  # interrupted: stop everything, the tune is saved
-            message = error.message if isinstance(error, TavError) else str(error)
-            emit(_failure(job.name, stage[0], message, time.perf_counter() - started))
+        except Exception as error:  # any failure is the job's: it gets its record, and --keep-going goes on
+            stopped = interruption(error)
+            if stopped is not None:  # interrupted: stop everything, the tune is saved
+                for made in getattr(stopped, "made", ()):  # a preview tune's kept states and previews
+                    emit({"job": job.name, **made.record(), "error": None})
+                raise
+            if os.environ.get("TAV_DEBUG"):
+                traceback.print_exc()  # on stderr; the batch goes on as without it
+            emit(_failure(job.name, stage[0], _failure_message(error), time.perf_counter() - started))
             ok = False
             if not keep_going:
                 return False
@@ -88,6 +95,15 @@ def run_jobs(session: Any, jobs: list[Job], keep_going: bool, emit: Emit) -> boo
         if following is None or following.model != job.model:
             session.release(job.model)  # no later job needs it: free the memory
     return ok
+
+
+def _failure_message(error: Exception) -> str:
+    """A failed job's error in one line: tav's own message, else the library's first line and its type."""
+    if isinstance(error, TavError):
+        return error.message if error.hint is None else f"{error.message} ({error.hint})"
+    if isinstance(error, OSError):
+        return str(error)
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def failure_record(problem: JobProblem) -> dict[str, Any]:
@@ -130,13 +146,9 @@ def _tune_request(job: Job, reporter: Reporter) -> TuneRequest:
 
 
 def _preview(job: Job) -> Preview | None:
-    """The job's previews while tuning, as `tav tune --preview` asks for them."""
-    options = {name: job.tune.get(name, TUNE[name].default) for name in ("preview", "preview_every", "preview_steps")}
-    if not options["preview"]:
-        if job.tune.get("eval"):
-            raise TavError("field 'eval' scores the previews: give 'preview' too")
-        return None
-    return Preview(options["preview"], options["preview_every"], options["preview_steps"])
+    """The job's previews while tuning, as `tav tune --preview` asks for them (checked so at validation)."""
+    preview = job.tune.get("preview"), job.tune.get("preview_every"), job.tune.get("preview_steps")
+    return preview_choice(*preview, evaluate=job.tune.get("eval", False), names=Names(""))
 
 
 def _edit_request(job: Job, tune_key: str) -> EditRequest:

@@ -19,7 +19,7 @@ import typer
 
 from tavcli import __version__
 from tavcli.cli import batch, editing, store, tuning
-from tavcli.errors import Interrupted, TavError
+from tavcli.errors import Interrupted, TavError, interruption
 
 __all__ = ["app", "main"]
 
@@ -104,7 +104,8 @@ def main() -> None:
         code = typer.main.get_command(app).main(prog_name="tav", standalone_mode=False)
     except typer.Abort:
         code = _fail(TavError("aborted"), 1)
-    except Exception as error:
+    except Exception as raised:
+        error = interruption(raised) or raised
         if _parsing_error(error):  # an unknown option, a missing argument, a bad choice: click's, one line too
             return _usage(error)
         if _out_of_memory(error):

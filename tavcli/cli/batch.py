@@ -76,7 +76,7 @@ def batch(
 
       tav batch --schema > tav-jobs.schema.json
     """
-    from tavcli.batch import BatchContext, assign, failure_record, parse_jobs, process_slot, read_jobs
+    from tavcli.batch import BatchContext, assign, check_frames, failure_record, parse_jobs, process_slot, read_jobs
 
     chosen = setup.settings(None, model=model, model_config=model_config, device=device, precision=precision)
     context = BatchContext(
@@ -85,7 +85,7 @@ def batch(
         project_for=setup.project_for_clip(None, chosen),
         root=root,
     )
-    jobs, problems = parse_jobs(*read_jobs(jobs_file), context)
+    jobs, problems = parse_jobs(*read_jobs(jobs_file), context, check=check_frames)  # clips read as `tav tune` does
     for problem in problems:
         output.show(f"[bold red]invalid job:[/bold red] {escape(str(problem))}")
     if problems and not keep_going:

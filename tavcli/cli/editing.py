@@ -203,7 +203,7 @@ def edit(
 
         output.report(edit_from_sidecar(session, recorded, force))
         return
-    from tavcli.model_name import split_lora
+    from tavcli.model_name import lora_path
     from tavcli.requests import EditRequest, EditSettings, FrameChoice, control_spec
 
     request = EditRequest(
@@ -217,18 +217,24 @@ def edit(
         control_spec(control, control_model, control_video, control_scale),
         frames=FrameChoice(frames, stride, start, window),
         tune_step=tune_step,
-        loras=tuple((Path(path), scale) for path, scale in map(split_lora, lora or [])),
+        loras=tuple(map(lora_path, lora or [])),
     )
     chosen = setup.settings(request.project, device=device, precision=precision)
     session = setup.session(chosen, allow_pickle, compile_unet)
     from tavcli.workflow.editing import edit as run_edit
 
-    artifacts = run_edit(session, request, force)
-    if evaluate:
+    scorer = None
+    if evaluate:  # loaded first, on the CPU: a CLIP model that cannot be had fails before any sampling
+        import torch
+
         from tavcli.metrics import ClipScorer
+
+        scorer = ClipScorer(clip_model, torch.device("cpu"))
+    artifacts = run_edit(session, request, force)
+    if scorer is not None:
         from tavcli.workflow.rendering import score_edit
 
-        scorer = ClipScorer(clip_model, session.runtime.device)
+        scorer.to(session.runtime.device)
         for artifact in artifacts:
             score_edit(scorer, artifact)
     if grid:

@@ -52,8 +52,16 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)  # long paths and
 
 
 def set_quiet(quiet: bool) -> None:
-    """`-q/--quiet`: nothing on stderr but errors (which are printed by their own console)."""
+    """`-q/--quiet`: nothing on stderr but errors (which are printed by their own console), not even the
+    libraries' warnings (peft's and transformers' come through `warnings` and `logging`)."""
+    import logging
+
     stderr.quiet = quiet
+    logging.disable(logging.CRITICAL if quiet else logging.NOTSET)  # undone for the next in-process command
+    if quiet:
+        import warnings
+
+        warnings.simplefilter("ignore")
 
 
 def records_wanted(as_json: bool) -> bool:

@@ -76,15 +76,23 @@ def remove(
     and grids), listing every file first.
 
     References go first: pointers and `meta.json`, then the payload, so an interrupted removal never
-    leaves an entry that looks complete but is not.
+    leaves an entry that looks complete but is not. An entry a running tav command computes or uses
+    (with everything computed from it) is refused, and nothing is removed.
 
     Example: tav rm -p skiing.tav tunes/3fe8 --dry-run
     """
-    from tavcli.housekeeping import dependents, listing, match
+    from tavcli.housekeeping import dependents, held, listing, match
 
     store = setup.open_store(project)
     rows = listing(store)
-    _remove_with_plan(store, dependents(store, [match(rows, key) for key in keys]), "remove", dry_run, yes)
+    plan = dependents(store, [match(rows, key) for key in keys])
+    # Refused rather than waited for: a running tune or batch may hold an entry for hours.
+    for row in plan:
+        why = held(store, row)
+        if why is not None:
+            hint = "run `tav rm` again when it has finished"
+            raise TavError(f"{row.kind}/{row.key} {why}: nothing was removed", hint)
+    _remove_with_plan(store, plan, "remove", dry_run, yes)
 
 
 def collect_garbage(
@@ -99,14 +107,17 @@ def collect_garbage(
     """Remove what nothing uses or nothing can use: interrupted and damaged entries and checkpoints, entries
     whose source is gone, renders and grids of removed edits, a damaged project.json, stale temp files.
 
-    Work a live process is doing is left alone.
+    Work a live process is doing, and entries a running command uses, are left alone (each named).
 
     Example: tav gc -p skiing.tav --checkpoints --dry-run
     """
-    from tavcli.housekeeping import garbage
+    from tavcli.housekeeping import sort_garbage
 
     store = setup.open_store(project)
-    _remove_with_plan(store, garbage(store, checkpoints), "collect", dry_run, yes)
+    rows, left = sort_garbage(store, checkpoints)
+    for row, why in left:  # never waited for: a running command may hold it for hours
+        output.show(f"[dim]left alone: {row.kind}/{row.key} {escape(why)}[/dim]")
+    _remove_with_plan(store, rows, "collect", dry_run, yes)
 
 
 def verify(project: ProjectOpt = None, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:

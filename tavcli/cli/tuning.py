@@ -42,6 +42,11 @@ from tavcli.options import TUNE, FrameNorm, ResizeMode, SavePrecision
 __all__ = ["demo", "import_reference", "tune"]
 
 
+def _shown_default(name: str) -> str:
+    """A tune option's help with its default, for a flag whose parameter is None when not given."""
+    return f"{TUNE[name].help} [default: {TUNE[name].default}]"
+
+
 def tune(
     video: Annotated[
         Path, typer.Argument(help="The clip: mp4, mov, webm, mkv or gif.", metavar="VIDEO", show_default=False)
@@ -79,9 +84,14 @@ def tune(
     checkpoint_every: Annotated[int, declared(TUNE["checkpoint_every"], STORE)] = TUNE["checkpoint_every"].default,
     save_precision: Annotated[SavePrecision, declared(TUNE["save_precision"], STORE)] = TUNE["save_precision"].default,
     rank: Annotated[int, declared(TUNE["rank"], TRAINING)] = TUNE["rank"].default,
-    preview: Annotated[str, declared(TUNE["preview"], PREVIEW, metavar="PROMPT")] = TUNE["preview"].default,
-    preview_every: Annotated[int, declared(TUNE["preview_every"], PREVIEW)] = TUNE["preview_every"].default,
-    preview_steps: Annotated[int, declared(TUNE["preview_steps"], PREVIEW)] = TUNE["preview_steps"].default,
+    # None: not given, so that one given without --preview is refused rather than ignored
+    preview: Annotated[Optional[str], declared(TUNE["preview"], PREVIEW, metavar="PROMPT")] = None,
+    preview_every: Annotated[
+        Optional[int], declared(TUNE["preview_every"], PREVIEW, help=_shown_default("preview_every"))
+    ] = None,
+    preview_steps: Annotated[
+        Optional[int], declared(TUNE["preview_steps"], PREVIEW, help=_shown_default("preview_steps"))
+    ] = None,
     evaluate: Annotated[
         bool,
         typer.Option("--eval", help="Score each preview with CLIP (see tav eval).", rich_help_panel=PREVIEW),
@@ -113,12 +123,10 @@ def tune(
 
       tav tune skiing.mp4 "a man is skiing" --rank 16
     """
-    from tavcli.requests import FrameSelection, Preview, TuneRequest, TuneSettings, frame_size
+    from tavcli.requests import FrameSelection, TuneRequest, TuneSettings, frame_size, preview_choice
     from tavcli.video import probe
 
-    if evaluate and not preview:
-        raise TavError("--eval scores the previews: give --preview PROMPT too")
-    previewed = Preview(preview, preview_every, preview_steps) if preview else None
+    previewed = preview_choice(preview, preview_every, preview_steps, evaluate)  # the rule batch files follow
 
     project_dir = setup.project_for_clip(project, setup.settings(None))(video)
     chosen = setup.settings(project_dir, model=model, model_config=model_config, device=device, precision=precision)
@@ -147,14 +155,30 @@ def tune(
 
     scorer = None
     if evaluate:
+        import torch
+
         from tavcli.metrics import ClipScorer
 
-        scorer = ClipScorer(clip_model, session.runtime.device)
-    artifacts = run_tune(session, request, force=force, preview=previewed, scorer=scorer)
+        scorer = ClipScorer(clip_model, torch.device("cpu"))  # on the device only while scoring
+    from tavcli.training import TuneInterrupted
+    from tavcli.workflow.session import Artifact
+
+    try:
+        artifacts = run_tune(session, request, force=force, preview=previewed, scorer=scorer)
+    except TuneInterrupted as stopped:
+        output.report([made for made in stopped.made if isinstance(made, Artifact)])  # kept states, previews
+        raise
     output.report(artifacts)
     tuned = next(artifact for artifact in reversed(artifacts) if artifact.kind == "tune").details
-    ratio = tuned["base_unet_bytes"] / tuned["delta_bytes"]
-    output.show(f"delta {tuned['delta_bytes'] / 1e6:.2f} MB, {ratio:.0f}x smaller than the UNet")
+    delta, unet = tuned["delta_bytes"], tuned["base_unet_bytes"]
+    output.show(f"delta {delta / 1e6:.2f} MB, {_against(delta, unet)}")
+
+
+def _against(delta: int, unet: int) -> str:
+    """How the delta's size compares with the UNet's (a high --rank can make it the larger)."""
+    ratio = max(delta, unet) / max(min(delta, unet), 1)
+    times = f"{ratio:.1f}x" if ratio < 10 else f"{ratio:.0f}x"
+    return f"{times} {'smaller' if delta <= unet else 'larger'} than the UNet"
 
 
 def import_reference(

@@ -7,30 +7,29 @@ lacks (a whole UNet batch at a time) and hands each prompt to `rendering` for it
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tavcli.control import ControlGuide, canny_maps, load_controlnet
+from tavcli.control import ControlGuide, canny_maps, load_controlnet, require_opencv
 from tavcli.entry import Entry
 from tavcli.errors import TavError
 from tavcli.hashing import file_sha256
 from tavcli.inversion import ddim_inversion
 from tavcli.options import (
     INVERT,
-    OptionError,
     check_fields,
 )
 from tavcli.requests import ControlSpec, EditRequest, EditSettings, FrameChoice
 from tavcli.sampling import ddim_sample
 from tavcli.sidecar import RecordedEdit
 from tavcli.store import Project
-from tavcli.styles import applied_loras
+from tavcli.styles import applied_loras, overflow_causes
 from tavcli.video import (
-    FrameSelection,
     frame_count,
     read_clip,
 )
@@ -86,7 +85,8 @@ def invert(
         facts = {"seconds": time.perf_counter() - started, "device": runtime.device.type}
         entry.save({"trajectory": torch.stack(trajectory).float()}, facts)
 
-    cached = project.produce(entry, compute, force)
+    with project.using([chosen.latents], "this inversion"):  # its tune is held by `produce`
+        cached = project.produce(entry, compute, force)
     if tune_key is None:
         project.update_state(inversion=entry.key)
     details = {"steps": steps, "frames": chosen.count, **({"window": chosen.window} if chosen.window else {})}
@@ -107,18 +107,15 @@ def choose_frames(session: Session, project: Project, tune_entry: Entry, choice:
     tuned = project.find("latents", tune_entry.spec["latents"])
     clip = tuned.meta()["clip"]
     tuned_selection, size = recorded_frames(clip)
-    stride = choice.stride or tuned_selection.stride
-    start = tuned_selection.start if choice.start is None else choice.start
     path = None  # the clip file, read only when other frames need it
-    if choice.frames == "all":
+
+    def length() -> int:
+        nonlocal path
         path = _tuned_clip(tuned, clip)
-        count = frame_count(path)
-        if start >= count:
-            raise OptionError(f"--start {start} is past the clip's last frame ({count} frames)")
-        frames = 1 + (count - 1 - start) // stride
-    else:
-        frames = int(choice.frames or tuned_selection.frames)
-    selection = FrameSelection(frames=frames, stride=stride, start=start)
+        return frame_count(path)
+
+    selection = choice.selection(tuned_selection, length)  # the rule batch validation applies too
+    frames = selection.frames
     window = choice.window if choice.window is not None and choice.window < frames else None
     if selection == tuned_selection:
         return ChosenFrames(tuned, frames, window)
@@ -169,12 +166,40 @@ def edit(session: Session, request: EditRequest, force: bool = False) -> list[Ar
 def run_plan(
     session: Session, plan: EditPlan, request: EditRequest, force: bool = False, shown: list[str] | None = None
 ) -> list[Artifact]:
-    """Sample what the store lacks of a planned edit, then render the `shown` prompts (default: all)."""
-    started = time.perf_counter()
-    computed = _sample_edits(session, plan, request.settings, force)
-    share = (time.perf_counter() - started) / max(len(computed), 1)  # sampling time per computed prompt
-    prompts = shown if shown is not None else list(plan.entries)
-    return [render_edit(session, plan, request, prompt, prompt not in computed, share) for prompt in prompts]
+    """Sample what the store lacks of a planned edit, then render the `shown` prompts (default: all).
+
+    The tune, inversion and latents stay in use throughout (`tav rm` refuses them), and each group's
+    edits stay locked from sampling through rendering: a second process asking for the same edit waits,
+    then finds the entries and the outputs made and reports them cached.
+    """
+    wanted = shown if shown is not None else list(plan.entries)
+    rendered: dict[str, Artifact] = {}
+    with plan.project.using(_used(plan), "this edit"):
+        for group in plan.groups:
+            with _locked(plan.project, [plan.entries[prompt] for prompt in group], force):
+                started = time.perf_counter()
+                computed = _sample_group(session, plan, group, request.settings, force)
+                share = (time.perf_counter() - started) / max(len(computed), 1)  # sampling time per computed prompt
+                for prompt in (p for p in group if p in wanted):
+                    rendered[prompt] = render_edit(session, plan, request, prompt, prompt not in computed, share)
+    return [rendered[prompt] for prompt in wanted]
+
+
+@contextmanager
+def _locked(project: Project, members: list[Entry], force: bool) -> Iterator[None]:
+    """A group's edit entries locked, in one order (so no deadlock). A project this user cannot write to may
+    still render what it holds (to --out): there nothing is locked, as nothing can be written."""
+    stored = not force and all(entry.complete for entry in members)
+    with ExitStack() as locks:
+        for entry in sorted(members, key=lambda e: e.key):
+            locks.enter_context(project.lock(f"edits-{entry.key}", optional=stored))
+        yield
+
+
+def _used(plan: EditPlan) -> list[Entry]:
+    """The entries an edit reads while it runs: its tune, its inversion and the edited frames' latents."""
+    latents = plan.inversion.spec.get("latents") or plan.tune.spec["latents"]
+    return [plan.tune, plan.inversion, Entry("latents", latents, plan.project.root / "latents" / latents, {})]
 
 
 def plan_edit(session: Session, request: EditRequest) -> EditPlan:
@@ -182,6 +207,7 @@ def plan_edit(session: Session, request: EditRequest) -> EditPlan:
     project, tune_entry = resolve_tune(session, request.project, request.tune_key)
     if request.tune_step is not None:
         tune_entry = kept_tune(project, tune_entry, request.tune_step)
+    controlnet = _controlnet(session, request.control)  # before any inversion: what is missing fails at once
     steps = request.invert_steps or request.settings.steps
     if request.tune_key is None and request.tune_step is None and request.frames.tuned:
         inversion = _current_inversion(session, project, tune_entry, steps)
@@ -192,7 +218,7 @@ def plan_edit(session: Session, request: EditRequest) -> EditPlan:
         inversion = project.find("inversions", artifact.key)
     latents = project.find("latents", inversion.spec.get("latents") or tune_entry.spec["latents"])
     clip = latents.meta()["clip"]
-    guide, control = _control(session, project, latents, clip, request.control)
+    guide, control = _control(session, latents, clip, request.control, controlnet)
     entries = edit_entries(project, inversion.key, request, session.runtime, control)
     return EditPlan(project, tune_entry, inversion, clip, entries, request.groups, guide, request.loras)
 
@@ -221,52 +247,55 @@ def kept_steps(project: Project, spec: dict[str, Any]) -> list[int]:
     return sorted(s["steps"] for s in found if others(s) == others(spec))
 
 
-def _sample_edits(session: Session, plan: EditPlan, settings: EditSettings, force: bool) -> set[str]:
-    """Sample every group with an edit the store lacks (the whole group: its batch decides the numbers);
-    return the prompts whose entries were written."""
+def _sample_group(session: Session, plan: EditPlan, group: list[str], settings: EditSettings, force: bool) -> set[str]:
+    """Sample a group (locked by the caller) if the store lacks one of its edits (the whole group: its batch
+    decides the numbers); return the prompts whose entries were written."""
     runtime, project = session.runtime, plan.project
-    computed: set[str] = set()
-    for group in plan.groups:
-        members = [plan.entries[prompt] for prompt in group]
-        if not force and all(entry.complete for entry in members):
-            continue
-        with ExitStack() as locks:
-            for entry in sorted(members, key=lambda e: e.key):  # one order: no deadlock
-                locks.enter_context(project.lock(f"edits-{entry.key}"))
-            if not force and all(entry.complete for entry in members):  # another process made them
-                continue
-            components, unet = session.tuned_unet(project, plan.tune)
-            noise = plan.inversion.tensors(runtime.device)["trajectory"][-1]
-            generator = torch.Generator(runtime.device).manual_seed(settings.seed)
-            label = group[0] if len(group) == 1 else f"{len(group)} prompts"
-            loras = members[0].spec.get("loras")  # their identity in the edits' keys
-            with applied_loras(components, unet, plan.loras):
-                embeds = [
-                    prompt_embeddings(session, project, components.source, [p, settings.negative], loras) for p in group
-                ]
-                with session.reporter.task(f"editing: {label}", settings.steps) as advance, runtime.autocast():
-                    latents = ddim_sample(
-                        windowed(unet, plan.inversion.spec.get("window")),
-                        components.scheduler,
-                        noise.expand(len(group), *noise.shape[1:]),
-                        torch.cat([e[:1] for e in embeds]),
-                        torch.cat([e[1:] for e in embeds]),
-                        settings.steps,
-                        settings.guidance,
-                        eta=settings.eta,
-                        generator=generator,
-                        on_step=lambda *_: advance(),
-                        control=plan.guide,
-                    )
-            for prompt, entry, sample in zip(group, members, latents.split(1), strict=True):
-                if force or not entry.complete:
-                    entry.save({"latents": sample.float()}, {"batch": group, "device": runtime.device.type})
-                    computed.add(prompt)
+    members = [plan.entries[prompt] for prompt in group]
+    if not force and all(entry.complete for entry in members):  # made before, or by the process waited for
+        return set()
+    components, unet = session.tuned_unet(project, plan.tune)
+    noise = plan.inversion.tensors(runtime.device)["trajectory"][-1]
+    generator = runtime.generator(settings.seed)
+    label = group[0] if len(group) == 1 else f"{len(group)} prompts"
+    loras = members[0].spec.get("loras")  # their identity in the edits' keys
+    with applied_loras(components, unet, plan.loras):
+        embeds = [prompt_embeddings(session, project, components.source, [p, settings.negative], loras) for p in group]
+        with session.reporter.task(f"editing: {label}", settings.steps) as advance, runtime.autocast():
+            latents = ddim_sample(
+                windowed(unet, plan.inversion.spec.get("window")),
+                components.scheduler,
+                noise.expand(len(group), *noise.shape[1:]),
+                torch.cat([e[:1] for e in embeds]),
+                torch.cat([e[1:] for e in embeds]),
+                settings.steps,
+                settings.guidance,
+                eta=settings.eta,
+                generator=generator,
+                on_step=lambda *_: advance(),
+                control=plan.guide,
+            )
+    computed = set()
+    for prompt, entry, sample in zip(group, members, latents.split(1), strict=True):
+        if force or not entry.complete:
+            facts = {"batch": group, "device": runtime.device.type}
+            entry.save({"latents": sample.float()}, facts, causes=overflow_causes(runtime.precision, plan.loras))
+            computed.add(prompt)
     return computed
 
 
+def _controlnet(session: Session, control: ControlSpec | None) -> Any:
+    """The control's model, loaded, and OpenCV checked where canny maps of the source are needed."""
+    if control is None:
+        return None
+    controlnet = load_controlnet(control.model, session.runtime.device, session.runtime.dtype)
+    if control.video is None:
+        require_opencv()
+    return controlnet
+
+
 def _control(
-    session: Session, project: Project, latents: Entry, clip: dict[str, Any], control: ControlSpec | None
+    session: Session, latents: Entry, clip: dict[str, Any], control: ControlSpec | None, controlnet: Any
 ) -> tuple[ControlGuide | None, dict[str, Any] | None]:
     """The ControlNet guide for the edited frames (`latents`, `clip`), and what identifies it in the edits' keys."""
     if control is None:
@@ -275,7 +304,6 @@ def _control(
         maps = read_clip(control.video, *recorded_frames(clip)).frames
     else:
         maps = canny_maps(source_frames(session, latents, clip))
-    controlnet = load_controlnet(control.model, session.runtime.device, session.runtime.dtype)
     return ControlGuide(controlnet, maps, control.scale), control_key(control)
 
 
@@ -301,6 +329,7 @@ def edit_from_sidecar(session: Session, recorded: RecordedEdit, force: bool = Fa
                 f"{' and '.join(changed)} changed since {sidecar} was written",
                 "edit again with --control to render the new one",
             )
+    recorded.require_same_loras()
     plan = plan_edit(session, request)
     key = plan.entries[recorded.prompt].key
     if key != recorded.key:

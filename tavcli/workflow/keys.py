@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tavcli.entry import Entry
-from tavcli.hashing import file_sha256, files_sha256
+from tavcli.hashing import content_sha256, files_sha256, lora_sha256
 from tavcli.requests import ControlSpec, EditRequest, EditSettings, TuneSettings
 from tavcli.store import Project
 
@@ -192,18 +192,14 @@ def edit_entries(
 
 
 def lora_identity(loras: tuple[tuple[Path, float], ...]) -> list[dict[str, Any]]:
-    """What identifies edit-time LoRAs in keys: each one's content hash and scale, in order (not its path)."""
-    return [{"sha256": _content_sha256(path), "scale": scale} for path, scale in loras]
-
-
-def _content_sha256(path: Path) -> str:
-    """A file's SHA-256, or a folder's over its files."""
-    return file_sha256(path) if path.is_file() else files_sha256(path, (p for p in path.rglob("*") if p.is_file()))
+    """What identifies edit-time LoRAs in keys: each one's content hash and scale, in order (not its path, nor
+    whether it was given as its file or its folder)."""
+    return [{"sha256": lora_sha256(path), "scale": scale} for path, scale in loras]
 
 
 def control_key(control: ControlSpec) -> dict[str, Any]:
     """What identifies a control in an edit's key: its kind, ControlNet, condition maps' source and strength."""
-    maps = file_sha256(control.video) if control.video is not None else CANNY_OF_SOURCE
+    maps = content_sha256(control.video) if control.video is not None else CANNY_OF_SOURCE
     return {"kind": control.kind, "model": controlnet_identity(control.model), "maps": maps, "scale": control.scale}
 
 
@@ -212,7 +208,7 @@ def controlnet_identity(name: str) -> str:
     path = Path(name).expanduser()
     if not path.is_dir():
         return name
-    return f"{path.resolve()}@sha256-{_content_sha256(path)}"
+    return f"{path.resolve()}@sha256-{files_sha256(path, (p for p in path.rglob('*') if p.is_file()))}"
 
 
 def _unless_fp32(precision: str, field: str = "precision") -> dict[str, str]:

@@ -16,6 +16,7 @@ from tavcli.atomic import atomic_path
 from tavcli.entry import Entry
 from tavcli.errors import TavError
 from tavcli.options import (
+    EDIT,
     GIF_MAX_FPS,
     OutputFormat,
 )
@@ -44,16 +45,25 @@ def _output_rate(request: EditRequest, clip: dict[str, Any], reporter: Reporter)
     """The output's frame rate: --fps, else the tuned frames' rate (GIFs at most GIF_MAX_FPS); None for PNGs."""
     if request.format == "frames":
         return None  # PNG frames carry no rate
-    rate = _rate(request.fps, Fraction(clip["fps"]))
+    rate = _rate(request.fps, Fraction(clip["fps"]), reporter)
     if request.fps is None and request.format == "gif" and rate > GIF_MAX_FPS:
         reporter.note(f"GIFs play at most {GIF_MAX_FPS:g} fps: writing {GIF_MAX_FPS:g} instead of {float(rate):.3g}")
         return Fraction(GIF_MAX_FPS)
     return rate
 
 
-def _rate(fps: float | None, source: Fraction) -> Fraction:
-    """--fps as a fraction (denominator at most 1001, as containers store rates), else the source's rate."""
-    return source if fps is None else Fraction(fps).limit_denominator(1001)
+def _rate(fps: float | None, source: Fraction, reporter: Reporter) -> Fraction:
+    """--fps as a fraction (denominator at most 1001, as containers store rates), else the source's rate, held
+    to the range --fps accepts (a huge --stride derives rates no player plays and no container stores)."""
+    if fps is not None:
+        return Fraction(fps).limit_denominator(1001)
+    declared = EDIT["fps"]
+    low, high = Fraction(str(declared.low)), Fraction(str(declared.high))
+    held = min(max(source, low), high)
+    shown = f"{float(held):g} fps"
+    if held != source:
+        reporter.note(f"the tuned frames' rate {float(source):.3g} fps is outside --fps's range: writing {shown}")
+    return held
 
 
 def _output_path(
@@ -110,7 +120,7 @@ def render_grid(session: Session, project_root: Path, edits: list[Artifact], fps
     source = source_frames(session, latents, clip)
     clips = [source, *(read_frames(edit.path) for edit in edits)]
     captions = [f"source: {tune_entry.spec['prompt']}", *(str(edit.details["prompt"]) for edit in edits)]
-    rate = _rate(fps, Fraction(clip["fps"]))
+    rate = _rate(fps, Fraction(clip["fps"]), session.reporter)
     key = hashlib.sha256(":".join([*(edit.key for edit in edits), str(rate)]).encode()).hexdigest()[:8]
     folder = edits[0].path.parent
     grid = side_by_side(clips, captions)
@@ -150,7 +160,8 @@ def render_preview_sheet(session: Session, project_root: Path, tuned: Artifact, 
     picture = Image.new("RGB", (max(curve.width, sheet.width), curve.height + sheet.height), "white")
     picture.paste(curve, (0, 0))
     picture.paste(sheet, (0, curve.height))
-    output = project.root / "renders" / f"preview-{tuned.key[:8]}.png"
+    shown = hashlib.sha256(":".join(p.key for p in previews).encode()).hexdigest()[:8]  # another prompt: another file
+    output = project.root / "renders" / f"preview-{tuned.key[:8]}-{shown}.png"
     with atomic_path(output) as temp:
         picture.save(temp, format="PNG")
     record = {"key": tuned.key, "edits": [p.key for p in previews], "prompts": captions, "steps": steps, "files": []}

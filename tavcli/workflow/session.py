@@ -16,6 +16,7 @@ from tavcli.progress import Reporter
 from tavcli.requests import FrameSelection, FrameSize
 from tavcli.runtime import Runtime
 from tavcli.store import Project
+from tavcli.styles import overflow_causes
 from tavcli.vae import encode_clip
 from tavcli.video import read_clip
 from tavcli.video_unet import VideoUNet, inflate_unet
@@ -115,6 +116,7 @@ class Session:
         components = self.model(meta["model"]["model"])
         _check_same_model(components.source, meta["model"])
         if tune_entry.key not in self._tuned:
+            self._tuned.clear()  # one tuned UNet at a time (~0.3 GB each at SD 1.5 size): previews and jobs move on
             spec = tune_entry.spec
             unet = inflate_unet(components.unet, frame_norm=spec["frame_norm"], seed=spec.get("seed"))
             delta = tune_entry.tensors(self.runtime.device)
@@ -166,7 +168,8 @@ def prompt_embeddings(
             count = len(components.tokenizer(prompt).input_ids)
             if count > limit:
                 session.reporter.note(f"prompt is {count} tokens; the text encoder reads the first {limit}: {prompt!r}")
-        entry.save({"embeddings": encode_prompts(components, prompts).float()}, {})
+        embeddings = encode_prompts(components, prompts).float()
+        entry.save({"embeddings": embeddings}, {}, causes=overflow_causes(session.runtime.precision, loras))
 
     project.produce(entry, compute)
     return entry.tensors(session.runtime.device)["embeddings"]

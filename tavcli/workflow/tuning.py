@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,15 +14,16 @@ import torch
 from tavcli import __version__
 from tavcli.checkpoints import Checkpoints, load_train_state, train_state_bytes
 from tavcli.entry import TENSORS, Entry
+from tavcli.errors import TavError, interruption
 from tavcli.hashing import file_sha256
 from tavcli.inputs import require_folder, require_prompt
 from tavcli.loading import ModelSource, variant_of, weight_files
 from tavcli.low_rank import add_low_rank_adapters, temporal_init_digest
-from tavcli.memory import card_fits, check_fits, probe_activations, tune_estimate
+from tavcli.memory import card_fits, check_fits, probe_tune, tune_estimate
 from tavcli.requests import EditRequest, EditSettings, Preview, TuneRequest, TuneSettings
 from tavcli.runtime import DTYPES, Runtime
 from tavcli.store import Project
-from tavcli.training import TrainState, stop_requests, train_delta
+from tavcli.training import TrainState, TuneDiverged, TuneInterrupted, stop_requests, train_delta
 from tavcli.video import probe
 from tavcli.video_unet import VideoUNet, inflate_unet
 from tavcli.workflow.keys import (
@@ -58,21 +61,39 @@ def tune(
     kept = list(range(preview.every, settings.steps, preview.every)) if preview else []
     artifacts: list[Artifact] = []
     previews: list[Artifact] = []
-    for index, steps in enumerate([*kept, settings.steps]):
-        part = replace(request, settings=replace(settings, steps=steps))
-        latents, tuned = _tune(session, part, force, fresh=force and index == 0)
-        artifacts += [latents, tuned] if index == 0 else [tuned]
-        if steps != settings.steps:
-            tuned.details["kept"] = True
-        if preview is not None:
-            previews.append(_render_preview(session, request.project, tuned, preview, scorer))
+    shown = ExitStack()  # the previews' edits stay in use (`tav rm` refuses them) until the sheet shows them
+    try:
+        for index, steps in enumerate([*kept, settings.steps]):
+            part = replace(request, settings=replace(settings, steps=steps))
+            # Only the finished tune becomes the project's current one: a kept state is an edit's
+            # choice (--tune-step), never what an interrupted run leaves behind.
+            latents, tuned = _tune(session, part, force, fresh=force and index == 0, current=steps == settings.steps)
+            artifacts += [latents, tuned] if index == 0 else [tuned]
+            if steps != settings.steps:
+                tuned.details["kept"] = True
+            if preview is not None:
+                previews.append(_render_preview(session, request.project, tuned, preview, scorer))
+                project = session.project(request.project)
+                shown.enter_context(project.using([project.find("edits", previews[-1].key)], "this tune"))
+    except Exception as error:  # name the run's own --steps, and hand back what it had made
+        shown.close()
+        stopped = interruption(error)
+        if stopped is None:
+            raise
+        if isinstance(stopped, TuneInterrupted):
+            raise TuneInterrupted(stopped.step, settings.steps, [*artifacts, *previews]) from None
+        if not artifacts:
+            raise
+        # Stopped while rendering a preview: training stood at the last kept state.
+        raise TuneInterrupted(artifacts[-1].details["steps"], settings.steps, [*artifacts, *previews]) from None
     if not preview:
         return artifacts
     final = artifacts[-1]
-    if kept:  # a kept state's tune is in the store; only the last state is needed to train on
-        spec = session.project(request.project).find("tunes", final.key).spec
-        Checkpoints.of_run(request.project, tune_run(spec)).discard(kept)
-    return [*artifacts, *previews, render_preview_sheet(session, request.project, final, previews)]
+    with shown:
+        if kept:  # a kept state's tune is in the store; only the last state is needed to train on
+            spec = session.project(request.project).find("tunes", final.key).spec
+            Checkpoints.of_run(request.project, tune_run(spec)).discard(kept)
+        return [*artifacts, *previews, render_preview_sheet(session, request.project, final, previews)]
 
 
 def _render_preview(
@@ -85,13 +106,18 @@ def _render_preview(
     request = EditRequest(project, [preview.prompt], settings, tune_key=tuned.key, invert_steps=preview.steps)
     [artifact] = edit(session, request)
     artifact.details["step"] = tuned.details["steps"]
-    if scorer is not None:
+    if scorer is not None:  # CLIP joins the device only to score, never beside the UNet while it trains
+        scorer.to(session.runtime.device)
         score_edit(scorer, artifact)
+        scorer.to(torch.device("cpu"))
     return artifact
 
 
-def _tune(session: Session, request: TuneRequest, force: bool, fresh: bool) -> tuple[Artifact, Artifact]:
-    """The clip's latents and one tune of `request.settings.steps` steps (`fresh`: training ignores checkpoints)."""
+def _tune(
+    session: Session, request: TuneRequest, force: bool, fresh: bool, current: bool
+) -> tuple[Artifact, Artifact]:
+    """The clip's latents and one tune of `request.settings.steps` steps (`fresh`: training ignores checkpoints;
+    `current`: it becomes the project's current tune)."""
     resolved = _resolve(session, request)
     latents_artifact = _encode(session, resolved, request, fresh)
     entry, run, checkpoints = _tune_entry(session, request, resolved)
@@ -99,23 +125,34 @@ def _tune(session: Session, request: TuneRequest, force: bool, fresh: bool) -> t
     started = time.perf_counter()
 
     def compute() -> None:
-        state, initial = _train(session, resolved, checkpoints, run, request, fresh)
-        facts = {
-            "model": source.identity,
-            "clip": resolved.latents.meta()["clip"],
-            "losses": state.losses,
-            "temporal_init": initial,
-            "seconds": time.perf_counter() - started,
-            "gradient_checkpointing": settings.gradient_checkpointing,
-            "device": session.runtime.device.type,
-            "tav_version": __version__,
-        }
-        tensors = {name: t.to(DTYPES[settings.save_precision]) for name, t in state.params.items()}
-        entry.save(tensors, facts, {LOSS_PLOT: _loss_png(state.losses, request.prompt)})
+        full = project.entry("tunes", {k: v for k, v in entry.spec.items() if k != "save_precision"})
+        if entry.spec.get("save_precision") and full.complete and not fresh:
+            # The same run's fp32 tune, rounded: the very tensors its training would store, with no training.
+            session.reporter.note(f"rounding the fp32 tune {full.key} to {settings.save_precision} (no training)")
+            tensors = {name: t.to(DTYPES[settings.save_precision]) for name, t in full.tensors().items()}
+            kept = ("model", "clip", "losses", "temporal_init", "gradient_checkpointing", "device", "tav_version")
+            facts = {name: full.meta()[name] for name in kept if name in full.meta()}
+            facts.update(seconds=time.perf_counter() - started, rounded_from=full.key)
+        else:
+            state, initial = _train(session, resolved, checkpoints, run, request, fresh)
+            facts = {
+                "model": source.identity,
+                "clip": resolved.latents.meta()["clip"],
+                "losses": state.losses,
+                "temporal_init": initial,
+                "seconds": time.perf_counter() - started,
+                "gradient_checkpointing": settings.gradient_checkpointing,
+                "device": session.runtime.device.type,
+                "tav_version": __version__,
+            }
+            tensors = {name: t.to(DTYPES[settings.save_precision]) for name, t in state.params.items()}
+        entry.save(tensors, facts, {LOSS_PLOT: _loss_png(facts["losses"], request.prompt)})
         session.forget_tuned(entry.key)
 
+    if not current:  # pin project.json first: rebuilt when missing, it would take a lone kept state as current
+        project.update_state()
     cached = project.produce(entry, compute, force, lock=f"checkpoints-{checkpoints.key}")
-    if project.state.get("tune") != entry.key:
+    if current and project.state.get("tune") != entry.key:
         project.update_state(tune=entry.key, inversion=None)
     delta_bytes = (entry.path / TENSORS).stat().st_size
     loaded = weight_files("unet", allow_pickle=True, variant=variant_of(source))
@@ -165,12 +202,14 @@ def tune_plan(session: Session, request: TuneRequest, force: bool = False, memor
         return plan
     with torch.random.fork_rng(devices=[]):
         unet = inflate_unet(session.model(resolved.source.name).unet, frame_norm=request.frame_norm)
+        if settings.rank:
+            add_low_rank_adapters(unet, settings.rank)  # so only the adapters count as trained
     frames, checkpointing, precision = (
         request.selection.frames,
         settings.gradient_checkpointing,
         session.runtime.precision,
     )
-    probe = probe_activations(unet)
+    probe = probe_tune(unet, precision)
     estimate = tune_estimate(unet, probe, frames, size.height, size.width, checkpointing, precision)
     return {
         **plan,
@@ -293,7 +332,11 @@ def _train(
         checkpoints.discard([step for step in written if step != state.step])
         written[:] = [state.step]
 
-    with session.reporter.task("tuning", settings.steps, completed=first) as advance, stop_requests() as stop:
+    with (
+        session.reporter.task("tuning", settings.steps, completed=first) as advance,
+        stop_requests() as stop,
+        _blaming_loras(source),
+    ):
         state = train_delta(
             unet,
             components.scheduler,
@@ -315,14 +358,34 @@ def _train(
     return state, initial
 
 
+@contextmanager
+def _blaming_loras(source: ModelSource) -> Iterator[None]:
+    """A tune that diverges on a model with fused LoRAs names their scales among the causes."""
+    try:
+        yield
+    except TuneDiverged as diverged:
+        if not source.loras:
+            raise
+        hint = f"{diverged.hint}; a LoRA scale may be too large: try a smaller PATH:SCALE"
+        raise TavError(diverged.message, hint) from None
+
+
 def _check_memory(unet: VideoUNet, shape: torch.Size, settings: TuneSettings, runtime: Runtime) -> None:
     """Stop a GPU tune that would run out of memory half-way, naming settings that fit."""
     frames, height, width = shape[2], shape[3] * 8, shape[4] * 8
-    activations = probe_activations(unet)
     checkpointing, precision = settings.gradient_checkpointing, runtime.precision
+    activations = probe_tune(unet, precision)
     estimate = tune_estimate(unet, activations, frames, height, width, checkpointing, precision)
-    free, _ = torch.cuda.mem_get_info(runtime.device)
-    check_fits(estimate, activations, free + torch.cuda.memory_allocated(runtime.device))
+    check_fits(estimate, activations, _available(unet, runtime.device))
+
+
+def _available(unet: VideoUNet, device: torch.device) -> int:
+    """Bytes a tune may count on: free device memory, plus what torch caches unused, plus the UNet's weights
+    already there (the estimate counts them). Everything else this process holds stays held."""
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    resident = {p.data_ptr(): p.numel() * p.element_size() for p in unet.parameters() if p.device == device}
+    return free + cached + sum(resident.values())
 
 
 def _resume_point(session: Session, checkpoints: Checkpoints, steps: int, force: bool) -> TrainState | None:

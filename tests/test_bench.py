@@ -1,0 +1,211 @@
+"""The benchmark measures what it says: one model load per phase, `tav tune`'s offloading, the right
+peak FLOP/s for the device, and a 2D baseline run like the video UNet (issue 20, item 9)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+BENCH = Path(__file__).parent.parent / "benchmarks" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    """benchmarks/bench.py as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location("tav_bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def phase_args(workdir: Path, phase: str, **changes: Any) -> argparse.Namespace:
+    """What `bench.py --config tiny --phase PHASE` parses to, at the smallest sizes that still run."""
+    values: dict[str, Any] = {
+        "config": "tiny",
+        "device": "cpu",
+        "precision": "fp32",
+        "threads": torch.get_num_threads(),
+        "frames": 2,
+        "size": 64,
+        "warmup": 0,
+        "repeats": 1,
+        "edit_steps": 1,
+        "window": None,
+        "compile": False,
+        "workdir": workdir,
+        "contention": False,
+        "tune_steps": 1,
+        "phase": phase,
+    }
+    return argparse.Namespace(**{**values, **changes})
+
+
+def count_model_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every call of tavcli's model loader in this process, whichever module calls it."""
+    import tavcli.loading
+    import tavcli.workflow.session
+
+    loads: list[str] = []
+    original = tavcli.loading.load_components
+
+    def counting(source: Any, *args: Any, **kwargs: Any) -> Any:
+        loads.append(str(source.name))
+        return original(source, *args, **kwargs)
+
+    monkeypatch.setattr(tavcli.loading, "load_components", counting)
+    monkeypatch.setattr(tavcli.workflow.session, "load_components", counting)
+    return loads
+
+
+def test_the_edit_phase_loads_the_model_once(
+    bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads = count_model_loads(monkeypatch)
+    found = bench.run_phase(phase_args(tmp_path, "edit"))
+    assert found["edit_per_prompt_s"] > 0
+    assert len(loads) == 1, loads  # before: the phase's own copy, then the session's (3.4 GB more at SD 1.5)
+
+
+def test_the_tune_phase_offloads_the_frozen_models_before_training_as_tav_tune_does(
+    bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tavcli.training
+    from tavcli.workflow.session import Session
+
+    loads = count_model_loads(monkeypatch)
+    events: list[str] = []
+    offload, train = Session.offload_frozen, tavcli.training.train_delta
+
+    def offloading(self: Session, name: str) -> None:
+        events.append("offload")
+        offload(self, name)
+
+    def training(*args: Any, **kwargs: Any) -> Any:
+        events.append("train")
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(Session, "offload_frozen", offloading)
+    monkeypatch.setattr(tavcli.training, "train_delta", training)
+    found = bench.run_phase(phase_args(tmp_path, "tune"))
+    assert found["tune_step_s"] > 0
+    assert events == ["offload", "train"]  # on a GPU the VAE and text encoder wait on the CPU, as in `tav tune`
+    assert len(loads) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "precision", "row", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", "H100 SXM", 989e12),  # what the SXM part calls itself
+        ("NVIDIA H100 PCIe", "bf16", "H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", "fp16", "H100 NVL", 835e12),
+        ("NVIDIA H200", "bf16", "H200 SXM", 989e12),
+        ("NVIDIA H200 NVL", "bf16", "H200 NVL", 835e12),
+        ("NVIDIA A100-SXM4-80GB", "bf16", "A100", 312e12),
+        ("NVIDIA A100 80GB PCIe", "fp16", "A100", 312e12),
+        ("NVIDIA RTX A1000", "bf16", None, None),  # not an A100
+        ("NVIDIA RTX A1000 6GB Laptop GPU", "fp16", None, None),
+        ("NVIDIA GeForce RTX 4090", "bf16", "RTX 4090", 165.2e12),
+        ("NVIDIA GeForce RTX 4090 D", "bf16", None, None),  # fewer cores than the 4090
+        ("NVIDIA L40S", "bf16", "L40S", 362e12),
+        ("NVIDIA L40", "bf16", None, None),
+    ],
+)
+def test_peak_flops_are_looked_up_by_the_precise_device_name(
+    bench: ModuleType, monkeypatch: pytest.MonkeyPatch, name: str, precision: str, row: str | None, peak: float | None
+) -> None:
+    from tavcli.runtime import Runtime
+
+    runtime = Runtime(torch.device("cuda", 0), precision)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    report = bench._flop_report("tune_step_s", 2e12, 0.01, runtime)  # 200 TFLOP/s achieved
+    assert report["tune_step_tflops"] == 200.0
+    if peak is None:  # no row: no fraction, rather than another GPU's
+        assert report["tune_step_peak_fraction"] is None
+        assert bench._environment(runtime)["peak"] is None
+        return
+    assert report["tune_step_peak_fraction"] == round(200e12 / peak, 3)
+    assert bench._environment(runtime)["peak"] == {"row": row, "arithmetic": precision, "tflops": round(peak / 1e12, 1)}
+
+
+@pytest.mark.parametrize(
+    ("matmul_precision", "cudnn_tf32", "arithmetic", "peak"),
+    [
+        ("highest", False, "fp32", 19.5e12),  # no TF32 anywhere: the plain fp32 peak
+        ("high", False, "tf32", 156e12),  # matrix products on TF32 tensor cores
+        ("highest", True, "tf32", 156e12),  # cuDNN's default: convolutions on TF32 tensor cores
+    ],
+)
+def test_fp32_figures_use_the_tf32_peak_when_tf32_is_on(
+    bench: ModuleType,
+    monkeypatch: pytest.MonkeyPatch,
+    matmul_precision: str,
+    cudnn_tf32: bool,
+    arithmetic: str,
+    peak: float,
+) -> None:
+    from tavcli.runtime import Runtime
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", cudnn_tf32)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul_precision)  # also sets torch.backends.cuda.matmul.allow_tf32
+    try:
+        runtime = Runtime(torch.device("cuda", 0), "fp32")
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-40GB")
+        report = bench._flop_report("sampling_step_s", 1e12, 0.1, runtime)  # 10 TFLOP/s
+        assert report["sampling_step_peak_fraction"] == round(10e12 / peak, 3)
+        assert bench._environment(runtime)["peak"] == {
+            "row": "A100",
+            "arithmetic": arithmetic,
+            "tflops": round(peak / 1e12, 1),
+        }
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_the_2d_baseline_runs_through_the_same_runtime_as_the_video_unet(
+    bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compiled: list[torch.nn.Module] = []
+    optimizers: list[dict[str, Any]] = []
+    loss_reads: list[int] = []
+
+    def compile_(module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        compiled.append(module)
+        return module  # what `--compile` would call, without compiling (minutes on a CPU)
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            optimizers.append(dict(self.defaults))
+
+    item = torch.Tensor.item
+
+    def reading(tensor: torch.Tensor) -> Any:
+        if tensor.grad_fn is not None:  # a training loss, not an optimizer's step count
+            loss_reads.append(1)
+        return item(tensor)
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    monkeypatch.setattr(torch.Tensor, "item", reading)
+    bench.run_phase(phase_args(tmp_path, "tune", compile=True))
+    assert len(optimizers) == 1 and len(loss_reads) == 1  # the video UNet's tune: train_delta
+    tune_optimizer = optimizers.pop()
+    compiled.clear()
+    loss_reads.clear()
+
+    found = bench.run_phase(phase_args(tmp_path, "unet2d", compile=True))
+    assert {"unet2d_tune_step_s", "unet2d_inversion_step_s", "unet2d_sampling_step_s"} <= set(found)
+    assert len(compiled) >= 2  # training and inference alike, as `--compile` does for the video UNet
+    assert {type(module).__name__ for module in compiled} == {"UNet2DConditionModel"}
+    assert optimizers == [tune_optimizer]  # AdamW configured as train_delta's (fused on a GPU)
+    assert len(loss_reads) == 1  # the loss read once per step, as train_delta does for progress and divergence

@@ -1,0 +1,87 @@
+"""What a run holds on its device: one tuned UNet at a time, CLIP only while it scores, and a pre-flight that
+counts only what a tune can have (free memory, torch's unused cache, the UNet already there)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import CLIP
+
+
+def _session():  # type: ignore[no-untyped-def]
+    from tavcli.runtime import resolve_runtime
+    from tavcli.workflow.session import Session
+
+    return Session(resolve_runtime("cpu", "fp32"))
+
+
+class _Scorer:
+    """Stands in for a CLIP scorer: where it is when it scores, and where it ends."""
+
+    def __init__(self) -> None:
+        self.device = torch.device("cpu")
+        self.moves: list[str] = []
+
+    def to(self, device: torch.device) -> _Scorer:
+        self.moves.append(str(device))
+        self.device = device
+        return self
+
+
+@pytest.mark.slow
+def test_a_preview_tune_and_a_batch_hold_one_tuned_unet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tavcli.requests import FrameSelection, FrameSize, Preview, TuneRequest, TuneSettings
+    from tavcli.workflow import tuning
+    from tavcli.workflow.session import Session
+
+    monkeypatch.setattr("tavcli.metrics.evaluate_output", lambda scorer, path: {})
+    held: list[int] = []  # how many tuned UNets the session holds after each one it hands out
+    tuned_unet = Session.tuned_unet
+
+    def counted(self: Session, *args: object) -> object:
+        built = tuned_unet(self, *args)  # type: ignore[arg-type]
+        held.append(len(self._tuned))
+        return built
+
+    monkeypatch.setattr(Session, "tuned_unet", counted)
+    session, scorer = _session(), _Scorer()
+    request = TuneRequest(
+        CLIP, "a man is skiing", tmp_path / "p.tav", "tiny", FrameSelection(frames=2), FrameSize(32, 32),
+        TuneSettings(steps=3),
+    )  # fmt: skip
+    made = tuning.tune(session, request, preview=Preview("a dog", every=1, steps=1), scorer=scorer)  # type: ignore[arg-type]
+    assert [a.details["step"] for a in made if a.kind == "edit"] == [1, 2, 3]
+    assert len(held) >= 3 and max(held) == 1  # three kept states were edited, one UNet held at a time
+    assert scorer.moves == ["cpu", "cpu"] * 3 and scorer.device.type == "cpu"  # to the run's device and back
+
+    from tavcli.batch.jobs import parse_jobs, read_jobs
+    from tavcli.batch.running import run_jobs
+
+    jobs_file = tmp_path / "jobs.jsonl"
+    small = '"model": "tiny", "frames": 2, "width": 32, "height": 32, "edit": {"steps": 1}'
+    jobs_file.write_text(
+        "\n".join(
+            f'{{"clip": "{CLIP}", "prompt": "a man", "steps": {steps}, "edits": ["a cat"], {small}, '
+            f'"project": "{tmp_path / "b.tav"}"}}'
+            for steps in (1, 2)
+        )
+    )
+    held.clear()
+    jobs, problems = parse_jobs(*read_jobs(str(jobs_file)))
+    assert not problems and run_jobs(_session(), jobs, True, lambda record: None)
+    assert len(held) >= 2 and max(held) == 1  # two jobs' tunes on one model
+
+
+def test_the_pre_flight_counts_free_and_cached_memory_and_the_unet_not_all_this_process_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tavcli.workflow.tuning import _available
+
+    unet = torch.nn.Linear(10, 10)  # 440 bytes of weights, on the device in question
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1_000_000, 8_000_000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 500_000)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 300_000)  # a CLIP model, a cached UNet...
+    assert _available(unet, torch.device("cpu")) == 1_000_000 + 200_000 + 440  # type: ignore[arg-type]
