@@ -62,12 +62,15 @@ class Project:
         key = cache_key({"kind": kind, **spec})
         return Entry(kind=kind, key=key, path=self.root / kind / key, spec=spec)
 
+    def at(self, kind: str, key: str) -> Entry:
+        """Entry `kind/key` by its key alone, its spec unread (for what needs only its place)."""
+        return Entry(kind=kind, key=key, path=self.root / kind / key, spec={})
+
     def find(self, kind: str, key: str) -> Entry:
-        path = self.root / kind / key
-        entry = Entry(kind=kind, key=key, path=path, spec={})
+        entry = self.at(kind, key)
         if not entry.complete:
             raise TavError(f"project {self.root} has no complete {kind[:-1]} {key}", "run `tav tune` again")
-        return Entry(kind=kind, key=key, path=path, spec=entry.meta()["spec"])
+        return Entry(kind=kind, key=key, path=entry.path, spec=entry.meta()["spec"])
 
     def complete_keys(self, kind: str) -> list[str]:
         """Keys of the entries of `kind` that are complete."""
@@ -158,8 +161,7 @@ class Project:
     def _parent(self, entry: Entry) -> Entry | None:
         if entry.parent is None:
             return None
-        kind, key = entry.parent
-        return Entry(kind, key, self.root / kind / key, {})
+        return self.at(*entry.parent)
 
     def _use_path(self, kind: str, key: str, pid: int) -> Path:
         return self.root / ".locks" / f"use-{kind}-{key}-{pid}.lock"

@@ -199,7 +199,7 @@ def _locked(project: Project, members: list[Entry], force: bool) -> Iterator[Non
 def _used(plan: EditPlan) -> list[Entry]:
     """The entries an edit reads while it runs: its tune, its inversion and the edited frames' latents."""
     latents = plan.inversion.spec.get("latents") or plan.tune.spec["latents"]
-    return [plan.tune, plan.inversion, Entry("latents", latents, plan.project.root / "latents" / latents, {})]
+    return [plan.tune, plan.inversion, plan.project.at("latents", latents)]
 
 
 def plan_edit(session: Session, request: EditRequest) -> EditPlan:

@@ -129,9 +129,9 @@ def _tune(
         if entry.spec.get("save_precision") and full.complete and not fresh:
             # The same run's fp32 tune, rounded: the very tensors its training would store, with no training.
             session.reporter.note(f"rounding the fp32 tune {full.key} to {settings.save_precision} (no training)")
-            tensors = {name: t.to(DTYPES[settings.save_precision]) for name, t in full.tensors().items()}
+            params, recorded = full.tensors(), full.meta()
             kept = ("model", "clip", "losses", "temporal_init", "gradient_checkpointing", "device", "tav_version")
-            facts = {name: full.meta()[name] for name in kept if name in full.meta()}
+            facts = {name: recorded[name] for name in kept if name in recorded}
             facts.update(seconds=time.perf_counter() - started, rounded_from=full.key)
         else:
             state, initial = _train(session, resolved, checkpoints, run, request, fresh)
@@ -145,7 +145,8 @@ def _tune(
                 "device": session.runtime.device.type,
                 "tav_version": __version__,
             }
-            tensors = {name: t.to(DTYPES[settings.save_precision]) for name, t in state.params.items()}
+            params = state.params
+        tensors = {name: t.to(DTYPES[settings.save_precision]) for name, t in params.items()}
         entry.save(tensors, facts, {LOSS_PLOT: _loss_png(facts["losses"], request.prompt)})
         session.forget_tuned(entry.key)
 
