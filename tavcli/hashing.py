@@ -22,7 +22,7 @@ from tavcli.atomic import write_json
 from tavcli.config import cache_dir
 from tavcli.errors import TavError
 
-__all__ = ["MEMO_MIN_BYTES", "SETTLED_NS", "content_sha256", "file_sha256", "files_sha256", "lora_files", "lora_sha256"]
+__all__ = ["MEMO_MIN_BYTES", "SETTLED_NS", "content_sha256", "file_sha256", "files_sha256", "lora_file", "lora_sha256"]
 
 # Smaller files are hashed every time: at about 1 GB/s that costs less than trusting any memo.
 MEMO_MIN_BYTES = 64 << 20
@@ -93,13 +93,13 @@ def _hash_memo(path: Path) -> dict[str, Any]:
     return memo if isinstance(memo, dict) else {}
 
 
-def lora_files(path: Path) -> list[Path]:
-    """The file a LoRA is loaded from, as a one-item list: the file given, or the one diffusers loads from the
-    folder given (`pytorch_lora_weights.safetensors`, else its only weights file; `.bin` ones only when there
-    are no `.safetensors`). Several and none the standard one: refused, as diffusers would take whichever the
+def lora_file(path: Path) -> Path:
+    """The file a LoRA is loaded from: the file given, or the one diffusers loads from the folder given
+    (`pytorch_lora_weights.safetensors`, else its only weights file; `.bin` ones only when there are no
+    `.safetensors`). Several and none the standard one: refused, as diffusers would take whichever the
     folder happens to list first. Training states beside the weights are not weights."""
     if not path.is_dir():
-        return [path]
+        return path
     for suffix in LORA_WEIGHTS:
         found = sorted(
             p for p in path.iterdir() if p.suffix == suffix and p.is_file() and not any(w in p.name for w in STATES)
@@ -110,7 +110,7 @@ def lora_files(path: Path) -> list[Path]:
         if len(found) > 1 and not standard:
             shown = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
             raise TavError(f"the LoRA folder {path} holds {len(found)} weights files ({shown})", "give the one to load")
-        return [(standard or found)[0]]
+        return (standard or found)[0]
     raise TavError(
         f"the LoRA folder {path} holds no weights file (.safetensors or .bin)",
         "give the LoRA's .safetensors file, or the folder that holds it",
@@ -120,4 +120,4 @@ def lora_files(path: Path) -> list[Path]:
 def lora_sha256(path: Path) -> str:
     """What identifies a LoRA's content in keys: the SHA-256 of the file it is loaded from, whether given as
     the file or as its folder (one LoRA, one entry)."""
-    return content_sha256(lora_files(path)[0])
+    return content_sha256(lora_file(path))

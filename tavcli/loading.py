@@ -22,7 +22,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from tavcli.config import DEFAULT_MODEL
 from tavcli.errors import TavError, first_line, interruption
-from tavcli.hashing import files_sha256, lora_files
+from tavcli.hashing import files_sha256, lora_file
 from tavcli.hub import local_only, unreachable
 from tavcli.inputs import require_regular_file
 from tavcli.model_name import HUB_ID, NO_VARIANT, TINY_MODEL, ModelSpec, is_single_file, parse_model_name
@@ -96,8 +96,8 @@ def resolve_model(
         for path, scale in spec.loras:
             if not path.exists():
                 raise TavError(f"the LoRA {path} is gone", "tune again with --lora pointing at it")
-            files = lora_files(path)  # its weights: as a file or as its folder, the same LoRA
-            hashes.append(f"{scale}:{files_sha256(files[0].parent, files)}")  # names too, as tunes always had
+            weights = lora_file(path)  # as a file or as its folder, the same LoRA
+            hashes.append(f"{scale}:{files_sha256(weights.parent, [weights])}")  # its name too, as tunes always had
         revision = f"{base.revision}+lora-{hashlib.sha256(','.join(hashes).encode()).hexdigest()[:16]}"
         chosen = parse_model_name(base.name)
         name = ModelSpec(chosen.base, chosen.config, spec.loras, chosen.revision, chosen.variant).name
@@ -294,14 +294,14 @@ def load_lora(pipe: Any, path: Path, adapter_name: str) -> None:
 
 
 def _lora_weights(path: Path) -> str | None:
-    """The weights file diffusers is to load from a LoRA folder, the one its identity hashes (`lora_files`);
+    """The weights file diffusers is to load from a LoRA folder, the one its identity hashes (`lora_file`);
     None for a file, or a folder of `.bin` weights, which diffusers searches itself. Only regular files
     are opened."""
     hint = "give a LoRA .safetensors file, or the folder that holds it"
     if not path.is_dir():
         require_regular_file(path, "LoRA file", hint)
         return None
-    [chosen] = lora_files(path)
+    chosen = lora_file(path)
     require_regular_file(chosen, "LoRA file", hint)
     return chosen.name if chosen.suffix == ".safetensors" else None
 
