@@ -287,7 +287,8 @@ def _unet_phase(args: argparse.Namespace, session: Any, model: str) -> dict[str,
     from tavcli.loading import encode_prompts
 
     runtime = session.runtime
-    components = session.model(model)
+    trains = args.phase in ("tune", "tune_checkpointing", "unet2d")
+    components = session.model_to_train(model) if trains else session.model(model)
     latent = args.size // 8
     shape = (1, 4, args.frames, latent, latent)
     generator = torch.Generator().manual_seed(0)
@@ -300,9 +301,9 @@ def _unet_phase(args: argparse.Namespace, session: Any, model: str) -> dict[str,
     phase = {
         "tune": lambda: _tune(args, runtime, components, mean, std, embeds[:1], checkpointing=False),
         "tune_checkpointing": lambda: _tune(args, runtime, components, mean, std, embeds[:1], checkpointing=True),
-        "inversion": lambda: _inversion(args, runtime, components, mean, embeds[1:]),
-        "sampling": lambda: _sampling(args, runtime, components, mean, embeds),
-        "unet2d": lambda: _unet2d(args, runtime, components, mean, std, embeds),
+        "inversion": lambda: _inversion(args, runtime, components, session.sampling_unet(model), mean, embeds[1:]),
+        "sampling": lambda: _sampling(args, runtime, components, session.sampling_unet(model), mean, embeds),
+        "unet2d": lambda: _unet2d(args, session, model, mean, std, embeds),
     }[args.phase]
     return phase()
 
@@ -349,7 +350,8 @@ def _train_once(unet: Any, runtime: Any, sample: Any, embeds: Any) -> None:
     unet.zero_grad(set_to_none=True)
 
 
-def _inversion(args: Any, runtime: Any, components: Any, latents: Any, empty: Any) -> dict:
+def _inversion(args: Any, runtime: Any, components: Any, held: Any, latents: Any, empty: Any) -> dict:
+    """Inversion steps of the UNet inflated from `held` (the 2D UNet as sampling holds it)."""
     import torch
 
     from tavcli.inversion import ddim_inversion
@@ -357,7 +359,7 @@ def _inversion(args: Any, runtime: Any, components: Any, latents: Any, empty: An
     from tavcli.workflow.editing import windowed
 
     torch.manual_seed(0)
-    unet = windowed(runtime.prepare(inflate_unet(components.unet).eval()), args.window)
+    unet = windowed(runtime.prepare(inflate_unet(held).to(held.dtype).eval()), args.window)
     flops = _flops(runtime, lambda: ddim_inversion(unet, components.scheduler, latents, empty, 1))
     seconds = _inversion_step_s(args, runtime, unet, components.scheduler, latents, empty)
     return {"inversion_step_s": seconds, **_flop_report("inversion_step_s", flops, seconds, runtime)}
@@ -373,14 +375,15 @@ def _inversion_step_s(args: Any, runtime: Any, unet: Any, scheduler: Any, latent
     return stamps.median(args.warmup)
 
 
-def _sampling(args: Any, runtime: Any, components: Any, noise: Any, embeds: Any) -> dict:
+def _sampling(args: Any, runtime: Any, components: Any, held: Any, noise: Any, embeds: Any) -> dict:
+    """Guided sampling steps of the UNet inflated from `held` (the 2D UNet as sampling holds it)."""
     import torch
 
     from tavcli.sampling import ddim_sample
     from tavcli.video_unet import inflate_unet
 
     torch.manual_seed(0)
-    unet = runtime.prepare(inflate_unet(components.unet).eval())
+    unet = runtime.prepare(inflate_unet(held).to(held.dtype).eval())
     cond, uncond = embeds[:1], embeds[1:]
     flops = _flops(runtime, lambda: ddim_sample(unet, components.scheduler, noise, cond, uncond, 1, 12.5))
     seconds = _sampling_step_s(args, runtime, unet, components.scheduler, noise, cond, uncond)
@@ -440,20 +443,21 @@ def _tuned_project(args: Any, model: str) -> Path:
     return project
 
 
-def _unet2d(args: Any, runtime: Any, components: Any, latents: Any, std: Any, embeds: Any) -> dict:
+def _unet2d(args: Any, session: Any, model: str, latents: Any, std: Any, embeds: Any) -> dict:
     """The same loops on the plain 2D UNet over the folded frames (b*f, c, h, w), through the same runtime:
-    `train_delta` (compiled with --compile, fused AdamW on GPUs, the loss read each step), then inversion
-    and guided sampling on `runtime.prepare(unet)`. Only the inflation differs from the video figures."""
-    frames = latents.shape[2]
+    `train_delta` (compiled with --compile, fused AdamW on GPUs, the loss read each step) on the float32
+    weights, then inversion and guided sampling with the weights as sampling holds them (`Session.sampling_unet`).
+    Only the inflation differs from the video figures."""
+    runtime, frames = session.runtime, latents.shape[2]
     folded, folded_std = _fold(latents), _fold(std)
     cond, uncond = embeds[:1].expand(frames, -1, -1), embeds[1:].expand(frames, -1, -1)
-    unet, scheduler = components.unet, components.scheduler
-    tune = _training_step_s(args, runtime, unet, components, folded, folded_std, cond)
-    model = runtime.prepare(unet.eval())
+    components = session.model_to_train(model)
+    tune = _training_step_s(args, runtime, components.unet, components, folded, folded_std, cond)
+    unet, scheduler = runtime.prepare(session.sampling_unet(model).eval()), components.scheduler
     return {
         "unet2d_tune_step_s": tune,
-        "unet2d_inversion_step_s": _inversion_step_s(args, runtime, model, scheduler, folded, uncond),
-        "unet2d_sampling_step_s": _sampling_step_s(args, runtime, model, scheduler, folded, cond, uncond),
+        "unet2d_inversion_step_s": _inversion_step_s(args, runtime, unet, scheduler, folded, uncond),
+        "unet2d_sampling_step_s": _sampling_step_s(args, runtime, unet, scheduler, folded, cond, uncond),
     }
 
 

@@ -183,18 +183,18 @@ def _add_temporal_attention(block: BasicTransformerBlock, layout: ClipLayout) ->
         bias=spatial.to_q.bias is not None,
         upcast_attention=spatial.upcast_attention,
         processor=AttnProcessor2_0(),
-    ).to(device=weight.device, dtype=weight.dtype)
+    ).to(weight.device)  # float32 whatever the base holds: a seed re-creates the very weights a tune started from
     # Zero output projection: a freshly inflated model starts close to the image model.
     nn.init.zeros_(block.attn_temp.to_out[0].weight)
-    block.norm_temp = nn.LayerNorm(dim).to(device=weight.device, dtype=weight.dtype)
+    block.norm_temp = nn.LayerNorm(dim).to(weight.device)
     block.register_forward_hook(_TemporalAttentionHook(layout))
 
 
 def inflate_unet(unet: UNet2DConditionModel, frame_norm: FrameNorm = "joint", seed: int | None = None) -> VideoUNet:
     """Return the video UNet for `unet`, sharing its frozen weights (the tuned projections are copies).
 
-    New temporal modules are initialised from torch's global RNG, or from `seed` (reproducibly, leaving the
-    global RNG as it was): a tune's seed re-creates the temporal weights it started from.
+    New temporal modules are initialised in float32 from torch's global RNG, or from `seed` (reproducibly,
+    leaving the global RNG as it was): a tune's seed re-creates the temporal weights it started from.
     `frame_norm="joint"` (the reference) normalises ResNet features over all frames of a clip;
     `"frame"` normalises each frame alone, like the image model.
     """

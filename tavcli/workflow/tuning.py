@@ -202,7 +202,7 @@ def tune_plan(session: Session, request: TuneRequest, force: bool = False, memor
     if not memory:
         return plan
     with torch.random.fork_rng(devices=[]):
-        unet = inflate_unet(session.model(resolved.source.name).unet, frame_norm=request.frame_norm)
+        unet = inflate_unet(session.model_to_train(resolved.source.name).unet, frame_norm=request.frame_norm)
         if settings.rank:
             add_low_rank_adapters(unet, settings.rank)  # so only the adapters count as trained
     frames, checkpointing, precision = (
@@ -241,7 +241,7 @@ def import_tune(session: Session, folder: Path, request: TuneRequest) -> list[Ar
     started = time.perf_counter()
 
     def compute() -> None:
-        unet = inflate_unet(session.model(source.name).unet)
+        unet = inflate_unet(session.model_to_train(source.name).unet)
         delta = extract_delta(run.weights, unet)
         facts = {
             "model": source.identity,
@@ -310,7 +310,7 @@ def _train(
     state and the digest of the temporal layers' initial weights (a low-rank tune re-creates them from it)."""
     runtime, settings = session.runtime, request.settings
     source, project = resolved.source, resolved.project
-    components = session.model(source.name)
+    components = session.model_to_train(source.name)
     unet = inflate_unet(components.unet, frame_norm=request.frame_norm, seed=settings.seed)
     initial = temporal_init_digest(unet)
     resume = _resume_point(session, checkpoints, settings.steps, force)
