@@ -10,9 +10,10 @@ back through tavcli's own loading code, once per measurement, into a `tavcli.wor
 Each measurement runs in a fresh process, so its peak memory (process RSS on CPU,
 `torch.cuda.max_memory_allocated` on GPU) is its own:
 
-- tune step, without and with gradient checkpointing (`tavcli.training.train_delta`, every trainable
+- tune step, without and with gradient checkpointing (`tavcli.method.training.train_delta`, every trainable
   tensor), with the VAE and text encoder offloaded to the CPU on a GPU, as `tav tune` runs;
-- inversion step (`tavcli.inversion.ddim_inversion`) and guided sampling step (`tavcli.sampling.ddim_sample`);
+- inversion step (`tavcli.method.inversion.ddim_inversion`) and guided sampling step
+  (`tavcli.method.sampling.ddim_sample`);
 - a whole edit per prompt (text encoding, sampling, VAE decode, mp4 write: `tavcli.workflow.edit`),
   and prompts per minute for 1 prompt and for 4 prompts in one `--batch-size 4` call, on a project
   tuned for one step by `tav tune` in a child process (so neither its load nor its peak counts);
@@ -49,7 +50,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-# Architectures come from tavcli.architectures (random weights, full size); `mid` is SD 1.5's structure at
+# Architectures come from tavcli.models.architectures (random weights, full size); `mid` is SD 1.5's structure at
 # a fifth of its UNet width, for the CPU targets; `tiny` is tavcli's built-in model.
 MID = {
     "unet": {"block_out_channels": [64, 128, 256, 256], "cross_attention_dim": 256, "sample_size": 32},
@@ -133,10 +134,10 @@ def build_model(config: str, folder: Path) -> Path:
     """A diffusers folder with random weights of `config`'s architecture (built once)."""
     spec = CONFIGS[config]
     if spec["architecture"] is None:
-        from tavcli.loading import resolve_model
+        from tavcli.models.resolving import resolve_model
 
         return resolve_model("tiny").folder
-    from tavcli.architectures import build_model as build_architecture
+    from tavcli.models.architectures import build_model as build_architecture
 
     return build_architecture(spec["architecture"], folder / config, changes=spec.get("changes"))
 
@@ -284,7 +285,7 @@ def _unet_phase(args: argparse.Namespace, session: Any, model: str) -> dict[str,
     """A UNet measurement on random latents of the configuration's shape and the embedded prompts."""
     import torch
 
-    from tavcli.loading import encode_prompts
+    from tavcli.models.loading import encode_prompts
 
     runtime = session.runtime
     trains = args.phase in ("tune", "tune_checkpointing", "unet2d")
@@ -311,7 +312,7 @@ def _unet_phase(args: argparse.Namespace, session: Any, model: str) -> dict[str,
 def _tune(args: Any, runtime: Any, components: Any, mean: Any, std: Any, embeds: Any, checkpointing: bool) -> dict:
     import torch
 
-    from tavcli.video_unet import inflate_unet, trainable_parameters
+    from tavcli.method.video_unet import inflate_unet, trainable_parameters
 
     torch.manual_seed(0)
     unet = inflate_unet(components.unet)
@@ -330,13 +331,12 @@ def _training_step_s(
     args: Any, runtime: Any, unet: Any, components: Any, mean: Any, std: Any, embeds: Any, checkpointing: bool = False
 ) -> float:
     """Median seconds per `train_delta` step: `tav tune`'s loop (compile, AdamW, loss read per step) on `unet`."""
-    from tavcli.requests import TuneSettings
-    from tavcli.training import train_delta
+    from tavcli.method.training import TrainingRun, train_delta
 
-    settings = TuneSettings(steps=args.warmup + args.repeats, gradient_checkpointing=checkpointing, checkpoint_every=0)
+    run = TrainingRun(steps=args.warmup + args.repeats, gradient_checkpointing=checkpointing)
     stamps = _Stamps(runtime)
     scaling = components.vae.config.scaling_factor
-    train_delta(unet, components.scheduler, mean, std, scaling, embeds, settings, runtime, lambda **_: stamps())
+    train_delta(unet, components.scheduler, mean, std, scaling, embeds, run, runtime, lambda **_: stamps())
     return stamps.median(args.warmup)
 
 
@@ -354,8 +354,8 @@ def _inversion(args: Any, runtime: Any, components: Any, held: Any, latents: Any
     """Inversion steps of the UNet inflated from `held` (the 2D UNet as sampling holds it)."""
     import torch
 
-    from tavcli.inversion import ddim_inversion
-    from tavcli.video_unet import inflate_unet
+    from tavcli.method.inversion import ddim_inversion
+    from tavcli.method.video_unet import inflate_unet
     from tavcli.workflow.editing import windowed
 
     torch.manual_seed(0)
@@ -367,7 +367,7 @@ def _inversion(args: Any, runtime: Any, components: Any, held: Any, latents: Any
 
 def _inversion_step_s(args: Any, runtime: Any, unet: Any, scheduler: Any, latents: Any, empty: Any) -> float:
     """Median seconds per `ddim_inversion` step of `unet` (already prepared by the runtime)."""
-    from tavcli.inversion import ddim_inversion
+    from tavcli.method.inversion import ddim_inversion
 
     stamps = _Stamps(runtime)
     with runtime.autocast():
@@ -379,8 +379,8 @@ def _sampling(args: Any, runtime: Any, components: Any, held: Any, noise: Any, e
     """Guided sampling steps of the UNet inflated from `held` (the 2D UNet as sampling holds it)."""
     import torch
 
-    from tavcli.sampling import ddim_sample
-    from tavcli.video_unet import inflate_unet
+    from tavcli.method.sampling import ddim_sample
+    from tavcli.method.video_unet import inflate_unet
 
     torch.manual_seed(0)
     unet = runtime.prepare(inflate_unet(held).to(held.dtype).eval())
@@ -392,7 +392,7 @@ def _sampling(args: Any, runtime: Any, components: Any, held: Any, noise: Any, e
 
 def _sampling_step_s(args: Any, runtime: Any, unet: Any, scheduler: Any, noise: Any, cond: Any, uncond: Any) -> float:
     """Median seconds per guided `ddim_sample` step of `unet` (already prepared by the runtime)."""
-    from tavcli.sampling import ddim_sample
+    from tavcli.method.sampling import ddim_sample
 
     stamps = _Stamps(runtime)
     steps = args.warmup + args.repeats
@@ -404,7 +404,7 @@ def _sampling_step_s(args: Any, runtime: Any, unet: Any, scheduler: Any, noise: 
 def _edit(args: Any, session: Any, model: str) -> dict:
     """Whole edits through the workflow, as `tav edit` runs them, on a project of the bundled clip."""
     from tavcli import workflow
-    from tavcli.requests import EditRequest, EditSettings
+    from tavcli.settings.requests import EditRequest, EditSettings
 
     project = _tuned_project(args, model)
     settings = EditSettings(steps=args.edit_steps)

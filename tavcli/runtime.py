@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tavcli.choices import Precision
 from tavcli.errors import TavError
-from tavcli.options import Precision
 
 __all__ = ["DTYPES", "Runtime", "available_devices", "resolve_runtime"]
 

@@ -78,7 +78,7 @@ def oracle_video_unet(oracle_unet2d):  # type: ignore[no-untyped-def]
     """The reference's inflated tiny UNet: tiny-sd's 2D weights plus its temporal weights."""
     from safetensors.torch import load_file
 
-    from tavcli.video_unet import inflate_unet
+    from tavcli.method.video_unet import inflate_unet
 
     unet = inflate_unet(oracle_unet2d).eval()
     unet.load_state_dict(load_file(ORACLE / "unet3d_temporal.safetensors"), strict=False)
@@ -110,7 +110,7 @@ def _tiny_lora(folder: Path, targets: list[str], seed: int) -> Path:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from tavcli.loading import resolve_model
+    from tavcli.models.resolving import resolve_model
 
     unet = UNet2DConditionModel.from_pretrained(resolve_model("tiny").folder / "unet")
     torch.manual_seed(seed)
@@ -137,7 +137,7 @@ def tiny_controlnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from tavcli.loading import resolve_model
+    from tavcli.models.resolving import resolve_model
 
     unet = UNet2DConditionModel.from_pretrained(resolve_model("tiny").folder / "unet")
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The real Stable Diffusion architectures (tavcli.architectures) through the whole product.
+"""The real Stable Diffusion architectures (tavcli.models.architectures) through the whole product.
 
 SD 1.5, SD 2.1 base and SD 2.1 768-v differ in what breaks code written against one tiny model:
 per-block head counts, convolutional or linear projections, attention upcasting, 1024-wide text,
@@ -21,13 +21,13 @@ import yaml
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
-from tavcli import training
-from tavcli.architectures import ARCHITECTURES, build_model, configs
-from tavcli.loading import load_components, resolve_model
-from tavcli.requests import TuneSettings
+from tavcli.method import training
+from tavcli.method.training import TrainingRun, train_delta
+from tavcli.method.video_unet import inflate_unet, trainable_parameters
+from tavcli.models.architectures import ARCHITECTURES, build_model, configs
+from tavcli.models.loading import load_components
+from tavcli.models.resolving import resolve_model
 from tavcli.runtime import resolve_runtime
-from tavcli.training import train_delta
-from tavcli.video_unet import inflate_unet, trainable_parameters
 
 from .conftest import CLIP
 from .ldm_format import ldm_checkpoint
@@ -131,7 +131,7 @@ def test_full_width_sd15_tune_trains_every_tensor(full_unet) -> None:  # type: i
     """The full SD 1.5 UNet, 3 frames of 8x8 latents, 2 steps with gradient checkpointing.
 
     Every trainable tensor must move by more than AdamW's weight decay alone would move it: the
-    reference's checkpointing leaves the down blocks without gradients (DESIGN.md section 2).
+    reference's checkpointing leaves the down blocks without gradients (docs/method.md, "Tuning").
     Defined before the one-frame test so the full SD 1.5 UNet is built once.
     """
     with torch.random.fork_rng(devices=[]):
@@ -142,19 +142,19 @@ def test_full_width_sd15_tune_trains_every_tensor(full_unet) -> None:  # type: i
     generator = torch.Generator().manual_seed(0)
     mean = torch.randn(1, 4, 3, 8, 8, generator=generator)
     embeds = torch.randn(1, 77, 768, generator=generator)
-    settings = TuneSettings(steps=2, gradient_checkpointing=True, checkpoint_every=0)
+    run = TrainingRun(steps=2, gradient_checkpointing=True)
     scheduler = DDIMScheduler(**configs("sd15")["scheduler"])
     runtime = resolve_runtime("cpu", "fp32")
     state = train_delta(
-        video, scheduler, mean, torch.full_like(mean, 0.1), 0.18215, embeds, settings, runtime, lambda **_: None
+        video, scheduler, mean, torch.full_like(mean, 0.1), 0.18215, embeds, run, runtime, lambda **_: None
     )
     assert len(state.losses) == 2 and all(math.isfinite(loss) for loss in state.losses)
-    decay = 1 - settings.learning_rate * 1e-2  # AdamW's decoupled weight decay per step
+    decay = 1 - run.learning_rate * 1e-2  # AdamW's decoupled weight decay per step
     for name, old in before.items():
         new = state.params[name]
         assert torch.isfinite(new).all(), name
         moved = (new - old * decay**2).abs().max().item()
-        assert moved > settings.learning_rate / 10, f"{name} got no gradient"
+        assert moved > run.learning_rate / 10, f"{name} got no gradient"
 
 
 def _one_frame_outputs(image: UNet2DConditionModel, video_of: UNet2DConditionModel) -> tuple[torch.Tensor, ...]:

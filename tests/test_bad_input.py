@@ -303,15 +303,15 @@ def test_inputs_that_are_not_regular_files_are_refused_before_opening(kind: str,
 
 
 def test_a_diverging_tune_stops_at_the_step_and_stores_no_tune(tmp_path: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import tavcli.training
+    import tavcli.method.training
 
-    real, calls = tavcli.training.F.mse_loss, []
+    real, calls = tavcli.method.training.F.mse_loss, []
 
     def diverging(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(1)
         return real(*args, **kwargs) * (float("nan") if len(calls) == 2 else 1)
 
-    monkeypatch.setattr(tavcli.training.F, "mse_loss", diverging)
+    monkeypatch.setattr(tavcli.method.training.F, "mse_loss", diverging)
     project = tmp_path / "p.tav"
     code, out, err = run_tav("tune", CLIP, "a man", *SMALL, "--steps", "3", "-p", project)
     _fault(code, out, err, "the tune diverged at step 2 of 3: the loss is nan; no tune was stored")
@@ -320,9 +320,9 @@ def test_a_diverging_tune_stops_at_the_step_and_stores_no_tune(tmp_path: Path, r
 
 
 def test_tensors_that_diverge_while_the_loss_is_finite_are_caught(tmp_path: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import tavcli.training
+    import tavcli.method.training
 
-    real = tavcli.training.torch.nn.utils.clip_grad_norm_
+    real = tavcli.method.training.torch.nn.utils.clip_grad_norm_
 
     def poisoned(params, *args, **kwargs):  # type: ignore[no-untyped-def]
         params = list(params)
@@ -330,7 +330,7 @@ def test_tensors_that_diverge_while_the_loss_is_finite_are_caught(tmp_path: Path
             param.grad.fill_(float("inf"))
         return real(params, *args, **kwargs)
 
-    monkeypatch.setattr(tavcli.training.torch.nn.utils, "clip_grad_norm_", poisoned)
+    monkeypatch.setattr(tavcli.method.training.torch.nn.utils, "clip_grad_norm_", poisoned)
     project = tmp_path / "p.tav"
     code, out, err = run_tav("tune", CLIP, "a man", *SMALL, "-p", project)  # one step: its loss was finite
     _fault(code, out, err, "the tuned tensors hold NaN or inf")
@@ -339,7 +339,7 @@ def test_tensors_that_diverge_while_the_loss_is_finite_are_caught(tmp_path: Path
 
 @pytest.mark.parametrize("stage", ["inversion", "edit", "decode"])
 def test_non_finite_inversions_and_edits_are_never_stored(stage: str, tuned: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import tavcli.vae
+    import tavcli.method.vae
     import tavcli.workflow.editing
 
     if stage == "inversion":
@@ -351,14 +351,14 @@ def test_non_finite_inversions_and_edits_are_never_stored(stage: str, tuned: Pat
         real_sample = tavcli.workflow.editing.ddim_sample
         monkeypatch.setattr(tavcli.workflow.editing, "ddim_sample", lambda *a, **k: real_sample(*a, **k) * float("inf"))
     else:
-        real_decode = tavcli.vae.AutoencoderKL.decode
+        real_decode = tavcli.method.vae.AutoencoderKL.decode
 
         def nan_decode(self, z, *a, **k):  # type: ignore[no-untyped-def]
             out = real_decode(self, z, *a, **k)
             out.sample.fill_(float("nan"))
             return out
 
-        monkeypatch.setattr(tavcli.vae.AutoencoderKL, "decode", nan_decode)
+        monkeypatch.setattr(tavcli.method.vae.AutoencoderKL, "decode", nan_decode)
     code, out, err = run_tav("edit", "a dog", "-p", tuned, "--steps", "2")
     _fault(code, out, err, "NaN or inf")
     kind = {"inversion": "inversions", "edit": "edits", "decode": "renders"}[stage]

@@ -78,7 +78,7 @@ def test_a_batch_lora_error_names_the_field(tmp_path: Path, tiny_lora: Path) -> 
 
 def test_a_lora_file_whose_name_ends_in_a_scale_is_named_with_its_own_scale(tmp_path: Path, tiny_lora: Path) -> None:
     from tavcli.errors import TavError
-    from tavcli.model_name import model_name, parse_model_name
+    from tavcli.models.names import model_name, parse_model_name
 
     odd = tmp_path / "style:0.5"
     shutil.copy(tiny_lora, odd)

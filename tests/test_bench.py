@@ -51,17 +51,17 @@ def phase_args(workdir: Path, phase: str, **changes: Any) -> argparse.Namespace:
 
 def count_model_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every call of tavcli's model loader in this process, whichever module calls it."""
-    import tavcli.loading
+    import tavcli.models.loading
     import tavcli.workflow.session
 
     loads: list[str] = []
-    original = tavcli.loading.load_components
+    original = tavcli.models.loading.load_components
 
     def counting(source: Any, *args: Any, **kwargs: Any) -> Any:
         loads.append(str(source.name))
         return original(source, *args, **kwargs)
 
-    monkeypatch.setattr(tavcli.loading, "load_components", counting)
+    monkeypatch.setattr(tavcli.models.loading, "load_components", counting)
     monkeypatch.setattr(tavcli.workflow.session, "load_components", counting)
     return loads
 
@@ -78,12 +78,12 @@ def test_the_edit_phase_loads_the_model_once(
 def test_the_tune_phase_offloads_the_frozen_models_before_training_as_tav_tune_does(
     bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tavcli.training
+    import tavcli.method.training
     from tavcli.workflow.session import Session
 
     loads = count_model_loads(monkeypatch)
     events: list[str] = []
-    offload, train = Session.offload_frozen, tavcli.training.train_delta
+    offload, train = Session.offload_frozen, tavcli.method.training.train_delta
 
     def offloading(self: Session, name: str) -> None:
         events.append("offload")
@@ -94,7 +94,7 @@ def test_the_tune_phase_offloads_the_frozen_models_before_training_as_tav_tune_d
         return train(*args, **kwargs)
 
     monkeypatch.setattr(Session, "offload_frozen", offloading)
-    monkeypatch.setattr(tavcli.training, "train_delta", training)
+    monkeypatch.setattr(tavcli.method.training, "train_delta", training)
     found = bench.run_phase(phase_args(tmp_path, "tune"))
     assert found["tune_step_s"] > 0
     assert events == ["offload", "train"]  # on a GPU the VAE and text encoder wait on the CPU, as in `tav tune`

@@ -199,9 +199,9 @@ def test_every_edit_option_is_run_or_checked_by_key() -> None:
 
 
 def test_options_not_run_here_are_in_the_keys(tmp_path: Path) -> None:
-    from tavcli.requests import EditSettings
     from tavcli.runtime import Runtime
-    from tavcli.store import Project
+    from tavcli.settings.requests import EditSettings
+    from tavcli.store.project import Project
     from tavcli.workflow.keys import edit_spec, inversion_entry, tune_spec
 
     project, cpu = Project(tmp_path), torch.device("cpu")
@@ -219,7 +219,7 @@ def test_options_not_run_here_are_in_the_keys(tmp_path: Path) -> None:
 
 
 def _tune_settings():  # type: ignore[no-untyped-def]
-    from tavcli.requests import TuneSettings
+    from tavcli.settings.requests import TuneSettings
 
     return TuneSettings()
 
@@ -274,7 +274,7 @@ def test_reproduce_commands_give_the_same_bits_in_a_fresh_project(tmp_path: Path
 def test_inversions_carry_their_formula_so_old_ones_go_stale(tmp_path: Path) -> None:
     """v-prediction inversions changed numbers (formula 2): an inversion stored before must not be reused."""
     from tavcli.runtime import Runtime
-    from tavcli.store import Project
+    from tavcli.store.project import Project
     from tavcli.workflow.keys import INVERSION_FORMULA, inversion_entry
 
     entry = inversion_entry(Project(tmp_path), "1" * 16, 2, "", Runtime(torch.device("cpu"), "fp32"))

@@ -19,7 +19,7 @@ import torch
 
 from tavcli.errors import TavError
 from tavcli.progress import Reporter
-from tavcli.store import Project
+from tavcli.store.project import Project
 
 from .conftest import CLIP, tav_ok
 
@@ -98,7 +98,7 @@ def _pause(
 
 
 def _edit_request(project: Path, prompt: str) -> Any:
-    from tavcli.requests import EditRequest, EditSettings
+    from tavcli.settings.requests import EditRequest, EditSettings
 
     return EditRequest(project, [prompt], EditSettings(steps=2))
 
@@ -199,7 +199,7 @@ def test_an_edit_whose_inversion_was_removed_before_it_sampled_says_so(  # type:
 def test_rm_refuses_a_kept_tune_while_its_preview_tune_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_tav
 ) -> None:  # type: ignore[no-untyped-def]
-    from tavcli.requests import FrameSelection, FrameSize, Preview, TuneRequest, TuneSettings
+    from tavcli.settings.requests import FrameSelection, FrameSize, Preview, TuneRequest, TuneSettings
     from tavcli.workflow import tuning
 
     project = tmp_path / "p.tav"
@@ -238,7 +238,7 @@ def _store(tmp_path: Path) -> tuple[Project, Any, Any]:
 
 
 def test_an_entry_in_use_in_another_thread_is_refused_by_remove_and_left_by_gc(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
-    from tavcli.housekeeping import garbage, listing, remove
+    from tavcli.store.housekeeping import garbage, listing, remove
 
     project, tune, inversion = _store(tmp_path)
     held, done = threading.Event(), threading.Event()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tavcli.config import resolve_settings, user_config_path
 from tavcli.errors import TavError
+from tavcli.settings.config import resolve_settings, user_config_path
 
 
 def _write_user_config(text: str) -> Path:

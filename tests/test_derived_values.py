@@ -15,7 +15,7 @@ import av
 import pytest
 
 from tavcli.errors import TavError
-from tavcli.requests import FrameSelection
+from tavcli.settings.requests import FrameSelection
 
 from .conftest import CLIP
 
@@ -53,7 +53,7 @@ def test_a_rate_derived_from_a_huge_stride_stays_in_range_and_file_and_sidecar_a
     ],
 )
 def test_the_start_hint_fits_the_frames_and_stride(frames: int, stride: int, start: int, hint: str) -> None:
-    from tavcli.video import probe
+    from tavcli.media.video import probe
 
     with pytest.raises(TavError) as raised:
         probe(CLIP, FrameSelection(frames=frames, stride=stride, start=start))  # the clip has 48 frames
@@ -72,7 +72,7 @@ def test_a_delta_larger_than_the_unet_says_so() -> None:
 
 @pytest.mark.parametrize("text", ["a panda is skiing", "un café à Paris €", "一只熊猫在滑雪", "Ёжик 🐼 skiing"])
 def test_captions_draw_every_character_or_its_code_point(text: str) -> None:
-    from tavcli.captions import drawable, font_has
+    from tavcli.media.captions import drawable, font_has
 
     shown, font = drawable(text)
     assert all(font_has(font, ch) for ch in shown)  # nothing is drawn as a missing-glyph box
@@ -103,7 +103,7 @@ def test_a_missing_model_folder_is_not_blamed_on_the_hub(tmp_path: Path, tuned: 
 
 
 def test_a_cjk_caption_is_not_drawn_as_boxes() -> None:
-    from tavcli.video import _caption
+    from tavcli.media.video import _caption
 
     boxes = _caption("\ue000\ue000\ue000\ue000", 200)  # private-use code points: every font's missing-glyph box
     assert (_caption("熊猫滑雪", 200) != boxes).any()

@@ -33,11 +33,11 @@ class _Scorer:
 
 @pytest.mark.slow
 def test_a_preview_tune_and_a_batch_hold_one_tuned_unet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tavcli.requests import FrameSelection, FrameSize, Preview, TuneRequest, TuneSettings
+    from tavcli.settings.requests import FrameSelection, FrameSize, Preview, TuneRequest, TuneSettings
     from tavcli.workflow import tuning
     from tavcli.workflow.session import Session
 
-    monkeypatch.setattr("tavcli.metrics.evaluate_output", lambda scorer, path: {})
+    monkeypatch.setattr("tavcli.workflow.rendering.evaluate_output", lambda scorer, path: {})
     held: list[int] = []  # how many tuned UNets the session holds after each one it hands out
     tuned_unet = Session.tuned_unet
 

@@ -25,9 +25,9 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_lora_adds_to_the_tuned_query_projection_and_comes_off_again(tuned: Path, tiny_query_lora: Path) -> None:
     """Inside the block each adapted layer computes (its tuned weight + scale * B @ A) x; after it, the exact
     tuned layer again, and the base model's weights never change."""
+    from tavcli.models.lora import applied_loras
     from tavcli.runtime import resolve_runtime
-    from tavcli.store import Project
-    from tavcli.styles import applied_loras
+    from tavcli.store.project import Project
     from tavcli.workflow.session import Session
 
     session = Session(resolve_runtime("cpu", "fp32"))

@@ -21,7 +21,7 @@ def hub_at(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """Point huggingface_hub at an endpoint, online mode, with tav's answer forgotten before and after."""
     from huggingface_hub import constants
 
-    from tavcli.hub import hub_reachable
+    from tavcli.models.hub import hub_reachable
 
     def point(endpoint: str) -> None:
         monkeypatch.setattr(constants, "ENDPOINT", endpoint)
@@ -33,7 +33,7 @@ def hub_at(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
 
 
 def test_the_hub_is_asked_once_and_any_answer_counts(hub_at) -> None:  # type: ignore[no-untyped-def]
-    from tavcli.hub import hub_reachable
+    from tavcli.models.hub import hub_reachable
 
     class Answer(http.server.BaseHTTPRequestHandler):
         def do_HEAD(self) -> None:  # noqa: N802

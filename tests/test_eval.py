@@ -17,7 +17,7 @@ SMALL = ["--model", "tiny", "--frames", "3", "--width", "32", "--height", "32", 
 def test_scores_are_the_defined_cosine_similarities(tiny_clip: Path) -> None:
     import torch.nn.functional as F
 
-    from tavcli.metrics import ClipScorer, _features
+    from tavcli.method.metrics import ClipScorer, _features
 
     scorer = ClipScorer(str(tiny_clip), torch.device("cpu"))
     rng = np.random.default_rng(0)

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tavcli.batch import parse_jobs
-from tavcli.config import read_toml
 from tavcli.errors import TavError
+from tavcli.settings.config import read_toml
 from tavcli.workflow.rendering import slug
 
 BASE = Path("/tmp/tav-fuzz")

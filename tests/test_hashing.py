@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tavcli import hashing
-from tavcli.loading import resolve_model
+from tavcli.files import hashing
+from tavcli.models.resolving import resolve_model
 from tavcli.workflow.keys import lora_identity
 
 from .conftest import CLIP, edit_record

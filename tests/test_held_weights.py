@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tavcli.inversion import ddim_inversion
+from tavcli.method.inversion import ddim_inversion
+from tavcli.method.sampling import ddim_sample
 from tavcli.progress import Reporter
-from tavcli.requests import FrameSelection, FrameSize, TuneRequest, TuneSettings
 from tavcli.runtime import DTYPES, resolve_runtime
-from tavcli.sampling import ddim_sample
+from tavcli.settings.requests import FrameSelection, FrameSize, TuneRequest, TuneSettings
 from tavcli.workflow.session import Session, resolve_tune
 
 from .conftest import CLIP, tav_ok

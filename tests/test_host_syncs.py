@@ -25,9 +25,9 @@ import torch
 from diffusers import DDIMScheduler
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tavcli.inversion import ddim_inversion
-from tavcli.sampling import ddim_sample
-from tavcli.windows import WindowedUNet, Windows
+from tavcli.method.inversion import ddim_inversion
+from tavcli.method.sampling import ddim_sample
+from tavcli.method.windows import WindowedUNet, Windows
 
 FRAMES, WINDOWS, STEPS = 7, Windows(4, 1), 4  # three windows: [0,1,2,3] [0,3,4,5] [0,4,5,6]
 NONE = {"read": 0, "made": 0, "moved": 0}

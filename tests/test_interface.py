@@ -63,7 +63,7 @@ def test_quiet_leaves_results_and_errors_only(tuned: Path, run_tav) -> None:  # 
 def test_batch_schema_is_the_declarations(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
     import jsonschema
 
-    from tavcli.options import EDIT, INVERT, TUNE
+    from tavcli.settings.options import EDIT, INVERT, TUNE
 
     code, out, _ = run_tav("batch", "--schema")
     assert code == 0
@@ -101,7 +101,8 @@ def variant_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_variant_loads_those_weights_and_is_recorded(variant_model: Path, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
     import torch
 
-    from tavcli.loading import load_components, resolve_model
+    from tavcli.models.loading import load_components
+    from tavcli.models.resolving import resolve_model
 
     plain, fp16 = resolve_model(str(variant_model)), resolve_model(f"{variant_model}|variant=fp16")
     assert fp16.name.endswith("|variant=fp16") and plain.name == str(variant_model)

@@ -10,8 +10,8 @@ from diffusers import DDIMScheduler
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from tavcli.inversion import ddim_inversion
-from tavcli.sampling import ddim_sample
+from tavcli.method.inversion import ddim_inversion
+from tavcli.method.sampling import ddim_sample
 
 from .conftest import ORACLE, TINY_SD
 
@@ -86,7 +86,7 @@ class _StandIn(torch.nn.Module):
 
 
 def test_a_v_prediction_model_inverts_like_its_noise_predicting_equivalent(scheduler) -> None:  # type: ignore[no-untyped-def]
-    """The output is converted with the alphas of the timestep the model was asked at (DESIGN.md section 3)."""
+    """The output is converted with the alphas of the timestep the model was asked at (docs/method.md, "Inversion")."""
     latents = torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(0))
     v_scheduler = DDIMScheduler.from_config(scheduler.config, prediction_type="v_prediction")
     text = torch.zeros(1, 77, 32)

@@ -20,7 +20,7 @@ def _misfit_lora(folder: Path, cross_attention_dim: int) -> Path:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from tavcli.loading import resolve_model
+    from tavcli.models.resolving import resolve_model
 
     config = dict(UNet2DConditionModel.load_config(resolve_model("tiny").folder / "unet"))
     unet = UNet2DConditionModel.from_config({**config, "cross_attention_dim": cross_attention_dim})
@@ -74,7 +74,7 @@ def test_a_lora_for_another_base_is_one_line_in_tune_and_edit(  # type: ignore[n
 
 
 def test_the_base_a_lora_was_made_for_is_named_only_when_its_keys_or_widths_tell() -> None:
-    from tavcli.loading import lora_base_guess
+    from tavcli.models.lora import lora_base_guess
 
     def mismatch(name: str, given: tuple[int, int], here: tuple[int, int]) -> str:
         return (
@@ -183,7 +183,7 @@ def test_an_overflowing_lora_scale_is_blamed_and_fp32_is_not_suggested_in_an_fp3
 
 
 def test_the_overflow_hint_suggests_only_what_would_help() -> None:
-    from tavcli.styles import overflow_causes
+    from tavcli.workflow.remedies import overflow_causes
 
     assert overflow_causes("fp32", ()) is None and overflow_causes("bf16", ()) is None
     assert "bf16" in str(overflow_causes("fp16", ())) and "LoRA" not in str(overflow_causes("fp16", ()))

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tavcli.errors import TavError
-from tavcli.low_rank import (
+from tavcli.method.low_rank import (
     ADAPTER,
     add_low_rank_adapters,
     load_low_rank,
@@ -19,7 +19,7 @@ from tavcli.low_rank import (
     merge_low_rank,
     temporal_init_digest,
 )
-from tavcli.video_unet import SparseCausalAttnProcessor, VideoUNet, inflate_unet
+from tavcli.method.video_unet import SparseCausalAttnProcessor, VideoUNet, inflate_unet
 
 TUNED = ("attn1.to_q", "attn2.to_q", "attn_temp.to_q", "attn_temp.to_k", "attn_temp.to_v", "attn_temp.to_out.0")
 

@@ -14,8 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tavcli.errors import TavError
-from tavcli.low_rank import add_low_rank_adapters, low_rank_parameters
-from tavcli.memory import (
+from tavcli.method.low_rank import add_low_rank_adapters, low_rank_parameters
+from tavcli.method.memory import (
     CARDS_GIB,
     CUDA_CONTEXT,
     MAX_FRAMES,
@@ -27,8 +27,8 @@ from tavcli.memory import (
     trained_parameters,
     tune_estimate,
 )
+from tavcli.method.video_unet import inflate_unet, trainable_parameters
 from tavcli.runtime import Runtime
-from tavcli.video_unet import inflate_unet, trainable_parameters
 
 from .conftest import CLIP
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from tavcli.video_unet import inflate_unet, sparse_causal_context, trainable_parameters
+from tavcli.method.video_unet import inflate_unet, sparse_causal_context, trainable_parameters
 
 from .conftest import ORACLE
 

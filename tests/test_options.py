@@ -1,4 +1,4 @@
-"""Every option's range, from its one declaration (`tavcli.options`), is enforced alike by the command line,
+"""Every option's range, from its one declaration (`tavcli.settings.options`), is enforced alike by the command line,
 batch validation and `--from-sidecar`, with one line, before anything heavy is imported."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 
 from tavcli.batch import parse_jobs
 from tavcli.errors import TavError
-from tavcli.options import EDIT, INVERT, TUNE, Option, OptionError
-from tavcli.sidecar import recorded_edit
+from tavcli.settings.options import EDIT, INVERT, TUNE, Option, OptionError
+from tavcli.store.sidecar import recorded_edit
 
 from .conftest import CLIP, tav_in_fresh_python
 

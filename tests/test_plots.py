@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tavcli.plots import AVERAGE_COLOUR, LEFT, PLOT_WIDTH, SIZE, TOP, loss_curve
+from tavcli.media.plots import AVERAGE_COLOUR, LEFT, PLOT_WIDTH, SIZE, TOP, loss_curve
 
 
 def _rows_of(image: Image.Image, column: int, colour: tuple[int, int, int]) -> np.ndarray:

@@ -15,11 +15,11 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
-from tavcli.config import resolve_settings
 from tavcli.errors import TavError
+from tavcli.method.vae import decode_latents
+from tavcli.method.video_unet import inflate_unet
 from tavcli.runtime import resolve_runtime
-from tavcli.vae import decode_latents
-from tavcli.video_unet import inflate_unet
+from tavcli.settings.config import resolve_settings
 
 from .conftest import CLIP, TINY_SD
 
@@ -189,7 +189,7 @@ class _StubVAE:
 
 
 def test_the_vae_chunk_on_a_gpu_follows_resolution_and_precision() -> None:
-    from tavcli.vae import vae_frames
+    from tavcli.method.vae import vae_frames
 
     gpu = _StubVAE("meta", torch.float16)  # any device but the CPU counts as an accelerator
     assert vae_frames(gpu, 512, 512) == 8 and vae_frames(gpu, 768, 768) == 3 and vae_frames(gpu, 256, 256) == 32
@@ -197,7 +197,7 @@ def test_the_vae_chunk_on_a_gpu_follows_resolution_and_precision() -> None:
 
 
 def test_the_fp32_retry_of_an_overflowing_half_vae_takes_fewer_frames_per_call() -> None:
-    from tavcli.vae import _finite_or_fp32
+    from tavcli.method.vae import _finite_or_fp32
 
     vae = _StubVAE("meta", torch.float16)
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tavcli.loading import load_components, resolve_model
-from tavcli.model_name import model_name, parse_model_name, split_lora
-from tavcli.options import OptionError
+from tavcli.models.loading import load_components
+from tavcli.models.names import model_name, parse_model_name, split_lora
+from tavcli.models.resolving import resolve_model
+from tavcli.settings.options import OptionError
 
 from .conftest import CLIP
 from .ldm_format import ldm_checkpoint

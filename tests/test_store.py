@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from tavcli.errors import TavError
-from tavcli.housekeeping import dependents, garbage, listing, remove
-from tavcli.store import STORE_VERSION, Project, cache_key
+from tavcli.store.housekeeping import dependents, garbage, listing, remove
+from tavcli.store.project import STORE_VERSION, Project, cache_key
 
 
 def _project(tmp_path: Path) -> tuple[Project, dict[str, object]]:
@@ -125,7 +125,7 @@ def test_a_lock_held_by_a_killed_process_is_taken_over(tmp_path: Path) -> None:
     holder = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from tavcli.store import Project\n"
+        "from tavcli.store.project import Project\n"
         f"with Project(Path({str(project.root)!r})).lock('tunes-x'):\n"
         "    print('held', flush=True)\n"
         "    time.sleep(60)\n"
@@ -214,7 +214,7 @@ def test_ls_verify_rm_gc_on_a_real_project(tmp_path: Path, run_tav) -> None:  # 
 def test_local_model_identity_is_a_content_hash(tmp_path: Path) -> None:
     import shutil
 
-    from tavcli.loading import resolve_model
+    from tavcli.models.resolving import resolve_model
 
     from .conftest import TINY_SD
 
@@ -237,7 +237,7 @@ def test_local_model_identity_is_a_content_hash(tmp_path: Path) -> None:
 def test_a_failed_first_write_leaves_no_entry_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    from tavcli import entry as entry_module
+    from tavcli.store import entry as entry_module
 
     project = Project(tmp_path / "p.tav")
     inversion = project.entry("inversions", {"tune": "0" * 16, "steps": 2, "prompt": ""})

@@ -12,12 +12,12 @@ import torch
 from diffusers import DDIMScheduler
 from safetensors.torch import load_file
 
-from tavcli.checkpoints import Checkpoints, load_train_state, train_state_bytes
+from tavcli.method.training import TrainingRun, TrainState, TuneInterrupted, train_delta, training_target
+from tavcli.method.video_unet import inflate_unet, trainable_parameters
 from tavcli.progress import Reporter
-from tavcli.requests import TuneSettings
 from tavcli.runtime import resolve_runtime
-from tavcli.training import TrainState, TuneInterrupted, train_delta, training_target
-from tavcli.video_unet import inflate_unet, trainable_parameters
+from tavcli.store.checkpoints import Checkpoints
+from tavcli.workflow.tuning import load_train_state
 
 from .conftest import CLIP, ORACLE, TINY_SD
 
@@ -55,13 +55,11 @@ def _train(unet2d, steps: int = 2, seed: int = 33, checkpointing: bool = False, 
     std = torch.full_like(mean, 0.1)
     text = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(3))
     losses: list[float] = []
-    settings = TuneSettings(
-        steps=steps, learning_rate=1e-3, seed=seed, gradient_checkpointing=checkpointing, checkpoint_every=2
-    )
+    run = TrainingRun(steps=steps, learning_rate=1e-3, seed=seed, gradient_checkpointing=checkpointing, save_every=2)
     scheduler = DDIMScheduler.from_pretrained(TINY_SD / "scheduler")
     runtime = resolve_runtime("cpu", precision)
     state = train_delta(
-        unet, scheduler, mean, std, 0.18215, text, settings, runtime, lambda loss: losses.append(loss), **resumable
+        unet, scheduler, mean, std, 0.18215, text, run, runtime, lambda loss: losses.append(loss), **resumable
     )
     return unet, state, losses
 
@@ -74,7 +72,7 @@ def test_resuming_from_a_saved_state_gives_the_uninterrupted_result(oracle_unet2
         _train(oracle_unet2d, steps=5, save=saved.append, stop_requested=lambda: len(saved) == 1)
     assert [state.step for state in saved] == [2, 3]  # every 2 steps, then where it was stopped
     checkpoints = Checkpoints(tmp_path)
-    checkpoints.save(3, train_state_bytes(saved[-1], {"run": "test"}))
+    checkpoints.save(3, *saved[-1].as_file(), {"run": "test"})
     resumed_state = load_train_state(checkpoints, 3, torch.device("cpu"))
     assert resumed_state.step == 3 and len(resumed_state.losses) == 3
     resumed = _train(oracle_unet2d, steps=5, resume=resumed_state)[1].params
@@ -178,8 +176,8 @@ def test_a_half_precision_delta_shares_the_training_and_halves_the_size(tmp_path
 
 def test_seeded_draws_come_from_the_cpu_generator_on_every_device() -> None:
     """The same seed draws the same training noise and timesteps, and --eta noise, on a GPU as on the CPU."""
+    from tavcli.method.training import _randn
     from tavcli.runtime import Runtime
-    from tavcli.training import _randn
 
     elsewhere = Runtime(torch.device("meta"), "fp32")  # stands in for a CUDA or MPS device
     generator = elsewhere.generator(7)

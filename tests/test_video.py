@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from tavcli.errors import TavError
-from tavcli.requests import FrameSelection, FrameSize, snap_to_multiple
-from tavcli.video import read_clip, write_video
+from tavcli.media.video import read_clip, write_video
+from tavcli.settings.requests import FrameSelection, FrameSize, snap_to_multiple
 
 from .conftest import CLIP
 

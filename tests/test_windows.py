@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from tavcli.windows import WindowedUNet, Windows
+from tavcli.method.windows import WindowedUNet, Windows
 
 
 def _inputs(unet: Any, clips: int, frames: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

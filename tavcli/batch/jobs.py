@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from tavcli.batch.schema import validate_job
-from tavcli.config import DEFAULT_MODEL, closest, default_project
 from tavcli.errors import TavError
-from tavcli.inputs import require_regular_file
-from tavcli.model_name import lora_path, model_name
-from tavcli.options import TUNE, OptionError, check_rate
-from tavcli.requests import FrameChoice, FrameSelection, Names, control_spec, preview_choice
+from tavcli.models.names import lora_path, model_name
+from tavcli.settings.config import DEFAULT_MODEL, closest, default_project
+from tavcli.settings.inputs import require_regular_file
+from tavcli.settings.options import TUNE, OptionError, check_rate
+from tavcli.settings.requests import FrameChoice, FrameSelection, Names, control_spec, preview_choice
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -236,7 +236,7 @@ def _job(name: str, where: str, data: dict[str, Any], base: Path, context: Batch
 def check_frames(job: Job) -> None:
     """Refuse a job whose clip is no video long enough for its tune's frames and its edit's (`tav tune` probes
     its clip so before loading anything); reads the clip's header (and decodes it if that has no count)."""
-    from tavcli.video import frame_count, probe
+    from tavcli.media.video import frame_count, probe
 
     tuned = FrameSelection(*(job.tune.get(name, TUNE[name].default) for name in ("frames", "stride", "start")))
     probe(job.clip, tuned)

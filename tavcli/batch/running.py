@@ -1,6 +1,6 @@
 """Running batch jobs: this process's share of them, in model order, each as `tav tune/invert/edit` runs it.
 
-Jobs become the same requests the command line makes (`tavcli.requests`) and go through the same
+Jobs become the same requests the command line makes (`tavcli.settings.requests`) and go through the same
 workflow; `plan_jobs` computes the same keys without computing anything. Torch is imported only
 when work starts.
 """
@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from tavcli.batch.jobs import Job, JobProblem
-from tavcli.config import DEFAULT_CLIP_MODEL
 from tavcli.errors import TavError, first_line, interruption
-from tavcli.model_name import split_lora
-from tavcli.options import EDIT, INVERT, TUNE
+from tavcli.models.names import split_lora
 from tavcli.progress import Reporter
-from tavcli.requests import (
+from tavcli.settings.config import DEFAULT_CLIP_MODEL
+from tavcli.settings.options import EDIT, INVERT, TUNE
+from tavcli.settings.requests import (
     EditRequest,
     EditSettings,
     FrameChoice,
@@ -186,7 +186,7 @@ def _job_artifacts(session: Any, job: Job, stage: list[str]) -> Any:
     force = bool(job.tune.get("force", False))
     scorer = None
     if job.tune.get("eval"):
-        from tavcli.metrics import ClipScorer
+        from tavcli.method.metrics import ClipScorer
 
         scorer = ClipScorer(job.tune.get("clip_model", DEFAULT_CLIP_MODEL), session.runtime.device)
     tuned = workflow.tune(session, _tune_request(job, session.reporter), force, _preview(job), scorer)

@@ -1,4 +1,4 @@
-"""The batch job format as data: pydantic models built from the option declarations (`tavcli.options`),
+"""The batch job format as data: pydantic models built from the option declarations (`tavcli.settings.options`),
 their JSON Schema (`tav batch --schema`), and validation errors worded the way tav words them.
 
 A job is one clip, its prompt, its edit prompts, and any option of `tav tune` (top level),
@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, create_model
 
-from tavcli.config import closest
-from tavcli.options import EDIT, INVERT, TUNE, Option
+from tavcli.settings.config import closest
+from tavcli.settings.options import EDIT, INVERT, TUNE, Option
 
 __all__ = ["JOB_FIELDS", "job_file_schema", "validate_job"]
 

@@ -10,8 +10,8 @@ from rich.markup import escape
 
 from tavcli.cli import output, setup
 from tavcli.cli.options import AllowPickleOpt, DeviceOpt, ModelConfigOpt, ModelOpt, PrecisionOpt, QuietOpt
-from tavcli.config import Setting
 from tavcli.errors import TavError
+from tavcli.settings.config import Setting
 
 __all__ = ["batch"]
 

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
+from tavcli.choices import OutputFormat
 from tavcli.cli import output, setup
 from tavcli.cli.options import (
     CONTROL,
@@ -31,7 +32,7 @@ from tavcli.cli.options import (
     declared,
 )
 from tavcli.errors import TavError
-from tavcli.options import EDIT, INVERT, OutputFormat
+from tavcli.settings.options import EDIT, INVERT
 
 __all__ = ["edit", "evaluate_outputs", "invert"]
 
@@ -64,7 +65,7 @@ def invert(
 
       tav invert -p skiing.tav --frames all --stride 1 --window 24
     """
-    from tavcli.requests import FrameChoice
+    from tavcli.settings.requests import FrameChoice
 
     choice = FrameChoice(frames, stride, start, window)
     project_dir = setup.existing_project(project)
@@ -194,7 +195,7 @@ def edit(
     if from_sidecar is not None:
         if prompts:
             raise TavError("give prompts or --from-sidecar, not both")
-        from tavcli.sidecar import recorded_edit
+        from tavcli.store.sidecar import recorded_edit
 
         recorded = recorded_edit(from_sidecar, out)  # checked before anything heavy loads
         chosen = setup.settings(recorded.request.project, device=device, precision=precision or recorded.precision)
@@ -203,8 +204,8 @@ def edit(
 
         output.report(edit_from_sidecar(session, recorded, force))
         return
-    from tavcli.model_name import lora_path
-    from tavcli.requests import EditRequest, EditSettings, FrameChoice, control_spec
+    from tavcli.models.names import lora_path
+    from tavcli.settings.requests import EditRequest, EditSettings, FrameChoice, control_spec
 
     request = EditRequest(
         setup.existing_project(project),
@@ -227,7 +228,7 @@ def edit(
     if evaluate:  # loaded first, on the CPU: a CLIP model that cannot be had fails before any sampling
         import torch
 
-        from tavcli.metrics import ClipScorer
+        from tavcli.method.metrics import ClipScorer
 
         scorer = ClipScorer(clip_model, torch.device("cpu"))
     artifacts = run_edit(session, request, force)
@@ -270,13 +271,14 @@ def evaluate_outputs(
 
     Example: tav eval tav-demo.tav/renders/*.mp4 --clip-model ./clip-vit-large-patch14
     """
-    from tavcli.inputs import require_regular_file
+    from tavcli.settings.inputs import require_regular_file
 
     for path in outputs:
         if not path.is_dir():
             require_regular_file(path, "video file")
-    from tavcli.metrics import ClipScorer, evaluate_output
+    from tavcli.method.metrics import ClipScorer
     from tavcli.runtime import resolve_runtime
+    from tavcli.workflow.rendering import evaluate_output
 
     chosen = setup.settings(None, device=device)
     scorer = ClipScorer(clip_model, resolve_runtime(chosen["device"].value or "auto").device)

@@ -1,6 +1,6 @@
 """The command line's options, each declared once and shared by the commands that take it.
 
-Numbers and choices come from their declarations in `tavcli.options` (type, range, default, help),
+Numbers and choices come from their declarations in `tavcli.settings.options` (type, range, default, help),
 so the command line, batch files and sidecars check them alike; this module only gives them their
 flags, metavars and help panels.
 """
@@ -12,9 +12,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from tavcli.choices import Precision
 from tavcli.cli.output import set_quiet
-from tavcli.config import DEFAULT_CLIP_MODEL
-from tavcli.options import SELECTION, TUNE, Option, Precision
+from tavcli.settings.config import DEFAULT_CLIP_MODEL
+from tavcli.settings.options import SELECTION, TUNE, Option
 
 __all__ = [
     "AllowPickleOpt",

@@ -9,11 +9,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tavcli.config import Setting, default_project, find_project, project_from, resolve_settings
 from tavcli.errors import TavError
+from tavcli.settings.config import Setting, default_project, find_project, project_from, resolve_settings
 
 if TYPE_CHECKING:
-    from tavcli.store import Project
+    from tavcli.store.project import Project
     from tavcli.workflow.session import Session
 
 __all__ = ["existing_project", "model_for", "open_store", "project_for_clip", "session", "settings"]
@@ -28,7 +28,7 @@ def model_for(
     chosen: dict[str, Setting], loras: Sequence[str] = (), revision: str | None = None, variant: str | None = None
 ) -> str:
     """The model a command tunes: --model with --model-config, --lora, --revision and --variant folded in."""
-    from tavcli.model_name import model_name
+    from tavcli.models.names import model_name
 
     base, config = chosen["model"].value or "", chosen["model_config"]
     if config.source == "flag":
@@ -66,7 +66,7 @@ def existing_project(flag: Path | None) -> Path:
 
 def open_store(flag: Path | None) -> Project:
     """The project the store commands look after (refused if missing or written by a newer tav)."""
-    from tavcli.store import Project
+    from tavcli.store.project import Project
 
     root = existing_project(flag)
     if not root.is_dir():

@@ -11,12 +11,12 @@ from rich.markup import escape
 
 from tavcli.cli import output, setup
 from tavcli.cli.options import DryRunOpt, JsonOpt, ProjectOpt, QuietOpt, YesOpt
-from tavcli.config import Setting
 from tavcli.errors import TavError
+from tavcli.settings.config import Setting
 
 if TYPE_CHECKING:
-    from tavcli.housekeeping import Listing
-    from tavcli.store import Project
+    from tavcli.store.housekeeping import Listing
+    from tavcli.store.project import Project
 
 __all__ = ["collect_garbage", "list_store", "remove", "show_config", "verify"]
 
@@ -36,7 +36,7 @@ def list_store(project: ProjectOpt = None, as_json: JsonOpt = False, quiet: Quie
     from rich import box
     from rich.table import Table
 
-    from tavcli.housekeeping import listing
+    from tavcli.store.housekeeping import listing
 
     store = setup.open_store(project)
     rows = listing(store)
@@ -81,7 +81,7 @@ def remove(
 
     Example: tav rm -p skiing.tav tunes/3fe8 --dry-run
     """
-    from tavcli.housekeeping import dependents, held, listing, match
+    from tavcli.store.housekeeping import dependents, held, listing, match
 
     store = setup.open_store(project)
     rows = listing(store)
@@ -111,7 +111,7 @@ def collect_garbage(
 
     Example: tav gc -p skiing.tav --checkpoints --dry-run
     """
-    from tavcli.housekeeping import sort_garbage
+    from tavcli.store.housekeeping import sort_garbage
 
     store = setup.open_store(project)
     rows, left = sort_garbage(store, checkpoints)
@@ -127,7 +127,7 @@ def verify(project: ProjectOpt = None, as_json: JsonOpt = False, quiet: QuietOpt
 
     Example: tav verify -p skiing.tav
     """
-    from tavcli.housekeeping import fix, listing, problems
+    from tavcli.store.housekeeping import fix, listing, problems
 
     store = setup.open_store(project)
     rows = listing(store)
@@ -160,7 +160,7 @@ def show_config(project: ProjectOpt = None, as_json: JsonOpt = False, quiet: Qui
     from rich import box
     from rich.table import Table
 
-    from tavcli.config import PROJECT_FILE, as_dict, chosen_project, user_config_path
+    from tavcli.settings.config import PROJECT_FILE, as_dict, chosen_project, user_config_path
 
     chosen = chosen_project(project)
     project_dir = Path(chosen.value or "") if chosen else None
@@ -186,8 +186,8 @@ def show_config(project: ProjectOpt = None, as_json: JsonOpt = False, quiet: Qui
 
 def _remove_with_plan(store: Project, rows: list[Listing], verb: str, dry_run: bool, yes: bool) -> None:
     """Show what goes, every file of it, and the bytes it frees; then (after --yes or a confirmation) remove it."""
-    from tavcli.housekeeping import removal_files
-    from tavcli.housekeeping import remove as remove_row
+    from tavcli.store.housekeeping import removal_files
+    from tavcli.store.housekeeping import remove as remove_row
 
     for row in rows:
         why = _what(row) if row.state == "complete" else row.state

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from tavcli.choices import FrameNorm, ResizeMode, SavePrecision
 from tavcli.cli import output, setup
 from tavcli.cli.options import (
     DEFAULT_CLIP_MODEL,
@@ -37,7 +38,7 @@ from tavcli.cli.options import (
     declared,
 )
 from tavcli.errors import TavError
-from tavcli.options import TUNE, FrameNorm, ResizeMode, SavePrecision
+from tavcli.settings.options import TUNE
 
 __all__ = ["demo", "import_reference", "tune"]
 
@@ -123,8 +124,8 @@ def tune(
 
       tav tune skiing.mp4 "a man is skiing" --rank 16
     """
-    from tavcli.requests import FrameSelection, TuneRequest, TuneSettings, frame_size, preview_choice
-    from tavcli.video import probe
+    from tavcli.media.video import probe
+    from tavcli.settings.requests import FrameSelection, TuneRequest, TuneSettings, frame_size, preview_choice
 
     previewed = preview_choice(preview, preview_every, preview_steps, evaluate)  # the rule batch files follow
 
@@ -157,10 +158,10 @@ def tune(
     if evaluate:
         import torch
 
-        from tavcli.metrics import ClipScorer
+        from tavcli.method.metrics import ClipScorer
 
         scorer = ClipScorer(clip_model, torch.device("cpu"))  # on the device only while scoring
-    from tavcli.training import TuneInterrupted
+    from tavcli.method.training import TuneInterrupted
     from tavcli.workflow.session import Artifact
 
     try:
@@ -216,9 +217,9 @@ def import_reference(
 
     Example: tav import outputs/man-skiing --model ./stable-diffusion-v1-4
     """
-    from tavcli.importing import read_reference
-    from tavcli.requests import FrameSelection, TuneRequest, TuneSettings, frame_size
-    from tavcli.video import probe
+    from tavcli.media.video import probe
+    from tavcli.method.reference import read_reference
+    from tavcli.settings.requests import FrameSelection, TuneRequest, TuneSettings, frame_size
 
     recorded = read_reference(folder, allow_pickle).settings
     clip_path = clip or (folder / recorded["clip"] if recorded.get("clip") else None)
@@ -267,7 +268,7 @@ def demo(
 
       tav edit -p tav-demo.tav "a panda is skiing" "a man is skiing at sunset" --steps 20
     """
-    from tavcli.requests import EditRequest, EditSettings, FrameSelection, FrameSize, TuneRequest, TuneSettings
+    from tavcli.settings.requests import EditRequest, EditSettings, FrameSelection, FrameSize, TuneRequest, TuneSettings
 
     session = setup.session(setup.settings(None, model="tiny"), allow_pickle=False)
     from tavcli.workflow.editing import edit as run_edit
@@ -294,7 +295,7 @@ def _fits_table(fits: dict[str, dict[str, int]], width: int, height: int) -> Any
     from rich import box
     from rich.table import Table
 
-    from tavcli.memory import MAX_FRAMES
+    from tavcli.method.memory import MAX_FRAMES
 
     settings = list(next(iter(fits.values())))
     table = Table(title=f"frames that fit at {width}x{height} (estimated)", box=box.SIMPLE_HEAD, pad_edge=False)

@@ -7,8 +7,9 @@ module per concern:
   on, prompt embeddings, and the `Artifact` records commands print;
 - `keys`: what each store entry's key is made of, and how `tav ls` describes it (torch-free);
 - `tuning`: `tune`, `tune_plan`, `import_tune`;
-- `editing`: `invert`, `plan_edit`, `edit`, `edit_from_sidecar`;
-- `rendering`: an edit's output (name, rate, reuse) and grids; `records`: what their sidecars say.
+- `editing`: `invert`, `plan_edit`, `edit`, `edit_from_sidecar`; `plans`: the `EditPlan` they pass on;
+- `rendering`: an edit's output (name, rate, reuse), grids and scores; `records`: what their sidecars say;
+- `remedies`: what to try when a result is not finite, worded as flags.
 
 `from tavcli.workflow import edit` works as before; names are imported on first use, so that
 `tavcli.workflow.keys` stays free of torch.
@@ -22,8 +23,9 @@ from typing import Any
 # Where the names below live, torch-free modules first; each name is imported on first use (code
 # inside tavcli imports the modules themselves).
 MODULES = (
-    "tavcli.requests",
+    "tavcli.settings.requests",
     "tavcli.workflow.keys",
+    "tavcli.workflow.plans",
     "tavcli.workflow.session",
     "tavcli.workflow.tuning",
     "tavcli.workflow.editing",

@@ -15,33 +15,35 @@ from typing import Any
 
 import torch
 
-from tavcli.control import ControlGuide, canny_maps, load_controlnet, require_opencv
-from tavcli.entry import Entry
 from tavcli.errors import TavError
-from tavcli.hashing import file_sha256
-from tavcli.inversion import ddim_inversion
-from tavcli.options import (
-    INVERT,
-    check_fields,
-)
-from tavcli.requests import ControlSpec, EditRequest, EditSettings, FrameChoice
-from tavcli.sampling import ddim_sample
-from tavcli.sidecar import RecordedEdit
-from tavcli.store import Project
-from tavcli.styles import applied_loras, overflow_causes
-from tavcli.video import (
+from tavcli.files.hashing import file_sha256
+from tavcli.media.video import (
     frame_count,
     read_clip,
 )
-from tavcli.video_unet import VideoUNet
-from tavcli.windows import WindowedUNet, Windows
+from tavcli.method.control import ControlGuide, canny_maps, load_controlnet, require_opencv
+from tavcli.method.inversion import ddim_inversion
+from tavcli.method.sampling import ddim_sample
+from tavcli.method.video_unet import VideoUNet
+from tavcli.method.windows import WindowedUNet, Windows
+from tavcli.models.lora import applied_loras
+from tavcli.settings.options import (
+    INVERT,
+    check_fields,
+)
+from tavcli.settings.requests import ControlSpec, EditRequest, EditSettings, FrameChoice
+from tavcli.store.entry import Entry
+from tavcli.store.project import Project
+from tavcli.store.sidecar import RecordedEdit
 from tavcli.workflow.keys import (
     control_key,
     edit_entries,
     inversion_entry,
     latents_entry,
 )
-from tavcli.workflow.rendering import render_edit, source_frames
+from tavcli.workflow.plans import EditPlan
+from tavcli.workflow.remedies import overflow_causes
+from tavcli.workflow.rendering import render_edit
 from tavcli.workflow.session import (
     Artifact,
     Session,
@@ -49,9 +51,10 @@ from tavcli.workflow.session import (
     prompt_embeddings,
     recorded_frames,
     resolve_tune,
+    source_frames,
 )
 
-__all__ = ["EditPlan", "edit", "edit_from_sidecar", "invert", "kept_steps", "kept_tune", "plan_edit", "run_plan"]
+__all__ = ["edit", "edit_from_sidecar", "invert", "kept_steps", "kept_tune", "plan_edit", "run_plan"]
 
 
 def invert(
@@ -139,20 +142,6 @@ def _tuned_clip(tuned: Entry, clip: dict[str, Any]) -> Path:
 def windowed(unet: VideoUNet, window: int | None) -> VideoUNet | WindowedUNet:
     """`unet`, or `unet` run over overlapping windows of `window` frames (a quarter of each shared)."""
     return unet if window is None else WindowedUNet(unet, Windows(window, overlap=window // 4))
-
-
-@dataclass
-class EditPlan:
-    """An edit request resolved against its project: the tune, the inversion, each prompt's entry."""
-
-    project: Project
-    tune: Entry
-    inversion: Entry
-    clip: dict[str, Any]  # the edited frames' facts (path, fps, selection, size): tuned or chosen by --frames
-    entries: dict[str, Entry]  # by prompt
-    groups: list[list[str]]
-    guide: ControlGuide | None
-    loras: tuple[tuple[Path, float], ...] = ()
 
 
 def edit(session: Session, request: EditRequest, force: bool = False) -> list[Artifact]:
@@ -308,7 +297,7 @@ def _control(
 
 
 def edit_from_sidecar(session: Session, recorded: RecordedEdit, force: bool = False) -> list[Artifact]:
-    """Render an output again from its sidecar (`tavcli.sidecar.recorded_edit`): same project, tune,
+    """Render an output again from its sidecar (`tavcli.store.sidecar.recorded_edit`): same project, tune,
     inversion, settings and batch, after checking that its ControlNet and condition clip are unchanged
     and that this session computes the very edit recorded (its key: the same precision and --compile)."""
     request, sidecar = recorded.request, recorded.sidecar

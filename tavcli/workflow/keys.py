@@ -12,14 +12,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tavcli.entry import Entry
-from tavcli.hashing import content_sha256, files_sha256, lora_sha256
-from tavcli.requests import ControlSpec, EditRequest, EditSettings, TuneSettings
-from tavcli.store import Project
+from tavcli.files.hashing import content_sha256, files_sha256, lora_sha256
+from tavcli.models.source import ModelSource
+from tavcli.settings.requests import ControlSpec, EditRequest, EditSettings, FrameSelection, FrameSize, TuneSettings
+from tavcli.store.entry import Entry
+from tavcli.store.project import Project
 
-if TYPE_CHECKING:
-    from tavcli.loading import ModelSource
-    from tavcli.requests import FrameSelection, FrameSize
+if TYPE_CHECKING:  # an annotation only: the runtime imports torch, which `tav ls` must not load
     from tavcli.runtime import Runtime
 
 __all__ = [

@@ -1,6 +1,6 @@
 """What a sidecar records about an edit: its inputs, environment, and the commands that reproduce it.
 
-The sidecar's format (where it is, reading, writing) is `tavcli.sidecar`'s; this module fills it.
+The sidecar's format (where it is, reading, writing) is `tavcli.store.sidecar`'s; this module fills it.
 """
 
 from __future__ import annotations
@@ -9,17 +9,15 @@ import shlex
 from dataclasses import asdict
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from tavcli import __version__
-from tavcli.model_name import parse_model_name
-from tavcli.requests import ControlSpec, EditRequest
+from tavcli.models.names import parse_model_name
+from tavcli.settings.requests import ControlSpec, EditRequest
+from tavcli.workflow.plans import EditPlan
 from tavcli.workflow.session import Session
-
-if TYPE_CHECKING:
-    from tavcli.workflow.editing import EditPlan
 
 __all__ = ["edit_record"]
 

@@ -12,33 +12,28 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tavcli import __version__
-from tavcli.atomic import atomic_path
-from tavcli.entry import Entry
+from tavcli.choices import OutputFormat
 from tavcli.errors import TavError
-from tavcli.options import (
-    EDIT,
-    GIF_MAX_FPS,
-    OutputFormat,
-)
-from tavcli.progress import Reporter
-from tavcli.requests import EditRequest
-from tavcli.sidecar import read_sidecar, sidecar_of, write_sidecar
-from tavcli.vae import decode_latents
-from tavcli.video import (
+from tavcli.files.atomic import atomic_path
+from tavcli.media.video import (
     contact_sheet,
-    read_clip,
     read_frames,
     side_by_side,
     write_video,
 )
+from tavcli.method.vae import decode_latents
+from tavcli.progress import Reporter
+from tavcli.settings.options import EDIT, GIF_MAX_FPS
+from tavcli.settings.requests import EditRequest
+from tavcli.store.sidecar import read_sidecar, sidecar_of, write_sidecar
+from tavcli.workflow.plans import EditPlan
 from tavcli.workflow.records import edit_record
-from tavcli.workflow.session import Artifact, Session, recorded_frames, resolve_tune
+from tavcli.workflow.session import Artifact, Session, resolve_tune, source_frames
 
-if TYPE_CHECKING:
-    from tavcli.metrics import ClipScorer
-    from tavcli.workflow.editing import EditPlan
+if TYPE_CHECKING:  # metrics loads CLIP's image processing, which only --eval needs
+    from tavcli.method.metrics import ClipScorer
 
-__all__ = ["render_edit", "render_grid", "render_preview_sheet", "score_edit", "slug", "source_frames"]
+__all__ = ["render_edit", "render_grid", "render_preview_sheet", "evaluate_output", "score_edit", "slug"]
 
 
 def _output_rate(request: EditRequest, clip: dict[str, Any], reporter: Reporter) -> Fraction | None:
@@ -144,7 +139,7 @@ def render_preview_sheet(session: Session, project_root: Path, tuned: Artifact, 
     each preview (its step and CLIP scores as caption), with a sidecar naming the previews' edits."""
     from PIL import Image
 
-    from tavcli.plots import loss_curve
+    from tavcli.media.plots import loss_curve
 
     started = time.perf_counter()
     project = session.project(project_root)
@@ -170,10 +165,21 @@ def render_preview_sheet(session: Session, project_root: Path, tuned: Artifact, 
     return Artifact("preview", tuned.key, output, False, time.perf_counter() - started, details)
 
 
+def evaluate_output(scorer: ClipScorer, output: Path, prompt: str | None = None) -> dict[str, object]:
+    """Score one output against `prompt` (default: the prompt in its sidecar); store the scores in the sidecar."""
+    record = read_sidecar(sidecar_of(output)) if sidecar_of(output).is_file() else {}
+    prompt = prompt if prompt is not None else record.get("edit", {}).get("prompt")
+    if not prompt:
+        raise TavError(f"no prompt for {output}: it has no tav sidecar", "pass --prompt")
+    scores = scorer.score(read_frames(output), prompt)
+    result = {"path": str(output), "prompt": prompt, "clip_model": scorer.name, **scores.record()}
+    if record:
+        write_sidecar(output, {**record, "scores": {k: v for k, v in result.items() if k != "path"}})
+    return result
+
+
 def score_edit(scorer: ClipScorer, artifact: Artifact) -> None:
     """Score a rendered edit with CLIP (`tav eval`'s metrics, also written to its sidecar) into its record."""
-    from tavcli.metrics import evaluate_output
-
     scores = evaluate_output(scorer, artifact.path)
     artifact.details["scores"] = {k: v for k, v in scores.items() if k not in ("path", "prompt")}
 
@@ -187,16 +193,6 @@ def _preview_caption(preview: Artifact) -> str:
     scores = preview.details.get("scores") or {}
     shown = f" | text {scores['text_faithfulness']:.3f} | frames {scores['frame_consistency']:.3f}" if scores else ""
     return f"step {preview.details['step']}{shown}"
-
-
-def source_frames(session: Session, latents: Entry, clip: dict[str, Any]) -> np.ndarray:
-    """The frames of a latents entry (`clip`: its facts): from the clip if it is still there, else decoded."""
-    path = Path(clip["path"])
-    if path.is_file():
-        return read_clip(path, *recorded_frames(clip)).frames
-    vae = session.model(latents.spec["model"]["model"]).vae
-    mean = latents.tensors(session.runtime.device)["mean"]
-    return decode_latents(vae, mean * vae.config.scaling_factor)
 
 
 def slug(text: str, limit: int = 48) -> str:

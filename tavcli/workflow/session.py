@@ -7,23 +7,34 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 
-from tavcli.entry import Entry
 from tavcli.errors import TavError
-from tavcli.loading import Components, ModelSource, encode_prompts, load_components, resolve_model
+from tavcli.media.video import read_clip
+from tavcli.method.vae import decode_latents, encode_clip
+from tavcli.method.video_unet import VideoUNet, inflate_unet
+from tavcli.models.loading import encode_prompts, load_components
+from tavcli.models.resolving import resolve_model
+from tavcli.models.source import Components, ModelSource
 from tavcli.progress import Reporter
-from tavcli.requests import FrameSelection, FrameSize
 from tavcli.runtime import Runtime
-from tavcli.store import Project
-from tavcli.styles import overflow_causes
-from tavcli.vae import encode_clip
-from tavcli.video import read_clip
-from tavcli.video_unet import VideoUNet, inflate_unet
+from tavcli.settings.requests import FrameSelection, FrameSize
+from tavcli.store.entry import Entry
+from tavcli.store.project import Project
 from tavcli.workflow.keys import embeddings_entry
+from tavcli.workflow.remedies import overflow_causes
 
-__all__ = ["Artifact", "Session", "encode_latents", "prompt_embeddings", "recorded_frames", "resolve_tune"]
+__all__ = [
+    "Artifact",
+    "Session",
+    "encode_latents",
+    "prompt_embeddings",
+    "recorded_frames",
+    "resolve_tune",
+    "source_frames",
+]
 
 
 @dataclass
@@ -167,7 +178,7 @@ def _apply_low_rank(
 ) -> None:
     """Fold a low-rank tune into `unet`, inflated with the tune's seed: its temporal layers must start where the
     tune's did (they are re-created, not stored), which the digest recorded at tuning time checks."""
-    from tavcli.low_rank import add_low_rank_adapters, load_low_rank, merge_low_rank, temporal_init_digest
+    from tavcli.method.low_rank import add_low_rank_adapters, load_low_rank, merge_low_rank, temporal_init_digest
 
     if digest != temporal_init_digest(unet):
         raise TavError(
@@ -192,7 +203,7 @@ def prompt_embeddings(
 ) -> torch.Tensor:
     """CLIP text embeddings of `prompts` (stacked), computed once per model, precision and prompts.
 
-    `loras` identifies edit-time LoRAs the text encoder carries now (`tavcli.styles.applied_loras`)."""
+    `loras` identifies edit-time LoRAs the text encoder carries now (`tavcli.models.lora.applied_loras`)."""
     entry = embeddings_entry(project, source, prompts, session.runtime.precision, loras)
 
     def compute() -> None:
@@ -239,6 +250,16 @@ def recorded_frames(clip: dict[str, Any]) -> tuple[FrameSelection, FrameSize]:
     """The selection and size of a latents entry's clip facts (as `encode_latents` records them)."""
     selection = FrameSelection(frames=clip["frames"], stride=clip["stride"], start=clip["start"])
     return selection, FrameSize(clip["width"], clip["height"], clip["resize"])
+
+
+def source_frames(session: Session, latents: Entry, clip: dict[str, Any]) -> np.ndarray:
+    """The frames of a latents entry (`clip`: its facts): from the clip if it is still there, else decoded."""
+    path = Path(clip["path"])
+    if path.is_file():
+        return read_clip(path, *recorded_frames(clip)).frames
+    vae = session.model(latents.spec["model"]["model"]).vae
+    mean = latents.tensors(session.runtime.device)["mean"]
+    return decode_latents(vae, mean * vae.config.scaling_factor)
 
 
 def resolve_tune(session: Session, project_root: Path, tune_key: str | None) -> tuple[Project, Entry]:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,32 +11,34 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tavcli import __version__
-from tavcli.checkpoints import Checkpoints, load_train_state, train_state_bytes
-from tavcli.entry import TENSORS, Entry
-from tavcli.errors import TavError, interruption
-from tavcli.hashing import file_sha256
-from tavcli.inputs import require_folder, require_prompt
-from tavcli.loading import ModelSource, variant_of, weight_files
-from tavcli.low_rank import add_low_rank_adapters, temporal_init_digest
-from tavcli.memory import card_fits, check_fits, probe_tune, tune_estimate
-from tavcli.requests import EditRequest, EditSettings, Preview, TuneRequest, TuneSettings
+from tavcli.errors import interruption
+from tavcli.files.hashing import file_sha256
+from tavcli.media.video import probe
+from tavcli.method.low_rank import add_low_rank_adapters, temporal_init_digest
+from tavcli.method.memory import card_fits, check_fits, probe_tune, tune_estimate
+from tavcli.method.training import TrainingRun, TrainState, TuneInterrupted, stop_requests, train_delta
+from tavcli.method.video_unet import VideoUNet, inflate_unet
+from tavcli.models.resolving import variant_of, weight_files
+from tavcli.models.source import ModelSource
 from tavcli.runtime import DTYPES, Runtime
-from tavcli.store import Project
-from tavcli.training import TrainState, TuneDiverged, TuneInterrupted, stop_requests, train_delta
-from tavcli.video import probe
-from tavcli.video_unet import VideoUNet, inflate_unet
+from tavcli.settings.inputs import require_folder, require_prompt
+from tavcli.settings.requests import EditRequest, EditSettings, Preview, TuneRequest, TuneSettings
+from tavcli.store.checkpoints import Checkpoints
+from tavcli.store.entry import TENSORS, Entry
+from tavcli.store.project import Project
 from tavcli.workflow.keys import (
     latents_entry,
     tune_run,
     tune_spec,
 )
+from tavcli.workflow.remedies import naming_remedies
 from tavcli.workflow.rendering import render_preview_sheet, score_edit
 from tavcli.workflow.session import Artifact, Session, encode_latents, prompt_embeddings
 
-if TYPE_CHECKING:
-    from tavcli.metrics import ClipScorer
+if TYPE_CHECKING:  # metrics loads CLIP's image processing, which only --eval needs
+    from tavcli.method.metrics import ClipScorer
 
-__all__ = ["LOSS_PLOT", "import_tune", "tune", "tune_plan"]
+__all__ = ["LOSS_PLOT", "import_tune", "load_train_state", "tune", "tune_plan"]
 
 LOSS_PLOT = "loss.png"  # a tune entry's picture of its loss per step
 
@@ -174,7 +175,7 @@ def _loss_png(losses: list[float], prompt: str) -> bytes:
     """The tune's loss per step as PNG bytes (stored in the tune's entry)."""
     from io import BytesIO
 
-    from tavcli.plots import loss_curve
+    from tavcli.media.plots import loss_curve
 
     buffer = BytesIO()
     loss_curve(losses, title=f"{prompt!r}, {len(losses)} steps").save(buffer, format="PNG")
@@ -227,7 +228,7 @@ def tune_plan(session: Session, request: TuneRequest, force: bool = False, memor
 
 def import_tune(session: Session, folder: Path, request: TuneRequest) -> list[Artifact]:
     """Store the tuned tensors of a reference Tune-A-Video output folder as a tune of `request.clip`."""
-    from tavcli.importing import extract_delta, read_reference
+    from tavcli.method.reference import extract_delta, read_reference
 
     resolved = _resolve(session, request)
     run = read_reference(folder, session.allow_pickle)
@@ -329,14 +330,14 @@ def _train(
     written: list[int] = []  # this run's intermediate checkpoints: only the newest is kept
 
     def save(state: TrainState) -> None:
-        checkpoints.save(state.step, train_state_bytes(state, run))
+        checkpoints.save(state.step, *state.as_file(), run)
         checkpoints.discard([step for step in written if step != state.step])
         written[:] = [state.step]
 
     with (
         session.reporter.task("tuning", settings.steps, completed=first) as advance,
         stop_requests() as stop,
-        _blaming_loras(source),
+        naming_remedies(source.loras),
     ):
         state = train_delta(
             unet,
@@ -345,7 +346,13 @@ def _train(
             stats["std"],
             components.vae.config.scaling_factor,
             embeds,
-            settings,
+            TrainingRun(
+                steps=settings.steps,
+                learning_rate=settings.learning_rate,
+                seed=settings.seed,
+                gradient_checkpointing=settings.gradient_checkpointing,
+                save_every=settings.checkpoint_every,
+            ),
             runtime,
             advance,
             resume=resume,
@@ -357,18 +364,6 @@ def _train(
     finished = {step for step in checkpoints.steps() if project.entry("tunes", {**run, "steps": step}).complete}
     checkpoints.discard([step for step in checkpoints.steps() if step < state.step and step not in finished])
     return state, initial
-
-
-@contextmanager
-def _blaming_loras(source: ModelSource) -> Iterator[None]:
-    """A tune that diverges on a model with fused LoRAs names their scales among the causes."""
-    try:
-        yield
-    except TuneDiverged as diverged:
-        if not source.loras:
-            raise
-        hint = f"{diverged.hint}; a LoRA scale may be too large: try a smaller PATH:SCALE"
-        raise TavError(diverged.message, hint) from None
 
 
 def _check_memory(unet: VideoUNet, shape: torch.Size, settings: TuneSettings, runtime: Runtime) -> None:
@@ -387,6 +382,15 @@ def _available(unet: VideoUNet, device: torch.device) -> int:
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     resident = {p.data_ptr(): p.numel() * p.element_size() for p in unet.parameters() if p.device == device}
     return free + cached + sum(resident.values())
+
+
+def load_train_state(checkpoints: Checkpoints, step: int, device: torch.device) -> TrainState:
+    """The training state saved at `step`; damage is one line naming the way out."""
+    tensors, metadata = checkpoints.read(step)
+    try:
+        return TrainState.from_file(tensors, metadata, device)
+    except (ValueError, KeyError) as error:
+        raise checkpoints.damaged(step, f"its training state lacks {error}") from None
 
 
 def _resume_point(session: Session, checkpoints: Checkpoints, steps: int, force: bool) -> TrainState | None:

@@ -1,0 +1,19 @@
+"""The closed sets of values options take, as `Literal` types: a leaf that the settings, the runtime and
+the method share (so the method needs nothing from the option declarations)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+__all__ = ["FrameNorm", "OutputFormat", "Precision", "ResizeMode", "SavePrecision", "choices"]
+
+OutputFormat = Literal["mp4", "gif", "frames"]
+ResizeMode = Literal["crop", "stretch"]
+FrameNorm = Literal["joint", "frame"]
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+SavePrecision = Literal["fp32", "fp16", "bf16"]  # what a tune's tensors are stored in
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The values of a choice set (`choices(OutputFormat)` -> ("mp4", "gif", "frames"))."""
+    return get_args(literal)

@@ -1,0 +1,1 @@
+"""Files: atomic writes and content hashes, for the store and for model folders."""

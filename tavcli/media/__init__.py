@@ -1,0 +1,1 @@
+"""Media files: reading and writing clips, frames and pictures."""

@@ -1,0 +1,229 @@
+"""Reading clips and writing results with PyAV (and Pillow for GIF and PNG frames)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image, ImageOps
+
+from tavcli.choices import OutputFormat
+from tavcli.errors import TavError
+from tavcli.files.atomic import atomic_path
+from tavcli.settings.inputs import require_regular_file
+from tavcli.settings.options import GIF_MAX_FPS
+from tavcli.settings.requests import FrameSelection, FrameSize
+
+__all__ = [
+    "Clip",
+    "contact_sheet",
+    "frame_count",
+    "gif_delay",
+    "read_frames",
+    "side_by_side",
+    "probe",
+    "read_clip",
+    "write_video",
+]
+
+FALLBACK_FPS = Fraction(8)  # for inputs (some GIFs) that state no frame rate
+
+
+@dataclass
+class Clip:
+    """Selected frames as uint8 RGB (f, h, w, 3), and the frame rate they play at (source fps / stride)."""
+
+    frames: np.ndarray
+    fps: Fraction
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    require_regular_file(path, "video file")
+    try:
+        container = av.open(str(path))
+    except PermissionError:
+        raise TavError(f"cannot read {path}: permission denied") from None
+    except (av.FFmpegError, OSError) as error:
+        raise TavError(f"{path} is not a video file PyAV can read ({error.__class__.__name__})") from None
+    if not container.streams.video:
+        container.close()
+        raise TavError(f"{path} has no video stream")
+    return container
+
+
+def probe(path: Path, selection: FrameSelection | None = None) -> None:
+    """Fail early, with a clear message, if `path` is not a readable video or is too short for `selection`.
+
+    The length check uses the frame count the container records (mp4, mov); for clips that record
+    none, `read_clip` finds out while decoding.
+    """
+    with _open(path) as container:
+        recorded = container.streams.video[0].frames
+        if selection is not None and recorded and selection.last_index >= recorded:
+            raise TavError(
+                f"{path} has {recorded} frames, too few for {_describe(selection)}", _suggest(selection, recorded)
+            )
+
+
+def frame_count(path: Path) -> int:
+    """How many frames `path` has: the count its container records, else counted by decoding."""
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        if stream.frames:
+            return int(stream.frames)
+        try:
+            return sum(1 for _ in container.decode(stream))
+        except av.FFmpegError as error:
+            raise TavError(f"{path} could not be decoded: {error}") from None
+
+
+def _upright(frame: av.VideoFrame) -> Image.Image:
+    """The frame as it is meant to be seen: phone clips store a display rotation beside upright pixels."""
+    image = frame.to_image()
+    # `rotation` is the counterclockwise turn the display matrix applies; PIL turns counterclockwise too.
+    return image.rotate(frame.rotation, expand=True) if frame.rotation else image
+
+
+def _fit(image: Image.Image, size: FrameSize) -> Image.Image:
+    target = (size.width, size.height)
+    if size.resize == "stretch":
+        return image.resize(target, Image.Resampling.BICUBIC)
+    return ImageOps.fit(image, target, Image.Resampling.BICUBIC)  # scale to cover, crop the centre
+
+
+def read_clip(path: Path, selection: FrameSelection, size: FrameSize) -> Clip:
+    """Decode the selected frames of `path`, resized to `size`."""
+    probe(path, selection)
+    frames: list[np.ndarray] = []
+    decoded = 0
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        try:
+            for decoded, frame in enumerate(container.decode(stream), start=1):
+                if decoded - 1 in selection:
+                    frames.append(np.asarray(_fit(_upright(frame), size)))
+                    if len(frames) == selection.frames:
+                        break
+        except av.FFmpegError as error:
+            raise TavError(f"{path} could not be decoded after {decoded} frames: {error}") from None
+    if decoded == 0:
+        raise TavError(f"{path} has a video stream but no frames", "give a clip with at least one frame")
+    if len(frames) < selection.frames:
+        raise TavError(f"{path} has {decoded} frames, too few for {_describe(selection)}", _suggest(selection, decoded))
+    fps = Fraction(rate) if rate else FALLBACK_FPS
+    return Clip(frames=np.stack(frames), fps=fps / selection.stride)
+
+
+def _describe(selection: FrameSelection) -> str:
+    return (
+        f"--frames {selection.frames} --stride {selection.stride} --start {selection.start} "
+        f"(needs {selection.last_index + 1})"
+    )
+
+
+def _suggest(selection: FrameSelection, available: int) -> str:
+    """Selections that fit `available` frames, each changing one thing: the start, the count or the stride."""
+    frames, stride = selection.frames, selection.stride
+    latest = available - 1 - (frames - 1) * stride  # the last start these frames and stride fit from
+    fits = [f"--start {latest} (the latest for --frames {frames} --stride {stride})"] if latest >= 0 else []
+    room = available - selection.start
+    if room >= 1:
+        fits.append(f"--frames {1 + (room - 1) // stride} --stride {stride}")
+        if frames > 1 and (room - 1) // (frames - 1) >= 1:
+            fits.append(f"--frames {frames} --stride {(room - 1) // (frames - 1)}")
+    elif not fits:
+        fits.append(f"--start 0 --frames {1 + (available - 1) // stride} --stride {stride}")
+    return "try " + " or ".join(fits)
+
+
+def read_frames(path: Path) -> np.ndarray:
+    """Every frame of a rendered output (a video file or a folder of PNG frames), uint8 (f, h, w, 3), upright."""
+    if path.is_dir():
+        images = sorted(path.glob("*.png"))
+        if not images:
+            raise TavError(f"{path} is a folder without PNG frames")
+        return np.stack([np.asarray(Image.open(image).convert("RGB")) for image in images])
+    with _open(path) as container:
+        try:
+            decoded = container.decode(container.streams.video[0])
+            frames = [np.asarray(_upright(frame).convert("RGB")) for frame in decoded]
+        except av.FFmpegError as error:
+            raise TavError(f"{path} could not be decoded: {error}") from None
+    if not frames:
+        raise TavError(f"{path} has a video stream but no frames")
+    return np.stack(frames)
+
+
+CAPTION_HEIGHT = 16  # pixels of caption above each clip in a grid (even, for H.264)
+
+
+def side_by_side(clips: list[np.ndarray], captions: list[str]) -> np.ndarray:
+    """Clips (f, h, w, 3) of one size, left to right, each under its caption -> (f, h + 16, n*w, 3)."""
+    frames, height, width = clips[0].shape[:3]
+    strip = np.stack([_caption(text, width) for text in captions], axis=0)  # (n, 16, w, 3)
+    tiles = [
+        np.concatenate([np.broadcast_to(bar, (frames, *bar.shape)), clip], axis=1)
+        for bar, clip in zip(strip, clips, strict=True)
+    ]
+    return np.concatenate(tiles, axis=2)
+
+
+def contact_sheet(clips: list[np.ndarray], captions: list[str]) -> Image.Image:
+    """One row per clip, its frames left to right, its caption above: a picture of every frame."""
+    rows = []
+    for clip, text in zip(clips, captions, strict=True):
+        frames = np.concatenate(list(clip), axis=1)  # (h, f*w, 3)
+        rows.append(np.concatenate([_caption(text, frames.shape[1]), frames], axis=0))
+    return Image.fromarray(np.concatenate(rows, axis=0))
+
+
+def _caption(text: str, width: int) -> np.ndarray:
+    """A white strip with `text` in black, clipped to `width` pixels."""
+    from PIL import ImageDraw
+
+    from tavcli.media.captions import drawable
+
+    image = Image.new("RGB", (width, CAPTION_HEIGHT), "white")
+    shown, font = drawable(text)
+    ImageDraw.Draw(image).text((3, 1), shown, fill="black", font=font)
+    return np.asarray(image)
+
+
+def write_video(frames: np.ndarray, path: Path, fmt: OutputFormat, fps: Fraction) -> Path:
+    """Write uint8 RGB frames (f, h, w, 3) atomically as H.264 mp4, GIF, or a folder of PNGs."""
+    with atomic_path(path) as temp:
+        if fmt == "mp4":
+            _write_mp4(frames, temp, fps)
+        elif fmt == "gif":
+            images = [Image.fromarray(frame) for frame in frames]
+            duration_ms = 10 * gif_delay(fps)
+            images[0].save(temp, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
+        elif fmt == "frames":
+            temp.mkdir()
+            for index, frame in enumerate(frames):
+                Image.fromarray(frame).save(temp / f"frame_{index:05d}.png")
+        else:
+            raise TavError(f"unknown output format {fmt!r}", "use mp4, gif or frames")
+    return path
+
+
+def gif_delay(fps: Fraction) -> int:
+    """A GIF frame's delay in hundredths of a second (the format's unit) for `fps`, at most GIF_MAX_FPS."""
+    return min(65535, max(round(100 / fps), round(100 / GIF_MAX_FPS)))
+
+
+def _write_mp4(frames: np.ndarray, path: Path, fps: Fraction) -> None:
+    height, width = frames.shape[1:3]
+    if width % 2 or height % 2:
+        raise TavError(f"H.264 needs even frame sizes, got {width}x{height}")
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps.limit_denominator(100_000))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": "18"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())

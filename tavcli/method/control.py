@@ -1,0 +1,91 @@
+"""Controlled editing: ControlNet or T2I-Adapter residuals per frame from condition maps (`tav edit --control`).
+
+The ControlNet is diffusers' own `ControlNetModel` (or `T2IAdapter`), run on the folded frames exactly
+like the video UNet's 2D layers: frame i of the edit gets the residuals of condition frame i. Condition
+frames are sampled like the source frames (same `--frames/--stride/--start`, size and resize).
+For `canny` the maps can be computed from the source clip itself (OpenCV).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import ControlNetModel, T2IAdapter
+
+from tavcli.errors import TavError, first_line
+from tavcli.models.hub import local_folder, local_only, unreachable
+from tavcli.models.source import quiet_libraries
+
+__all__ = ["ControlGuide", "canny_maps", "load_controlnet", "require_opencv"]
+
+
+def load_controlnet(name: str, device: torch.device, dtype: torch.dtype) -> ControlNetModel | T2IAdapter:
+    """A ControlNet or T2I-Adapter from a local folder or the hub (safetensors only)."""
+    quiet_libraries()
+    path = local_folder(name, "ControlNet", "--control-model")
+    offline = path is None and local_only()
+    try:
+        kind = ControlNetModel
+        if path is not None and '"T2IAdapter"' in (path / "config.json").read_text():
+            kind = T2IAdapter
+        source = name if path is None else str(path)
+        model = kind.from_pretrained(source, use_safetensors=True, local_files_only=offline)
+    except (OSError, ValueError) as error:
+        if offline:
+            raise unreachable(name, "give a local ControlNet folder with --control-model") from None
+        raise TavError(
+            f"cannot load the ControlNet {name!r}: {first_line(error)}", "give a local ControlNet folder"
+        ) from None
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def require_opencv() -> Any:
+    """OpenCV, which canny maps of the source clip need (the `control` extra), or one line saying so."""
+    try:
+        import cv2
+    except ImportError:
+        raise TavError(
+            "computing canny maps needs OpenCV", "pip install opencv-python-headless, or pass --control-video"
+        ) from None
+    return cv2
+
+
+def canny_maps(frames: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
+    """Canny edge maps (f, h, w, 3) of uint8 frames, white edges on black, as ControlNet-canny expects."""
+    cv2 = require_opencv()
+    edges = [cv2.Canny(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), low, high) for frame in frames]
+    return np.stack([np.repeat(edge[..., None], 3, axis=-1) for edge in edges])
+
+
+class ControlGuide:
+    """Computes the ControlNet (or T2I-Adapter) residuals for a video UNet call on (b, c, f, h, w) latents."""
+
+    def __init__(self, controlnet: ControlNetModel | T2IAdapter, maps: np.ndarray, scale: float) -> None:
+        self.controlnet = controlnet
+        # (f, 3, H, W) in [0, 1]: the ControlNet's conditioning input.
+        self.condition = torch.from_numpy(maps).permute(0, 3, 1, 2).to(controlnet.device, controlnet.dtype) / 255
+        self.scale = scale
+        self.adapter_features: list[torch.Tensor] | None = None
+        if isinstance(controlnet, T2IAdapter):  # an adapter sees only the maps: its features are computed once
+            with torch.no_grad():
+                self.adapter_features = [feature * scale for feature in controlnet(self.condition)]
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> dict[str, Any]:
+        clips, channels, frames, height, width = sample.shape
+        if frames != len(self.condition):
+            raise TavError(f"the control clip gives {len(self.condition)} maps for {frames} frames")
+        if self.adapter_features is not None:  # the UNet consumes this list: a new one per call
+            features = [feature.repeat(clips, 1, 1, 1).to(sample.dtype) for feature in self.adapter_features]
+            return {"down_intrablock_additional_residuals": features}
+        folded = sample.transpose(1, 2).reshape(clips * frames, channels, height, width)
+        down, mid = self.controlnet(
+            folded.to(self.controlnet.dtype),
+            timestep,
+            text.repeat_interleave(frames, dim=0).to(self.controlnet.dtype),
+            controlnet_cond=self.condition.repeat(clips, 1, 1, 1),
+            conditioning_scale=self.scale,
+            return_dict=False,
+        )
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}

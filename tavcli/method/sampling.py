@@ -1,0 +1,58 @@
+"""DDIM sampling with classifier-free guidance, as the reference pipeline does it.
+
+Each step runs the UNet once on a doubled batch `[uncond, cond]` and combines the two predictions:
+
+    pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+    x    = DDIMScheduler.step(pred, t, x, eta)          (eta = 0: deterministic DDIM)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, SchedulerMixin
+
+from tavcli.method.inversion import StepCallback, UNetCall
+
+__all__ = ["ddim_sample"]
+
+
+@torch.no_grad()
+def ddim_sample(
+    unet: UNetCall,
+    scheduler: SchedulerMixin,
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor,
+    num_steps: int,
+    guidance_scale: float,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    on_step: StepCallback | None = None,
+    control: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, Any]] | None = None,
+) -> torch.Tensor:
+    """Denoise `latents` (b, c, f, h, w) from pure noise to clean latents and return them.
+
+    `prompt_embeds` and `negative_prompt_embeds` are (b, n, d); the negative embedding is the
+    unconditional branch (the empty prompt's embedding unless the user gave a negative prompt).
+    `eta > 0` adds DDIM's stochastic term, drawn from `generator`. `control(x, t, text)` returns
+    extra UNet arguments for each call (ControlNet residuals, see `tavcli.method.control.ControlGuide`).
+    """
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(num_steps, device=latents.device)
+    text = torch.cat([negative_prompt_embeds, prompt_embeds])
+    # The scheduler's step gets the timestep as an int, read once per run: it looks its CPU alphas up
+    # with it, and a device tensor would be read back at each of six lookups per step. The UNet and the
+    # control keep the device tensor.
+    steps = ddim.timesteps.tolist()
+    for done, (timestep, step) in enumerate(zip(ddim.timesteps, steps, strict=True), start=1):
+        model_input = ddim.scale_model_input(torch.cat([latents, latents]), timestep)
+        extra = control(model_input, timestep, text) if control is not None else {}
+        pred_uncond, pred_cond = unet(model_input, timestep, text, **extra).sample.chunk(2)
+        pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+        latents = ddim.step(pred, step, latents, eta=eta, generator=generator).prev_sample
+        if on_step is not None:
+            on_step(done, num_steps)
+    return latents

@@ -1,0 +1,248 @@
+"""Training the tuned tensors on a clip's latents: loss, AdamW, stop requests, divergence (docs/method.md, "Tuning")."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, SchedulerMixin
+
+from tavcli.errors import Interrupted, TavError
+from tavcli.method.low_rank import low_rank_parameters
+from tavcli.method.video_unet import VideoUNet, trainable_parameters
+from tavcli.progress import Advance
+from tavcli.runtime import Runtime
+
+__all__ = [
+    "TrainingRun",
+    "TuneDiverged",
+    "TuneInterrupted",
+    "TrainState",
+    "stop_requests",
+    "train_delta",
+    "training_target",
+]
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """What one run of `train_delta` does; the defaults are the reference's (500 AdamW steps at lr 3e-5, seed 33)."""
+
+    steps: int = 500
+    learning_rate: float = 3e-5
+    seed: int = 33  # of the training noise and timesteps
+    gradient_checkpointing: bool = False
+    save_every: int = 0  # hand the state to `save` every N steps (0: only when stopped)
+
+
+@dataclass
+class TrainState:
+    """Everything that determines the rest of a run: resuming from it gives the uninterrupted run's numbers."""
+
+    step: int
+    params: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]  # torch.optim.AdamW.state_dict()
+    scaler: dict[str, Any]  # torch.amp.GradScaler.state_dict()
+    rng: torch.Tensor  # the training generator's state
+    device_type: str
+    losses: list[float] = field(default_factory=list)
+
+    def as_file(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The state as named tensors and string metadata: what a checkpoint file holds."""
+        tensors = {f"param/{name}": t for name, t in self.params.items()}
+        opt_state = self.optimizer["state"]
+        tensors |= {f"optim/{i}/{k}": v for i, fields in opt_state.items() for k, v in fields.items()}
+        tensors["rng"] = self.rng
+        metadata = {
+            "step": str(self.step),
+            "losses": json.dumps(self.losses),
+            "param_groups": json.dumps(self.optimizer["param_groups"]),
+            "scaler": json.dumps(self.scaler),
+            "device_type": self.device_type,
+        }
+        return tensors, metadata
+
+    @classmethod
+    def from_file(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str], device: torch.device) -> TrainState:
+        """The state `as_file` described, its tensors on `device`; KeyError or ValueError if a field is missing."""
+        optim: dict[int, dict[str, torch.Tensor]] = {}
+        for name, tensor in tensors.items():
+            if name.startswith("optim/"):
+                _, index, key = name.split("/", 2)
+                optim.setdefault(int(index), {})[key] = tensor.to(device)
+        return cls(
+            step=int(metadata["step"]),
+            params={name[6:]: t.to(device) for name, t in tensors.items() if name.startswith("param/")},
+            optimizer={"state": optim, "param_groups": json.loads(metadata["param_groups"])},
+            scaler=json.loads(metadata["scaler"]),
+            rng=tensors["rng"],
+            device_type=metadata["device_type"],
+            losses=json.loads(metadata["losses"]),
+        )
+
+
+class TuneDiverged(TavError):
+    """The loss or the tuned tensors stopped being finite numbers: nothing of the run may be stored.
+
+    It carries the run and its precision, so the caller can name the remedies in its own terms."""
+
+    def __init__(self, what: str, step: int, run: TrainingRun, precision: str) -> None:
+        super().__init__(f"the tune diverged at step {step} of {run.steps}: {what}; no tune was stored")
+        self.run, self.precision = run, precision
+
+
+class TuneInterrupted(Interrupted):
+    """Ctrl-C or SIGTERM stopped a tune; its state was saved at `step`.
+
+    `made` holds the caller's records of what the run had finished before (kept states, previews),
+    for the command to print before it exits.
+    """
+
+    def __init__(self, step: int, total: int, made: Sequence[object] = ()) -> None:
+        super().__init__(f"tune interrupted at step {step} of {total}; its state is saved", "run it again to resume")
+        self.step, self.total, self.made = step, total, tuple(made)
+
+
+def train_delta(
+    unet: VideoUNet,
+    scheduler: SchedulerMixin,
+    latent_mean: torch.Tensor,
+    latent_std: torch.Tensor,
+    scaling_factor: float,
+    prompt_embeds: torch.Tensor,
+    run: TrainingRun,
+    runtime: Runtime,
+    advance: Advance,
+    resume: TrainState | None = None,
+    save: Callable[[TrainState], None] | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> TrainState:
+    """Train `unet`'s tunable projections on one clip (from `resume`, if given) and return the final state.
+
+    Each step samples a latent from the VAE posterior (mean + std * n), noises it at a uniformly
+    random timestep and regresses the UNet output on the noise (or on the velocity for
+    v-prediction models): the standard latent-diffusion loss with the reference's AdamW settings.
+    `save` receives the state every `run.save_every` steps and, when `stop_requested()`
+    turns true, at the end of the current step, after which `Interrupted` is raised.
+    """
+    noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+    model = runtime.prepare(unet)  # what is called; `unet` names the parameters
+    params = low_rank_parameters(unet) or trainable_parameters(unet)  # the adapters, when the tune has them
+    unet.requires_grad_(False)
+    for param in params.values():
+        param.requires_grad_(True)
+    unet.train()
+    if run.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()  # non-reentrant in diffusers: every tensor still gets a gradient
+    # Fused AdamW on GPUs: one kernel for all tensors (same update, fewer launches).
+    optimizer = torch.optim.AdamW(
+        params.values(),
+        lr=run.learning_rate,
+        betas=(0.9, 0.999),
+        weight_decay=1e-2,
+        eps=1e-8,
+        fused=runtime.device.type == "cuda",
+    )
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
+    generator = runtime.generator(run.seed)
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    step, losses = 0, []
+    if resume is not None:
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(resume.params[name])
+        optimizer.load_state_dict(resume.optimizer)
+        scaler.load_state_dict(resume.scaler)
+        generator.set_state(resume.rng.cpu())
+        step, losses = resume.step, list(resume.losses)
+
+    def state() -> TrainState:
+        if not all(bool(torch.isfinite(param).all()) for param in params.values()):
+            raise TuneDiverged("the tuned tensors hold NaN or inf", step, run, runtime.precision)
+        return TrainState(
+            step=step,
+            params={name: param.detach().clone() for name, param in params.items()},
+            optimizer=optimizer.state_dict(),
+            scaler=scaler.state_dict(),
+            rng=generator.get_state(),
+            device_type=runtime.device.type,
+            losses=list(losses),
+        )
+
+    while step < run.steps:
+        latents = (latent_mean + latent_std * _randn(latent_mean, generator)) * scaling_factor
+        noise = _randn(latents, generator)
+        timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        target = training_target(noise_scheduler, latents, noise, timesteps)
+        with runtime.autocast():
+            prediction = model(noisy, timesteps, prompt_embeds).sample
+        loss = F.mse_loss(prediction.float(), target.float())
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise TuneDiverged(f"the loss is {loss_value}", step + 1, run, runtime.precision)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params.values(), max_norm=1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(loss_value)
+        advance(loss=losses[-1])
+        if save is not None and step < run.steps:
+            if stop_requested():
+                save(state())
+                raise TuneInterrupted(step, run.steps)
+            if run.save_every and step % run.save_every == 0:
+                save(state())
+
+    unet.eval()
+    unet.disable_gradient_checkpointing()
+    unet.requires_grad_(False)
+    return state()
+
+
+@contextmanager
+def stop_requests() -> Iterator[Callable[[], bool]]:
+    """Turn the first Ctrl-C or SIGTERM into a request to stop after the current step.
+
+    A second Ctrl-C interrupts at once. Outside the main thread signals cannot be caught: no requests.
+    """
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+
+    def request(signum: int, frame: object) -> None:
+        requested.set()
+        signal.signal(signal.SIGINT, previous[signal.SIGINT] or signal.default_int_handler)  # a 2nd Ctrl-C: now
+
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested.is_set
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler or signal.SIG_DFL)
+
+
+def training_target(
+    scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet learns to predict: the noise, or the velocity for v-prediction models (SD 2.x)."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
+def _randn(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Noise shaped like `like`, drawn where `generator` lives (the CPU: see `Runtime.generator`), moved to `like`."""
+    return torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)

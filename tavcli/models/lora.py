@@ -1,0 +1,161 @@
+"""LoRAs: loading one onto a model's modules (fused into a tune's base, or applied for one edit), and what
+goes wrong with a file.
+
+Styles at edit time: LoRAs applied on top of a tuned model for one edit, then taken off again.
+
+A tuned model's `to_q` projections are the tune's own tensors, so a LoRA fused into the base model
+before the tune's delta is loaded would lose its `to_q` part. Here the LoRAs are loaded as peft
+adapters onto the tuned video UNet (and the text encoder, when the file has text-encoder weights):
+each adapted layer computes its own weights, tuned ones included, plus scale * B @ A. Nothing is
+fused, so the shared base weights never change, and unloading restores the exact tuned model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tavcli.errors import TavError, first_line, interruption
+from tavcli.files.hashing import lora_file
+from tavcli.models.source import Components, ModelSource
+from tavcli.settings.inputs import require_regular_file
+
+__all__ = ["applied_loras", "fuse_loras", "load_lora", "lora_base_guess", "lora_loader"]
+
+CROSS_ATTENTION_BASES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+SDXL_KEYS = ("text_encoder_2", "lora_te2_", "add_embedding", "conditioner.embedders")  # parts only SDXL has
+MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from checkpoint, "
+    r"the shape in current model is torch\.Size\(\[([\d, ]*)\]\)"
+)
+
+
+def lora_loader(tokenizer: Any, text_encoder: Any, vae: Any, unet: Any, scheduler: Any) -> Any:
+    """A pipeline made only to load LoRAs: diffusers' LoRA loading maps a file's keys onto these modules."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def load_lora(pipe: Any, path: Path, adapter_name: str) -> None:
+    """Load one LoRA (file or folder) onto `lora_loader`'s modules as an unfused peft adapter.
+
+    The file is the user's: whatever diffusers, peft or safetensors raise on it becomes one line
+    (diffusers takes a failed adapter off again itself).
+    """
+    weights = _lora_weights(path)
+    try:
+        pipe.load_lora_weights(str(path), weight_name=weights, adapter_name=adapter_name)
+    except ImportError:
+        raise TavError("LoRAs need peft", 'pip install "tavcli[lora]"') from None
+    except Exception as error:
+        if interruption(error) or isinstance(error, torch.OutOfMemoryError):
+            raise  # not the file's fault: the command line reports these
+        if "size mismatch for" not in str(error):
+            raise TavError(f"cannot load the LoRA {path}: {first_line(error)}") from None
+        raise TavError(
+            f"the LoRA {path} does not fit this model: its tensor shapes are another model's"
+            + lora_base_guess(_lora_keys(path, weights), str(error)),
+            _lora_hint(pipe),
+        ) from None
+    if not any(adapter_name in names for names in pipe.get_list_adapters().values()):
+        # diffusers only warns when no key names a part of this model: the LoRA would change nothing
+        raise TavError(
+            f"the LoRA {path} adapts nothing in this model: none of its keys name one of its layers"
+            + lora_base_guess(_lora_keys(path, weights), ""),
+            _lora_hint(pipe),
+        )
+
+
+def _lora_weights(path: Path) -> str | None:
+    """The weights file diffusers is to load from a LoRA folder, the one its identity hashes (`lora_file`);
+    None for a file, or a folder of `.bin` weights, which diffusers searches itself. Only regular files
+    are opened."""
+    hint = "give a LoRA .safetensors file, or the folder that holds it"
+    if not path.is_dir():
+        require_regular_file(path, "LoRA file", hint)
+        return None
+    chosen = lora_file(path)
+    require_regular_file(chosen, "LoRA file", hint)
+    return chosen.name if chosen.suffix == ".safetensors" else None
+
+
+def lora_base_guess(keys: list[str], mismatches: str) -> str:
+    """What a LoRA's keys and torch's size-mismatch lines tell of the base it was made for, as a clause
+    to end a message with; empty when they do not tell (a guess is said only where the evidence is plain)."""
+    marks = [mark for mark in SDXL_KEYS if any(mark in key for key in keys)]
+    if marks:
+        return f"; it was made for SDXL, by its {marks[0]} keys"
+    for name, given, here in MISMATCH.findall(mismatches):
+        # a LoRA's down projection of attn2's key or value takes the text embeddings: its width is theirs
+        if ".attn2.to_k.lora_A." not in name and ".attn2.to_v.lora_A." not in name:
+            continue
+        width, own = int(given.split(",")[-1]), int(here.split(",")[-1])
+        base = CROSS_ATTENTION_BASES.get(width)
+        if base is None:
+            return f"; its cross-attention is {width}-wide, this model's {own}-wide"
+        return f"; it was made for {base}, by its {width}-wide cross-attention (this model's is {own}-wide)"
+    return ""
+
+
+def _lora_keys(path: Path, weights: str | None) -> list[str]:
+    """The tensor names of the LoRA file loaded (`_lora_weights`), read from its header (none when unknown)."""
+    from safetensors import SafetensorError, safe_open
+
+    file = path / weights if weights else path
+    if not file.is_file():
+        return []  # a folder diffusers searched itself
+    try:
+        with safe_open(str(file), framework="pt") as opened:
+            return list(opened.keys())
+    except (OSError, SafetensorError):
+        return []
+
+
+def _lora_hint(pipe: Any) -> str:
+    """Which LoRAs would fit: those of this model's base, named where its text width tells it."""
+    width = getattr(pipe.unet.config, "cross_attention_dim", None)
+    base = CROSS_ATTENTION_BASES.get(width) if isinstance(width, int) else None
+    return f"use a LoRA made for {base} models" if base else "use a LoRA made for this model's base"
+
+
+def fuse_loras(source: ModelSource, *parts: Any) -> None:
+    """Fuse each LoRA into the UNet and text encoder weights with diffusers' LoRA loading (needs peft)."""
+    pipe = lora_loader(*parts)
+    for index, (path, scale) in enumerate(source.loras):
+        load_lora(pipe, path, f"lora{index}")
+        pipe.fuse_lora(lora_scale=scale, adapter_names=[f"lora{index}"])
+        pipe.unload_lora_weights()
+
+
+@contextmanager
+def applied_loras(components: Components, unet: nn.Module, loras: tuple[tuple[Path, float], ...]) -> Iterator[None]:
+    """Within the block, `unet` and `components.text_encoder` carry `loras` (path, scale), in order."""
+    if not loras:
+        yield
+        return
+    module = getattr(unet, "_orig_mod", unet)  # the module itself under --compile
+    pipe = lora_loader(components.tokenizer, components.text_encoder, components.vae, module, components.scheduler)
+    names = [f"edit{index}" for index in range(len(loras))]
+    try:
+        for name, (path, _) in zip(names, loras, strict=True):
+            load_lora(pipe, path, name)
+        pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+        yield
+    finally:
+        pipe.unload_lora_weights()

@@ -1,0 +1,1 @@
+"""Settings: the option declarations, typed requests, user inputs and configuration. Free of torch."""

@@ -1,0 +1,301 @@
+"""What a command asks for, as checked values: a tune (`TuneRequest`) and an edit (`EditRequest`).
+
+Each checks itself against the option declarations (`tavcli.settings.options`) when it is made, so the
+command line, batch files, sidecars and Python callers get the same one-line errors. This module
+imports no torch: the command line builds its requests before loading anything heavy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tavcli.choices import FrameNorm, OutputFormat, ResizeMode, SavePrecision
+from tavcli.errors import TavError
+from tavcli.progress import Reporter
+from tavcli.settings.inputs import require_folder, require_prompt, require_regular_file
+from tavcli.settings.options import EDIT, INVERT, SELECTION, TUNE, OptionError, check_fields, check_rate
+
+__all__ = [
+    "CONTROL_KINDS",
+    "ControlSpec",
+    "EditRequest",
+    "EditSettings",
+    "FrameChoice",
+    "FrameSelection",
+    "FrameSize",
+    "FLAGS",
+    "Names",
+    "Preview",
+    "TuneRequest",
+    "TuneSettings",
+    "control_spec",
+    "frame_size",
+    "preview_choice",
+    "snap_to_multiple",
+]
+
+CONTROL_KINDS = ("canny", "depth", "pose", "seg", "scribble", "normal", "lineart", "softedge")
+
+
+SIZE_MULTIPLE = 8  # the VAE halves the size three times and the UNet needs whole latents
+
+
+@dataclass(frozen=True)
+class Names:
+    """How a rule's message names the options it concerns: as the command line's flags (`--start`), or as
+    a batch file's fields (`'edit.start'`), so that one rule serves both."""
+
+    table: str | None = None  # None: flags; "" a batch job's top level; "edit" or "invert" one of its tables
+
+    def __call__(self, name: str) -> str:
+        """`--preview-every`, or `field 'preview_every'`."""
+        if self.table is None:
+            return "--" + name.replace("_", "-")
+        return f"field '{self.table + '.' if self.table else ''}{name}'"
+
+    def given(self, name: str, value: object) -> str:
+        """An option with its value: `--start 48`, or `field 'edit.start' = 48`."""
+        return f"{self(name)} {value}" if self.table is None else f"{self(name)} = {value}"
+
+    def wanted(self, name: str, metavar: str) -> str:
+        """An option to add: `--preview PROMPT`, or `field 'preview'`."""
+        return f"{self(name)} {metavar}" if self.table is None else self(name)
+
+
+FLAGS = Names()
+
+
+@dataclass(frozen=True)
+class FrameSelection:
+    """Which frames to take: `frames` of them, every `stride`-th, from frame `start` (0-based)."""
+
+    frames: int = 24
+    stride: int = 2
+    start: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(TUNE, asdict(self), "frame selection")
+
+    @property
+    def last_index(self) -> int:
+        return self.start + (self.frames - 1) * self.stride
+
+    def __contains__(self, index: int) -> bool:
+        """Whether frame `index` (0-based) is selected (arithmetic: --frames may be absurdly large)."""
+        return self.start <= index <= self.last_index and (index - self.start) % self.stride == 0
+
+
+@dataclass(frozen=True)
+class FrameSize:
+    """Output frame size in pixels (multiples of 8) and how to fit the source into it."""
+
+    width: int = 512
+    height: int = 512
+    resize: ResizeMode = "crop"
+
+
+def snap_to_multiple(value: int, multiple: int = SIZE_MULTIPLE) -> int:
+    """Round `value` to the nearest positive multiple of `multiple` (halves round up)."""
+    return max(multiple, (value + multiple // 2) // multiple * multiple)
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """The reference's defaults: 500 AdamW steps at lr 3e-5, seed 33."""
+
+    steps: int = 500
+    learning_rate: float = 3e-5
+    seed: int = 33
+    gradient_checkpointing: bool = False  # saves memory, same numbers: not part of the cache key
+    checkpoint_every: int = 100  # save a resumable state every N steps (0: only when stopped or done)
+    save_precision: SavePrecision = "fp32"  # the stored tensors' precision: changes the edits' numbers
+    rank: int = 0  # > 0: tune rank-`rank` LoRA adapters instead of the whole projections (another method)
+
+    def __post_init__(self) -> None:
+        values = {"steps": self.steps, "lr": self.learning_rate, "seed": self.seed, "rank": self.rank}
+        stored = {"checkpoint_every": self.checkpoint_every, "save_precision": self.save_precision}
+        check_fields(TUNE, {**values, **stored}, "tune settings")
+
+
+@dataclass(frozen=True)
+class Preview:
+    """`tav tune --preview`: keep the state every `every` steps, render `prompt` from each with `steps` DDIM steps."""
+
+    prompt: str
+    every: int = 100
+    steps: int = 10
+
+    def __post_init__(self) -> None:
+        require_prompt(self.prompt)
+        check_fields(TUNE, {"preview_every": self.every, "preview_steps": self.steps}, "preview")
+
+
+def preview_choice(
+    prompt: str | None,
+    every: int | None = None,
+    steps: int | None = None,
+    evaluate: bool = False,
+    names: Names = FLAGS,
+) -> Preview | None:
+    """The previews a tune asks for, or None; each None was not given. The options that only concern
+    previews are refused without a preview prompt (they would change nothing), and so is an empty one."""
+    if prompt is None:
+        if evaluate:
+            raise OptionError(f"{names('eval')} scores the previews: give {names.wanted('preview', 'PROMPT')} too")
+        alone = [name for name, value in (("preview_every", every), ("preview_steps", steps)) if value is not None]
+        if alone:
+            raise OptionError(f"{names(alone[0])} applies to previews: give {names.wanted('preview', 'PROMPT')} too")
+        return None
+    if not prompt.strip():
+        raise OptionError(f"{names('preview')} is empty: it is the prompt the previews render", "give it some text")
+    every = TUNE["preview_every"].default if every is None else every
+    return Preview(prompt, every, TUNE["preview_steps"].default if steps is None else steps)
+
+
+def frame_size(width: int, height: int, resize: ResizeMode, reporter: Reporter) -> FrameSize:
+    """The frame size rounded to multiples of 8, with a note when it changed."""
+    check_fields(TUNE, {"width": width, "height": height, "resize": resize}, "frame size")
+    snapped = snap_to_multiple(width), snap_to_multiple(height)
+    if snapped != (width, height):
+        reporter.note(f"size {width}x{height} rounded to {snapped[0]}x{snapped[1]} (multiples of 8)")
+    return FrameSize(width=snapped[0], height=snapped[1], resize=resize)
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    """What to tune: a clip and its description, in which project, on which model, and how."""
+
+    clip: Path
+    prompt: str
+    project: Path
+    model: str  # a model name as `tavcli.models.names.model_name` builds it
+    selection: FrameSelection = field(default_factory=FrameSelection)
+    size: FrameSize = field(default_factory=FrameSize)
+    settings: TuneSettings = field(default_factory=TuneSettings)
+    frame_norm: FrameNorm = "joint"
+
+    def __post_init__(self) -> None:
+        require_prompt(self.prompt)
+        check_fields(TUNE, {"frame_norm": self.frame_norm}, "tune")
+        require_folder(self.project, "--project")
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """DDIM sampling settings of an edit (the reference's: 50 steps, guidance 12.5, eta 0)."""
+
+    steps: int = 50
+    guidance: float = 12.5
+    negative: str = ""
+    seed: int = 33  # only draws noise when eta > 0
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_fields(EDIT, asdict(self), "edit settings")
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """What the user asked for: a kind of condition, a ControlNet, condition frames and a strength."""
+
+    kind: str
+    model: str
+    video: Path | None = None  # None: compute the maps from the source clip (canny only)
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONTROL_KINDS:
+            raise OptionError(f"unknown --control {self.kind!r}", f"use one of {', '.join(CONTROL_KINDS)}")
+        if self.video is None and self.kind != "canny":
+            raise OptionError(f"--control {self.kind} needs --control-video", "a clip of condition maps, one per frame")
+        if self.video is not None:
+            require_regular_file(self.video, "video file", "--control-video takes a clip of condition maps")
+        check_fields(EDIT, {"control_scale": self.scale}, "control")
+
+
+def control_spec(kind: str | None, model: str | None, video: Path | None, scale: float) -> ControlSpec | None:
+    """The control the options ask for, or None; --control and --control-model go together."""
+    if kind is None and model is None and video is None:
+        return None
+    if kind is None or model is None:
+        raise OptionError("--control and --control-model go together", "e.g. --control canny --control-model PATH")
+    return ControlSpec(kind, model, video, scale)
+
+
+@dataclass(frozen=True)
+class FrameChoice:
+    """The frames `tav invert`/`tav edit` work on: each field None takes the tuned selection's; `frames`
+    may be "all" (the clip's whole length from `start`). `window` frames per UNet call (None: all at once)."""
+
+    frames: int | str | None = None
+    stride: int | None = None
+    start: int | None = None
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(SELECTION, asdict(self), "frame choice")
+
+    @property
+    def tuned(self) -> bool:
+        """Whether this is the tuned selection, processed at once: what `tav edit` did before it had a choice."""
+        return self == FrameChoice()
+
+    def selection(self, tuned: FrameSelection, length: Callable[[], int], names: Names = FLAGS) -> FrameSelection:
+        """The frames chosen of the tuned clip: each field None takes the `tuned` selection's. `length()` (the
+        clip's frame count) is asked only for `frames = "all"`: every frame from `start` on."""
+        stride = self.stride or tuned.stride
+        start = tuned.start if self.start is None else self.start
+        if self.frames != "all":
+            return FrameSelection(frames=int(self.frames or tuned.frames), stride=stride, start=start)
+        count = length()
+        if start >= count:
+            raise OptionError(f"{names.given('start', start)} is past the clip's last frame ({count} frames)")
+        return FrameSelection(frames=1 + (count - 1 - start) // stride, stride=stride, start=start)
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """What to render: new prompts for a project's tune, how to sample them, and how to write them."""
+
+    project: Path
+    prompts: list[str]
+    settings: EditSettings = field(default_factory=EditSettings)
+    out: Path | None = None  # default: PROJECT/renders
+    format: OutputFormat = "mp4"
+    fps: float | None = None  # default: the rate of the tuned frames (source fps / stride)
+    batch_size: int = 1
+    control: ControlSpec | None = None
+    tune_key: str | None = None  # default: the project's current tune and inversion (else this tune's)
+    invert_steps: int | None = None  # with `tune_key`; default: the sampling steps
+    invert_prompt: str = ""
+    frames: FrameChoice = field(default_factory=FrameChoice)
+    tune_step: int | None = None  # edit with the state kept at this step of the tune
+    loras: tuple[tuple[Path, float], ...] = ()  # applied on top of the tuned model for this edit only
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise TavError("give at least one edit prompt", 'e.g. tav edit "a panda is skiing"')
+        for prompt in self.prompts:
+            require_prompt(prompt)
+        check_fields(EDIT, {"format": self.format, "fps": self.fps, "batch_size": self.batch_size}, "edit")
+        check_rate(self.format, self.fps)
+        if self.invert_steps is not None:
+            check_fields(INVERT, {"steps": self.invert_steps, "prompt": self.invert_prompt}, "inversion")
+        if self.out is not None:
+            require_folder(self.out, "--out")
+        check_fields(EDIT, {"tune_step": self.tune_step}, "edit")
+        if self.tune_step is not None and self.tune_key is not None:
+            raise OptionError("--tune-step picks a state of the project's current tune: no other tune with it")
+        for path, _ in self.loras:
+            if not path.is_dir():
+                require_regular_file(path, "LoRA file", "--lora takes a .safetensors file (or folder) of LoRA weights")
+
+    @property
+    def groups(self) -> list[list[str]]:
+        """The prompts (each once, in order) as they share UNet batches: `batch_size` at a time; alone
+        with eta > 0, so that a prompt's noise does not depend on the others."""
+        unique = list(dict.fromkeys(self.prompts))
+        size = self.batch_size if self.settings.eta == 0 else 1
+        return [unique[i : i + size] for i in range(0, len(unique), size)]

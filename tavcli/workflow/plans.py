@@ -1,0 +1,27 @@
+"""The contract between planning an edit, sampling it, rendering it and recording it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tavcli.method.control import ControlGuide
+from tavcli.store.entry import Entry
+from tavcli.store.project import Project
+
+__all__ = ["EditPlan"]
+
+
+@dataclass
+class EditPlan:
+    """An edit request resolved against its project: the tune, the inversion, each prompt's entry."""
+
+    project: Project
+    tune: Entry
+    inversion: Entry
+    clip: dict[str, Any]  # the edited frames' facts (path, fps, selection, size): tuned or chosen by --frames
+    entries: dict[str, Entry]  # by prompt
+    groups: list[list[str]]
+    guide: ControlGuide | None
+    loras: tuple[tuple[Path, float], ...] = ()

@@ -1,0 +1,36 @@
+"""What to try when a result is not finite, in the command line's terms (the method only reports what happened)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from tavcli.errors import TavError
+from tavcli.method.training import TuneDiverged
+
+__all__ = ["naming_remedies", "overflow_causes"]
+
+_FP16 = "fp16 may have overflowed: try --precision bf16 or fp32"
+_LORA = "a LoRA scale may be too large: try a smaller PATH:SCALE"
+
+
+def overflow_causes(precision: str, loras: object) -> str | None:
+    """What may have made a result with these edit-time LoRAs NaN or inf, and what to try: only what would
+    help (bf16 and fp32 share a range, so only fp16 overflows where they would not)."""
+    causes = [_LORA] if loras else []
+    if precision == "fp16":
+        causes.append(_FP16)
+    return "; ".join(causes) or None
+
+
+@contextmanager
+def naming_remedies(fused_loras: object) -> Iterator[None]:
+    """A tune that diverges in the block becomes one error naming what to try: the learning rate, fp16, and
+    the scales of the model's fused LoRAs when it has some."""
+    try:
+        yield
+    except TuneDiverged as diverged:
+        causes = [f"--lr {diverged.run.learning_rate:g} may be too high"]
+        causes += [_FP16] if diverged.precision == "fp16" else []
+        causes += [_LORA] if fused_loras else []
+        raise TavError(diverged.message, "; ".join(causes)) from None
