@@ -204,11 +204,17 @@ def test_rm_refuses_a_kept_tune_while_its_preview_tune_runs(
 
     project = tmp_path / "p.tav"
     request = TuneRequest(
-        CLIP, "a man is skiing", project, "tiny", FrameSelection(frames=2), FrameSize(32, 32), TuneSettings(steps=2)
+        CLIP,
+        "a man is skiing",
+        project,
+        "tiny",
+        FrameSelection(frames=2),
+        FrameSize(width=32, height=32),
+        TuneSettings(steps=2),
     )
     go_on = threading.Event()
     drawing = _pause(monkeypatch, tuning, "render_preview_sheet", "tune", go_on)  # every preview rendered
-    running = Command("tune", tuning.tune, request, preview=Preview("a dog is skiing", every=1, steps=1))
+    running = Command("tune", tuning.tune, request, preview=Preview(prompt="a dog is skiing", every=1, steps=1))
     running.start()
     assert drawing.wait(PATIENCE)
     kept = next(a for a in running.session.project(project).complete_keys("tunes") if _steps(project, a) == 1)

@@ -83,3 +83,18 @@ def test_weight_patterns_skip_variants_that_are_never_loaded() -> None:
     assert not kept("unet", "diffusion_pytorch_model.bin")
     assert kept("unet", "diffusion_pytorch_model.bin", allow_pickle=True)
     assert kept("text_encoder", "pytorch_model.bin", allow_pickle=True)
+
+
+def test_every_repository_path_the_docs_and_code_name_exists() -> None:
+    """`docs/method.md`, `tests/TEST.py`, `tavcli/...`: a path named in a doc, a docstring or a comment
+    is one the repository has (placeholders in capitals, such as `tavcli/tiny/PART.json`, excepted)."""
+    named = re.compile(r"(?<![\w./-])((?:docs|tests|benchmarks|tavcli|\.ci)/[\w./-]*\w)")
+    sources = [*ROOT.glob("*.md"), *ROOT.glob("docs/*.md"), *(ROOT / "tavcli").rglob("*.py")]
+    sources += [*ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py"), ROOT / ".ci" / "run"]
+    missing = []
+    for source in sources:
+        for match in named.finditer(source.read_text()):
+            path = match.group(1).rstrip(".")
+            if not any(part.isupper() for part in re.split(r"[/.]", path)) and not (ROOT / path).exists():
+                missing.append(f"{source.relative_to(ROOT)}: {path}")
+    assert not missing, missing

@@ -101,7 +101,7 @@ def test_a_session_that_sampled_reloads_float32_to_train_and_then_samples_as_a_f
     session, components, _ = _tuned("bf16", root, notes)
     assert components.unet.dtype == torch.bfloat16
     request = TuneRequest(
-        CLIP, "a man is skiing", root, "tiny", FrameSelection(frames=2), FrameSize(32, 32),
+        CLIP, "a man is skiing", root, "tiny", FrameSelection(frames=2), FrameSize(width=32, height=32),
         TuneSettings(steps=2, rank=2),
     )  # fmt: skip
     after_sampling = tuning.tune(session, request)[-1]

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
-from tavcli.method.video_unet import inflate_unet, sparse_causal_context, trainable_parameters
+from tavcli.method.video_unet import (
+    SparseCausalAttnProcessor,
+    inflate_unet,
+    sparse_causal_context,
+    trainable_parameters,
+)
 
-from .conftest import ORACLE
+from .conftest import ORACLE, TINY_SD
 
 
 def test_reproduces_reference_forward_pass(oracle_video_unet) -> None:
@@ -80,3 +87,24 @@ def test_trainable_parameters_are_the_query_projections_and_temporal_attention(o
     assert len(names) == 112  # 16 blocks x (attn1.to_q, attn2.to_q, attn_temp q/k/v/out.weight/out.bias)
     assert all(n.endswith(("attn1.to_q.weight", "attn2.to_q.weight")) or ".attn_temp." in n for n in names)
     assert not any("norm_temp" in n or "to_k" in n and "attn_temp" not in n for n in names)
+
+
+@pytest.mark.parametrize(
+    "feature, value",
+    [("residual_connection", True), ("rescale_output_factor", 2.0), ("norm_q", torch.nn.LayerNorm(16))],
+)
+def test_inflation_refuses_self_attention_features_sparse_causal_attention_would_drop(
+    feature: str, value: object
+) -> None:
+    unet = UNet2DConditionModel.from_pretrained(TINY_SD / "unet")
+    setattr(unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1, feature, value)
+    with pytest.raises(ValueError, match=f"does not support {feature}"):
+        inflate_unet(unet)
+
+
+def test_sparse_causal_attention_refuses_a_mask(oracle_video_unet) -> None:  # type: ignore[no-untyped-def]
+    block = oracle_video_unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    assert isinstance(block.attn1.processor, SparseCausalAttnProcessor)
+    hidden = torch.randn(2, 4, block.attn1.query_dim)
+    with pytest.raises(ValueError, match="attention mask"):
+        block.attn1.processor(block.attn1, hidden, attention_mask=torch.zeros(2, 4, 4))

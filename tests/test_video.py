@@ -45,7 +45,7 @@ def test_selects_every_stride_th_frame_from_start() -> None:
 
 
 def test_fps_is_source_rate_over_stride() -> None:
-    clip = read_clip(CLIP, FrameSelection(frames=2, stride=2), FrameSize(64, 64))
+    clip = read_clip(CLIP, FrameSelection(frames=2, stride=2), FrameSize(width=64, height=64))
     assert clip.fps == Fraction(30000, 1001) / 2
 
 
@@ -53,8 +53,8 @@ def test_crop_keeps_aspect_ratio_and_stretch_squeezes(tmp_path: Path) -> None:
     path = tmp_path / "bands.mp4"
     _write_bands(path)
     selection = FrameSelection(frames=1, stride=1)
-    cropped = read_clip(path, selection, FrameSize(32, 32, "crop")).frames[0].astype(int)
-    stretched = read_clip(path, selection, FrameSize(32, 32, "stretch")).frames[0].astype(int)
+    cropped = read_clip(path, selection, FrameSize(width=32, height=32, resize="crop")).frames[0].astype(int)
+    stretched = read_clip(path, selection, FrameSize(width=32, height=32, resize="stretch")).frames[0].astype(int)
     assert cropped[:, :, 1].mean() > 150 and cropped[:, :, 0].mean() < 40  # only the green centre band
     assert stretched[:, 2, 0].mean() > 150 and stretched[:, -3, 2].mean() > 150  # all three bands
 
@@ -69,13 +69,13 @@ def test_reads_other_containers(tmp_path: Path, suffix: str) -> None:
         images[0].save(path, save_all=True, append_images=images[1:], duration=100, loop=0)
     else:
         _write_bands(path)
-    clip = read_clip(path, FrameSelection(frames=3, stride=2), FrameSize(16, 24))
+    clip = read_clip(path, FrameSelection(frames=3, stride=2), FrameSize(width=16, height=24))
     assert clip.frames.shape == (3, 24, 16, 3)
 
 
 def test_too_few_frames_says_how_many_and_what_fits() -> None:
     with pytest.raises(TavError) as error:
-        read_clip(CLIP, FrameSelection(frames=30, stride=2), FrameSize(64, 64))
+        read_clip(CLIP, FrameSelection(frames=30, stride=2), FrameSize(width=64, height=64))
     assert "48 frames" in error.value.message and "needs 59" in error.value.message
     assert error.value.hint is not None and "--frames 24 --stride 2" in error.value.hint
 
@@ -91,7 +91,7 @@ def test_too_few_frames_says_how_many_and_what_fits() -> None:
 )
 def test_bad_inputs_raise_clear_errors(tmp_path: Path, make, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(TavError, match=message):
-        read_clip(make(tmp_path), FrameSelection(frames=1), FrameSize(64, 64))
+        read_clip(make(tmp_path), FrameSelection(frames=1), FrameSize(width=64, height=64))
 
 
 def test_snap_to_multiple_of_eight() -> None:
@@ -143,6 +143,8 @@ def test_display_rotation_is_applied(tmp_path: Path) -> None:
         pixels[:, :32] = 255  # left half white
         for packet in [*stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")), *stream.encode()]:
             container.mux(packet)
-    frame = read_clip(path, FrameSelection(frames=1, stride=1), FrameSize(32, 64, "stretch")).frames[0]
+    frame = read_clip(
+        path, FrameSelection(frames=1, stride=1), FrameSize(width=32, height=64, resize="stretch")
+    ).frames[0]
     assert frame.shape == (64, 32, 3)
     assert frame[:24].mean() < 40 and frame[40:].mean() > 215  # the left half turned to the bottom

@@ -238,16 +238,16 @@ def check_frames(job: Job) -> None:
     its clip so before loading anything); reads the clip's header (and decodes it if that has no count)."""
     from tavcli.media.video import frame_count, probe
 
-    tuned = FrameSelection(*(job.tune.get(name, TUNE[name].default) for name in ("frames", "stride", "start")))
+    tuned = FrameSelection(**{name: job.tune.get(name, TUNE[name].default) for name in ("frames", "stride", "start")})
     probe(job.clip, tuned)
     chosen = {name: job.edit[name] for name in ("frames", "stride", "start") if name in job.edit}
     if not chosen:
         return  # the tuned frames: just checked
     count = frame_count(job.clip)
     names = Names("edit")
-    selection = FrameChoice(chosen.get("frames"), chosen.get("stride"), chosen.get("start")).selection(
-        tuned, lambda: count, names
-    )
+    selection = FrameChoice(
+        frames=chosen.get("frames"), stride=chosen.get("stride"), start=chosen.get("start")
+    ).selection(tuned, lambda: count, names)
     if selection.last_index >= count:
         given = [names.given(name, value) for name, value in chosen.items()]
         fields = given[0] if len(given) == 1 else "fields " + ", ".join(g.removeprefix("field ") for g in given)

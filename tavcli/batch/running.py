@@ -130,16 +130,16 @@ def _tune_request(job: Job, reporter: Reporter) -> TuneRequest:
         job.prompt,
         job.project,
         job.model,
-        FrameSelection(options["frames"], options["stride"], options["start"]),
+        FrameSelection(frames=options["frames"], stride=options["stride"], start=options["start"]),
         frame_size(options["width"], options["height"], options["resize"], reporter),
         TuneSettings(
-            options["steps"],
-            options["lr"],
-            options["seed"],
-            job.tune.get("gradient_checkpointing", False),
-            options["checkpoint_every"],
-            options["save_precision"],
-            options["rank"],
+            steps=options["steps"],
+            learning_rate=options["lr"],
+            seed=options["seed"],
+            gradient_checkpointing=job.tune.get("gradient_checkpointing", False),
+            checkpoint_every=options["checkpoint_every"],
+            save_precision=options["save_precision"],
+            rank=options["rank"],
         ),
         options["frame_norm"],
     )
@@ -154,7 +154,9 @@ def _preview(job: Job) -> Preview | None:
 def _edit_request(job: Job, tune_key: str) -> EditRequest:
     """The job's edits as `tav edit` would make them, of the job's tune and its inversion."""
     edit = {name: job.edit.get(name, option.default) for name, option in EDIT.items()}
-    settings = EditSettings(edit["steps"], edit["guidance"], edit["negative"], edit["seed"], edit["eta"])
+    settings = EditSettings(
+        steps=edit["steps"], guidance=edit["guidance"], negative=edit["negative"], seed=edit["seed"], eta=edit["eta"]
+    )
     return EditRequest(
         job.project,
         list(job.edits),
@@ -168,7 +170,7 @@ def _edit_request(job: Job, tune_key: str) -> EditRequest:
         ),
         tune_key,
         *_inversion(job),
-        frames=FrameChoice(*(edit[name] for name in ("frames", "stride", "start", "window"))),
+        frames=FrameChoice(**{name: edit[name] for name in ("frames", "stride", "start", "window")}),
         loras=tuple((Path(path), scale) for path, scale in map(split_lora, job.edit.get("lora", ()))),
     )
 

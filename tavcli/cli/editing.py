@@ -67,7 +67,7 @@ def invert(
     """
     from tavcli.settings.requests import FrameChoice
 
-    choice = FrameChoice(frames, stride, start, window)
+    choice = FrameChoice(frames=frames, stride=stride, start=start, window=window)
     project_dir = setup.existing_project(project)
     chosen = setup.settings(project_dir, device=device, precision=precision)
     session = setup.session(chosen, allow_pickle, compile_unet)
@@ -210,13 +210,13 @@ def edit(
     request = EditRequest(
         setup.existing_project(project),
         prompts or [],
-        EditSettings(steps, guidance, negative, seed, eta),
+        EditSettings(steps=steps, guidance=guidance, negative=negative, seed=seed, eta=eta),
         out,
         fmt,
         fps,
         batch_size,
         control_spec(control, control_model, control_video, control_scale),
-        frames=FrameChoice(frames, stride, start, window),
+        frames=FrameChoice(frames=frames, stride=stride, start=start, window=window),
         tune_step=tune_step,
         loras=tuple(map(lora_path, lora or [])),
     )

@@ -136,9 +136,17 @@ def tune(
         prompt,
         project_dir,
         setup.model_for(chosen, lora or [], revision, variant),
-        FrameSelection(frames, stride, start),
+        FrameSelection(frames=frames, stride=stride, start=start),
         frame_size(width, height, resize, output.RichReporter()),
-        TuneSettings(steps, lr, seed, gradient_checkpointing, checkpoint_every, save_precision, rank),
+        TuneSettings(
+            steps=steps,
+            learning_rate=lr,
+            seed=seed,
+            gradient_checkpointing=gradient_checkpointing,
+            checkpoint_every=checkpoint_every,
+            save_precision=save_precision,
+            rank=rank,
+        ),
         frame_norm,
     )
     probe(video, request.selection)  # a bad or short clip is reported before anything heavy loads
@@ -241,9 +249,11 @@ def import_reference(
         text,
         project_dir,
         setup.model_for(chosen, (), revision, variant),
-        FrameSelection(given(frames, "frames"), given(stride, "stride"), given(start, "start")),
+        FrameSelection(frames=given(frames, "frames"), stride=given(stride, "stride"), start=given(start, "start")),
         frame_size(given(width, "width"), given(height, "height"), "stretch", output.RichReporter()),
-        TuneSettings(given(None, "steps"), given(None, "lr", "learning_rate"), given(None, "seed")),
+        TuneSettings(
+            steps=given(None, "steps"), learning_rate=given(None, "lr", "learning_rate"), seed=given(None, "seed")
+        ),
     )
     probe(clip_path, request.selection)
     session = setup.session(chosen, allow_pickle)

@@ -42,7 +42,12 @@ TRAINABLE_MODULE_SUFFIXES = ("attn1.to_q", "attn2.to_q", "attn_temp")
 
 @dataclass
 class ClipLayout:
-    """How many frames each clip in the folded batch has; set by `VideoUNet.forward`."""
+    """How many frames each clip in the folded batch has; set by `VideoUNet.forward`.
+
+    A side channel, shared by every inflated module of one UNet and read during its forward: one
+    forward at a time per UNet (nested or concurrent calls on one UNet from several threads would see
+    each other's frame count). tavcli calls each UNet from one thread, one call at a time.
+    """
 
     frames: int = 1
 
@@ -116,6 +121,26 @@ class SparseCausalAttnProcessor:
     def __init__(self, layout: ClipLayout) -> None:
         self.layout = layout
 
+    @staticmethod
+    def check_supported(attn: Attention) -> None:
+        """Refuse an attention using what this processor does not compute (all inert in SD 1.x and 2.x)."""
+        used = [
+            name
+            for name, inert in (
+                ("spatial_norm", attn.spatial_norm is None),
+                ("group_norm", attn.group_norm is None),
+                ("norm_q", attn.norm_q is None),
+                ("norm_k", attn.norm_k is None),
+                ("residual_connection", not attn.residual_connection),
+                ("rescale_output_factor", attn.rescale_output_factor == 1.0),
+            )
+            if not inert
+        ]
+        if used:
+            raise ValueError(
+                f"sparse-causal attention does not support {', '.join(used)} (an SD 1.x/2.x UNet has none)"
+            )
+
     def __call__(
         self,
         attn: Attention,
@@ -124,6 +149,8 @@ class SparseCausalAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
+        if attention_mask is not None:  # SD's self-attention has no mask; one here would be silently dropped
+            raise ValueError("sparse-causal attention does not support an attention mask")
         frames = self.layout.frames
         folded, n, _ = hidden_states.shape
         clips = folded // frames
@@ -200,6 +227,9 @@ def inflate_unet(unet: UNet2DConditionModel, frame_norm: FrameNorm = "joint", se
     """
     if frame_norm not in ("joint", "frame"):
         raise ValueError(f"frame_norm must be 'joint' or 'frame', not {frame_norm!r}")
+    for block in unet.modules():
+        if isinstance(block, BasicTransformerBlock):
+            SparseCausalAttnProcessor.check_supported(block.attn1)  # it becomes sparse-causal
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -67,7 +67,7 @@ class Names:
 FLAGS = Names()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FrameSelection:
     """Which frames to take: `frames` of them, every `stride`-th, from frame `start` (0-based)."""
 
@@ -87,7 +87,7 @@ class FrameSelection:
         return self.start <= index <= self.last_index and (index - self.start) % self.stride == 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FrameSize:
     """Output frame size in pixels (multiples of 8) and how to fit the source into it."""
 
@@ -101,7 +101,7 @@ def snap_to_multiple(value: int, multiple: int = SIZE_MULTIPLE) -> int:
     return max(multiple, (value + multiple // 2) // multiple * multiple)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TuneSettings:
     """The reference's defaults: 500 AdamW steps at lr 3e-5, seed 33."""
 
@@ -119,7 +119,7 @@ class TuneSettings:
         check_fields(TUNE, {**values, **stored}, "tune settings")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Preview:
     """`tav tune --preview`: keep the state every `every` steps, render `prompt` from each with `steps` DDIM steps."""
 
@@ -151,7 +151,7 @@ def preview_choice(
     if not prompt.strip():
         raise OptionError(f"{names('preview')} is empty: it is the prompt the previews render", "give it some text")
     every = TUNE["preview_every"].default if every is None else every
-    return Preview(prompt, every, TUNE["preview_steps"].default if steps is None else steps)
+    return Preview(prompt=prompt, every=every, steps=TUNE["preview_steps"].default if steps is None else steps)
 
 
 def frame_size(width: int, height: int, resize: ResizeMode, reporter: Reporter) -> FrameSize:
@@ -182,7 +182,7 @@ class TuneRequest:
         require_folder(self.project, "--project")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EditSettings:
     """DDIM sampling settings of an edit (the reference's: 50 steps, guidance 12.5, eta 0)."""
 
@@ -224,7 +224,7 @@ def control_spec(kind: str | None, model: str | None, video: Path | None, scale:
     return ControlSpec(kind, model, video, scale)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FrameChoice:
     """The frames `tav invert`/`tav edit` work on: each field None takes the tuned selection's; `frames`
     may be "all" (the clip's whole length from `start`). `window` frames per UNet call (None: all at once)."""

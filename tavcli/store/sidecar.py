@@ -150,7 +150,7 @@ def recorded_edit(sidecar: Path, out: Path | None = None) -> RecordedEdit:
             video = None if used["video"] is None else Path(used["video"])
             control = ControlSpec(used["kind"], used["model"], video, used["scale"])
         chosen = record.get("frames") or {}
-        frames = FrameChoice(*(chosen.get(name) for name in ("frames", "stride", "start", "window")))
+        frames = FrameChoice(**{name: chosen.get(name) for name in ("frames", "stride", "start", "window")})
         loras = tuple((Path(lora["path"]), float(lora["scale"])) for lora in record.get("loras", []))
         request = EditRequest(
             Path(record["project"]),

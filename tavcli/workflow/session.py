@@ -249,7 +249,7 @@ def encode_latents(
 def recorded_frames(clip: dict[str, Any]) -> tuple[FrameSelection, FrameSize]:
     """The selection and size of a latents entry's clip facts (as `encode_latents` records them)."""
     selection = FrameSelection(frames=clip["frames"], stride=clip["stride"], start=clip["start"])
-    return selection, FrameSize(clip["width"], clip["height"], clip["resize"])
+    return selection, FrameSize(width=clip["width"], height=clip["height"], resize=clip["resize"])
 
 
 def source_frames(session: Session, latents: Entry, clip: dict[str, Any]) -> np.ndarray:

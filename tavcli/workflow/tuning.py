@@ -114,9 +114,7 @@ def _render_preview(
     return artifact
 
 
-def _tune(
-    session: Session, request: TuneRequest, force: bool, fresh: bool, current: bool
-) -> tuple[Artifact, Artifact]:
+def _tune(session: Session, request: TuneRequest, force: bool, fresh: bool, current: bool) -> tuple[Artifact, Artifact]:
     """The clip's latents and one tune of `request.settings.steps` steps (`fresh`: training ignores checkpoints;
     `current`: it becomes the project's current tune)."""
     resolved = _resolve(session, request)
