@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tavcli import workflow
 from tavcli.batch.jobs import Job, JobProblem
 from tavcli.errors import TavError, first_line, interruption
 from tavcli.models.names import split_lora
@@ -183,8 +184,6 @@ def _inversion(job: Job) -> tuple[int, str]:
 
 def _job_artifacts(session: Any, job: Job, stage: list[str]) -> Any:
     """The job's artifacts as its tune, inversion and edits finish; `stage[0]` names the step under way."""
-    from tavcli import workflow
-
     force = bool(job.tune.get("force", False))
     scorer = None
     if job.tune.get("eval"):
@@ -209,8 +208,6 @@ def _job_artifacts(session: Any, job: Job, stage: list[str]) -> Any:
 
 def plan_jobs(session: Any, jobs: list[Job]) -> list[dict[str, Any]]:
     """What running `jobs` would reuse and what it would compute, without computing anything."""
-    from tavcli import workflow
-
     rows = []
     for job in jobs:
         force = bool(job.tune.get("force", False))

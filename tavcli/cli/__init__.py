@@ -19,6 +19,7 @@ import typer
 
 from tavcli import __version__
 from tavcli.cli import batch, editing, store, tuning
+from tavcli.cores import choose_wait_policy
 from tavcli.errors import Interrupted, TavError, interruption
 
 __all__ = ["app", "main"]
@@ -96,8 +97,6 @@ def main() -> None:
     File-system failures (permissions, a full disk) are the environment's, not bugs: one line too.
     Ctrl-C and SIGTERM stop with status 130 and a note that finished work is kept.
     """
-    from tavcli.cores import choose_wait_policy
-
     choose_wait_policy()  # before torch loads: OpenMP reads it once
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -12,7 +12,7 @@ from rich.markup import escape
 from tavcli.cli import output, setup
 from tavcli.cli.options import DryRunOpt, JsonOpt, ProjectOpt, QuietOpt, YesOpt
 from tavcli.errors import TavError
-from tavcli.settings.config import Setting
+from tavcli.settings.config import PROJECT_FILE, Setting, as_dict, chosen_project, user_config_path
 
 if TYPE_CHECKING:
     from tavcli.store.housekeeping import Listing
@@ -159,8 +159,6 @@ def show_config(project: ProjectOpt = None, as_json: JsonOpt = False, quiet: Qui
     """
     from rich import box
     from rich.table import Table
-
-    from tavcli.settings.config import PROJECT_FILE, as_dict, chosen_project, user_config_path
 
     chosen = chosen_project(project)
     project_dir = Path(chosen.value or "") if chosen else None

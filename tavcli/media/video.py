@@ -8,11 +8,12 @@ from pathlib import Path
 
 import av
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 from tavcli.choices import OutputFormat
 from tavcli.errors import TavError
 from tavcli.files.atomic import atomic_path
+from tavcli.media.captions import drawable
 from tavcli.settings.inputs import require_regular_file
 from tavcli.settings.options import GIF_MAX_FPS
 from tavcli.settings.requests import FrameSelection, FrameSize
@@ -183,10 +184,6 @@ def contact_sheet(clips: list[np.ndarray], captions: list[str]) -> Image.Image:
 
 def _caption(text: str, width: int) -> np.ndarray:
     """A white strip with `text` in black, clipped to `width` pixels."""
-    from PIL import ImageDraw
-
-    from tavcli.media.captions import drawable
-
     image = Image.new("RGB", (width, CAPTION_HEIGHT), "white")
     shown, font = drawable(text)
     ImageDraw.Draw(image).text((3, 1), shown, fill="black", font=font)

@@ -1,4 +1,6 @@
-"""Training the tuned tensors on a clip's latents: loss, AdamW, stop requests, divergence (docs/method.md, "Tuning")."""
+"""Training the tuned tensors on a clip's latents (docs/method.md, "Tuning"): `train_delta` runs a
+`TrainingRun` (loss, AdamW, stop requests, divergence) and returns a `TrainState`, everything a resumed run
+needs, which also says what a checkpoint file holds (`TrainState.as_file`)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, SchedulerMixin
+from torch import nn
 
 from tavcli.errors import Interrupted, TavError
 from tavcli.method.low_rank import low_rank_parameters
@@ -127,42 +130,29 @@ def train_delta(
 ) -> TrainState:
     """Train `unet`'s tunable projections on one clip (from `resume`, if given) and return the final state.
 
-    Each step samples a latent from the VAE posterior (mean + std * n), noises it at a uniformly
-    random timestep and regresses the UNet output on the noise (or on the velocity for
-    v-prediction models): the standard latent-diffusion loss with the reference's AdamW settings.
-    `save` receives the state every `run.save_every` steps and, when `stop_requested()`
-    turns true, at the end of the current step, after which `Interrupted` is raised.
+    The clip's VAE posterior is (mean, std), each (1, 4, f, h/8, w/8); `prompt_embeds` is (1, n, d). Each
+    step draws, from one seeded generator and in this order,
+
+        z = s * (mean + std * n),   n ~ N(0, I)        (s: the VAE's scaling factor)
+        eps ~ N(0, I),   t ~ U{0, ..., T-1}            (T: the scheduler's training timesteps)
+        z_t = sqrt(abar_t) * z + sqrt(1 - abar_t) * eps
+
+    and takes one AdamW step (the reference's settings, gradients clipped to norm 1) on
+
+        loss = mean((unet(z_t, t, prompt) - y)^2),   y = eps, or v = sqrt(abar_t) * eps - sqrt(1 - abar_t) * z
+                                                      for v-prediction models (SD 2.x-v).
+
+    `save` receives the state every `run.save_every` steps and, when `stop_requested()` turns true, at the
+    end of the current step, after which `TuneInterrupted` is raised.
     """
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
-    model = runtime.prepare(unet)  # what is called; `unet` names the parameters
-    params = low_rank_parameters(unet) or trainable_parameters(unet)  # the adapters, when the tune has them
-    unet.requires_grad_(False)
-    for param in params.values():
-        param.requires_grad_(True)
-    unet.train()
-    if run.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()  # non-reentrant in diffusers: every tensor still gets a gradient
-    # Fused AdamW on GPUs: one kernel for all tensors (same update, fewer launches).
-    optimizer = torch.optim.AdamW(
-        params.values(),
-        lr=run.learning_rate,
-        betas=(0.9, 0.999),
-        weight_decay=1e-2,
-        eps=1e-8,
-        fused=runtime.device.type == "cuda",
-    )
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
+    # 1. What trains: the adapters when the tune has them, else the tuned projections.
+    params = _start_training(unet, run.gradient_checkpointing)
+    # 2. The optimizer, the fp16 loss scaler and the generator, where `resume` left them.
+    optimizer, scaler = _optimizer(params, run.learning_rate, runtime)
     generator = runtime.generator(run.seed)
-    num_timesteps = noise_scheduler.config.num_train_timesteps
-    step, losses = 0, []
-    if resume is not None:
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(resume.params[name])
-        optimizer.load_state_dict(resume.optimizer)
-        scaler.load_state_dict(resume.scaler)
-        generator.set_state(resume.rng.cpu())
-        step, losses = resume.step, list(resume.losses)
+    step, losses = _restore(resume, params, optimizer, scaler, generator)
+    model = runtime.prepare(unet)  # what is called; `unet` names the parameters
 
     def state() -> TrainState:
         if not all(bool(torch.isfinite(param).all()) for param in params.values()):
@@ -177,24 +167,13 @@ def train_delta(
             losses=list(losses),
         )
 
+    # 3. The steps: loss, its check (the one host sync per step), update, checkpoint or stop.
     while step < run.steps:
-        latents = (latent_mean + latent_std * _randn(latent_mean, generator)) * scaling_factor
-        noise = _randn(latents, generator)
-        timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        target = training_target(noise_scheduler, latents, noise, timesteps)
-        with runtime.autocast():
-            prediction = model(noisy, timesteps, prompt_embeds).sample
-        loss = F.mse_loss(prediction.float(), target.float())
+        loss = _loss(model, noise_scheduler, latent_mean, latent_std, scaling_factor, prompt_embeds, generator, runtime)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise TuneDiverged(f"the loss is {loss_value}", step + 1, run, runtime.precision)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params.values(), max_norm=1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        _update(loss, params, optimizer, scaler)
         step += 1
         losses.append(loss_value)
         advance(loss=losses[-1])
@@ -205,10 +184,92 @@ def train_delta(
             if run.save_every and step % run.save_every == 0:
                 save(state())
 
+    # 4. Back to inference.
     unet.eval()
     unet.disable_gradient_checkpointing()
     unet.requires_grad_(False)
     return state()
+
+
+def _start_training(unet: VideoUNet, gradient_checkpointing: bool) -> dict[str, nn.Parameter]:
+    """Make only the trained tensors require grad and put `unet` in training mode; return those tensors."""
+    params = low_rank_parameters(unet) or trainable_parameters(unet)
+    unet.requires_grad_(False)
+    for param in params.values():
+        param.requires_grad_(True)
+    unet.train()
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()  # non-reentrant in diffusers: every tensor still gets a gradient
+    return params
+
+
+def _optimizer(
+    params: dict[str, nn.Parameter], learning_rate: float, runtime: Runtime
+) -> tuple[torch.optim.AdamW, torch.amp.GradScaler]:
+    """The reference's AdamW (fused on GPUs: one kernel for all tensors, the same update) and a loss scaler
+    that is active only in fp16."""
+    optimizer = torch.optim.AdamW(
+        params.values(),
+        lr=learning_rate,
+        betas=(0.9, 0.999),
+        weight_decay=1e-2,
+        eps=1e-8,
+        fused=runtime.device.type == "cuda",
+    )
+    return optimizer, torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
+
+
+def _restore(
+    resume: TrainState | None,
+    params: dict[str, nn.Parameter],
+    optimizer: torch.optim.AdamW,
+    scaler: torch.amp.GradScaler,
+    generator: torch.Generator,
+) -> tuple[int, list[float]]:
+    """Put the tensors, optimizer, scaler and generator where `resume` left them; its step and losses."""
+    if resume is None:
+        return 0, []
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(resume.params[name])
+    optimizer.load_state_dict(resume.optimizer)
+    scaler.load_state_dict(resume.scaler)
+    generator.set_state(resume.rng.cpu())
+    return resume.step, list(resume.losses)
+
+
+def _loss(
+    model: Callable[..., Any],
+    noise_scheduler: DDPMScheduler,
+    latent_mean: torch.Tensor,
+    latent_std: torch.Tensor,
+    scaling_factor: float,
+    prompt_embeds: torch.Tensor,
+    generator: torch.Generator,
+    runtime: Runtime,
+) -> torch.Tensor:
+    """One step's loss (see `train_delta`), its draws taken from `generator` in the documented order."""
+    latents = (latent_mean + latent_std * _randn(latent_mean, generator)) * scaling_factor
+    noise = _randn(latents, generator)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    timesteps = timesteps.to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    target = training_target(noise_scheduler, latents, noise, timesteps)
+    with runtime.autocast():
+        prediction = model(noisy, timesteps, prompt_embeds).sample
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def _update(
+    loss: torch.Tensor, params: dict[str, nn.Parameter], optimizer: torch.optim.AdamW, scaler: torch.amp.GradScaler
+) -> None:
+    """Backward (scaled in fp16), gradients clipped to norm 1 after unscaling, one optimizer step."""
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params.values(), max_norm=1.0)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
 @contextmanager

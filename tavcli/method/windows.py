@@ -51,7 +51,15 @@ class Windows:
 
 
 def _blend_weights(spans: list[list[int]], frames: int) -> torch.Tensor:
-    """(windows, frames) float32 weights, each frame's column summing to 1 (zero where a window lacks it)."""
+    """(windows, frames) float32 weights w, each frame's column summing to 1 (zero where a window lacks it).
+
+    For frame f at position j of window k's run of L frames (the span without frame 0), sharing h frames
+    with window k-1 and t with window k+1:
+
+        u[k, f] = min(1, (j + 1) / (h + 1), (L - j) / (t + 1)),   w[k, f] = u[k, f] / sum_k' u[k', f]
+
+    and frame 0 comes from window 0 alone. The blended prediction of frame f is sum_k w[k, f] * out_k[f].
+    """
     runs = [span[1:] for span in spans]
     shared = [len(set(a) & set(b)) for a, b in pairwise(runs)]
     weights = torch.zeros(len(spans), frames)

@@ -1,13 +1,7 @@
-"""LoRAs: loading one onto a model's modules (fused into a tune's base, or applied for one edit), and what
-goes wrong with a file.
-
-Styles at edit time: LoRAs applied on top of a tuned model for one edit, then taken off again.
-
-A tuned model's `to_q` projections are the tune's own tensors, so a LoRA fused into the base model
-before the tune's delta is loaded would lose its `to_q` part. Here the LoRAs are loaded as peft
-adapters onto the tuned video UNet (and the text encoder, when the file has text-encoder weights):
-each adapted layer computes its own weights, tuned ones included, plus scale * B @ A. Nothing is
-fused, so the shared base weights never change, and unloading restores the exact tuned model.
+"""LoRAs, all of their loading in one place: onto a model's modules as peft adapters, fused into the base
+weights of a model named with `lora=PATH:SCALE` (`fuse_loras`, before a tune), or applied to a tuned model
+for one edit (`applied_loras`); and what a file that does not fit this model says about the base it was
+made for.
 """
 
 from __future__ import annotations
@@ -145,7 +139,14 @@ def fuse_loras(source: ModelSource, *parts: Any) -> None:
 
 @contextmanager
 def applied_loras(components: Components, unet: nn.Module, loras: tuple[tuple[Path, float], ...]) -> Iterator[None]:
-    """Within the block, `unet` and `components.text_encoder` carry `loras` (path, scale), in order."""
+    """Within the block, `unet` and `components.text_encoder` carry `loras` (path, scale), in order.
+
+    Styles at edit time: a tuned model's `to_q` projections are the tune's own tensors, so a LoRA fused into
+    the base model before the tune's delta is loaded would lose its `to_q` part. Here the LoRAs are peft
+    adapters on the tuned video UNet (and the text encoder, when the file has text-encoder weights): each
+    adapted layer computes its own weights, tuned ones included, plus scale * B @ A. Nothing is fused, so
+    the shared base weights never change, and unloading restores the exact tuned model.
+    """
     if not loras:
         yield
         return

@@ -1,5 +1,6 @@
 """Finding a Stable Diffusion model: a hub id, a local diffusers folder, a single-file checkpoint, or the
-built-in `tiny`, each turned into a local diffusers folder and the identity of its weights.
+built-in `tiny`, each turned into a local diffusers folder and the identity of its weights; the weights
+variant it loads (`variant_of`) and the weight files of each part (`weight_files`, `COMPONENTS`).
 
 `tiny` is built once from the configs in `tavcli/tiny/` with seeded random weights, and a single-file
 checkpoint is converted once by diffusers' single-file loading; both are saved with `save_pretrained`

@@ -1,8 +1,9 @@
-"""Resumable training states: one safetensors file per saved step of a tune run, written and read here.
+"""Checkpoint files: one safetensors file per saved step of a tune run, its layout, writing, reading and damage.
 
 A run is a tune's inputs except its step count (`workflow.keys.tune_run`); its states live in
-`checkpoints/RUN/step-N.safetensors` and each file describes itself (step, losses, AdamW state,
-RNG state, the run's spec), so a resumed tune equals an uninterrupted one bit for bit on a CPU.
+`checkpoints/RUN/step-N.safetensors`, each file naming its run in its metadata. What a state holds (named
+tensors and string metadata: step, losses, AdamW and scaler state, RNG state) is the method's
+(`method/training.TrainState.as_file` and `from_file`); `workflow/tuning.load_train_state` joins the two.
 """
 
 from __future__ import annotations

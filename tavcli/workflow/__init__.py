@@ -20,8 +20,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Where the names below live, torch-free modules first; each name is imported on first use (code
-# inside tavcli imports the modules themselves).
+# Where the names below live, torch-free modules (requests, keys) first; each name is imported on first use
+# (code inside tavcli imports the modules themselves).
 MODULES = (
     "tavcli.settings.requests",
     "tavcli.workflow.keys",
@@ -67,5 +67,6 @@ def __getattr__(name: str) -> Any:
         for path in MODULES:
             module = importlib.import_module(path)
             if name in module.__all__:
-                return getattr(module, name)
+                value = globals()[name] = getattr(module, name)  # found once
+                return value
     raise AttributeError(f"module 'tavcli.workflow' has no attribute {name!r}")

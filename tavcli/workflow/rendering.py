@@ -1,4 +1,5 @@
-"""Outputs: an edit's clip (its name, frame rate and reuse), grids and contact sheets."""
+"""Outputs: an edit's clip (its name, frame rate and reuse), grids and contact sheets, and their CLIP
+scores written into the sidecars (`evaluate_output`, `score_edit`)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
 from tavcli import __version__
 from tavcli.choices import OutputFormat
 from tavcli.errors import TavError
 from tavcli.files.atomic import atomic_path
+from tavcli.media.plots import loss_curve
 from tavcli.media.video import (
     contact_sheet,
     read_frames,
@@ -137,10 +140,6 @@ PREVIEW_FRAMES = 8  # frames per row of a preview sheet: enough to see the motio
 def render_preview_sheet(session: Session, project_root: Path, tuned: Artifact, previews: list[Artifact]) -> Artifact:
     """One PNG for choosing a step count: the tune's loss curve, the kept steps marked, above a row of frames of
     each preview (its step and CLIP scores as caption), with a sidecar naming the previews' edits."""
-    from PIL import Image
-
-    from tavcli.media.plots import loss_curve
-
     started = time.perf_counter()
     project = session.project(project_root)
     tune_entry = project.find("tunes", tuned.key)

@@ -1,4 +1,6 @@
-"""The session: models loaded in this process, and the project, tune and prompt embeddings a command works on."""
+"""The session: models loaded in this process (the UNet held as sampling or training needs it, tuned UNets
+with their deltas or low-rank tunes folded in), and the project, tune, prompt embeddings, clip latents and
+source frames a command works on."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from diffusers import UNet2DConditionModel
 
 from tavcli.errors import TavError
 from tavcli.media.video import read_clip
+from tavcli.method.low_rank import add_low_rank_adapters, load_low_rank, merge_low_rank, temporal_init_digest
 from tavcli.method.vae import decode_latents, encode_clip
 from tavcli.method.video_unet import VideoUNet, inflate_unet
 from tavcli.models.loading import encode_prompts, load_components
@@ -178,8 +181,6 @@ def _apply_low_rank(
 ) -> None:
     """Fold a low-rank tune into `unet`, inflated with the tune's seed: its temporal layers must start where the
     tune's did (they are re-created, not stored), which the digest recorded at tuning time checks."""
-    from tavcli.method.low_rank import add_low_rank_adapters, load_low_rank, merge_low_rank, temporal_init_digest
-
     if digest != temporal_init_digest(unet):
         raise TavError(
             f"the low-rank tune {path} cannot be rebuilt here: its temporal layers start from weights this "

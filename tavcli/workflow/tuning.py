@@ -1,4 +1,5 @@
-"""`tav tune` and `tav import`: the clip's latents (encoded once), the tune and its resumable training run."""
+"""`tav tune` and `tav import`: the clip's latents (encoded once), the tune and its resumable training run
+(checkpoints, the GPU memory pre-flight, `--dry-run`'s plan), and previews rendered while it trains."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import torch
 from tavcli import __version__
 from tavcli.errors import interruption
 from tavcli.files.hashing import file_sha256
+from tavcli.media.plots import loss_curve
 from tavcli.media.video import probe
 from tavcli.method.low_rank import add_low_rank_adapters, temporal_init_digest
 from tavcli.method.memory import card_fits, check_fits, probe_tune, tune_estimate
+from tavcli.method.reference import extract_delta, read_reference
 from tavcli.method.training import TrainingRun, TrainState, TuneInterrupted, stop_requests, train_delta
 from tavcli.method.video_unet import VideoUNet, inflate_unet
 from tavcli.models.resolving import variant_of, weight_files
@@ -26,6 +29,7 @@ from tavcli.settings.requests import EditRequest, EditSettings, Preview, TuneReq
 from tavcli.store.checkpoints import Checkpoints
 from tavcli.store.entry import TENSORS, Entry
 from tavcli.store.project import Project
+from tavcli.workflow.editing import edit
 from tavcli.workflow.keys import (
     latents_entry,
     tune_run,
@@ -101,8 +105,6 @@ def _render_preview(
     session: Session, project: Path, tuned: Artifact, preview: Preview, scorer: ClipScorer | None
 ) -> Artifact:
     """Render the preview prompt from one kept state: a short inversion and edit, the store's usual entries."""
-    from tavcli.workflow.editing import edit
-
     settings = EditSettings(steps=preview.steps)
     request = EditRequest(project, [preview.prompt], settings, tune_key=tuned.key, invert_steps=preview.steps)
     [artifact] = edit(session, request)
@@ -173,8 +175,6 @@ def _loss_png(losses: list[float], prompt: str) -> bytes:
     """The tune's loss per step as PNG bytes (stored in the tune's entry)."""
     from io import BytesIO
 
-    from tavcli.media.plots import loss_curve
-
     buffer = BytesIO()
     loss_curve(losses, title=f"{prompt!r}, {len(losses)} steps").save(buffer, format="PNG")
     return buffer.getvalue()
@@ -226,8 +226,6 @@ def tune_plan(session: Session, request: TuneRequest, force: bool = False, memor
 
 def import_tune(session: Session, folder: Path, request: TuneRequest) -> list[Artifact]:
     """Store the tuned tensors of a reference Tune-A-Video output folder as a tune of `request.clip`."""
-    from tavcli.method.reference import extract_delta, read_reference
-
     resolved = _resolve(session, request)
     run = read_reference(folder, session.allow_pickle)
     latents_artifact = _encode(session, resolved, request, force=False)
