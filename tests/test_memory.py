@@ -20,6 +20,7 @@ from tavcli.method.memory import (
     CUDA_CONTEXT,
     MAX_FRAMES,
     PROBE_FRAMES,
+    TuneWontFit,
     card_fits,
     check_fits,
     probe_activations,
@@ -29,6 +30,7 @@ from tavcli.method.memory import (
 )
 from tavcli.method.video_unet import inflate_unet, trainable_parameters
 from tavcli.runtime import Runtime
+from tavcli.workflow.remedies import settings_that_fit
 
 from .conftest import CLIP
 
@@ -157,7 +159,12 @@ def test_a_tune_that_does_not_fit_names_settings_that_do(oracle_unet2d) -> None:
     probes = probe_tune(unet, "fp32")
     estimate = tune_estimate(unet, probes, 24, 512, 512, checkpointing=False, precision="fp32")
     check_fits(estimate, probes, available=estimate.total)  # fits exactly: no error
-    with pytest.raises(TavError) as raised:
+    with pytest.raises(TuneWontFit) as wont:  # the method reports the changes that fit
+        check_fits(estimate, probes, available=int(estimate.total * 0.6))
+    assert {"checkpointing": True} in wont.value.fitting
+    frames = [changes["frames"] for changes in wont.value.fitting if set(changes) == {"frames"}]
+    assert len(frames) == 1 and 0 < int(str(frames[0])) < 24
+    with pytest.raises(TavError) as raised, settings_that_fit():  # the workflow words them as flags
         check_fits(estimate, probes, available=int(estimate.total * 0.6))
     assert "GiB is free" in raised.value.message
     assert raised.value.hint is not None and "--gradient-checkpointing" in raised.value.hint

@@ -41,6 +41,7 @@ __all__ = [
     "Probes",
     "SavedBytes",
     "card_fits",
+    "TuneWontFit",
     "check_fits",
     "probe_activations",
     "probe_tune",
@@ -244,30 +245,40 @@ def card_fits(estimate: MemoryEstimate, probes: Probes) -> dict[str, dict[str, i
     return fits
 
 
+class TuneWontFit(TavError):
+    """A tune's estimated peak exceeds the memory available. `fitting` lists changes that would fit, as
+    fields of the estimate (`{"checkpointing": True}`, `{"precision": "bf16"}`, `{"frames": 12}`,
+    `{"width": 384, "height": 384}`), for the caller to word in its own terms."""
+
+    def __init__(self, estimate: MemoryEstimate, available: int, fitting: list[dict[str, object]]) -> None:
+        gib = 2**30
+        super().__init__(
+            f"this tune needs about {estimate.total / gib:.1f} GiB but {available / gib:.1f} GiB is free: "
+            + estimate.describe(),
+            None if fitting else "use a GPU with more memory",
+        )
+        self.fitting = fitting
+
+
 def check_fits(estimate: MemoryEstimate, probes: Probes, available: int) -> None:
-    """Stop before a tune that would run out of memory, naming settings that would fit."""
+    """Stop before a tune that would run out of memory (`TuneWontFit`, with the changes that would fit)."""
     if estimate.total <= available:
         return
-    options: list[tuple[str, dict[str, object]]] = []
+    options: list[dict[str, object]] = []
     if not estimate.checkpointing:
-        options.append(("--gradient-checkpointing", {"checkpointing": True}))
+        options.append({"checkpointing": True})
     if estimate.precision == "fp32":
-        options.append(("--precision bf16", {"precision": "bf16"}))
-    suggestions = [flag for flag, changes in options if _changed(estimate, probes, **changes).total <= available]
+        options.append({"precision": "bf16"})
+    fitting = [changes for changes in options if _changed(estimate, probes, **changes).total <= available]
     fewer = _most_frames(estimate, probes, available, limit=estimate.frames - 1)
     if fewer:
-        suggestions.append(f"--frames {fewer}")
+        fitting.append({"frames": fewer})
     for size in (448, 384, 320, 256):
         smaller = size < max(estimate.height, estimate.width)
         if smaller and _changed(estimate, probes, height=size, width=size).total <= available:
-            suggestions.append(f"--width {size} --height {size}")
+            fitting.append({"width": size, "height": size})
             break
-    gib = 2**30
-    raise TavError(
-        f"this tune needs about {estimate.total / gib:.1f} GiB but {available / gib:.1f} GiB is free: "
-        + estimate.describe(),
-        ("try " + " or ".join(suggestions)) if suggestions else "use a GPU with more memory",
-    )
+    raise TuneWontFit(estimate, available, fitting)
 
 
 def _most_frames(

@@ -1,4 +1,5 @@
-"""What to try when a result is not finite, in the command line's terms (the method only reports what happened)."""
+"""What to try when a result is not finite or a tune would not fit, in the command line's terms (the method only
+reports what happened)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from tavcli.errors import TavError
+from tavcli.method.memory import TuneWontFit
 from tavcli.method.training import TuneDiverged
 
-__all__ = ["naming_remedies", "overflow_causes"]
+__all__ = ["naming_remedies", "overflow_causes", "settings_that_fit"]
 
 _FP16 = "fp16 may have overflowed: try --precision bf16 or fp32"
 _LORA = "a LoRA scale may be too large: try a smaller PATH:SCALE"
@@ -34,3 +36,27 @@ def naming_remedies(fused_loras: object) -> Iterator[None]:
         causes += [_FP16] if diverged.precision == "fp16" else []
         causes += [_LORA] if fused_loras else []
         raise TavError(diverged.message, "; ".join(causes)) from None
+
+
+# How each field of a memory estimate is set on the command line.
+_FLAGS = {"checkpointing": "--gradient-checkpointing", "precision": "--precision", "frames": "--frames"}
+
+
+@contextmanager
+def settings_that_fit() -> Iterator[None]:
+    """A tune that would not fit, stopped in the block, becomes one error naming the flags that would fit."""
+    try:
+        yield
+    except TuneWontFit as wont:
+        if not wont.fitting:
+            raise
+        raise TavError(wont.message, "try " + " or ".join(_as_flags(changes) for changes in wont.fitting)) from None
+
+
+def _as_flags(changes: dict[str, object]) -> str:
+    """`{"checkpointing": True}` -> `--gradient-checkpointing`; `{"width": 384, ...}` -> `--width 384 ...`."""
+    words = []
+    for field, value in changes.items():
+        flag = _FLAGS.get(field, f"--{field}")
+        words.append(flag if value is True else f"{flag} {value}")
+    return " ".join(words)

@@ -35,7 +35,7 @@ from tavcli.workflow.keys import (
     tune_run,
     tune_spec,
 )
-from tavcli.workflow.remedies import naming_remedies
+from tavcli.workflow.remedies import naming_remedies, settings_that_fit
 from tavcli.workflow.rendering import render_preview_sheet, score_edit
 from tavcli.workflow.session import Artifact, Session, encode_latents, prompt_embeddings
 
@@ -368,7 +368,8 @@ def _check_memory(unet: VideoUNet, shape: torch.Size, settings: TuneSettings, ru
     checkpointing, precision = settings.gradient_checkpointing, runtime.precision
     activations = probe_tune(unet, precision)
     estimate = tune_estimate(unet, activations, frames, height, width, checkpointing, precision)
-    check_fits(estimate, activations, _available(unet, runtime.device))
+    with settings_that_fit():
+        check_fits(estimate, activations, _available(unet, runtime.device))
 
 
 def _available(unet: VideoUNet, device: torch.device) -> int:
