@@ -304,7 +304,7 @@ def _unet_phase(args: argparse.Namespace, session: Any, model: str) -> dict[str,
         "tune_checkpointing": lambda: _tune(args, runtime, components, mean, std, embeds[:1], checkpointing=True),
         "inversion": lambda: _inversion(args, runtime, components, session.sampling_unet(model), mean, embeds[1:]),
         "sampling": lambda: _sampling(args, runtime, components, session.sampling_unet(model), mean, embeds),
-        "unet2d": lambda: _unet2d(args, session, model, mean, std, embeds),
+        "unet2d": lambda: _unet2d(args, session, components, mean, std, embeds),
     }[args.phase]
     return phase()
 
@@ -443,7 +443,7 @@ def _tuned_project(args: Any, model: str) -> Path:
     return project
 
 
-def _unet2d(args: Any, session: Any, model: str, latents: Any, std: Any, embeds: Any) -> dict:
+def _unet2d(args: Any, session: Any, components: Any, latents: Any, std: Any, embeds: Any) -> dict:
     """The same loops on the plain 2D UNet over the folded frames (b*f, c, h, w), through the same runtime:
     `train_delta` (compiled with --compile, fused AdamW on GPUs, the loss read each step) on the float32
     weights, then inversion and guided sampling with the weights as sampling holds them (`Session.sampling_unet`).
@@ -451,9 +451,8 @@ def _unet2d(args: Any, session: Any, model: str, latents: Any, std: Any, embeds:
     runtime, frames = session.runtime, latents.shape[2]
     folded, folded_std = _fold(latents), _fold(std)
     cond, uncond = embeds[:1].expand(frames, -1, -1), embeds[1:].expand(frames, -1, -1)
-    components = session.model_to_train(model)
     tune = _training_step_s(args, runtime, components.unet, components, folded, folded_std, cond)
-    unet, scheduler = runtime.prepare(session.sampling_unet(model).eval()), components.scheduler
+    unet, scheduler = runtime.prepare(session.sampling_unet(components.source.name).eval()), components.scheduler
     return {
         "unet2d_tune_step_s": tune,
         "unet2d_inversion_step_s": _inversion_step_s(args, runtime, unet, scheduler, folded, uncond),

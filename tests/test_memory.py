@@ -25,9 +25,9 @@ from tavcli.method.memory import (
     check_fits,
     probe_activations,
     probe_tune,
-    trained_parameters,
     tune_estimate,
 )
+from tavcli.method.training import trained_parameters
 from tavcli.method.video_unet import inflate_unet, trainable_parameters
 from tavcli.runtime import Runtime
 from tavcli.workflow.remedies import settings_that_fit

@@ -28,8 +28,8 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from tavcli.errors import TavError
-from tavcli.method.low_rank import low_rank_parameters
-from tavcli.method.video_unet import VideoUNet, trainable_parameters
+from tavcli.method.training import trained_parameters
+from tavcli.method.video_unet import VideoUNet
 from tavcli.runtime import Runtime
 
 __all__ = [
@@ -40,12 +40,11 @@ __all__ = [
     "MemoryEstimate",
     "Probes",
     "SavedBytes",
-    "card_fits",
     "TuneWontFit",
+    "card_fits",
     "check_fits",
     "probe_activations",
     "probe_tune",
-    "trained_parameters",
     "tune_estimate",
 ]
 
@@ -134,12 +133,6 @@ class MemoryEstimate:
             f"(weights {self.weights / gib:.1f}, gradients and AdamW {self.training_state / gib:.1f}, "
             f"activations {self.activations / gib:.1f}, +10%)"
         )
-
-
-def trained_parameters(unet: VideoUNet) -> dict[str, torch.nn.Parameter]:
-    """What a tune trains, as `train_delta` picks it: the low-rank adapters when attached (never peft's
-    frozen `base_layer` weights), otherwise Tune-A-Video's projections."""
-    return low_rank_parameters(unet) or trainable_parameters(unet)
 
 
 def probe_tune(unet: VideoUNet, precision: str) -> dict[str, ActivationProbe]:

@@ -31,6 +31,7 @@ __all__ = [
     "TrainState",
     "stop_requests",
     "train_delta",
+    "trained_parameters",
     "training_target",
 ]
 
@@ -191,9 +192,15 @@ def train_delta(
     return state()
 
 
+def trained_parameters(unet: VideoUNet) -> dict[str, nn.Parameter]:
+    """What a tune trains: the low-rank adapters when attached (never peft's frozen `base_layer` weights),
+    otherwise Tune-A-Video's projections."""
+    return low_rank_parameters(unet) or trainable_parameters(unet)
+
+
 def _start_training(unet: VideoUNet, gradient_checkpointing: bool) -> dict[str, nn.Parameter]:
     """Make only the trained tensors require grad and put `unet` in training mode; return those tensors."""
-    params = low_rank_parameters(unet) or trainable_parameters(unet)
+    params = trained_parameters(unet)
     unet.requires_grad_(False)
     for param in params.values():
         param.requires_grad_(True)

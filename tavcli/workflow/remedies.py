@@ -38,8 +38,8 @@ def naming_remedies(fused_loras: object) -> Iterator[None]:
         raise TavError(diverged.message, "; ".join(causes)) from None
 
 
-# How each field of a memory estimate is set on the command line.
-_FLAGS = {"checkpointing": "--gradient-checkpointing", "precision": "--precision", "frames": "--frames"}
+# The field of a memory estimate whose flag is not `--FIELD`.
+_FLAGS = {"checkpointing": "--gradient-checkpointing"}
 
 
 @contextmanager
