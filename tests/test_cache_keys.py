@@ -66,6 +66,7 @@ CHANGES: dict[str, tuple[Args, Args]] = {
     "--negative": (lambda p: [], lambda p: ["--negative", "blurry"]),
     "--seed": (lambda p: ["--eta", "0.5"], lambda p: ["--eta", "0.5", "--seed", "7"]),
     "--eta": (lambda p: [], lambda p: ["--eta", "0.5"]),
+    "--guidance-rescale": (lambda p: [], lambda p: ["--guidance-rescale", "0.7"]),
     "--format": (lambda p: [], lambda p: ["--format", "gif"]),
     "--fps": (lambda p: [], lambda p: ["--fps", "5"]),
     "--out": (lambda p: [], lambda p: ["--out", str(p["tmp"] / "elsewhere")]),

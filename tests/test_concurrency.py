@@ -100,7 +100,7 @@ def _pause(
 def _edit_request(project: Path, prompt: str) -> Any:
     from tavcli.settings.requests import EditRequest, EditSettings
 
-    return EditRequest(project, [prompt], EditSettings(steps=2))
+    return EditRequest(project=project, prompts=[prompt], settings=EditSettings(steps=2))
 
 
 def _edit(session: Any, request: Any) -> Any:
@@ -204,13 +204,13 @@ def test_rm_refuses_a_kept_tune_while_its_preview_tune_runs(
 
     project = tmp_path / "p.tav"
     request = TuneRequest(
-        CLIP,
-        "a man is skiing",
-        project,
-        "tiny",
-        FrameSelection(frames=2),
-        FrameSize(width=32, height=32),
-        TuneSettings(steps=2),
+        clip=CLIP,
+        prompt="a man is skiing",
+        project=project,
+        model="tiny",
+        selection=FrameSelection(frames=2),
+        size=FrameSize(width=32, height=32),
+        settings=TuneSettings(steps=2),
     )
     go_on = threading.Event()
     drawing = _pause(monkeypatch, tuning, "render_preview_sheet", "tune", go_on)  # every preview rendered

@@ -49,8 +49,8 @@ def test_a_preview_tune_and_a_batch_hold_one_tuned_unet(tmp_path: Path, monkeypa
     monkeypatch.setattr(Session, "tuned_unet", counted)
     session, scorer = _session(), _Scorer()
     request = TuneRequest(
-        CLIP, "a man is skiing", tmp_path / "p.tav", "tiny", FrameSelection(frames=2), FrameSize(width=32, height=32),
-        TuneSettings(steps=3),
+        clip=CLIP, prompt="a man is skiing", project=tmp_path / "p.tav", model="tiny",
+        selection=FrameSelection(frames=2), size=FrameSize(width=32, height=32), settings=TuneSettings(steps=3),
     )  # fmt: skip
     made = tuning.tune(session, request, preview=Preview(prompt="a dog", every=1, steps=1), scorer=scorer)  # type: ignore[arg-type]
     assert [a.details["step"] for a in made if a.kind == "edit"] == [1, 2, 3]

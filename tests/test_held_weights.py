@@ -101,8 +101,8 @@ def test_a_session_that_sampled_reloads_float32_to_train_and_then_samples_as_a_f
     session, components, _ = _tuned("bf16", root, notes)
     assert components.unet.dtype == torch.bfloat16
     request = TuneRequest(
-        CLIP, "a man is skiing", root, "tiny", FrameSelection(frames=2), FrameSize(width=32, height=32),
-        TuneSettings(steps=2, rank=2),
+        clip=CLIP, prompt="a man is skiing", project=root, model="tiny", selection=FrameSelection(frames=2),
+        size=FrameSize(width=32, height=32), settings=TuneSettings(steps=2, rank=2),
     )  # fmt: skip
     after_sampling = tuning.tune(session, request)[-1]
     assert notes.notes.count("reloading model tiny in float32 to train") == 1

@@ -127,13 +127,13 @@ def _tune_request(job: Job, reporter: Reporter) -> TuneRequest:
     """The job's tune as `tav tune` would make it from the same options."""
     options = {name: job.tune.get(name, option.default) for name, option in TUNE.items()}
     return TuneRequest(
-        job.clip,
-        job.prompt,
-        job.project,
-        job.model,
-        FrameSelection(frames=options["frames"], stride=options["stride"], start=options["start"]),
-        frame_size(options["width"], options["height"], options["resize"], reporter),
-        TuneSettings(
+        clip=job.clip,
+        prompt=job.prompt,
+        project=job.project,
+        model=job.model,
+        selection=FrameSelection(frames=options["frames"], stride=options["stride"], start=options["start"]),
+        size=frame_size(options["width"], options["height"], options["resize"], reporter),
+        settings=TuneSettings(
             steps=options["steps"],
             learning_rate=options["lr"],
             seed=options["seed"],
@@ -142,7 +142,7 @@ def _tune_request(job: Job, reporter: Reporter) -> TuneRequest:
             save_precision=options["save_precision"],
             rank=options["rank"],
         ),
-        options["frame_norm"],
+        frame_norm=options["frame_norm"],
     )
 
 
@@ -155,22 +155,21 @@ def _preview(job: Job) -> Preview | None:
 def _edit_request(job: Job, tune_key: str) -> EditRequest:
     """The job's edits as `tav edit` would make them, of the job's tune and its inversion."""
     edit = {name: job.edit.get(name, option.default) for name, option in EDIT.items()}
-    settings = EditSettings(
-        steps=edit["steps"], guidance=edit["guidance"], negative=edit["negative"], seed=edit["seed"], eta=edit["eta"]
-    )
+    invert_steps, invert_prompt = _inversion(job)
     return EditRequest(
-        job.project,
-        list(job.edits),
-        settings,
-        job.edit.get("out"),
-        edit["format"],
-        edit["fps"],
-        edit["batch_size"],
-        control_spec(
+        project=job.project,
+        prompts=list(job.edits),
+        settings=EditSettings.named(edit),
+        out=job.edit.get("out"),
+        format=edit["format"],
+        fps=edit["fps"],
+        batch_size=edit["batch_size"],
+        control=control_spec(
             job.edit.get("control"), job.edit.get("control_model"), job.edit.get("control_video"), edit["control_scale"]
         ),
-        tune_key,
-        *_inversion(job),
+        tune_key=tune_key,
+        invert_steps=invert_steps,
+        invert_prompt=invert_prompt,
         frames=FrameChoice(**{name: edit[name] for name in ("frames", "stride", "start", "window")}),
         loras=tuple((Path(path), scale) for path, scale in map(split_lora, job.edit.get("lora", ()))),
     )

@@ -30,9 +30,11 @@ from tavcli.cli.options import (
     QuietOpt,
     WindowOpt,
     declared,
+    settings_flags,
 )
 from tavcli.errors import TavError
 from tavcli.settings.options import EDIT, INVERT
+from tavcli.settings.requests import EditSettings
 
 __all__ = ["edit", "evaluate_outputs", "invert"]
 
@@ -40,7 +42,7 @@ __all__ = ["edit", "evaluate_outputs", "invert"]
 def invert(
     project: ProjectOpt = None,
     steps: Annotated[int, declared(INVERT["steps"])] = INVERT["steps"].default,
-    prompt: Annotated[str, declared(INVERT["prompt"], metavar="PROMPT")] = INVERT["prompt"].default,
+    prompt: Annotated[str, declared(INVERT["prompt"])] = INVERT["prompt"].default,
     frames: ChosenFramesOpt = None,
     stride: ChosenStrideOpt = None,
     start: ChosenStartOpt = None,
@@ -76,17 +78,14 @@ def invert(
     output.report([run_invert(session, project_dir, steps=steps, prompt=prompt, force=force, frames=choice)])
 
 
+@settings_flags("settings", EDIT, SAMPLING)
 def edit(
     prompts: Annotated[
         Optional[list[str]],
         typer.Argument(help="One or more edited descriptions; one clip each.", metavar="PROMPT", show_default=False),
     ] = None,
     project: ProjectOpt = None,
-    steps: Annotated[int, declared(EDIT["steps"], SAMPLING)] = EDIT["steps"].default,
-    guidance: Annotated[float, declared(EDIT["guidance"], SAMPLING)] = EDIT["guidance"].default,
-    negative: Annotated[str, declared(EDIT["negative"], SAMPLING, metavar="PROMPT")] = EDIT["negative"].default,
-    seed: Annotated[int, declared(EDIT["seed"], SAMPLING)] = EDIT["seed"].default,
-    eta: Annotated[float, declared(EDIT["eta"], SAMPLING)] = EDIT["eta"].default,
+    settings: EditSettings = EditSettings(),  # noqa: B008 (one flag per field: settings_flags)
     fmt: Annotated[OutputFormat, declared(EDIT["format"], OUTPUT, short="-f")] = EDIT["format"].default,
     fps: Annotated[Optional[float], declared(EDIT["fps"], OUTPUT)] = EDIT["fps"].default,
     out: Annotated[
@@ -205,17 +204,17 @@ def edit(
         output.report(edit_from_sidecar(session, recorded, force))
         return
     from tavcli.models.names import lora_path
-    from tavcli.settings.requests import EditRequest, EditSettings, FrameChoice, control_spec
+    from tavcli.settings.requests import EditRequest, FrameChoice, control_spec
 
     request = EditRequest(
-        setup.existing_project(project),
-        prompts or [],
-        EditSettings(steps=steps, guidance=guidance, negative=negative, seed=seed, eta=eta),
-        out,
-        fmt,
-        fps,
-        batch_size,
-        control_spec(control, control_model, control_video, control_scale),
+        project=setup.existing_project(project),
+        prompts=prompts or [],
+        settings=settings,
+        out=out,
+        format=fmt,
+        fps=fps,
+        batch_size=batch_size,
+        control=control_spec(control, control_model, control_video, control_scale),
         frames=FrameChoice(frames=frames, stride=stride, start=start, window=window),
         tune_step=tune_step,
         loras=tuple(map(lora_path, lora or [])),

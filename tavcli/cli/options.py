@@ -7,8 +7,12 @@ flags, metavars and help panels.
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
@@ -45,6 +49,7 @@ __all__ = [
     "WindowOpt",
     "YesOpt",
     "declared",
+    "settings_flags",
 ]
 
 # Help panels.
@@ -75,6 +80,40 @@ def declared(
         help=text,
         rich_help_panel=panel,
     )
+
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def settings_flags(parameter: str, options: dict[str, Option], panel: str) -> Callable[[Command], Command]:
+    """Give a command one flag per field of its settings parameter `parameter` (a dataclass whose fields are
+    declared `options`, e.g. `EditSettings`), in its place, and call it with the settings built from them by
+    name: a field added to the settings is a flag of the command, with no change to the command."""
+
+    def decorate(command: Command) -> Command:
+        signature = inspect.signature(command, eval_str=True)
+        settings_type = signature.parameters[parameter].annotation
+        flags = [
+            inspect.Parameter(
+                setting.name,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=options[setting.name].default,
+                annotation=Annotated[options[setting.name].kind, declared(options[setting.name], panel)],
+            )
+            for setting in fields(settings_type)
+        ]
+        params = list(signature.parameters.values())
+        at = list(signature.parameters).index(parameter)
+
+        @functools.wraps(command)
+        def with_settings(**given: Any) -> Any:
+            chosen = {setting.name: given.pop(setting.name) for setting in fields(settings_type)}
+            return command(**given, **{parameter: settings_type(**chosen)})
+
+        with_settings.__signature__ = signature.replace(parameters=[*params[:at], *flags, *params[at + 1 :]])  # type: ignore[attr-defined]
+        return with_settings  # type: ignore[return-value]
+
+    return decorate
 
 
 QuietOpt = Annotated[

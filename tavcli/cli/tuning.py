@@ -132,13 +132,13 @@ def tune(
     project_dir = setup.project_for_clip(project, setup.settings(None))(video)
     chosen = setup.settings(project_dir, model=model, model_config=model_config, device=device, precision=precision)
     request = TuneRequest(
-        video,
-        prompt,
-        project_dir,
-        setup.model_for(chosen, lora or [], revision, variant),
-        FrameSelection(frames=frames, stride=stride, start=start),
-        frame_size(width, height, resize, output.RichReporter()),
-        TuneSettings(
+        clip=video,
+        prompt=prompt,
+        project=project_dir,
+        model=setup.model_for(chosen, lora or [], revision, variant),
+        selection=FrameSelection(frames=frames, stride=stride, start=start),
+        size=frame_size(width, height, resize, output.RichReporter()),
+        settings=TuneSettings(
             steps=steps,
             learning_rate=lr,
             seed=seed,
@@ -147,7 +147,7 @@ def tune(
             save_precision=save_precision,
             rank=rank,
         ),
-        frame_norm,
+        frame_norm=frame_norm,
     )
     probe(video, request.selection)  # a bad or short clip is reported before anything heavy loads
     session = setup.session(chosen, allow_pickle, compile_unet)
@@ -245,13 +245,15 @@ def import_reference(
         return value if value is not None else recorded.get(key or option) or TUNE[option].default
 
     request = TuneRequest(
-        clip_path,
-        text,
-        project_dir,
-        setup.model_for(chosen, (), revision, variant),
-        FrameSelection(frames=given(frames, "frames"), stride=given(stride, "stride"), start=given(start, "start")),
-        frame_size(given(width, "width"), given(height, "height"), "stretch", output.RichReporter()),
-        TuneSettings(
+        clip=clip_path,
+        prompt=text,
+        project=project_dir,
+        model=setup.model_for(chosen, (), revision, variant),
+        selection=FrameSelection(
+            frames=given(frames, "frames"), stride=given(stride, "stride"), start=given(start, "start")
+        ),
+        size=frame_size(given(width, "width"), given(height, "height"), "stretch", output.RichReporter()),
+        settings=TuneSettings(
             steps=given(None, "steps"), learning_rate=given(None, "lr", "learning_rate"), seed=given(None, "seed")
         ),
     )
@@ -286,17 +288,17 @@ def demo(
 
     with resources.as_file(resources.files("tavcli") / "data" / "man-skiing.mp4") as clip:
         request = TuneRequest(
-            clip,
-            "a man is skiing",
-            project,
-            "tiny",
-            FrameSelection(frames=8, stride=2),
-            FrameSize(width=128, height=128),
-            TuneSettings(steps=steps),
+            clip=clip,
+            prompt="a man is skiing",
+            project=project,
+            model="tiny",
+            selection=FrameSelection(frames=8, stride=2),
+            size=FrameSize(width=128, height=128),
+            settings=TuneSettings(steps=steps),
         )
         artifacts = run_tune(session, request)
     prompts = ["a panda is skiing", "a man is skiing at sunset"]
-    artifacts += run_edit(session, EditRequest(project, prompts, EditSettings(steps=20)))
+    artifacts += run_edit(session, EditRequest(project=project, prompts=prompts, settings=EditSettings(steps=20)))
     output.report(artifacts)
 
 

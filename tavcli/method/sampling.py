@@ -3,7 +3,11 @@
 Each step runs the UNet once on a doubled batch `[uncond, cond]` and combines the two predictions:
 
     pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+    pred = r * pred * std(pred_cond) / std(pred) + (1 - r) * pred   (guidance_rescale r > 0 only)
     x    = DDIMScheduler.step(pred, t, x, eta)          (eta = 0: deterministic DDIM)
+
+The rescale (Lin et al. 2023, section 3.4) is diffusers' `rescale_noise_cfg`; its std runs per batch item,
+over channels, frames and pixels.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ def ddim_sample(
     generator: torch.Generator | None = None,
     on_step: StepCallback | None = None,
     control: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, Any]] | None = None,
+    guidance_rescale: float = 0.0,
 ) -> torch.Tensor:
     """Denoise `latents` (b, c, f, h, w) from pure noise to clean latents and return them.
 
@@ -39,6 +44,7 @@ def ddim_sample(
     unconditional branch (the empty prompt's embedding unless the user gave a negative prompt).
     `eta > 0` adds DDIM's stochastic term, drawn from `generator`. `control(x, t, text)` returns
     extra UNet arguments for each call (ControlNet residuals, see `tavcli.method.control.ControlGuide`).
+    `guidance_rescale` mixes in the guided prediction rescaled to the conditional one's spread (0: off).
     """
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(num_steps, device=latents.device)
@@ -47,11 +53,15 @@ def ddim_sample(
     # with it, and a device tensor would be read back at each of six lookups per step. The UNet and the
     # control keep the device tensor.
     steps = ddim.timesteps.tolist()
+    if guidance_rescale > 0:  # lazy for start-up: the pipeline module costs 1.5 s to import
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
     for done, (timestep, step) in enumerate(zip(ddim.timesteps, steps, strict=True), start=1):
         model_input = ddim.scale_model_input(torch.cat([latents, latents]), timestep)
         extra = control(model_input, timestep, text) if control is not None else {}
         pred_uncond, pred_cond = unet(model_input, timestep, text, **extra).sample.chunk(2)
         pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+        if guidance_rescale > 0:
+            pred = rescale_noise_cfg(pred, pred_cond, guidance_rescale=guidance_rescale)
         latents = ddim.step(pred, step, latents, eta=eta, generator=generator).prev_sample
         if on_step is not None:
             on_step(done, num_steps)

@@ -53,6 +53,9 @@ class Option:
     allowed: tuple[str, ...] = ()
     why: str = ""  # a hint given with a refused value
     words: tuple[str, ...] = ()  # words a number option also takes (`--frames all`)
+    value_name: str = ""  # the metavar in --help, where the type's name says too little (`PROMPT`)
+    # Left out of cache keys at its default, so that entries keyed before the option existed stay valid.
+    key_omits_default: bool = False
 
     @property
     def name(self) -> str:
@@ -61,6 +64,8 @@ class Option:
 
     @property
     def metavar(self) -> str:
+        if self.value_name:
+            return self.value_name
         number = {int: "INT", float: "FLOAT", str: "TEXT"}.get(self.kind, "")
         return "|".join((number, *self.words)) if self.words else number
 
@@ -266,7 +271,9 @@ INVERT = {
     option.name: option
     for option in (
         _ddim_steps("DDIM inversion steps."),
-        Option("--prompt", str, "", "Prompt for inversion (the reference uses the empty prompt)."),
+        Option(
+            "--prompt", str, "", "Prompt for inversion (the reference uses the empty prompt).", value_name="PROMPT"
+        ),
     )
 }
 
@@ -283,9 +290,20 @@ EDIT = {
             high=100,
             why="12.5 is the reference's; above ~30 colours saturate; to steer away from something, use --negative",
         ),
-        Option("--negative", str, "", "Negative prompt (replaces the empty prompt)."),
+        Option("--negative", str, "", "Negative prompt (replaces the empty prompt).", value_name="PROMPT"),
         Option("--seed", int, 33, "Seed for DDIM noise (used when --eta > 0).", low=0, high=SEED_MAX),
         Option("--eta", float, 0.0, "DDIM eta: 0 is deterministic, 1 is DDPM-like.", low=0, high=1),
+        Option(
+            "--guidance-rescale",
+            float,
+            0.0,
+            "Rescale the guided prediction towards the prompt's spread (Lin et al. 2023, diffusers' "
+            "guidance_rescale): fixes over-exposure at high guidance; 0: off.",
+            low=0,
+            high=1,
+            why="0.7 is the paper's",
+            key_omits_default=True,
+        ),
         Option("--format", str, "mp4", "mp4 (H.264), gif, or a folder of PNG frames.", allowed=choices(OutputFormat)),
         Option(
             "--fps",

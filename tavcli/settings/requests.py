@@ -7,9 +7,10 @@ imports no torch: the command line builds its requests before loading anything h
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from tavcli.choices import FrameNorm, OutputFormat, ResizeMode, SavePrecision
 from tavcli.errors import TavError
@@ -163,7 +164,7 @@ def frame_size(width: int, height: int, resize: ResizeMode, reporter: Reporter) 
     return FrameSize(width=snapped[0], height=snapped[1], resize=resize)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TuneRequest:
     """What to tune: a clip and its description, in which project, on which model, and how."""
 
@@ -184,19 +185,31 @@ class TuneRequest:
 
 @dataclass(frozen=True, kw_only=True)
 class EditSettings:
-    """DDIM sampling settings of an edit (the reference's: 50 steps, guidance 12.5, eta 0)."""
+    """DDIM sampling settings of an edit (the reference's: 50 steps, guidance 12.5, eta 0).
 
-    steps: int = 50
-    guidance: float = 12.5
-    negative: str = ""
-    seed: int = 33  # only draws noise when eta > 0
-    eta: float = 0.0
+    Each field is the `tav edit` option of its name (`tavcli.settings.options.EDIT`), which gives its
+    default and range: the command line's flags, batch files' `edit` fields, cache keys, sidecars and
+    their reproduce commands are all made from these fields by name, so a new field is a new option.
+    """
+
+    steps: int = EDIT["steps"].default
+    guidance: float = EDIT["guidance"].default
+    negative: str = EDIT["negative"].default
+    seed: int = EDIT["seed"].default  # only draws noise when eta > 0
+    eta: float = EDIT["eta"].default
+    guidance_rescale: float = EDIT["guidance_rescale"].default
 
     def __post_init__(self) -> None:
         check_fields(EDIT, asdict(self), "edit settings")
 
+    @classmethod
+    def named(cls, values: Mapping[str, Any]) -> EditSettings:
+        """The settings among `values` (a batch job's `edit` table, a sidecar's record), by name; each one
+        missing takes its default."""
+        return cls(**{setting.name: values[setting.name] for setting in fields(cls) if setting.name in values})
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class ControlSpec:
     """What the user asked for: a kind of condition, a ControlNet, condition frames and a strength."""
 
@@ -221,7 +234,7 @@ def control_spec(kind: str | None, model: str | None, video: Path | None, scale:
         return None
     if kind is None or model is None:
         raise OptionError("--control and --control-model go together", "e.g. --control canny --control-model PATH")
-    return ControlSpec(kind, model, video, scale)
+    return ControlSpec(kind=kind, model=model, video=video, scale=scale)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -255,7 +268,7 @@ class FrameChoice:
         return FrameSelection(frames=1 + (count - 1 - start) // stride, stride=stride, start=start)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EditRequest:
     """What to render: new prompts for a project's tune, how to sample them, and how to write them."""
 

@@ -8,7 +8,7 @@ writing it, reading it, and what a record refers to. It imports no torch.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -130,8 +130,8 @@ def recorded_edit(sidecar: Path, out: Path | None = None) -> RecordedEdit:
         prompt, group = edit["prompt"], record.get("batch", [edit["prompt"]])
         if not isinstance(prompt, str) or not isinstance(group, list) or not all(isinstance(p, str) for p in group):
             raise ValueError("its prompt or batch is not text")
-        values = {name: edit[name] for name in ("steps", "guidance", "negative", "eta")}
-        values["seed"] = edit["seed"] if edit["seed"] is not None else EditSettings.seed
+        # Every setting the edit's key records; a setting it leaves out was at its default.
+        values = {s.name: edit[s.name] for s in fields(EditSettings) if edit.get(s.name) is not None}
         fps = None if output["fps"] is None else float(Fraction(output["fps"]))
         check_fields(EDIT, {**values, "format": output["format"], "fps": fps}, str(sidecar))
         check_fields(INVERT, {"steps": inversion["steps"], "prompt": inversion["prompt"]}, str(sidecar))
@@ -148,22 +148,22 @@ def recorded_edit(sidecar: Path, out: Path | None = None) -> RecordedEdit:
         control = None
         if used:
             video = None if used["video"] is None else Path(used["video"])
-            control = ControlSpec(used["kind"], used["model"], video, used["scale"])
+            control = ControlSpec(kind=used["kind"], model=used["model"], video=video, scale=used["scale"])
         chosen = record.get("frames") or {}
         frames = FrameChoice(**{name: chosen.get(name) for name in ("frames", "stride", "start", "window")})
         loras = tuple((Path(lora["path"]), float(lora["scale"])) for lora in record.get("loras", []))
         request = EditRequest(
-            Path(record["project"]),
-            group,
-            EditSettings(**values),
-            out if out is not None else sidecar.parent,
-            output["format"],
-            fps,
-            len(group),
-            control,
-            str(record["tune"]["key"]),
-            inversion["steps"],
-            inversion["prompt"],
+            project=Path(record["project"]),
+            prompts=group,
+            settings=EditSettings.named(values),
+            out=out if out is not None else sidecar.parent,
+            format=output["format"],
+            fps=fps,
+            batch_size=len(group),
+            control=control,
+            tune_key=str(record["tune"]["key"]),
+            invert_steps=inversion["steps"],
+            invert_prompt=inversion["prompt"],
             frames=frames,
             loras=loras,
         )

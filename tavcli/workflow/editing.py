@@ -263,6 +263,7 @@ def _sample_group(session: Session, plan: EditPlan, group: list[str], settings: 
                 generator=generator,
                 on_step=lambda *_: advance(),
                 control=plan.guide,
+                guidance_rescale=settings.guidance_rescale,
             )
     computed = set()
     for prompt, entry, sample in zip(group, members, latents.split(1), strict=True):

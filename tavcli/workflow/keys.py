@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from tavcli.files.hashing import content_sha256, files_sha256, lora_sha256
 from tavcli.models.source import ModelSource
+from tavcli.settings.options import EDIT
 from tavcli.settings.requests import ControlSpec, EditRequest, EditSettings, FrameSelection, FrameSize, TuneSettings
 from tavcli.store.entry import Entry
 from tavcli.store.project import Project
@@ -153,8 +154,14 @@ def edit_spec(
     """Everything that determines an edit. `batch` is how many prompts share its UNet batch: batched
     matrix products round differently, so a batched edit is another entry (absent for 1, like
     `control` when uncontrolled and `loras` without edit-time LoRAs, so that keys of earlier edits stay
-    valid). The frames and window come with the inversion's key."""
-    spec = {"inversion": inversion_key, "prompt": prompt, **asdict(settings), "precision": runtime.precision}
+    valid). The frames and window come with the inversion's key. A setting declared `key_omits_default`
+    is left out at its default, for the same reason."""
+    chosen = {
+        name: value
+        for name, value in asdict(settings).items()
+        if not (EDIT[name].key_omits_default and value == EDIT[name].default)
+    }
+    spec = {"inversion": inversion_key, "prompt": prompt, **chosen, "precision": runtime.precision}
     if control is not None:
         spec["control"] = control
     if loras:

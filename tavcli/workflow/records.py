@@ -6,7 +6,7 @@ The sidecar's format (where it is, reading, writing) is `tavcli.store.sidecar`'s
 from __future__ import annotations
 
 import shlex
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,8 @@ import torch
 
 from tavcli import __version__
 from tavcli.models.names import parse_model_name
-from tavcli.settings.requests import ControlSpec, EditRequest
+from tavcli.settings.options import EDIT
+from tavcli.settings.requests import ControlSpec, EditRequest, EditSettings
 from tavcli.workflow.plans import EditPlan
 from tavcli.workflow.session import Session
 
@@ -82,11 +83,8 @@ def _reproduce(session: Session, plan: EditPlan, request: EditRequest, prompt: s
     invert_cmd = ["tav", "invert", "--project", project, "--steps", inversion["steps"], *frames]
     invert_cmd += ["--prompt", inversion["prompt"]] if inversion["prompt"] else []
     invert_cmd += [*_numerics(inversion, plan.inversion.meta().get("device")), *trust]
-    edit_cmd = ["tav", "edit", *group, "--project", project, "--steps", edit_spec["steps"], *frames]
+    edit_cmd = ["tav", "edit", *group, "--project", project, *_setting_flags(edit_spec), *frames]
     edit_cmd += [part for path, scale in request.loras for part in ("--lora", f"{path.resolve()}:{scale}")]
-    edit_cmd += ["--guidance", edit_spec["guidance"], "--eta", edit_spec["eta"]]
-    edit_cmd += ["--negative", edit_spec["negative"]] if edit_spec["negative"] else []
-    edit_cmd += [] if edit_spec["seed"] is None else ["--seed", edit_spec["seed"]]
     edit_cmd += [] if request.format == "mp4" else ["--format", request.format]
     edit_cmd += [] if rate is None or rate == Fraction(clip["fps"]) else ["--fps", float(rate)]
     edit_cmd += ["--batch-size", len(group)] if len(group) > 1 else []
@@ -97,6 +95,13 @@ def _reproduce(session: Session, plan: EditPlan, request: EditRequest, prompt: s
         edit_cmd += ["--control-scale", control["scale"]]
         edit_cmd += [] if control["video"] is None else ["--control-video", control["video"]]
     return [shlex.join(map(str, cmd)) for cmd in (tune_cmd, invert_cmd, edit_cmd)]
+
+
+def _setting_flags(edit_spec: dict[str, Any]) -> list[Any]:
+    """`--steps 50 --guidance 12.5 ...`: each sampling setting as the edit's key records it (one it leaves
+    out is at its default; a None seed draws nothing; an empty negative prompt is the empty prompt)."""
+    recorded = [(EDIT[setting.name].flag, edit_spec.get(setting.name)) for setting in fields(EditSettings)]
+    return [part for flag, value in recorded if value not in (None, "") for part in (flag, value)]
 
 
 def _frame_flags(request: EditRequest, clip: dict[str, Any]) -> list[Any]:

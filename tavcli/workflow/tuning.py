@@ -106,7 +106,7 @@ def _render_preview(
 ) -> Artifact:
     """Render the preview prompt from one kept state: a short inversion and edit, the store's usual entries."""
     settings = EditSettings(steps=preview.steps)
-    request = EditRequest(project, [preview.prompt], settings, tune_key=tuned.key, invert_steps=preview.steps)
+    request = EditRequest(project=project, prompts=[preview.prompt], settings=settings, tune_key=tuned.key, invert_steps=preview.steps)
     [artifact] = edit(session, request)
     artifact.details["step"] = tuned.details["steps"]
     if scorer is not None:  # CLIP joins the device only to score, never beside the UNet while it trains
