@@ -408,11 +408,15 @@ def _edit(args: Any, session: Any, model: str) -> dict:
 
     project = _tuned_project(args, model)
     settings = EditSettings(steps=args.edit_steps)
-    workflow.edit(session, EditRequest(project=project, prompts=["warm-up"], settings=settings))  # inverts, builds the tuned UNet
+    workflow.edit(
+        session, EditRequest(project=project, prompts=["warm-up"], settings=settings)
+    )  # inverts, builds the tuned UNet
     singles = []
     for index in range(args.repeats):
         started = time.perf_counter()
-        workflow.edit(session, EditRequest(project=project, prompts=[f"a panda is skiing, take {index}"], settings=settings))
+        workflow.edit(
+            session, EditRequest(project=project, prompts=[f"a panda is skiing, take {index}"], settings=settings)
+        )
         singles.append(time.perf_counter() - started)
     started = time.perf_counter()
     bears = [f"a bear is skiing, take {i}" for i in range(4)]

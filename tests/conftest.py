@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
+
+    from tavcli.method.video_unet import VideoUNet
 
 DATA = Path(__file__).parent / "data"
 ORACLE = DATA / "oracle"
@@ -15,19 +22,43 @@ CLIP = Path(__file__).parent.parent / "tavcli" / "data" / "man-skiing.mp4"  # 48
 TINY_TOKENIZER = Path(__file__).parent.parent / "tavcli" / "tiny" / "tokenizer"
 
 
+class RunTav(Protocol):
+    """What the `run_tav` fixture gives: run `tav ARGS...` in-process; (exit code, stdout, stderr)."""
+
+    def __call__(self, *args: str | Path) -> tuple[int, str, str]: ...
+
+
+def tav_commands() -> MutableMapping[str, Any]:
+    """The commands of `tav` by name, as typer builds them (typer bundles its own click)."""
+    import typer
+
+    from tavcli.cli import app
+
+    group = typer.main.get_command(app)
+    assert isinstance(group, typer.core.TyperGroup)
+    return group.commands
+
+
 @pytest.fixture(scope="session")
 def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("tav-cache")
 
 
 @pytest.fixture(autouse=True)
-def isolated_cache(cache_root: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test touches the real user cache or config; the built tiny model is shared by the session."""
+def isolated_cache(
+    cache_root: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """No test touches the real user cache or config, nor writes a project beside the bundled clip (into the
+    package); the built tiny model is shared by the session."""
     monkeypatch.setenv("TAV_CACHE_DIR", str(cache_root))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
     for name in ("TAV_MODEL", "TAV_DEVICE", "TAV_PRECISION", "TAV_PROJECT", "TAV_DEBUG"):
         monkeypatch.delenv(name, raising=False)
+    beside_clip = CLIP.with_suffix(".tav")
+    there_before = beside_clip.exists()
+    yield
+    assert there_before or not beside_clip.exists(), f"the test made a project in the package: {beside_clip}"
 
 
 def tav_ok(*args: object) -> None:
@@ -57,7 +88,7 @@ def tav_in_fresh_python(argv: list[str], cwd: Path) -> tuple[bool, object, str]:
     return torch_loaded == "TORCH", status, result.stderr
 
 
-def edit_record(run_tav, project: Path, *extra: object) -> dict:  # type: ignore[no-untyped-def]
+def edit_record(run_tav: RunTav, project: Path, *extra: str | Path) -> dict:
     """`tav edit "a dog is skiing" --steps 2 EXTRA...` on `project`: its first JSON record."""
     import json
 
@@ -67,14 +98,14 @@ def edit_record(run_tav, project: Path, *extra: object) -> dict:  # type: ignore
 
 
 @pytest.fixture(scope="session")
-def oracle_unet2d():  # type: ignore[no-untyped-def]
+def oracle_unet2d() -> UNet2DConditionModel:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel.from_pretrained(TINY_SD / "unet")
 
 
 @pytest.fixture(scope="session")
-def oracle_video_unet(oracle_unet2d):  # type: ignore[no-untyped-def]
+def oracle_video_unet(oracle_unet2d: UNet2DConditionModel) -> VideoUNet:
     """The reference's inflated tiny UNet: tiny-sd's 2D weights plus its temporal weights."""
     from safetensors.torch import load_file
 
@@ -86,7 +117,7 @@ def oracle_video_unet(oracle_unet2d):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def run_tav(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def run_tav(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> RunTav:
     """Run `tav ARGS...` in-process through the real entry point; return (exit code, stdout, stderr)."""
     from tavcli.cli import main
 

@@ -29,7 +29,7 @@ from tavcli.models.loading import load_components
 from tavcli.models.resolving import resolve_model
 from tavcli.runtime import resolve_runtime
 
-from .conftest import CLIP
+from .conftest import CLIP, RunTav
 from .ldm_format import ldm_checkpoint
 from .reference_format import write_reference_output
 
@@ -84,7 +84,9 @@ def _declared_heads(name: str) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_narrow_models_keep_every_structural_choice(name: str, narrow_unet) -> None:  # type: ignore[no-untyped-def]
+def test_narrow_models_keep_every_structural_choice(
+    name: str, narrow_unet: Callable[[str], UNet2DConditionModel]
+) -> None:
     full, thin = configs(name), configs(name, narrow=True)
     widths = {"block_out_channels", "norm_num_groups"}  # what narrowing changes; everything else is kept
     changed = {"unet": widths, "vae": widths, "text_encoder": {"num_hidden_layers"}, "scheduler": set()}
@@ -127,7 +129,7 @@ def test_full_size_configs_have_the_published_parameter_counts() -> None:
 
 
 @pytest.mark.slow
-def test_full_width_sd15_tune_trains_every_tensor(full_unet) -> None:  # type: ignore[no-untyped-def]
+def test_full_width_sd15_tune_trains_every_tensor(full_unet: Callable[[str], UNet2DConditionModel]) -> None:
     """The full SD 1.5 UNet, 3 frames of 8x8 latents, 2 steps with gradient checkpointing.
 
     Every trainable tensor must move by more than AdamW's weight decay alone would move it: the
@@ -187,7 +189,12 @@ def _with_heads_doubled(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     [*((name, "narrow") for name in NAMES), ("sd15", "full"), ("sd21-v", "full")],
     ids=lambda value: value,
 )
-def test_one_frame_clip_equals_the_image_model(name: str, width: str, narrow_unet, full_unet) -> None:  # type: ignore[no-untyped-def]
+def test_one_frame_clip_equals_the_image_model(
+    name: str,
+    width: str,
+    narrow_unet: Callable[[str], UNet2DConditionModel],
+    full_unet: Callable[[str], UNet2DConditionModel],
+) -> None:
     """With one frame and no temporal output the video UNet is the 2D UNet: heads, head sizes,
     projections and norms must all be the image model's."""
     image = narrow_unet(name) if width == "narrow" else full_unet(name)
@@ -218,7 +225,9 @@ def _spy_on_training_targets(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_tune_invert_and_edit_through_the_command_line(name: str, narrow, tmp_path: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_tune_invert_and_edit_through_the_command_line(
+    name: str, narrow: Callable[[str], Path], tmp_path: Path, run_tav: RunTav, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder, project = narrow(name), tmp_path / "p.tav"
     targets = _spy_on_training_targets(monkeypatch)
     code, out, err = run_tav("tune", CLIP, PROMPT, "--model", folder, *SMALL, "-p", project)
@@ -274,7 +283,9 @@ def _reference_output(model: Path, path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_import_a_reference_tune_and_edit_from_it(name: str, narrow, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_import_a_reference_tune_and_edit_from_it(
+    name: str, narrow: Callable[[str], Path], tmp_path: Path, run_tav: RunTav
+) -> None:
     tuned = _reference_output(narrow(name), tmp_path / "outputs" / "man-skiing")
     project = tmp_path / "imported.tav"
     code, out, err = run_tav("import", tmp_path / "outputs" / "man-skiing", "-p", project)
@@ -295,7 +306,9 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_a_single_file_sd15_checkpoint_tunes_and_edits(narrow, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_a_single_file_sd15_checkpoint_tunes_and_edits(
+    narrow: Callable[[str], Path], tmp_path: Path, run_tav: RunTav
+) -> None:
     """A DreamBooth-style checkpoint: SD 1.5's layout in one file, its UNet fine-tuned, read with SD 1.5's configs."""
     base = narrow("sd15")
     checkpoint = ldm_checkpoint(base)

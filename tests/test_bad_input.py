@@ -7,15 +7,17 @@ import errno
 import json
 import shutil
 import sys
+from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
+from typing import Any, NoReturn, cast
 
 import av
 import numpy as np
 import pytest
 import torch
 
-from .conftest import CLIP, TINY_SD
+from .conftest import CLIP, TINY_SD, RunTav
 
 SMALL = ["--model", "tiny", "--frames", "2", "--width", "32", "--height", "32", "--steps", "1"]
 
@@ -89,7 +91,7 @@ def _one_error_line(code: int, out: str, err: str, expected: str) -> None:
 
 
 @pytest.mark.parametrize("case", list(CLIPS))
-def test_bad_clips(case: str, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_bad_clips(case: str, tmp_path: Path, run_tav: RunTav) -> None:
     make, expected = CLIPS[case]
     clip = make(tmp_path)
     _one_error_line(*run_tav("tune", clip, "a man", *SMALL, "-p", tmp_path / "p.tav"), expected)
@@ -97,26 +99,28 @@ def test_bad_clips(case: str, tmp_path: Path, run_tav) -> None:  # type: ignore[
 
 
 @pytest.mark.parametrize("case", list(OPTIONS))
-def test_bad_frame_options(case: str, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_bad_frame_options(case: str, tmp_path: Path, run_tav: RunTav) -> None:
     args, expected = OPTIONS[case]
     _one_error_line(*run_tav("tune", CLIP, "a man", *SMALL, *args, "-p", tmp_path / "p.tav"), expected)
 
 
-def test_misspelled_option_suggests_the_right_one(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_misspelled_option_suggests_the_right_one(tmp_path: Path, run_tav: RunTav) -> None:
     code, _, err = run_tav("tune", CLIP, "a man", "--stpes", "3")
     assert code == 2 and "--steps" in err and "Traceback" not in err
 
 
-def test_non_utf8_prompt_and_long_prompt(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_non_utf8_prompt_and_long_prompt(tmp_path: Path, run_tav: RunTav) -> None:
     bad = "a man \udcff skiing"  # how Python hands over undecodable argv bytes
     _one_error_line(*run_tav("tune", CLIP, bad, *SMALL, "-p", tmp_path / "p.tav"), "not valid UTF-8")
     code, _, err = run_tav("tune", CLIP, "a man is skiing " * 30, *SMALL, "-p", tmp_path / "p.tav")
     assert code == 0 and "the text encoder reads the first 77" in err
 
 
-def test_models_that_cannot_work(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_models_that_cannot_work(tmp_path: Path, run_tav: RunTav) -> None:
     (tmp_path / "empty-model").mkdir()
-    args = ["--frames", "2", "--width", "32", "--height", "32", "--steps", "1", "-p", tmp_path / "p.tav"]
+    args: list[str | Path] = [
+        "--frames", "2", "--width", "32", "--height", "32", "--steps", "1", "-p", tmp_path / "p.tav"
+    ]  # fmt: skip
     code, out, err = run_tav("tune", CLIP, "a man", "--model", tmp_path / "empty-model", *args)
     _one_error_line(code, out, err, "is not a diffusers Stable Diffusion folder")
     model = _no_cross_attention_model(tmp_path / "no-cross")
@@ -124,7 +128,7 @@ def test_models_that_cannot_work(tmp_path: Path, run_tav) -> None:  # type: igno
 
 
 @pytest.fixture
-def tuned(tmp_path: Path, run_tav) -> Path:  # type: ignore[no-untyped-def]
+def tuned(tmp_path: Path, run_tav: RunTav) -> Path:
     project = tmp_path / "p.tav"
     assert run_tav("tune", CLIP, "a man is skiing", *SMALL, "-p", project)[0] == 0
     return project
@@ -134,7 +138,7 @@ def _payloads(project: Path) -> dict[str, bytes]:
     return {str(p.relative_to(project)): p.read_bytes() for p in sorted(project.rglob("*.safetensors"))}
 
 
-def test_a_damaged_payload_is_refused_never_used(tuned: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_a_damaged_payload_is_refused_never_used(tuned: Path, run_tav: RunTav) -> None:
     delta = next((tuned / "tunes").glob("*/tensors.safetensors"))
     data = bytearray(delta.read_bytes())
     data[-1] ^= 0x01  # one flipped bit in a float: still loads, but is not what was written
@@ -145,7 +149,7 @@ def test_a_damaged_payload_is_refused_never_used(tuned: Path, run_tav) -> None: 
     assert not list((tuned / "edits").glob("*/meta.json")) if (tuned / "edits").exists() else True
 
 
-def test_full_disk_keeps_the_old_artifact(tuned: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_full_disk_keeps_the_old_artifact(tuned: Path, run_tav: RunTav, monkeypatch: pytest.MonkeyPatch) -> None:
     before = _payloads(tuned)
     real = Path.write_bytes
 
@@ -164,8 +168,8 @@ def test_full_disk_keeps_the_old_artifact(tuned: Path, run_tav, monkeypatch) -> 
     assert run_tav("verify", "-p", tuned)[0] == 0
 
 
-def test_out_of_memory_is_one_line_with_settings(tuned: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    def boom(*args, **kwargs):  # type: ignore[no-untyped-def]
+def test_out_of_memory_is_one_line_with_settings(tuned: Path, run_tav: RunTav, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: object, **kwargs: object) -> NoReturn:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr("tavcli.workflow.tuning.train_delta", boom)
@@ -175,7 +179,7 @@ def test_out_of_memory_is_one_line_with_settings(tuned: Path, run_tav, monkeypat
 
 
 @pytest.mark.slow
-def test_same_command_same_bits_and_rerender_from_sidecar(tuned: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_same_command_same_bits_and_rerender_from_sidecar(tuned: Path, run_tav: RunTav) -> None:
     code, out, err = run_tav("edit", "a dog is skiing", "-p", tuned, "--steps", "2")
     assert code == 0, err
     first = json.loads(out)
@@ -197,7 +201,7 @@ def test_same_command_same_bits_and_rerender_from_sidecar(tuned: Path, run_tav) 
     assert code == 1 and "not both" in err
 
 
-def test_from_sidecar_renders_only_its_prompt_and_only_the_recorded_edit(tuned: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_from_sidecar_renders_only_its_prompt_and_only_the_recorded_edit(tuned: Path, run_tav: RunTav) -> None:
     code, out, err = run_tav("edit", "a cat", "a bird", "-p", tuned, "--steps", "2", "--batch-size", "2")
     assert code == 0, err
     cat, bird = (json.loads(line) for line in out.splitlines())
@@ -241,13 +245,15 @@ def _clip(path: Path, width: int, height: int, pts: list[int]) -> Path:
     "name, width, height, pts",
     [("huge", 3840, 2160, [0, 1]), ("variable-rate", 64, 48, [0, 1, 7, 8, 30])],
 )
-def test_huge_and_variable_frame_rate_clips_work(name, width, height, pts, tmp_path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_huge_and_variable_frame_rate_clips_work(
+    name: str, width: int, height: int, pts: list[int], tmp_path: Path, run_tav: RunTav
+) -> None:
     clip = _clip(tmp_path / f"{name}.mp4", width, height, pts)
     code, out, err = run_tav("tune", clip, "a man", *SMALL, "--stride", "1", "-p", tmp_path / "p.tav")
     assert code == 0, err
 
 
-def test_unwritable_project_is_one_line(tmp_path: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_unwritable_project_is_one_line(tmp_path: Path, run_tav: RunTav, monkeypatch: pytest.MonkeyPatch) -> None:
     real = Path.write_bytes
 
     def refuse(self: Path, data: bytes) -> int:
@@ -261,7 +267,7 @@ def test_unwritable_project_is_one_line(tmp_path: Path, run_tav, monkeypatch) ->
     assert not list((tmp_path / "p.tav").glob("*/*/meta.json"))
 
 
-def test_a_newer_store_is_refused(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_a_newer_store_is_refused(tmp_path: Path, run_tav: RunTav) -> None:
     project = tmp_path / "p.tav"
     project.mkdir()
     (project / "project.json").write_text(json.dumps({"store_version": 99, "tune": "x"}))
@@ -289,29 +295,34 @@ def _not_regular(kind: str, folder: Path) -> tuple[Path, str]:
 
 
 @pytest.mark.parametrize("kind", ["fifo", "socket", "loop", "device"])
-def test_inputs_that_are_not_regular_files_are_refused_before_opening(kind: str, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_inputs_that_are_not_regular_files_are_refused_before_opening(
+    kind: str, tmp_path: Path, run_tav: RunTav
+) -> None:
     path, what = _not_regular(kind, tmp_path)
-    for args in (
+    cases: tuple[list[str | Path], ...] = (
         ["tune", path, "a man", *SMALL, "-p", tmp_path / "p.tav"],
         ["batch", path],
         ["edit", "--from-sidecar", path],
         ["eval", path],
         ["edit", "a dog", "-p", tmp_path, "--control", "pose", "--control-model", tmp_path, "--control-video", path],
-    ):
+    )
+    for args in cases:
         code, out, err = run_tav(*args)  # a FIFO would block here if it were opened
         assert code in (1, 2) and out == "" and f"{path} {what}" in err and "Traceback" not in err, (args, err)
 
 
-def test_a_diverging_tune_stops_at_the_step_and_stores_no_tune(tmp_path: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import tavcli.method.training
+def test_a_diverging_tune_stops_at_the_step_and_stores_no_tune(
+    tmp_path: Path, run_tav: RunTav, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch.nn.functional as F  # the module tavcli.method.training calls as F
 
-    real, calls = tavcli.method.training.F.mse_loss, []
+    real, calls = F.mse_loss, []
 
-    def diverging(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def diverging(*args: Any, **kwargs: Any) -> torch.Tensor:
         calls.append(1)
         return real(*args, **kwargs) * (float("nan") if len(calls) == 2 else 1)
 
-    monkeypatch.setattr(tavcli.method.training.F, "mse_loss", diverging)
+    monkeypatch.setattr(F, "mse_loss", diverging)
     project = tmp_path / "p.tav"
     code, out, err = run_tav("tune", CLIP, "a man", *SMALL, "--steps", "3", "-p", project)
     _fault(code, out, err, "the tune diverged at step 2 of 3: the loss is nan; no tune was stored")
@@ -319,18 +330,18 @@ def test_a_diverging_tune_stops_at_the_step_and_stores_no_tune(tmp_path: Path, r
     assert not list(project.glob("tunes/*/meta.json")) and not (project / "project.json").exists()
 
 
-def test_tensors_that_diverge_while_the_loss_is_finite_are_caught(tmp_path: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import tavcli.method.training
+def test_tensors_that_diverge_while_the_loss_is_finite_are_caught(
+    tmp_path: Path, run_tav: RunTav, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = torch.nn.utils.clip_grad_norm_  # the function tavcli.method.training calls
 
-    real = tavcli.method.training.torch.nn.utils.clip_grad_norm_
-
-    def poisoned(params, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def poisoned(params: Iterable[torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
         params = list(params)
         for param in params:
-            param.grad.fill_(float("inf"))
+            cast(torch.Tensor, param.grad).fill_(float("inf"))
         return real(params, *args, **kwargs)
 
-    monkeypatch.setattr(tavcli.method.training.torch.nn.utils, "clip_grad_norm_", poisoned)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned)
     project = tmp_path / "p.tav"
     code, out, err = run_tav("tune", CLIP, "a man", *SMALL, "-p", project)  # one step: its loss was finite
     _fault(code, out, err, "the tuned tensors hold NaN or inf")
@@ -338,27 +349,32 @@ def test_tensors_that_diverge_while_the_loss_is_finite_are_caught(tmp_path: Path
 
 
 @pytest.mark.parametrize("stage", ["inversion", "edit", "decode"])
-def test_non_finite_inversions_and_edits_are_never_stored(stage: str, tuned: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import tavcli.method.vae
+def test_non_finite_inversions_and_edits_are_never_stored(
+    stage: str, tuned: Path, run_tav: RunTav, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diffusers import AutoencoderKL  # the class tavcli.method.vae decodes with
+
     import tavcli.workflow.editing
+    from tavcli.method.inversion import ddim_inversion  # the functions tavcli.workflow.editing calls
+    from tavcli.method.sampling import ddim_sample
 
     if stage == "inversion":
-        real = tavcli.workflow.editing.ddim_inversion
+        real = ddim_inversion
         monkeypatch.setattr(
             tavcli.workflow.editing, "ddim_inversion", lambda *a, **k: [t * float("nan") for t in real(*a, **k)]
         )
     elif stage == "edit":
-        real_sample = tavcli.workflow.editing.ddim_sample
+        real_sample = ddim_sample
         monkeypatch.setattr(tavcli.workflow.editing, "ddim_sample", lambda *a, **k: real_sample(*a, **k) * float("inf"))
     else:
-        real_decode = tavcli.method.vae.AutoencoderKL.decode
+        real_decode = AutoencoderKL.decode
 
-        def nan_decode(self, z, *a, **k):  # type: ignore[no-untyped-def]
+        def nan_decode(self: AutoencoderKL, z: torch.Tensor, *a: Any, **k: Any) -> Any:
             out = real_decode(self, z, *a, **k)
             out.sample.fill_(float("nan"))
             return out
 
-        monkeypatch.setattr(tavcli.method.vae.AutoencoderKL, "decode", nan_decode)
+        monkeypatch.setattr(AutoencoderKL, "decode", nan_decode)
     code, out, err = run_tav("edit", "a dog", "-p", tuned, "--steps", "2")
     _fault(code, out, err, "NaN or inf")
     kind = {"inversion": "inversions", "edit": "edits", "decode": "renders"}[stage]

@@ -15,7 +15,7 @@ import pytest
 from tavcli.batch import assign, parse_jobs
 from tavcli.errors import TavError
 
-from .conftest import CLIP
+from .conftest import CLIP, RunTav
 
 JOBS = """
 [defaults]
@@ -60,7 +60,7 @@ def batch_dir(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_three_jobs_share_work_and_a_second_run_computes_nothing(batch_dir: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_three_jobs_share_work_and_a_second_run_computes_nothing(batch_dir: Path, run_tav: RunTav) -> None:
     code, out, err = run_tav("batch", batch_dir / "jobs.toml")
     assert code == 0, err
     records = _records(out)
@@ -82,7 +82,7 @@ def test_three_jobs_share_work_and_a_second_run_computes_nothing(batch_dir: Path
     assert code == 0 and all(r["action"] == "reuse" for r in _records(out))
 
 
-def test_invalid_jobs_stop_everything_and_name_job_and_field(batch_dir: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_invalid_jobs_stop_everything_and_name_job_and_field(batch_dir: Path, run_tav: RunTav) -> None:
     bad = JOBS.replace('name = "sunset"', 'name = "sunset"\nstpes = 3').replace("guidance = 5.0", 'guidance = "high"')
     (batch_dir / "bad.toml").write_text(bad)
     code, out, err = run_tav("batch", batch_dir / "bad.toml")
@@ -94,7 +94,7 @@ def test_invalid_jobs_stop_everything_and_name_job_and_field(batch_dir: Path, ru
 
 
 @pytest.mark.slow
-def test_keep_going_runs_the_valid_jobs_and_fails_the_exit_status(batch_dir: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_keep_going_runs_the_valid_jobs_and_fails_the_exit_status(batch_dir: Path, run_tav: RunTav) -> None:
     lines = [
         json.dumps(
             {
@@ -120,14 +120,16 @@ def test_keep_going_runs_the_valid_jobs_and_fails_the_exit_status(batch_dir: Pat
     assert [r["kind"] for r in records if r["job"] == "job-1"] == ["latents", "tune"]
 
 
-def test_jsonl_from_stdin_reports_syntax_errors_with_line_and_column(run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_jsonl_from_stdin_reports_syntax_errors_with_line_and_column(
+    run_tav: RunTav, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO('{"clip": "a.mp4", "prompt": "x"}\n{"clip": "b.mp4",,}\n'))
     code, out, err = run_tav("batch", "-")
     assert code == 1 and out == ""
     assert "stdin line 2, column 18" in err and "Traceback" not in err
 
 
-def test_toml_syntax_error_and_empty_file(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_toml_syntax_error_and_empty_file(tmp_path: Path, run_tav: RunTav) -> None:
     (tmp_path / "broken.toml").write_text('[[job]]\nclip = "a.mp4\n')
     code, _, err = run_tav("batch", tmp_path / "broken.toml")
     assert code == 1 and "line 2" in err and "fix the TOML syntax" in err
@@ -205,7 +207,7 @@ def test_accelerate_launch_splits_jobs_over_two_processes(batch_dir: Path) -> No
 
 
 @pytest.mark.slow
-def test_batch_jobs_take_loras_and_controls(batch_dir: Path, tiny_lora: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_batch_jobs_take_loras_and_controls(batch_dir: Path, tiny_lora: Path, run_tav: RunTav) -> None:
     """Every option of the commands is a job field: LoRAs for the tune, a ControlNet for the edits."""
     from diffusers import T2IAdapter
 
@@ -241,7 +243,9 @@ def test_batch_jobs_take_loras_and_controls(batch_dir: Path, tiny_lora: Path, ru
 
 
 @pytest.mark.slow
-def test_explicit_paths_are_honoured_and_records_are_absolute(tmp_path: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_explicit_paths_are_honoured_and_records_are_absolute(
+    tmp_path: Path, run_tav: RunTav, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "jobs").mkdir()
     shutil.copy(CLIP, tmp_path / "clip.mp4")
     small = {"model": "tiny", "frames": 2, "width": 32, "height": 32, "steps": 1, "edit": {"steps": 1}}
@@ -272,7 +276,7 @@ def test_explicit_paths_are_honoured_and_records_are_absolute(tmp_path: Path, ru
     assert all(Path(r["path"]).is_absolute() and r["cached"] for r in _records(out))
 
 
-def test_root_confines_every_write_of_a_batch(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_root_confines_every_write_of_a_batch(tmp_path: Path, run_tav: RunTav) -> None:
     (tmp_path / "root").mkdir()
     shutil.copy(CLIP, tmp_path / "clip.mp4")
     jobs = [
@@ -291,7 +295,7 @@ def test_root_confines_every_write_of_a_batch(tmp_path: Path, run_tav) -> None: 
     assert "4 of 4 jobs are invalid" in err
 
 
-def test_a_job_model_that_cannot_be_named_is_reported_at_validation(batch_dir: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_a_job_model_that_cannot_be_named_is_reported_at_validation(batch_dir: Path, run_tav: RunTav) -> None:
     bad = JOBS.replace('name = "sunset"', 'name = "sunset"\nrevision = "v1"')
     (batch_dir / "bad.toml").write_text(bad)
     code, out, err = run_tav("batch", batch_dir / "bad.toml")
@@ -305,7 +309,9 @@ def test_a_job_model_that_cannot_be_named_is_reported_at_validation(batch_dir: P
     assert {r["job"] for r in records if "action" in r} == {"panda", "other-tune"}
 
 
-def test_a_batch_job_stores_its_tune_in_the_precision_asked(tmp_path: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_batch_job_stores_its_tune_in_the_precision_asked(
+    tmp_path: Path, run_tav: RunTav, monkeypatch: pytest.MonkeyPatch
+) -> None:
     job = {"clip": str(CLIP), "prompt": "a man", "project": str(tmp_path / "p.tav"), "model": "tiny", "frames": 2}
     job |= {"width": 32, "height": 32, "steps": 1, "save_precision": "bf16", "edits": ["a cat"], "edit": {"steps": 1}}
     monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(job) + "\n"))
@@ -316,8 +322,8 @@ def test_a_batch_job_stores_its_tune_in_the_precision_asked(tmp_path: Path, run_
 
 
 @pytest.mark.slow
-def test_batch_jobs_take_previews_low_rank_tunes_and_long_clip_edits(  # type: ignore[no-untyped-def]
-    batch_dir: Path, tiny_lora: Path, run_tav
+def test_batch_jobs_take_previews_low_rank_tunes_and_long_clip_edits(
+    batch_dir: Path, tiny_lora: Path, run_tav: RunTav
 ) -> None:
     """Issue 14's options as job fields: rank and previews for the tune; frames, window, a kept state and a
     LoRA for the edits."""

@@ -11,7 +11,7 @@ import pytest
 
 from tavcli.batch import check_frames, parse_jobs
 
-from .conftest import CLIP, edit_record, tav_in_fresh_python
+from .conftest import CLIP, RunTav, edit_record, tav_in_fresh_python
 
 SMALL = ["--model", "tiny", "--frames", "2", "--width", "32", "--height", "32", "--steps", "1"]
 
@@ -66,10 +66,11 @@ def test_edited_frames_inside_the_clip_pass_and_the_tuned_frames_are_checked_too
 
 
 def test_a_batch_lora_error_names_the_field(tmp_path: Path, tiny_lora: Path) -> None:
-    for fields, field in [
+    cases: list[tuple[dict[str, object], str]] = [
         ({"lora": [f"{tiny_lora}:nan"]}, "lora"),
         ({"edit": {"lora": [f"{tiny_lora}:inf"]}}, "edit.lora"),
-    ]:
+    ]
+    for fields, field in cases:
         problems = _problems(tmp_path, **fields)
         assert len(problems) == 1 and f"field '{field}'" in problems[0] and "--lora" not in problems[0], problems
     missing = _problems(tmp_path, edit={"lora": [str(tmp_path / "missing.safetensors")]})  # found before any work
@@ -90,7 +91,7 @@ def test_a_lora_file_whose_name_ends_in_a_scale_is_named_with_its_own_scale(tmp_
     assert parse_model_name(model_name("tiny", loras=[f"{odd}:0.25"])).loras == ((odd.resolve(), 0.25),)
 
 
-def test_the_lora_name_rule_is_the_same_for_tav_edit(tmp_path: Path, tiny_lora: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_the_lora_name_rule_is_the_same_for_tav_edit(tmp_path: Path, tiny_lora: Path, run_tav: RunTav) -> None:
     odd = tmp_path / "style:0.5"
     shutil.copy(tiny_lora, odd)
     code, _, err = run_tav("edit", "a dog", "-p", tmp_path / "nowhere.tav", "--lora", odd)
@@ -117,7 +118,7 @@ def test_preview_options_without_a_preview_are_usage_errors_before_torch(
 
 
 @pytest.mark.slow
-def test_a_dry_run_refuses_eval_without_preview_before_loading_anything(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_a_dry_run_refuses_eval_without_preview_before_loading_anything(tmp_path: Path, run_tav: RunTav) -> None:
     job = {"clip": str(CLIP), "prompt": "a man", "model": "tiny", "frames": 2, "width": 32, "height": 32, "eval": True}
     (tmp_path / "jobs.jsonl").write_text(json.dumps(job) + "\n")
     code, out, err = run_tav("batch", tmp_path / "jobs.jsonl", "--dry-run")
@@ -126,8 +127,8 @@ def test_a_dry_run_refuses_eval_without_preview_before_loading_anything(tmp_path
 
 @pytest.mark.slow
 def test_from_sidecar_names_the_lora_that_changed(
-    tmp_path: Path, tiny_lora: Path, tiny_query_lora: Path, run_tav
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, tiny_lora: Path, tiny_query_lora: Path, run_tav: RunTav
+) -> None:
     project = tmp_path / "p.tav"
     assert run_tav("tune", CLIP, "a man is skiing", *SMALL, "-p", project)[0] == 0
     lora = tmp_path / "style.safetensors"

@@ -11,13 +11,16 @@ import shutil
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 import pytest
 import torch
-import typer
 
-from .conftest import CLIP
+from .conftest import CLIP, RunTav, tav_commands
+
+if TYPE_CHECKING:
+    from tavcli.settings.requests import TuneSettings
 
 ROOT = Path(__file__).parent.parent
 SMALL = ["--model", "tiny", "--frames", "4", "--width", "64", "--height", "64", "--steps", "2"]
@@ -37,9 +40,7 @@ def documented_effects() -> dict[tuple[str, str], str]:
 
 def command_options(name: str) -> list[str]:
     """The arguments and options of `tav NAME`, as the docs name them (`VIDEO`, `--steps`)."""
-    from tavcli.cli import app
-
-    command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
+    command = tav_commands()[name]
     found = []
     for param in command.params:
         if param.param_type_name == "argument":
@@ -156,7 +157,7 @@ def _run(main: Callable[[], None], *args: object) -> None:
         assert not exit_.code, args
 
 
-def _edit(run_tav, world: dict[str, Path], extra: list[str], prompt: str = "a dog is skiing") -> dict:  # type: ignore[no-untyped-def]
+def _edit(run_tav: RunTav, world: dict[str, Path], extra: list[str], prompt: str = "a dog is skiing") -> dict:
     if "--from-sidecar" in extra:
         base = _edit(run_tav, world, [], prompt)
         args = ["edit", "--from-sidecar", base["sidecar"]]
@@ -186,7 +187,7 @@ def _observed(before: dict, after: dict) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("option", list(CHANGES))
-def test_each_edit_option_does_what_the_docs_say(option: str, edit_world: dict[str, Path], run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_each_edit_option_does_what_the_docs_say(option: str, edit_world: dict[str, Path], run_tav: RunTav) -> None:
     base_args, changed_args = CHANGES[option]
     before = _edit(run_tav, edit_world, base_args(edit_world))
     after = _edit(run_tav, edit_world, changed_args(edit_world))
@@ -219,7 +220,7 @@ def test_options_not_run_here_are_in_the_keys(tmp_path: Path) -> None:
     assert "compile" in tune_spec("1" * 16, "a man", _tune_settings(), "fp32", "joint", compiled=True)
 
 
-def _tune_settings():  # type: ignore[no-untyped-def]
+def _tune_settings() -> TuneSettings:
     from tavcli.settings.requests import TuneSettings
 
     return TuneSettings()
@@ -231,10 +232,10 @@ def _rate(path: Path) -> Fraction:
 
 
 @pytest.mark.slow
-def test_fps_renders_its_own_file_and_never_replaces_the_source_rate_one(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_fps_renders_its_own_file_and_never_replaces_the_source_rate_one(tmp_path: Path, run_tav: RunTav) -> None:
     project = tmp_path / "f.tav"
     assert run_tav("tune", CLIP, "a man is skiing", *SMALL, "-p", project)[0] == 0
-    edit = ["edit", "a panda", "-p", project, "--steps", "2"]
+    edit: list[str | Path] = ["edit", "a panda", "-p", project, "--steps", "2"]
     first = json.loads(run_tav(*edit)[1])
     slow = json.loads(run_tav(*edit, "--fps", "2")[1])
     again = json.loads(run_tav(*edit)[1])
@@ -247,7 +248,7 @@ def test_fps_renders_its_own_file_and_never_replaces_the_source_rate_one(tmp_pat
 
 
 @pytest.mark.slow
-def test_reproduce_commands_give_the_same_bits_in_a_fresh_project(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_reproduce_commands_give_the_same_bits_in_a_fresh_project(tmp_path: Path, run_tav: RunTav) -> None:
     project = tmp_path / "original.tav"
     assert run_tav("tune", CLIP, "a man is skiing", *SMALL, "-p", project)[0] == 0
     assert run_tav("invert", "-p", project, "--steps", "2", "--prompt", "a man is skiing")[0] == 0

@@ -13,7 +13,7 @@ import av
 import pytest
 import torch
 
-from .conftest import CLIP, TINY_SD
+from .conftest import CLIP, TINY_SD, RunTav
 
 SMALL = ["--frames", "4", "--stride", "2", "--width", "64", "--height", "64", "--steps", "2"]
 
@@ -48,7 +48,7 @@ def test_python_dash_m_runs_the_cli() -> None:
 
 
 @pytest.mark.slow
-def test_tune_invert_edit_with_tiny_model(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_tune_invert_edit_with_tiny_model(tmp_path: Path, run_tav: RunTav) -> None:
     project = tmp_path / "ski.tav"
     code, out, err = run_tav("tune", CLIP, "a man is skiing", "--model", "tiny", "-p", project, *SMALL)
     assert code == 0, err
@@ -90,7 +90,7 @@ def test_tune_invert_edit_with_tiny_model(tmp_path: Path, run_tav) -> None:  # t
 
 
 @pytest.mark.slow
-def test_local_model_folder_and_frames_output(tmp_path: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_local_model_folder_and_frames_output(tmp_path: Path, run_tav: RunTav, monkeypatch: pytest.MonkeyPatch) -> None:
     model = tmp_path / "tiny-sd"
     shutil.copytree(TINY_SD, model)
     monkeypatch.chdir(tmp_path)
@@ -109,7 +109,7 @@ def test_local_model_folder_and_frames_output(tmp_path: Path, run_tav, monkeypat
         assert image.size == (32, 64)
 
 
-def test_pickled_weights_need_allow_pickle(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_pickled_weights_need_allow_pickle(tmp_path: Path, run_tav: RunTav) -> None:
     import torch
     from safetensors.torch import load_file
 
@@ -149,7 +149,9 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_one_line_error(case: str, tmp_path: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_bad_input_is_one_line_error(
+    case: str, tmp_path: Path, run_tav: RunTav, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     make_args, expected = BAD_INPUTS[case]
     code, out, err = run_tav(*make_args(tmp_path))
@@ -161,7 +163,7 @@ def test_bad_input_is_one_line_error(case: str, tmp_path: Path, run_tav, monkeyp
 
 
 @pytest.mark.slow
-def test_batched_edits_are_their_own_entries_close_to_one_at_a_time(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_batched_edits_are_their_own_entries_close_to_one_at_a_time(tmp_path: Path, run_tav: RunTav) -> None:
     from safetensors.torch import load_file
 
     prompts = ["a panda is skiing", "a dog is skiing", "a cat is skiing"]
@@ -188,7 +190,7 @@ def test_batched_edits_are_their_own_entries_close_to_one_at_a_time(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_grid_writes_side_by_side_clips_and_a_contact_sheet(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_grid_writes_side_by_side_clips_and_a_contact_sheet(tmp_path: Path, run_tav: RunTav) -> None:
     from PIL import Image
 
     project = tmp_path / "g.tav"
@@ -206,14 +208,14 @@ def test_grid_writes_side_by_side_clips_and_a_contact_sheet(tmp_path: Path, run_
 
 
 @pytest.mark.slow
-def test_v_prediction_model_end_to_end(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_v_prediction_model_end_to_end(tmp_path: Path, run_tav: RunTav) -> None:
     """SD 2.x models predict the velocity: tune, invert and edit must follow the scheduler's prediction type."""
     model = tmp_path / "tiny-v"
     shutil.copytree(TINY_SD, model)
     scheduler = model / "scheduler" / "scheduler_config.json"
     scheduler.write_text(json.dumps(json.loads(scheduler.read_text()) | {"prediction_type": "v_prediction"}))
     project = tmp_path / "v.tav"
-    args = ["--model", model, "--frames", "3", "--width", "32", "--height", "32", "--steps", "2"]
+    args: list[str | Path] = ["--model", model, "--frames", "3", "--width", "32", "--height", "32", "--steps", "2"]
     code, out, err = run_tav("tune", CLIP, "a man is skiing", *args, "-p", project)
     assert code == 0, err
     losses = json.loads((Path(_records(out)[-1]["path"]) / "meta.json").read_text())["losses"]
@@ -222,7 +224,7 @@ def test_v_prediction_model_end_to_end(tmp_path: Path, run_tav) -> None:  # type
     assert code == 0, err
     assert _video_facts(Path(_records(out)[0]["path"]))[:3] == (3, 32, 32)
     epsilon = tmp_path / "eps.tav"  # the same inputs with the epsilon model tune differently
-    eps_args = ["--model", TINY_SD, *args[2:]]
+    eps_args: list[str | Path] = ["--model", TINY_SD, *args[2:]]
     assert run_tav("tune", CLIP, "a man is skiing", *eps_args, "-p", epsilon)[0] == 0
     eps_losses = json.loads(next((epsilon / "tunes").glob("*/meta.json")).read_text())["losses"]
     assert eps_losses != losses

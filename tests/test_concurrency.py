@@ -21,7 +21,7 @@ from tavcli.errors import TavError
 from tavcli.progress import Reporter
 from tavcli.store.project import Project
 
-from .conftest import CLIP, tav_ok
+from .conftest import CLIP, RunTav, tav_ok
 
 SMALL = ["--model", "tiny", "--frames", "2", "--width", "32", "--height", "32", "--steps", "1"]
 PATIENCE = 120  # seconds a paused command waits for the other before the test gives up
@@ -116,13 +116,14 @@ def _current_inversion(project: Path) -> str:
 def test_a_second_identical_edit_waits_then_reuses_the_entry_and_the_render(
     tuned: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from tavcli.media import video
     from tavcli.workflow import editing, rendering
 
     request = _edit_request(tuned, "a dog is skiing at once")
     second = Command("second", _edit, request)
     sampling = _pause(monkeypatch, editing, "ddim_sample", "first", second.reporter.waiting)
     checked = threading.Event()  # the second edit looked for a finished output
-    looked_up, written = rendering._rendered, rendering.write_video
+    looked_up, written = rendering._rendered, video.write_video  # the function rendering imported
     writers: list[str] = []
 
     def rendered(*args: Any) -> bool:
@@ -148,7 +149,9 @@ def test_a_second_identical_edit_waits_then_reuses_the_entry_and_the_render(
     assert found.key == made.key and found.path == made.path and writers == ["first"]
 
 
-def test_rm_refuses_an_inversion_a_running_edit_uses(tuned: Path, monkeypatch: pytest.MonkeyPatch, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_rm_refuses_an_inversion_a_running_edit_uses(
+    tuned: Path, monkeypatch: pytest.MonkeyPatch, run_tav: RunTav
+) -> None:
     from tavcli.workflow import editing
 
     go_on = threading.Event()
@@ -169,8 +172,8 @@ def test_rm_refuses_an_inversion_a_running_edit_uses(tuned: Path, monkeypatch: p
     assert spec["inversion"] == inversion and made.path.is_file()
 
 
-def test_an_edit_whose_inversion_was_removed_before_it_sampled_says_so(  # type: ignore[no-untyped-def]
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_tav
+def test_an_edit_whose_inversion_was_removed_before_it_sampled_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_tav: RunTav
 ) -> None:
     from tavcli.workflow import editing
 
@@ -197,8 +200,8 @@ def test_an_edit_whose_inversion_was_removed_before_it_sampled_says_so(  # type:
 
 
 def test_rm_refuses_a_kept_tune_while_its_preview_tune_runs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_tav
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_tav: RunTav
+) -> None:
     from tavcli.settings.requests import FrameSelection, FrameSize, Preview, TuneRequest, TuneSettings
     from tavcli.workflow import tuning
 
@@ -243,7 +246,7 @@ def _store(tmp_path: Path) -> tuple[Project, Any, Any]:
     return project, tune, inversion
 
 
-def test_an_entry_in_use_in_another_thread_is_refused_by_remove_and_left_by_gc(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_an_entry_in_use_in_another_thread_is_refused_by_remove_and_left_by_gc(tmp_path: Path, run_tav: RunTav) -> None:
     from tavcli.store.housekeeping import garbage, listing, remove
 
     project, tune, inversion = _store(tmp_path)

@@ -11,6 +11,8 @@ import pytest
 from tavcli.errors import TavError
 from tavcli.settings.config import resolve_settings, user_config_path
 
+from .conftest import RunTav
+
 
 def _write_user_config(text: str) -> Path:
     path = user_config_path()
@@ -58,7 +60,7 @@ def test_bad_config_files_name_the_file_and_the_key(tmp_path: Path) -> None:
         resolve_settings({}, project)
 
 
-def test_tav_config_shows_values_and_sources(tmp_path: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_tav_config_shows_values_and_sources(tmp_path: Path, run_tav: RunTav, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "clip.tav").mkdir()
     (tmp_path / "clip.tav" / "tav.toml").write_text('model = "tiny"\n')
@@ -75,7 +77,9 @@ def test_tav_config_shows_values_and_sources(tmp_path: Path, run_tav, monkeypatc
 
 
 @pytest.mark.slow
-def test_config_chooses_the_model_and_project_root_for_tune(tmp_path: Path, run_tav, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_config_chooses_the_model_and_project_root_for_tune(
+    tmp_path: Path, run_tav: RunTav, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from .conftest import CLIP
 
     _write_user_config(f'model = "tiny"\nproject_root = "{tmp_path / "projects"}"\n')

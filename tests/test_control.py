@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import CLIP
+from .conftest import CLIP, RunTav
 
 SMALL = ["--model", "tiny", "--frames", "3", "--stride", "2", "--width", "64", "--height", "64", "--steps", "1"]
 
@@ -35,10 +35,10 @@ def _maps(path: Path, frames: int, values: list[int]) -> Path:
 
 
 @pytest.mark.slow
-def test_control_video_conditions_the_edit_and_its_key(tiny_controlnet: Path, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_control_video_conditions_the_edit_and_its_key(tiny_controlnet: Path, tmp_path: Path, run_tav: RunTav) -> None:
     project = tmp_path / "c.tav"
     assert run_tav("tune", CLIP, "a man is skiing", *SMALL, "-p", project)[0] == 0
-    edit = ["edit", "a dog is skiing", "-p", project, "--steps", "2"]
+    edit: list[str | Path] = ["edit", "a dog is skiing", "-p", project, "--steps", "2"]
     plain = json.loads(run_tav(*edit)[1])
     maps = _maps(tmp_path / "pose.mp4", 12, [255])
     code, out, err = run_tav(*edit, "--control", "pose", "--control-model", tiny_controlnet, "--control-video", maps)
@@ -68,16 +68,17 @@ def test_control_video_conditions_the_edit_and_its_key(tiny_controlnet: Path, tm
     torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)  # scale 0 is no control
 
 
-def test_control_mistakes_are_one_line(tiny_controlnet: Path, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_control_mistakes_are_one_line(tiny_controlnet: Path, tmp_path: Path, run_tav: RunTav) -> None:
     project = tmp_path / "c.tav"
     assert run_tav("tune", CLIP, "a man is skiing", *SMALL, "-p", project)[0] == 0
-    edit = ["edit", "a dog", "-p", project, "--steps", "1"]
-    for args, expected, status in [
+    edit: list[str | Path] = ["edit", "a dog", "-p", project, "--steps", "1"]
+    cases: list[tuple[list[str | Path], str, int]] = [
         (["--control", "pose"], "--control and --control-model go together", 2),
         (["--control", "pose", "--control-model", tiny_controlnet], "needs --control-video", 2),
         (["--control", "sketchy", "--control-model", tiny_controlnet], "unknown --control 'sketchy'", 2),
         (["--control", "pose", "--control-model", tmp_path / "none", "--control-video", CLIP], "cannot load", 1),
-    ]:
+    ]
+    for args, expected, status in cases:
         code, out, err = run_tav(*edit, *args)
         assert code == status and out == "" and expected in err and "Traceback" not in err, err
     with pytest.MonkeyPatch.context() as patch:  # without OpenCV, canny maps of the source clip say what to install
@@ -89,7 +90,7 @@ def test_control_mistakes_are_one_line(tiny_controlnet: Path, tmp_path: Path, ru
 
 
 @pytest.mark.slow
-def test_t2i_adapter_conditions_the_edit(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_t2i_adapter_conditions_the_edit(tmp_path: Path, run_tav: RunTav) -> None:
     from diffusers import T2IAdapter
 
     torch.manual_seed(0)
@@ -97,7 +98,7 @@ def test_t2i_adapter_conditions_the_edit(tmp_path: Path, run_tav) -> None:  # ty
     adapter.save_pretrained(tmp_path / "adapter")
     project = tmp_path / "a.tav"
     assert run_tav("tune", CLIP, "a man is skiing", *SMALL, "-p", project)[0] == 0
-    edit = ["edit", "a dog is skiing", "-p", project, "--steps", "2"]
+    edit: list[str | Path] = ["edit", "a dog is skiing", "-p", project, "--steps", "2"]
     plain = json.loads(run_tav(*edit)[1])
     maps = _maps(tmp_path / "sketch.mp4", 12, [255, 128])
     code, out, err = run_tav(

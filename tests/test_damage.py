@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import CLIP
+from .conftest import CLIP, RunTav
 
 SMALL = ["--model", "tiny", "--frames", "2", "--width", "32", "--height", "32", "--steps", "2"]
 
@@ -21,7 +21,7 @@ def _records(stdout: str) -> list[dict]:
 
 
 @pytest.fixture
-def project(tmp_path: Path, run_tav) -> Path:  # type: ignore[no-untyped-def]
+def project(tmp_path: Path, run_tav: RunTav) -> Path:
     """A project with a tune, an inversion, an edit and a render."""
     root = tmp_path / "p.tav"
     assert run_tav("tune", CLIP, "a man is skiing", *SMALL, "-p", root)[0] == 0
@@ -29,19 +29,19 @@ def project(tmp_path: Path, run_tav) -> Path:  # type: ignore[no-untyped-def]
     return root
 
 
-def _ls(run_tav, root: Path) -> dict[str, dict]:  # type: ignore[no-untyped-def]
+def _ls(run_tav: RunTav, root: Path) -> dict[str, dict]:
     code, out, err = run_tav("ls", "-p", root, "--json")
     assert code == 0 and "Traceback" not in err, err
     return {f"{row['kind']}/{row['key']}": row for row in _records(out)}
 
 
-def _verify(run_tav, root: Path) -> tuple[int, dict[str, dict]]:  # type: ignore[no-untyped-def]
+def _verify(run_tav: RunTav, root: Path) -> tuple[int, dict[str, dict]]:
     code, out, err = run_tav("verify", "-p", root, "--json")
     assert "Traceback" not in err, err
     return code, {f"{row['kind']}/{row['key']}": row for row in _records(out)}
 
 
-def test_truncated_checkpoint_is_listed_verified_collected_and_named_by_tune(project: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_truncated_checkpoint_is_listed_verified_collected_and_named_by_tune(project: Path, run_tav: RunTav) -> None:
     checkpoint = next(project.glob("checkpoints/*/step-*.safetensors"))
     checkpoint.write_bytes(checkpoint.read_bytes()[:500])
     name = f"checkpoints/{checkpoint.parent.name}"
@@ -56,7 +56,7 @@ def test_truncated_checkpoint_is_listed_verified_collected_and_named_by_tune(pro
     assert run_tav("verify", "-p", project)[0] == 0
 
 
-def test_garbage_checkpoint_and_one_with_nan_are_found(project: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_garbage_checkpoint_and_one_with_nan_are_found(project: Path, run_tav: RunTav) -> None:
     checkpoint = next(project.glob("checkpoints/*/step-*.safetensors"))
     from safetensors.torch import load_file, save_file
 
@@ -73,7 +73,9 @@ def test_garbage_checkpoint_and_one_with_nan_are_found(project: Path, run_tav) -
     assert _ls(run_tav, project)[f"checkpoints/{checkpoint.parent.name}"]["state"].startswith("damaged")
 
 
-def test_meta_without_its_payload_listed_is_damaged_even_if_the_payload_is_truncated(project: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_meta_without_its_payload_listed_is_damaged_even_if_the_payload_is_truncated(
+    project: Path, run_tav: RunTav
+) -> None:
     tune = next(project.glob("tunes/*"))
     meta = json.loads((tune / "meta.json").read_text())
     (tune / "meta.json").write_text(json.dumps({**meta, "files": {}}))
@@ -86,7 +88,7 @@ def test_meta_without_its_payload_listed_is_damaged_even_if_the_payload_is_trunc
     assert code == 1 and "does not list its payload" in err and f"tav rm tunes/{tune.name}" in err
 
 
-def test_nan_in_a_payload_with_a_matching_hash_is_refused_and_verified(project: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_nan_in_a_payload_with_a_matching_hash_is_refused_and_verified(project: Path, run_tav: RunTav) -> None:
     """What an older tav stored from `--lr inf`: NaN tensors whose recorded hash matches."""
     from safetensors.torch import load, save
 
@@ -115,7 +117,7 @@ def test_nan_in_a_payload_with_a_matching_hash_is_refused_and_verified(project: 
         ('{"tune": "0123', "not JSON"),
     ],
 )
-def test_damaged_project_json(project: Path, content: str, problem: str, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_damaged_project_json(project: Path, content: str, problem: str, run_tav: RunTav) -> None:
     state = json.loads((project / "project.json").read_text())
     (project / "project.json").write_text(content)
     assert _ls(run_tav, project)["project/project.json"]["state"].startswith(f"damaged: {problem}")
@@ -129,7 +131,7 @@ def test_damaged_project_json(project: Path, content: str, problem: str, run_tav
     assert json.loads((project / "project.json").read_text()) == state
 
 
-def test_missing_project_json_is_rebuilt_only_when_unambiguous(project: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_missing_project_json_is_rebuilt_only_when_unambiguous(project: Path, run_tav: RunTav) -> None:
     (project / "project.json").unlink()
     assert run_tav("edit", "a cat", "-p", project, "--steps", "2")[0] == 0
     assert json.loads((project / "project.json").read_text())["tune"]
@@ -141,7 +143,7 @@ def test_missing_project_json_is_rebuilt_only_when_unambiguous(project: Path, ru
     assert run_tav("ls", "-p", project)[0] == 0
 
 
-def test_rm_lists_every_file_and_gc_finds_orphaned_renders_and_grids(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_rm_lists_every_file_and_gc_finds_orphaned_renders_and_grids(tmp_path: Path, run_tav: RunTav) -> None:
     root = tmp_path / "g.tav"
     assert run_tav("tune", CLIP, "a man is skiing", *SMALL, "-p", root)[0] == 0
     code, out, err = run_tav("edit", "a dog", "a cat", "-p", root, "--steps", "2", "--grid")
@@ -176,7 +178,9 @@ def _grid(record: dict) -> bool:
     return record["kind"] == "grid"
 
 
-def test_nonsense_in_meta_checkpoint_header_and_grid_sidecar_is_damage_not_a_crash(project: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_nonsense_in_meta_checkpoint_header_and_grid_sidecar_is_damage_not_a_crash(
+    project: Path, run_tav: RunTav
+) -> None:
     edit_meta = next(project.glob("edits/*/meta.json"))
     edit_meta.write_text("[]")
     checkpoint = next(project.glob("checkpoints/*/step-*.safetensors"))

@@ -17,7 +17,7 @@ import pytest
 from tavcli.errors import TavError
 from tavcli.settings.requests import FrameSelection
 
-from .conftest import CLIP
+from .conftest import CLIP, RunTav
 
 SMALL = ["--model", "tiny", "--frames", "2", "--width", "32", "--height", "32", "--steps", "1"]
 
@@ -31,7 +31,9 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return project
 
 
-def test_a_rate_derived_from_a_huge_stride_stays_in_range_and_file_and_sidecar_agree(tuned: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_a_rate_derived_from_a_huge_stride_stays_in_range_and_file_and_sidecar_agree(
+    tuned: Path, run_tav: RunTav
+) -> None:
     huge = ["--frames", "all", "--stride", "1000000000000"]
     code, out, err = run_tav("edit", "a dog", "-p", tuned, "--steps", "1", *huge)
     assert code == 0, err
@@ -91,13 +93,15 @@ def test_quiet_silences_the_libraries_warnings(tuned: Path, tiny_lora: Path, tin
     assert json.loads(done.stdout)["kind"] == "edit"
 
 
-def test_a_missing_model_folder_is_not_blamed_on_the_hub(tmp_path: Path, tuned: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_a_missing_model_folder_is_not_blamed_on_the_hub(tmp_path: Path, tuned: Path, run_tav: RunTav) -> None:
     output = tmp_path / "clip.mp4"
     output.write_bytes(CLIP.read_bytes())
     code, out, err = run_tav("eval", output, "--clip-model", tmp_path / "missing-folder")
     assert code == 1 and out == "" and "cannot load the CLIP model" in err and "no such folder" in err, err
     assert "unreachable" not in err
-    edit = ["edit", "a dog", "-p", tuned, "--steps", "1", "--control", "pose", "--control-video", CLIP]
+    edit: list[str | Path] = [
+        "edit", "a dog", "-p", tuned, "--steps", "1", "--control", "pose", "--control-video", CLIP
+    ]  # fmt: skip
     code, out, err = run_tav(*edit, "--control-model", "./missing-controlnet")
     assert code == 1 and "cannot load the ControlNet './missing-controlnet': no such folder" in err, err
 

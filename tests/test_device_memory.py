@@ -4,14 +4,20 @@ counts only what a tune can have (free memory, torch's unused cache, the UNet al
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 import torch
 
 from .conftest import CLIP
 
+if TYPE_CHECKING:
+    from tavcli.method.metrics import ClipScorer
+    from tavcli.method.video_unet import VideoUNet
+    from tavcli.workflow.session import Session
 
-def _session():  # type: ignore[no-untyped-def]
+
+def _session() -> Session:
     from tavcli.runtime import resolve_runtime
     from tavcli.workflow.session import Session
 
@@ -41,8 +47,8 @@ def test_a_preview_tune_and_a_batch_hold_one_tuned_unet(tmp_path: Path, monkeypa
     held: list[int] = []  # how many tuned UNets the session holds after each one it hands out
     tuned_unet = Session.tuned_unet
 
-    def counted(self: Session, *args: object) -> object:
-        built = tuned_unet(self, *args)  # type: ignore[arg-type]
+    def counted(self: Session, *args: Any) -> object:
+        built = tuned_unet(self, *args)
         held.append(len(self._tuned))
         return built
 
@@ -52,7 +58,9 @@ def test_a_preview_tune_and_a_batch_hold_one_tuned_unet(tmp_path: Path, monkeypa
         clip=CLIP, prompt="a man is skiing", project=tmp_path / "p.tav", model="tiny",
         selection=FrameSelection(frames=2), size=FrameSize(width=32, height=32), settings=TuneSettings(steps=3),
     )  # fmt: skip
-    made = tuning.tune(session, request, preview=Preview(prompt="a dog", every=1, steps=1), scorer=scorer)  # type: ignore[arg-type]
+    made = tuning.tune(
+        session, request, preview=Preview(prompt="a dog", every=1, steps=1), scorer=cast("ClipScorer", scorer)
+    )
     assert [a.details["step"] for a in made if a.kind == "edit"] == [1, 2, 3]
     assert len(held) >= 3 and max(held) == 1  # three kept states were edited, one UNet held at a time
     assert scorer.moves == ["cpu", "cpu"] * 3 and scorer.device.type == "cpu"  # to the run's device and back
@@ -84,4 +92,4 @@ def test_the_pre_flight_counts_free_and_cached_memory_and_the_unet_not_all_this_
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1_000_000, 8_000_000))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 500_000)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 300_000)  # a CLIP model, a cached UNet...
-    assert _available(unet, torch.device("cpu")) == 1_000_000 + 200_000 + 440  # type: ignore[arg-type]
+    assert _available(cast("VideoUNet", unet), torch.device("cpu")) == 1_000_000 + 200_000 + 440

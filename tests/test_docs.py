@@ -9,19 +9,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-import typer
 
-from .conftest import CLIP
+from .conftest import CLIP, RunTav, tav_commands
 
 ROOT = Path(__file__).parent.parent
 
 
 def test_every_command_option_is_documented() -> None:
-    from tavcli.cli import app
-
     reference = (ROOT / "docs" / "cli.md").read_text()
-    group = typer.main.get_command(app)
-    for name, command in group.commands.items():  # type: ignore[attr-defined]
+    for name, command in tav_commands().items():
         assert f"## `tav {name}" in reference, name
         for param in command.params:
             for flag in param.opts:
@@ -48,7 +44,9 @@ def test_public_names_exist(module: str) -> None:
 
 
 @pytest.mark.slow
-def test_python_api_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_python_api_example_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     text = (ROOT / "docs" / "python.md").read_text()
     example = re.search(r"## Whole commands\s+```python\n(.*?)```", text, re.S)
     assert example is not None
@@ -60,7 +58,7 @@ def test_python_api_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.slow
-def test_demo_renders_two_clips(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_demo_renders_two_clips(tmp_path: Path, run_tav: RunTav) -> None:
     code, out, err = run_tav("demo", "-p", tmp_path / "demo.tav", "--steps", "2")
     assert code == 0, err
     edits = [r for r in map(json.loads, out.splitlines()) if r["kind"] == "edit"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import CLIP, edit_record, tav_ok
+from .conftest import CLIP, RunTav, edit_record, tav_ok
 
 SMALL = ["--model", "tiny", "--frames", "4", "--width", "64", "--height", "64", "--steps", "2"]
 
@@ -53,8 +53,8 @@ def test_a_lora_adds_to_the_tuned_query_projection_and_comes_off_again(tuned: Pa
 
 
 @pytest.mark.slow
-def test_edit_loras_join_the_edit_key_and_reuse_the_tune_and_inversion(  # type: ignore[no-untyped-def]
-    tuned: Path, tiny_lora: Path, tiny_query_lora: Path, tmp_path: Path, run_tav
+def test_edit_loras_join_the_edit_key_and_reuse_the_tune_and_inversion(
+    tuned: Path, tiny_lora: Path, tiny_query_lora: Path, tmp_path: Path, run_tav: RunTav
 ) -> None:
     plain = edit_record(run_tav, tuned)
     counts = {kind: len(list((tuned / kind).iterdir())) for kind in ("tunes", "inversions", "latents")}
@@ -78,7 +78,9 @@ def test_edit_loras_join_the_edit_key_and_reuse_the_tune_and_inversion(  # type:
 
 
 @pytest.mark.slow
-def test_an_edit_with_a_lora_is_reproduced_from_its_sidecar(tuned: Path, tiny_query_lora: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_an_edit_with_a_lora_is_reproduced_from_its_sidecar(
+    tuned: Path, tiny_query_lora: Path, run_tav: RunTav
+) -> None:
     styled = edit_record(run_tav, tuned, "--lora", f"{tiny_query_lora}:0.7")
     record = json.loads(Path(styled["sidecar"]).read_text())
     assert record["loras"] == [{"path": str(tiny_query_lora.resolve()), "scale": 0.7}]
@@ -88,6 +90,6 @@ def test_an_edit_with_a_lora_is_reproduced_from_its_sidecar(tuned: Path, tiny_qu
     assert json.loads(out.splitlines()[0])["key"] == styled["key"]
 
 
-def test_a_missing_lora_is_refused_before_anything_loads(tuned: Path, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_a_missing_lora_is_refused_before_anything_loads(tuned: Path, tmp_path: Path, run_tav: RunTav) -> None:
     code, _, err = run_tav("edit", "a dog", "-p", tuned, "--lora", tmp_path / "nothing.safetensors")
     assert code != 0 and "nothing.safetensors" in err and "Traceback" not in err

@@ -9,15 +9,16 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import CLIP
+from .conftest import CLIP, RunTav
 
 
 @pytest.fixture
-def hub_at(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def hub_at(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
     """Point huggingface_hub at an endpoint, online mode, with tav's answer forgotten before and after."""
     from huggingface_hub import constants
 
@@ -32,7 +33,7 @@ def hub_at(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     hub_reachable.cache_clear()
 
 
-def test_the_hub_is_asked_once_and_any_answer_counts(hub_at) -> None:  # type: ignore[no-untyped-def]
+def test_the_hub_is_asked_once_and_any_answer_counts(hub_at: Callable[[str], None]) -> None:
     from tavcli.models.hub import hub_reachable
 
     class Answer(http.server.BaseHTTPRequestHandler):
@@ -55,14 +56,16 @@ def test_the_hub_is_asked_once_and_any_answer_counts(hub_at) -> None:  # type: i
     assert not hub_reachable()
 
 
-def test_an_unreachable_hub_fails_at_once_with_one_line(tmp_path: Path, hub_at, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_an_unreachable_hub_fails_at_once_with_one_line(
+    tmp_path: Path, hub_at: Callable[[str], None], run_tav: RunTav
+) -> None:
     hub_at("http://127.0.0.1:9")
     output = tmp_path / "clip.mp4"
     shutil.copy(CLIP, output)
     project = tmp_path / "p.tav"
     small = ["--model", "tiny", "--frames", "2", "--width", "32", "--height", "32", "--steps", "1"]
     assert run_tav("tune", CLIP, "a man", *small, "-p", project)[0] == 0
-    for args, model, hint in [
+    cases: list[tuple[list[str | Path], str, str]] = [
         (["eval", output], "openai/clip-vit-large-patch14", "--clip-model"),
         (["tune", CLIP, "a man", "-m", "tavcli-test/missing", "-p", project], "tavcli-test/missing", "--model tiny"),
         (
@@ -70,7 +73,8 @@ def test_an_unreachable_hub_fails_at_once_with_one_line(tmp_path: Path, hub_at, 
             "tavcli-test/cn",
             "--control-model",
         ),
-    ]:
+    ]
+    for args, model, hint in cases:
         code, out, err = run_tav(*args)
         last = err.strip().splitlines()[-1]
         assert code == 1 and out == "" and "Traceback" not in err, err

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import CLIP
+from .conftest import CLIP, RunTav
 
 SMALL = ["--model", "tiny", "--frames", "3", "--width", "32", "--height", "32", "--steps", "1"]
 
@@ -36,7 +36,7 @@ def test_scores_are_the_defined_cosine_similarities(tiny_clip: Path) -> None:
 
 
 @pytest.mark.slow
-def test_eval_and_edit_eval_write_scores_into_sidecars(tiny_clip: Path, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_eval_and_edit_eval_write_scores_into_sidecars(tiny_clip: Path, tmp_path: Path, run_tav: RunTav) -> None:
     project = tmp_path / "p.tav"
     assert run_tav("tune", CLIP, "a man is skiing", *SMALL, "-p", project)[0] == 0
     code, out, err = run_tav(
@@ -59,7 +59,7 @@ def test_eval_and_edit_eval_write_scores_into_sidecars(tiny_clip: Path, tmp_path
     assert json.loads(out)["prompt"] == "a cat"
 
 
-def test_eval_errors_are_one_line(tiny_clip: Path, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_eval_errors_are_one_line(tiny_clip: Path, tmp_path: Path, run_tav: RunTav) -> None:
     code, _, err = run_tav("eval", CLIP, "--clip-model", "openai/clip-vit-large-patch14")
     assert code == 1 and "--clip-model" in err and "Traceback" not in err
     code, _, err = run_tav("eval", CLIP, "--clip-model", tiny_clip)
@@ -68,11 +68,11 @@ def test_eval_errors_are_one_line(tiny_clip: Path, tmp_path: Path, run_tav) -> N
     assert code == 0 and json.loads(out)["frames"] == 48
 
 
-def test_edit_eval_finds_its_clip_model_before_any_work(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_edit_eval_finds_its_clip_model_before_any_work(tmp_path: Path, run_tav: RunTav) -> None:
     project = tmp_path / "p.tav"
     small = ["--model", "tiny", "--frames", "2", "--width", "32", "--height", "32", "--steps", "1"]
     assert run_tav("tune", CLIP, "a man is skiing", *small, "-p", project)[0] == 0
-    evaluate = ["--eval", "--clip-model", tmp_path / "none"]
+    evaluate: list[str | Path] = ["--eval", "--clip-model", tmp_path / "none"]
     code, out, err = run_tav("edit", "a dog", "-p", project, "--steps", "1", *evaluate)
     assert code == 1 and out == "" and "cannot load the CLIP model" in err, err
     assert not (project / "inversions").exists() and not (project / "edits").exists()

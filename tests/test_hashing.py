@@ -15,7 +15,7 @@ from tavcli.files import hashing
 from tavcli.models.resolving import resolve_model
 from tavcli.workflow.keys import lora_identity
 
-from .conftest import CLIP, edit_record
+from .conftest import CLIP, RunTav, edit_record
 
 
 def _rewrite_in_place(path: Path, data: bytes) -> None:
@@ -105,8 +105,8 @@ def test_a_tune_time_lora_rewritten_in_place_is_another_model(tmp_path: Path, me
 
 
 @pytest.mark.slow
-def test_an_edit_with_a_lora_folder_rewritten_in_place_is_not_the_cached_one(  # type: ignore[no-untyped-def]
-    tiny_query_lora: Path, tmp_path: Path, run_tav
+def test_an_edit_with_a_lora_folder_rewritten_in_place_is_not_the_cached_one(
+    tiny_query_lora: Path, tmp_path: Path, run_tav: RunTav
 ) -> None:
     project = tmp_path / "p.tav"
     small = ["--model", "tiny", "--frames", "2", "--width", "32", "--height", "32", "--steps", "1"]

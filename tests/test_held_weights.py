@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -18,6 +19,11 @@ from tavcli.settings.requests import FrameSelection, FrameSize, TuneRequest, Tun
 from tavcli.workflow.session import Session, resolve_tune
 
 from .conftest import CLIP, tav_ok
+
+if TYPE_CHECKING:
+    from tavcli.method.video_unet import VideoUNet
+    from tavcli.models.source import Components
+    from tavcli.runtime import Runtime
 
 SMALL = ["-m", "tiny", "--frames", "2", "--width", "32", "--height", "32"]
 
@@ -39,17 +45,17 @@ def project(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     return root
 
 
-def _tuned(precision: str, project: Path, reporter: Reporter | None = None):  # type: ignore[no-untyped-def]
+def _tuned(precision: str, project: Path, reporter: Reporter | None = None) -> tuple[Session, Components, VideoUNet]:
     return _tuned_in(Session(resolve_runtime("cpu", precision), reporter), project)
 
 
-def _tuned_in(session: Session, project: Path):  # type: ignore[no-untyped-def]
+def _tuned_in(session: Session, project: Path) -> tuple[Session, Components, VideoUNet]:
     """`session`, the model and the UNet of `project`'s current tune, as sampling builds it."""
     components, unet = session.tuned_unet(*resolve_tune(session, project, None))
     return session, components, unet
 
 
-def _invert_and_sample(runtime, components, unet) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _invert_and_sample(runtime: Runtime, components: Components, unet: VideoUNet) -> torch.Tensor:
     """A 4-step inversion of fixed latents, then a guided 4-step sample from its noise, as one tensor."""
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4, 2, 4, 4, generator=generator)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import CLIP, ORACLE, TINY_SD
+from .conftest import CLIP, ORACLE, TINY_SD, RunTav
 from .reference_format import write_reference_output
 
 
@@ -38,7 +38,7 @@ def _reference_folder(path: Path, tamper: bool = False, pickled: bool = False) -
 
 
 @pytest.mark.slow
-def test_import_keeps_the_reference_tune_and_edits_from_it(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_import_keeps_the_reference_tune_and_edits_from_it(tmp_path: Path, run_tav: RunTav) -> None:
     folder = _reference_folder(tmp_path / "outputs" / "man-skiing")
     project = tmp_path / "imported.tav"
     code, out, err = run_tav("import", folder, "-p", project)
@@ -59,7 +59,7 @@ def test_import_keeps_the_reference_tune_and_edits_from_it(tmp_path: Path, run_t
     assert run_tav("import", folder, "-p", project)[1].count('"cached": true') == 2  # importing twice: nothing new
 
 
-def test_import_refuses_other_bases_and_pickles(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_import_refuses_other_bases_and_pickles(tmp_path: Path, run_tav: RunTav) -> None:
     tampered = _reference_folder(tmp_path / "tampered", tamper=True)
     code, _, err = run_tav("import", tampered, "-p", tmp_path / "a.tav")
     assert code == 1 and "tuned from another base model" in err and "conv_in.weight" in err

@@ -8,50 +8,44 @@ import shutil
 from pathlib import Path
 
 import pytest
-import typer
 
-from .conftest import CLIP, TINY_SD
+from .conftest import CLIP, TINY_SD, RunTav, tav_commands
 
 SMALL = ["--model", "tiny", "--frames", "2", "--width", "32", "--height", "32", "--steps", "1"]
 
 
-def _commands() -> dict[str, object]:
-    from tavcli.cli import app
-
-    return typer.main.get_command(app).commands  # type: ignore[attr-defined, no-any-return]
-
-
-@pytest.mark.parametrize("name", sorted(_commands()))
-def test_help_has_consistent_metavars_and_quiet(name: str, run_tav) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("name", sorted(tav_commands()))
+def test_help_has_consistent_metavars_and_quiet(name: str, run_tav: RunTav) -> None:
     code, out, _ = run_tav(name, "--help")
     assert code == 0 and "-q, --quiet" in out
     for python_type in ("<str>", "<path>", "<list[", "<int>", "<float>", "<bool>", "{folder}", "{video}", "{prompt}"):
         assert python_type not in out, f"tav {name} --help shows {python_type}"
 
 
-def test_main_help_summaries_are_whole_and_main_commands_have_examples(run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_main_help_summaries_are_whole_and_main_commands_have_examples(run_tav: RunTav) -> None:
     code, out, _ = run_tav("--help")
     summaries = out.split("Commands:")[1].strip().splitlines()
-    assert len(summaries) == len(_commands()) and not any(line.rstrip().endswith("...") for line in summaries)
+    assert len(summaries) == len(tav_commands()) and not any(line.rstrip().endswith("...") for line in summaries)
     for name in ("tune", "invert", "edit", "batch"):
         assert "Example" in run_tav(name, "--help")[1], name
 
 
 @pytest.fixture
-def tuned(tmp_path: Path, run_tav) -> Path:  # type: ignore[no-untyped-def]
+def tuned(tmp_path: Path, run_tav: RunTav) -> Path:
     project = tmp_path / "p.tav"
     assert run_tav("tune", CLIP, "a man is skiing", *SMALL, "-p", project)[0] == 0
     return project
 
 
-def test_reporting_commands_print_json_lines_when_stdout_is_no_terminal(tuned: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
-    for args in (["ls", "-p", tuned], ["verify", "-p", tuned], ["config", "-p", tuned]):
+def test_reporting_commands_print_json_lines_when_stdout_is_no_terminal(tuned: Path, run_tav: RunTav) -> None:
+    cases: tuple[list[str | Path], ...] = (["ls", "-p", tuned], ["verify", "-p", tuned], ["config", "-p", tuned])
+    for args in cases:
         code, out, err = run_tav(*args)  # the tests capture stdout: it is no terminal
         assert code == 0 and out and all(isinstance(json.loads(line), dict) for line in out.splitlines()), args
         assert err.strip(), args  # the table and summary for people stay on stderr
 
 
-def test_quiet_leaves_results_and_errors_only(tuned: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_quiet_leaves_results_and_errors_only(tuned: Path, run_tav: RunTav) -> None:
     code, out, err = run_tav("edit", "a dog", "-p", tuned, "--steps", "1", "-q")
     assert code == 0 and json.loads(out)["kind"] == "edit" and err == ""
     code, out, err = run_tav("ls", "-p", tuned, "-q")
@@ -60,7 +54,7 @@ def test_quiet_leaves_results_and_errors_only(tuned: Path, run_tav) -> None:  # 
     assert code == 2 and err.startswith("error: --steps")
 
 
-def test_batch_schema_is_the_declarations(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_batch_schema_is_the_declarations(tmp_path: Path, run_tav: RunTav) -> None:
     import jsonschema
 
     from tavcli.settings.options import EDIT, INVERT, TUNE
@@ -98,7 +92,7 @@ def variant_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def test_variant_loads_those_weights_and_is_recorded(variant_model: Path, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_variant_loads_those_weights_and_is_recorded(variant_model: Path, tmp_path: Path, run_tav: RunTav) -> None:
     import torch
 
     from tavcli.models.loading import load_components
@@ -123,14 +117,14 @@ def test_variant_loads_those_weights_and_is_recorded(variant_model: Path, tmp_pa
     assert session.source(str(variant_model)).name == str(variant_model)  # a recorded name: the main weights
 
     project = tmp_path / "v.tav"
-    args = ["tune", CLIP, "a man", "--model", variant_model, *SMALL[2:], "-p", project]
+    args: list[str | Path] = ["tune", CLIP, "a man", "--model", variant_model, *SMALL[2:], "-p", project]
     code, out, err = run_tav(*args, "--variant", "fp16")
     assert code == 0, err
     meta = json.loads((Path(json.loads(out.splitlines()[-1])["path"]) / "meta.json").read_text())
     assert meta["model"]["model"].endswith("|variant=fp16")
     code, _, err = run_tav(*args, "--variant", "bf16")
     assert code == 1 and "has no bf16 weights" in err
-    job = {
+    job: dict[str, object] = {
         "clip": str(CLIP),
         "prompt": "a man",
         "model": str(variant_model),
@@ -145,7 +139,9 @@ def test_variant_loads_those_weights_and_is_recorded(variant_model: Path, tmp_pa
     assert code == 1 and "tiny model has no fp16 weights" in err
 
 
-def test_revision_reaches_the_hub_download_and_the_tune(tmp_path: Path, monkeypatch, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_revision_reaches_the_hub_download_and_the_tune(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_tav: RunTav
+) -> None:
     import huggingface_hub
 
     calls: list[dict[str, object]] = []

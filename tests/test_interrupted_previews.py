@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import CLIP
+from .conftest import CLIP, RunTav
 
 SMALL = ["--model", "tiny", "--frames", "4", "--width", "64", "--height", "64"]
 
 
 @pytest.mark.slow
-def test_an_interrupted_preview_tune_leaves_no_current_tune(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_an_interrupted_preview_tune_leaves_no_current_tune(tmp_path: Path, run_tav: RunTav) -> None:
     project = tmp_path / "p.tav"
     preview = ["--preview", "a panda is skiing", "--preview-every", "2", "--preview-steps", "1"]
     command = [sys.executable, "-m", "tavcli", "tune", str(CLIP), "a man is skiing", *SMALL, "--steps", "300"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -15,6 +17,9 @@ from tavcli.method.sampling import ddim_sample
 
 from .conftest import ORACLE, TINY_SD
 
+if TYPE_CHECKING:
+    from tavcli.method.video_unet import VideoUNet
+
 
 @pytest.fixture(scope="module")
 def scheduler() -> DDIMScheduler:
@@ -22,7 +27,7 @@ def scheduler() -> DDIMScheduler:
 
 
 @pytest.fixture(scope="module")
-def embed():  # type: ignore[no-untyped-def]
+def embed() -> Callable[[str], torch.Tensor]:
     tokenizer = CLIPTokenizer.from_pretrained(TINY_SD / "tokenizer")
     encoder = CLIPTextModel.from_pretrained(TINY_SD / "text_encoder")
 
@@ -34,7 +39,9 @@ def embed():  # type: ignore[no-untyped-def]
     return embed
 
 
-def test_inversion_reproduces_reference(oracle_video_unet, scheduler, embed) -> None:
+def test_inversion_reproduces_reference(
+    oracle_video_unet: VideoUNet, scheduler: DDIMScheduler, embed: Callable[[str], torch.Tensor]
+) -> None:
     reference = load_file(ORACLE / "ddim_inversion_empty.safetensors")
     trajectory = ddim_inversion(oracle_video_unet, scheduler, reference["latent_in"], embed(""), 10)
     assert len(trajectory) == 11
@@ -42,11 +49,13 @@ def test_inversion_reproduces_reference(oracle_video_unet, scheduler, embed) -> 
     assert (trajectory[-1] - reference["empty.final"]).abs().max().item() <= 1e-4
 
 
-def test_inversion_feeds_the_reference_timesteps(oracle_video_unet, scheduler, embed) -> None:
+def test_inversion_feeds_the_reference_timesteps(
+    oracle_video_unet: VideoUNet, scheduler: DDIMScheduler, embed: Callable[[str], torch.Tensor]
+) -> None:
     reference = load_file(ORACLE / "ddim_inversion_empty.safetensors")
     seen: list[int] = []
 
-    def spy(module, args, kwargs):  # type: ignore[no-untyped-def]
+    def spy(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         seen.append(int(args[1]))
 
     handle = oracle_video_unet.register_forward_pre_hook(spy, with_kwargs=True)
@@ -57,7 +66,9 @@ def test_inversion_feeds_the_reference_timesteps(oracle_video_unet, scheduler, e
     assert seen == reference["empty.unet_timesteps"].tolist()
 
 
-def test_guidance_batches_negative_then_prompt(oracle_video_unet, scheduler, embed) -> None:
+def test_guidance_batches_negative_then_prompt(
+    oracle_video_unet: VideoUNet, scheduler: DDIMScheduler, embed: Callable[[str], torch.Tensor]
+) -> None:
     noise = torch.randn(1, 4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     cat, dog, empty = embed("a cat"), embed("a dog"), embed("")
 
@@ -85,13 +96,13 @@ class _StandIn(torch.nn.Module):
         return SimpleNamespace(sample=(noise - (1 - a).sqrt() * x) / a.sqrt())  # so that eps = sqrt(a) v + sqrt(1-a) x
 
 
-def test_a_v_prediction_model_inverts_like_its_noise_predicting_equivalent(scheduler) -> None:  # type: ignore[no-untyped-def]
+def test_a_v_prediction_model_inverts_like_its_noise_predicting_equivalent(scheduler: DDIMScheduler) -> None:
     """The output is converted with the alphas of the timestep the model was asked at (docs/method.md, "Inversion")."""
     latents = torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(0))
     v_scheduler = DDIMScheduler.from_config(scheduler.config, prediction_type="v_prediction")
     text = torch.zeros(1, 77, 32)
     noise_model = _StandIn(scheduler.alphas_cumprod, velocity=False)
     velocity_model = _StandIn(scheduler.alphas_cumprod, velocity=True)
-    expected = ddim_inversion(noise_model, scheduler, latents, text, 10)  # type: ignore[arg-type]
-    found = ddim_inversion(velocity_model, v_scheduler, latents, text, 10)  # type: ignore[arg-type]
+    expected = ddim_inversion(noise_model, scheduler, latents, text, 10)
+    found = ddim_inversion(velocity_model, v_scheduler, latents, text, 10)
     assert all(torch.allclose(e, f, atol=1e-4) for e, f in zip(expected, found, strict=True))

@@ -44,6 +44,7 @@ TORCH_FREE = [
     "tavcli.store.checkpoints",
     "tavcli.store.sidecar",
     "tavcli.store.housekeeping",
+    "tavcli.store.specs",
     "tavcli.models.source",
     "tavcli.models.names",
     "tavcli.models.hub",

@@ -6,12 +6,16 @@ import json
 import shutil
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 import pytest
 from safetensors.torch import load_file
 
-from .conftest import CLIP, edit_record, tav_ok
+from .conftest import CLIP, RunTav, edit_record, tav_ok
+
+if TYPE_CHECKING:
+    import torch
 
 SMALL = ["--model", "tiny", "--frames", "4", "--width", "64", "--height", "64", "--steps", "2"]
 RATE = Fraction(30000, 1001)  # the bundled clip's
@@ -32,12 +36,12 @@ def _frames_and_rate(path: Path) -> tuple[int, Fraction]:
         return sum(1 for _ in container.decode(stream)), Fraction(stream.average_rate)
 
 
-def _latents(project: Path, key: str):  # type: ignore[no-untyped-def]
+def _latents(project: Path, key: str) -> torch.Tensor:
     return load_file(project / "edits" / key / "tensors.safetensors")["latents"]
 
 
 @pytest.mark.slow
-def test_the_tuned_selection_gives_exactly_the_edit_of_before(tuned: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_the_tuned_selection_gives_exactly_the_edit_of_before(tuned: Path, run_tav: RunTav) -> None:
     plain = edit_record(run_tav, tuned)
     for extra in (["--frames", "4", "--stride", "2", "--start", "0"], ["--window", "4"], ["--window", "9"]):
         same = edit_record(run_tav, tuned, *extra)
@@ -49,7 +53,7 @@ def test_the_tuned_selection_gives_exactly_the_edit_of_before(tuned: Path, run_t
 
 
 @pytest.mark.slow
-def test_a_window_as_long_as_the_selection_is_the_unwindowed_edit(tuned: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_a_window_as_long_as_the_selection_is_the_unwindowed_edit(tuned: Path, run_tav: RunTav) -> None:
     whole = edit_record(run_tav, tuned, "--frames", "8")
     for window in ("8", "20"):
         same = edit_record(run_tav, tuned, "--frames", "8", "--window", window)
@@ -62,7 +66,7 @@ def test_a_window_as_long_as_the_selection_is_the_unwindowed_edit(tuned: Path, r
 
 
 @pytest.mark.slow
-def test_a_longer_selection_renders_its_frame_count_at_its_rate(tuned: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_a_longer_selection_renders_its_frame_count_at_its_rate(tuned: Path, run_tav: RunTav) -> None:
     tripled = edit_record(run_tav, tuned, "--frames", "12", "--window", "4")
     assert _frames_and_rate(Path(tripled["path"])) == (12, RATE / 2)
     whole = edit_record(run_tav, tuned, "--frames", "all", "--stride", "1", "--window", "6")
@@ -77,7 +81,7 @@ def test_a_longer_selection_renders_its_frame_count_at_its_rate(tuned: Path, run
 
 
 @pytest.mark.slow
-def test_tav_invert_takes_the_same_frames(tuned: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_tav_invert_takes_the_same_frames(tuned: Path, run_tav: RunTav) -> None:
     code, out, err = run_tav("invert", "-p", tuned, "--steps", "2", "--frames", "6", "--window", "3")
     assert code == 0, err
     record = json.loads(out)
@@ -88,7 +92,7 @@ def test_tav_invert_takes_the_same_frames(tuned: Path, run_tav) -> None:  # type
     assert _frames_and_rate(Path(plain["path"]))[0] == 4
 
 
-def test_other_frames_need_the_tuned_clip_unchanged(tuned: Path, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_other_frames_need_the_tuned_clip_unchanged(tuned: Path, tmp_path: Path, run_tav: RunTav) -> None:
     project = tmp_path / "copy.tav"
     shutil.copytree(tuned, project)
     clip = Path(json.loads(next((project / "latents").glob("*/meta.json")).read_text())["clip"]["path"])

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import CLIP
+from .conftest import CLIP, RunTav
 
 SMALL = ["--model", "tiny", "--frames", "2", "--width", "32", "--height", "32", "--steps", "1"]
 
 
 @pytest.mark.slow
-def test_lora_changes_the_base_model_and_its_keys(tiny_lora: Path, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_lora_changes_the_base_model_and_its_keys(tiny_lora: Path, tmp_path: Path, run_tav: RunTav) -> None:
     project = tmp_path / "p.tav"
     keys = {}
     for name, extra in [("plain", []), ("lora", ["--lora", str(tiny_lora)]), ("half", ["--lora", f"{tiny_lora}:0.5"])]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import CLIP, edit_record, tav_ok
+from .conftest import CLIP, RunTav, edit_record, tav_ok
 
 SMALL = ["--model", "tiny", "--frames", "2", "--width", "32", "--height", "32", "--steps", "1"]
 
@@ -57,8 +57,8 @@ def _one_error_line(err: str) -> str:
 
 
 @pytest.mark.slow
-def test_a_lora_for_another_base_is_one_line_in_tune_and_edit(  # type: ignore[no-untyped-def]
-    tuned: Path, wide_lora: Path, sd2_lora: Path, tmp_path: Path, run_tav
+def test_a_lora_for_another_base_is_one_line_in_tune_and_edit(
+    tuned: Path, wide_lora: Path, sd2_lora: Path, tmp_path: Path, run_tav: RunTav
 ) -> None:
     code, _, err = run_tav("tune", CLIP, "a man is skiing", *SMALL, "--lora", sd2_lora, "-p", tmp_path / "q.tav")
     line = _one_error_line(err)
@@ -96,7 +96,7 @@ def test_the_base_a_lora_was_made_for_is_named_only_when_its_keys_or_widths_tell
 
 
 @pytest.mark.slow
-def test_files_that_are_no_lora_for_this_model_are_one_line(tuned: Path, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_files_that_are_no_lora_for_this_model_are_one_line(tuned: Path, tmp_path: Path, run_tav: RunTav) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -152,7 +152,7 @@ def test_keep_going_survives_any_failure_of_a_job(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.slow
-def test_a_batch_goes_on_after_a_job_whose_lora_does_not_fit(wide_lora: Path, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_a_batch_goes_on_after_a_job_whose_lora_does_not_fit(wide_lora: Path, tmp_path: Path, run_tav: RunTav) -> None:
     small = {"model": "tiny", "frames": 2, "width": 32, "height": 32, "steps": 1, "project": str(tmp_path / "p.tav")}
     lines = [  # the same tune: the second job's edit runs on the UNet the first job's LoRA failed on
         {"name": "misfit", "clip": str(CLIP), "prompt": "a man", "edits": ["a dog"], **small},
@@ -171,8 +171,8 @@ def test_a_batch_goes_on_after_a_job_whose_lora_does_not_fit(wide_lora: Path, tm
 
 
 @pytest.mark.slow
-def test_an_overflowing_lora_scale_is_blamed_and_fp32_is_not_suggested_in_an_fp32_run(  # type: ignore[no-untyped-def]
-    tuned: Path, tiny_lora: Path, run_tav
+def test_an_overflowing_lora_scale_is_blamed_and_fp32_is_not_suggested_in_an_fp32_run(
+    tuned: Path, tiny_lora: Path, run_tav: RunTav
 ) -> None:
     code, _, err = run_tav(
         "edit", "a dog", "-p", tuned, "--steps", "1", "--precision", "fp32", "--lora", f"{tiny_lora}:1e30"
@@ -191,8 +191,10 @@ def test_the_overflow_hint_suggests_only_what_would_help() -> None:
     assert "LoRA scale" in both and "--precision bf16 or fp32" in both
 
 
-def test_a_tune_that_diverges_on_a_huge_lora_scale_names_the_scale(tiny_lora: Path, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
-    args = ["tune", CLIP, "a man", *SMALL, "--lora", f"{tiny_lora}:1e30", "-p", tmp_path / "p.tav"]
+def test_a_tune_that_diverges_on_a_huge_lora_scale_names_the_scale(
+    tiny_lora: Path, tmp_path: Path, run_tav: RunTav
+) -> None:
+    args: list[str | Path] = ["tune", CLIP, "a man", *SMALL, "--lora", f"{tiny_lora}:1e30", "-p", tmp_path / "p.tav"]
     code, out, err = run_tav(*args)
     assert code == 1 and out == "" and "Traceback" not in err, err
     assert "a LoRA scale may be too large: try a smaller PATH:SCALE" in err and "try --precision" not in err, err

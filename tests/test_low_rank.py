@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -20,6 +22,9 @@ from tavcli.method.low_rank import (
     temporal_init_digest,
 )
 from tavcli.method.video_unet import SparseCausalAttnProcessor, VideoUNet, inflate_unet
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 TUNED = ("attn1.to_q", "attn2.to_q", "attn_temp.to_q", "attn_temp.to_k", "attn_temp.to_v", "attn_temp.to_out.0")
 
@@ -46,7 +51,7 @@ def _randomize(params: dict[str, nn.Parameter], seed: int, only_b: bool = False)
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
-def test_adapters_wrap_exactly_the_tuned_linear_layers(oracle_unet2d) -> None:
+def test_adapters_wrap_exactly_the_tuned_linear_layers(oracle_unet2d: UNet2DConditionModel) -> None:
     from peft.tuners.lora import LoraLayer
 
     flags = [param.requires_grad for param in oracle_unet2d.parameters()]
@@ -71,14 +76,14 @@ def test_adapters_wrap_exactly_the_tuned_linear_layers(oracle_unet2d) -> None:
     assert all(isinstance(p, SparseCausalAttnProcessor) for n, p in processors.items() if n.endswith("attn1.processor"))
 
 
-def test_fresh_adapters_leave_the_output_bit_identical(oracle_unet2d) -> None:
+def test_fresh_adapters_leave_the_output_bit_identical(oracle_unet2d: UNet2DConditionModel) -> None:
     with torch.no_grad():
         plain = _forward(_video(oracle_unet2d))
         adapted = _forward(_video(oracle_unet2d, rank=4))
     assert torch.equal(plain, adapted)
 
 
-def test_backward_reaches_every_adapter_tensor_and_no_base_weight(oracle_unet2d) -> None:
+def test_backward_reaches_every_adapter_tensor_and_no_base_weight(oracle_unet2d: UNet2DConditionModel) -> None:
     unet = _video(oracle_unet2d, rank=4)
     params = low_rank_parameters(unet)
     _randomize(params, seed=2, only_b=True)  # B = 0 would give lora_A no gradient
@@ -92,7 +97,7 @@ def test_backward_reaches_every_adapter_tensor_and_no_base_weight(oracle_unet2d)
     assert all(param.grad is None for param in oracle_unet2d.parameters())
 
 
-def test_merge_keeps_the_output_and_leaves_the_image_model_untouched(oracle_unet2d) -> None:
+def test_merge_keeps_the_output_and_leaves_the_image_model_untouched(oracle_unet2d: UNet2DConditionModel) -> None:
     before = {name: tensor.clone() for name, tensor in oracle_unet2d.state_dict().items()}
     unet = _video(oracle_unet2d, rank=4)
     _randomize(low_rank_parameters(unet), seed=3)
@@ -108,7 +113,7 @@ def test_merge_keeps_the_output_and_leaves_the_image_model_untouched(oracle_unet
     assert set(after) == set(before) and all(torch.equal(after[name], before[name]) for name in before)
 
 
-def test_stored_adapters_round_trip_onto_a_recreated_model(oracle_unet2d, tmp_path) -> None:
+def test_stored_adapters_round_trip_onto_a_recreated_model(oracle_unet2d: UNet2DConditionModel, tmp_path: Path) -> None:
     trained = _video(oracle_unet2d, seed=5, rank=4)
     _randomize(low_rank_parameters(trained), seed=4)
     save_file({name: p.detach().contiguous() for name, p in low_rank_parameters(trained).items()}, tmp_path / "t")
@@ -132,7 +137,7 @@ def test_stored_adapters_round_trip_onto_a_recreated_model(oracle_unet2d, tmp_pa
         load_low_rank(_video(oracle_unet2d, seed=5, rank=2), stored)
 
 
-def test_temporal_init_digest_follows_the_seed_and_ignores_adapters(oracle_unet2d) -> None:
+def test_temporal_init_digest_follows_the_seed_and_ignores_adapters(oracle_unet2d: UNet2DConditionModel) -> None:
     digest = temporal_init_digest(_video(oracle_unet2d, seed=0))
     assert len(digest) == 16
     assert temporal_init_digest(_video(oracle_unet2d, seed=0)) == digest
@@ -150,7 +155,9 @@ def test_temporal_init_digest_follows_the_seed_and_ignores_adapters(oracle_unet2
     assert temporal_init_digest(plain) != digest  # norm_temp counts too
 
 
-def test_missing_peft_says_what_to_install(oracle_unet2d, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_peft_says_what_to_install(
+    oracle_unet2d: UNet2DConditionModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
     with pytest.raises(TavError, match="needs peft") as error:
         _video(oracle_unet2d, rank=4)

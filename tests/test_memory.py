@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -28,11 +28,14 @@ from tavcli.method.memory import (
     tune_estimate,
 )
 from tavcli.method.training import trained_parameters
-from tavcli.method.video_unet import inflate_unet, trainable_parameters
+from tavcli.method.video_unet import VideoUNet, inflate_unet, trainable_parameters
 from tavcli.runtime import Runtime
 from tavcli.workflow.remedies import settings_that_fit
 
-from .conftest import CLIP
+from .conftest import CLIP, RunTav
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 
 class LiveBytes(TorchDispatchMode):
@@ -67,15 +70,15 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def _measured_peak(unet: torch.nn.Module, precision: str, frames: int, size: int) -> int:
+def _measured_peak(unet: VideoUNet, precision: str, frames: int, size: int) -> int:
     """Peak live bytes of a training step as `train_delta` takes it, once AdamW's moments exist."""
-    params = trained_parameters(unet)  # type: ignore[arg-type]
+    params = trained_parameters(unet)
     unet.requires_grad_(False)
     for param in params.values():
         param.requires_grad_(True)
     unet.train()
     optimizer = torch.optim.AdamW(params.values(), lr=1e-5)
-    text = torch.randn(1, 77, unet.config.cross_attention_dim)  # type: ignore[union-attr]
+    text = torch.randn(1, 77, unet.config.cross_attention_dim)
 
     def step() -> None:
         sample = torch.randn(1, 4, frames, size // 8, size // 8)
@@ -95,7 +98,9 @@ def _measured_peak(unet: torch.nn.Module, precision: str, frames: int, size: int
 
 
 @pytest.mark.parametrize(("precision", "rank"), [("fp32", 0), ("bf16", 0), ("fp32", 2)])
-def test_the_estimate_is_within_15_percent_of_a_measured_peak(oracle_unet2d, precision: str, rank: int) -> None:  # type: ignore[no-untyped-def]
+def test_the_estimate_is_within_15_percent_of_a_measured_peak(
+    oracle_unet2d: UNet2DConditionModel, precision: str, rank: int
+) -> None:
     torch.manual_seed(0)
     unet = inflate_unet(oracle_unet2d)
     if rank:
@@ -106,7 +111,7 @@ def test_the_estimate_is_within_15_percent_of_a_measured_peak(oracle_unet2d, pre
     assert unmargined == pytest.approx(measured, rel=0.15)
 
 
-def test_a_low_rank_tune_trains_only_its_adapters(oracle_unet2d) -> None:  # type: ignore[no-untyped-def]
+def test_a_low_rank_tune_trains_only_its_adapters(oracle_unet2d: UNet2DConditionModel) -> None:
     unet = inflate_unet(oracle_unet2d)
     add_low_rank_adapters(unet, 2)
     adapters = low_rank_parameters(unet)
@@ -117,7 +122,7 @@ def test_a_low_rank_tune_trains_only_its_adapters(oracle_unet2d) -> None:  # typ
     assert {name: p.requires_grad for name, p in unet.named_parameters()} == before  # the probe leaves no trace
 
 
-def test_half_precision_is_probed_under_autocast(oracle_unet2d) -> None:  # type: ignore[no-untyped-def]
+def test_half_precision_is_probed_under_autocast(oracle_unet2d: UNet2DConditionModel) -> None:
     unet = inflate_unet(oracle_unet2d)
     probes = probe_tune(unet, "bf16")
     fp32, half = probes["fp32"], probes["half"]
@@ -129,14 +134,14 @@ def test_half_precision_is_probed_under_autocast(oracle_unet2d) -> None:  # type
     assert half.activations(tokens, False) > fp32.activations(tokens, False) // 2  # more than fp32's half
 
 
-def test_the_probe_takes_the_sparse_causal_path(oracle_unet2d) -> None:  # type: ignore[no-untyped-def]
+def test_the_probe_takes_the_sparse_causal_path(oracle_unet2d: UNet2DConditionModel) -> None:
     unet = inflate_unet(oracle_unet2d)
     probe = probe_activations(unet, "fp32")
     assert min(PROBE_FRAMES) > 2  # frames from the third on attend to frame 0 and the previous frame
     assert probe.small.tokens < probe.large.tokens and probe.small.saved < probe.large.saved
 
 
-def test_estimate_scales_with_the_clip_and_checkpointing_saves(oracle_unet2d) -> None:  # type: ignore[no-untyped-def]
+def test_estimate_scales_with_the_clip_and_checkpointing_saves(oracle_unet2d: UNet2DConditionModel) -> None:
     unet = inflate_unet(oracle_unet2d)
     before = {name: p.requires_grad for name, p in unet.named_parameters()}
     probes = probe_tune(unet, "fp32")
@@ -154,7 +159,7 @@ def test_estimate_scales_with_the_clip_and_checkpointing_saves(oracle_unet2d) ->
     assert small.weights == sum(p.numel() * 4 for p in unet.parameters())
 
 
-def test_a_tune_that_does_not_fit_names_settings_that_do(oracle_unet2d) -> None:  # type: ignore[no-untyped-def]
+def test_a_tune_that_does_not_fit_names_settings_that_do(oracle_unet2d: UNet2DConditionModel) -> None:
     unet = inflate_unet(oracle_unet2d)
     probes = probe_tune(unet, "fp32")
     estimate = tune_estimate(unet, probes, 24, 512, 512, checkpointing=False, precision="fp32")
@@ -171,7 +176,7 @@ def test_a_tune_that_does_not_fit_names_settings_that_do(oracle_unet2d) -> None:
     assert "--frames" in raised.value.hint
 
 
-def test_the_card_table_gives_the_most_frames_that_fit(oracle_unet2d) -> None:  # type: ignore[no-untyped-def]
+def test_the_card_table_gives_the_most_frames_that_fit(oracle_unet2d: UNet2DConditionModel) -> None:
     unet = inflate_unet(oracle_unet2d)
     probes = probe_tune(unet, "fp32")
     estimate = tune_estimate(unet, probes, 24, 512, 512, checkpointing=False, precision="fp32")
@@ -190,7 +195,7 @@ def test_the_card_table_gives_the_most_frames_that_fit(oracle_unet2d) -> None:  
     assert first["fp32"] <= first["fp32 + checkpointing"]
 
 
-def test_tune_dry_run_prints_a_plan_and_writes_nothing(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_tune_dry_run_prints_a_plan_and_writes_nothing(tmp_path: Path, run_tav: RunTav) -> None:
     project = tmp_path / "p.tav"
     small = ["--model", "tiny", "--frames", "4", "--width", "64", "--height", "64", "--steps", "2"]
     code, out, err = run_tav("tune", CLIP, "a man is skiing", *small, "-p", project, "--dry-run")

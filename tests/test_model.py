@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from tavcli.method.video_unet import (
     SparseCausalAttnProcessor,
+    VideoUNet,
     inflate_unet,
     sparse_causal_context,
     trainable_parameters,
@@ -17,7 +18,7 @@ from tavcli.method.video_unet import (
 from .conftest import ORACLE, TINY_SD
 
 
-def test_reproduces_reference_forward_pass(oracle_video_unet) -> None:
+def test_reproduces_reference_forward_pass(oracle_video_unet: VideoUNet) -> None:
     case = load_file(ORACLE / "unet3d_caseA.safetensors")
     with torch.no_grad():
         out = oracle_video_unet(case["A.sample"], case["A.timestep"], case["A.encoder_hidden_states"]).sample
@@ -25,7 +26,7 @@ def test_reproduces_reference_forward_pass(oracle_video_unet) -> None:
     assert (out - case["A.expected"]).abs().max().item() <= 1e-5
 
 
-def test_reference_temporal_weights_load_without_unexpected_keys(oracle_unet2d) -> None:
+def test_reference_temporal_weights_load_without_unexpected_keys(oracle_unet2d: UNet2DConditionModel) -> None:
     unet = inflate_unet(oracle_unet2d)
     temporal = load_file(ORACLE / "unet3d_temporal.safetensors")
     result = unet.load_state_dict(temporal, strict=False)
@@ -34,7 +35,7 @@ def test_reference_temporal_weights_load_without_unexpected_keys(oracle_unet2d) 
     assert len(temporal) == 112
 
 
-def test_inflation_shares_frozen_weights_and_copies_tuned_ones(oracle_unet2d) -> None:
+def test_inflation_shares_frozen_weights_and_copies_tuned_ones(oracle_unet2d: UNet2DConditionModel) -> None:
     unet = inflate_unet(oracle_unet2d)
     conv = "down_blocks.0.resnets.0.conv1.weight"
     query = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
@@ -45,7 +46,7 @@ def test_inflation_shares_frozen_weights_and_copies_tuned_ones(oracle_unet2d) ->
     assert torch.equal(oracle_unet2d.state_dict()[query], before)
 
 
-def test_one_frame_clip_equals_image_model_when_temporal_path_is_zero(oracle_unet2d) -> None:
+def test_one_frame_clip_equals_image_model_when_temporal_path_is_zero(oracle_unet2d: UNet2DConditionModel) -> None:
     """With one frame, sparse-causal attention is self-attention and joint GroupNorm is per-frame."""
     unet = inflate_unet(oracle_unet2d).eval()
     for name, param in unet.named_parameters():
@@ -59,7 +60,7 @@ def test_one_frame_clip_equals_image_model_when_temporal_path_is_zero(oracle_une
     torch.testing.assert_close(video[:, :, 0], image, atol=1e-5, rtol=0)
 
 
-def test_frame_norm_choice_changes_the_numbers(oracle_unet2d) -> None:
+def test_frame_norm_choice_changes_the_numbers(oracle_unet2d: UNet2DConditionModel) -> None:
     sample = torch.randn(1, 4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     text = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)
@@ -82,7 +83,7 @@ def test_sparse_causal_context_takes_first_and_previous_frame() -> None:
             assert row[:tokens].eq(first).all() and row[tokens:].eq(previous).all()
 
 
-def test_trainable_parameters_are_the_query_projections_and_temporal_attention(oracle_video_unet) -> None:
+def test_trainable_parameters_are_the_query_projections_and_temporal_attention(oracle_video_unet: VideoUNet) -> None:
     names = list(trainable_parameters(oracle_video_unet))
     assert len(names) == 112  # 16 blocks x (attn1.to_q, attn2.to_q, attn_temp q/k/v/out.weight/out.bias)
     assert all(n.endswith(("attn1.to_q.weight", "attn2.to_q.weight")) or ".attn_temp." in n for n in names)
@@ -102,7 +103,7 @@ def test_inflation_refuses_self_attention_features_sparse_causal_attention_would
         inflate_unet(unet)
 
 
-def test_sparse_causal_attention_refuses_a_mask(oracle_video_unet) -> None:  # type: ignore[no-untyped-def]
+def test_sparse_causal_attention_refuses_a_mask(oracle_video_unet: VideoUNet) -> None:
     block = oracle_video_unet.down_blocks[0].attentions[0].transformer_blocks[0]
     assert isinstance(block.attn1.processor, SparseCausalAttnProcessor)
     hidden = torch.randn(2, 4, block.attn1.query_dim)

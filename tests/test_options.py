@@ -14,7 +14,7 @@ from tavcli.errors import TavError
 from tavcli.settings.options import EDIT, INVERT, TUNE, Option, OptionError
 from tavcli.store.sidecar import recorded_edit
 
-from .conftest import CLIP, tav_in_fresh_python
+from .conftest import CLIP, RunTav, tav_in_fresh_python
 
 TABLES = {"tune": TUNE, "invert": INVERT, "edit": EDIT}
 ARGS = {"tune": ["tune", str(CLIP), "a man"], "invert": ["invert"], "edit": ["edit", "a dog"]}
@@ -51,8 +51,8 @@ def as_json(text: str) -> object:
 
 @pytest.mark.parametrize("command, option", NUMERIC)
 def test_declared_range_is_enforced_by_command_line_batch_and_sidecar(
-    command: str, option: Option, tmp_path: Path, run_tav
-) -> None:  # type: ignore[no-untyped-def]
+    command: str, option: Option, tmp_path: Path, run_tav: RunTav
+) -> None:
     for value in refused(option):
         code, out, err = run_tav(*ARGS[command], option.flag, value)
         lines = [line for line in err.splitlines() if line.strip()]
@@ -130,7 +130,7 @@ def test_sidecar_edited_into_nonsense_is_refused_in_one_line(tmp_path: Path) -> 
         recorded_edit(path)
 
 
-def test_gif_rate_above_fifty_is_refused_everywhere(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_gif_rate_above_fifty_is_refused_everywhere(tmp_path: Path, run_tav: RunTav) -> None:
     code, _, err = run_tav("edit", "a dog", "-f", "gif", "--fps", "60", "-p", tmp_path)
     assert code == 2 and "too fast for a GIF" in err
     job = {"clip": str(CLIP), "prompt": "a man", "edits": ["a dog"], "edit": {"format": "gif", "fps": 60}}

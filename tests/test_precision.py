@@ -21,7 +21,7 @@ from tavcli.method.video_unet import inflate_unet
 from tavcli.runtime import resolve_runtime
 from tavcli.settings.config import resolve_settings
 
-from .conftest import CLIP, TINY_SD
+from .conftest import CLIP, TINY_SD, RunTav
 
 SMALL = ["-m", "tiny", "--frames", "2", "--width", "32", "--height", "32"]
 
@@ -85,7 +85,7 @@ def test_accelerate_mixed_precision_applies_unless_precision_is_given(
     assert resolve_settings({"precision": None}, None)["precision"].value == "fp16"
 
 
-def test_an_unsupported_accelerate_precision_is_one_line(monkeypatch: pytest.MonkeyPatch, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_an_unsupported_accelerate_precision_is_one_line(monkeypatch: pytest.MonkeyPatch, run_tav: RunTav) -> None:
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
     code, out, err = run_tav("config", "--json")
     assert code == 1 and out == "" and "mixed precision 'fp8'" in err and "Traceback" not in err
@@ -105,7 +105,7 @@ def test_accelerate_launch_passes_its_mixed_precision(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_tune_invert_and_edit_in_half_precision_on_the_cpu(tmp_path: Path, run_tav, precision: str) -> None:  # type: ignore[no-untyped-def]
+def test_tune_invert_and_edit_in_half_precision_on_the_cpu(tmp_path: Path, run_tav: RunTav, precision: str) -> None:
     project = tmp_path / "half.tav"
     code, out, err = run_tav(
         "tune", CLIP, "a man is skiing", *SMALL, "--steps", "2", "-p", project, "--precision", precision
@@ -207,6 +207,6 @@ def test_the_fp32_retry_of_an_overflowing_half_vae_takes_fewer_frames_per_call()
         return torch.full((len(chunk), 8, 2, 2), value)
 
     pixels = torch.zeros(8, 3, 512, 512)
-    out = _finite_or_fp32(vae, call, pixels)  # type: ignore[arg-type]
+    out = _finite_or_fp32(vae, call, pixels)
     assert out.shape[0] == 8 and torch.isfinite(out).all() and vae.dtype == torch.float16
     assert vae.calls == [(torch.float16, 8), (torch.float32, 4), (torch.float32, 4)]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from .conftest import CLIP
+from .conftest import CLIP, RunTav
 
 SMALL = ["--model", "tiny", "--frames", "4", "--width", "64", "--height", "64"]
 PREVIEW = ["--preview", "a panda is skiing", "--preview-every", "2", "--preview-steps", "2"]
@@ -20,7 +20,9 @@ def _records(out: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_previews_keep_states_that_are_the_tunes_of_those_steps(tmp_path: Path, tiny_clip: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_previews_keep_states_that_are_the_tunes_of_those_steps(
+    tmp_path: Path, tiny_clip: Path, run_tav: RunTav
+) -> None:
     project = tmp_path / "p.tav"
     code, out, err = run_tav(
         "tune", CLIP, "a man is skiing", *SMALL, "--steps", "6", *PREVIEW, "--eval", "--clip-model", tiny_clip,
@@ -65,13 +67,13 @@ def test_previews_keep_states_that_are_the_tunes_of_those_steps(tmp_path: Path, 
     assert sidecar["tune"]["key"] == tunes[1]["key"] and "--steps 4" in sidecar["reproduce"][0]
 
 
-def test_eval_needs_previews(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_eval_needs_previews(tmp_path: Path, run_tav: RunTav) -> None:
     code, _, err = run_tav("tune", CLIP, "a man", *SMALL, "--steps", "2", "--eval", "-p", tmp_path / "p.tav")
     assert code == 2 and "--preview" in err
 
 
 @pytest.mark.slow
-def test_a_low_rank_tune_is_small_its_own_entry_and_resumable(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_a_low_rank_tune_is_small_its_own_entry_and_resumable(tmp_path: Path, run_tav: RunTav) -> None:
     project, other = tmp_path / "p.tav", tmp_path / "q.tav"
     code, out, err = run_tav("tune", CLIP, "a man is skiing", *SMALL, "--steps", "2", "-p", project)
     full = _records(out)[-1]

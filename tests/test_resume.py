@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from .conftest import CLIP
+from .conftest import CLIP, RunTav
 
 SMALL = ["--model", "tiny", "--frames", "4", "--stride", "2", "--width", "64", "--height", "64"]
 
@@ -47,7 +47,7 @@ def _wait_for(pattern: str, folder: Path, process: subprocess.Popen[str], timeou
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_a_killed_tune_resumes_to_the_uninterrupted_result(sig: int, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_a_killed_tune_resumes_to_the_uninterrupted_result(sig: int, tmp_path: Path, run_tav: RunTav) -> None:
     steps = ["--steps", "60", "--checkpoint-every", "5"]
     code, _, err = run_tav("tune", CLIP, "a man is skiing", *SMALL, *steps, "-p", tmp_path / "straight.tav")
     assert code == 0, err
@@ -69,7 +69,7 @@ def test_a_killed_tune_resumes_to_the_uninterrupted_result(sig: int, tmp_path: P
 
 
 @pytest.mark.slow
-def test_more_steps_continue_a_finished_tune(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_more_steps_continue_a_finished_tune(tmp_path: Path, run_tav: RunTav) -> None:
     project, fresh = tmp_path / "p.tav", tmp_path / "fresh.tav"
     assert run_tav("tune", CLIP, "a man is skiing", *SMALL, "--steps", "3", "-p", project)[0] == 0
     code, out, err = run_tav("tune", CLIP, "a man is skiing", *SMALL, "--steps", "5", "-p", project)
@@ -84,9 +84,9 @@ def test_more_steps_continue_a_finished_tune(tmp_path: Path, run_tav) -> None:  
 
 
 @pytest.mark.slow
-def test_concurrent_processes_compute_each_artifact_once(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_processes_compute_each_artifact_once(tmp_path: Path, run_tav: RunTav) -> None:
     project = tmp_path / "shared.tav"
-    args = ["tune", CLIP, "a man is skiing", *SMALL, "--steps", "10", "-p", project]
+    args: list[str | Path] = ["tune", CLIP, "a man is skiing", *SMALL, "--steps", "10", "-p", project]
     processes = [_tav(*args) for _ in range(2)]
     outputs = [process.communicate(timeout=300) for process in processes]
     assert [process.returncode for process in processes] == [0, 0], outputs
@@ -99,7 +99,7 @@ def test_concurrent_processes_compute_each_artifact_once(tmp_path: Path, run_tav
 
 
 @pytest.mark.slow
-def test_killed_inversion_and_edit_leave_a_valid_store(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_killed_inversion_and_edit_leave_a_valid_store(tmp_path: Path, run_tav: RunTav) -> None:
     project = tmp_path / "p.tav"
     tiny = ["--model", "tiny", "--frames", "2", "--width", "32", "--height", "32", "--steps", "1"]
     assert run_tav("tune", CLIP, "a man is skiing", *tiny, "-p", project)[0] == 0

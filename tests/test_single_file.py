@@ -15,7 +15,7 @@ from tavcli.models.names import model_name, parse_model_name, split_lora
 from tavcli.models.resolving import resolve_model
 from tavcli.settings.options import OptionError
 
-from .conftest import CLIP
+from .conftest import CLIP, RunTav
 from .ldm_format import ldm_checkpoint
 
 SMALL = ["--frames", "2", "--width", "32", "--height", "32", "--steps", "2"]
@@ -77,10 +77,10 @@ def test_the_config_folder_decides_the_prediction_type(checkpoints: Path, tmp_pa
 
 
 @pytest.mark.slow
-def test_tune_and_edit_a_single_file_model(checkpoints: Path, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_tune_and_edit_a_single_file_model(checkpoints: Path, tmp_path: Path, run_tav: RunTav) -> None:
     project = tmp_path / "p.tav"
     file = checkpoints / "tiny.safetensors"
-    args = ["--model", file, "--model-config", "tiny", *SMALL]
+    args: list[str | Path] = ["--model", file, "--model-config", "tiny", *SMALL]
     code, out, err = run_tav("tune", CLIP, "a man is skiing", *args, "-p", project)
     assert code == 0, err
     tune = json.loads(out.splitlines()[-1])
@@ -90,7 +90,9 @@ def test_tune_and_edit_a_single_file_model(checkpoints: Path, tmp_path: Path, ru
     assert code == 0, err
     assert "converting" not in err  # converted once, by the tune
     # The same weights in a pickle: refused unless trusted, then they tune exactly alike.
-    pickled = ["tune", CLIP, "a man is skiing", "--model", checkpoints / "tiny.ckpt", "--model-config", "tiny", *SMALL]
+    pickled: list[str | Path] = [
+        "tune", CLIP, "a man is skiing", "--model", checkpoints / "tiny.ckpt", "--model-config", "tiny", *SMALL
+    ]  # fmt: skip
     code, _, err = run_tav(*pickled, "-p", tmp_path / "ckpt.tav")
     assert code == 1 and "pickled checkpoint" in err and "--trust-pickle" in err
     assert not (tmp_path / "ckpt.tav" / "tunes").exists()
@@ -100,12 +102,12 @@ def test_tune_and_edit_a_single_file_model(checkpoints: Path, tmp_path: Path, ru
     assert ckpt_meta["losses"] == meta["losses"]
 
 
-def test_single_file_mistakes_are_one_line_errors(checkpoints: Path, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_single_file_mistakes_are_one_line_errors(checkpoints: Path, tmp_path: Path, run_tav: RunTav) -> None:
     file = checkpoints / "tiny.safetensors"
-    base = ["tune", CLIP, "a man is skiing", *SMALL, "-p", tmp_path / "p.tav"]
+    base: list[str | Path] = ["tune", CLIP, "a man is skiing", *SMALL, "-p", tmp_path / "p.tav"]
     junk = tmp_path / "junk.safetensors"
     save_file({"something.weight": torch.zeros(3)}, junk)
-    cases = {
+    cases: dict[str, tuple[list[str | Path], str, str]] = {
         "offline, no configs": ([*base, "--model", file], "the hub is unreachable", "--model-config"),
         "not a checkpoint": ([*base, "--model", junk, "--model-config", "tiny"], "as a Stable Diffusion", "SD 1.x/2.x"),
         "config for a folder": (
@@ -123,7 +125,9 @@ def test_single_file_mistakes_are_one_line_errors(checkpoints: Path, tmp_path: P
     assert not [p for p in models.iterdir() if p.name.endswith(".tmp")]  # no half-converted folder left
 
 
-def test_a_model_config_in_settings_only_concerns_single_files(checkpoints: Path, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_a_model_config_in_settings_only_concerns_single_files(
+    checkpoints: Path, tmp_path: Path, run_tav: RunTav
+) -> None:
     project = tmp_path / "p.tav"
     project.mkdir()
     (project / "tav.toml").write_text('model_config = "tiny"\n')
@@ -137,9 +141,17 @@ def test_a_model_config_in_settings_only_concerns_single_files(checkpoints: Path
 
 
 @pytest.mark.slow
-def test_batch_jobs_take_single_files_relative_to_the_batch_file(checkpoints: Path, tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_batch_jobs_take_single_files_relative_to_the_batch_file(
+    checkpoints: Path, tmp_path: Path, run_tav: RunTav
+) -> None:
     shutil.copy(checkpoints / "tiny.safetensors", tmp_path / "model.safetensors")
-    job = {"clip": str(CLIP), "prompt": "a man is skiing", "model": "model.safetensors", "model_config": "tiny"}
+    job: dict[str, object] = {
+        "clip": str(CLIP),
+        "prompt": "a man is skiing",
+        "model": "model.safetensors",
+        "model_config": "tiny",
+        "project": str(tmp_path / "p.tav"),
+    }
     job |= {"frames": 2, "width": 32, "height": 32, "steps": 1, "edits": ["a dog is skiing"], "edit": {"steps": 1}}
     (tmp_path / "jobs.jsonl").write_text(json.dumps(job) + "\n")
     code, out, err = run_tav("batch", tmp_path / "jobs.jsonl")

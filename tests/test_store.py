@@ -14,11 +14,14 @@ import pytest
 import torch
 
 from tavcli.errors import TavError
+from tavcli.store.entry import Entry
 from tavcli.store.housekeeping import dependents, garbage, listing, remove
 from tavcli.store.project import STORE_VERSION, Project, cache_key
 
+from .conftest import RunTav
 
-def _project(tmp_path: Path) -> tuple[Project, dict[str, object]]:
+
+def _project(tmp_path: Path) -> tuple[Project, dict[str, Entry]]:
     """A project with a latents entry, a tune on it, an inversion of that, an edit of that, and a render."""
     project = Project(tmp_path / "p.tav")
     latents = project.entry("latents", {"clip_sha256": "abc"})
@@ -47,26 +50,26 @@ def test_keys_depend_on_every_spec_field_and_kind() -> None:
 def test_meta_records_payload_hash_and_problems_are_found(tmp_path: Path) -> None:
     project, entries = _project(tmp_path)
     tune = entries["tune"]
-    meta = tune.meta()  # type: ignore[attr-defined]
-    assert meta["files"]["tensors.safetensors"]["bytes"] == (tune.path / "tensors.safetensors").stat().st_size  # type: ignore[attr-defined]
-    assert tune.problems() == []  # type: ignore[attr-defined]
-    payload = tune.path / "tensors.safetensors"  # type: ignore[attr-defined]
+    meta = tune.meta()
+    assert meta["files"]["tensors.safetensors"]["bytes"] == (tune.path / "tensors.safetensors").stat().st_size
+    assert tune.problems() == []
+    payload = tune.path / "tensors.safetensors"
     data = bytearray(payload.read_bytes())
     data[-1] ^= 0xFF
     payload.write_bytes(bytes(data))
-    assert tune.problems() == ["tensors.safetensors does not match its recorded SHA-256"]  # type: ignore[attr-defined]
+    assert tune.problems() == ["tensors.safetensors does not match its recorded SHA-256"]
     payload.unlink()
-    assert tune.problems() == ["tensors.safetensors is missing"]  # type: ignore[attr-defined]
+    assert tune.problems() == ["tensors.safetensors is missing"]
 
 
 def test_listing_reports_damaged_and_incomplete_entries_without_raising(tmp_path: Path) -> None:
     project, entries = _project(tmp_path)
-    (entries["inversion"].path / "meta.json").write_text("{not json")  # type: ignore[attr-defined]
+    (entries["inversion"].path / "meta.json").write_text("{not json")
     (project.root / "edits" / "0123456789abcdef").mkdir()
     states = {(row.kind, row.key[:4]): row.state for row in listing(project)}
-    assert states[("inversions", entries["inversion"].key[:4])].startswith("damaged")  # type: ignore[attr-defined]
+    assert states[("inversions", entries["inversion"].key[:4])].startswith("damaged")
     assert states[("edits", "0123")] == "incomplete"
-    assert states[("tunes", entries["tune"].key[:4])] == "complete"  # type: ignore[attr-defined]
+    assert states[("tunes", entries["tune"].key[:4])] == "complete"
 
 
 def test_removal_takes_dependents_children_first_and_clears_pointers(tmp_path: Path) -> None:
@@ -84,7 +87,7 @@ def test_removal_takes_dependents_children_first_and_clears_pointers(tmp_path: P
 
 def test_garbage_is_interrupted_orphaned_and_dead_processes_temp_files(tmp_path: Path) -> None:
     project, entries = _project(tmp_path)
-    (entries["inversion"].path / "meta.json").unlink()  # type: ignore[attr-defined]  # interrupted inversion
+    (entries["inversion"].path / "meta.json").unlink()  # interrupted inversion
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     temp = project.root / "tunes" / f".tensors.safetensors.{dead.stdout.strip()}.0badc0de.tmp"
     temp.write_bytes(b"half")
@@ -164,7 +167,7 @@ def _records(stdout: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_ls_verify_rm_gc_on_a_real_project(tmp_path: Path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_ls_verify_rm_gc_on_a_real_project(tmp_path: Path, run_tav: RunTav) -> None:
     from .conftest import CLIP
 
     project = tmp_path / "ski.tav"
@@ -261,7 +264,7 @@ def test_a_failed_first_write_leaves_no_entry_folder(tmp_path: Path, monkeypatch
 def test_meta_that_is_not_json_says_so(tmp_path: Path) -> None:
     project, entries = _project(tmp_path)
     tune = entries["tune"]
-    (tune.path / "meta.json").write_text("{not json")  # type: ignore[attr-defined]
+    (tune.path / "meta.json").write_text("{not json")
     with pytest.raises(TavError) as raised:
-        tune.meta()  # type: ignore[attr-defined]
+        tune.meta()
     assert "meta.json is not valid JSON (Expecting property name" in raised.value.message

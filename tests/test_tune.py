@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -13,16 +14,19 @@ from diffusers import DDIMScheduler
 from safetensors.torch import load_file
 
 from tavcli.method.training import TrainingRun, TrainState, TuneInterrupted, train_delta, training_target
-from tavcli.method.video_unet import inflate_unet, trainable_parameters
+from tavcli.method.video_unet import VideoUNet, inflate_unet, trainable_parameters
 from tavcli.progress import Reporter
 from tavcli.runtime import resolve_runtime
 from tavcli.store.checkpoints import Checkpoints
 from tavcli.workflow.tuning import load_train_state
 
-from .conftest import CLIP, ORACLE, TINY_SD
+from .conftest import CLIP, ORACLE, TINY_SD, RunTav
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 
-def _video_unet(unet2d):  # type: ignore[no-untyped-def]
+def _video_unet(unet2d: UNet2DConditionModel) -> VideoUNet:
     unet = inflate_unet(unet2d)
     # The reference's random temporal weights: a zero-initialised to_out would block their gradients.
     unet.load_state_dict(load_file(ORACLE / "unet3d_temporal.safetensors"), strict=False)
@@ -30,7 +34,7 @@ def _video_unet(unet2d):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
-def test_every_trainable_tensor_gets_a_gradient(oracle_unet2d, checkpointing: bool) -> None:
+def test_every_trainable_tensor_gets_a_gradient(oracle_unet2d: UNet2DConditionModel, checkpointing: bool) -> None:
     """The reference's reentrant checkpointing leaves 42 of 112 tensors without gradient; tavcli must not."""
     unet = _video_unet(oracle_unet2d).train()
     params = trainable_parameters(unet)
@@ -48,7 +52,14 @@ def test_every_trainable_tensor_gets_a_gradient(oracle_unet2d, checkpointing: bo
     assert frozen_with_grad == []
 
 
-def _train(unet2d, steps: int = 2, seed: int = 33, checkpointing: bool = False, precision: str = "fp32", **resumable):  # type: ignore[no-untyped-def]
+def _train(
+    unet2d: UNet2DConditionModel,
+    steps: int = 2,
+    seed: int = 33,
+    checkpointing: bool = False,
+    precision: str = "fp32",
+    **resumable: Any,
+) -> tuple[VideoUNet, TrainState, list[float]]:
     torch.manual_seed(0)
     unet = inflate_unet(unet2d)
     mean = torch.randn(1, 4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
@@ -64,7 +75,9 @@ def _train(unet2d, steps: int = 2, seed: int = 33, checkpointing: bool = False, 
     return unet, state, losses
 
 
-def test_resuming_from_a_saved_state_gives_the_uninterrupted_result(oracle_unet2d, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_resuming_from_a_saved_state_gives_the_uninterrupted_result(
+    oracle_unet2d: UNet2DConditionModel, tmp_path: Path
+) -> None:
     _, straight_state, straight_losses = _train(oracle_unet2d, steps=5)
     straight = straight_state.params
     saved: list[TrainState] = []
@@ -80,7 +93,7 @@ def test_resuming_from_a_saved_state_gives_the_uninterrupted_result(oracle_unet2
     assert resumed_state.losses == straight_losses[:3]
 
 
-def test_training_changes_only_the_tuned_tensors_and_is_reproducible(oracle_unet2d) -> None:
+def test_training_changes_only_the_tuned_tensors_and_is_reproducible(oracle_unet2d: UNet2DConditionModel) -> None:
     before = {name: t.clone() for name, t in oracle_unet2d.state_dict().items()}
     unet, state, losses = _train(oracle_unet2d)
     delta = state.params
@@ -95,7 +108,7 @@ def test_training_changes_only_the_tuned_tensors_and_is_reproducible(oracle_unet
     assert not all(torch.equal(delta[name], other_seed[name]) for name in delta)
 
 
-def test_half_precision_training_runs_autocast_and_scales_fp16_losses(oracle_unet2d) -> None:  # type: ignore[no-untyped-def]
+def test_half_precision_training_runs_autocast_and_scales_fp16_losses(oracle_unet2d: UNet2DConditionModel) -> None:
     """fp16 and bf16 on the CPU (autocast and GradScaler run there), so CI covers a GPU's code paths."""
     _, full, full_losses = _train(oracle_unet2d)
     for precision in ("fp16", "bf16"):
@@ -110,7 +123,7 @@ def test_half_precision_training_runs_autocast_and_scales_fp16_losses(oracle_une
     assert full.scaler == {}
 
 
-def test_gradient_checkpointing_gives_the_same_delta(oracle_unet2d) -> None:
+def test_gradient_checkpointing_gives_the_same_delta(oracle_unet2d: UNet2DConditionModel) -> None:
     plain = _train(oracle_unet2d)[1].params
     checkpointed = _train(oracle_unet2d, checkpointing=True)[1].params
     assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
@@ -136,9 +149,9 @@ def test_reporter_base_class_is_silent() -> None:
         advance(loss=0.5)
 
 
-def test_a_half_precision_delta_shares_the_training_and_halves_the_size(tmp_path, run_tav) -> None:  # type: ignore[no-untyped-def]
+def test_a_half_precision_delta_shares_the_training_and_halves_the_size(tmp_path: Path, run_tav: RunTav) -> None:
 
-    small = [
+    small: list[str | Path] = [
         "--model",
         "tiny",
         "--frames",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def test_too_few_frames_says_how_many_and_what_fits() -> None:
     ],
     ids=["missing", "folder", "not-video"],
 )
-def test_bad_inputs_raise_clear_errors(tmp_path: Path, make, message: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_inputs_raise_clear_errors(tmp_path: Path, make: Callable[[Path], Path], message: str) -> None:
     with pytest.raises(TavError, match=message):
         read_clip(make(tmp_path), FrameSelection(frames=1), FrameSize(width=64, height=64))
 

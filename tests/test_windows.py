@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from itertools import pairwise
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from tavcli.method.windows import WindowedUNet, Windows
+
+if TYPE_CHECKING:
+    from tavcli.method.video_unet import VideoUNet
 
 
 def _inputs(unet: Any, clips: int, frames: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +49,7 @@ def test_windows_reject_out_of_range_settings(size: int, overlap: int) -> None:
         Windows(size, overlap)
 
 
-def test_short_clip_is_one_plain_call(oracle_video_unet) -> None:
+def test_short_clip_is_one_plain_call(oracle_video_unet: VideoUNet) -> None:
     sample, text = _inputs(oracle_video_unet, 1, 4)
     with torch.no_grad():
         plain = oracle_video_unet(sample, 500, text).sample
@@ -54,7 +57,7 @@ def test_short_clip_is_one_plain_call(oracle_video_unet) -> None:
     assert torch.equal(windowed, plain)
 
 
-def test_long_clip_blends_windows_of_the_real_unet(oracle_video_unet) -> None:
+def test_long_clip_blends_windows_of_the_real_unet(oracle_video_unet: VideoUNet) -> None:
     sample, text = _inputs(oracle_video_unet, 1, 9)
     windows = Windows(4, 1)
     spans = windows.spans(9)  # [0,1,2,3] [0,3,4,5] [0,5,6,7] [0,6,7,8]
@@ -68,7 +71,7 @@ def test_long_clip_blends_windows_of_the_real_unet(oracle_video_unet) -> None:
     assert not torch.allclose(out[:, :, 3], first[:, :, 3]) and not torch.allclose(out[:, :, 3], second[:, :, 1])
 
 
-def test_batch_of_clips_equals_each_clip_alone(oracle_video_unet) -> None:
+def test_batch_of_clips_equals_each_clip_alone(oracle_video_unet: VideoUNet) -> None:
     sample, text = _inputs(oracle_video_unet, 2, 5)
     timestep = torch.tensor([100, 700])
     windowed = WindowedUNet(oracle_video_unet, Windows(3, 1))

@@ -120,7 +120,7 @@ def edit(
         Optional[str],
         typer.Option(
             metavar="KIND",
-            help="Condition each frame with a ControlNet: canny, depth, pose, seg, scribble, normal, lineart...",
+            help="Condition frames with a ControlNet: canny, depth, pose, seg, scribble, normal, lineart, softedge.",
             rich_help_panel=CONTROL,
             show_default=False,
         ),
@@ -129,7 +129,7 @@ def edit(
         Optional[str],
         typer.Option(
             metavar="MODEL",
-            help="The ControlNet: hub id or local folder (needed with --control).",
+            help="The ControlNet or T2I-Adapter: hub id or local folder (needed with --control).",
             rich_help_panel=CONTROL,
         ),
     ] = None,
@@ -137,7 +137,7 @@ def edit(
         Optional[Path],
         typer.Option(
             metavar="PATH",
-            help="A clip of condition maps (e.g. a pose sequence), sampled like the source [canny: computed from it].",
+            help="A clip of condition maps (e.g. poses), sampled like the source [default: for canny, made from it].",
             rich_help_panel=CONTROL,
             show_default=False,
         ),
@@ -252,7 +252,7 @@ def evaluate_outputs(
     prompt: Annotated[
         Optional[str],
         typer.Option(
-            help="Prompt to score against [default: each output's sidecar prompt].",
+            help="Prompt to score against (needed without a tav sidecar) [default: each output's sidecar prompt].",
             metavar="PROMPT",
             show_default=False,
         ),

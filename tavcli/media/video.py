@@ -83,7 +83,7 @@ def frame_count(path: Path) -> int:
 
 def _upright(frame: av.VideoFrame) -> Image.Image:
     """The frame as it is meant to be seen: phone clips store a display rotation beside upright pixels."""
-    image = frame.to_image()
+    image: Image.Image = frame.to_image()
     # `rotation` is the counterclockwise turn the display matrix applies; PIL turns counterclockwise too.
     return image.rotate(frame.rotation, expand=True) if frame.rotation else image
 

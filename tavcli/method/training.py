@@ -307,7 +307,8 @@ def training_target(
 ) -> torch.Tensor:
     """What the UNet learns to predict: the noise, or the velocity for v-prediction models (SD 2.x)."""
     if scheduler.config.prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
+        velocity: torch.Tensor = scheduler.get_velocity(latents, noise, timesteps)
+        return velocity
     return noise
 
 

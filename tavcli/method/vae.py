@@ -49,7 +49,8 @@ def _posterior(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def _pixels(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    return vae.decode(latents.to(vae.dtype)).sample
+    pixels: torch.Tensor = vae.decode(latents.to(vae.dtype)).sample
+    return pixels
 
 
 def _finite_or_fp32(
@@ -77,6 +78,6 @@ def vae_frames(vae: AutoencoderKL, height: int, width: int) -> int:
     """How many frames of `height` x `width` pixels the VAE encodes or decodes per call (each frame is
     independent), from the size of its widest full-resolution activation in the VAE's dtype."""
     element = torch.finfo(vae.dtype).bits // 8
-    per_frame = height * width * vae.config.block_out_channels[0] * element
+    per_frame: int = height * width * vae.config.block_out_channels[0] * element
     budget = CPU_VAE_BYTES if vae.device.type == "cpu" else GPU_VAE_BYTES
     return max(1, budget // per_frame)

@@ -52,12 +52,12 @@ class ClipLayout:
     frames: int = 1
 
 
-class VideoUNet(UNet2DConditionModel):
+class VideoUNet(UNet2DConditionModel):  # type: ignore[misc]  # diffusers is not followed: Any to mypy
     """A `UNet2DConditionModel` that takes clips: `sample` is (b, c, f, h, w), one text embedding per clip."""
 
     clip_layout: ClipLayout
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
@@ -165,7 +165,8 @@ class SparseCausalAttnProcessor:
             context_v = torch.cat([value[:, :1].expand(-1, frames - 2, -1, -1), value[:, 1:-1]], dim=2)
             parts.append(_attend(attn, query[:, 2:], context_k, context_v))
         out = torch.cat(parts, dim=1).reshape(folded, n, -1)
-        return attn.to_out[1](attn.to_out[0](out))
+        projected: torch.Tensor = attn.to_out[1](attn.to_out[0](out))
+        return projected
 
 
 def _attend(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -179,7 +180,8 @@ def _attend(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torc
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(batch, tokens, heads*d) -> (batch, heads, tokens, d)."""
-    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+    split: torch.Tensor = x.unflatten(-1, (heads, -1))
+    return split.transpose(1, 2)
 
 
 class _TemporalAttentionHook:
@@ -194,7 +196,8 @@ class _TemporalAttentionHook:
         # (b*f, d, c) -> (b*d, f, c): each spatial position becomes a sequence of f tokens.
         seq = hidden_states.reshape(folded // frames, frames, tokens, channels).transpose(1, 2)
         seq = seq.reshape(-1, frames, channels)
-        seq = seq + block.attn_temp(block.norm_temp(seq))
+        attended: torch.Tensor = block.attn_temp(block.norm_temp(seq))
+        seq = seq + attended
         seq = seq.reshape(folded // frames, tokens, frames, channels).transpose(1, 2)
         return seq.reshape(folded, tokens, channels)
 
@@ -235,7 +238,7 @@ def inflate_unet(unet: UNet2DConditionModel, frame_norm: FrameNorm = "joint", se
             torch.manual_seed(seed)
             return inflate_unet(unet, frame_norm)
     with torch.device("meta"):
-        video = VideoUNet.from_config(unet.config)
+        video: VideoUNet = VideoUNet.from_config(unet.config)
     video.load_state_dict(unet.state_dict(), strict=True, assign=True)
     video.train(unet.training)
     # Tuning and deltas change these projections: own copies keep the image model's weights untouched.

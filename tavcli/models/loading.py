@@ -59,4 +59,5 @@ def encode_prompts(components: Components, prompts: list[str]) -> torch.Tensor:
         truncation=True,
         return_tensors="pt",
     )
-    return components.text_encoder(tokens.input_ids.to(components.text_encoder.device))[0]
+    hidden: torch.Tensor = components.text_encoder(tokens.input_ids.to(components.text_encoder.device))[0]
+    return hidden

@@ -103,7 +103,7 @@ def read_toml(path: Path, allowed: tuple[str, ...]) -> dict[str, str]:
             raise TavError(f'{path}: {key} must be a string, e.g. {key} = "..."')
         if value not in CHOICES.get(key, (value,)):
             raise TavError(f"{path}: {key} must be one of {', '.join(CHOICES[key])}, not {value!r}")
-    return data
+    return {key: str(value) for key, value in data.items()}
 
 
 def resolve_settings(flags: dict[str, str | None], project: Path | None) -> dict[str, Setting]:

@@ -272,7 +272,7 @@ INVERT = {
     for option in (
         _ddim_steps("DDIM inversion steps."),
         Option(
-            "--prompt", str, "", "Prompt for inversion (the reference uses the empty prompt).", value_name="PROMPT"
+            "--prompt", str, "", "The inversion's prompt [default: empty, as in the reference].", value_name="PROMPT"
         ),
     )
 }
@@ -315,7 +315,7 @@ EDIT = {
             why="clips usually play at 8 to 60 fps; H.264 players drop frames above 1000",
         ),
         Option("--batch-size", int, 1, "Prompts sampled together in one UNet batch (GPU throughput).", low=1),
-        Option("--control-scale", float, 1.0, "Strength of the ControlNet residuals.", low=0, high=10),
+        Option("--control-scale", float, 1.0, "Strength of the ControlNet residuals (0: none).", low=0, high=10),
         *SELECTION.values(),
         Option(
             "--tune-step",

@@ -77,7 +77,8 @@ def payload_problems(data: bytes, name: str) -> list[str]:
 
 
 def _header_end(data: bytes) -> int:
-    return 8 + struct.unpack("<Q", data[:8])[0]
+    (length,) = struct.unpack("<Q", data[:8])
+    return 8 + int(length)
 
 
 def _header(data: bytes) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -58,9 +58,9 @@ class Project:
 
     # --- entries -------------------------------------------------------------------------------
 
-    def entry(self, kind: str, spec: dict[str, Any]) -> Entry:
+    def entry(self, kind: str, spec: Mapping[str, Any]) -> Entry:
         key = cache_key({"kind": kind, **spec})
-        return Entry(kind=kind, key=key, path=self.root / kind / key, spec=spec)
+        return Entry(kind=kind, key=key, path=self.root / kind / key, spec=dict(spec))
 
     def at(self, kind: str, key: str) -> Entry:
         """Entry `kind/key` by its key alone, its spec unread (for what needs only its place)."""
@@ -225,7 +225,8 @@ class Project:
                 f"damaged {path}: {problem}",
                 f"`tav gc -p {self.root}` removes it; it is then rebuilt from the entries",
             )
-        return json.loads(text)
+        state: dict[str, Any] = json.loads(text)
+        return state
 
     def state_problem(self) -> str | None:
         """Why `project.json` is damaged, or None (also when it is missing: it is rebuilt then)."""

@@ -35,6 +35,7 @@ from tavcli.settings.requests import ControlSpec, EditRequest, EditSettings, Fra
 from tavcli.store.entry import Entry
 from tavcli.store.project import Project
 from tavcli.store.sidecar import RecordedEdit
+from tavcli.store.specs import ClipFacts
 from tavcli.workflow.keys import (
     control_key,
     edit_entries,
@@ -129,7 +130,7 @@ def choose_frames(session: Session, project: Project, tune_entry: Entry, choice:
     return ChosenFrames(entry, frames, window)
 
 
-def _tuned_clip(tuned: Entry, clip: dict[str, Any]) -> Path:
+def _tuned_clip(tuned: Entry, clip: ClipFacts) -> Path:
     """The clip the project was tuned on, checked to be the very file (other frames are read from it)."""
     path = Path(clip["path"])
     if not path.is_file():
@@ -160,6 +161,9 @@ def run_plan(
     The tune, inversion and latents stay in use throughout (`tav rm` refuses them), and each group's
     edits stay locked from sampling through rendering: a second process asking for the same edit waits,
     then finds the entries and the outputs made and reports them cached.
+
+    For each group: 1. lock its edits; 2. sample it if the store lacks one of them; 3. render the shown
+    prompts of it, with the sampling time shared among the prompts it computed.
     """
     wanted = shown if shown is not None else list(plan.entries)
     rendered: dict[str, Artifact] = {}
@@ -238,35 +242,42 @@ def kept_steps(project: Project, spec: dict[str, Any]) -> list[int]:
 
 def _sample_group(session: Session, plan: EditPlan, group: list[str], settings: EditSettings, force: bool) -> set[str]:
     """Sample a group (locked by the caller) if the store lacks one of its edits (the whole group: its batch
-    decides the numbers); return the prompts whose entries were written."""
+    decides the numbers); return the prompts whose entries were written.
+
+    1. Nothing to do when the store has every edit of the group (made before, or by the process waited for).
+    2. The tuned UNet and the inverted noise, one copy per prompt.
+    3. With the edit-time LoRAs applied: each prompt's embedding beside the negative prompt's, then DDIM
+       sampling of the whole group as one UNet batch, under the run's autocast.
+    4. Each edit the store lacks saved, in float32.
+    """
     runtime, project = session.runtime, plan.project
     members = [plan.entries[prompt] for prompt in group]
-    if not force and all(entry.complete for entry in members):  # made before, or by the process waited for
+    if not force and all(entry.complete for entry in members):  # 1
         return set()
-    components, unet = session.tuned_unet(project, plan.tune)
+    components, unet = session.tuned_unet(project, plan.tune)  # 2
     noise = plan.inversion.tensors(runtime.device)["trajectory"][-1]
-    generator = runtime.generator(settings.seed)
+    noise = noise.expand(len(group), *noise.shape[1:])
     label = group[0] if len(group) == 1 else f"{len(group)} prompts"
     loras = members[0].spec.get("loras")  # their identity in the edits' keys
-    with applied_loras(components, unet, plan.loras):
+    with applied_loras(components, unet, plan.loras):  # 3
         embeds = [prompt_embeddings(session, project, components.source, [p, settings.negative], loras) for p in group]
         with session.reporter.task(f"editing: {label}", settings.steps) as advance, runtime.autocast():
             latents = ddim_sample(
                 windowed(unet, plan.inversion.spec.get("window")),
                 components.scheduler,
-                noise.expand(len(group), *noise.shape[1:]),
-                torch.cat([e[:1] for e in embeds]),
-                torch.cat([e[1:] for e in embeds]),
-                settings.steps,
-                settings.guidance,
+                noise,
+                prompt_embeds=torch.cat([e[:1] for e in embeds]),
+                negative_prompt_embeds=torch.cat([e[1:] for e in embeds]),
+                num_steps=settings.steps,
+                guidance_scale=settings.guidance,
                 eta=settings.eta,
-                generator=generator,
+                generator=runtime.generator(settings.seed),
                 on_step=lambda *_: advance(),
                 control=plan.guide,
                 guidance_rescale=settings.guidance_rescale,
             )
     computed = set()
-    for prompt, entry, sample in zip(group, members, latents.split(1), strict=True):
+    for prompt, entry, sample in zip(group, members, latents.split(1), strict=True):  # 4
         if force or not entry.complete:
             facts = {"batch": group, "device": runtime.device.type}
             entry.save({"latents": sample.float()}, facts, causes=overflow_causes(runtime.precision, plan.loras))
@@ -285,7 +296,7 @@ def _controlnet(session: Session, control: ControlSpec | None) -> Any:
 
 
 def _control(
-    session: Session, latents: Entry, clip: dict[str, Any], control: ControlSpec | None, controlnet: Any
+    session: Session, latents: Entry, clip: ClipFacts, control: ControlSpec | None, controlnet: Any
 ) -> tuple[ControlGuide | None, dict[str, Any] | None]:
     """The ControlNet guide for the edited frames (`latents`, `clip`), and what identifies it in the edits' keys."""
     if control is None:

@@ -7,10 +7,10 @@ keys of everything computed before. This module imports no torch: `tav ls` descr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tavcli.files.hashing import content_sha256, files_sha256, lora_sha256
 from tavcli.models.source import ModelSource
@@ -18,6 +18,7 @@ from tavcli.settings.options import EDIT
 from tavcli.settings.requests import ControlSpec, EditRequest, EditSettings, FrameSelection, FrameSize, TuneSettings
 from tavcli.store.entry import Entry
 from tavcli.store.project import Project
+from tavcli.store.specs import EditSpec, EmbeddingsSpec, InversionSpec, LatentsSpec, LoraIdentity, TuneSpec
 
 if TYPE_CHECKING:  # an annotation only: the runtime imports torch, which `tav ls` must not load
     from tavcli.runtime import Runtime
@@ -52,13 +53,14 @@ def latents_entry(
 ) -> Entry:
     """The store entry of a clip's VAE posterior: per model, clip content (its SHA-256), frames, size and VAE
     precision."""
-    spec = {
+    spec: LatentsSpec = {
         "model": source.identity,
         "clip_sha256": clip_sha256,
-        "selection": asdict(selection),
-        "size": asdict(size),
-        **_unless_fp32(precision),
+        "selection": {"frames": selection.frames, "stride": selection.stride, "start": selection.start},
+        "size": {"width": size.width, "height": size.height, "resize": size.resize},
     }
+    if precision != "fp32":  # keys that first recorded no precision stay as they were
+        spec["precision"] = precision
     return project.entry("latents", spec)
 
 
@@ -68,10 +70,12 @@ def _latents_what(spec: dict[str, Any]) -> str:
 
 
 def embeddings_entry(
-    project: Project, source: ModelSource, prompts: list[str], precision: str, loras: list[dict[str, Any]] | None = None
+    project: Project, source: ModelSource, prompts: list[str], precision: str, loras: list[LoraIdentity] | None = None
 ) -> Entry:
     """The store entry of prompts' CLIP text embeddings: per model, prompts, precision and edit-time LoRAs."""
-    spec = {"model": source.identity, "prompts": prompts, "precision": precision, **({"loras": loras} if loras else {})}
+    spec: EmbeddingsSpec = {"model": source.identity, "prompts": prompts, "precision": precision}
+    if loras:
+        spec["loras"] = loras
     return project.entry("embeddings", spec)
 
 
@@ -81,9 +85,10 @@ def _embeddings_what(spec: dict[str, Any]) -> str:
 
 def tune_spec(
     latents_key: str, prompt: str, settings: TuneSettings, precision: str, frame_norm: str, compiled: bool = False
-) -> dict[str, Any]:
-    """Everything that determines a tune (`tune_run` drops the steps to name its training run)."""
-    return {
+) -> TuneSpec:
+    """Everything that determines a tune (`tune_run` drops the steps to name its training run). The fields
+    set only sometimes are absent otherwise, so that keys made before they existed stay."""
+    spec: TuneSpec = {
         "latents": latents_key,
         "prompt": prompt,
         "steps": settings.steps,
@@ -91,10 +96,14 @@ def tune_spec(
         "seed": settings.seed,
         "precision": precision,
         "frame_norm": frame_norm,
-        **_compiled(compiled),
-        **_unless_fp32(settings.save_precision, "save_precision"),
-        **({"rank": settings.rank} if settings.rank else {}),  # absent for whole projections: earlier keys stay
     }
+    if compiled:
+        spec["compile"] = True
+    if settings.save_precision != "fp32":
+        spec["save_precision"] = settings.save_precision
+    if settings.rank:
+        spec["rank"] = settings.rank
+    return spec
 
 
 def _tune_what(spec: dict[str, Any]) -> str:
@@ -104,7 +113,7 @@ def _tune_what(spec: dict[str, Any]) -> str:
     return what + (", imported" if spec.get("imported") else "")
 
 
-def tune_run(spec: dict[str, Any]) -> dict[str, Any]:
+def tune_run(spec: Mapping[str, Any]) -> dict[str, Any]:
     """A tune's spec without its step count and stored precision: what names the training run its
     checkpoints belong to (runs that differ only there train alike)."""
     return {k: v for k, v in spec.items() if k not in ("steps", "save_precision")}
@@ -130,10 +139,16 @@ def inversion_entry(
 ) -> Entry:
     """The store entry of a tune's DDIM inversion: its steps, prompt, precision and compilation, and, for
     frames other than the tuned ones, their latents (`latents_key`) and the window they are processed in."""
-    spec = {"tune": tune_key, "steps": steps, "prompt": prompt, **_unless_fp32(runtime.precision)}
-    frames: dict[str, Any] = {"latents": latents_key} if latents_key else {}
-    frames |= {"window": window} if window else {}
-    return project.entry("inversions", {**spec, **frames, **_compiled(runtime.compile), "formula": INVERSION_FORMULA})
+    spec: InversionSpec = {"tune": tune_key, "steps": steps, "prompt": prompt, "formula": INVERSION_FORMULA}
+    if runtime.precision != "fp32":
+        spec["precision"] = runtime.precision
+    if latents_key:
+        spec["latents"] = latents_key
+    if window:
+        spec["window"] = window
+    if runtime.compile:
+        spec["compile"] = True
+    return project.entry("inversions", spec)
 
 
 def _inversion_what(spec: dict[str, Any]) -> str:
@@ -149,8 +164,8 @@ def edit_spec(
     runtime: Runtime,
     control: dict[str, Any] | None = None,
     batch: int = 1,
-    loras: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
+    loras: list[LoraIdentity] | None = None,
+) -> EditSpec:
     """Everything that determines an edit. `batch` is how many prompts share its UNet batch: batched
     matrix products round differently, so a batched edit is another entry (absent for 1, like
     `control` when uncontrolled and `loras` without edit-time LoRAs, so that keys of earlier edits stay
@@ -161,7 +176,8 @@ def edit_spec(
         for name, value in asdict(settings).items()
         if not (EDIT[name].key_omits_default and value == EDIT[name].default)
     }
-    spec = {"inversion": inversion_key, "prompt": prompt, **chosen, "precision": runtime.precision}
+    # Made from the settings' fields by name (a new setting is in the spec with no change here).
+    spec = cast(EditSpec, {"inversion": inversion_key, "prompt": prompt, **chosen, "precision": runtime.precision})
     if control is not None:
         spec["control"] = control
     if loras:
@@ -170,7 +186,9 @@ def edit_spec(
         spec["batch"] = batch
     if settings.eta == 0:
         spec["seed"] = None  # deterministic DDIM draws no noise: the seed determines nothing
-    return {**spec, **_compiled(runtime.compile)}
+    if runtime.compile:
+        spec["compile"] = True  # compiled kernels round differently
+    return spec
 
 
 def _edit_what(spec: dict[str, Any]) -> str:
@@ -197,7 +215,7 @@ def edit_entries(
     }
 
 
-def lora_identity(loras: tuple[tuple[Path, float], ...]) -> list[dict[str, Any]]:
+def lora_identity(loras: tuple[tuple[Path, float], ...]) -> list[LoraIdentity]:
     """What identifies edit-time LoRAs in keys: each one's content hash and scale, in order (not its path, nor
     whether it was given as its file or its folder)."""
     return [{"sha256": lora_sha256(path), "scale": scale} for path, scale in loras]
@@ -215,16 +233,6 @@ def controlnet_identity(name: str) -> str:
     if not path.is_dir():
         return name
     return f"{path.resolve()}@sha256-{files_sha256(path, (p for p in path.rglob('*') if p.is_file()))}"
-
-
-def _unless_fp32(precision: str, field: str = "precision") -> dict[str, str]:
-    """A precision in keys that first recorded none (latents, inversions, stored tunes): fp32 keys stay as they were."""
-    return {} if precision == "fp32" else {field: precision}
-
-
-def _compiled(compiled: bool) -> dict[str, bool]:
-    """`--compile` in the keys of what the UNet computes: compiled kernels round differently."""
-    return {"compile": True} if compiled else {}
 
 
 # What each kind of entry is, in words: beside the specs above, so `tav ls` and the keys cannot drift.

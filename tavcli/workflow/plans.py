@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tavcli.method.control import ControlGuide
 from tavcli.store.entry import Entry
 from tavcli.store.project import Project
+from tavcli.store.specs import ClipFacts
 
 __all__ = ["EditPlan"]
 
@@ -20,7 +20,7 @@ class EditPlan:
     project: Project
     tune: Entry
     inversion: Entry
-    clip: dict[str, Any]  # the edited frames' facts (path, fps, selection, size): tuned or chosen by --frames
+    clip: ClipFacts  # the edited frames' facts (path, fps, selection, size): tuned or chosen by --frames
     entries: dict[str, Entry]  # by prompt
     groups: list[list[str]]
     guide: ControlGuide | None

@@ -17,6 +17,7 @@ from tavcli import __version__
 from tavcli.models.names import parse_model_name
 from tavcli.settings.options import EDIT
 from tavcli.settings.requests import ControlSpec, EditRequest, EditSettings
+from tavcli.store.specs import ClipFacts
 from tavcli.workflow.plans import EditPlan
 from tavcli.workflow.session import Session
 
@@ -104,7 +105,7 @@ def _setting_flags(edit_spec: dict[str, Any]) -> list[Any]:
     return [part for flag, value in recorded if value not in (None, "") for part in (flag, value)]
 
 
-def _frame_flags(request: EditRequest, clip: dict[str, Any]) -> list[Any]:
+def _frame_flags(request: EditRequest, clip: ClipFacts) -> list[Any]:
     """`--frames --stride --start` of the frames edited (as numbers: the clip may grow), and `--window`."""
     window = [] if request.frames.window is None else ["--window", request.frames.window]
     return ["--frames", clip["frames"], "--stride", clip["stride"], "--start", clip["start"], *window]

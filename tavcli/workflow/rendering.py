@@ -8,7 +8,7 @@ import re
 import time
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -29,6 +29,7 @@ from tavcli.progress import Reporter
 from tavcli.settings.options import EDIT, GIF_MAX_FPS
 from tavcli.settings.requests import EditRequest
 from tavcli.store.sidecar import read_sidecar, sidecar_of, write_sidecar
+from tavcli.store.specs import ClipFacts
 from tavcli.workflow.plans import EditPlan
 from tavcli.workflow.records import edit_record
 from tavcli.workflow.session import Artifact, Session, resolve_tune, source_frames
@@ -39,7 +40,7 @@ if TYPE_CHECKING:  # metrics loads CLIP's image processing, which only --eval ne
 __all__ = ["render_edit", "render_grid", "render_preview_sheet", "evaluate_output", "score_edit", "slug"]
 
 
-def _output_rate(request: EditRequest, clip: dict[str, Any], reporter: Reporter) -> Fraction | None:
+def _output_rate(request: EditRequest, clip: ClipFacts, reporter: Reporter) -> Fraction | None:
     """The output's frame rate: --fps, else the tuned frames' rate (GIFs at most GIF_MAX_FPS); None for PNGs."""
     if request.format == "frames":
         return None  # PNG frames carry no rate
@@ -185,7 +186,8 @@ def score_edit(scorer: ClipScorer, artifact: Artifact) -> None:
 
 def _evenly(frames: np.ndarray, most: int) -> np.ndarray:
     """At most `most` frames, evenly spread from the first to the last."""
-    return frames[np.linspace(0, len(frames) - 1, min(most, len(frames))).round().astype(int)]
+    chosen: np.ndarray = frames[np.linspace(0, len(frames) - 1, min(most, len(frames))).round().astype(int)]
+    return chosen
 
 
 def _preview_caption(preview: Artifact) -> str:

@@ -26,6 +26,7 @@ from tavcli.runtime import Runtime
 from tavcli.settings.requests import FrameSelection, FrameSize
 from tavcli.store.entry import Entry
 from tavcli.store.project import Project
+from tavcli.store.specs import ClipFacts, LoraIdentity
 from tavcli.workflow.keys import embeddings_entry
 from tavcli.workflow.remedies import overflow_causes
 
@@ -200,7 +201,7 @@ def prompt_embeddings(
     project: Project,
     source: ModelSource,
     prompts: list[str],
-    loras: list[dict[str, Any]] | None = None,
+    loras: list[LoraIdentity] | None = None,
 ) -> torch.Tensor:
     """CLIP text embeddings of `prompts` (stacked), computed once per model, precision and prompts.
 
@@ -218,7 +219,8 @@ def prompt_embeddings(
         entry.save({"embeddings": embeddings}, {}, causes=overflow_causes(session.runtime.precision, loras))
 
     project.produce(entry, compute)
-    return entry.tensors(session.runtime.device)["embeddings"]
+    embeddings: torch.Tensor = entry.tensors(session.runtime.device)["embeddings"]
+    return embeddings
 
 
 def encode_latents(
@@ -247,13 +249,13 @@ def encode_latents(
     return Artifact("latents", entry.key, entry.path, cached, time.perf_counter() - started)
 
 
-def recorded_frames(clip: dict[str, Any]) -> tuple[FrameSelection, FrameSize]:
+def recorded_frames(clip: ClipFacts) -> tuple[FrameSelection, FrameSize]:
     """The selection and size of a latents entry's clip facts (as `encode_latents` records them)."""
     selection = FrameSelection(frames=clip["frames"], stride=clip["stride"], start=clip["start"])
     return selection, FrameSize(width=clip["width"], height=clip["height"], resize=clip["resize"])
 
 
-def source_frames(session: Session, latents: Entry, clip: dict[str, Any]) -> np.ndarray:
+def source_frames(session: Session, latents: Entry, clip: ClipFacts) -> np.ndarray:
     """The frames of a latents entry (`clip`: its facts): from the clip if it is still there, else decoded."""
     path = Path(clip["path"])
     if path.is_file():

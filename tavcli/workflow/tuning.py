@@ -106,7 +106,9 @@ def _render_preview(
 ) -> Artifact:
     """Render the preview prompt from one kept state: a short inversion and edit, the store's usual entries."""
     settings = EditSettings(steps=preview.steps)
-    request = EditRequest(project=project, prompts=[preview.prompt], settings=settings, tune_key=tuned.key, invert_steps=preview.steps)
+    request = EditRequest(
+        project=project, prompts=[preview.prompt], settings=settings, tune_key=tuned.key, invert_steps=preview.steps
+    )
     [artifact] = edit(session, request)
     artifact.details["step"] = tuned.details["steps"]
     if scorer is not None:  # CLIP joins the device only to score, never beside the UNet while it trains
@@ -376,8 +378,10 @@ def _available(unet: VideoUNet, device: torch.device) -> int:
     """Bytes a tune may count on: free device memory, plus what torch caches unused, plus the UNet's weights
     already there (the estimate counts them). Everything else this process holds stays held."""
     free, _ = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    resident = {p.data_ptr(): p.numel() * p.element_size() for p in unet.parameters() if p.device == device}
+    cached: int = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    resident: dict[int, int] = {
+        p.data_ptr(): p.numel() * p.element_size() for p in unet.parameters() if p.device == device
+    }
     return free + cached + sum(resident.values())
 
 
