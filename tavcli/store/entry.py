@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,7 @@ class Entry:
     def save(
         self,
         tensors: dict[str, Any],
-        facts: dict[str, Any],
+        facts: Mapping[str, Any],
         extra: dict[str, bytes] | None = None,
         causes: str | None = "with fp16, try --precision bf16 or fp32",
     ) -> None:

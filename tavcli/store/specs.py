@@ -109,17 +109,19 @@ class _TuneFacts(TypedDict):
     model: dict[str, str]  # ModelSource.identity: the model's name and the revision it resolved to
     clip: ClipFacts
     losses: list[float]
-    seconds: float
     tav_version: str
 
 
 class TuneFacts(_TuneFacts, total=False):
-    """What a tune's meta.json adds: the model, the clip, the loss per step, and how it was computed."""
+    """What a tune's meta.json adds: the model, the clip, the loss per step, and how it was computed (or
+    which tune it was rounded from, or which reference folder it was imported from)."""
 
+    seconds: float
     temporal_init: str
     gradient_checkpointing: bool
     device: str
     rounded_from: str
+    imported_from: str
 
 
 class _InversionSpec(TypedDict):

@@ -5,7 +5,7 @@ source frames a command works on."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from tavcli.runtime import Runtime
 from tavcli.settings.requests import FrameSelection, FrameSize
 from tavcli.store.entry import Entry
 from tavcli.store.project import Project
-from tavcli.store.specs import ClipFacts, LoraIdentity
+from tavcli.store.specs import ClipFacts, LatentsFacts, LoraIdentity
 from tavcli.workflow.keys import embeddings_entry
 from tavcli.workflow.remedies import overflow_causes
 
@@ -242,8 +242,19 @@ def encode_latents(
         with session.reporter.task("encoding clip", 1) as advance:
             mean, std = encode_clip(vae, frames.frames)
             advance()
-        clip_facts = {"path": str(clip.resolve()), "fps": str(frames.fps), **asdict(selection), **asdict(size)}
-        entry.save({"mean": mean, "std": std}, {"clip": clip_facts})
+        facts: LatentsFacts = {
+            "clip": {
+                "path": str(clip.resolve()),
+                "fps": str(frames.fps),
+                "frames": selection.frames,
+                "stride": selection.stride,
+                "start": selection.start,
+                "width": size.width,
+                "height": size.height,
+                "resize": size.resize,
+            }
+        }
+        entry.save({"mean": mean, "std": std}, facts)
 
     cached = project.produce(entry, compute, force)
     return Artifact("latents", entry.key, entry.path, cached, time.perf_counter() - started)

@@ -7,7 +7,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -29,6 +29,7 @@ from tavcli.settings.requests import EditRequest, EditSettings, Preview, TuneReq
 from tavcli.store.checkpoints import Checkpoints
 from tavcli.store.entry import TENSORS, Entry
 from tavcli.store.project import Project
+from tavcli.store.specs import TuneFacts
 from tavcli.workflow.editing import edit
 from tavcli.workflow.keys import (
     latents_entry,
@@ -134,8 +135,8 @@ def _tune(session: Session, request: TuneRequest, force: bool, fresh: bool, curr
             session.reporter.note(f"rounding the fp32 tune {full.key} to {settings.save_precision} (no training)")
             params, recorded = full.tensors(), full.meta()
             kept = ("model", "clip", "losses", "temporal_init", "gradient_checkpointing", "device", "tav_version")
-            facts = {name: recorded[name] for name in kept if name in recorded}
-            facts.update(seconds=time.perf_counter() - started, rounded_from=full.key)
+            facts = cast(TuneFacts, {name: recorded[name] for name in kept if name in recorded})
+            facts["seconds"], facts["rounded_from"] = time.perf_counter() - started, full.key
         else:
             state, initial = _train(session, resolved, checkpoints, run, request, fresh)
             facts = {
@@ -242,12 +243,14 @@ def import_tune(session: Session, folder: Path, request: TuneRequest) -> list[Ar
     def compute() -> None:
         unet = inflate_unet(session.model_to_train(source.name).unet)
         delta = extract_delta(run.weights, unet)
-        facts = {
+        facts: TuneFacts = {
             "model": source.identity,
             "clip": resolved.latents.meta()["clip"],
             "imported_from": str(folder.resolve()),
+            "losses": [],
+            "tav_version": __version__,
         }
-        entry.save(delta, {**facts, "losses": [], "tav_version": __version__})
+        entry.save(delta, facts)
 
     cached = project.produce(entry, compute)
     project.update_state(tune=entry.key, inversion=None)
