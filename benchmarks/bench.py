@@ -356,7 +356,7 @@ def _inversion(args: Any, runtime: Any, components: Any, held: Any, latents: Any
 
     from tavcli.method.inversion import ddim_inversion
     from tavcli.method.video_unet import inflate_unet
-    from tavcli.workflow.editing import windowed
+    from tavcli.method.windows import windowed
 
     torch.manual_seed(0)
     unet = windowed(runtime.prepare(inflate_unet(held).to(held.dtype).eval()), args.window)

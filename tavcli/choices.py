@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-__all__ = ["FrameNorm", "OutputFormat", "Precision", "ResizeMode", "SavePrecision", "choices"]
+__all__ = ["FrameNorm", "InversionKind", "OutputFormat", "Precision", "ResizeMode", "SavePrecision", "choices"]
 
 OutputFormat = Literal["mp4", "gif", "frames"]
 ResizeMode = Literal["crop", "stretch"]
 FrameNorm = Literal["joint", "frame"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 SavePrecision = Literal["fp32", "fp16", "bf16"]  # what a tune's tensors are stored in
+# How edits start: plain DDIM inversion (the reference), or one that reconstructs the source clip.
+InversionKind = Literal["ddim", "null-text", "negative-prompt"]
 
 
 def choices(literal: Any) -> tuple[str, ...]:

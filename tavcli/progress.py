@@ -13,7 +13,8 @@ from typing import Any
 __all__ = ["Advance", "Reporter"]
 
 Advance = Callable[..., None]
-"""Marks one unit of a task done; keyword arguments (such as `loss=0.1`) update its shown fields."""
+"""Marks one unit of a task done (or the count given, 0 to only show news); keyword arguments (such as
+`loss=0.1`) update its shown fields."""
 
 
 class Reporter:
@@ -28,5 +29,5 @@ class Reporter:
         yield _ignore
 
 
-def _ignore(**fields: Any) -> None:
+def _ignore(units: int = 1, **fields: Any) -> None:
     pass

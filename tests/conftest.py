@@ -39,6 +39,32 @@ def tav_commands() -> MutableMapping[str, Any]:
     return group.commands
 
 
+def reproduce_in(run_tav: RunTav, sidecar: dict[str, Any], project: Path) -> list[dict[str, Any]]:
+    """Run a sidecar's `reproduce` commands with `project` as their project; the last command's records."""
+    import json
+    import shlex
+
+    out = ""
+    for command in sidecar["reproduce"]:
+        args = shlex.split(command)[1:]
+        args[args.index("--project") + 1] = str(project)
+        code, out, err = run_tav(*args)
+        assert code == 0, (command, err)
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def one_job(folder: Path, project: Path, edits: list[str], **tables: str) -> Path:
+    """A batch file of one job: the bundled clip tuned as `a man is skiing` on the tiny model at 2 frames of
+    32x32, with `tables` (e.g. `edit="{ steps = 2 }"`) written as the job's inline tables."""
+    import json
+
+    job = f"[[job]]\nclip = {json.dumps(str(CLIP))}\nprompt = 'a man is skiing'\nproject = {json.dumps(str(project))}\n"
+    job += f"model = 'tiny'\nframes = 2\nwidth = 32\nheight = 32\nsteps = 10\nedits = {json.dumps(edits)}\n"
+    job += "".join(f"{name} = {table}\n" for name, table in tables.items())
+    (folder / "jobs.toml").write_text(job)
+    return folder / "jobs.toml"
+
+
 @pytest.fixture(scope="session")
 def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("tav-cache")

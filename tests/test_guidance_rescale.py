@@ -14,9 +14,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from .conftest import CLIP, RunTav, tav_commands
+from .conftest import CLIP, RunTav, one_job, tav_commands
 
-SMALL = ["--model", "tiny", "--frames", "2", "--width", "32", "--height", "32", "--steps", "1"]
+SMALL = ["--model", "tiny", "--frames", "2", "--width", "32", "--height", "32", "--steps", "10"]
 
 
 def test_every_sampling_setting_is_a_declared_flag_of_tav_edit() -> None:
@@ -86,12 +86,7 @@ def test_a_rescaled_edit_is_reproduced_by_its_sidecar_and_by_a_batch_job(tmp_pat
     assert plain["key"] != edit["key"]
     again = json.loads(run_tav("edit", "--from-sidecar", edit["sidecar"])[1])
     assert again["key"] == edit["key"] and again["cached"] is True
-    jobs = tmp_path / "jobs.toml"
-    jobs.write_text(
-        f"[[job]]\nclip = {json.dumps(str(CLIP))}\nprompt = 'a man is skiing'\nproject = {json.dumps(str(project))}\n"
-        "model = 'tiny'\nframes = 2\nwidth = 32\nheight = 32\nsteps = 1\nedits = ['a dog']\n"
-        "edit = { steps = 2, guidance_rescale = 0.7 }\n"
-    )
+    jobs = one_job(tmp_path, project, ["a dog"], edit="{ steps = 2, guidance_rescale = 0.7 }")
     code, out, err = run_tav("batch", jobs)
     assert code == 0, err
     records = [json.loads(line) for line in out.splitlines()]

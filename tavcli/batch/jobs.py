@@ -30,7 +30,15 @@ from tavcli.models.names import lora_path, model_name
 from tavcli.settings.config import DEFAULT_MODEL, closest, default_project
 from tavcli.settings.inputs import require_regular_file
 from tavcli.settings.options import TUNE, OptionError, check_rate
-from tavcli.settings.requests import FrameChoice, FrameSelection, Names, control_spec, preview_choice
+from tavcli.settings.requests import (
+    EditSettings,
+    FrameChoice,
+    FrameSelection,
+    InversionSettings,
+    Names,
+    control_spec,
+    preview_choice,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -225,9 +233,12 @@ def _job(name: str, where: str, data: dict[str, Any], base: Path, context: Batch
     check_rate(edit.get("format", "mp4"), edit.get("fps"))
     preview = tune.get("preview"), tune.get("preview_every"), tune.get("preview_steps")
     preview_choice(*preview, evaluate=tune.get("eval", False), names=Names(""))  # the rule `tav tune` follows
-    control_spec(
+    control = control_spec(
         edit.get("control"), edit.get("control_model"), edit.get("control_video"), edit.get("control_scale", 1.0)
     )
+    inversion = InversionSettings.named(fields.get("invert", {}))
+    sampling = EditSettings.named(edit)  # the rules `tav edit` follows
+    inversion.check(sampling, control, Names("edit"), fields.get("invert", {}).get("steps", sampling.steps))
     edits = tuple(fields.get("edits", ()))
     model = _job_model(tune, context)
     return Job(name, where, clip, fields["prompt"], edits, project, model, tune, fields.get("invert", {}), edit)

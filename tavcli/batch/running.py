@@ -25,6 +25,7 @@ from tavcli.settings.requests import (
     EditSettings,
     FrameChoice,
     FrameSelection,
+    InversionSettings,
     Names,
     Preview,
     TuneRequest,
@@ -171,6 +172,7 @@ def _edit_request(job: Job, tune_key: str) -> EditRequest:
         invert_steps=invert_steps,
         invert_prompt=invert_prompt,
         frames=FrameChoice(**{name: edit[name] for name in ("frames", "stride", "start", "window")}),
+        inversion=InversionSettings.named(job.invert),
         loras=tuple((Path(path), scale) for path, scale in map(split_lora, job.edit.get("lora", ()))),
     )
 
@@ -199,7 +201,10 @@ def _job_artifacts(session: Any, job: Job, stage: list[str]) -> Any:
         project = session.project(job.project)
         tune_key = workflow.kept_tune(project, project.find("tunes", tune_key), job.edit["tune_step"]).key
     request = _edit_request(job, tune_key)
-    yield workflow.invert(session, job.project, *_inversion(job), force, tune_key=tune_key, frames=request.frames)
+    steps, prompt = _inversion(job)
+    if request.inversion.reconstructs:  # inverted with the source prompt, as `tav edit --inversion` does
+        prompt = prompt or job.prompt
+    yield workflow.invert(session, job.project, steps, prompt, force, tune_key=tune_key, frames=request.frames)
     if job.edits:
         stage[0] = "edit"
         yield from workflow.edit(session, request, force)

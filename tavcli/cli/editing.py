@@ -13,6 +13,7 @@ from tavcli.cli import output, setup
 from tavcli.cli.options import (
     CONTROL,
     DEFAULT_CLIP_MODEL,
+    INVERSION,
     OUTPUT,
     RUN,
     SAMPLING,
@@ -33,16 +34,26 @@ from tavcli.cli.options import (
     settings_flags,
 )
 from tavcli.errors import TavError
-from tavcli.settings.options import EDIT, INVERT
-from tavcli.settings.requests import EditSettings
+from tavcli.settings.options import EDIT, INVERT, OptionError
+from tavcli.settings.requests import EditSettings, InversionSettings
 
 __all__ = ["edit", "evaluate_outputs", "invert"]
 
 
+@settings_flags("inversion", INVERT, INVERSION)
 def invert(
     project: ProjectOpt = None,
     steps: Annotated[int, declared(INVERT["steps"])] = INVERT["steps"].default,
     prompt: Annotated[str, declared(INVERT["prompt"])] = INVERT["prompt"].default,
+    inversion: InversionSettings = InversionSettings(),  # noqa: B008 (one flag per field: settings_flags)
+    guidance: Annotated[
+        Optional[float],
+        declared(EDIT["guidance"], INVERSION, help="Null-text: the guidance the edits will use [default: 12.5]."),
+    ] = None,
+    guidance_rescale: Annotated[
+        Optional[float],
+        declared(EDIT["guidance_rescale"], INVERSION, help="Null-text: the edits' --guidance-rescale [default: 0]."),
+    ] = None,
     frames: ChosenFramesOpt = None,
     stride: ChosenStrideOpt = None,
     start: ChosenStartOpt = None,
@@ -66,18 +77,28 @@ def invert(
       tav invert -p skiing.tav --prompt "a man is skiing"
 
       tav invert -p skiing.tav --frames all --stride 1 --window 24
-    """
-    from tavcli.settings.requests import FrameChoice
 
+      tav invert -p skiing.tav --inversion null-text --guidance 7.5
+    """
+    from tavcli.settings.requests import EditSettings, FrameChoice
+
+    if inversion.inversion != "null-text" and (guidance is not None or guidance_rescale is not None):
+        raise OptionError("--guidance and --guidance-rescale are what --inversion null-text fits at: give it too")
+    sampling = EditSettings(
+        steps=steps,
+        guidance=EDIT["guidance"].default if guidance is None else guidance,
+        guidance_rescale=guidance_rescale or 0.0,
+    )
     choice = FrameChoice(frames=frames, stride=stride, start=start, window=window)
     project_dir = setup.existing_project(project)
     chosen = setup.settings(project_dir, device=device, precision=precision)
     session = setup.session(chosen, allow_pickle, compile_unet)
-    from tavcli.workflow.editing import invert as run_invert
+    from tavcli.workflow.editing import invert_for_edits
 
-    output.report([run_invert(session, project_dir, steps=steps, prompt=prompt, force=force, frames=choice)])
+    output.report(invert_for_edits(session, project_dir, inversion, steps, prompt, sampling, force, choice))
 
 
+@settings_flags("inversion", INVERT, INVERSION)
 @settings_flags("settings", EDIT, SAMPLING)
 def edit(
     prompts: Annotated[
@@ -86,6 +107,7 @@ def edit(
     ] = None,
     project: ProjectOpt = None,
     settings: EditSettings = EditSettings(),  # noqa: B008 (one flag per field: settings_flags)
+    inversion: InversionSettings = InversionSettings(),  # noqa: B008 (one flag per field: settings_flags)
     fmt: Annotated[OutputFormat, declared(EDIT["format"], OUTPUT, short="-f")] = EDIT["format"].default,
     fps: Annotated[Optional[float], declared(EDIT["fps"], OUTPUT)] = EDIT["fps"].default,
     out: Annotated[
@@ -217,6 +239,7 @@ def edit(
         control=control_spec(control, control_model, control_video, control_scale),
         frames=FrameChoice(frames=frames, stride=stride, start=start, window=window),
         tune_step=tune_step,
+        inversion=inversion,
         loras=tuple(map(lora_path, lora or [])),
     )
     chosen = setup.settings(request.project, device=device, precision=precision)

@@ -12,7 +12,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, Literal, Optional, TypeVar, cast
 
 import typer
 
@@ -59,6 +59,7 @@ STORE = "Store"
 FRAMES = "Frames"
 TRAINING = "Training"
 SAMPLING = "Sampling"
+INVERSION = "Inversion"
 OUTPUT = "Output"
 CONTROL = "Control"
 PREVIEW = "Previews"
@@ -98,7 +99,7 @@ def settings_flags(parameter: str, options: dict[str, Option], panel: str) -> Ca
                 setting.name,
                 inspect.Parameter.POSITIONAL_OR_KEYWORD,
                 default=options[setting.name].default,
-                annotation=Annotated[options[setting.name].kind, declared(options[setting.name], panel)],
+                annotation=Annotated[_value_type(options[setting.name]), declared(options[setting.name], panel)],
             )
             for setting in fields(settings_type)
         ]
@@ -110,10 +111,16 @@ def settings_flags(parameter: str, options: dict[str, Option], panel: str) -> Ca
             chosen = {setting.name: given.pop(setting.name) for setting in fields(settings_type)}
             return command(**given, **{parameter: settings_type(**chosen)})
 
-        with_settings.__signature__ = signature.replace(parameters=[*params[:at], *flags, *params[at + 1 :]])  # type: ignore[attr-defined]
-        return with_settings  # type: ignore[return-value]
+        # typer reads the parameters from `__signature__` (inspect.signature does).
+        cast(Any, with_settings).__signature__ = signature.replace(parameters=[*params[:at], *flags, *params[at + 1 :]])
+        return cast(Command, with_settings)
 
     return decorate
+
+
+def _value_type(option: Option) -> Any:
+    """The type typer parses a declared option's value as: a choice is one of its values."""
+    return Literal[option.allowed] if option.allowed else option.kind
 
 
 QuietOpt = Annotated[

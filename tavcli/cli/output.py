@@ -123,9 +123,9 @@ class RichReporter(Reporter):
         with Progress(*columns, console=stderr) as bar:
             task_id = bar.add_task(escape(description), total=total, completed=completed, status="")
 
-            def advance(**fields: Any) -> None:
-                status = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
-                bar.update(task_id, advance=1, status=status)
+            def advance(units: int = 1, **fields: Any) -> None:
+                status = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+                bar.update(task_id, advance=units, status=status)
 
             yield advance
 

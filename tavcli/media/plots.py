@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from io import BytesIO
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from tavcli.media.captions import drawable
 
-__all__ = ["loss_curve"]
+__all__ = ["loss_curve", "loss_png"]
 
 PLOT_WIDTH, PLOT_HEIGHT = 800, 400
 LEFT, RIGHT, TOP, BOTTOM = 70, 30, 34, 40  # margins: y labels left, title on top, x labels below
@@ -80,6 +81,13 @@ def loss_curve(losses: Sequence[float], marks: Sequence[int] = (), title: str = 
     draw.text((LEFT, 4), shown, fill="black", font=title_font)
     draw.text((LEFT, 18), subtitle, fill=AXIS_COLOUR, font=font)
     return image
+
+
+def loss_png(losses: Sequence[float], title: str) -> bytes:
+    """`loss_curve` as PNG bytes, as entries store it beside their tensors."""
+    buffer = BytesIO()
+    loss_curve(losses, title=title).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _moving_average(values: np.ndarray, window: int) -> np.ndarray:

@@ -12,7 +12,7 @@ over channels, frames and pixels.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +20,58 @@ from diffusers import DDIMScheduler, SchedulerMixin
 
 from tavcli.method.inversion import StepCallback, UNetCall
 
-__all__ = ["ddim_sample"]
+__all__ = ["ddim_sample", "ddim_schedule", "guided_prediction", "guided_step"]
+
+UNetExtra = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, Any]]
+"""`control(x, t, text)`: extra UNet arguments for one call (ControlNet residuals)."""
+
+
+def ddim_schedule(scheduler: SchedulerMixin, num_steps: int, device: torch.device) -> tuple[DDIMScheduler, list[int]]:
+    """A DDIM scheduler of `num_steps` steps from the model's config, and its timesteps as ints.
+
+    The scheduler's step gets the timestep as an int, read once per run: it looks its CPU alphas up with
+    it, and a device tensor would be read back at each of six lookups per step. The UNet and the control
+    keep the device tensor (`ddim.timesteps`).
+    """
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(num_steps, device=device)
+    return ddim, ddim.timesteps.tolist()
+
+
+def guided_prediction(
+    pred_uncond: torch.Tensor, pred_cond: torch.Tensor, guidance_scale: float, guidance_rescale: float = 0.0
+) -> torch.Tensor:
+    """The guided prediction of the formula above, rescaled when `guidance_rescale` > 0."""
+    pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+    if guidance_rescale > 0:  # lazy for start-up: the pipeline module costs 1.5 s to import
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+        pred = rescale_noise_cfg(pred, pred_cond, guidance_rescale=guidance_rescale)
+    return pred
+
+
+def guided_step(
+    unet: UNetCall,
+    ddim: DDIMScheduler,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    step: int,
+    text: torch.Tensor,
+    guidance_scale: float,
+    *,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    control: UNetExtra | None = None,
+    guidance_rescale: float = 0.0,
+) -> torch.Tensor:
+    """One guided DDIM step from `latents` at `timestep` (`step` as an int): the UNet once on the doubled
+    batch `[latents, latents]` with `text` = `[uncond, cond]` embeddings, then the scheduler's step."""
+    model_input = ddim.scale_model_input(torch.cat([latents, latents]), timestep)
+    extra = control(model_input, timestep, text) if control is not None else {}
+    pred_uncond, pred_cond = unet(model_input, timestep, text, **extra).sample.chunk(2)
+    pred = guided_prediction(pred_uncond, pred_cond, guidance_scale, guidance_rescale)
+    next_latents: torch.Tensor = ddim.step(pred, step, latents, eta=eta, generator=generator).prev_sample
+    return next_latents
 
 
 @torch.no_grad()
@@ -29,40 +80,36 @@ def ddim_sample(
     scheduler: SchedulerMixin,
     latents: torch.Tensor,
     prompt_embeds: torch.Tensor,
-    negative_prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor | Sequence[torch.Tensor],
     num_steps: int,
     guidance_scale: float,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     on_step: StepCallback | None = None,
-    control: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, Any]] | None = None,
+    control: UNetExtra | None = None,
     guidance_rescale: float = 0.0,
 ) -> torch.Tensor:
     """Denoise `latents` (b, c, f, h, w) from pure noise to clean latents and return them.
 
     `prompt_embeds` and `negative_prompt_embeds` are (b, n, d); the negative embedding is the
-    unconditional branch (the empty prompt's embedding unless the user gave a negative prompt).
-    `eta > 0` adds DDIM's stochastic term, drawn from `generator`. `control(x, t, text)` returns
-    extra UNet arguments for each call (ControlNet residuals, see `tavcli.method.control.ControlGuide`).
-    `guidance_rescale` mixes in the guided prediction rescaled to the conditional one's spread (0: off).
+    unconditional branch (the empty prompt's embedding unless the user gave a negative prompt), or one
+    such embedding per step (null-text inversion's, `tavcli.method.null_text`). `eta > 0` adds DDIM's
+    stochastic term, drawn from `generator`. `control(x, t, text)` returns extra UNet arguments for each
+    call (ControlNet residuals, see `tavcli.method.control.ControlGuide`). `guidance_rescale` mixes in the
+    guided prediction rescaled to the conditional one's spread (0: off).
     """
-    ddim = DDIMScheduler.from_config(scheduler.config)
-    ddim.set_timesteps(num_steps, device=latents.device)
-    text = torch.cat([negative_prompt_embeds, prompt_embeds])
-    # The scheduler's step gets the timestep as an int, read once per run: it looks its CPU alphas up
-    # with it, and a device tensor would be read back at each of six lookups per step. The UNet and the
-    # control keep the device tensor.
-    steps = ddim.timesteps.tolist()
-    if guidance_rescale > 0:  # lazy for start-up: the pipeline module costs 1.5 s to import
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-    for done, (timestep, step) in enumerate(zip(ddim.timesteps, steps, strict=True), start=1):
-        model_input = ddim.scale_model_input(torch.cat([latents, latents]), timestep)
-        extra = control(model_input, timestep, text) if control is not None else {}
-        pred_uncond, pred_cond = unet(model_input, timestep, text, **extra).sample.chunk(2)
-        pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
-        if guidance_rescale > 0:
-            pred = rescale_noise_cfg(pred, pred_cond, guidance_rescale=guidance_rescale)
-        latents = ddim.step(pred, step, latents, eta=eta, generator=generator).prev_sample
+    ddim, steps = ddim_schedule(scheduler, num_steps, latents.device)
+    if isinstance(negative_prompt_embeds, torch.Tensor):
+        texts: Sequence[torch.Tensor] = [torch.cat([negative_prompt_embeds, prompt_embeds])] * num_steps
+    elif len(negative_prompt_embeds) == num_steps:
+        texts = [torch.cat([uncond.expand_as(prompt_embeds), prompt_embeds]) for uncond in negative_prompt_embeds]
+    else:
+        raise ValueError(f"{len(negative_prompt_embeds)} unconditional embeddings for {num_steps} steps")
+    for done, (timestep, step, text) in enumerate(zip(ddim.timesteps, steps, texts, strict=True), start=1):
+        latents = guided_step(
+            unet, ddim, latents, timestep, step, text, guidance_scale,
+            eta=eta, generator=generator, control=control, guidance_rescale=guidance_rescale,
+        )  # fmt: skip
         if on_step is not None:
             on_step(done, num_steps)
     return latents

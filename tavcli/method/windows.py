@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-__all__ = ["Windows", "WindowedUNet"]
+__all__ = ["Windows", "WindowedUNet", "windowed"]
 
 
 @dataclass(frozen=True)
@@ -132,3 +132,8 @@ class WindowedUNet:
             total[:, :, index] += out.float() * weights
         assert total is not None  # there is always at least one span
         return UNet2DConditionOutput(sample=total.to(out.dtype))  # blended in float32, returned in the UNet's dtype
+
+
+def windowed(unet: Any, window: int | None) -> Any:
+    """`unet`, or `unet` run over overlapping windows of `window` frames (a quarter of each shared)."""
+    return unet if window is None else WindowedUNet(unet, Windows(window, overlap=window // 4))

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from tavcli.choices import FrameNorm, OutputFormat, ResizeMode, SavePrecision, choices
+from tavcli.choices import FrameNorm, InversionKind, OutputFormat, ResizeMode, SavePrecision, choices
 from tavcli.errors import TavError
 
 __all__ = [
@@ -273,6 +273,34 @@ INVERT = {
         _ddim_steps("DDIM inversion steps."),
         Option(
             "--prompt", str, "", "The inversion's prompt [default: empty, as in the reference].", value_name="PROMPT"
+        ),
+        Option(
+            "--inversion",
+            str,
+            "ddim",
+            "ddim: the reference's (the empty prompt); null-text: invert with the tune's prompt, then fit one "
+            "unconditional embedding per step at the edit's guidance so that the tune's prompt gives the clip back "
+            "(Mokady et al.; cached); negative-prompt: the tune's prompt as the unconditional branch (Miyake et "
+            "al.; no fitting).",
+            allowed=choices(InversionKind),
+        ),
+        Option(
+            "--null-iterations",
+            int,
+            10,
+            "Null-text: Adam iterations per step at most (the paper's 10).",
+            low=1,
+            high=1000,
+        ),
+        Option(
+            "--null-lr",
+            float,
+            1e-2,
+            "Null-text: Adam's learning rate at the first step, decaying to about half by the last (the paper's).",
+            low=0,
+            high=10,
+            above=True,
+            why="the paper uses 1e-2",
         ),
     )
 }

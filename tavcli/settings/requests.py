@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tavcli.choices import FrameNorm, OutputFormat, ResizeMode, SavePrecision
+from tavcli.choices import FrameNorm, InversionKind, OutputFormat, ResizeMode, SavePrecision
 from tavcli.errors import TavError
 from tavcli.progress import Reporter
 from tavcli.settings.inputs import require_folder, require_prompt, require_regular_file
@@ -27,6 +27,7 @@ __all__ = [
     "FrameSelection",
     "FrameSize",
     "FLAGS",
+    "InversionSettings",
     "Names",
     "Preview",
     "TuneRequest",
@@ -183,6 +184,11 @@ class TuneRequest:
         require_folder(self.project, "--project")
 
 
+def _named(settings: type[Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of `settings`' fields among `values`, by name (each one missing takes its default)."""
+    return {setting.name: values[setting.name] for setting in fields(settings) if setting.name in values}
+
+
 @dataclass(frozen=True, kw_only=True)
 class EditSettings:
     """DDIM sampling settings of an edit (the reference's: 50 steps, guidance 12.5, eta 0).
@@ -204,9 +210,58 @@ class EditSettings:
 
     @classmethod
     def named(cls, values: Mapping[str, Any]) -> EditSettings:
-        """The settings among `values` (a batch job's `edit` table, a sidecar's record), by name; each one
-        missing takes its default."""
-        return cls(**{setting.name: values[setting.name] for setting in fields(cls) if setting.name in values})
+        """The settings among `values` (a batch job's `edit` table, a sidecar's record), by name."""
+        return cls(**_named(cls, values))
+
+
+@dataclass(frozen=True, kw_only=True)
+class InversionSettings:
+    """How edits start (each field the `tav invert`/`tav edit` option of its name in `INVERT`): plain DDIM
+    inversion, null-text inversion with its Adam budget, or negative-prompt inversion."""
+
+    inversion: InversionKind = INVERT["inversion"].default
+    null_iterations: int = INVERT["null_iterations"].default
+    null_lr: float = INVERT["null_lr"].default
+
+    def __post_init__(self) -> None:
+        check_fields(INVERT, asdict(self), "inversion settings")
+
+    @classmethod
+    def named(cls, values: Mapping[str, Any]) -> InversionSettings:
+        """The settings among `values` (a batch job's `invert` table, a sidecar's record), by name."""
+        return cls(**_named(cls, values))
+
+    @property
+    def reconstructs(self) -> bool:
+        """Whether edits invert with the source prompt and replace the unconditional branch (not plain DDIM)."""
+        return self.inversion != "ddim"
+
+    def check(
+        self, settings: EditSettings, control: ControlSpec | None, names: Names, invert_steps: int | None = None
+    ) -> None:
+        """Refuse, in one line, what cannot go with this inversion: a negative prompt (the unconditional branch
+        is the inversion's), and for null-text DDIM noise (eta > 0), a ControlNet (the fit does not see it) or
+        inversion steps other than the sampling steps (one embedding per sampling step)."""
+        if not self.reconstructs:
+            return
+        given = names.given("inversion", self.inversion)
+        if self.inversion == "null-text" and invert_steps not in (None, settings.steps):
+            raise OptionError(
+                f"{given} fits one embedding per sampling step: the inversion's steps ({invert_steps}) must be "
+                f"the edit's ({settings.steps})"
+            )
+        if settings.negative:
+            raise OptionError(
+                f"{names('negative')} cannot go with {given}: the unconditional branch is the inversion's",
+                f"use {names.given('inversion', 'ddim')} for a negative prompt",
+            )
+        if self.inversion == "null-text" and settings.eta > 0:
+            raise OptionError(f"{given} retraces deterministic DDIM: {names('eta')} must be 0")
+        if self.inversion == "null-text" and control is not None:
+            raise OptionError(
+                f"{given} cannot go with {names('control')}: the embeddings are fitted without the ControlNet",
+                f"use {names.given('inversion', 'negative-prompt')} with a ControlNet",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -286,6 +341,7 @@ class EditRequest:
     frames: FrameChoice = field(default_factory=FrameChoice)
     tune_step: int | None = None  # edit with the state kept at this step of the tune
     loras: tuple[tuple[Path, float], ...] = ()  # applied on top of the tuned model for this edit only
+    inversion: InversionSettings = field(default_factory=InversionSettings)
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -304,6 +360,7 @@ class EditRequest:
         for path, _ in self.loras:
             if not path.is_dir():
                 require_regular_file(path, "LoRA file", "--lora takes a .safetensors file (or folder) of LoRA weights")
+        self.inversion.check(self.settings, self.control, FLAGS, self.invert_steps)
 
     @property
     def groups(self) -> list[list[str]]:

@@ -20,16 +20,28 @@ from tavcli.errors import TavError
 from tavcli.files.atomic import atomic_path, write_json
 from tavcli.store.payload import load_payload, nonfinite, payload_problems
 
-__all__ = ["KEY", "KINDS", "PARENTS", "TENSORS", "Entry", "noun", "timestamp"]
+__all__ = ["KEY", "KINDS", "LOSS_PLOT", "PARENTS", "TENSORS", "Entry", "noun", "timestamp"]
 
 TENSORS = "tensors.safetensors"
+LOSS_PLOT = "loss.png"  # a picture of the loss per step, beside a tune's or a null-text fit's tensors
 # The entry kinds, each after the kind it is computed from.
-KINDS = ("latents", "embeddings", "tunes", "inversions", "edits")
+KINDS = ("latents", "embeddings", "tunes", "inversions", "nulltexts", "edits")
 # kind -> (the spec field naming its parent's key, the parent's kind)
-PARENTS = {"tunes": ("latents", "latents"), "inversions": ("tune", "tunes"), "edits": ("inversion", "inversions")}
+PARENTS = {
+    "tunes": ("latents", "latents"),
+    "inversions": ("tune", "tunes"),
+    "nulltexts": ("inversion", "inversions"),
+    "edits": ("inversion", "inversions"),
+}
 KEY = re.compile(r"[0-9a-f]{16}")
 # One entry of each kind, in words.
-NOUNS = {"latents": "latents", "embeddings": "prompt embeddings", "tunes": "tune", "inversions": "inversion"}
+NOUNS = {
+    "latents": "latents",
+    "embeddings": "prompt embeddings",
+    "tunes": "tune",
+    "inversions": "inversion",
+    "nulltexts": "null-text embeddings",
+}
 
 
 def noun(kind: str) -> str:

@@ -115,7 +115,8 @@ def _list_checkpoints(folder: Path) -> Listing:
     elif steps:
         try:
             spec.update(checkpoints.run())
-            parent = f"latents/{spec['latents']}"
+            # A tune's training run comes from latents; a null-text fit's from its inversion.
+            parent = f"latents/{spec['latents']}" if "latents" in spec else f"inversions/{spec['inversion']}"
         except (ValueError, KeyError) as error:
             state = f"damaged: {error}"
     modified = max((p.stat().st_mtime for p in folder.iterdir()), default=None)

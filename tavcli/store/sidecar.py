@@ -18,7 +18,7 @@ from tavcli.files.atomic import write_json
 from tavcli.files.hashing import lora_sha256
 from tavcli.settings.inputs import require_regular_file
 from tavcli.settings.options import EDIT, INVERT, check_fields
-from tavcli.settings.requests import ControlSpec, EditRequest, EditSettings, FrameChoice
+from tavcli.settings.requests import ControlSpec, EditRequest, EditSettings, FrameChoice, InversionSettings
 
 __all__ = [
     "RecordedEdit",
@@ -166,6 +166,7 @@ def recorded_edit(sidecar: Path, out: Path | None = None) -> RecordedEdit:
             invert_prompt=inversion["prompt"],
             frames=frames,
             loras=loras,
+            inversion=InversionSettings.named(record.get("inversion_settings") or {}),
         )
     except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as error:
         raise TavError(f"{sidecar} is not a tav sidecar: {error}", "give the .json written beside an output") from None

@@ -20,6 +20,7 @@ __all__ = [
     "LatentsFacts",
     "LatentsSpec",
     "LoraIdentity",
+    "NullTextSpec",
     "TuneFacts",
     "TuneSpec",
 ]
@@ -140,6 +141,23 @@ class InversionSpec(_InversionSpec, total=False):
     compile: bool
 
 
+class _NullTextSpec(TypedDict):
+    inversion: str
+    guidance: float
+    iterations: int
+    learning_rate: float
+    formula: int
+
+
+class NullTextSpec(_NullTextSpec, total=False):
+    """Null-text embeddings: one unconditional embedding per step of an inversion (made with the source
+    prompt), fitted at one guidance with one Adam budget; `guidance_rescale`, `precision`, `compile` when set."""
+
+    guidance_rescale: float
+    precision: str
+    compile: bool
+
+
 class _EditSpec(TypedDict):
     inversion: str
     prompt: str
@@ -155,6 +173,8 @@ class EditSpec(_EditSpec, total=False):
     """An edit; settings declared `key_omits_default` appear only away from their defaults."""
 
     guidance_rescale: float
+    inversion_kind: str  # "null-text" or "negative-prompt"; absent for plain DDIM inversion
+    null_text: str  # the null-text embeddings' key
     control: dict[str, object]
     loras: list[LoraIdentity]
     batch: int

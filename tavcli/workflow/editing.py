@@ -24,14 +24,13 @@ from tavcli.media.video import (
 from tavcli.method.control import ControlGuide, canny_maps, load_controlnet, require_opencv
 from tavcli.method.inversion import ddim_inversion
 from tavcli.method.sampling import ddim_sample
-from tavcli.method.video_unet import VideoUNet
-from tavcli.method.windows import WindowedUNet, Windows
+from tavcli.method.windows import windowed
 from tavcli.models.lora import applied_loras
 from tavcli.settings.options import (
     INVERT,
     check_fields,
 )
-from tavcli.settings.requests import ControlSpec, EditRequest, EditSettings, FrameChoice
+from tavcli.settings.requests import ControlSpec, EditRequest, EditSettings, FrameChoice, InversionSettings
 from tavcli.store.entry import Entry
 from tavcli.store.project import Project
 from tavcli.store.sidecar import RecordedEdit
@@ -42,6 +41,7 @@ from tavcli.workflow.keys import (
     inversion_entry,
     latents_entry,
 )
+from tavcli.workflow.null_text import fit_null_text
 from tavcli.workflow.plans import EditPlan
 from tavcli.workflow.remedies import overflow_causes
 from tavcli.workflow.rendering import render_edit
@@ -55,7 +55,16 @@ from tavcli.workflow.session import (
     source_frames,
 )
 
-__all__ = ["edit", "edit_from_sidecar", "invert", "kept_steps", "kept_tune", "plan_edit", "run_plan"]
+__all__ = [
+    "edit",
+    "edit_from_sidecar",
+    "invert",
+    "invert_for_edits",
+    "kept_steps",
+    "kept_tune",
+    "plan_edit",
+    "run_plan",
+]
 
 
 def invert(
@@ -95,6 +104,31 @@ def invert(
         project.update_state(inversion=entry.key)
     details = {"steps": steps, "frames": chosen.count, **({"window": chosen.window} if chosen.window else {})}
     return Artifact("inversion", entry.key, entry.path, cached, time.perf_counter() - started, details)
+
+
+def invert_for_edits(
+    session: Session,
+    project_root: Path,
+    choice: InversionSettings,
+    steps: int = 50,
+    prompt: str = "",
+    settings: EditSettings | None = None,
+    force: bool = False,
+    frames: FrameChoice | None = None,
+) -> list[Artifact]:
+    """`tav invert`: the inversion edits of `choice` start from, made the project's current one. Null-text and
+    negative-prompt inversions invert with the source prompt (`prompt`, else the tune's); null-text also fits
+    its embeddings at `settings`' guidance, so that edits at that guidance reuse them."""
+    if choice.reconstructs and not prompt:
+        prompt = str(resolve_tune(session, project_root, None)[1].spec["prompt"])
+    inverted = invert(session, project_root, steps, prompt, force, frames=frames)
+    if choice.inversion != "null-text":
+        return [inverted]
+    project, tune_entry = resolve_tune(session, project_root, None)
+    inversion = project.find("inversions", inverted.key)
+    sampling = settings or EditSettings(steps=steps)
+    fitted = fit_null_text(session, project, tune_entry, inversion, sampling, choice, force)
+    return [inverted, fitted]
 
 
 @dataclass(frozen=True)
@@ -138,11 +172,6 @@ def _tuned_clip(tuned: Entry, clip: ClipFacts) -> Path:
     if file_sha256(path) != tuned.spec["clip_sha256"]:
         raise TavError(f"{path} has changed since the project was tuned on it", "tune again on the new clip")
     return path
-
-
-def windowed(unet: VideoUNet, window: int | None) -> VideoUNet | WindowedUNet:
-    """`unet`, or `unet` run over overlapping windows of `window` frames (a quarter of each shared)."""
-    return unet if window is None else WindowedUNet(unet, Windows(window, overlap=window // 4))
 
 
 def edit(session: Session, request: EditRequest, force: bool = False) -> list[Artifact]:
@@ -192,7 +221,8 @@ def _locked(project: Project, members: list[Entry], force: bool) -> Iterator[Non
 def _used(plan: EditPlan) -> list[Entry]:
     """The entries an edit reads while it runs: its tune, its inversion and the edited frames' latents."""
     latents = plan.inversion.spec.get("latents") or plan.tune.spec["latents"]
-    return [plan.tune, plan.inversion, plan.project.at("latents", latents)]
+    fitted = [plan.unconditional] if isinstance(plan.unconditional, Entry) else []
+    return [plan.tune, plan.inversion, plan.project.at("latents", latents), *fitted]
 
 
 def plan_edit(session: Session, request: EditRequest) -> EditPlan:
@@ -202,18 +232,27 @@ def plan_edit(session: Session, request: EditRequest) -> EditPlan:
         tune_entry = kept_tune(project, tune_entry, request.tune_step)
     controlnet = _controlnet(session, request.control)  # before any inversion: what is missing fails at once
     steps = request.invert_steps or request.settings.steps
-    if request.tune_key is None and request.tune_step is None and request.frames.tuned:
+    choice, source = request.inversion, None
+    if choice.reconstructs:  # inverted with the source prompt, which then replaces the unconditional branch
+        source = request.invert_prompt or str(tune_entry.spec["prompt"])
+    if source is None and request.tune_key is None and request.tune_step is None and request.frames.tuned:
         inversion = _current_inversion(session, project, tune_entry, steps)
     else:
-        artifact = invert(
-            session, request.project, steps, request.invert_prompt, tune_key=tune_entry.key, frames=request.frames
-        )
+        prompt = request.invert_prompt if source is None else source
+        artifact = invert(session, request.project, steps, prompt, tune_key=tune_entry.key, frames=request.frames)
         inversion = project.find("inversions", artifact.key)
+    null_text = None
+    if choice.inversion == "null-text":
+        fitted = fit_null_text(session, project, tune_entry, inversion, request.settings, choice)
+        null_text = project.find("nulltexts", fitted.key)
     latents = project.find("latents", inversion.spec.get("latents") or tune_entry.spec["latents"])
     clip = latents.meta()["clip"]
     guide, control = _control(session, latents, clip, request.control, controlnet)
-    entries = edit_entries(project, inversion.key, request, session.runtime, control)
-    return EditPlan(project, tune_entry, inversion, clip, entries, request.groups, guide, request.loras)
+    entries = edit_entries(
+        project, inversion.key, request, session.runtime, control, None if null_text is None else null_text.key
+    )
+    unconditional = null_text or (source if choice.inversion == "negative-prompt" else None)
+    return EditPlan(project, tune_entry, inversion, clip, entries, request.groups, guide, request.loras, unconditional)
 
 
 def kept_tune(project: Project, tune_entry: Entry, step: int) -> Entry:
@@ -246,7 +285,8 @@ def _sample_group(session: Session, plan: EditPlan, group: list[str], settings: 
 
     1. Nothing to do when the store has every edit of the group (made before, or by the process waited for).
     2. The tuned UNet and the inverted noise, one copy per prompt.
-    3. With the edit-time LoRAs applied: each prompt's embedding beside the negative prompt's, then DDIM
+    3. With the edit-time LoRAs applied: each prompt's embedding beside the unconditional one (the negative
+       prompt's, the source prompt's for negative-prompt inversion, or null-text's per step), then DDIM
        sampling of the whole group as one UNet batch, under the run's autocast.
     4. Each edit the store lacks saved, in float32.
     """
@@ -259,15 +299,20 @@ def _sample_group(session: Session, plan: EditPlan, group: list[str], settings: 
     noise = noise.expand(len(group), *noise.shape[1:])
     label = group[0] if len(group) == 1 else f"{len(group)} prompts"
     loras = members[0].spec.get("loras")  # their identity in the edits' keys
+    negative = plan.unconditional if isinstance(plan.unconditional, str) else settings.negative
     with applied_loras(components, unet, plan.loras):  # 3
-        embeds = [prompt_embeddings(session, project, components.source, [p, settings.negative], loras) for p in group]
+        embeds = [prompt_embeddings(session, project, components.source, [p, negative], loras) for p in group]
+        prompts = torch.cat([e[:1] for e in embeds])
+        unconditional: torch.Tensor | list[torch.Tensor] = torch.cat([e[1:] for e in embeds])
+        if isinstance(plan.unconditional, Entry):  # null-text: one embedding per step, for every prompt
+            unconditional = list(plan.unconditional.tensors(runtime.device)["embeddings"].to(prompts.dtype))
         with session.reporter.task(f"editing: {label}", settings.steps) as advance, runtime.autocast():
             latents = ddim_sample(
                 windowed(unet, plan.inversion.spec.get("window")),
                 components.scheduler,
                 noise,
-                prompt_embeds=torch.cat([e[:1] for e in embeds]),
-                negative_prompt_embeds=torch.cat([e[1:] for e in embeds]),
+                prompt_embeds=prompts,
+                negative_prompt_embeds=unconditional,
                 num_steps=settings.steps,
                 guidance_scale=settings.guidance,
                 eta=settings.eta,

@@ -15,10 +15,26 @@ from typing import TYPE_CHECKING, Any, cast
 from tavcli.files.hashing import content_sha256, files_sha256, lora_sha256
 from tavcli.models.source import ModelSource
 from tavcli.settings.options import EDIT
-from tavcli.settings.requests import ControlSpec, EditRequest, EditSettings, FrameSelection, FrameSize, TuneSettings
+from tavcli.settings.requests import (
+    ControlSpec,
+    EditRequest,
+    EditSettings,
+    FrameSelection,
+    FrameSize,
+    InversionSettings,
+    TuneSettings,
+)
 from tavcli.store.entry import Entry
 from tavcli.store.project import Project
-from tavcli.store.specs import EditSpec, EmbeddingsSpec, InversionSpec, LatentsSpec, LoraIdentity, TuneSpec
+from tavcli.store.specs import (
+    EditSpec,
+    EmbeddingsSpec,
+    InversionSpec,
+    LatentsSpec,
+    LoraIdentity,
+    NullTextSpec,
+    TuneSpec,
+)
 
 if TYPE_CHECKING:  # an annotation only: the runtime imports torch, which `tav ls` must not load
     from tavcli.runtime import Runtime
@@ -35,6 +51,7 @@ __all__ = [
     "inversion_entry",
     "latents_entry",
     "lora_identity",
+    "null_text_entry",
     "tune_run",
     "tune_spec",
 ]
@@ -157,6 +174,36 @@ def _inversion_what(spec: dict[str, Any]) -> str:
     return what + (f", window {spec['window']}" if spec.get("window") else "")
 
 
+# Bump when null-text fitting's numbers change; only null-text embeddings and their edits go stale.
+NULL_TEXT_FORMULA = 1
+
+
+def null_text_entry(
+    project: Project, inversion_key: str, settings: EditSettings, inversion: InversionSettings, runtime: Runtime
+) -> Entry:
+    """The store entry of an inversion's null-text embeddings: fitted at the edit's guidance (and guidance
+    rescale) with the inversion settings' Adam budget, in the run's precision and compilation."""
+    spec: NullTextSpec = {
+        "inversion": inversion_key,
+        "guidance": settings.guidance,
+        "iterations": inversion.null_iterations,
+        "learning_rate": inversion.null_lr,
+        "formula": NULL_TEXT_FORMULA,
+    }
+    if settings.guidance_rescale:
+        spec["guidance_rescale"] = settings.guidance_rescale
+    if runtime.precision != "fp32":
+        spec["precision"] = runtime.precision
+    if runtime.compile:
+        spec["compile"] = True
+    return project.entry("nulltexts", spec)
+
+
+def _null_text_what(spec: dict[str, Any]) -> str:
+    budget = f"{spec.get('iterations')} iterations at lr {spec.get('learning_rate')}"
+    return f"guidance {spec.get('guidance')}, {budget}"
+
+
 def edit_spec(
     inversion_key: str,
     prompt: str,
@@ -165,12 +212,14 @@ def edit_spec(
     control: dict[str, Any] | None = None,
     batch: int = 1,
     loras: list[LoraIdentity] | None = None,
+    unconditional: tuple[str, str | None] | None = None,
 ) -> EditSpec:
     """Everything that determines an edit. `batch` is how many prompts share its UNet batch: batched
     matrix products round differently, so a batched edit is another entry (absent for 1, like
     `control` when uncontrolled and `loras` without edit-time LoRAs, so that keys of earlier edits stay
     valid). The frames and window come with the inversion's key. A setting declared `key_omits_default`
-    is left out at its default, for the same reason."""
+    is left out at its default, for the same reason. `unconditional` is (the inversion kind, the null-text
+    embeddings' key or None) when the unconditional branch is not the negative prompt's."""
     chosen = {
         name: value
         for name, value in asdict(settings).items()
@@ -184,6 +233,10 @@ def edit_spec(
         spec["loras"] = loras
     if batch > 1:
         spec["batch"] = batch
+    if unconditional is not None:
+        spec["inversion_kind"] = unconditional[0]
+        if unconditional[1] is not None:
+            spec["null_text"] = unconditional[1]
     if settings.eta == 0:
         spec["seed"] = None  # deterministic DDIM draws no noise: the seed determines nothing
     if runtime.compile:
@@ -198,17 +251,26 @@ def _edit_what(spec: dict[str, Any]) -> str:
         + (f", batch of {spec['batch']}" if spec.get("batch") else "")
         + (", controlled" if spec.get("control") else "")
         + (f", {len(spec['loras'])} LoRA(s)" if spec.get("loras") else "")
+        + (f", {spec['inversion_kind']} inversion" if spec.get("inversion_kind") else "")
     )
 
 
 def edit_entries(
-    project: Project, inversion_key: str, request: EditRequest, runtime: Runtime, control: dict[str, Any] | None
+    project: Project,
+    inversion_key: str,
+    request: EditRequest,
+    runtime: Runtime,
+    control: dict[str, Any] | None,
+    null_text_key: str | None = None,
 ) -> dict[str, Entry]:
     """Each prompt's edit entry, keyed with the size of the UNet batch it is sampled in."""
     loras = lora_identity(request.loras)
+    kind = request.inversion.inversion
+    unconditional = (kind, null_text_key) if request.inversion.reconstructs else None
+    settings = request.settings
     return {
         prompt: project.entry(
-            "edits", edit_spec(inversion_key, prompt, request.settings, runtime, control, len(group), loras)
+            "edits", edit_spec(inversion_key, prompt, settings, runtime, control, len(group), loras, unconditional)
         )
         for group in request.groups
         for prompt in group
@@ -242,5 +304,6 @@ DESCRIBERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "tunes": _tune_what,
     "checkpoints": _checkpoints_what,
     "inversions": _inversion_what,
+    "nulltexts": _null_text_what,
     "edits": _edit_what,
 }

@@ -25,3 +25,6 @@ class EditPlan:
     groups: list[list[str]]
     guide: ControlGuide | None
     loras: tuple[tuple[Path, float], ...] = ()
+    # The unconditional branch when it is not the negative prompt's: null-text embeddings (their entry), or the
+    # source prompt (negative-prompt inversion).
+    unconditional: Entry | str | None = None

@@ -15,8 +15,9 @@ import torch
 
 from tavcli import __version__
 from tavcli.models.names import parse_model_name
-from tavcli.settings.options import EDIT
-from tavcli.settings.requests import ControlSpec, EditRequest, EditSettings
+from tavcli.settings.options import EDIT, INVERT
+from tavcli.settings.requests import ControlSpec, EditRequest, EditSettings, InversionSettings
+from tavcli.store.entry import Entry
 from tavcli.store.specs import ClipFacts
 from tavcli.workflow.plans import EditPlan
 from tavcli.workflow.session import Session
@@ -49,6 +50,7 @@ def edit_record(
         **({} if used is None else {"control": used}),
         **({} if request.frames.tuned else {"frames": {**asdict(request.frames), "edited": plan.clip}}),
         **({} if not request.loras else {"loras": [{"path": str(p.resolve()), "scale": s} for p, s in request.loras]}),
+        **_inversion_record(plan, request),
         "output": {
             "format": request.format,
             "fps": None if rate is None else str(rate),
@@ -83,9 +85,11 @@ def _reproduce(session: Session, plan: EditPlan, request: EditRequest, prompt: s
     frames = [] if request.frames.tuned else _frame_flags(request, plan.clip)
     invert_cmd = ["tav", "invert", "--project", project, "--steps", inversion["steps"], *frames]
     invert_cmd += ["--prompt", inversion["prompt"]] if inversion["prompt"] else []
+    invert_cmd += _choice_flags(request) + (_fit_flags(edit_spec) if request.inversion.inversion == "null-text" else [])
     invert_cmd += [*_numerics(inversion, plan.inversion.meta().get("device")), *trust]
     edit_cmd = ["tav", "edit", *group, "--project", project, *_setting_flags(edit_spec), *frames]
     edit_cmd += [part for path, scale in request.loras for part in ("--lora", f"{path.resolve()}:{scale}")]
+    edit_cmd += _choice_flags(request)
     edit_cmd += [] if request.format == "mp4" else ["--format", request.format]
     edit_cmd += [] if rate is None or rate == Fraction(clip["fps"]) else ["--fps", float(rate)]
     edit_cmd += ["--batch-size", len(group)] if len(group) > 1 else []
@@ -103,6 +107,28 @@ def _setting_flags(edit_spec: dict[str, Any]) -> list[Any]:
     out is at its default; a None seed draws nothing; an empty negative prompt is the empty prompt)."""
     recorded = [(EDIT[setting.name].flag, edit_spec.get(setting.name)) for setting in fields(EditSettings)]
     return [part for flag, value in recorded if value not in (None, "") for part in (flag, value)]
+
+
+def _choice_flags(request: EditRequest) -> list[Any]:
+    """`--inversion null-text --null-iterations N ...`: the inversion settings away from their defaults."""
+    options = [(INVERT[s.name], getattr(request.inversion, s.name)) for s in fields(InversionSettings)]
+    return [part for option, value in options if value != option.default for part in (option.flag, value)]
+
+
+def _fit_flags(edit_spec: dict[str, Any]) -> list[Any]:
+    """The guidance a null-text fit is made at, as `tav invert` takes it."""
+    rescale = edit_spec.get("guidance_rescale")
+    return ["--guidance", edit_spec["guidance"], *(["--guidance-rescale", rescale] if rescale else [])]
+
+
+def _inversion_record(plan: EditPlan, request: EditRequest) -> dict[str, Any]:
+    """The inversion settings of an edit that does not start from plain DDIM inversion, and its null-text fit."""
+    if not request.inversion.reconstructs:
+        return {}
+    record: dict[str, Any] = {"inversion_settings": asdict(request.inversion)}
+    if isinstance(plan.unconditional, Entry):
+        record["null_text"] = {"key": plan.unconditional.key, **plan.unconditional.spec}
+    return record
 
 
 def _frame_flags(request: EditRequest, clip: ClipFacts) -> list[Any]:

@@ -14,7 +14,7 @@ import torch
 from tavcli import __version__
 from tavcli.errors import interruption
 from tavcli.files.hashing import file_sha256
-from tavcli.media.plots import loss_curve
+from tavcli.media.plots import loss_png
 from tavcli.media.video import probe
 from tavcli.method.low_rank import add_low_rank_adapters, temporal_init_digest
 from tavcli.method.memory import card_fits, check_fits, probe_tune, tune_estimate
@@ -27,7 +27,7 @@ from tavcli.runtime import DTYPES, Runtime
 from tavcli.settings.inputs import require_folder, require_prompt
 from tavcli.settings.requests import EditRequest, EditSettings, Preview, TuneRequest, TuneSettings
 from tavcli.store.checkpoints import Checkpoints
-from tavcli.store.entry import TENSORS, Entry
+from tavcli.store.entry import LOSS_PLOT, TENSORS, Entry
 from tavcli.store.project import Project
 from tavcli.store.specs import TuneFacts
 from tavcli.workflow.editing import edit
@@ -43,9 +43,7 @@ from tavcli.workflow.session import Artifact, Session, encode_latents, prompt_em
 if TYPE_CHECKING:  # metrics loads CLIP's image processing, which only --eval needs
     from tavcli.method.metrics import ClipScorer
 
-__all__ = ["LOSS_PLOT", "import_tune", "load_train_state", "tune", "tune_plan"]
-
-LOSS_PLOT = "loss.png"  # a tune entry's picture of its loss per step
+__all__ = ["import_tune", "load_train_state", "tune", "tune_plan"]
 
 
 def tune(
@@ -151,7 +149,8 @@ def _tune(session: Session, request: TuneRequest, force: bool, fresh: bool, curr
             }
             params = state.params
         tensors = {name: t.to(DTYPES[settings.save_precision]) for name, t in params.items()}
-        entry.save(tensors, facts, {LOSS_PLOT: _loss_png(facts["losses"], request.prompt)})
+        title = f"{request.prompt!r}, {len(facts['losses'])} steps"
+        entry.save(tensors, facts, {LOSS_PLOT: loss_png(facts["losses"], title)})
         session.forget_tuned(entry.key)
 
     if not current:  # pin project.json first: rebuilt when missing, it would take a lone kept state as current
@@ -172,15 +171,6 @@ def _tune(session: Session, request: TuneRequest, force: bool, fresh: bool, curr
     }
     tuned = Artifact("tune", entry.key, entry.path, cached, time.perf_counter() - started, details)
     return latents_artifact, tuned
-
-
-def _loss_png(losses: list[float], prompt: str) -> bytes:
-    """The tune's loss per step as PNG bytes (stored in the tune's entry)."""
-    from io import BytesIO
-
-    buffer = BytesIO()
-    loss_curve(losses, title=f"{prompt!r}, {len(losses)} steps").save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def tune_plan(session: Session, request: TuneRequest, force: bool = False, memory: bool = True) -> dict[str, Any]:
