@@ -53,7 +53,9 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return project
 
 
-def test_bad_inversion_values_get_one_line_before_any_model_loads(tuned: Path, run_tav: RunTav) -> None:
+def test_bad_inversion_values_get_one_line_before_any_model_loads(
+    tuned: Path, tiny_lora: Path, run_tav: RunTav
+) -> None:
     cases: list[tuple[list[str], str]] = [
         (["--inversion", "foo"], "--inversion"),
         (["--null-iterations", "0"], "--null-iterations"),
@@ -61,12 +63,15 @@ def test_bad_inversion_values_get_one_line_before_any_model_loads(tuned: Path, r
         (["--inversion", "null-text", "--negative", "blurry"], "--negative cannot go with --inversion null-text"),
         (["--inversion", "negative-prompt", "--negative", "blurry"], "the unconditional branch is the inversion's"),
         (["--inversion", "null-text", "--eta", "0.5"], "--eta must be 0"),
+        (["--inversion", "null-text", "--lora", str(tiny_lora)], "fitted without edit-time LoRAs"),
     ]
     for args, said in cases:
         code, out, err = run_tav("edit", "a dog", "-p", tuned, *args)
         assert code == 2 and out == "" and said in err and "Traceback" not in err, (args, err)
     code, _, err = run_tav("invert", "-p", tuned, "--guidance", "5")
     assert code == 2 and "--inversion null-text" in err
+    code, _, err = run_tav("invert", "-p", tuned, "--inversion", "null-text", "--prompt", "a dog")
+    assert code == 2 and "inverts with the tune's prompt" in err
 
 
 @pytest.mark.slow
@@ -117,7 +122,12 @@ def test_null_text_reconstructs_the_clip_and_its_fit_is_reused(
 @pytest.mark.slow
 def test_negative_prompt_inversion_is_the_source_prompt_as_negative(tuned: Path, run_tav: RunTav) -> None:
     """Miyake et al.'s method is exactly: invert with the source prompt, sample it as the negative prompt."""
+    from tavcli.store.project import Project
+
     record = _edit(run_tav, tuned, "--inversion", "negative-prompt")
+    current = Project(tuned).state.get("inversion")
+    assert run_tav("invert", "-p", tuned, "--steps", "5", "--inversion", "negative-prompt")[0] == 0
+    assert Project(tuned).state.get("inversion") == current  # a plain `tav edit` stays the reference's
     assert run_tav("invert", "-p", tuned, "--steps", "5", "--prompt", SOURCE)[0] == 0
     by_hand = _edit(run_tav, tuned, "--negative", SOURCE)
     assert torch.equal(_edit_latents(tuned, record["key"]), _edit_latents(tuned, by_hand["key"]))
@@ -170,6 +180,8 @@ def test_a_null_text_edit_is_reproduced_in_a_fresh_project_and_from_a_batch(
     code, out, err = run_tav("batch", jobs)
     assert code == 0, err
     assert [r["key"] for r in map(json.loads, out.splitlines()) if r.get("kind") == "edit"] == [record["key"]]
+    planned = [json.loads(line) for line in run_tav("batch", jobs, "--dry-run")[1].splitlines()]
+    assert {row["action"] for row in planned} == {"reuse"} and "null-text" in {row["kind"] for row in planned}
     fitted = tuned / "nulltexts" / sidecar["null_text"]["key"]
     assert run_tav("rm", f"inversions/{sidecar['inversion']['key']}", "-p", tuned, "--yes")[0] == 0
     assert not fitted.exists() and not Path(record["path"]).exists()  # the fit and the edit went with it

@@ -238,7 +238,12 @@ def _job(name: str, where: str, data: dict[str, Any], base: Path, context: Batch
     )
     inversion = InversionSettings.named(fields.get("invert", {}))
     sampling = EditSettings.named(edit)  # the rules `tav edit` follows
-    inversion.check(sampling, control, Names("edit"), fields.get("invert", {}).get("steps", sampling.steps))
+    invert = fields.get("invert", {})
+    inversion.check(sampling, control, Names("edit"), invert.get("steps", sampling.steps), bool(edit.get("lora")))
+    if inversion.reconstructs and invert.get("prompt", fields["prompt"]) != fields["prompt"]:
+        raise OptionError(
+            f"field 'invert.inversion' = {inversion.inversion} inverts with the job's prompt: leave out 'invert.prompt'"
+        )
     edits = tuple(fields.get("edits", ()))
     model = _job_model(tune, context)
     return Job(name, where, clip, fields["prompt"], edits, project, model, tune, fields.get("invert", {}), edit)

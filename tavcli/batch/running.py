@@ -171,15 +171,23 @@ def _edit_request(job: Job, tune_key: str) -> EditRequest:
         tune_key=tune_key,
         invert_steps=invert_steps,
         invert_prompt=invert_prompt,
-        frames=FrameChoice(**{name: edit[name] for name in ("frames", "stride", "start", "window")}),
+        frames=_frames(job),
         inversion=InversionSettings.named(job.invert),
         loras=tuple((Path(path), scale) for path, scale in map(split_lora, job.edit.get("lora", ()))),
     )
 
 
+def _frames(job: Job) -> FrameChoice:
+    """The frames the job inverts and edits (each field None: the tuned selection's)."""
+    return FrameChoice(**{name: job.edit.get(name) for name in ("frames", "stride", "start", "window")})
+
+
 def _inversion(job: Job) -> tuple[int, str]:
-    """The job's inversion steps (default: its sampling steps) and prompt."""
+    """The job's inversion steps (default: its sampling steps) and prompt (the job's own for null-text and
+    negative-prompt inversions, as `tav edit --inversion` inverts)."""
     steps = job.invert.get("steps", job.edit.get("steps", EDIT["steps"].default))
+    if InversionSettings.named(job.invert).reconstructs:
+        return steps, job.prompt
     return steps, job.invert.get("prompt", INVERT["prompt"].default)
 
 
@@ -200,12 +208,16 @@ def _job_artifacts(session: Any, job: Job, stage: list[str]) -> Any:
     if job.edit.get("tune_step"):  # the state kept at that step of the job's tune
         project = session.project(job.project)
         tune_key = workflow.kept_tune(project, project.find("tunes", tune_key), job.edit["tune_step"]).key
-    request = _edit_request(job, tune_key)
-    steps, prompt = _inversion(job)
-    if request.inversion.reconstructs:  # inverted with the source prompt, as `tav edit --inversion` does
-        prompt = prompt or job.prompt
-    yield workflow.invert(session, job.project, steps, prompt, force, tune_key=tune_key, frames=request.frames)
+    inverted = workflow.invert(session, job.project, *_inversion(job), force, tune_key=tune_key, frames=_frames(job))
+    yield inverted
+    choice = InversionSettings.named(job.invert)
+    if choice.inversion == "null-text" and not job.edits:  # fitted ahead, as `tav invert --inversion` does
+        project = session.project(job.project)
+        inversion, tuned = project.find("inversions", inverted.key), project.find("tunes", tune_key)
+        sampling = EditSettings.named({name: job.edit.get(name, option.default) for name, option in EDIT.items()})
+        yield workflow.fit_null_text(session, project, tuned, inversion, sampling, choice, force)
     if job.edits:
+        request = _edit_request(job, tune_key)
         stage[0] = "edit"
         yield from workflow.edit(session, request, force)
 
@@ -217,14 +229,21 @@ def plan_jobs(session: Any, jobs: list[Job]) -> list[dict[str, Any]]:
         force = bool(job.tune.get("force", False))
         plan = workflow.tune_plan(session, _tune_request(job, session.reporter), force, memory=False)
         steps = [("latents", plan["latents"]), ("tune", plan["tune"])]
+        request = _edit_request(job, plan["tune"]["key"]) if job.edits else None
         if (job.edits or job.invert) and not _other_frames(job):
             project = session.project(job.project)
             inversion = workflow.inversion_entry(project, plan["tune"]["key"], *_inversion(job), session.runtime)
             steps.append(("inversion", _planned(inversion, force)))
-        if job.edits and not _other_frames(job):
-            request = _edit_request(job, plan["tune"]["key"])
+        if request is not None and not _other_frames(job):
+            fit = None
+            if request.inversion.inversion == "null-text":
+                fit = workflow.null_text_entry(
+                    project, inversion.key, request.settings, request.inversion, session.runtime
+                )
+                steps.append(("null-text", _planned(fit, False)))
             control = None if request.control is None else workflow.control_key(request.control)
-            entries = workflow.edit_entries(project, inversion.key, request, session.runtime, control)
+            fitted = None if fit is None else fit.key
+            entries = workflow.edit_entries(project, inversion.key, request, session.runtime, control, fitted)
             steps += [("edit", {**_planned(entry, force), "prompt": text}) for text, entry in entries.items()]
         for kind, step in steps:
             extra = {k: v for k, v in step.items() if k in ("prompt", "resume_from") and not step["cached"]}

@@ -18,6 +18,7 @@ on; a sampled edit with another prompt keeps what that prompt does not change.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from tavcli.method.sampling import ddim_schedule, guided_prediction, guided_step
 __all__ = ["NullTextRun", "NullTextState", "optimise_null_text"]
 
 TOLERANCE, TOLERANCE_PER_STEP = 1e-5, 2e-5  # the paper's early stop: loss < 1e-5 + i * 2e-5
+ADAM_EPS = 1e-8  # torch's and the paper's, for the mean squared error's gradient
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,22 +133,27 @@ def _fit(
     """Adam on one step's unconditional embedding, from `start`: the embedding (float32) and the iterations run.
 
     The conditional prediction does not depend on u: it is computed once. Only u gets a gradient
-    (`torch.autograd.grad`), so the UNet's weights accumulate nothing.
+    (`torch.autograd.grad`), so the UNet's weights accumulate nothing. The gradient is taken of the summed
+    error, and Adam's eps scaled alike (Adam's step is the same for gradient and eps scaled together): the
+    mean's gradient per element (about 1e-7 near the tolerance) would round to zero in fp16.
     """
     model_input = ddim.scale_model_input(latent, timestep)
     with torch.no_grad():
         pred_cond = unet(model_input, timestep, prompt_embeds).sample
     uncond = start.detach().float().clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([uncond], lr=run.rate(index, len(ddim.timesteps)))
+    scale = target.numel()
+    optimiser = torch.optim.Adam([uncond], lr=run.rate(index, len(ddim.timesteps)), eps=ADAM_EPS * scale)
     taken = 0
     for taken in range(1, run.iterations + 1):
         pred_uncond = unet(model_input, timestep, uncond.to(prompt_embeds.dtype)).sample
         pred = guided_prediction(pred_uncond, pred_cond, run.guidance_scale, run.guidance_rescale)
         previous = ddim.step(pred, step, latent).prev_sample
         loss = torch.nn.functional.mse_loss(previous.float(), target)
-        (uncond.grad,) = torch.autograd.grad(loss, [uncond])
-        optimiser.step()
         value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the null-text loss is not finite at step {index + 1}, iteration {taken}")
+        (uncond.grad,) = torch.autograd.grad(loss * scale, [uncond])
+        optimiser.step()
         if on_iteration is not None:
             on_iteration(taken, value)
         if value < TOLERANCE + index * TOLERANCE_PER_STEP:

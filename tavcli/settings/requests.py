@@ -237,11 +237,17 @@ class InversionSettings:
         return self.inversion != "ddim"
 
     def check(
-        self, settings: EditSettings, control: ControlSpec | None, names: Names, invert_steps: int | None = None
+        self,
+        settings: EditSettings,
+        control: ControlSpec | None,
+        names: Names,
+        invert_steps: int | None = None,
+        loras: bool = False,
     ) -> None:
         """Refuse, in one line, what cannot go with this inversion: a negative prompt (the unconditional branch
         is the inversion's), and for null-text DDIM noise (eta > 0), a ControlNet (the fit does not see it) or
-        inversion steps other than the sampling steps (one embedding per sampling step)."""
+        inversion steps other than the sampling steps (one embedding per sampling step) or edit-time LoRAs
+        (the fit does not see them either)."""
         if not self.reconstructs:
             return
         given = names.given("inversion", self.inversion)
@@ -257,6 +263,11 @@ class InversionSettings:
             )
         if self.inversion == "null-text" and settings.eta > 0:
             raise OptionError(f"{given} retraces deterministic DDIM: {names('eta')} must be 0")
+        if self.inversion == "null-text" and loras:
+            raise OptionError(
+                f"{given} cannot go with {names('lora')}: the embeddings are fitted without edit-time LoRAs",
+                f"use {names.given('inversion', 'negative-prompt')} with a LoRA",
+            )
         if self.inversion == "null-text" and control is not None:
             raise OptionError(
                 f"{given} cannot go with {names('control')}: the embeddings are fitted without the ControlNet",
@@ -360,7 +371,7 @@ class EditRequest:
         for path, _ in self.loras:
             if not path.is_dir():
                 require_regular_file(path, "LoRA file", "--lora takes a .safetensors file (or folder) of LoRA weights")
-        self.inversion.check(self.settings, self.control, FLAGS, self.invert_steps)
+        self.inversion.check(self.settings, self.control, FLAGS, self.invert_steps, bool(self.loras))
 
     @property
     def groups(self) -> list[list[str]]:

@@ -8,6 +8,7 @@ module per concern:
 - `keys`: what each store entry's key is made of, and how `tav ls` describes it (torch-free);
 - `tuning`: `tune`, `tune_plan`, `import_tune`;
 - `editing`: `invert`, `plan_edit`, `edit`, `edit_from_sidecar`; `plans`: the `EditPlan` they pass on;
+- `null_text`: `fit_null_text`, null-text embeddings in the store;
 - `rendering`: an edit's output (name, rate, reuse), grids and scores; `records`: what their sidecars say;
 - `remedies`: what to try when a result is not finite, worded as flags.
 
@@ -28,6 +29,7 @@ MODULES = (
     "tavcli.workflow.plans",
     "tavcli.workflow.session",
     "tavcli.workflow.tuning",
+    "tavcli.workflow.null_text",
     "tavcli.workflow.editing",
     "tavcli.workflow.rendering",
 )
@@ -45,6 +47,7 @@ __all__ = [
     "edit_entries",
     "edit_spec",
     "edit_from_sidecar",
+    "fit_null_text",
     "frame_size",
     "import_tune",
     "inversion_entry",
@@ -52,6 +55,7 @@ __all__ = [
     "kept_steps",
     "kept_tune",
     "latents_entry",
+    "null_text_entry",
     "plan_edit",
     "prompt_embeddings",
     "render_grid",

@@ -28,6 +28,7 @@ from tavcli.method.windows import windowed
 from tavcli.models.lora import applied_loras
 from tavcli.settings.options import (
     INVERT,
+    OptionError,
     check_fields,
 )
 from tavcli.settings.requests import ControlSpec, EditRequest, EditSettings, FrameChoice, InversionSettings
@@ -40,6 +41,7 @@ from tavcli.workflow.keys import (
     edit_entries,
     inversion_entry,
     latents_entry,
+    null_text_entry,
 )
 from tavcli.workflow.null_text import fit_null_text
 from tavcli.workflow.plans import EditPlan
@@ -116,15 +118,22 @@ def invert_for_edits(
     force: bool = False,
     frames: FrameChoice | None = None,
 ) -> list[Artifact]:
-    """`tav invert`: the inversion edits of `choice` start from, made the project's current one. Null-text and
-    negative-prompt inversions invert with the source prompt (`prompt`, else the tune's); null-text also fits
-    its embeddings at `settings`' guidance, so that edits at that guidance reuse them."""
-    if choice.reconstructs and not prompt:
-        prompt = str(resolve_tune(session, project_root, None)[1].spec["prompt"])
-    inverted = invert(session, project_root, steps, prompt, force, frames=frames)
+    """`tav invert`: the inversion edits of `choice` start from. A plain DDIM inversion becomes the project's
+    current one. Null-text and negative-prompt inversions invert with the tune's prompt (the one `tav edit
+    --inversion` uses) and leave the current one as it is, so a plain `tav edit` stays the reference's;
+    null-text also fits its embeddings at `settings`' guidance, so that edits at that guidance reuse them."""
+    if not choice.reconstructs:
+        return [invert(session, project_root, steps, prompt, force, frames=frames)]
+    project, tune_entry = resolve_tune(session, project_root, None)
+    source = str(tune_entry.spec["prompt"])
+    if prompt and prompt != source:
+        raise OptionError(
+            f"--inversion {choice.inversion} inverts with the tune's prompt ({source!r}), not --prompt {prompt!r}",
+            "leave out --prompt",
+        )
+    inverted = invert(session, project_root, steps, source, force, tune_key=tune_entry.key, frames=frames)
     if choice.inversion != "null-text":
         return [inverted]
-    project, tune_entry = resolve_tune(session, project_root, None)
     inversion = project.find("inversions", inverted.key)
     sampling = settings or EditSettings(steps=steps)
     fitted = fit_null_text(session, project, tune_entry, inversion, sampling, choice, force)
@@ -221,7 +230,7 @@ def _locked(project: Project, members: list[Entry], force: bool) -> Iterator[Non
 def _used(plan: EditPlan) -> list[Entry]:
     """The entries an edit reads while it runs: its tune, its inversion and the edited frames' latents."""
     latents = plan.inversion.spec.get("latents") or plan.tune.spec["latents"]
-    fitted = [plan.unconditional] if isinstance(plan.unconditional, Entry) else []
+    fitted = [plan.unconditional] if isinstance(plan.unconditional, Entry) and plan.unconditional.complete else []
     return [plan.tune, plan.inversion, plan.project.at("latents", latents), *fitted]
 
 
@@ -233,8 +242,8 @@ def plan_edit(session: Session, request: EditRequest) -> EditPlan:
     controlnet = _controlnet(session, request.control)  # before any inversion: what is missing fails at once
     steps = request.invert_steps or request.settings.steps
     choice, source = request.inversion, None
-    if choice.reconstructs:  # inverted with the source prompt, which then replaces the unconditional branch
-        source = request.invert_prompt or str(tune_entry.spec["prompt"])
+    if choice.reconstructs:  # inverted with the tune's prompt, which then replaces the unconditional branch
+        source = str(tune_entry.spec["prompt"])
     if source is None and request.tune_key is None and request.tune_step is None and request.frames.tuned:
         inversion = _current_inversion(session, project, tune_entry, steps)
     else:
@@ -243,14 +252,15 @@ def plan_edit(session: Session, request: EditRequest) -> EditPlan:
         inversion = project.find("inversions", artifact.key)
     null_text = None
     if choice.inversion == "null-text":
-        fitted = fit_null_text(session, project, tune_entry, inversion, request.settings, choice)
-        null_text = project.find("nulltexts", fitted.key)
+        null_text = null_text_entry(project, inversion.key, request.settings, choice, session.runtime)
     latents = project.find("latents", inversion.spec.get("latents") or tune_entry.spec["latents"])
     clip = latents.meta()["clip"]
     guide, control = _control(session, latents, clip, request.control, controlnet)
     entries = edit_entries(
         project, inversion.key, request, session.runtime, control, None if null_text is None else null_text.key
     )
+    if null_text is not None and not all(entry.complete for entry in entries.values()):  # else nothing samples
+        fit_null_text(session, project, tune_entry, inversion, request.settings, choice)
     unconditional = null_text or (source if choice.inversion == "negative-prompt" else None)
     return EditPlan(project, tune_entry, inversion, clip, entries, request.groups, guide, request.loras, unconditional)
 

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from tavcli.errors import TavError
 from tavcli.media.plots import loss_png
 from tavcli.method.null_text import NullTextRun, NullTextState, optimise_null_text
 from tavcli.method.windows import windowed
@@ -51,7 +52,8 @@ def fit_null_text(
         components, unet = session.tuned_unet(project, tune_entry)
         trajectory = list(inversion.tensors(runtime.device)["trajectory"])
         prompt = str(inversion.spec["prompt"])
-        source, empty = (prompt_embeddings(session, project, components.source, [p]) for p in (prompt, ""))
+        # The source prompt's embedding from the very text-encoder call sampling makes ([prompt, ""]).
+        source, empty = prompt_embeddings(session, project, components.source, [prompt, ""]).split(1)
         state = None if force else _resumed(checkpoints, runtime.device)
         if state is not None:
             session.reporter.note(f"null-text fit resumed at step {state.done} of {len(trajectory) - 1}")
@@ -63,17 +65,20 @@ def fit_null_text(
 
         steps, done = len(trajectory) - 1, 0 if state is None else state.done
         with session.reporter.task("null-text fitting", steps, done) as advance, runtime.autocast():
-            state = optimise_null_text(
-                windowed(unet, inversion.spec.get("window")),
-                components.scheduler,
-                trajectory,
-                source,
-                empty,
-                run,
-                state,
-                on_step=saved,
-                on_iteration=lambda iteration, loss: advance(0, iteration=iteration, loss=loss),
-            )
+            try:
+                state = optimise_null_text(
+                    windowed(unet, inversion.spec.get("window")),
+                    components.scheduler,
+                    trajectory,
+                    source,
+                    empty,
+                    run,
+                    state,
+                    on_step=saved,
+                    on_iteration=lambda iteration, loss: advance(0, iteration=iteration, loss=loss),
+                )
+            except FloatingPointError as error:  # before its step was saved: a rerun resumes before it
+                raise TavError(str(error), _diverged_hint(runtime.precision, run.learning_rate)) from None
         facts = {
             "losses": state.losses,
             "iterations": state.iterations,
@@ -115,3 +120,9 @@ def _resumed(checkpoints: Checkpoints, device: torch.device) -> NullTextState | 
         losses=tensors["losses"].tolist(),
         iterations=tensors["iterations"].tolist(),
     )
+
+
+def _diverged_hint(precision: str, rate: float) -> str:
+    """What to try when the fit's loss is not finite."""
+    lower = f"a lower --null-lr than {rate:g}"
+    return f"{lower}, or --precision bf16 or fp32" if precision == "fp16" else lower
