@@ -64,6 +64,7 @@ def test_bad_inversion_values_get_one_line_before_any_model_loads(
         (["--inversion", "negative-prompt", "--negative", "blurry"], "the unconditional branch is the inversion's"),
         (["--inversion", "null-text", "--eta", "0.5"], "--eta must be 0"),
         (["--inversion", "null-text", "--lora", str(tiny_lora)], "fitted without edit-time LoRAs"),
+        (["--null-iterations", "5"], "--null-iterations applies to --inversion null-text"),
     ]
     for args, said in cases:
         code, out, err = run_tav("edit", "a dog", "-p", tuned, *args)

@@ -239,7 +239,8 @@ def _job(name: str, where: str, data: dict[str, Any], base: Path, context: Batch
     inversion = InversionSettings.named(fields.get("invert", {}))
     sampling = EditSettings.named(edit)  # the rules `tav edit` follows
     invert = fields.get("invert", {})
-    inversion.check(sampling, control, Names("edit"), invert.get("steps", sampling.steps), bool(edit.get("lora")))
+    steps, loras = invert.get("steps", sampling.steps), bool(edit.get("lora"))
+    inversion.check(sampling, control, Names("edit"), steps, loras, own=Names("invert"))
     if inversion.reconstructs and invert.get("prompt", fields["prompt"]) != fields["prompt"]:
         raise OptionError(
             f"field 'invert.inversion' = {inversion.inversion} inverts with the job's prompt: leave out 'invert.prompt'"

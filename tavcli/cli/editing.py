@@ -89,6 +89,9 @@ def invert(
         guidance=EDIT["guidance"].default if guidance is None else guidance,
         guidance_rescale=guidance_rescale or 0.0,
     )
+    from tavcli.settings.requests import FLAGS
+
+    inversion.check(sampling, None, FLAGS)
     choice = FrameChoice(frames=frames, stride=stride, start=start, window=window)
     project_dir = setup.existing_project(project)
     chosen = setup.settings(project_dir, device=device, precision=precision)

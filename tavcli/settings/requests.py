@@ -243,14 +243,20 @@ class InversionSettings:
         names: Names,
         invert_steps: int | None = None,
         loras: bool = False,
+        own: Names | None = None,
     ) -> None:
-        """Refuse, in one line, what cannot go with this inversion: a negative prompt (the unconditional branch
-        is the inversion's), and for null-text DDIM noise (eta > 0), a ControlNet (the fit does not see it) or
-        inversion steps other than the sampling steps (one embedding per sampling step) or edit-time LoRAs
-        (the fit does not see them either)."""
+        """Refuse, in one line, what cannot go with this inversion: Adam's budget without null-text (it would
+        change nothing), a negative prompt (the unconditional branch is the inversion's), and for null-text
+        DDIM noise (eta > 0), a ControlNet (the fit does not see it) or inversion steps other than the
+        sampling steps (one embedding per sampling step) or edit-time LoRAs (the fit does not see them
+        either). `own` names the inversion's fields (a batch job's `invert` table), `names` the others."""
+        own = own or names
+        budget = [name for name in ("null_iterations", "null_lr") if getattr(self, name) != INVERT[name].default]
+        if budget and self.inversion != "null-text":
+            raise OptionError(f"{own(budget[0])} applies to {own.given('inversion', 'null-text')}: give it too")
         if not self.reconstructs:
             return
-        given = names.given("inversion", self.inversion)
+        given = own.given("inversion", self.inversion)
         if self.inversion == "null-text" and invert_steps not in (None, settings.steps):
             raise OptionError(
                 f"{given} fits one embedding per sampling step: the inversion's steps ({invert_steps}) must be "
@@ -259,19 +265,19 @@ class InversionSettings:
         if settings.negative:
             raise OptionError(
                 f"{names('negative')} cannot go with {given}: the unconditional branch is the inversion's",
-                f"use {names.given('inversion', 'ddim')} for a negative prompt",
+                f"use {own.given('inversion', 'ddim')} for a negative prompt",
             )
         if self.inversion == "null-text" and settings.eta > 0:
             raise OptionError(f"{given} retraces deterministic DDIM: {names('eta')} must be 0")
         if self.inversion == "null-text" and loras:
             raise OptionError(
                 f"{given} cannot go with {names('lora')}: the embeddings are fitted without edit-time LoRAs",
-                f"use {names.given('inversion', 'negative-prompt')} with a LoRA",
+                f"use {own.given('inversion', 'negative-prompt')} with a LoRA",
             )
         if self.inversion == "null-text" and control is not None:
             raise OptionError(
                 f"{given} cannot go with {names('control')}: the embeddings are fitted without the ControlNet",
-                f"use {names.given('inversion', 'negative-prompt')} with a ControlNet",
+                f"use {own.given('inversion', 'negative-prompt')} with a ControlNet",
             )
 
 
