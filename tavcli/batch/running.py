@@ -214,7 +214,7 @@ def _job_artifacts(session: Any, job: Job, stage: list[str]) -> Any:
     if choice.inversion == "null-text" and not job.edits:  # fitted ahead, as `tav invert --inversion` does
         project = session.project(job.project)
         inversion, tuned = project.find("inversions", inverted.key), project.find("tunes", tune_key)
-        sampling = EditSettings.named({name: job.edit.get(name, option.default) for name, option in EDIT.items()})
+        sampling = EditSettings.named(job.edit)
         yield workflow.fit_null_text(session, project, tuned, inversion, sampling, choice, force)
     if job.edits:
         request = _edit_request(job, tune_key)

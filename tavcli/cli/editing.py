@@ -35,7 +35,7 @@ from tavcli.cli.options import (
 )
 from tavcli.errors import TavError
 from tavcli.settings.options import EDIT, INVERT, OptionError
-from tavcli.settings.requests import EditSettings, InversionSettings
+from tavcli.settings.requests import FLAGS, EditRequest, EditSettings, FrameChoice, InversionSettings, control_spec
 
 __all__ = ["edit", "evaluate_outputs", "invert"]
 
@@ -80,8 +80,6 @@ def invert(
 
       tav invert -p skiing.tav --inversion null-text --guidance 7.5
     """
-    from tavcli.settings.requests import EditSettings, FrameChoice
-
     if inversion.inversion != "null-text" and (guidance is not None or guidance_rescale is not None):
         raise OptionError("--guidance and --guidance-rescale are what --inversion null-text fits at: give it too")
     sampling = EditSettings(
@@ -89,8 +87,6 @@ def invert(
         guidance=EDIT["guidance"].default if guidance is None else guidance,
         guidance_rescale=guidance_rescale or 0.0,
     )
-    from tavcli.settings.requests import FLAGS
-
     inversion.check(sampling, None, FLAGS)
     choice = FrameChoice(frames=frames, stride=stride, start=start, window=window)
     project_dir = setup.existing_project(project)
@@ -229,7 +225,6 @@ def edit(
         output.report(edit_from_sidecar(session, recorded, force))
         return
     from tavcli.models.names import lora_path
-    from tavcli.settings.requests import EditRequest, FrameChoice, control_spec
 
     request = EditRequest(
         project=setup.existing_project(project),
