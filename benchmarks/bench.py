@@ -71,6 +71,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "sd21-v": {"frames": 24, "size": 768, "architecture": "sd21-v"},
 }
 PHASES = ("tune", "tune_checkpointing", "inversion", "sampling", "edit", "unet2d")
+# Attention control (`--phases sampling,sampling_branch,sampling_fusion`): guided steps with every control on.
+CONTROLLED = ("sampling_branch", "sampling_fusion")
 # Dense peak FLOP/s (no 2:4 sparsity: NVIDIA's data sheets quote tensor-core figures with it, twice
 # these) by arithmetic, per GPU. The first row whose pattern matches `torch.cuda.get_device_name` wins:
 # whole words only ("A100" is not in "RTX A1000"), a family's variants before its plain name, and
@@ -155,7 +157,9 @@ def main() -> None:
     parser.add_argument("--edit-steps", type=int, default=10)
     parser.add_argument("--window", type=int, help="run inversion and sampling in windows of W frames (tav --window)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (tavcli --compile)")
-    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
+    parser.add_argument(
+        "--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES + CONTROLLED)}"
+    )
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TAV_BENCH_DIR", ".tav-bench")))
     parser.add_argument("--contention", action="store_true", help="time whole tunes beside other busy processes")
     parser.add_argument("--tune-steps", type=int, default=30, help="training steps of each --contention tune")
@@ -248,6 +252,14 @@ def summarise(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, An
         ]
         if name in figures and base_name in base
     }
+    controlled = {  # attention control's cost, as ratios to the plain guided step of the same run
+        name: {
+            "step": round(figures[f"{name}_step_s"] / figures["sampling_step_s"], 2),
+            "peak_memory": round(figures[f"{name}_peak_memory_gb"] / figures["sampling_peak_memory_gb"], 2),
+        }
+        for name in CONTROLLED
+        if f"{name}_step_s" in figures and "sampling_step_s" in figures
+    }
     environment = next(iter(results.values()))["environment"] if results else {}
     return {
         "config": args.config,
@@ -260,6 +272,7 @@ def summarise(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, An
         "compile": args.compile,
         **figures,
         "ratio_to_unet2d": ratios,
+        **({"attention_control_ratio_to_sampling": controlled} if controlled else {}),
         "environment": environment,
     }
 
@@ -305,6 +318,8 @@ def _unet_phase(args: argparse.Namespace, session: Any, model: str) -> dict[str,
         "inversion": lambda: _inversion(args, runtime, components, session.sampling_unet(model), mean, embeds[1:]),
         "sampling": lambda: _sampling(args, runtime, components, session.sampling_unet(model), mean, embeds),
         "unet2d": lambda: _unet2d(args, session, components, mean, std, embeds),
+        "sampling_branch": lambda: _controlled(args, runtime, components, session.sampling_unet(model), mean, "branch"),
+        "sampling_fusion": lambda: _controlled(args, runtime, components, session.sampling_unet(model), mean, "fusion"),
     }[args.phase]
     return phase()
 
@@ -399,6 +414,73 @@ def _sampling_step_s(args: Any, runtime: Any, unet: Any, scheduler: Any, noise: 
     with runtime.autocast():
         ddim_sample(unet, scheduler, noise, cond, uncond, steps, 12.5, on_step=lambda *_: stamps())
     return stamps.median(args.warmup)
+
+
+def _controlled(args: Any, runtime: Any, components: Any, held: Any, noise: Any, source: str) -> dict:
+    """Guided steps under attention control with every control on at every step (cross- and self-attention, both
+    kinds, replaced; local blend of a source and an edit word): Video-P2P's sampled source branch (`branch`), or
+    FateZero's fusion recomputed from a trajectory (`fusion`, self-attention fused by the source word's region)."""
+    import torch
+
+    from tavcli.method.attention_control import AttentionControl, ControlSchedule, SelfKind, controlling
+    from tavcli.method.controlled_sampling import AttentionSteering, SourceBranch, SourceTrajectory
+    from tavcli.method.local_blend import LocalBlend
+    from tavcli.method.prompt_words import token_map, word_tokens
+    from tavcli.method.sampling import ddim_sample
+    from tavcli.method.video_unet import inflate_unet
+    from tavcli.models.loading import encode_prompts
+
+    torch.manual_seed(0)
+    unet = runtime.prepare(inflate_unet(held).to(held.dtype).eval())
+    source_prompt, prompt = "a man is skiing", "a dog is skiing"
+    with torch.no_grad():
+        cond, uncond, text = encode_prompts(components, [prompt, "", source_prompt]).float().split(1)
+    steps = args.warmup + args.repeats
+    tokenizer = components.tokenizer
+    blend = LocalBlend(
+        word_tokens(tokenizer, source_prompt, ["man"]), [word_tokens(tokenizer, prompt, ["dog"])], args.frames
+    )
+    both: frozenset[SelfKind] = frozenset({"spatial", "temporal"})
+    tokens = (token_map(tokenizer, source_prompt, prompt, None),)
+    schedule = ControlSchedule(steps, steps, steps, both, tokens, fuse_self=source == "fusion", blend=blend)
+    control = AttentionControl(schedule, [list(range(args.frames))])
+    trajectory = torch.randn(steps + 1, *noise.shape, generator=torch.Generator().manual_seed(1)).to(noise)
+    origin = SourceTrajectory(trajectory, text) if source == "fusion" else SourceBranch(noise, text, text)
+    steering = AttentionSteering(unet, control, origin, 1, 12.5)
+    stamps = _Stamps(runtime)
+    with controlling(unet, control), runtime.autocast():
+        ddim_sample(
+            unet, components.scheduler, noise, cond, uncond, steps, 12.5, on_step=lambda *_: stamps(), steering=steering
+        )
+    return {f"{args.phase}_step_s": stamps.median(args.warmup)}
+
+
+def fatezero_bytes(architecture: str, frames: int, size: int, steps: int, bytes_per_value: int = 2) -> int:
+    """The bytes FateZero's stored maps take (docs/performance.md): at every inversion step, the attention
+    probabilities of every spatial (sparse-causal: 2n keys) and cross-attention (77 keys) layer of at most 32x32
+    queries, per frame and head, of the architecture's UNet at `size` pixels; fp16 by default."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention import BasicTransformerBlock
+
+    from tavcli.models.architectures import configs
+
+    config = configs(architecture)["unet"]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    levels, latent = len(config["block_out_channels"]), size // 8
+    total = 0
+    for name, block in unet.named_modules():
+        if not isinstance(block, BasicTransformerBlock):
+            continue
+        part, _, rest = name.partition(".")
+        level = int(rest.split(".")[0]) if part == "down_blocks" else levels - 1
+        level = levels - 1 - int(rest.split(".")[0]) if part == "up_blocks" else level
+        side = -(-latent // 2**level)
+        queries = side * side
+        if queries <= 32 * 32:
+            total += block.attn1.heads * queries * 2 * queries + block.attn2.heads * queries * 77
+    return total * frames * steps * bytes_per_value
 
 
 def _edit(args: Any, session: Any, model: str) -> dict:

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-__all__ = ["FrameNorm", "InversionKind", "OutputFormat", "Precision", "ResizeMode", "SavePrecision", "choices"]
+__all__ = [
+    "AttentionSource",
+    "FrameNorm",
+    "InversionKind",
+    "OutputFormat",
+    "Precision",
+    "ResizeMode",
+    "SavePrecision",
+    "SelfAttention",
+    "WordMap",
+    "choices",
+]
 
 OutputFormat = Literal["mp4", "gif", "frames"]
 ResizeMode = Literal["crop", "stretch"]
@@ -14,6 +25,10 @@ Precision = Literal["auto", "fp32", "fp16", "bf16"]
 SavePrecision = Literal["fp32", "fp16", "bf16"]  # what a tune's tensors are stored in
 # How edits start: plain DDIM inversion (the reference), or one that reconstructs the source clip.
 InversionKind = Literal["ddim", "null-text", "negative-prompt"]
+# Attention control: where the source's attention comes from, which self-attention it replaces, how words map.
+AttentionSource = Literal["trajectory", "branch"]
+SelfAttention = Literal["temporal", "spatial", "both"]
+WordMap = Literal["auto", "replace", "refine"]
 
 
 def choices(literal: Any) -> tuple[str, ...]:

@@ -58,6 +58,7 @@ def test_every_option_says_what_it_does_to_the_cache(command: str) -> None:
 
 # Each edit option: (extra arguments of the baseline edit, of the changed edit). `P` holds paths.
 BASE = ["--steps", "2"]
+_both = ["--self-attention", "both"]
 CHANGES: dict[str, tuple[Args, Args]] = {
     "PROMPT": (lambda p: [], lambda p: ["--replace-prompt"]),
     "--project": (lambda p: [], lambda p: ["-p", str(p["other_project"])]),
@@ -73,6 +74,17 @@ CHANGES: dict[str, tuple[Args, Args]] = {
         lambda p: ["--inversion", "null-text", "--null-iterations", "2"],
     ),
     "--null-lr": (lambda p: ["--inversion", "null-text"], lambda p: ["--inversion", "null-text", "--null-lr", "0.1"]),
+    "--cross-replace": (lambda p: [], lambda p: ["--cross-replace", "0.5"]),
+    "--self-replace": (lambda p: [], lambda p: ["--self-replace", "0.5"]),
+    "--self-attention": (lambda p: ["--self-replace", "0.5"], lambda p: ["--self-replace", "0.5", *_both]),
+    "--word-map": (lambda p: ["--cross-replace", "0.5"], lambda p: ["--cross-replace", "0.5", "--word-map", "refine"]),
+    "--reweight": (lambda p: ["--cross-replace", "0.5"], lambda p: ["--cross-replace", "0.5", "--reweight", "dog=2"]),
+    "--blend-source": (lambda p: [], lambda p: ["--blend-source", "man"]),
+    "--blend-edit": (lambda p: [], lambda p: ["--blend-edit", "dog"]),
+    "--attention-from": (
+        lambda p: ["--inversion", "negative-prompt", "--cross-replace", "0.5"],
+        lambda p: ["--inversion", "negative-prompt", "--cross-replace", "0.5", "--attention-from", "branch"],
+    ),
     "--format": (lambda p: [], lambda p: ["--format", "gif"]),
     "--fps": (lambda p: [], lambda p: ["--fps", "5"]),
     "--out": (lambda p: [], lambda p: ["--out", str(p["tmp"] / "elsewhere")]),

@@ -31,6 +31,7 @@ from tavcli.settings.config import DEFAULT_MODEL, closest, default_project
 from tavcli.settings.inputs import require_regular_file
 from tavcli.settings.options import TUNE, OptionError, check_rate
 from tavcli.settings.requests import (
+    AttentionSettings,
     EditSettings,
     FrameChoice,
     FrameSelection,
@@ -246,6 +247,10 @@ def _job(name: str, where: str, data: dict[str, Any], base: Path, context: Batch
             f"field 'invert.inversion' = {inversion.inversion} inverts with the job's prompt: leave out 'invert.prompt'"
         )
     edits = tuple(fields.get("edits", ()))
+    attention = AttentionSettings.named(edit)
+    attention.check(sampling, inversion, list(edits), Names("edit"), steps, inversion_names=Names("invert"))
+    if attention.active:
+        attention.check_source(invert.get("prompt") or fields["prompt"], Names("edit"))
     model = _job_model(tune, context)
     return Job(name, where, clip, fields["prompt"], edits, project, model, tune, fields.get("invert", {}), edit)
 

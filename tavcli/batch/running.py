@@ -21,6 +21,7 @@ from tavcli.progress import Reporter
 from tavcli.settings.config import DEFAULT_CLIP_MODEL
 from tavcli.settings.options import EDIT, INVERT, TUNE
 from tavcli.settings.requests import (
+    AttentionSettings,
     EditRequest,
     EditSettings,
     FrameChoice,
@@ -173,6 +174,7 @@ def _edit_request(job: Job, tune_key: str) -> EditRequest:
         invert_prompt=invert_prompt,
         frames=_frames(job),
         inversion=InversionSettings.named(job.invert),
+        attention=AttentionSettings.named(job.edit),
         loras=tuple((Path(path), scale) for path, scale in map(split_lora, job.edit.get("lora", ()))),
     )
 
@@ -184,10 +186,13 @@ def _frames(job: Job) -> FrameChoice:
 
 def _inversion(job: Job) -> tuple[int, str]:
     """The job's inversion steps (default: its sampling steps) and prompt (the job's own for null-text and
-    negative-prompt inversions, as `tav edit --inversion` inverts)."""
+    negative-prompt inversions, as `tav edit --inversion` inverts, and for attention control unless the job names
+    one: its maps are the source prompt's)."""
     steps = job.invert.get("steps", job.edit.get("steps", EDIT["steps"].default))
     if InversionSettings.named(job.invert).reconstructs:
         return steps, job.prompt
+    if job.edits and AttentionSettings.named(job.edit).active:  # its maps are the source prompt's
+        return steps, job.invert.get("prompt") or job.prompt
     return steps, job.invert.get("prompt", INVERT["prompt"].default)
 
 

@@ -78,6 +78,8 @@ def _declared(option: Option) -> tuple[Any, Any]:
         bounds["le"] = option.high
     if option.kind is float:
         bounds["allow_inf_nan"] = False
+    if option.many:  # repeatable: a list of such values (only text options are)
+        return Optional[list[annotation]], Field(None, description=option.help)
     if option.words:  # a number or one of its words (`"frames": "all"`): the bounds go with the number
         annotation = Union[Annotated[annotation, Field(**bounds)], Literal[option.words]]
         bounds = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,6 +12,7 @@ from rich.markup import escape
 from tavcli.choices import OutputFormat
 from tavcli.cli import output, setup
 from tavcli.cli.options import (
+    ATTENTION,
     CONTROL,
     DEFAULT_CLIP_MODEL,
     INVERSION,
@@ -35,7 +37,15 @@ from tavcli.cli.options import (
 )
 from tavcli.errors import TavError
 from tavcli.settings.options import EDIT, INVERT, OptionError
-from tavcli.settings.requests import FLAGS, EditRequest, EditSettings, FrameChoice, InversionSettings, control_spec
+from tavcli.settings.requests import (
+    FLAGS,
+    AttentionSettings,
+    EditRequest,
+    EditSettings,
+    FrameChoice,
+    InversionSettings,
+    control_spec,
+)
 
 __all__ = ["edit", "evaluate_outputs", "invert"]
 
@@ -97,6 +107,7 @@ def invert(
     output.report(invert_for_edits(session, project_dir, inversion, steps, prompt, sampling, force, choice))
 
 
+@settings_flags("attention", EDIT, ATTENTION)
 @settings_flags("inversion", INVERT, INVERSION)
 @settings_flags("settings", EDIT, SAMPLING)
 def edit(
@@ -107,6 +118,7 @@ def edit(
     project: ProjectOpt = None,
     settings: EditSettings = EditSettings(),  # noqa: B008 (one flag per field: settings_flags)
     inversion: InversionSettings = InversionSettings(),  # noqa: B008 (one flag per field: settings_flags)
+    attention: AttentionSettings = AttentionSettings(),  # noqa: B008 (one flag per field: settings_flags)
     fmt: Annotated[OutputFormat, declared(EDIT["format"], OUTPUT, short="-f")] = EDIT["format"].default,
     fps: Annotated[Optional[float], declared(EDIT["fps"], OUTPUT)] = EDIT["fps"].default,
     out: Annotated[
@@ -168,7 +180,8 @@ def edit(
         bool,
         typer.Option(
             "--grid",
-            help="Also write source | edits side by side (mp4, GIF) and a PNG contact sheet.",
+            help="Also write source | edits side by side (mp4, GIF) and a PNG contact sheet; with attention "
+            "control, each prompt's plain edit beside its controlled one.",
             rich_help_panel=OUTPUT,
         ),
     ] = False,
@@ -238,6 +251,7 @@ def edit(
         frames=FrameChoice(frames=frames, stride=stride, start=start, window=window),
         tune_step=tune_step,
         inversion=inversion,
+        attention=attention,
         loras=tuple(map(lora_path, lora or [])),
     )
     chosen = setup.settings(request.project, device=device, precision=precision)
@@ -261,7 +275,12 @@ def edit(
     if grid:
         from tavcli.workflow.rendering import render_grid
 
-        artifacts.append(render_grid(session, request.project, artifacts, fps))
+        shown = artifacts
+        if attention.active:  # each prompt's plain edit beside its controlled one
+            plain = run_edit(session, replace(request, attention=AttentionSettings()), force)
+            shown = [edit for pair in zip(plain, artifacts, strict=True) for edit in pair]
+            artifacts = shown
+        artifacts.append(render_grid(session, request.project, shown, fps))
     output.report(artifacts)
 
 

@@ -60,6 +60,7 @@ FRAMES = "Frames"
 TRAINING = "Training"
 SAMPLING = "Sampling"
 INVERSION = "Inversion"
+ATTENTION = "Attention control"
 OUTPUT = "Output"
 CONTROL = "Control"
 PREVIEW = "Previews"
@@ -98,7 +99,7 @@ def settings_flags(parameter: str, options: dict[str, Option], panel: str) -> Ca
             inspect.Parameter(
                 setting.name,
                 inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                default=options[setting.name].default,
+                default=None if options[setting.name].many else options[setting.name].default,
                 annotation=Annotated[_value_type(options[setting.name]), declared(options[setting.name], panel)],
             )
             for setting in fields(settings_type)
@@ -119,8 +120,10 @@ def settings_flags(parameter: str, options: dict[str, Option], panel: str) -> Ca
 
 
 def _value_type(option: Option) -> Any:
-    """The type typer parses a declared option's value as: a choice is one of its values."""
-    return Literal[option.allowed] if option.allowed else option.kind
+    """The type typer parses a declared option's value as: a choice is one of its values; a repeatable
+    option a list of them (None when not given)."""
+    one = Literal[option.allowed] if option.allowed else option.kind
+    return Optional[list[one]] if option.many else one  # type: ignore[valid-type]
 
 
 QuietOpt = Annotated[

@@ -13,17 +13,28 @@ over channels, frames and pixels.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from diffusers import DDIMScheduler, SchedulerMixin
 
 from tavcli.method.inversion import StepCallback, UNetCall
 
-__all__ = ["ddim_sample", "ddim_schedule", "guided_prediction", "guided_step"]
+__all__ = ["Steering", "ddim_sample", "ddim_schedule", "guided_prediction", "guided_step"]
 
 UNetExtra = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, Any]]
 """`control(x, t, text)`: extra UNet arguments for one call (ControlNet residuals)."""
+
+
+class Steering(Protocol):
+    """Work around each sampling step (attention control, `tavcli.method.controlled_sampling`)."""
+
+    def begin(self, ddim: DDIMScheduler, index: int, timestep: torch.Tensor, step: int) -> None:
+        """Before step `index` (0-based) at `timestep` (`step` as an int)."""
+
+    def end(self, index: int, latents: torch.Tensor) -> torch.Tensor:
+        """After step `index`: the latents it gave, or what replaces them."""
+        ...
 
 
 def ddim_schedule(scheduler: SchedulerMixin, num_steps: int, device: torch.device) -> tuple[DDIMScheduler, list[int]]:
@@ -88,6 +99,7 @@ def ddim_sample(
     on_step: StepCallback | None = None,
     control: UNetExtra | None = None,
     guidance_rescale: float = 0.0,
+    steering: Steering | None = None,
 ) -> torch.Tensor:
     """Denoise `latents` (b, c, f, h, w) from pure noise to clean latents and return them.
 
@@ -96,7 +108,7 @@ def ddim_sample(
     such embedding per step (null-text inversion's, `tavcli.method.null_text`). `eta > 0` adds DDIM's
     stochastic term, drawn from `generator`. `control(x, t, text)` returns extra UNet arguments for each
     call (ControlNet residuals, see `tavcli.method.control.ControlGuide`). `guidance_rescale` mixes in the
-    guided prediction rescaled to the conditional one's spread (0: off).
+    guided prediction rescaled to the conditional one's spread (0: off). `steering` works around each step.
     """
     ddim, steps = ddim_schedule(scheduler, num_steps, latents.device)
     if isinstance(negative_prompt_embeds, torch.Tensor):
@@ -105,11 +117,15 @@ def ddim_sample(
         texts = [torch.cat([uncond.expand_as(prompt_embeds), prompt_embeds]) for uncond in negative_prompt_embeds]
     else:
         raise ValueError(f"{len(negative_prompt_embeds)} unconditional embeddings for {num_steps} steps")
-    for done, (timestep, step, text) in enumerate(zip(ddim.timesteps, steps, texts, strict=True), start=1):
+    for index, (timestep, step, text) in enumerate(zip(ddim.timesteps, steps, texts, strict=True)):
+        if steering is not None:
+            steering.begin(ddim, index, timestep, step)
         latents = guided_step(
             unet, ddim, latents, timestep, step, text, guidance_scale,
             eta=eta, generator=generator, control=control, guidance_rescale=guidance_rescale,
         )  # fmt: skip
+        if steering is not None:
+            latents = steering.end(index, latents)
         if on_step is not None:
-            on_step(done, num_steps)
+            on_step(index + 1, num_steps)
     return latents

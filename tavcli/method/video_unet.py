@@ -32,6 +32,9 @@ __all__ = [
     "TRAINABLE_MODULE_SUFFIXES",
     "VideoUNet",
     "inflate_unet",
+    "sparse_causal_attention",
+    "sparse_causal_context",
+    "split_heads",
     "trainable_parameters",
 ]
 
@@ -151,34 +154,43 @@ class SparseCausalAttnProcessor:
     ) -> torch.Tensor:
         if attention_mask is not None:  # SD's self-attention has no mask; one here would be silently dropped
             raise ValueError("sparse-causal attention does not support an attention mask")
-        frames = self.layout.frames
-        folded, n, _ = hidden_states.shape
-        clips = folded // frames
-        # Project once per token, then pick frames: cheaper than projecting the gathered context.
-        query = attn.to_q(hidden_states).unflatten(0, (clips, frames))  # (b, f, n, c)
-        key = attn.to_k(hidden_states).unflatten(0, (clips, frames))
-        value = attn.to_v(hidden_states).unflatten(0, (clips, frames))
-        head = min(frames, 2)  # the frames whose context is frame 0 alone
-        parts = [_attend(attn, query[:, :head], key[:, :1], value[:, :1])]
-        if frames > 2:
-            context_k = torch.cat([key[:, :1].expand(-1, frames - 2, -1, -1), key[:, 1:-1]], dim=2)
-            context_v = torch.cat([value[:, :1].expand(-1, frames - 2, -1, -1), value[:, 1:-1]], dim=2)
-            parts.append(_attend(attn, query[:, 2:], context_k, context_v))
-        out = torch.cat(parts, dim=1).reshape(folded, n, -1)
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        out = sparse_causal_attention(attn, q, k, v, self.layout.frames)
         projected: torch.Tensor = attn.to_out[1](attn.to_out[0](out))
         return projected
+
+
+def sparse_causal_attention(
+    attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, frames: int
+) -> torch.Tensor:
+    """Projected (b*f, n, c) queries, keys and values -> (b*f, n, c) sparse-causal attention, before `to_out`.
+
+    Frame i's queries attend to frames 0 and i-1's keys; the queries, keys and values may come from different
+    clips (attention control replays a source clip's queries and keys over an edit's values).
+    """
+    folded, n, _ = query.shape
+    clips = folded // frames
+    # Projected once per token, then frames picked: cheaper than projecting the gathered context.
+    query, key, value = (t.unflatten(0, (clips, frames)) for t in (query, key, value))  # (b, f, n, c)
+    head = min(frames, 2)  # the frames whose context is frame 0 alone
+    parts = [_attend(attn, query[:, :head], key[:, :1], value[:, :1])]
+    if frames > 2:
+        context_k = torch.cat([key[:, :1].expand(-1, frames - 2, -1, -1), key[:, 1:-1]], dim=2)
+        context_v = torch.cat([value[:, :1].expand(-1, frames - 2, -1, -1), value[:, 1:-1]], dim=2)
+        parts.append(_attend(attn, query[:, 2:], context_k, context_v))
+    return torch.cat(parts, dim=1).reshape(folded, n, -1)
 
 
 def _attend(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Queries (b, f, n, c) attend to keys and values (b, f or 1, m, c), frame by frame -> (b, f, n, c)."""
     clips, frames, n, _ = query.shape
     key, value = key.expand(-1, frames, -1, -1), value.expand(-1, frames, -1, -1)
-    q, k, v = (_split_heads(t.reshape(clips * frames, t.shape[2], -1), attn.heads) for t in (query, key, value))
+    q, k, v = (split_heads(t.reshape(clips * frames, t.shape[2], -1), attn.heads) for t in (query, key, value))
     out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
     return out.transpose(1, 2).flatten(2).to(query.dtype).reshape(clips, frames, n, -1)
 
 
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(batch, tokens, heads*d) -> (batch, heads, tokens, d)."""
     split: torch.Tensor = x.unflatten(-1, (heads, -1))
     return split.transpose(1, 2)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-__all__ = ["Windows", "WindowedUNet", "windowed"]
+__all__ = ["Windows", "WindowedUNet", "call_spans", "windowed"]
 
 
 @dataclass(frozen=True)
@@ -137,3 +137,8 @@ class WindowedUNet:
 def windowed(unet: Any, window: int | None) -> Any:
     """`unet`, or `unet` run over overlapping windows of `window` frames (a quarter of each shared)."""
     return unet if window is None else WindowedUNet(unet, Windows(window, overlap=window // 4))
+
+
+def call_spans(unet: Any, frames: int) -> list[list[int]]:
+    """The frames of each call `unet` (a video UNet, or one over windows) makes of one call on `frames` frames."""
+    return unet.windows.spans(frames) if isinstance(unet, WindowedUNet) else [list(range(frames))]

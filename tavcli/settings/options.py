@@ -14,7 +14,17 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from tavcli.choices import FrameNorm, InversionKind, OutputFormat, ResizeMode, SavePrecision, choices
+from tavcli.choices import (
+    AttentionSource,
+    FrameNorm,
+    InversionKind,
+    OutputFormat,
+    ResizeMode,
+    SavePrecision,
+    SelfAttention,
+    WordMap,
+    choices,
+)
 from tavcli.errors import TavError
 
 __all__ = [
@@ -56,6 +66,7 @@ class Option:
     value_name: str = ""  # the metavar in --help, where the type's name says too little (`PROMPT`)
     # Left out of cache keys at its default, so that entries keyed before the option existed stay valid.
     key_omits_default: bool = False
+    many: bool = False  # repeatable: the value is a tuple of such values (default `()`)
 
     @property
     def name(self) -> str:
@@ -71,6 +82,8 @@ class Option:
 
     def describe(self) -> str:
         """What a valid value is, in words: 'an integer from 1 to 999', 'a finite number above 0'."""
+        if self.many:
+            return f"a list of {'text' if self.kind is str else self.kind.__name__} values"
         if self.allowed:
             return f"one of {', '.join(self.allowed)}"
         if self.kind is str:
@@ -92,7 +105,14 @@ class Option:
         return "" if self.high is None else f"at most {high}"
 
     def check(self, value: Any) -> Any:
-        """`value` if it is valid for this option; else ValueError('must be ...')."""
+        """`value` if it is valid for this option (a tuple of them for `many`); else ValueError('must be ...')."""
+        if not self.many:
+            return self._check_one(value)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"must be {self.describe()}")
+        return tuple(map(self._check_one, value))
+
+    def _check_one(self, value: Any) -> Any:
         if self.kind is bool:
             if not isinstance(value, bool):
                 raise ValueError(f"must be {self.describe()}")
@@ -305,6 +325,89 @@ INVERT = {
     )
 }
 
+# Attention control (`tav edit`; docs/method.md, "Attention control"): all off at their defaults.
+ATTENTION = (
+    Option(
+        "--cross-replace",
+        float,
+        0.0,
+        "The edit's cross-attention maps are the source's for this fraction of the steps (Prompt-to-Prompt; "
+        "Video-P2P uses 0.2, FateZero's style edits 0.8); 0: off.",
+        low=0,
+        high=1,
+        value_name="FRACTION",
+        key_omits_default=True,
+    ),
+    Option(
+        "--self-replace",
+        float,
+        0.0,
+        "The edit's self-attention maps are the source's for this fraction of the steps (0.5 in Video-P2P and "
+        "FateZero): keeps the source's structure and motion; 0: off.",
+        low=0,
+        high=1,
+        value_name="FRACTION",
+        key_omits_default=True,
+    ),
+    Option(
+        "--self-attention",
+        str,
+        "temporal",
+        "The self-attention --self-replace takes: temporal (attn_temp, Video-P2P's), spatial (sparse-causal attn1 "
+        "in layers of at most a quarter of the latent's size, FateZero's), or both.",
+        allowed=choices(SelfAttention),
+        key_omits_default=True,
+    ),
+    Option(
+        "--word-map",
+        str,
+        "auto",
+        "How the edit prompt's tokens take the source's cross-attention: replace (a word swap: equal token "
+        "counts), refine (the shared words aligned, new words keep their own); auto: replace for equal counts.",
+        allowed=choices(WordMap),
+        key_omits_default=True,
+    ),
+    Option(
+        "--reweight",
+        str,
+        (),
+        "Scale an edit-prompt word's cross-attention while --cross-replace replaces it (Video-P2P uses 2 to 5); "
+        "repeatable.",
+        value_name="WORD=SCALE",
+        key_omits_default=True,
+        many=True,
+    ),
+    Option(
+        "--blend-source",
+        str,
+        (),
+        "Local blend: the edit keeps the source outside the region this word of the source prompt attends to "
+        "(with --attention-from trajectory it also fuses self-attention by it, FateZero's); repeatable.",
+        value_name="WORD",
+        key_omits_default=True,
+        many=True,
+    ),
+    Option(
+        "--blend-edit",
+        str,
+        (),
+        "Local blend: the edited region also takes in where this word of each edit prompt attends; repeatable.",
+        value_name="WORD",
+        key_omits_default=True,
+        many=True,
+    ),
+    Option(
+        "--attention-from",
+        str,
+        "trajectory",
+        "The source's attention: trajectory (recomputed from the cached inversion at each step: FateZero's maps, "
+        "nothing stored) or branch (the source sampled beside the edit, Video-P2P's; needs --inversion null-text "
+        "or negative-prompt).",
+        allowed=choices(AttentionSource),
+        key_omits_default=True,
+    ),
+)
+
 EDIT = {
     option.name: option
     for option in (
@@ -353,6 +456,7 @@ EDIT = {
             low=1,
             high=1_000_000,
         ),
+        *ATTENTION,
     )
 }
 

@@ -7,18 +7,30 @@ imports no torch: the command line builds its requests before loading anything h
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tavcli.choices import FrameNorm, InversionKind, OutputFormat, ResizeMode, SavePrecision
+from tavcli.choices import (
+    AttentionSource,
+    FrameNorm,
+    InversionKind,
+    OutputFormat,
+    ResizeMode,
+    SavePrecision,
+    SelfAttention,
+    WordMap,
+)
 from tavcli.errors import TavError
 from tavcli.progress import Reporter
 from tavcli.settings.inputs import require_folder, require_prompt, require_regular_file
 from tavcli.settings.options import EDIT, INVERT, SELECTION, TUNE, OptionError, check_fields, check_rate
+from tavcli.words import prompt_words
 
 __all__ = [
+    "AttentionSettings",
     "CONTROL_KINDS",
     "ControlSpec",
     "EditRequest",
@@ -282,6 +294,120 @@ class InversionSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AttentionSettings:
+    """Attention control of an edit (docs/method.md, "Attention control"), each field the `tav edit` option of
+    its name in `EDIT`; off at the defaults (then no field is in an edit's key)."""
+
+    cross_replace: float = EDIT["cross_replace"].default
+    self_replace: float = EDIT["self_replace"].default
+    self_attention: SelfAttention = EDIT["self_attention"].default
+    word_map: WordMap = EDIT["word_map"].default
+    reweight: tuple[str, ...] = EDIT["reweight"].default  # WORD=SCALE
+    blend_source: tuple[str, ...] = EDIT["blend_source"].default
+    blend_edit: tuple[str, ...] = EDIT["blend_edit"].default
+    attention_from: AttentionSource = EDIT["attention_from"].default
+
+    def __post_init__(self) -> None:
+        for name in ("reweight", "blend_source", "blend_edit"):  # a list from typer or a batch file
+            object.__setattr__(self, name, tuple(getattr(self, name) or ()))
+        check_fields(EDIT, asdict(self), "attention control")
+        self.weights()
+
+    @classmethod
+    def named(cls, values: Mapping[str, Any]) -> AttentionSettings:
+        """The settings among `values` (a batch job's `edit` table, a sidecar's record), by name."""
+        return cls(**_named(cls, values))
+
+    @property
+    def active(self) -> bool:
+        """Whether the edit is controlled at all."""
+        return self.cross_replace > 0 or self.self_replace > 0 or bool(self.blend_source or self.blend_edit)
+
+    def changed(self) -> dict[str, Any]:
+        """The fields away from their defaults, by name (what keys, sidecars and reproduce commands record)."""
+        return {name: value for name, value in asdict(self).items() if value != EDIT[name].default}
+
+    def weights(self, names: Names = FLAGS) -> dict[str, float]:
+        """`--reweight WORD=SCALE` as {word: scale}."""
+        weights = {}
+        for given in self.reweight:
+            word, _, scale = given.rpartition("=")
+            try:
+                value = float(scale)
+            except ValueError:
+                value = math.nan
+            if not word.strip() or not 0 <= value <= REWEIGHT_MAX:
+                raise OptionError(
+                    f"{names('reweight')} takes WORD=SCALE with a scale from 0 to {REWEIGHT_MAX:g}, not {given!r}",
+                    "e.g. --reweight sunset=3",
+                )
+            weights[word.strip()] = value
+        return weights
+
+    def check(
+        self,
+        settings: EditSettings,
+        inversion: InversionSettings,
+        prompts: list[str],
+        names: Names,
+        invert_steps: int | None = None,
+        inversion_names: Names | None = None,
+    ) -> None:
+        """Refuse, in one line, what would change nothing or cannot be done: a control option without the
+        control it belongs to, a branch without an inversion that re-creates the clip (or with DDIM noise),
+        trajectory maps from an inversion of other steps, and an edit-prompt word a prompt lacks.
+        `inversion_names` names the inversion's fields (a batch job's `invert` table)."""
+        inversion_names = inversion_names or names
+        changed = self.changed()
+        needs = {"reweight": "cross_replace", "word_map": "cross_replace", "self_attention": "self_replace"}
+        for name, needed in needs.items():
+            if name in changed and needed not in changed:
+                raise OptionError(f"{names(name)} applies to {names(needed)}: give it too")
+        if "attention_from" in changed and not self.active:
+            raise OptionError(
+                f"{names('attention_from')} applies to attention control: give {names('cross_replace')}, "
+                f"{names('self_replace')} or {names('blend_source')} too"
+            )
+        if not self.active:
+            return
+        given = names.given("attention_from", self.attention_from)
+        if self.attention_from == "branch":
+            if not inversion.reconstructs:
+                raise OptionError(
+                    f"{given} samples the source beside the edit, which needs an inversion that gives it back",
+                    f"give {inversion_names.given('inversion', 'null-text')} or negative-prompt",
+                )
+            if settings.eta > 0:
+                raise OptionError(f"{given} retraces deterministic DDIM: {names('eta')} must be 0")
+        elif invert_steps not in (None, settings.steps):
+            raise OptionError(
+                f"{given} replays the inversion's calls step for step: its steps ({invert_steps}) must be the "
+                f"edit's ({settings.steps})"
+            )
+        for prompt in prompts:
+            _require_words(prompt, "blend_edit", self.blend_edit, names)
+            _require_words(prompt, "reweight", tuple(self.weights(names)), names)
+
+    def check_source(self, source: str, names: Names = FLAGS) -> None:
+        """Refuse a source blend word that the source prompt lacks, in one line naming its words."""
+        _require_words(source, "blend_source", self.blend_source, names, "the source prompt ")
+
+
+def _require_words(prompt: str, name: str, given: tuple[str, ...], names: Names, whose: str = "") -> None:
+    """Refuse, naming the prompt's words, a word of `given` (option `name`'s) that `prompt` lacks."""
+    words = prompt_words(prompt)
+    for word in given:
+        if not prompt_words(word) or any(part not in words for part in prompt_words(word)):
+            raise OptionError(
+                f"{names.given(name, word)}: {word!r} is not a word of {whose}{prompt!r}",
+                f"its words are: {', '.join(dict.fromkeys(words))}",
+            )
+
+
+REWEIGHT_MAX = 10.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class ControlSpec:
     """What the user asked for: a kind of condition, a ControlNet, condition frames and a strength."""
 
@@ -359,6 +485,7 @@ class EditRequest:
     tune_step: int | None = None  # edit with the state kept at this step of the tune
     loras: tuple[tuple[Path, float], ...] = ()  # applied on top of the tuned model for this edit only
     inversion: InversionSettings = field(default_factory=InversionSettings)
+    attention: AttentionSettings = field(default_factory=AttentionSettings)
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -378,6 +505,7 @@ class EditRequest:
             if not path.is_dir():
                 require_regular_file(path, "LoRA file", "--lora takes a .safetensors file (or folder) of LoRA weights")
         self.inversion.check(self.settings, self.control, FLAGS, self.invert_steps, bool(self.loras))
+        self.attention.check(self.settings, self.inversion, self.prompts, FLAGS, self.invert_steps)
 
     @property
     def groups(self) -> list[list[str]]:

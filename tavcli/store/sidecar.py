@@ -18,7 +18,14 @@ from tavcli.files.atomic import write_json
 from tavcli.files.hashing import lora_sha256
 from tavcli.settings.inputs import require_regular_file
 from tavcli.settings.options import EDIT, INVERT, check_fields
-from tavcli.settings.requests import ControlSpec, EditRequest, EditSettings, FrameChoice, InversionSettings
+from tavcli.settings.requests import (
+    AttentionSettings,
+    ControlSpec,
+    EditRequest,
+    EditSettings,
+    FrameChoice,
+    InversionSettings,
+)
 
 __all__ = [
     "RecordedEdit",
@@ -167,6 +174,7 @@ def recorded_edit(sidecar: Path, out: Path | None = None) -> RecordedEdit:
             frames=frames,
             loras=loras,
             inversion=InversionSettings.named(record.get("inversion_settings") or {}),
+            attention=AttentionSettings.named(edit.get("attention") or {}),
         )
     except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as error:
         raise TavError(f"{sidecar} is not a tav sidecar: {error}", "give the .json written beside an output") from None

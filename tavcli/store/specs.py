@@ -176,6 +176,7 @@ class EditSpec(_EditSpec, total=False):
     inversion_kind: str  # "null-text" or "negative-prompt"; absent for plain DDIM inversion
     null_text: str  # the null-text embeddings' key
     control: dict[str, object]
+    attention: dict[str, object]  # the attention control settings away from their defaults, and its formula
     loras: list[LoraIdentity]
     batch: int
     compile: bool

@@ -21,6 +21,7 @@ from tavcli.media.video import (
     frame_count,
     read_clip,
 )
+from tavcli.method.attention_control import controlling
 from tavcli.method.control import ControlGuide, canny_maps, load_controlnet, require_opencv
 from tavcli.method.inversion import ddim_inversion
 from tavcli.method.sampling import ddim_sample
@@ -36,6 +37,7 @@ from tavcli.store.entry import Entry
 from tavcli.store.project import Project
 from tavcli.store.sidecar import RecordedEdit
 from tavcli.store.specs import ClipFacts
+from tavcli.workflow.attention import attention_steering
 from tavcli.workflow.keys import (
     control_key,
     edit_entries,
@@ -244,6 +246,10 @@ def plan_edit(session: Session, request: EditRequest) -> EditPlan:
     choice, source = request.inversion, None
     if choice.reconstructs:  # inverted with the tune's prompt, which then replaces the unconditional branch
         source = str(tune_entry.spec["prompt"])
+    elif request.attention.active:  # its maps are the source prompt's: the tune's, or the one the inversion names
+        source = request.invert_prompt or str(tune_entry.spec["prompt"])
+    if source is not None:
+        request.attention.check_source(source)  # before any inversion
     if source is None and request.tune_key is None and request.tune_step is None and request.frames.tuned:
         inversion = _current_inversion(session, project, tune_entry, steps)
     else:
@@ -262,7 +268,10 @@ def plan_edit(session: Session, request: EditRequest) -> EditPlan:
     if null_text is not None and not all(entry.complete for entry in entries.values()):  # else nothing samples
         fit_null_text(session, project, tune_entry, inversion, request.settings, choice)
     unconditional = null_text or (source if choice.inversion == "negative-prompt" else None)
-    return EditPlan(project, tune_entry, inversion, clip, entries, request.groups, guide, request.loras, unconditional)
+    return EditPlan(
+        project, tune_entry, inversion, clip, entries, request.groups, guide, request.loras, unconditional,
+        request.attention,
+    )  # fmt: skip
 
 
 def kept_tune(project: Project, tune_entry: Entry, step: int) -> Entry:
@@ -297,7 +306,7 @@ def _sample_group(session: Session, plan: EditPlan, group: list[str], settings: 
     2. The tuned UNet and the inverted noise, one copy per prompt.
     3. With the edit-time LoRAs applied: each prompt's embedding beside the unconditional one (the negative
        prompt's, the source prompt's for negative-prompt inversion, or null-text's per step), then DDIM
-       sampling of the whole group as one UNet batch, under the run's autocast.
+       sampling of the whole group as one UNet batch, under the run's autocast and any attention control.
     4. Each edit the store lacks saved, in float32.
     """
     runtime, project = session.runtime, plan.project
@@ -316,21 +325,29 @@ def _sample_group(session: Session, plan: EditPlan, group: list[str], settings: 
         unconditional: torch.Tensor | list[torch.Tensor] = torch.cat([e[1:] for e in embeds])
         if isinstance(plan.unconditional, Entry):  # null-text: one embedding per step, for every prompt
             unconditional = list(plan.unconditional.tensors(runtime.device)["embeddings"].to(prompts.dtype))
-        with session.reporter.task(f"editing: {label}", settings.steps) as advance, runtime.autocast():
-            latents = ddim_sample(
-                windowed(unet, plan.inversion.spec.get("window")),
-                components.scheduler,
-                noise,
-                prompt_embeds=prompts,
-                negative_prompt_embeds=unconditional,
-                num_steps=settings.steps,
-                guidance_scale=settings.guidance,
-                eta=settings.eta,
-                generator=runtime.generator(settings.seed),
-                on_step=lambda *_: advance(),
-                control=plan.guide,
-                guidance_rescale=settings.guidance_rescale,
-            )
+        call = windowed(unet, plan.inversion.spec.get("window"))
+        with ExitStack() as controlled:
+            steering = None
+            if plan.attention.active:  # its processors on the UNet for this group only
+                control, steering = attention_steering(session, plan, group, settings, components, call, loras)
+                controlled.enter_context(controlling(unet, control))
+            with session.reporter.task(f"editing: {label}", settings.steps) as advance, runtime.autocast():
+                latents = ddim_sample(
+                    call,
+                    components.scheduler,
+                    noise,
+                    prompt_embeds=prompts,
+                    negative_prompt_embeds=unconditional,
+                    num_steps=settings.steps,
+                    guidance_scale=settings.guidance,
+                    eta=settings.eta,
+                    generator=runtime.generator(settings.seed),
+                    on_step=lambda *_: advance(),
+                    control=plan.guide,
+                    guidance_rescale=settings.guidance_rescale,
+                    steering=steering,
+                )
+
     computed = set()
     for prompt, entry, sample in zip(group, members, latents.split(1), strict=True):  # 4
         if force or not entry.complete:

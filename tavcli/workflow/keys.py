@@ -16,6 +16,7 @@ from tavcli.files.hashing import content_sha256, files_sha256, lora_sha256
 from tavcli.models.source import ModelSource
 from tavcli.settings.options import EDIT
 from tavcli.settings.requests import (
+    AttentionSettings,
     ControlSpec,
     EditRequest,
     EditSettings,
@@ -204,6 +205,10 @@ def _null_text_what(spec: dict[str, Any]) -> str:
     return f"guidance {spec.get('guidance')}, {budget}"
 
 
+# Bump when attention control's numbers change (its layers, steps, masks): only controlled edits go stale.
+ATTENTION_FORMULA = 1
+
+
 def edit_spec(
     inversion_key: str,
     prompt: str,
@@ -213,13 +218,15 @@ def edit_spec(
     batch: int = 1,
     loras: list[LoraIdentity] | None = None,
     unconditional: tuple[str, str | None] | None = None,
+    attention: AttentionSettings | None = None,
 ) -> EditSpec:
     """Everything that determines an edit. `batch` is how many prompts share its UNet batch: batched
     matrix products round differently, so a batched edit is another entry (absent for 1, like
     `control` when uncontrolled and `loras` without edit-time LoRAs, so that keys of earlier edits stay
     valid). The frames and window come with the inversion's key. A setting declared `key_omits_default`
     is left out at its default, for the same reason. `unconditional` is (the inversion kind, the null-text
-    embeddings' key or None) when the unconditional branch is not the negative prompt's."""
+    embeddings' key or None) when the unconditional branch is not the negative prompt's. `attention` (when it
+    controls anything) adds its settings away from their defaults, with `ATTENTION_FORMULA`."""
     chosen = {
         name: value
         for name, value in asdict(settings).items()
@@ -233,6 +240,8 @@ def edit_spec(
         spec["loras"] = loras
     if batch > 1:
         spec["batch"] = batch
+    if attention is not None and attention.active:
+        spec["attention"] = {**attention.changed(), "formula": ATTENTION_FORMULA}
     if unconditional is not None:
         spec["inversion_kind"] = unconditional[0]
         if unconditional[1] is not None:
@@ -250,6 +259,7 @@ def _edit_what(spec: dict[str, Any]) -> str:
         what
         + (f", batch of {spec['batch']}" if spec.get("batch") else "")
         + (", controlled" if spec.get("control") else "")
+        + (", attention control" if spec.get("attention") else "")
         + (f", {len(spec['loras'])} LoRA(s)" if spec.get("loras") else "")
         + (f", {spec['inversion_kind']} inversion" if spec.get("inversion_kind") else "")
     )
@@ -270,7 +280,10 @@ def edit_entries(
     settings = request.settings
     return {
         prompt: project.entry(
-            "edits", edit_spec(inversion_key, prompt, settings, runtime, control, len(group), loras, unconditional)
+            "edits",
+            edit_spec(
+                inversion_key, prompt, settings, runtime, control, len(group), loras, unconditional, request.attention
+            ),
         )
         for group in request.groups
         for prompt in group

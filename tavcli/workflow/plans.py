@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tavcli.method.control import ControlGuide
+from tavcli.settings.requests import AttentionSettings
 from tavcli.store.entry import Entry
 from tavcli.store.project import Project
 from tavcli.store.specs import ClipFacts
@@ -28,3 +29,4 @@ class EditPlan:
     # The unconditional branch when it is not the negative prompt's: null-text embeddings (their entry), or the
     # source prompt (negative-prompt inversion).
     unconditional: Entry | str | None = None
+    attention: AttentionSettings = field(default_factory=AttentionSettings)  # off by default

@@ -89,7 +89,7 @@ def _reproduce(session: Session, plan: EditPlan, request: EditRequest, prompt: s
     invert_cmd += [*_numerics(inversion, plan.inversion.meta().get("device")), *trust]
     edit_cmd = ["tav", "edit", *group, "--project", project, *_setting_flags(edit_spec), *frames]
     edit_cmd += [part for path, scale in request.loras for part in ("--lora", f"{path.resolve()}:{scale}")]
-    edit_cmd += _choice_flags(request)
+    edit_cmd += _choice_flags(request) + _attention_flags(request)
     edit_cmd += [] if request.format == "mp4" else ["--format", request.format]
     edit_cmd += [] if rate is None or rate == Fraction(clip["fps"]) else ["--fps", float(rate)]
     edit_cmd += ["--batch-size", len(group)] if len(group) > 1 else []
@@ -113,6 +113,19 @@ def _choice_flags(request: EditRequest) -> list[Any]:
     """`--inversion null-text --null-iterations N ...`: the inversion settings away from their defaults."""
     options = [(INVERT[s.name], getattr(request.inversion, s.name)) for s in fields(InversionSettings)]
     return [part for option, value in options if value != option.default for part in (option.flag, value)]
+
+
+def _attention_flags(request: EditRequest) -> list[Any]:
+    """`--cross-replace 0.8 --blend-source man ...`: the attention control settings away from their defaults
+    (a repeatable one once per value)."""
+    changed = request.attention.changed()
+    values = [(EDIT[name].flag, value) for name, value in changed.items()]
+    return [
+        part
+        for flag, value in values
+        for one in (value if isinstance(value, tuple) else (value,))
+        for part in (flag, one)
+    ]
 
 
 def _fit_flags(edit_spec: dict[str, Any]) -> list[Any]:

@@ -28,6 +28,7 @@ from tavcli.method.vae import decode_latents
 from tavcli.progress import Reporter
 from tavcli.settings.options import EDIT, GIF_MAX_FPS
 from tavcli.settings.requests import EditRequest
+from tavcli.store.project import Project
 from tavcli.store.sidecar import read_sidecar, sidecar_of, write_sidecar
 from tavcli.store.specs import ClipFacts
 from tavcli.workflow.plans import EditPlan
@@ -118,7 +119,7 @@ def render_grid(session: Session, project_root: Path, edits: list[Artifact], fps
     clip = latents.meta()["clip"]
     source = source_frames(session, latents, clip)
     clips = [source, *(read_frames(edit.path) for edit in edits)]
-    captions = [f"source: {tune_entry.spec['prompt']}", *(str(edit.details["prompt"]) for edit in edits)]
+    captions = [f"source: {tune_entry.spec['prompt']}", *(_grid_caption(project, edit) for edit in edits)]
     rate = _rate(fps, Fraction(clip["fps"]), session.reporter)
     key = hashlib.sha256(":".join([*(edit.key for edit in edits), str(rate)]).encode()).hexdigest()[:8]
     folder = edits[0].path.parent
@@ -133,6 +134,12 @@ def render_grid(session: Session, project_root: Path, edits: list[Artifact], fps
     write_sidecar(video, {"tav_version": __version__, "grid": {**grid_record, "files": files}})
     details = {"gif": str(gif), "sheet": str(sheet), "prompts": captions[1:]}
     return Artifact("grid", key, video, False, time.perf_counter() - started, details)
+
+
+def _grid_caption(project: Project, edit: Artifact) -> str:
+    """An edit's prompt, marked when attention control made it (a grid may show it beside the plain edit)."""
+    controlled = project.find("edits", edit.key).spec.get("attention")
+    return f"{edit.details['prompt']}{' (attention control)' if controlled else ''}"
 
 
 PREVIEW_FRAMES = 8  # frames per row of a preview sheet: enough to see the motion, small enough to see the rows

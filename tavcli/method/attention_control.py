@@ -1,0 +1,294 @@
+"""Attention control: attention processors that let an edit take the source clip's attention (Prompt-to-Prompt
+for video, as Video-P2P; FateZero's fusion), installed on the video UNet for one edit and removed after it
+(docs/method.md, "Attention control").
+
+A controlled step makes two kinds of UNet call. The *source* call (`record`) runs the source clip's latent:
+each controlled layer keeps the source item's queries and keys, and the blend layers add its attention to the
+source words to the local blend. The *edit* call (`replay`) then changes the attention of the edit's
+conditional items in those layers. Probabilities P = softmax(q k^T / sqrt(d)) are never formed where they need
+not be: attention is linear in the values, so
+
+    P_src V                                   = SDPA(q_src, k_src, V)
+    sum_j w_j (a_j P_src[:, s_j] + (1 - a_j) P[:, j]) v_j
+                                              = SDPA(q_src, k_src, S^T (a w v)) + SDPA(q, k, (1 - a) w v)
+
+(S the token map's one-hot matrix, `prompt_words.TokenMap`), and blending rows by a mask m per query,
+m P + (1 - m) P_src, blends the outputs alike. So fused kernels (SDPA) run throughout; only the blend layers
+form the probabilities of their words' tokens.
+
+Which layers: cross-attention (`attn2`) everywhere; sparse-causal self-attention (`attn1`) in layers of at most
+a quarter of the latent's tokens (FateZero's 32x32 at 512x512); temporal attention (`attn_temp`) everywhere
+(Video-P2P's "self" maps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import groupby
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+from tavcli.method.local_blend import LocalBlend
+from tavcli.method.prompt_words import TokenMap
+from tavcli.method.video_unet import sparse_causal_attention, split_heads
+
+__all__ = ["AttentionControl", "ControlSchedule", "SelfKind", "controlling", "layer_grid"]
+
+SelfKind = Literal["spatial", "temporal"]
+Kind = Literal["cross", "spatial", "temporal"]
+Mode = Literal["off", "record", "replay"]
+
+
+@dataclass(frozen=True)
+class ControlSchedule:
+    """What a controlled edit changes, and in which of its steps (0-based)."""
+
+    steps: int
+    cross_steps: int  # cross-attention taken from the source in steps [0, cross_steps)
+    self_steps: int  # self-attention taken from the source in steps [0, self_steps)
+    self_kinds: frozenset[SelfKind]
+    token_maps: tuple[TokenMap, ...]  # one per prompt of the edit's batch
+    fuse_self: bool = False  # FateZero: self-attention blended by the source words' region instead of replaced
+    blend: LocalBlend | None = None
+
+    def source_needed(self, step: int) -> bool:
+        """Whether step `step` needs the source call (its layers' queries and keys, or its blend maps)."""
+        return self.blend is not None or step < max(self.cross_steps, self.self_steps)
+
+
+@dataclass
+class _Call:
+    """One UNet call of a step: its clips, frames and size, and (recording) what its layers kept."""
+
+    items: int
+    frames: torch.Tensor  # the clip's frame numbers this call holds (a window's, or all)
+    size: tuple[int, int]  # the latent's height and width
+    kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # by layer: q, k
+
+
+class AttentionControl:
+    """The state the controlled processors of one UNet share during one edit: the step, the mode, the calls.
+
+    `spans[k]` are the frames of the k-th UNet call of a step (the windows of `tavcli.method.windows`, or all
+    frames): each edit call replays the source call of the same number.
+    """
+
+    def __init__(self, schedule: ControlSchedule, spans: list[list[int]]) -> None:
+        self.schedule = schedule
+        self.spans = spans
+        self.step = 0
+        self.mode: Mode = "off"
+        self.record_item = 0  # the batch item a source call records (its conditional half)
+        self.edit_items: tuple[int, ...] = ()  # the batch items an edit call controls, one per prompt
+        self.recorded: list[_Call] = []  # the source calls of this step
+        self.calls: list[_Call] = []  # the calls of the current mode
+
+    def begin(self, mode: Mode, *, record_item: int = 0, edit_items: tuple[int, ...] = ()) -> None:
+        """Start the source call (`record` item `record_item`), the edit call (`replay` onto `edit_items`), or stop."""
+        self.mode, self.record_item, self.edit_items = mode, record_item, edit_items
+        self.calls = []
+        if mode == "record":
+            self.recorded = self.calls
+
+    def on_call(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """The UNet's forward pre-hook: a new call of (clips, c, f, h, w) latents."""
+        if self.mode == "off":
+            return
+        sample = args[0] if args else kwargs["sample"]
+        if len(self.calls) >= len(self.spans):
+            raise RuntimeError(f"attention control expected {len(self.spans)} UNet calls per step, got more")
+        span = torch.tensor(self.spans[len(self.calls)], device=sample.device)
+        self.calls.append(_Call(sample.shape[0], span, (sample.shape[-2], sample.shape[-1])))
+
+    def active(self, kind: Kind, queries: int) -> tuple[bool, bool]:
+        """Whether a layer of `kind` with `queries` queries per frame takes the source's attention now, and
+        whether it gives blend maps."""
+        if self.mode == "off" or not self.calls:
+            return False, False
+        schedule, call = self.schedule, self.calls[-1]
+        tokens = call.size[0] * call.size[1]
+        if kind == "cross":
+            blend_layer = schedule.blend is not None and layer_grid(call.size, queries) == _blend_grid(call.size)
+            return self.step < schedule.cross_steps, blend_layer
+        if kind == "spatial" and queries * 4 > tokens:
+            return False, False
+        return self.step < schedule.self_steps and kind in schedule.self_kinds, False
+
+
+def _halved(size: tuple[int, int]) -> tuple[int, int]:
+    return (size[0] + 1) // 2, (size[1] + 1) // 2  # SD's downsampling: stride-2 convolution, padding 1
+
+
+def _blend_grid(size: tuple[int, int]) -> tuple[int, int]:
+    return _halved(_halved(size))
+
+
+def layer_grid(size: tuple[int, int], queries: int) -> tuple[int, int]:
+    """The (h, w) grid of a layer with `queries` tokens per frame in a UNet on latents of `size`."""
+    grid = size
+    while grid[0] * grid[1] > queries:
+        grid = _halved(grid)
+    if grid[0] * grid[1] != queries:
+        raise RuntimeError(f"no layer of {queries} tokens in a UNet on {size[0]}x{size[1]} latents")
+    return grid
+
+
+class ControlledAttention:
+    """An attention processor that computes what `inner` does, and in controlled layers and steps, the
+    recording or the replaying of the source's attention."""
+
+    def __init__(self, inner: Any, control: AttentionControl, kind: Kind, name: str) -> None:
+        self.inner, self.control, self.kind, self.name = inner, control, kind, name
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        control = self.control
+        replace, blend_maps = control.active(self.kind, self._queries(hidden_states))
+        if not (replace or blend_maps) or attention_mask is not None:
+            result: torch.Tensor = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+            return result
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        call = control.calls[-1]
+        rows = hidden_states.shape[0] // call.items
+        # The edit items' own attention is only needed where fusion blends it in.
+        unused = control.mode == "replay" and replace and (self.kind == "cross" or not control.schedule.fuse_self)
+        out = self._own(attn, q, k, v, rows, set(control.edit_items) if unused else set())
+        blend = control.schedule.blend
+        if control.mode == "record":
+            item = slice(control.record_item * rows, (control.record_item + 1) * rows)
+            if replace:
+                call.kept[self.name] = q[item], k[item]
+            if blend_maps and blend is not None and blend.source_tokens:
+                blend.add_source(call.frames, self._word_maps(attn, q[item], k[item], blend.source_tokens, call))
+        else:
+            source = control.recorded[len(control.calls) - 1] if replace else None
+            for prompt, index in enumerate(control.edit_items):
+                item = slice(index * rows, (index + 1) * rows)
+                if blend_maps and blend is not None and blend.edit_tokens[prompt]:
+                    maps = self._word_maps(attn, q[item], k[item], blend.edit_tokens[prompt], call)
+                    blend.add_edit(prompt, call.frames, maps)
+                if source is not None:
+                    q_src, k_src = source.kept[self.name]
+                    out[item] = self._controlled(attn, q[item], k[item], v[item], out[item], q_src, k_src, prompt)
+        projected: torch.Tensor = attn.to_out[1](attn.to_out[0](out))
+        return projected
+
+    def _own(
+        self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int, skipped: set[int]
+    ) -> torch.Tensor:
+        """The layer's own attention of every batch item but the `skipped` ones (left zero: replaced after)."""
+        if not skipped:
+            return self._attend(attn, q, k, v)
+        out = q.new_zeros((q.shape[0], q.shape[1], v.shape[-1]))
+        kept = [item for item in range(q.shape[0] // rows) if item not in skipped]
+        for _, run in groupby(enumerate(kept), key=lambda pair: pair[1] - pair[0]):  # consecutive items at once
+            items = [item for _, item in run]
+            part = slice(items[0] * rows, (items[-1] + 1) * rows)
+            out[part] = self._attend(attn, q[part], k[part], v[part])
+        return out
+
+    def _queries(self, hidden_states: torch.Tensor) -> int:
+        """Queries per frame: the tokens of a spatial layer, or for temporal attention its spatial positions."""
+        if self.kind != "temporal" or not self.control.calls:
+            return int(hidden_states.shape[1])
+        return int(hidden_states.shape[0]) // self.control.calls[-1].items
+
+    def _attend(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """What the layer's own processor computes before `to_out`: sparse-causal or plain attention."""
+        if self.kind == "spatial":
+            return sparse_causal_attention(attn, q, k, v, len(self.control.calls[-1].frames))
+        heads = attn.heads
+        out = F.scaled_dot_product_attention(
+            split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), scale=attn.scale
+        )
+        return out.transpose(1, 2).flatten(2).to(q.dtype)
+
+    def _controlled(
+        self,
+        attn: Attention,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        own: torch.Tensor,
+        q_src: torch.Tensor,
+        k_src: torch.Tensor,
+        prompt: int,
+    ) -> torch.Tensor:
+        """One conditional edit item's attention output, taken from the source's (the module's equations)."""
+        if self.kind == "cross":
+            token_map = self.control.schedule.token_maps[prompt]
+            alpha, weight = (t.to(v.device, v.dtype) for t in (token_map.alpha, token_map.weight))
+            mapped = torch.zeros_like(v).index_add_(1, token_map.source.to(v.device), v * (alpha * weight)[:, None])
+            out = self._attend(attn, q_src, k_src, mapped)
+            rest = (1 - alpha) * weight
+            if bool(rest.any()):
+                out = out + self._attend(attn, q, k, v * rest[:, None])
+            return out
+        replaced = self._attend(attn, q_src, k_src, v)
+        if not self.control.schedule.fuse_self:
+            return replaced
+        keep = self._fusion_mask(own)
+        return keep * own + (1 - keep) * replaced
+
+    def _fusion_mask(self, own: torch.Tensor) -> torch.Tensor:
+        """FateZero's self-attention fusion weight per query row, shaped to broadcast over `own` (rows, n, c):
+        1 inside the source words' region (the edit's own attention), 0 outside (the source's)."""
+        control = self.control
+        call = control.calls[-1]
+        blend = control.schedule.blend
+        region = None if blend is None else blend.source_region(call.size)
+        if region is None:
+            return torch.zeros_like(own[..., :1])
+        region = region[call.frames]  # (f, h, w) at the latent's size
+        if self.kind == "spatial":
+            grid = layer_grid(call.size, own.shape[1])
+            pooled = F.adaptive_max_pool2d(region[:, None], grid)  # a layer cell is inside if any latent pixel is
+            return pooled.flatten(1)[..., None].to(own.dtype)  # (f, n, 1)
+        grid = layer_grid(call.size, own.shape[0])  # temporal: rows are positions, tokens are frames
+        pooled = F.adaptive_max_pool2d(region[:, None], grid)
+        return pooled.flatten(1).T[..., None].to(own.dtype)  # (positions, f, 1)
+
+    def _word_maps(
+        self, attn: Attention, q: torch.Tensor, k: torch.Tensor, tokens: list[int], call: _Call
+    ) -> torch.Tensor:
+        """One item's attention to `tokens` (frames, h, w): summed over the tokens, averaged over heads."""
+        heads = attn.heads
+        scores = split_heads(q, heads).float() @ split_heads(k, heads).float().transpose(-1, -2) * attn.scale
+        chosen = scores.softmax(dim=-1)[..., tokens].sum(dim=-1).mean(dim=1)  # (frames, n)
+        maps: torch.Tensor = chosen.unflatten(1, layer_grid(call.size, q.shape[1]))
+        return maps
+
+
+def _kind(name: str) -> Kind:
+    if ".attn_temp." in name:
+        return "temporal"
+    return "cross" if ".attn2." in name else "spatial"
+
+
+@contextmanager
+def controlling(unet: Any, control: AttentionControl) -> Iterator[None]:
+    """The video UNet with controlled processors around its own (and a pre-hook counting its calls) for the
+    block, then as it was: nothing of the control outlives the edit."""
+    model = getattr(unet, "_orig_mod", unet)  # a compiled UNet's module
+    before = model.attn_processors
+    model.set_attn_processor(
+        {name: ControlledAttention(processor, control, _kind(name), name) for name, processor in before.items()}
+    )
+    hook = model.register_forward_pre_hook(control.on_call, with_kwargs=True)
+    try:
+        yield
+    finally:
+        hook.remove()
+        model.set_attn_processor(before)

@@ -1,0 +1,94 @@
+"""Attention control for one group of an edit: its settings resolved against the model's tokenizer, the
+source prompt and the cached inversion into the method's schedule, control and steering
+(`tavcli.method.attention_control`, `tavcli.method.controlled_sampling`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tavcli.method.attention_control import AttentionControl, ControlSchedule, SelfKind
+from tavcli.method.controlled_sampling import AttentionSteering, SourceBranch, SourceTrajectory
+from tavcli.method.local_blend import LocalBlend
+from tavcli.method.prompt_words import TokenMap, token_map, word_tokens
+from tavcli.method.windows import call_spans
+from tavcli.models.source import Components
+from tavcli.settings.requests import AttentionSettings, EditSettings
+from tavcli.store.entry import Entry
+from tavcli.store.specs import LoraIdentity
+from tavcli.workflow.plans import EditPlan
+from tavcli.workflow.session import Session, prompt_embeddings
+
+__all__ = ["attention_steering"]
+
+SELF_KINDS: dict[str, frozenset[SelfKind]] = {
+    "temporal": frozenset({"temporal"}),
+    "spatial": frozenset({"spatial"}),
+    "both": frozenset({"spatial", "temporal"}),
+}
+
+
+def attention_steering(
+    session: Session,
+    plan: EditPlan,
+    group: list[str],
+    settings: EditSettings,
+    components: Components,
+    unet: Any,
+    loras: list[LoraIdentity] | None,
+) -> tuple[AttentionControl, AttentionSteering]:
+    """The control and the steering of a controlled edit of `group` (one UNet batch) on `unet` (windowed or
+    not). The source prompt is the inversion's (the tune's unless a batch job's `invert.prompt` names one)."""
+    attention, project = plan.attention, plan.project
+    source_prompt = str(plan.inversion.spec["prompt"])
+    trajectory: torch.Tensor = plan.inversion.tensors(session.runtime.device)["trajectory"]
+    frames = trajectory.shape[-3]
+    maps = tuple(_token_map(session, components.tokenizer, attention, source_prompt, prompt) for prompt in group)
+    steps = settings.steps
+    schedule = ControlSchedule(
+        steps,
+        cross_steps=int(attention.cross_replace * steps),
+        self_steps=int(attention.self_replace * steps),
+        self_kinds=SELF_KINDS[attention.self_attention],
+        token_maps=maps,
+        fuse_self=attention.attention_from == "trajectory" and bool(attention.blend_source),
+        blend=_blend(components.tokenizer, attention, source_prompt, group, frames),
+    )
+    control = AttentionControl(schedule, call_spans(unet, frames))
+    text = prompt_embeddings(session, project, components.source, [source_prompt], loras)
+    source: SourceBranch | SourceTrajectory
+    if attention.attention_from == "trajectory":
+        source = SourceTrajectory(trajectory, text)
+    else:  # the branch starts from the inverted noise, with the unconditional branch that gives the clip back
+        unconditional: torch.Tensor | list[torch.Tensor] = text  # negative-prompt inversion: the source prompt's
+        if isinstance(plan.unconditional, Entry):  # null-text: its embedding per step
+            unconditional = list(plan.unconditional.tensors(session.runtime.device)["embeddings"].to(text.dtype))
+        source = SourceBranch(trajectory[-1], text, unconditional)
+    steering = AttentionSteering(unet, control, source, len(group), settings.guidance, settings.guidance_rescale)
+    return control, steering
+
+
+def _token_map(session: Session, tokenizer: Any, attention: AttentionSettings, source: str, prompt: str) -> TokenMap:
+    """How `prompt`'s tokens take the source's maps; a note when a word swap asked for cannot be one."""
+    mode = None if attention.word_map == "auto" else attention.word_map
+    mapped = token_map(tokenizer, source, prompt, mode, attention.weights())
+    if attention.word_map == "replace" and mapped.mode == "refine":
+        session.reporter.note(
+            f"--word-map replace swaps words of equal token counts: {prompt!r} and the source {source!r} have "
+            "different counts, so their shared words are aligned (refine)"
+        )
+    return mapped
+
+
+def _blend(
+    tokenizer: Any, attention: AttentionSettings, source: str, group: list[str], frames: int
+) -> LocalBlend | None:
+    """The local blend of the blend words, or None without any."""
+    if not (attention.blend_source or attention.blend_edit):
+        return None
+    source_tokens = word_tokens(tokenizer, source, attention.blend_source) if attention.blend_source else []
+    edit_tokens = [
+        word_tokens(tokenizer, prompt, attention.blend_edit) if attention.blend_edit else [] for prompt in group
+    ]
+    return LocalBlend(source_tokens, edit_tokens, frames)

@@ -1,0 +1,359 @@
+"""Attention control (docs/method.md, "Attention control"): the processors against attention formed explicitly,
+FateZero's stored maps against the ones recomputed from the trajectory, and the identities of docs/method.md."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from diffusers.models.attention_processor import Attention
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from tavcli.errors import TavError
+from tavcli.method.attention_control import (
+    AttentionControl,
+    ControlledAttention,
+    ControlSchedule,
+    SelfKind,
+    controlling,
+)
+from tavcli.method.controlled_sampling import AttentionSteering, SourceBranch, SourceTrajectory
+from tavcli.method.inversion import ddim_inversion
+from tavcli.method.local_blend import LocalBlend
+from tavcli.method.prompt_words import TokenMap, token_map, word_tokens
+from tavcli.method.sampling import ddim_sample, ddim_schedule
+from tavcli.method.video_unet import sparse_causal_context
+from tavcli.method.windows import call_spans, windowed
+
+from .conftest import TINY_SD
+
+if TYPE_CHECKING:
+    from tavcli.method.video_unet import VideoUNet
+
+SOURCE = "a man is skiing"
+STEPS = 6
+BOTH: frozenset[SelfKind] = frozenset({"spatial", "temporal"})
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> CLIPTokenizer:
+    return CLIPTokenizer.from_pretrained(TINY_SD / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def embed(tokenizer: CLIPTokenizer) -> Callable[[str], torch.Tensor]:
+    encoder = CLIPTextModel.from_pretrained(TINY_SD / "text_encoder")
+
+    def embed(prompt: str) -> torch.Tensor:
+        ids = tokenizer([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return encoder(ids)[0]
+
+    return embed
+
+
+@pytest.fixture(scope="module")
+def scheduler() -> DDIMScheduler:
+    return DDIMScheduler.from_pretrained(TINY_SD / "scheduler")
+
+
+@pytest.fixture(scope="module")
+def trajectory(
+    oracle_video_unet: VideoUNet, scheduler: DDIMScheduler, embed: Callable[[str], torch.Tensor]
+) -> torch.Tensor:
+    torch.manual_seed(0)
+    clean = torch.randn(1, 4, 5, 16, 16)
+    return torch.stack(ddim_inversion(oracle_video_unet, scheduler, clean, embed(SOURCE), STEPS))
+
+
+# --- prompts' words and token maps ---------------------------------------------------------------------------
+
+
+def test_a_word_swap_replaces_token_for_token_and_an_added_word_refines(tokenizer: CLIPTokenizer) -> None:
+    swap = token_map(tokenizer, SOURCE, "a dog is skiing", None)
+    assert swap.mode == "replace" and torch.equal(swap.source, torch.arange(77)) and bool((swap.alpha == 1).all())
+    added = token_map(tokenizer, SOURCE, "a man is skiing at sunset", None)
+    assert added.mode == "refine"
+    edit_ids = tokenizer("a man is skiing at sunset").input_ids
+    new = word_tokens(tokenizer, "a man is skiing at sunset", ["at", "sunset"])
+    assert added.alpha[new].sum() == 0  # new words keep their own maps
+    kept = [j for j in range(len(edit_ids)) if j not in new]
+    source_ids = tokenizer(SOURCE).input_ids
+    assert [source_ids[int(added.source[j])] for j in kept] == [edit_ids[j] for j in kept]  # aligned tokens
+    assert bool((added.alpha[kept] == 1).all())
+    forced = token_map(tokenizer, SOURCE, "a man is skiing at sunset", "replace")
+    assert forced.mode == "refine"  # unequal token counts cannot be a word swap
+    weighted = token_map(tokenizer, SOURCE, "a dog is skiing", None, {"dog": 3.0})
+    dog = word_tokens(tokenizer, "a dog is skiing", ["dog"])
+    assert bool((weighted.weight[dog] == 3).all()) and weighted.weight.sum() == 77 + 2 * len(dog)
+
+
+def test_a_word_not_in_the_prompt_is_one_line_naming_its_words(tokenizer: CLIPTokenizer) -> None:
+    with pytest.raises(TavError) as raised:
+        word_tokens(tokenizer, "a man is skiing.", ["dog"])
+    assert "'dog' is not a word of 'a man is skiing.'" in str(raised.value)
+    assert raised.value.hint is not None and "a, man, is, skiing" in raised.value.hint
+    assert word_tokens(tokenizer, "A Man is skiing.", ["man", "SKIING"]) == [2, 4]
+
+
+# --- the processors against explicit probabilities -------------------------------------------------------------
+
+
+def _explicit(attn: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    heads = attn.heads
+    qh, kh = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k))
+    return (qh @ kh.transpose(-1, -2) * attn.scale).softmax(-1)  # (rows, heads, n, m)
+
+
+def _apply(attn: Attention, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    vh = v.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+    out = (probs @ vh).transpose(1, 2).flatten(2)
+    projected: torch.Tensor = attn.to_out[1](attn.to_out[0](out))
+    return projected
+
+
+def _controlled_call(
+    kind: str, schedule: ControlSchedule, frames: int, hidden: torch.Tensor, text: torch.Tensor | None
+) -> tuple[Attention, torch.Tensor]:
+    """Record item 0 of `hidden` (2 clips: source, edit), replay it onto item 1; the edit call's output."""
+    torch.manual_seed(1)
+    attn = Attention(query_dim=16, cross_attention_dim=None if text is None else 12, heads=2, dim_head=8).eval()
+    control = AttentionControl(schedule, [list(range(frames))])
+    processor = ControlledAttention(None, control, kind, "layer")  # type: ignore[arg-type]
+    sample = torch.zeros(2, 4, frames, 4, 4)
+    with torch.no_grad():
+        control.begin("record", record_item=0)
+        control.on_call(None, (sample,), {})
+        processor(attn, hidden, text)
+        control.begin("replay", edit_items=(1,))
+        control.on_call(None, (sample,), {})
+        return attn, processor(attn, hidden, text)
+
+
+def test_controlled_cross_attention_is_the_token_maps_formula(tokenizer: CLIPTokenizer) -> None:
+    frames = 3
+    torch.manual_seed(2)
+    hidden, text = torch.randn(2 * frames, 16, 16), torch.randn(2 * frames, 77, 12)
+    for edit in ("a dog is skiing", "a man is skiing at sunset"):
+        tmap = token_map(tokenizer, SOURCE, edit, None, {"skiing": 2.5})
+        schedule = ControlSchedule(STEPS, 1, 0, frozenset(), (tmap,))
+        attn, out = _controlled_call("cross", schedule, frames, hidden, text)
+        with torch.no_grad():
+            q, k, v = attn.to_q(hidden), attn.to_k(text), attn.to_v(text)
+            p_src, p_edit = _explicit(attn, q[:frames], k[:frames]), _explicit(attn, q[frames:], k[frames:])
+            alpha, weight = tmap.alpha, tmap.weight
+            mixed = (alpha * p_src[..., tmap.source] + (1 - alpha) * p_edit) * weight  # docs/method.md's formula
+            expected = _apply(attn, mixed, v[frames:])
+            plain = _apply(attn, _explicit(attn, q, k), v)
+        assert (out[frames:] - expected).abs().max() < 1e-5, edit
+        assert (out[:frames] - plain[:frames]).abs().max() < 1e-5  # the source item is not changed
+        assert (out[frames:] - plain[frames:]).abs().max() > 1e-3  # and the edit is
+
+
+def test_controlled_self_attention_takes_the_source_maps_over_the_edits_values() -> None:
+    frames = 4
+    torch.manual_seed(3)
+    schedule = ControlSchedule(STEPS, 0, 1, BOTH, ())
+    # Temporal: rows are (clip, position), tokens the frames.
+    hidden = torch.randn(2 * 16, frames, 16)
+    attn, out = _controlled_call("temporal", schedule, frames, hidden, None)
+    with torch.no_grad():
+        q, k, v = attn.to_q(hidden), attn.to_k(hidden), attn.to_v(hidden)
+        expected = _apply(attn, _explicit(attn, q[:16], k[:16]), v[16:])
+    assert (out[16:] - expected).abs().max() < 1e-5
+    # Spatial, sparse-causal: frame i's queries see frames 0 and i-1's keys.
+    hidden = torch.randn(2 * frames, 4, 16)
+    attn, out = _controlled_call("spatial", schedule, frames, hidden, None)
+    with torch.no_grad():
+        q, k, v = attn.to_q(hidden), attn.to_k(hidden), attn.to_v(hidden)
+        keys, values = sparse_causal_context(k, frames), sparse_causal_context(v, frames)
+        expected = _apply(attn, _explicit(attn, q[:frames], keys[:frames]), values[frames:])
+    assert (out[frames:] - expected).abs().max() < 1e-5
+
+
+# --- FateZero's stored maps, recomputed ------------------------------------------------------------------------
+
+
+def _probabilities(control: AttentionControl, unet: VideoUNet) -> list[dict[str, torch.Tensor]]:
+    """Each recorded call's attention probabilities by layer (what FateZero stores), from its queries and keys."""
+    modules = dict(unet.named_modules())
+    maps = []
+    for call in control.recorded:
+        by_layer = {}
+        for name, (q, k) in call.kept.items():
+            attn = modules[name.removesuffix(".processor")]
+            if ".attn1." in name:
+                k = sparse_causal_context(k, len(call.frames))
+            by_layer[name] = _explicit(attn, q, k)
+        maps.append(by_layer)
+    return maps
+
+
+def test_maps_recomputed_from_the_trajectory_are_those_stored_during_inversion(
+    oracle_video_unet: VideoUNet,
+    scheduler: DDIMScheduler,
+    embed: Callable[[str], torch.Tensor],
+    trajectory: torch.Tensor,
+) -> None:
+    schedule = ControlSchedule(STEPS, STEPS, STEPS, BOTH, ())  # every layer that can be controlled, every step
+    control = AttentionControl(schedule, [list(range(5))])
+    stored: list[dict[str, torch.Tensor]] = []  # by inversion step, as FateZero stores them
+
+    def store(done: int, total: int) -> None:
+        stored.extend(_probabilities(control, oracle_video_unet))
+        control.begin("record")
+
+    with controlling(oracle_video_unet, control):
+        control.begin("record")
+        again = ddim_inversion(oracle_video_unet, scheduler, trajectory[0], embed(SOURCE), STEPS, store)
+        assert torch.equal(torch.stack(again), trajectory)  # recording changes nothing
+        steering = AttentionSteering(
+            oracle_video_unet, control, SourceTrajectory(trajectory, embed(SOURCE)), prompts=1, guidance_scale=7.5
+        )
+        ddim, steps = ddim_schedule(scheduler, STEPS, torch.device("cpu"))
+        for index, (timestep, step) in enumerate(zip(ddim.timesteps, steps, strict=True)):
+            with torch.no_grad():
+                steering.record_source(ddim, index, timestep, step)
+            recomputed = _probabilities(control, oracle_video_unet)[0]
+            at_same_timestep = stored[STEPS - 1 - index]
+            # 16 transformer blocks: every cross and temporal layer, and the 11 spatial ones of at most a quarter
+            # of the latent's tokens (8x8, 4x4 and 2x2 of 16x16)
+            assert recomputed.keys() == at_same_timestep.keys() and len(recomputed) == 16 + 16 + 11
+            for name, probabilities in recomputed.items():
+                assert (probabilities - at_same_timestep[name]).abs().max() < 1e-6, (index, name)
+
+
+# --- identities ------------------------------------------------------------------------------------------------
+
+
+class ConstantBlend(LocalBlend):
+    """Local blending with a mask of one value everywhere (the identities' masks)."""
+
+    def __init__(self, value: float, prompts: int) -> None:
+        super().__init__([1], [[1]] * prompts, 5)
+        self.value = value
+
+    def mask(self, prompt: int, size: tuple[int, int]) -> torch.Tensor:
+        return torch.full((self.frames, *size), self.value)
+
+
+def _edit(
+    unet: VideoUNet,
+    scheduler: DDIMScheduler,
+    embed: Callable[[str], torch.Tensor],
+    trajectory: torch.Tensor,
+    prompts: list[str],
+    schedule: ControlSchedule | None,
+    source: SourceBranch | SourceTrajectory | None = None,
+    window: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The edits of `prompts` (one batch), negative-prompt style, and the source branch's final latents."""
+    noise = trajectory[-1].expand(len(prompts), -1, -1, -1, -1)
+    texts = torch.cat([embed(p) for p in prompts])
+    negative = embed(SOURCE).expand_as(texts)
+    call = windowed(unet, window)
+    if schedule is None:
+        return ddim_sample(call, scheduler, noise, texts, negative, STEPS, 7.5), None
+    frames = 5
+    control = AttentionControl(schedule, call_spans(call, frames))
+    source = source or SourceTrajectory(trajectory, embed(SOURCE))
+    steering = AttentionSteering(call, control, source, len(prompts), 7.5)
+    with controlling(unet, control):
+        out = ddim_sample(call, scheduler, noise, texts, negative, STEPS, 7.5, steering=steering)
+    return out, steering.source_latents
+
+
+def _schedule(tokenizer: CLIPTokenizer, prompts: list[str], **changes: object) -> ControlSchedule:
+    maps: tuple[TokenMap, ...] = tuple(token_map(tokenizer, SOURCE, p, None) for p in prompts)
+    settings: dict[str, object] = {"cross_steps": 2, "self_steps": 3, "self_kinds": BOTH, **changes}
+    return ControlSchedule(STEPS, token_maps=maps, **settings)  # type: ignore[arg-type]
+
+
+def test_no_control_changes_nothing_and_the_processors_are_restored(
+    oracle_video_unet: VideoUNet,
+    scheduler: DDIMScheduler,
+    embed: Callable[[str], torch.Tensor],
+    trajectory: torch.Tensor,
+    tokenizer: CLIPTokenizer,
+) -> None:
+    before = {name: type(p) for name, p in oracle_video_unet.attn_processors.items()}
+    prompts = ["a dog is skiing"]
+    plain, _ = _edit(oracle_video_unet, scheduler, embed, trajectory, prompts, None)
+    idle, _ = _edit(
+        oracle_video_unet,
+        scheduler,
+        embed,
+        trajectory,
+        prompts,
+        _schedule(tokenizer, prompts, cross_steps=0, self_steps=0),
+    )
+    assert torch.equal(plain, idle)
+    controlled, _ = _edit(oracle_video_unet, scheduler, embed, trajectory, prompts, _schedule(tokenizer, prompts))
+    assert (controlled - plain).abs().max() > 1e-3
+    assert {name: type(p) for name, p in oracle_video_unet.attn_processors.items()} == before
+
+
+def test_the_source_prompt_fully_replaced_gives_the_source_branch(
+    oracle_video_unet: VideoUNet,
+    scheduler: DDIMScheduler,
+    embed: Callable[[str], torch.Tensor],
+    trajectory: torch.Tensor,
+    tokenizer: CLIPTokenizer,
+) -> None:
+    branch = SourceBranch(trajectory[-1], embed(SOURCE), embed(SOURCE))
+    schedule = _schedule(tokenizer, [SOURCE], cross_steps=STEPS, self_steps=STEPS)
+    out, source = _edit(oracle_video_unet, scheduler, embed, trajectory, [SOURCE], schedule, branch)
+    assert source is not None and (out - source).abs().max() < 1e-5
+
+
+def test_a_blend_mask_of_ones_changes_nothing_and_of_zeros_gives_the_source(
+    oracle_video_unet: VideoUNet,
+    scheduler: DDIMScheduler,
+    embed: Callable[[str], torch.Tensor],
+    trajectory: torch.Tensor,
+    tokenizer: CLIPTokenizer,
+) -> None:
+    prompts = ["a dog is skiing"]
+    args = (oracle_video_unet, scheduler, embed, trajectory, prompts)
+    controlled, _ = _edit(*args, _schedule(tokenizer, prompts))
+    ones, _ = _edit(*args, _schedule(tokenizer, prompts, blend=ConstantBlend(1.0, 1)))
+    assert (ones - controlled).abs().max() < 5e-5  # x_src + 1 * (x - x_src): x, rounded
+    zeros, _ = _edit(*args, _schedule(tokenizer, prompts, blend=ConstantBlend(0.0, 1)))
+    assert (zeros - trajectory[0]).abs().max() < 1e-6  # the trajectory's source: the clip's own latents
+    branch = SourceBranch(trajectory[-1], embed(SOURCE), embed(SOURCE))
+    zeros, source = _edit(*args, _schedule(tokenizer, prompts, blend=ConstantBlend(0.0, 1)), branch)
+    assert source is not None and (zeros - source).abs().max() < 1e-6
+    real = LocalBlend(word_tokens(tokenizer, SOURCE, ["man"]), [word_tokens(tokenizer, prompts[0], ["dog"])], 5)
+    blended, _ = _edit(*args, _schedule(tokenizer, prompts, blend=real, fuse_self=True))
+    assert torch.isfinite(blended).all() and (blended - controlled).abs().max() > 1e-4
+    assert set(real.mask(0, (16, 16)).unique().tolist()) <= {0.0, 1.0}  # a region (the random model's is wide)
+
+
+def test_batch_size_and_windows_do_not_change_the_controlled_result(
+    oracle_video_unet: VideoUNet,
+    scheduler: DDIMScheduler,
+    embed: Callable[[str], torch.Tensor],
+    trajectory: torch.Tensor,
+    tokenizer: CLIPTokenizer,
+) -> None:
+    prompts = ["a dog is skiing", "a man is skiing at sunset"]
+    args = (oracle_video_unet, scheduler, embed, trajectory)
+
+    words = {"a dog is skiing": ["dog"], "a man is skiing at sunset": ["sunset"]}
+
+    def blend(chosen: list[str]) -> LocalBlend:
+        edits = [word_tokens(tokenizer, p, words[p]) for p in chosen]
+        return LocalBlend(word_tokens(tokenizer, SOURCE, ["man"]), edits, 5)
+
+    together, _ = _edit(*args, prompts, _schedule(tokenizer, prompts, blend=blend(prompts), fuse_self=True))
+    for number, prompt in enumerate(prompts):
+        alone, _ = _edit(*args, [prompt], _schedule(tokenizer, [prompt], blend=blend([prompt]), fuse_self=True))
+        assert (alone[0] - together[number]).abs().max() < 1e-4, prompt
+    whole, _ = _edit(*args, prompts[:1], _schedule(tokenizer, prompts[:1]))
+    wide, _ = _edit(*args, prompts[:1], _schedule(tokenizer, prompts[:1]), window=8)
+    assert (whole - wide).abs().max() < 1e-6  # a window holding the clip is no window
+    windows, _ = _edit(*args, prompts[:1], _schedule(tokenizer, prompts[:1], blend=ConstantBlend(0.0, 1)), window=3)
+    assert (windows - trajectory[0]).abs().max() < 1e-6  # windows replay call for call
