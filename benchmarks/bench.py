@@ -17,6 +17,9 @@ Each measurement runs in a fresh process, so its peak memory (process RSS on CPU
 - a whole edit per prompt (text encoding, sampling, VAE decode, mp4 write: `tavcli.workflow.edit`),
   and prompts per minute for 1 prompt and for 4 prompts in one `--batch-size 4` call, on a project
   tuned for one step by `tav tune` in a child process (so neither its load nor its peak counts);
+- on request (`--phases sampling,sampling_fusion,sampling_branch`), guided steps under attention control with
+  every control on at every step: FateZero's fusion from a trajectory and Video-P2P's sampled source branch
+  (`tavcli.method.attention_control`), with their ratios to the plain step (`attention_control_ratio_to_sampling`);
 - the same loops (`train_delta`, `ddim_inversion`, `ddim_sample`) on the plain, un-inflated 2D UNet
   with the same weights on the same folded frames, through the same `Runtime` (`--compile`, fused
   AdamW on GPUs), and each figure's ratio to it: the cost of the inflation itself.
@@ -417,9 +420,10 @@ def _sampling_step_s(args: Any, runtime: Any, unet: Any, scheduler: Any, noise: 
 
 
 def _controlled(args: Any, runtime: Any, components: Any, held: Any, noise: Any, source: str) -> dict:
-    """Guided steps under attention control with every control on at every step (cross- and self-attention, both
-    kinds, replaced; local blend of a source and an edit word): Video-P2P's sampled source branch (`branch`), or
-    FateZero's fusion recomputed from a trajectory (`fusion`, self-attention fused by the source word's region)."""
+    """Guided steps under attention control with every control on at every step, each method with its own layers:
+    Video-P2P's sampled source branch (`branch`: cross-attention and temporal self-attention replaced, local blend
+    of a source and an edit word), or FateZero's fusion recomputed from a trajectory (`fusion`: cross-attention
+    replaced, sparse-causal self-attention fused by the source word's region, the same local blend)."""
     import torch
 
     from tavcli.method.attention_control import AttentionControl, ControlSchedule, SelfKind, controlling
@@ -440,9 +444,9 @@ def _controlled(args: Any, runtime: Any, components: Any, held: Any, noise: Any,
     blend = LocalBlend(
         word_tokens(tokenizer, source_prompt, ["man"]), [word_tokens(tokenizer, prompt, ["dog"])], args.frames
     )
-    both: frozenset[SelfKind] = frozenset({"spatial", "temporal"})
+    kinds: frozenset[SelfKind] = frozenset({"spatial" if source == "fusion" else "temporal"})
     tokens = (token_map(tokenizer, source_prompt, prompt, None),)
-    schedule = ControlSchedule(steps, steps, steps, both, tokens, fuse_self=source == "fusion", blend=blend)
+    schedule = ControlSchedule(steps, steps, steps, kinds, tokens, fuse_self=source == "fusion", blend=blend)
     control = AttentionControl(schedule, [list(range(args.frames))])
     trajectory = torch.randn(steps + 1, *noise.shape, generator=torch.Generator().manual_seed(1)).to(noise)
     origin = SourceTrajectory(trajectory, text) if source == "fusion" else SourceBranch(noise, text, text)

@@ -46,6 +46,8 @@ def test_bad_attention_options_get_one_line(tuned: Path, run_tav: RunTav) -> Non
         ),
         (["--blend-edit", "cat"], "'cat' is not a word of 'a dog is skiing' (its words are: a, dog, is, skiing)"),
         (["--blend-source", "dog"], "'dog' is not a word of the source prompt 'a man is skiing'"),
+        (["--cross-replace", "0.1", "--steps", "5"], "--cross-replace 0.1 of 5 steps controls none of them"),
+        (["--cross-replace", "0.5", "--reweight", "dog=2", "--reweight", "dog=3"], "gives 'dog' twice"),
     ]
     for args, said in cases:
         code, out, err = run_tav("edit", "a dog is skiing", "-p", tuned, *args)
@@ -150,3 +152,9 @@ def test_frames_all_of_the_tuned_selection_is_the_same_controlled_edit(tmp_path:
     assert everything["key"] == tuned["key"] and everything["cached"] is True
     windowed = _edit(run_tav, project, "a dog is skiing", *CONTROL, "--window", "2")
     assert windowed["key"] != tuned["key"] and Path(windowed["path"]).is_file()
+    # The source prompt is the inversion's, when `tav invert --prompt` gave it one.
+    tav_ok("invert", "-p", project, "--steps", "5", "--prompt", "a skier on snow")
+    code, _, err = run_tav("edit", "a dog is skiing", "-p", project, "--steps", "5", *CONTROL)
+    assert code == 2 and "'man' is not a word of the source prompt 'a skier on snow'" in " ".join(err.split())
+    other = _edit(run_tav, project, "a dog is skiing", "--cross-replace", "0.4", "--blend-source", "skier")
+    assert json.loads(Path(other["sidecar"]).read_text())["inversion"]["prompt"] == "a skier on snow"

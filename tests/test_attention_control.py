@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from tavcli.method.video_unet import VideoUNet
 
 SOURCE = "a man is skiing"
-STEPS = 6
+STEPS = 4
 BOTH: frozenset[SelfKind] = frozenset({"spatial", "temporal"})
 
 
@@ -181,7 +181,7 @@ def _probabilities(control: AttentionControl, unet: VideoUNet) -> list[dict[str,
     """Each recorded call's attention probabilities by layer (what FateZero stores), from its queries and keys."""
     modules = dict(unet.named_modules())
     maps = []
-    for call in control.recorded:
+    for call in control.recorded.values():
         by_layer = {}
         for name, (q, k) in call.kept.items():
             attn = modules[name.removesuffix(".processor")]
@@ -192,38 +192,50 @@ def _probabilities(control: AttentionControl, unet: VideoUNet) -> list[dict[str,
     return maps
 
 
+@pytest.mark.parametrize("window", [None, 3])
 def test_maps_recomputed_from_the_trajectory_are_those_stored_during_inversion(
     oracle_video_unet: VideoUNet,
     scheduler: DDIMScheduler,
     embed: Callable[[str], torch.Tensor],
     trajectory: torch.Tensor,
+    window: int | None,
 ) -> None:
     schedule = ControlSchedule(STEPS, STEPS, STEPS, BOTH, ())  # every layer that can be controlled, every step
-    control = AttentionControl(schedule, [list(range(5))])
-    stored: list[dict[str, torch.Tensor]] = []  # by inversion step, as FateZero stores them
+    call = windowed(oracle_video_unet, window)
+    control = AttentionControl(schedule, call_spans(call, 5))
+    stored: list[list[dict[str, torch.Tensor]]] = []  # by inversion step and UNet call, as FateZero stores them
 
     def store(done: int, total: int) -> None:
-        stored.extend(_probabilities(control, oracle_video_unet))
+        stored.append(_probabilities(control, oracle_video_unet))
         control.begin("record")
 
     with controlling(oracle_video_unet, control):
         control.begin("record")
-        again = ddim_inversion(oracle_video_unet, scheduler, trajectory[0], embed(SOURCE), STEPS, store)
-        assert torch.equal(torch.stack(again), trajectory)  # recording changes nothing
-        steering = AttentionSteering(
-            oracle_video_unet, control, SourceTrajectory(trajectory, embed(SOURCE)), prompts=1, guidance_scale=7.5
-        )
+        inverted = torch.stack(ddim_inversion(call, scheduler, trajectory[0], embed(SOURCE), STEPS, store))
+        if window is None:
+            assert torch.equal(inverted, trajectory)  # recording changes nothing
+        steering = AttentionSteering(call, control, SourceTrajectory(inverted, embed(SOURCE)), 1, 7.5)
         ddim, steps = ddim_schedule(scheduler, STEPS, torch.device("cpu"))
         for index, (timestep, step) in enumerate(zip(ddim.timesteps, steps, strict=True)):
             with torch.no_grad():
                 steering.record_source(ddim, index, timestep, step)
-            recomputed = _probabilities(control, oracle_video_unet)[0]
+            recomputed = _probabilities(control, oracle_video_unet)
             at_same_timestep = stored[STEPS - 1 - index]
-            # 16 transformer blocks: every cross and temporal layer, and the 11 spatial ones of at most a quarter
-            # of the latent's tokens (8x8, 4x4 and 2x2 of 16x16)
-            assert recomputed.keys() == at_same_timestep.keys() and len(recomputed) == 16 + 16 + 11
-            for name, probabilities in recomputed.items():
-                assert (probabilities - at_same_timestep[name]).abs().max() < 1e-6, (index, name)
+            assert len(recomputed) == len(at_same_timestep) == (1 if window is None else 2)  # the windows' calls
+            for again, kept in zip(recomputed, at_same_timestep, strict=True):
+                # 16 transformer blocks: every cross and temporal layer, and the 11 spatial ones of at most a
+                # quarter of the latent's tokens (8x8, 4x4 and 2x2 of 16x16)
+                assert again.keys() == kept.keys() and len(again) == 16 + 16 + 11
+                for name, probabilities in again.items():
+                    assert (probabilities - kept[name]).abs().max() < 1e-6, (index, name)
+
+
+class RecordingFirst(AttentionSteering):
+    """The source's calls of each step all recorded before the edit's (what the steering does just in time)."""
+
+    def begin(self, ddim: DDIMScheduler, index: int, timestep: torch.Tensor, step: int) -> None:
+        self.record_source(ddim, index, timestep, step)
+        self.control.begin("replay", edit_items=tuple(range(self.prompts, 2 * self.prompts)))
 
 
 # --- identities ------------------------------------------------------------------------------------------------
@@ -249,6 +261,7 @@ def _edit(
     schedule: ControlSchedule | None,
     source: SourceBranch | SourceTrajectory | None = None,
     window: int | None = None,
+    steering: type[AttentionSteering] = AttentionSteering,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The edits of `prompts` (one batch), negative-prompt style, and the source branch's final latents."""
     noise = trajectory[-1].expand(len(prompts), -1, -1, -1, -1)
@@ -260,10 +273,10 @@ def _edit(
     frames = 5
     control = AttentionControl(schedule, call_spans(call, frames))
     source = source or SourceTrajectory(trajectory, embed(SOURCE))
-    steering = AttentionSteering(call, control, source, len(prompts), 7.5)
+    steered = steering(call, control, source, len(prompts), 7.5)
     with controlling(unet, control):
-        out = ddim_sample(call, scheduler, noise, texts, negative, STEPS, 7.5, steering=steering)
-    return out, steering.source_latents
+        out = ddim_sample(call, scheduler, noise, texts, negative, STEPS, 7.5, steering=steered)
+    return out, steered.source_latents
 
 
 def _schedule(tokenizer: CLIPTokenizer, prompts: list[str], **changes: object) -> ControlSchedule:
@@ -356,4 +369,30 @@ def test_batch_size_and_windows_do_not_change_the_controlled_result(
     wide, _ = _edit(*args, prompts[:1], _schedule(tokenizer, prompts[:1]), window=8)
     assert (whole - wide).abs().max() < 1e-6  # a window holding the clip is no window
     windows, _ = _edit(*args, prompts[:1], _schedule(tokenizer, prompts[:1], blend=ConstantBlend(0.0, 1)), window=3)
-    assert (windows - trajectory[0]).abs().max() < 1e-6  # windows replay call for call
+    assert (windows - trajectory[0]).abs().max() < 1e-6
+    just_in_time, _ = _edit(*args, prompts[:1], _schedule(tokenizer, prompts[:1]), window=3)
+    first, _ = _edit(*args, prompts[:1], _schedule(tokenizer, prompts[:1]), window=3, steering=RecordingFirst)
+    assert torch.equal(just_in_time, first)  # each window replays its own source window, call for call
+    assert (just_in_time - whole).abs().max() > 1e-4  # and windows are windows
+
+
+def test_a_controlled_edit_rounds_under_bf16_autocast_like_a_plain_one(
+    oracle_video_unet: VideoUNet,
+    scheduler: DDIMScheduler,
+    embed: Callable[[str], torch.Tensor],
+    trajectory: torch.Tensor,
+    tokenizer: CLIPTokenizer,
+) -> None:
+    prompts = ["a dog is skiing"]
+    args = (oracle_video_unet, scheduler, embed, trajectory, prompts)
+
+    def schedule() -> ControlSchedule:
+        blend = LocalBlend(word_tokens(tokenizer, SOURCE, ["man"]), [word_tokens(tokenizer, prompts[0], ["dog"])], 5)
+        return _schedule(tokenizer, prompts, blend=blend, fuse_self=True)
+
+    exact_plain, exact = _edit(*args, None)[0], _edit(*args, schedule())[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # records and replays in bf16, masks and maps in float32
+        rounded_plain, rounded = _edit(*args, None)[0], _edit(*args, schedule())[0]
+    assert torch.isfinite(rounded).all()
+    plain_error = (rounded_plain.float() - exact_plain).abs().mean()
+    assert (rounded.float() - exact).abs().mean() < 3 * plain_error  # bf16's own rounding, not the control's

@@ -209,3 +209,20 @@ def test_the_2d_baseline_runs_through_the_same_runtime_as_the_video_unet(
     assert {type(module).__name__ for module in compiled} == {"UNet2DConditionModel"}
     assert optimizers == [tune_optimizer]  # AdamW configured as train_delta's (fused on a GPU)
     assert len(loss_reads) == 1  # the loss read once per step, as train_delta does for progress and divergence
+
+
+@pytest.mark.parametrize("phase", ["sampling_fusion", "sampling_branch"])
+def test_the_attention_control_phases_run_and_report_their_ratios(
+    bench: ModuleType, tmp_path: Path, phase: str
+) -> None:
+    found = bench.run_phase(phase_args(tmp_path, phase, repeats=2))
+    assert found[f"{phase}_step_s"] > 0 and found[f"{phase}_peak_memory_gb"] > 0
+    plain = {"sampling_step_s": found[f"{phase}_step_s"] / 2, "sampling_peak_memory_gb": 1.0, "environment": {}}
+    summary = bench.summarise(phase_args(tmp_path, phase), {"sampling": plain, phase: found})
+    assert summary["attention_control_ratio_to_sampling"][phase]["step"] == 2.0  # the ratio of the two
+
+
+def test_fatezero_stored_maps_are_counted_as_its_own_table_gives_them(bench: ModuleType) -> None:
+    # FateZero's table: 15 GB of maps for 10 inversion steps of 8 frames at 512x512 (SD 1.5, fp16).
+    assert round(bench.fatezero_bytes("sd15", 8, 512, 10) / 1e9) == 15
+    assert bench.fatezero_bytes("sd15", 24, 512, 50) == 15 * bench.fatezero_bytes("sd15", 8, 512, 10)

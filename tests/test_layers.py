@@ -27,11 +27,12 @@ ALLOWED = {
     "batch": {"core", "runtime", "settings", "files", "media", "store", "models", "method", "workflow"},
     "cli": {"core", "runtime", "settings", "files", "media", "store", "models", "method", "workflow", "batch"},
 }
-CORE = {"tavcli", "tavcli.errors", "tavcli.progress", "tavcli.choices", "tavcli.cores"}
+CORE = {"tavcli", "tavcli.errors", "tavcli.progress", "tavcli.choices", "tavcli.cores", "tavcli.words"}
 # Imported by `tav --help`, `tav ls` and the other store commands before any model work: no torch at import.
 TORCH_FREE = [
     "tavcli.cli",
     "tavcli.choices",
+    "tavcli.words",
     "tavcli.settings.options",
     "tavcli.settings.requests",
     "tavcli.settings.config",

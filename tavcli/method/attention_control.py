@@ -23,7 +23,7 @@ a quarter of the latent's tokens (FateZero's 32x32 at 512x512); temporal attenti
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import groupby
@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
+from tavcli.errors import TavError
 from tavcli.method.local_blend import LocalBlend
 from tavcli.method.prompt_words import TokenMap
 from tavcli.method.video_unet import sparse_causal_attention, split_heads
@@ -56,9 +57,10 @@ class ControlSchedule:
     fuse_self: bool = False  # FateZero: self-attention blended by the source words' region instead of replaced
     blend: LocalBlend | None = None
 
-    def source_needed(self, step: int) -> bool:
-        """Whether step `step` needs the source call (its layers' queries and keys, or its blend maps)."""
-        return self.blend is not None or step < max(self.cross_steps, self.self_steps)
+    def maps_needed(self, step: int) -> bool:
+        """Whether step `step` needs the source's attention (its layers' queries and keys, or its blend maps)."""
+        source_words = self.blend is not None and bool(self.blend.source_tokens)
+        return source_words or step < max(self.cross_steps, self.self_steps)
 
 
 @dataclass
@@ -85,25 +87,57 @@ class AttentionControl:
         self.mode: Mode = "off"
         self.record_item = 0  # the batch item a source call records (its conditional half)
         self.edit_items: tuple[int, ...] = ()  # the batch items an edit call controls, one per prompt
-        self.recorded: list[_Call] = []  # the source calls of this step
+        self.recorded: dict[int, _Call] = {}  # the source's calls of this step, by number
         self.calls: list[_Call] = []  # the calls of the current mode
+        # Called with the number of each edit call before it runs: records the source's call of that number
+        # just in time, so that under windows only one window's queries and keys are held.
+        self.before_replay: Callable[[int], None] | None = None
+        self._first = 0  # the number of the first call of the current mode
+        self._spans: dict[torch.device, list[torch.Tensor]] = {}  # on the device once: no copy per call
 
     def begin(self, mode: Mode, *, record_item: int = 0, edit_items: tuple[int, ...] = ()) -> None:
         """Start the source call (`record` item `record_item`), the edit call (`replay` onto `edit_items`), or stop."""
         self.mode, self.record_item, self.edit_items = mode, record_item, edit_items
-        self.calls = []
+        self.calls, self._first = [], 0
         if mode == "record":
-            self.recorded = self.calls
+            self.recorded = {}
+
+    def record_call(self, number: int, run: Callable[[], Any], record_item: int = 0) -> None:
+        """Record the source's call number `number` alone, made by `run()`, in the middle of the current mode."""
+        saved = self.mode, self.calls, self._first, self.record_item
+        self.mode, self.calls, self._first, self.record_item = "record", [], number, record_item
+        try:
+            run()
+        finally:
+            self.mode, self.calls, self._first, self.record_item = saved
+
+    def span(self, number: int, device: torch.device) -> torch.Tensor:
+        """The frames of call `number`, as an index on `device`."""
+        if device not in self._spans:
+            self._spans[device] = [torch.tensor(span, device=device) for span in self.spans]
+        return self._spans[device][number]
 
     def on_call(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """The UNet's forward pre-hook: a new call of (clips, c, f, h, w) latents."""
         if self.mode == "off":
             return
         sample = args[0] if args else kwargs["sample"]
-        if len(self.calls) >= len(self.spans):
-            raise RuntimeError(f"attention control expected {len(self.spans)} UNet calls per step, got more")
-        span = torch.tensor(self.spans[len(self.calls)], device=sample.device)
-        self.calls.append(_Call(sample.shape[0], span, (sample.shape[-2], sample.shape[-1])))
+        number = self._first + len(self.calls)
+        if number >= len(self.spans):
+            raise TavError(f"attention control expected {len(self.spans)} UNet calls per step, got more")
+        if self.mode == "replay" and self.before_replay is not None:
+            self.before_replay(number)
+        call = _Call(sample.shape[0], self.span(number, sample.device), (sample.shape[-2], sample.shape[-1]))
+        self.calls.append(call)
+        if self.mode == "record":
+            self.recorded[number] = call
+
+    def source(self) -> _Call:
+        """The source's call that the current edit call replays (of the same number)."""
+        number = self._first + len(self.calls) - 1
+        if number not in self.recorded:
+            raise TavError(f"attention control has no source call {number} to replay at step {self.step}")
+        return self.recorded[number]
 
     def active(self, kind: Kind, queries: int) -> tuple[bool, bool]:
         """Whether a layer of `kind` with `queries` queries per frame takes the source's attention now, and
@@ -134,7 +168,10 @@ def layer_grid(size: tuple[int, int], queries: int) -> tuple[int, int]:
     while grid[0] * grid[1] > queries:
         grid = _halved(grid)
     if grid[0] * grid[1] != queries:
-        raise RuntimeError(f"no layer of {queries} tokens in a UNet on {size[0]}x{size[1]} latents")
+        raise TavError(
+            f"attention control found a layer of {queries} tokens in a UNet on {size[0]}x{size[1]} latents",
+            "attention control knows SD 1.x and 2.x UNets, whose layers halve the latent's size",
+        )
     return grid
 
 
@@ -173,7 +210,7 @@ class ControlledAttention:
             if blend_maps and blend is not None and blend.source_tokens:
                 blend.add_source(call.frames, self._word_maps(attn, q[item], k[item], blend.source_tokens, call))
         else:
-            source = control.recorded[len(control.calls) - 1] if replace else None
+            source = control.source() if replace else None
             for prompt, index in enumerate(control.edit_items):
                 item = slice(index * rows, (index + 1) * rows)
                 if blend_maps and blend is not None and blend.edit_tokens[prompt]:
@@ -228,13 +265,11 @@ class ControlledAttention:
     ) -> torch.Tensor:
         """One conditional edit item's attention output, taken from the source's (the module's equations)."""
         if self.kind == "cross":
-            token_map = self.control.schedule.token_maps[prompt]
-            alpha, weight = (t.to(v.device, v.dtype) for t in (token_map.alpha, token_map.weight))
-            mapped = torch.zeros_like(v).index_add_(1, token_map.source.to(v.device), v * (alpha * weight)[:, None])
+            token_map = self.control.schedule.token_maps[prompt]  # on the device already (`TokenMap.to`)
+            mapped = torch.zeros_like(v).index_add_(1, token_map.source, v * token_map.taken.to(v.dtype)[:, None])
             out = self._attend(attn, q_src, k_src, mapped)
-            rest = (1 - alpha) * weight
-            if bool(rest.any()):
-                out = out + self._attend(attn, q, k, v * rest[:, None])
+            if token_map.mode == "refine":  # new tokens keep their own maps
+                out = out + self._attend(attn, q, k, v * token_map.own.to(v.dtype)[:, None])
             return out
         replaced = self._attend(attn, q_src, k_src, v)
         if not self.control.schedule.fuse_self:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from diffusers import DDIMScheduler
@@ -72,27 +73,51 @@ class AttentionSteering:
         self.source_latents = source.noise if isinstance(source, SourceBranch) else source.trajectory[-1]
 
     def begin(self, ddim: DDIMScheduler, index: int, timestep: torch.Tensor, step: int) -> None:
-        self.control.step = index
-        if self.control.schedule.source_needed(index):
-            self.record_source(ddim, index, timestep, step)
-        self.control.begin("replay", edit_items=tuple(range(self.prompts, 2 * self.prompts)))
+        control, schedule = self.control, self.control.schedule
+        control.step = index
+        control.before_replay = None
+        if isinstance(self.source, SourceBranch):
+            if schedule.maps_needed(index) or schedule.blend is not None:  # blending blends into its latents
+                self.record_source(ddim, index, timestep, step)
+        else:
+            self.source_latents = self.source.trajectory[self._at(index)]
+            if schedule.maps_needed(index):  # each edit call records its source call just before it runs
+
+                def record_window(number: int) -> None:
+                    control.recorded.clear()  # one window's queries and keys held at a time
+                    control.record_call(number, partial(self._trajectory_call, index, timestep, number))
+
+                control.before_replay = record_window
+        control.begin("replay", edit_items=tuple(range(self.prompts, 2 * self.prompts)))
 
     def record_source(self, ddim: DDIMScheduler, index: int, timestep: torch.Tensor, step: int) -> None:
-        """The source call of step `index`: its controlled layers keep their queries and keys."""
-        self.control.step = index
-        source = self.source
+        """The source's calls of step `index`, all of them: its controlled layers keep their queries and keys."""
+        control, source = self.control, self.source
+        control.step = index
         if isinstance(source, SourceBranch):
-            self.control.begin("record", record_item=1)  # the conditional half of [uncond, cond]
+            control.begin("record", record_item=1)  # the conditional half of [uncond, cond]
             self.source_latents = guided_step(
                 self.unet, ddim, self.source_latents, timestep, step, source.text(index), self.guidance_scale,
                 guidance_rescale=self.guidance_rescale,
             )  # fmt: skip
         else:
-            self.control.begin("record", record_item=0)
-            at = len(source.trajectory) - 2 - index  # the inversion's call at this timestep: from z*_{N-1-i}
-            self.unet(source.trajectory[at], timestep, source.prompt)
-            self.source_latents = source.trajectory[at]
-        self.control.begin("off")
+            control.begin("record")
+            for number in range(len(control.spans)):
+                control.record_call(number, partial(self._trajectory_call, index, timestep, number))
+        control.begin("off")
+
+    def _at(self, index: int) -> int:
+        """The trajectory's latent that the inversion's call at edit step `index`'s timestep started from."""
+        return len(self.source.trajectory) - 2 - index if isinstance(self.source, SourceTrajectory) else 0
+
+    def _trajectory_call(self, index: int, timestep: torch.Tensor, number: int) -> None:
+        """The inversion's call at this timestep, on the frames of call `number` (the UNet itself, not windowed:
+        the windows are the edit's, called one by one)."""
+        assert isinstance(self.source, SourceTrajectory)
+        latents = self.source.trajectory[self._at(index)]
+        frames = self.control.span(number, latents.device)
+        unet = getattr(self.unet, "unet", self.unet)  # a `WindowedUNet`'s own UNet
+        unet(latents[:, :, frames], timestep, self.source.prompt)
 
     def end(self, index: int, latents: torch.Tensor) -> torch.Tensor:
         self.control.begin("off")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tavcli.errors import TavError
+
 __all__ = ["LocalBlend"]
 
 
@@ -59,8 +61,8 @@ class LocalBlend:
         edit = self.edit_maps[prompt]
         regions.append(None if edit is None else _region(edit, size, self.threshold))
         present = [region for region in regions if region is not None]
-        if not present:
-            raise RuntimeError("local blending found no attention maps of its words")  # the blend layers were missed
+        if not present:  # the UNet has no layer at a quarter of the latent's side
+            raise TavError("local blending found no cross-attention layer at a quarter of the latent's size")
         return torch.stack(present).amax(dim=0)
 
     def apply(self, latents: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,20 @@ class TokenMap:
     weight: torch.Tensor  # (tokens,) float32
     mode: WordMapMode
 
+    @property
+    def taken(self) -> torch.Tensor:
+        """alpha * weight: how much of the source's map each token takes."""
+        return self.alpha * self.weight
+
+    @property
+    def own(self) -> torch.Tensor:
+        """(1 - alpha) * weight: how much of its own map each token keeps (zero for a word swap)."""
+        return (1 - self.alpha) * self.weight
+
+    def to(self, device: torch.device) -> TokenMap:
+        """The same map on `device` (once per edit, not per layer)."""
+        return TokenMap(self.source.to(device), self.alpha.to(device), self.weight.to(device), self.mode)
+
 
 def token_map(
     tokenizer: Any,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -308,10 +309,11 @@ class AttentionSettings:
     attention_from: AttentionSource = EDIT["attention_from"].default
 
     def __post_init__(self) -> None:
-        for name in ("reweight", "blend_source", "blend_edit"):  # a list from typer or a batch file
-            object.__setattr__(self, name, tuple(getattr(self, name) or ()))
+        # A list from typer or a batch file; blend words are a set (their maps are summed), in one order.
+        object.__setattr__(self, "reweight", tuple(self.reweight or ()))
+        for name in ("blend_source", "blend_edit"):
+            object.__setattr__(self, name, tuple(sorted(set(getattr(self, name) or ()))))
         check_fields(EDIT, asdict(self), "attention control")
-        self.weights()
 
     @classmethod
     def named(cls, values: Mapping[str, Any]) -> AttentionSettings:
@@ -341,8 +343,14 @@ class AttentionSettings:
                     f"{names('reweight')} takes WORD=SCALE with a scale from 0 to {REWEIGHT_MAX:g}, not {given!r}",
                     "e.g. --reweight sunset=3",
                 )
+            if word.strip() in weights:
+                raise OptionError(f"{names('reweight')} gives {word.strip()!r} twice", "give each word one scale")
             weights[word.strip()] = value
         return weights
+
+    def steps(self, fraction: float, steps: int) -> int:
+        """The steps a fraction of `steps` controls: floor(fraction * steps), exactly (0.29 of 100 is 29)."""
+        return math.floor(Fraction(str(fraction)) * steps)
 
     def check(
         self,
@@ -370,6 +378,13 @@ class AttentionSettings:
             )
         if not self.active:
             return
+        for name in ("cross_replace", "self_replace"):
+            fraction = getattr(self, name)
+            if fraction > 0 and self.steps(fraction, settings.steps) == 0:
+                raise OptionError(
+                    f"{names.given(name, fraction)} of {settings.steps} steps controls none of them",
+                    f"give at least {1 / settings.steps:.3g}, or more {names('steps')}",
+                )
         given = names.given("attention_from", self.attention_from)
         if self.attention_from == "branch":
             if not inversion.reconstructs:

@@ -39,17 +39,18 @@ def attention_steering(
     loras: list[LoraIdentity] | None,
 ) -> tuple[AttentionControl, AttentionSteering]:
     """The control and the steering of a controlled edit of `group` (one UNet batch) on `unet` (windowed or
-    not). The source prompt is the inversion's (the tune's unless a batch job's `invert.prompt` names one)."""
+    not). The source prompt is the inversion's (`plan_edit` inverts with the source prompt)."""
     attention, project = plan.attention, plan.project
     source_prompt = str(plan.inversion.spec["prompt"])
     trajectory: torch.Tensor = plan.inversion.tensors(session.runtime.device)["trajectory"]
     frames = trajectory.shape[-3]
-    maps = tuple(_token_map(session, components.tokenizer, attention, source_prompt, prompt) for prompt in group)
+    device = session.runtime.device
+    maps = tuple(_token_map(session, components.tokenizer, attention, source_prompt, p).to(device) for p in group)
     steps = settings.steps
     schedule = ControlSchedule(
         steps,
-        cross_steps=int(attention.cross_replace * steps),
-        self_steps=int(attention.self_replace * steps),
+        cross_steps=attention.steps(attention.cross_replace, steps),
+        self_steps=attention.steps(attention.self_replace, steps),
         self_kinds=SELF_KINDS[attention.self_attention],
         token_maps=maps,
         fuse_self=attention.attention_from == "trajectory" and bool(attention.blend_source),

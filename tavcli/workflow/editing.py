@@ -246,8 +246,9 @@ def plan_edit(session: Session, request: EditRequest) -> EditPlan:
     choice, source = request.inversion, None
     if choice.reconstructs:  # inverted with the tune's prompt, which then replaces the unconditional branch
         source = str(tune_entry.spec["prompt"])
-    elif request.attention.active:  # its maps are the source prompt's: the tune's, or the one the inversion names
-        source = request.invert_prompt or str(tune_entry.spec["prompt"])
+    elif request.attention.active:  # its maps are the source prompt's: the inversion's, else the tune's
+        current = _stored_inversion(project, tune_entry) if request.tune_key is None and request.frames.tuned else None
+        source = request.invert_prompt or (current and current.spec["prompt"]) or str(tune_entry.spec["prompt"])
     if source is not None:
         request.attention.check_source(source)  # before any inversion
     if source is None and request.tune_key is None and request.tune_step is None and request.frames.tuned:
@@ -415,10 +416,18 @@ def edit_from_sidecar(session: Session, recorded: RecordedEdit, force: bool = Fa
 
 def _current_inversion(session: Session, project: Project, tune_entry: Entry, steps: int) -> Entry:
     """The project's inversion for this tune, or a new one with `steps` DDIM steps."""
+    stored = _stored_inversion(project, tune_entry)
+    if stored is not None:
+        return stored
+    artifact = invert(session, project.root, steps=steps)
+    return project.find("inversions", artifact.key)
+
+
+def _stored_inversion(project: Project, tune_entry: Entry) -> Entry | None:
+    """The project's current inversion (`tav invert` made it), if it is of this tune's own frames."""
     key = project.state.get("inversion")
     if key and (project.root / "inversions" / key / "meta.json").is_file():
         entry = project.find("inversions", key)
         if entry.spec.get("tune") == tune_entry.key and not {"latents", "window"} & set(entry.spec):
             return entry
-    artifact = invert(session, project.root, steps=steps)
-    return project.find("inversions", artifact.key)
+    return None
