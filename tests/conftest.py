@@ -238,3 +238,29 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for file in TINY_TOKENIZER.iterdir():
         shutil.copy(file, folder / file.name)
     return folder
+
+
+@pytest.fixture(scope="session")
+def scheduler() -> Any:
+    """The reference's tiny model's DDIM scheduler."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_pretrained(TINY_SD / "scheduler")
+
+
+@pytest.fixture(scope="session")
+def embed() -> Any:
+    """The reference's tiny text encoder: prompt -> (1, 77, d) embedding."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(TINY_SD / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(TINY_SD / "text_encoder")
+
+    def embed(prompt: str) -> torch.Tensor:
+        ids = tokenizer([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            embedding: torch.Tensor = encoder(ids)[0]
+            return embedding
+
+    return embed

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 from diffusers.models.attention_processor import Attention
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTokenizer
 
 from tavcli.errors import TavError
 from tavcli.method.attention_control import (
@@ -41,23 +41,6 @@ BOTH: frozenset[SelfKind] = frozenset({"spatial", "temporal"})
 @pytest.fixture(scope="module")
 def tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(TINY_SD / "tokenizer")
-
-
-@pytest.fixture(scope="module")
-def embed(tokenizer: CLIPTokenizer) -> Callable[[str], torch.Tensor]:
-    encoder = CLIPTextModel.from_pretrained(TINY_SD / "text_encoder")
-
-    def embed(prompt: str) -> torch.Tensor:
-        ids = tokenizer([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        with torch.no_grad():
-            return encoder(ids)[0]
-
-    return embed
-
-
-@pytest.fixture(scope="module")
-def scheduler() -> DDIMScheduler:
-    return DDIMScheduler.from_pretrained(TINY_SD / "scheduler")
 
 
 @pytest.fixture(scope="module")

@@ -6,37 +6,17 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-import pytest
 import torch
 from diffusers import DDIMScheduler
 from safetensors.torch import load_file
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from tavcli.method.inversion import ddim_inversion
 from tavcli.method.sampling import ddim_sample
 
-from .conftest import ORACLE, TINY_SD
+from .conftest import ORACLE
 
 if TYPE_CHECKING:
     from tavcli.method.video_unet import VideoUNet
-
-
-@pytest.fixture(scope="module")
-def scheduler() -> DDIMScheduler:
-    return DDIMScheduler.from_pretrained(TINY_SD / "scheduler")
-
-
-@pytest.fixture(scope="module")
-def embed() -> Callable[[str], torch.Tensor]:
-    tokenizer = CLIPTokenizer.from_pretrained(TINY_SD / "tokenizer")
-    encoder = CLIPTextModel.from_pretrained(TINY_SD / "text_encoder")
-
-    def embed(prompt: str) -> torch.Tensor:
-        ids = tokenizer([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        with torch.no_grad():
-            return encoder(ids)[0]
-
-    return embed
 
 
 def test_inversion_reproduces_reference(
