@@ -166,6 +166,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TAV_BENCH_DIR", ".tav-bench")))
     parser.add_argument("--contention", action="store_true", help="time whole tunes beside other busy processes")
     parser.add_argument("--tune-steps", type=int, default=30, help="training steps of each --contention tune")
+    parser.add_argument("--out", type=Path, help="also write the JSON report to this file")
     parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: run one phase in this process
     args = parser.parse_args()
     args.frames = args.frames or CONFIGS[args.config]["frames"]
@@ -186,7 +187,12 @@ def main() -> None:
         if done.returncode != 0:
             sys.exit(f"phase {phase} failed:\n{done.stderr}")
         results[phase] = json.loads(done.stdout.strip().splitlines()[-1])
-    print(json.dumps(summarise(args, results), indent=2))
+    report = json.dumps(summarise(args, results), indent=2)
+    print(report)
+    if args.out is not None:  # written whole or not at all: a later step's timeout leaves no half report
+        temp = args.out.with_suffix(".tmp")
+        temp.write_text(report + "\n")
+        os.replace(temp, args.out)
 
 
 def run_contention(args: argparse.Namespace, model: str) -> dict[str, Any]:
