@@ -15,7 +15,6 @@ from tavcli.method.prompt_words import TokenMap, token_map, word_tokens
 from tavcli.method.windows import call_spans
 from tavcli.models.source import Components
 from tavcli.settings.requests import AttentionSettings, EditSettings
-from tavcli.store.entry import Entry
 from tavcli.store.specs import LoraIdentity
 from tavcli.workflow.plans import EditPlan
 from tavcli.workflow.session import Session, prompt_embeddings
@@ -37,12 +36,14 @@ def attention_steering(
     components: Components,
     unet: Any,
     loras: list[LoraIdentity] | None,
+    trajectory: torch.Tensor,
+    unconditional: torch.Tensor | list[torch.Tensor],
 ) -> tuple[AttentionControl, AttentionSteering]:
     """The control and the steering of a controlled edit of `group` (one UNet batch) on `unet` (windowed or
-    not). The source prompt is the inversion's (`plan_edit` inverts with the source prompt)."""
+    not), from the inversion's `trajectory` and the edit's `unconditional` embeddings, as sampling loaded them.
+    The source prompt is the inversion's (`plan_edit` inverts with the source prompt)."""
     attention, project = plan.attention, plan.project
     source_prompt = str(plan.inversion.spec["prompt"])
-    trajectory: torch.Tensor = plan.inversion.tensors(session.runtime.device)["trajectory"]
     frames = trajectory.shape[-3]
     device = session.runtime.device
     maps = tuple(_token_map(session, components.tokenizer, attention, source_prompt, p).to(device) for p in group)
@@ -62,10 +63,8 @@ def attention_steering(
     if attention.attention_from == "trajectory":
         source = SourceTrajectory(trajectory, text)
     else:  # the branch starts from the inverted noise, with the unconditional branch that gives the clip back
-        unconditional: torch.Tensor | list[torch.Tensor] = text  # negative-prompt inversion: the source prompt's
-        if isinstance(plan.unconditional, Entry):  # null-text: its embedding per step
-            unconditional = list(plan.unconditional.tensors(session.runtime.device)["embeddings"].to(text.dtype))
-        source = SourceBranch(trajectory[-1], text, unconditional)
+        # Null-text: its embedding per step, the edit's too; negative-prompt inversion: the source prompt's.
+        source = SourceBranch(trajectory[-1], text, unconditional if isinstance(unconditional, list) else text)
     steering = AttentionSteering(unet, control, source, len(group), settings.guidance, settings.guidance_rescale)
     return control, steering
 

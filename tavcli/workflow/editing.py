@@ -315,8 +315,8 @@ def _sample_group(session: Session, plan: EditPlan, group: list[str], settings: 
     if not force and all(entry.complete for entry in members):  # 1
         return set()
     components, unet = session.tuned_unet(project, plan.tune)  # 2
-    noise = plan.inversion.tensors(runtime.device)["trajectory"][-1]
-    noise = noise.expand(len(group), *noise.shape[1:])
+    trajectory = plan.inversion.tensors(runtime.device)["trajectory"]
+    noise = trajectory[-1].expand(len(group), *trajectory.shape[2:])
     label = group[0] if len(group) == 1 else f"{len(group)} prompts"
     loras = members[0].spec.get("loras")  # their identity in the edits' keys
     negative = plan.unconditional if isinstance(plan.unconditional, str) else settings.negative
@@ -330,7 +330,9 @@ def _sample_group(session: Session, plan: EditPlan, group: list[str], settings: 
         with ExitStack() as controlled:
             steering = None
             if plan.attention.active:  # its processors on the UNet for this group only
-                control, steering = attention_steering(session, plan, group, settings, components, call, loras)
+                control, steering = attention_steering(
+                    session, plan, group, settings, components, call, loras, trajectory, unconditional
+                )
                 controlled.enter_context(controlling(unet, control))
             with session.reporter.task(f"editing: {label}", settings.steps) as advance, runtime.autocast():
                 latents = ddim_sample(
