@@ -7,6 +7,7 @@ from typing import Any, Literal, get_args
 
 __all__ = [
     "AttentionSource",
+    "BlendMaps",
     "FrameNorm",
     "InversionKind",
     "OutputFormat",
@@ -29,6 +30,7 @@ InversionKind = Literal["ddim", "null-text", "negative-prompt"]
 AttentionSource = Literal["trajectory", "branch"]
 SelfAttention = Literal["temporal", "spatial", "both"]
 WordMap = Literal["auto", "replace", "refine"]
+BlendMaps = Literal["auto", "replaced", "own"]  # which maps of the edit's words local blending reads
 
 
 def choices(literal: Any) -> tuple[str, ...]:

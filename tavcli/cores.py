@@ -42,11 +42,12 @@ def runnable_elsewhere() -> int | None:
     return max(0, running - mine)
 
 
-def other_tav_running() -> bool:
+def other_tav_running(processes: Path = Path("/proc")) -> bool:
     """Whether another `tav` runs on this machine: a Python process running the `tav` script or
-    `-m tavcli`, other than this one and the processes it runs under (`time tav ...`)."""
+    `-m tavcli`, other than this one and the processes it runs under (`time tav ...`), among the process
+    folders of `processes` (the kernel's, or a test's own)."""
     mine = _ancestors()
-    for folder in Path("/proc").glob("[0-9]*"):
+    for folder in processes.glob("[0-9]*"):
         if int(folder.name) in mine:
             continue
         try:

@@ -14,5 +14,6 @@ def bare_word(text: str) -> str:
 
 
 def prompt_words(prompt: str) -> list[str]:
-    """The words of a prompt, in order: its space-separated parts, bare."""
-    return [word for word in map(bare_word, prompt.split()) if word]
+    """The words of a prompt, in order: its space-separated parts, bare, that have a letter or digit (a lone "-"
+    or "'" is no word: it has no token of its own to attend to)."""
+    return [word for word in map(bare_word, prompt.split()) if re.search(r"\w", word)]

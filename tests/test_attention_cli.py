@@ -47,7 +47,17 @@ def test_bad_attention_options_get_one_line(tuned: Path, run_tav: RunTav) -> Non
         (["--blend-edit", "cat"], "'cat' is not a word of 'a dog is skiing' (its words are: a, dog, is, skiing)"),
         (["--blend-source", "dog"], "'dog' is not a word of the source prompt 'a man is skiing'"),
         (["--cross-replace", "0.1", "--steps", "5"], "--cross-replace 0.1 of 5 steps controls none of them"),
-        (["--cross-replace", "0.5", "--reweight", "dog=2", "--reweight", "dog=3"], "gives 'dog' twice"),
+        (["--cross-replace", "0.5", "--reweight", "dog=2", "--reweight", "dog=3"], "scales 'dog' twice"),
+        # A word matches whatever its case and punctuation: so does its one scale.
+        (["--cross-replace", "0.5", "--reweight", "dog=2", "--reweight", "DOG=3"], "scales 'DOG' twice"),
+        (["--cross-replace", "0.5", "--reweight", "dog=2", "--reweight", "dog,=0"], "scales 'dog,' twice"),
+        (["--cross-replace", "0.5", "--reweight", "is dog=2", "--reweight", "dog=3"], "(also as 'is dog')"),
+        (["--cross-replace", "0.1", "--steps", "5"], "give at least 0.167"),  # the reference's N + 1 rows
+        (["--self-replace", "0.19", "--steps", "5"], "--self-replace 0.19 of 5 steps controls none of them"),
+        (["--blend-maps", "replaced", "--blend-edit", "dog"], "--blend-maps applies to --cross-replace"),
+        (["--cross-replace", "0.5", "--blend-maps", "own"], "--blend-maps applies to --blend-edit"),
+        (["--cross-replace", "0.5", "--blend-source", "-"], "'-' is not a word of the source prompt"),
+        (["--control-scale", "0.5"], "--control-scale applies to --control"),
     ]
     for args, said in cases:
         code, out, err = run_tav("edit", "a dog is skiing", "-p", tuned, *args)
@@ -67,6 +77,7 @@ def test_every_control_option_is_in_the_key_and_a_plain_edit_keeps_its_key(tuned
         ["--self-replace", "0.6", "--self-attention", "spatial"],
         ["--blend-source", "man"],
         ["--blend-source", "man", "--blend-edit", "dog"],
+        ["--cross-replace", "0.4", "--blend-edit", "dog", "--blend-maps", "replaced"],
         ["--cross-replace", "0.4", "--attention-from", "branch", "--inversion", "negative-prompt"],
     ]
     keys = {plain["key"]}

@@ -23,7 +23,7 @@ from tavcli.method.attention_control import (
 from tavcli.method.controlled_sampling import AttentionSteering, SourceBranch, SourceTrajectory
 from tavcli.method.inversion import ddim_inversion
 from tavcli.method.local_blend import LocalBlend
-from tavcli.method.prompt_words import TokenMap, token_map, word_tokens
+from tavcli.method.prompt_words import TokenMap, align_tokens, token_map, word_tokens
 from tavcli.method.sampling import ddim_sample, ddim_schedule
 from tavcli.method.video_unet import sparse_causal_context
 from tavcli.method.windows import call_spans, windowed
@@ -74,6 +74,49 @@ def test_a_word_swap_replaces_token_for_token_and_an_added_word_refines(tokenize
     assert bool((weighted.weight[dog] == 3).all()) and weighted.weight.sum() == 77 + 2 * len(dog)
 
 
+def test_refine_aligns_tokens_as_prompt_to_prompts_global_alignment() -> None:
+    """Needleman-Wunsch with Prompt-to-Prompt's scores (match 1, mismatch -1, gap 0) and its tie-breaking (traced
+    back from the end, a new edit token before a dropped source token before a match): where a token repeats, the
+    earliest copy is aligned. Source "<s> a man is skiing at sunset </s>" -> edit "<s> a man is surfing at the
+    beach at sunset </s>" as integers: the source's "at" (4) takes the edit's first "at", not the one before
+    "sunset" (the longest-common-run matching the earlier code used aligned that one)."""
+    source, edit = [0, 1, 2, 3, 4, 5, 9], [0, 1, 2, 6, 4, 7, 8, 4, 5, 9]
+    assert align_tokens(source, edit) == [0, 1, 2, None, 4, None, None, None, 5, 6]
+    assert align_tokens([], [3, 3]) == [None, None] and align_tokens([3, 3], []) == []
+    assert align_tokens([1, 2], [2, 1]) == [1, None]  # of two equal alignments, the one the traceback meets first
+    for x, y in [([1, 2, 3], [3, 2, 1]), ([5, 5, 5], [5, 5]), ([1, 2, 1, 2], [2, 1, 2, 1, 2])]:
+        aligned = [(j, i) for j, i in enumerate(align_tokens(x, y)) if i is not None]
+        assert all(x[i] == y[j] for j, i in aligned)  # never a mismatch
+        assert [i for _, i in aligned] == sorted({i for _, i in aligned})  # in order, each once
+        assert len(aligned) == _common_subsequence(x, y)  # as many as can be
+
+
+def _common_subsequence(x: list[int], y: list[int]) -> int:
+    """The length of the longest common subsequence of x and y."""
+    lengths = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
+    for i, a in enumerate(x):
+        for j, b in enumerate(y):
+            lengths[i + 1][j + 1] = lengths[i][j] + 1 if a == b else max(lengths[i][j + 1], lengths[i + 1][j])
+    return lengths[-1][-1]
+
+
+def test_refine_maps_tokens_and_padding_as_the_references_mapper(tokenizer: CLIPTokenizer) -> None:
+    """Prompt-to-Prompt's `get_mapper`: edit token j < len(edit) takes its aligned source token with alpha 1, or
+    its own map (alpha 0); every padding position j >= len(edit) takes the source's position j, alpha 1."""
+    edit = "a man is surfing at the beach at sunset"
+    mapped = token_map(tokenizer, "a man is skiing at sunset", edit, "refine")
+    source_ids, edit_ids = tokenizer("a man is skiing at sunset").input_ids, tokenizer(edit).input_ids
+    aligned = align_tokens(source_ids, edit_ids)
+    for j in range(77):
+        i = aligned[j] if j < len(edit_ids) else j
+        assert float(mapped.alpha[j]) == (0.0 if i is None else 1.0), j
+        if i is not None:
+            assert int(mapped.source[j]) == i, j
+    first_at, second_at = (j for j, t in enumerate(edit_ids) if t == source_ids[5])
+    assert float(mapped.alpha[first_at]) == 1 and int(mapped.source[first_at]) == 5
+    assert float(mapped.alpha[second_at]) == 0  # the source's "at" is taken once, by the first
+
+
 def test_a_word_not_in_the_prompt_is_one_line_naming_its_words(tokenizer: CLIPTokenizer) -> None:
     with pytest.raises(TavError) as raised:
         word_tokens(tokenizer, "a man is skiing.", ["dog"])
@@ -99,14 +142,20 @@ def _apply(attn: Attention, probs: torch.Tensor, v: torch.Tensor) -> torch.Tenso
 
 
 def _controlled_call(
-    kind: str, schedule: ControlSchedule, frames: int, hidden: torch.Tensor, text: torch.Tensor | None
+    kind: str,
+    schedule: ControlSchedule,
+    frames: int,
+    hidden: torch.Tensor,
+    text: torch.Tensor | None,
+    latent_size: int = 4,
 ) -> tuple[Attention, torch.Tensor]:
-    """Record item 0 of `hidden` (2 clips: source, edit), replay it onto item 1; the edit call's output."""
+    """Record item 0 of `hidden` (2 clips: source, edit), replay it onto item 1; the edit call's output. The
+    layer is of a UNet on latents of `latent_size` squared (16 for a layer of 16 queries at the blend size)."""
     torch.manual_seed(1)
     attn = Attention(query_dim=16, cross_attention_dim=None if text is None else 12, heads=2, dim_head=8).eval()
     control = AttentionControl(schedule, [list(range(frames))])
     processor = ControlledAttention(None, control, kind, "layer")  # type: ignore[arg-type]
-    sample = torch.zeros(2, 4, frames, 4, 4)
+    sample = torch.zeros(2, 4, frames, latent_size, latent_size)
     with torch.no_grad():
         control.begin("record", record_item=0)
         control.on_call(None, (sample,), {})
@@ -134,6 +183,57 @@ def test_controlled_cross_attention_is_the_token_maps_formula(tokenizer: CLIPTok
         assert (out[frames:] - expected).abs().max() < 1e-5, edit
         assert (out[:frames] - plain[:frames]).abs().max() < 1e-5  # the source item is not changed
         assert (out[frames:] - plain[frames:]).abs().max() > 1e-3  # and the edit is
+
+
+def test_local_blend_reads_the_maps_the_edit_is_given_as_video_p2ps_attention_store_does(
+    tokenizer: CLIPTokenizer,
+) -> None:
+    """Video-P2P's attention store keeps the very tensor its controller then overwrites, so while cross-attention
+    is replaced an edit word's blend map is P'[:, j] = w_j (a_j P_s[:, s_j] + (1 - a_j) P[:, j]), summed over the
+    word's tokens and averaged over heads; FateZero's store copies first, so there it is the edit's own P[:, j]."""
+    frames = 3
+    torch.manual_seed(4)
+    hidden, text = torch.randn(2 * frames, 16, 16), torch.randn(2 * frames, 77, 12)  # 4x4 of 16x16 latents
+    cases = [
+        ("a dog is skiing", ["dog"], {"dog": 2.5}),  # a word swap, reweighted: the source's "man" map, scaled
+        ("a man is skiing at sunset", ["man", "sunset"], {"man": 3.0}),  # refine: "sunset" keeps its own map
+    ]
+    for edit, words, weights in cases:
+        tmap = token_map(tokenizer, SOURCE, edit, None, weights)
+        tokens = word_tokens(tokenizer, edit, words)
+        maps = {}
+        for replaced in (True, False):
+            blend = LocalBlend(word_tokens(tokenizer, SOURCE, ["man"]), [tokens], frames)
+            schedule = ControlSchedule(STEPS, 1, 0, frozenset(), (tmap,), blend=blend, blend_replaced=replaced)
+            attn, _ = _controlled_call("cross", schedule, frames, hidden, text, latent_size=16)
+            assert blend.edit_maps[0] is not None
+            maps[replaced] = blend.edit_maps[0]
+        with torch.no_grad():
+            q, k = attn.to_q(hidden), attn.to_k(text)
+            p_src, p_edit = _explicit(attn, q[:frames], k[:frames]), _explicit(attn, q[frames:], k[frames:])
+        given = (tmap.alpha * p_src[..., tmap.source] + (1 - tmap.alpha) * p_edit) * tmap.weight
+        for replaced, probabilities in ((True, given), (False, p_edit)):
+            expected = probabilities[..., tokens].sum(-1).mean(1).unflatten(1, (4, 4))
+            assert (maps[replaced] - expected).abs().max() < 1e-5, (edit, replaced)
+        assert (maps[True] - maps[False]).abs().max() > 1e-2, edit
+
+
+def test_fractions_count_steps_as_the_references_tables() -> None:
+    """Video-P2P and FateZero replace cross-attention at step i while row i of a table of N + 1 rows says so, rows
+    [0, int(c (N + 1))) (`get_time_words_attention_alpha`), and self-attention for i < int(N s); both products
+    in floating point."""
+    from tavcli.settings.requests import AttentionSettings
+
+    for steps in range(1, 102, 7):
+        for fraction in (0.05, 0.1, 0.2, 0.29, 0.3, 0.5, 0.6, 0.7, 0.8, 0.95, 1.0):
+            rows = [row < int(fraction * (steps + 1)) for row in range(steps + 1)]
+            settings = AttentionSettings(cross_replace=fraction, self_replace=fraction)
+            assert settings.controlled_steps("cross_replace", steps) == sum(rows[:steps]), (steps, fraction)
+            self_steps = len([i for i in range(steps) if i < int(steps * fraction)])
+            assert settings.controlled_steps("self_replace", steps) == self_steps, (steps, fraction)
+    settings = AttentionSettings(cross_replace=0.95, self_replace=0.29)
+    assert settings.controlled_steps("cross_replace", 10) == 10  # int(10.45); floor(0.95 * 10) would be 9
+    assert settings.controlled_steps("self_replace", 100) == 28  # int(28.999999999999996), not 29
 
 
 def test_controlled_self_attention_takes_the_source_maps_over_the_edits_values() -> None:

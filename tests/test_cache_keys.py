@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import asdict
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,6 +82,10 @@ CHANGES: dict[str, tuple[Args, Args]] = {
     "--reweight": (lambda p: ["--cross-replace", "0.5"], lambda p: ["--cross-replace", "0.5", "--reweight", "dog=2"]),
     "--blend-source": (lambda p: [], lambda p: ["--blend-source", "man"]),
     "--blend-edit": (lambda p: [], lambda p: ["--blend-edit", "dog"]),
+    "--blend-maps": (
+        lambda p: ["--cross-replace", "0.5", "--blend-edit", "dog"],
+        lambda p: ["--cross-replace", "0.5", "--blend-edit", "dog", "--blend-maps", "replaced"],
+    ),
     "--attention-from": (
         lambda p: ["--inversion", "negative-prompt", "--cross-replace", "0.5"],
         lambda p: ["--inversion", "negative-prompt", "--cross-replace", "0.5", "--attention-from", "branch"],
@@ -235,6 +240,24 @@ def test_options_not_run_here_are_in_the_keys(tmp_path: Path) -> None:
         )
     assert project.entry("edits", edit_spec("1" * 16, "a dog", EditSettings(), plain, batch=2)).key != edit.key
     assert "compile" in tune_spec("1" * 16, "a man", _tune_settings(), "fp32", "joint", compiled=True)
+
+
+def test_minus_zero_is_zero_in_every_key(tmp_path: Path) -> None:
+    """`--guidance -0` is `--guidance 0`: the same edit, one entry (JSON would write -0.0 and key it apart)."""
+    from tavcli.runtime import Runtime
+    from tavcli.settings.requests import AttentionSettings, EditSettings
+    from tavcli.store.project import Project
+    from tavcli.workflow.keys import edit_spec
+
+    project, plain = Project(tmp_path), Runtime(torch.device("cpu"), "fp32")
+
+    def key(settings: EditSettings) -> str:
+        return project.entry("edits", edit_spec("1" * 16, "a dog", settings, plain)).key
+
+    assert key(EditSettings(guidance=-0.0)) == key(EditSettings(guidance=0.0))
+    assert key(EditSettings(eta=-0.0, guidance_rescale=-0.0)) == key(EditSettings(eta=0.0, guidance_rescale=0.0))
+    attention = AttentionSettings(cross_replace=0.5, self_replace=-0.0)
+    assert attention.changed() == {"cross_replace": 0.5} and "-0.0" not in json.dumps(asdict(attention))
 
 
 def _tune_settings() -> TuneSettings:

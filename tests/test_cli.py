@@ -137,6 +137,7 @@ BAD_INPUTS = {
     "folder": (lambda t: ["tune", t, "a man", "-m", "tiny"], "is a folder"),
     "too-few-frames": (lambda t: ["tune", CLIP, "a man", "-m", "tiny", "--frames", "40"], "has 48 frames"),
     "empty-prompt": (lambda t: ["tune", CLIP, "  ", "-m", "tiny"], "prompt is empty"),
+    "empty-edit-prompt": (lambda t: ["edit", "a dog", "", "-p", _untuned(t)], "prompt is empty"),
     "unknown-model": (lambda t: ["tune", CLIP, "a man", "-m", "no such model"], "unknown model"),
     "hub-offline": (lambda t: ["tune", CLIP, "a man", "-m", "tavcli-test/missing"], "--model tiny"),
     "edit-untuned": (lambda t: ["edit", "a dog", "-p", _untuned(t)], "never tuned"),
@@ -146,6 +147,7 @@ BAD_INPUTS = {
     "project-is-a-file": (lambda t: ["tune", CLIP, "a man", "-m", "tiny", "-p", CLIP], "is a file"),
     "out-is-a-file": (lambda t: ["edit", "a dog", "-p", _untuned(t), "--out", CLIP], "is a file"),
 }
+USAGE_ERRORS = {"empty-prompt", "empty-edit-prompt"}  # a command-line mistake: status 2, as for a bad option
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -155,7 +157,7 @@ def test_bad_input_is_one_line_error(
     monkeypatch.chdir(tmp_path)
     make_args, expected = BAD_INPUTS[case]
     code, out, err = run_tav(*make_args(tmp_path))
-    assert code == 1
+    assert code == (2 if case in USAGE_ERRORS else 1)
     assert out == ""
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("loading model")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 from tavcli.errors import TavError
-from tavcli.method.local_blend import LocalBlend
+from tavcli.method.local_blend import LocalBlend, replaced_word_maps, word_maps
 from tavcli.method.prompt_words import TokenMap
 from tavcli.method.video_unet import sparse_causal_attention, split_heads
 
@@ -56,6 +56,8 @@ class ControlSchedule:
     token_maps: tuple[TokenMap, ...]  # one per prompt of the edit's batch
     fuse_self: bool = False  # FateZero: self-attention blended by the source words' region instead of replaced
     blend: LocalBlend | None = None
+    # Local blending reads the edit words' maps as replaced while cross-attention is (Video-P2P), or their own.
+    blend_replaced: bool = False
 
     def maps_needed(self, step: int) -> bool:
         """Whether step `step` needs the source's attention (its layers' queries and keys, or its blend maps)."""
@@ -208,17 +210,23 @@ class ControlledAttention:
             if replace:
                 call.kept[self.name] = q[item], k[item]
             if blend_maps and blend is not None and blend.source_tokens:
-                blend.add_source(call.frames, self._word_maps(attn, q[item], k[item], blend.source_tokens, call))
+                grid = layer_grid(call.size, q.shape[1])
+                blend.add_source(call.frames, word_maps(attn, q[item], k[item], blend.source_tokens, grid))
         else:
             source = control.source() if replace else None
             for prompt, index in enumerate(control.edit_items):
                 item = slice(index * rows, (index + 1) * rows)
+                kept = None if source is None else source.kept[self.name]
                 if blend_maps and blend is not None and blend.edit_tokens[prompt]:
-                    maps = self._word_maps(attn, q[item], k[item], blend.edit_tokens[prompt], call)
+                    tokens, grid = blend.edit_tokens[prompt], layer_grid(call.size, q.shape[1])
+                    if kept is not None and control.schedule.blend_replaced:
+                        token_map = control.schedule.token_maps[prompt]
+                        maps = replaced_word_maps(attn, q[item], k[item], *kept, tokens, token_map, grid)
+                    else:
+                        maps = word_maps(attn, q[item], k[item], tokens, grid)
                     blend.add_edit(prompt, call.frames, maps)
-                if source is not None:
-                    q_src, k_src = source.kept[self.name]
-                    out[item] = self._controlled(attn, q[item], k[item], v[item], out[item], q_src, k_src, prompt)
+                if kept is not None:
+                    out[item] = self._controlled(attn, q[item], k[item], v[item], out[item], *kept, prompt)
         projected: torch.Tensor = attn.to_out[1](attn.to_out[0](out))
         return projected
 
@@ -294,16 +302,6 @@ class ControlledAttention:
         grid = layer_grid(call.size, own.shape[0])  # temporal: rows are positions, tokens are frames
         pooled = F.adaptive_max_pool2d(region[:, None], grid)
         return pooled.flatten(1).T[..., None].to(own.dtype)  # (positions, f, 1)
-
-    def _word_maps(
-        self, attn: Attention, q: torch.Tensor, k: torch.Tensor, tokens: list[int], call: _Call
-    ) -> torch.Tensor:
-        """One item's attention to `tokens` (frames, h, w): summed over the tokens, averaged over heads."""
-        heads = attn.heads
-        scores = split_heads(q, heads).float() @ split_heads(k, heads).float().transpose(-1, -2) * attn.scale
-        chosen = scores.softmax(dim=-1)[..., tokens].sum(dim=-1).mean(dim=1)  # (frames, n)
-        maps: torch.Tensor = chosen.unflatten(1, layer_grid(call.size, q.shape[1]))
-        return maps
 
 
 def _kind(name: str) -> Kind:

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
 
 from tavcli.errors import TavError
+from tavcli.method.prompt_words import TokenMap
+from tavcli.method.video_unet import split_heads
 
-__all__ = ["LocalBlend"]
+__all__ = ["LocalBlend", "replaced_word_maps", "word_maps"]
 
 
 class LocalBlend:
@@ -79,3 +82,41 @@ def _region(maps: torch.Tensor, size: tuple[int, int], threshold: float) -> torc
     resized = F.interpolate(pooled, size=size, mode="nearest")[:, 0]
     peak = resized.amax(dim=(1, 2), keepdim=True)
     return (resized > threshold * peak).float() * (peak > 0).float()
+
+
+def word_maps(
+    attn: Attention, q: torch.Tensor, k: torch.Tensor, tokens: list[int], grid: tuple[int, int]
+) -> torch.Tensor:
+    """One item's attention to `tokens` at a layer of `grid` cells per frame (frames, h, w): summed over the
+    tokens, averaged over heads."""
+    maps: torch.Tensor = _probabilities(attn, q, k)[..., tokens].sum(dim=-1).mean(dim=1).unflatten(1, grid)
+    return maps
+
+
+def replaced_word_maps(
+    attn: Attention,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_src: torch.Tensor,
+    k_src: torch.Tensor,
+    tokens: list[int],
+    token_map: TokenMap,
+    grid: tuple[int, int],
+) -> torch.Tensor:
+    """`word_maps` of the maps the edit is given while its cross-attention is replaced (the token map's formula,
+    P'[:, j] = w_j (a_j P_s[:, s_j] + (1 - a_j) P[:, j])), which is what Video-P2P's attention store holds then:
+    it keeps the very tensor its controller overwrites."""
+    chosen = torch.tensor(tokens, device=q.device)
+    mixed = _probabilities(attn, q_src, k_src)[..., token_map.source[chosen]] * token_map.taken[chosen]
+    if token_map.mode == "refine":  # words the edit added keep their own maps
+        mixed = mixed + _probabilities(attn, q, k)[..., chosen] * token_map.own[chosen]
+    maps: torch.Tensor = mixed.sum(dim=-1).mean(dim=1).unflatten(1, grid)
+    return maps
+
+
+def _probabilities(attn: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The attention probabilities (rows, heads, n, m) of queries `q` over keys `k`, in float32."""
+    heads = attn.heads
+    scores = split_heads(q, heads).float() @ split_heads(k, heads).float().transpose(-1, -2) * attn.scale
+    probabilities: torch.Tensor = scores.softmax(dim=-1)
+    return probabilities

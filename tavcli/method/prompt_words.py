@@ -1,12 +1,11 @@
 """Words and tokens of prompts, for attention control: which text tokens a word is, and how an edit prompt's
-tokens take the source prompt's cross-attention (Prompt-to-Prompt's word swap and refinement; docs/method.md,
-"Attention control")."""
+tokens take the source prompt's cross-attention (Prompt-to-Prompt's word swap and refinement, with its global
+alignment of the token sequences; docs/method.md, "Attention control")."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from difflib import SequenceMatcher
 from typing import Any, Literal
 
 import torch
@@ -14,7 +13,7 @@ import torch
 from tavcli.errors import TavError
 from tavcli.words import bare_word, prompt_words
 
-__all__ = ["TokenMap", "WordMapMode", "token_map", "word_tokens"]
+__all__ = ["TokenMap", "WordMapMode", "align_tokens", "token_map", "word_tokens"]
 
 WordMapMode = Literal["replace", "refine"]
 
@@ -85,9 +84,11 @@ def token_map(
     weights: dict[str, float] | None = None,
 ) -> TokenMap:
     """The map from `source_prompt`'s tokens to `edit_prompt`'s: `replace` (a word swap: token j takes token j's
-    map; equal token counts), `refine` (the longest common runs of tokens aligned, new tokens keep their own
-    maps), or None: replace for equal token counts, else refine. Replace with unequal counts is refine (the
-    caller says so: `TokenMap.mode`). `weights` scale the maps of the edit prompt's words."""
+    map; equal token counts), `refine` (the token sequences globally aligned, `align_tokens`: aligned tokens take
+    the source's maps, new tokens keep their own, the padding after the end token takes the source's padding at
+    the same position, as Prompt-to-Prompt's `get_mapper`), or None: replace for equal token counts, else
+    refine. Replace with unequal counts is refine (the caller says so: `TokenMap.mode`). `weights` scale the
+    maps of the edit prompt's words."""
     length = tokenizer.model_max_length
     source_ids, edit_ids = (_ids(tokenizer, prompt) for prompt in (source_prompt, edit_prompt))
     if mode is None or mode == "replace":
@@ -95,21 +96,51 @@ def token_map(
     source = torch.arange(length)
     alpha = torch.ones(length)
     if mode == "refine":
-        alpha[: len(edit_ids)] = 0.0
-        matcher = SequenceMatcher(None, source_ids, edit_ids, autojunk=False)
-        for block in matcher.get_matching_blocks():
-            for offset in range(block.size):
-                source[block.b + offset] = block.a + offset
-                alpha[block.b + offset] = 1.0
-        # Padding after the end token: the source's padding, shifted by the difference in length.
-        padding = torch.arange(len(edit_ids), length)
-        shifted = padding - len(edit_ids) + len(source_ids)
-        source[padding] = shifted.clamp(max=length - 1)
-        alpha[padding] = (shifted < length).float()
+        for position, aligned in enumerate(align_tokens(source_ids, edit_ids)):
+            if aligned is None:
+                alpha[position] = 0.0  # a new token: its own map
+            else:
+                source[position] = aligned
     weight = torch.ones(length)
     for word, scale in (weights or {}).items():
         weight[word_tokens(tokenizer, edit_prompt, [word])] = scale
     return TokenMap(source, alpha, weight, mode)
+
+
+def align_tokens(source: list[int], edit: list[int]) -> list[int | None]:
+    """For each edit token, the position of the source token it is aligned with, or None for a new token.
+
+    Needleman-Wunsch global alignment as Prompt-to-Prompt scores it (match 1, mismatch -1, gap 0; so it aligns a
+    longest common subsequence and never a mismatch), ties broken as its code breaks them: a gap in the source
+    before a gap in the edit before a match. Where a token repeats ("a man is skiing at sunset" -> "a man is
+    surfing at the beach at sunset"), which of the equal alignments is taken changes the maps."""
+    rows, cols = len(source) + 1, len(edit) + 1
+    score = [[0] * cols for _ in range(rows)]
+    move = [["edit"] * cols for _ in range(rows)]  # row 0: only edit tokens left
+    for i in range(1, rows):
+        move[i][0] = "source"
+        for j in range(1, cols):
+            new_edit, dropped_source = score[i][j - 1], score[i - 1][j]  # gaps cost nothing
+            matched = score[i - 1][j - 1] + (1 if source[i - 1] == edit[j - 1] else -1)
+            score[i][j] = max(new_edit, dropped_source, matched)
+            if score[i][j] == new_edit:
+                move[i][j] = "edit"
+            elif score[i][j] == dropped_source:
+                move[i][j] = "source"
+            else:
+                move[i][j] = "match"
+    aligned: list[int | None] = [None] * len(edit)
+    i, j = len(source), len(edit)
+    while i > 0 or j > 0:
+        step = move[i][j]
+        if step == "match":
+            i, j = i - 1, j - 1
+            aligned[j] = i
+        elif step == "edit":
+            j -= 1
+        else:
+            i -= 1
+    return aligned
 
 
 def _ids(tokenizer: Any, prompt: str) -> list[int]:

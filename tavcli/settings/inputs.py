@@ -12,6 +12,7 @@ import stat
 from pathlib import Path
 
 from tavcli.errors import TavError
+from tavcli.settings.options import OptionError
 
 __all__ = ["require_folder", "require_prompt", "require_regular_file"]
 
@@ -48,13 +49,14 @@ def require_regular_file(path: Path, what: str = "file", hint: str | None = None
 
 
 def require_prompt(prompt: str) -> str:
-    """A prompt with some text in it, encodable as UTF-8 (undecodable argv bytes are not)."""
+    """A prompt with some text in it, encodable as UTF-8 (undecodable argv bytes are not); a usage error
+    otherwise (status 2), like any other value the command line refuses."""
     if not prompt.strip():
-        raise TavError("the prompt is empty", 'describe the clip, e.g. "a man is skiing"')
+        raise OptionError("the prompt is empty", 'describe the clip, e.g. "a man is skiing"')
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError:
-        raise TavError("the prompt is not valid UTF-8 text", "check the shell's or the file's encoding") from None
+        raise OptionError("the prompt is not valid UTF-8 text", "check the shell's or the file's encoding") from None
     return prompt
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from tavcli.choices import (
     AttentionSource,
+    BlendMaps,
     FrameNorm,
     InversionKind,
     OutputFormat,
@@ -395,6 +396,16 @@ ATTENTION = (
         value_name="WORD",
         key_omits_default=True,
         many=True,
+    ),
+    Option(
+        "--blend-maps",
+        str,
+        "auto",
+        "The --blend-edit words' maps while --cross-replace replaces them: replaced (the maps the edit is given, "
+        "Video-P2P's), own (the edit's own, FateZero's); auto: replaced with --attention-from branch, own with "
+        "trajectory.",
+        allowed=choices(BlendMaps),
+        key_omits_default=True,
     ),
     Option(
         "--attention-from",

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from tavcli.choices import (
     AttentionSource,
+    BlendMaps,
     FrameNorm,
     InversionKind,
     OutputFormat,
@@ -129,6 +129,7 @@ class TuneSettings:
     rank: int = 0  # > 0: tune rank-`rank` LoRA adapters instead of the whole projections (another method)
 
     def __post_init__(self) -> None:
+        _plain_zeros(self)
         values = {"steps": self.steps, "lr": self.learning_rate, "seed": self.seed, "rank": self.rank}
         stored = {"checkpoint_every": self.checkpoint_every, "save_precision": self.save_precision}
         check_fields(TUNE, {**values, **stored}, "tune settings")
@@ -197,6 +198,14 @@ class TuneRequest:
         require_folder(self.project, "--project")
 
 
+def _plain_zeros(settings: Any) -> None:
+    """Make a float field's -0.0 (`--guidance -0`) 0.0: the same setting, so it must not key apart."""
+    for setting in fields(settings):
+        value = getattr(settings, setting.name)
+        if isinstance(value, float) and value == 0:
+            object.__setattr__(settings, setting.name, 0.0)
+
+
 def _named(settings: type[Any], values: Mapping[str, Any]) -> dict[str, Any]:
     """The values of `settings`' fields among `values`, by name (each one missing takes its default)."""
     return {setting.name: values[setting.name] for setting in fields(settings) if setting.name in values}
@@ -219,6 +228,7 @@ class EditSettings:
     guidance_rescale: float = EDIT["guidance_rescale"].default
 
     def __post_init__(self) -> None:
+        _plain_zeros(self)
         check_fields(EDIT, asdict(self), "edit settings")
 
     @classmethod
@@ -237,6 +247,7 @@ class InversionSettings:
     null_lr: float = INVERT["null_lr"].default
 
     def __post_init__(self) -> None:
+        _plain_zeros(self)
         check_fields(INVERT, asdict(self), "inversion settings")
 
     @classmethod
@@ -306,9 +317,11 @@ class AttentionSettings:
     reweight: tuple[str, ...] = EDIT["reweight"].default  # WORD=SCALE
     blend_source: tuple[str, ...] = EDIT["blend_source"].default
     blend_edit: tuple[str, ...] = EDIT["blend_edit"].default
+    blend_maps: BlendMaps = EDIT["blend_maps"].default
     attention_from: AttentionSource = EDIT["attention_from"].default
 
     def __post_init__(self) -> None:
+        _plain_zeros(self)
         # A list from typer or a batch file; blend words are a set (their maps are summed), in one order.
         object.__setattr__(self, "reweight", tuple(self.reweight or ()))
         for name in ("blend_source", "blend_edit"):
@@ -331,7 +344,7 @@ class AttentionSettings:
 
     def weights(self, names: Names = FLAGS) -> dict[str, float]:
         """`--reweight WORD=SCALE` as {word: scale}."""
-        weights = {}
+        weights: dict[str, float] = {}
         for given in self.reweight:
             word, _, scale = given.rpartition("=")
             try:
@@ -343,14 +356,23 @@ class AttentionSettings:
                     f"{names('reweight')} takes WORD=SCALE with a scale from 0 to {REWEIGHT_MAX:g}, not {given!r}",
                     "e.g. --reweight sunset=3",
                 )
-            if word.strip() in weights:
-                raise OptionError(f"{names('reweight')} gives {word.strip()!r} twice", "give each word one scale")
+            # Words match whatever their case and punctuation ("PANDA," is "panda"): one scale per word.
+            again = [earlier for earlier in weights if set(prompt_words(earlier)) & set(prompt_words(word))]
+            if again:
+                raise OptionError(
+                    f"{names('reweight')} scales {word.strip()!r} twice (also as {again[0]!r})",
+                    "give each word one scale",
+                )
             weights[word.strip()] = value
         return weights
 
-    def steps(self, fraction: float, steps: int) -> int:
-        """The steps a fraction of `steps` controls: floor(fraction * steps), exactly (0.29 of 100 is 29)."""
-        return math.floor(Fraction(str(fraction)) * steps)
+    def controlled_steps(self, name: str, steps: int) -> int:
+        """The steps of `steps` that `cross_replace` or `self_replace` (`name`) controls, counted as Video-P2P's and
+        FateZero's code counts them: cross-attention int(c (N + 1)) (their table of N + 1 rows), at most N;
+        self-attention int(s N); both in floating point (0.29 of 100 self-attention steps is 28)."""
+        if name == "cross_replace":
+            return min(int(self.cross_replace * (steps + 1)), steps)
+        return int(self.self_replace * steps)
 
     def check(
         self,
@@ -367,10 +389,16 @@ class AttentionSettings:
         `inversion_names` names the inversion's fields (a batch job's `invert` table)."""
         inversion_names = inversion_names or names
         changed = self.changed()
-        needs = {"reweight": "cross_replace", "word_map": "cross_replace", "self_attention": "self_replace"}
+        needs = {
+            "reweight": ("cross_replace",),
+            "word_map": ("cross_replace",),
+            "self_attention": ("self_replace",),
+            "blend_maps": ("blend_edit", "cross_replace"),
+        }
         for name, needed in needs.items():
-            if name in changed and needed not in changed:
-                raise OptionError(f"{names(name)} applies to {names(needed)}: give it too")
+            for other in needed:
+                if name in changed and other not in changed:
+                    raise OptionError(f"{names(name)} applies to {names(other)}: give it too")
         if "attention_from" in changed and not self.active:
             raise OptionError(
                 f"{names('attention_from')} applies to attention control: give {names('cross_replace')}, "
@@ -378,12 +406,12 @@ class AttentionSettings:
             )
         if not self.active:
             return
-        for name in ("cross_replace", "self_replace"):
+        for name, rows in (("cross_replace", settings.steps + 1), ("self_replace", settings.steps)):
             fraction = getattr(self, name)
-            if fraction > 0 and self.steps(fraction, settings.steps) == 0:
+            if fraction > 0 and self.controlled_steps(name, settings.steps) == 0:
                 raise OptionError(
                     f"{names.given(name, fraction)} of {settings.steps} steps controls none of them",
-                    f"give at least {1 / settings.steps:.3g}, or more {names('steps')}",
+                    f"give at least {math.ceil(1000 / rows) / 1000:g}, or more {names('steps')}",
                 )
         given = names.given("attention_from", self.attention_from)
         if self.attention_from == "branch":
@@ -432,6 +460,7 @@ class ControlSpec:
     scale: float = 1.0
 
     def __post_init__(self) -> None:
+        _plain_zeros(self)
         if self.kind not in CONTROL_KINDS:
             raise OptionError(f"unknown --control {self.kind!r}", f"use one of {', '.join(CONTROL_KINDS)}")
         if self.video is None and self.kind != "canny":
@@ -444,6 +473,10 @@ class ControlSpec:
 def control_spec(kind: str | None, model: str | None, video: Path | None, scale: float) -> ControlSpec | None:
     """The control the options ask for, or None; --control and --control-model go together."""
     if kind is None and model is None and video is None:
+        if scale != EDIT["control_scale"].default:
+            raise OptionError(
+                "--control-scale applies to --control: give it too", "e.g. --control canny --control-model PATH"
+            )
         return None
     if kind is None or model is None:
         raise OptionError("--control and --control-model go together", "e.g. --control canny --control-model PATH")

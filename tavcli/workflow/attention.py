@@ -50,12 +50,13 @@ def attention_steering(
     steps = settings.steps
     schedule = ControlSchedule(
         steps,
-        cross_steps=attention.steps(attention.cross_replace, steps),
-        self_steps=attention.steps(attention.self_replace, steps),
+        cross_steps=attention.controlled_steps("cross_replace", steps),
+        self_steps=attention.controlled_steps("self_replace", steps),
         self_kinds=SELF_KINDS[attention.self_attention],
         token_maps=maps,
         fuse_self=attention.attention_from == "trajectory" and bool(attention.blend_source),
         blend=_blend(components.tokenizer, attention, source_prompt, group, frames),
+        blend_replaced=_blend_replaced(attention),
     )
     control = AttentionControl(schedule, call_spans(unet, frames))
     text = prompt_embeddings(session, project, components.source, [source_prompt], loras)
@@ -79,6 +80,14 @@ def _token_map(session: Session, tokenizer: Any, attention: AttentionSettings, s
             "different counts, so their shared words are aligned (refine)"
         )
     return mapped
+
+
+def _blend_replaced(attention: AttentionSettings) -> bool:
+    """Whether local blending reads the edit words' maps as replaced (Video-P2P's attention store keeps the maps
+    its controller overwrites) or their own (FateZero's stores a copy first); `auto` follows the source."""
+    if attention.blend_maps == "auto":
+        return attention.attention_from == "branch"
+    return attention.blend_maps == "replaced"
 
 
 def _blend(

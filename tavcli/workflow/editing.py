@@ -241,7 +241,6 @@ def plan_edit(session: Session, request: EditRequest) -> EditPlan:
     project, tune_entry = resolve_tune(session, request.project, request.tune_key)
     if request.tune_step is not None:
         tune_entry = kept_tune(project, tune_entry, request.tune_step)
-    controlnet = _controlnet(session, request.control)  # before any inversion: what is missing fails at once
     steps = request.invert_steps or request.settings.steps
     choice, source = request.inversion, None
     if choice.reconstructs:  # inverted with the tune's prompt, which then replaces the unconditional branch
@@ -250,7 +249,8 @@ def plan_edit(session: Session, request: EditRequest) -> EditPlan:
         current = _stored_inversion(project, tune_entry) if request.tune_key is None and request.frames.tuned else None
         source = request.invert_prompt or (current and current.spec["prompt"]) or str(tune_entry.spec["prompt"])
     if source is not None:
-        request.attention.check_source(source)  # before any inversion
+        request.attention.check_source(source)  # before any model loads
+    controlnet = _controlnet(session, request.control)  # before any inversion: what is missing fails at once
     if source is None and request.tune_key is None and request.tune_step is None and request.frames.tuned:
         inversion = _current_inversion(session, project, tune_entry, steps)
     else:

@@ -206,7 +206,7 @@ def _null_text_what(spec: dict[str, Any]) -> str:
 
 
 # Bump when attention control's numbers change (its layers, steps, masks): only controlled edits go stale.
-ATTENTION_FORMULA = 1
+ATTENTION_FORMULA = 2
 
 
 def edit_spec(
