@@ -338,3 +338,23 @@ def test_a_single_file_sd15_checkpoint_tunes_and_edits(
     edits = _records(out)
     assert [r["kind"] for r in edits] == ["edit", "edit"] and all(Path(r["path"]).stat().st_size for r in edits)
     assert "converting" not in err  # converted once, by the tune
+
+
+def test_a_model_whose_part_was_not_saved_is_never_marked_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal caught inside a library's save left the cached tiny model without text-encoder weights, and every
+    later run failed on it: the build refuses to write model_index.json (what marks it complete) then."""
+    import json as json_module
+
+    from transformers import CLIPTextModel
+
+    from tavcli.errors import TavError
+    from tavcli.models.architectures import TINY_CONFIGS, save_random_model
+    from tavcli.models.tiny import PARTS
+
+    parts = {part: json_module.loads((TINY_CONFIGS / f"{part}.json").read_text()) for part in PARTS}
+    monkeypatch.setattr(CLIPTextModel, "save_pretrained", lambda self, folder, **kw: Path(folder).mkdir())
+    with pytest.raises(TavError, match="left text_encoder without weights"):
+        save_random_model(tmp_path / "model", parts)
+    assert not (tmp_path / "model" / "model_index.json").exists()

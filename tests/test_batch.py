@@ -15,7 +15,7 @@ import pytest
 from tavcli.batch import assign, parse_jobs
 from tavcli.errors import TavError
 
-from .conftest import CLIP, RunTav
+from .conftest import CLIP, RunTav, one_job
 
 JOBS = """
 [defaults]
@@ -367,3 +367,64 @@ def test_batch_jobs_take_previews_low_rank_tunes_and_long_clip_edits(
     (batch_dir / "bad.jsonl").write_text(json.dumps(bad) + "\n")
     code, _, err = run_tav("batch", batch_dir / "bad.jsonl")
     assert code == 1 and "edit.frames" in err and "or all" in err
+
+
+@pytest.mark.slow
+def test_a_dry_run_plans_the_null_text_fit_of_an_invert_only_job(tmp_path: Path, run_tav: RunTav) -> None:
+    """The plan lists every entry the run computes, the fit an invert-only null-text job makes included."""
+    invert = "{ inversion = 'null-text', null_iterations = 1 }"
+    jobs = one_job(tmp_path, tmp_path / "p.tav", [], invert=invert, edit="{ steps = 2 }")
+    code, out, err = run_tav("batch", jobs, "--dry-run")
+    assert code == 0, err
+    plan = _records(out)
+    assert [(r["kind"], r["action"]) for r in plan] == [
+        ("latents", "compute"),
+        ("tune", "compute"),
+        ("inversion", "compute"),
+        ("null-text", "compute"),
+    ]
+    code, out, err = run_tav("batch", jobs)
+    assert code == 0, err
+    assert [(r["kind"], r["key"], r["cached"]) for r in _records(out)] == [(r["kind"], r["key"], False) for r in plan]
+    code, out, err = run_tav("batch", jobs, "--dry-run")
+    assert code == 0 and [(r["kind"], r["action"]) for r in _records(out)] == [(r["kind"], "reuse") for r in plan]
+
+
+@pytest.mark.slow
+def test_a_failure_while_making_the_edits_is_labelled_edit(
+    tmp_path: Path, run_tav: RunTav, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job whose outputs' folder became a file after validation fails at its edit step, and says so."""
+    import tavcli.batch
+
+    folder = tmp_path / "renders"
+    jobs = one_job(tmp_path, tmp_path / "p.tav", ["a dog"], edit=f"{{ steps = 1, out = {json.dumps(str(folder))} }}")
+    check = tavcli.batch.check_frames
+
+    def check_then_take_the_folder(job: object) -> None:
+        check(job)  # type: ignore[arg-type]
+        folder.write_text("")
+
+    monkeypatch.setattr(tavcli.batch, "check_frames", check_then_take_the_folder)
+    code, out, err = run_tav("batch", jobs)
+    assert code == 1
+    records = _records(out)
+    assert [r["kind"] for r in records] == ["latents", "tune", "inversion", "edit"]
+    assert records[-1]["error"] == f"--out {folder} is a file, not a folder"
+
+
+@pytest.mark.slow
+def test_the_current_tune_is_the_last_jobs_in_file_order_whichever_ran_last(tmp_path: Path, run_tav: RunTav) -> None:
+    """Jobs run grouped by model (here the second job's first: its model's name sorts first); the project's
+    current tune is still the one of the last job in the file."""
+    from tavcli.models.tiny import tiny_model
+
+    small = {"clip": str(CLIP), "prompt": "a man", "project": str(tmp_path / "p.tav"), "frames": 2, "steps": 1}
+    small |= {"width": 32, "height": 32}
+    jobs = [{"name": "first", "model": "tiny", **small}, {"name": "last", "model": str(tiny_model().folder), **small}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(job) + "\n" for job in jobs))
+    code, out, err = run_tav("batch", tmp_path / "jobs.jsonl")
+    assert code == 0, err
+    tunes = {r["job"]: r["key"] for r in _records(out) if r["kind"] == "tune"}
+    assert [r["job"] for r in _records(out)][0] == "last" and tunes["first"] != tunes["last"]
+    assert json.loads((tmp_path / "p.tav" / "project.json").read_text())["tune"] == tunes["last"]

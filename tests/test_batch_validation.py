@@ -3,6 +3,7 @@ cross-field rules of previews and LoRA names are one rule for both; a sidecar na
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -137,3 +138,61 @@ def test_from_sidecar_names_the_lora_that_changed(
     shutil.copy(tiny_query_lora / "pytorch_lora_weights.safetensors", lora)  # another LoRA under the same name
     code, _, err = run_tav("edit", "--from-sidecar", styled["sidecar"], "--precision", "fp32")
     assert code == 1 and f"the LoRA {lora} changed since" in err and "precision" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"), [({"project": "taken"}, "project"), ({"edit": {"out": "taken"}}, "edit.out")]
+)
+def test_a_project_or_output_folder_that_is_a_file_is_refused_at_validation(
+    tmp_path: Path, run_tav: RunTav, fields: dict, field: str
+) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    assert _problems(tmp_path, **fields) == [
+        f"jobs.jsonl line 1 (job-1): field '{field}' {taken} is a file, not a folder"
+    ]
+    small = {"model": "tiny", "frames": 2, "width": 32, "height": 32, "steps": 1, "edits": ["a dog"]}
+    good = {"name": "good", "clip": str(CLIP), "prompt": "a man", "project": str(tmp_path / "p.tav"), **small}
+    bad = {"name": "bad", "clip": str(CLIP), "prompt": "a man", "project": str(tmp_path / "q.tav"), **small, **fields}
+    (tmp_path / "jobs.jsonl").write_text(f"{json.dumps(bad)}\n{json.dumps(good)}\n")
+    code, out, err = run_tav("batch", tmp_path / "jobs.jsonl", "--dry-run", "--keep-going")
+    assert code == 1 and "--out" not in err and "--project" not in err, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [(r["job"], r["kind"]) for r in records if r.get("error")] == [("bad", "job")]
+    assert f"field '{field}' {taken} is a file" in records[0]["error"]
+    assert {r["job"] for r in records if "action" in r} == {"good"}
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+GOOD_LINE = json.dumps({"clip": "c.mp4", "prompt": "a man"})
+DEEP_LINE = GOOD_LINE[:-1] + f', "edits": {DEEP}}}'
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "where"),
+    [
+        ("jobs.jsonl", f"{GOOD_LINE}\n{DEEP_LINE}\n", "line 2"),
+        ("jobs.jsonl", GOOD_LINE[:-1] + f', "x": {"[" * 900 + "]" * 900}}}', "line 1"),  # readable, still refused
+        ("jobs.toml", f"a = {DEEP}\n", "line 1"),
+        ("jobs.toml", f'[[job]]\nclip = "c.mp4"\nprompt = "p"\nedits = {DEEP}\n', "line 4"),
+        ("jobs.toml", '[[job]]\nclip = "c.mp4"\nprompt = "p"\nedits = [\n' + "[" * 50 + "]" * 51 + "\n", "job 1"),
+        (
+            "jobs.toml",
+            "[defaults]\nedit = " + "{ a = " * 40 + "1" + " }" * 40 + '\n[[job]]\nclip = "c"\n',
+            "[defaults]",
+        ),
+        ("-", f"{GOOD_LINE}\n\n{DEEP_LINE}\n", "line 3"),
+    ],
+)
+def test_deeply_nested_input_is_one_line_naming_where(
+    tmp_path: Path, run_tav: RunTav, monkeypatch: pytest.MonkeyPatch, name: str, text: str, where: str
+) -> None:
+    if name == "-":
+        monkeypatch.setattr("sys.stdin", io.StringIO(text))
+    else:
+        (tmp_path / name).write_text(text)
+    code, out, err = run_tav("batch", name if name == "-" else tmp_path / name)
+    assert code == 1 and out == "" and "Traceback" not in err, err[-500:]
+    [line] = err.splitlines()
+    source = "stdin" if name == "-" else tmp_path / name
+    assert line.startswith(f"error: {source} {where}: lists and tables nested more than 32 levels deep"), line

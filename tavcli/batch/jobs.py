@@ -1,4 +1,4 @@
-"""Reading batch files (TOML or JSON Lines) into jobs: every job validated, its paths resolved, before any work.
+"""Batch files' jobs (TOML or JSON Lines): every job validated, its paths resolved, before any work.
 
     [defaults]                 # optional (TOML only): merged under every job
     model = "tiny"
@@ -11,24 +11,25 @@
     steps = 300
     edit = { steps = 20, guidance = 7.5 }
 
-The fields and their ranges are `tavcli.batch.schema`'s. This module imports no torch.
+The files are read by `tavcli.batch.reading`; the fields and their ranges are `tavcli.batch.schema`'s. This
+module imports no torch.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tavcli.batch.reading import read_jobs, read_jsonl, read_toml
 from tavcli.batch.schema import validate_job
 from tavcli.errors import TavError
 from tavcli.models.names import lora_path, model_name
-from tavcli.settings.config import DEFAULT_MODEL, closest, default_project
-from tavcli.settings.inputs import require_regular_file
+from tavcli.settings.config import DEFAULT_MODEL, default_project
+from tavcli.settings.inputs import require_folder
 from tavcli.settings.options import TUNE, OptionError, check_rate
 from tavcli.settings.requests import (
     AttentionSettings,
@@ -40,11 +41,6 @@ from tavcli.settings.requests import (
     control_spec,
     preview_choice,
 )
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 __all__ = ["BatchContext", "Job", "JobProblem", "check_frames", "parse_jobs", "read_jobs"]
 
@@ -110,23 +106,6 @@ class JobProblem:
         return f"{self.where} ({self.name}): {self.message}"
 
 
-def read_jobs(given: str) -> tuple[str, str, Path, bool]:
-    """(text, source name, folder relative paths start from, is JSON Lines) of `FILE` or `-` (stdin)."""
-    if given == "-":
-        return sys.stdin.read(), "stdin", Path.cwd(), True
-    path = Path(given)
-    if not path.exists() and not path.is_symlink():
-        raise TavError(f"no batch file {path}", "give a .toml or .jsonl file, or - to read JSON Lines from stdin")
-    require_regular_file(
-        path, "batch file", "give a .toml or .jsonl file; to read a pipe, use - (cat jobs.jsonl | tav batch -)"
-    )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise TavError(f"{path} is not UTF-8 text: {error.reason}") from None
-    return text, str(path), path.parent.resolve(), path.suffix.lower() in (".jsonl", ".ndjson", ".json")
-
-
 def parse_jobs(
     text: str,
     source: str,
@@ -142,7 +121,7 @@ def parse_jobs(
     at each job whose fields are valid (`check_frames` reads its clip).
     """
     context = context or BatchContext()
-    raw = _read_jsonl(text, source) if jsonl else _read_toml(text, source)
+    raw = read_jsonl(text, source) if jsonl else read_toml(text, source)
     jobs: list[Job] = []
     problems: list[JobProblem] = []
     seen: set[str] = set()
@@ -162,50 +141,6 @@ def parse_jobs(
     if not raw:
         raise TavError(f"{source} has no jobs", "add [[job]] tables (TOML) or one JSON object per line")
     return jobs, problems
-
-
-def _read_toml(text: str, source: str) -> list[tuple[str, dict[str, Any]]]:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise TavError(f"{source}: {error}", "fix the TOML syntax") from None
-    unknown = set(data) - {"job", "defaults"}
-    if unknown:
-        key = sorted(unknown)[0]
-        raise TavError(f"{source}: unknown table {key!r}{closest(key, ['job', 'defaults'])}", "use [[job]] tables")
-    jobs, defaults = data.get("job", []), data.get("defaults", {})
-    if not isinstance(jobs, list) or not isinstance(defaults, dict):
-        raise TavError(f"{source}: write jobs as [[job]] tables and defaults as one [defaults] table")
-    if "name" in defaults:
-        raise TavError(f"{source}: [defaults] cannot set name", "every job's name must be its own: name each [[job]]")
-    merged = []
-    for number, job in enumerate(jobs, start=1):
-        if not isinstance(job, dict):
-            raise TavError(f"{source}: job {number} must be a [[job]] table, not {type(job).__name__}")
-        tables = {
-            key: {**defaults[key], **job.get(key, {})}
-            for key in ("invert", "edit")
-            if isinstance(defaults.get(key), dict) and isinstance(job.get(key, {}), dict)
-        }
-        merged.append((f"{source} job {number}", {**defaults, **job, **tables}))
-    return merged
-
-
-def _read_jsonl(text: str, source: str) -> list[tuple[str, dict[str, Any]]]:
-    jobs = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise TavError(
-                f"{source} line {number}, column {error.colno}: {error.msg}", "one JSON object per line"
-            ) from None
-        if not isinstance(data, dict):
-            raise TavError(f"{source} line {number}: a job must be a JSON object, not {type(data).__name__}")
-        jobs.append((f"{source} line {number}", data))
-    return jobs
 
 
 def _job(name: str, where: str, data: dict[str, Any], base: Path, context: BatchContext) -> Job:
@@ -231,6 +166,9 @@ def _job(name: str, where: str, data: dict[str, Any], base: Path, context: Batch
     )
     _confine("project", project, context.root)
     _confine("edit.out", edit.get("out"), context.root)
+    require_folder(project, Names("")("project"))  # as `tav tune` checks --project, before any work
+    if "out" in edit:
+        require_folder(edit["out"], Names("edit")("out"))
     check_rate(edit.get("format", "mp4"), edit.get("fps"))
     preview = tune.get("preview"), tune.get("preview_every"), tune.get("preview_steps")
     preview_choice(*preview, evaluate=tune.get("eval", False), names=Names(""))  # the rule `tav tune` follows

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,32 +36,7 @@ from tavcli.settings.requests import (
     preview_choice,
 )
 
-__all__ = ["assign", "failure_record", "plan_jobs", "process_slot", "run_jobs"]
-
-
-def process_slot(device: str) -> tuple[int, int, str]:
-    """(index, count, device) of this process: under `accelerate launch`, one device per process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, device
-    import torch
-    from accelerate import PartialState
-
-    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
-    chosen = device if device not in ("auto", "cuda") or state.device.type != "cuda" else str(state.device)
-    return state.process_index, state.num_processes, "cpu" if state.device.type == "cpu" else chosen
-
-
-def assign(jobs: list[Job], process: int, processes: int) -> list[Job]:
-    """This process's share of the jobs: whole tune groups, balanced by edit count, the same on every process."""
-    groups: dict[str, list[Job]] = {}
-    for job in jobs:
-        groups.setdefault(job.tune_group, []).append(job)
-    loads = [0] * processes
-    owner: dict[str, int] = {}
-    for group, members in sorted(groups.items(), key=lambda item: -sum(1 + len(j.edits) for j in item[1])):
-        owner[group] = loads.index(min(loads))
-        loads[owner[group]] += sum(1 + len(job.edits) for job in members)
-    return [job for job in jobs if owner[job.tune_group] == process]
+__all__ = ["Emit", "failure_record", "plan_jobs", "run_jobs"]
 
 
 Emit = Callable[[dict[str, Any]], None]
@@ -88,9 +63,7 @@ def run_jobs(session: Any, jobs: list[Job], keep_going: bool, emit: Emit) -> boo
                 for made in getattr(stopped, "made", ()):  # a preview tune's kept states and previews
                     emit({"job": job.name, **made.record(), "error": None})
                 raise
-            if os.environ.get("TAV_DEBUG"):
-                traceback.print_exc()  # on stderr; the batch goes on as without it
-            emit(_failure(job.name, stage[0], _failure_message(error), time.perf_counter() - started))
+            emit(_failed(job, stage[0], error, time.perf_counter() - started))
             ok = False
             if not keep_going:
                 return False
@@ -98,6 +71,13 @@ def run_jobs(session: Any, jobs: list[Job], keep_going: bool, emit: Emit) -> boo
         if following is None or following.model != job.model:
             session.release(job.model)  # no later job needs it: free the memory
     return ok
+
+
+def _failed(job: Job, stage: str, error: Exception, seconds: float) -> dict[str, Any]:
+    """The failure record of `job` at `stage` (with TAV_DEBUG, its traceback on stderr: the batch goes on)."""
+    if os.environ.get("TAV_DEBUG"):
+        traceback.print_exc()
+    return _failure(job.name, stage, _failure_message(error), seconds)
 
 
 def _failure_message(error: Exception) -> str:
@@ -222,39 +202,67 @@ def _job_artifacts(session: Any, job: Job, stage: list[str]) -> Any:
         sampling = EditSettings.named(job.edit)
         yield workflow.fit_null_text(session, project, tuned, inversion, sampling, choice, force)
     if job.edits:
-        request = _edit_request(job, tune_key)
         stage[0] = "edit"
-        yield from workflow.edit(session, request, force)
+        yield from workflow.edit(session, _edit_request(job, tune_key), force)
 
 
-def plan_jobs(session: Any, jobs: list[Job]) -> list[dict[str, Any]]:
-    """What running `jobs` would reuse and what it would compute, without computing anything."""
-    rows = []
+def plan_jobs(session: Any, jobs: list[Job], keep_going: bool, emit: Emit) -> bool:
+    """Emit what running `jobs` would reuse and what it would compute (a row per entry), computing nothing.
+
+    A job that cannot be planned gets the failure record its run would get; returns whether every job was
+    planned. Without `keep_going` the first failure stops the rest, as it stops a run.
+    """
+    ok = True
     for job in jobs:
-        force = bool(job.tune.get("force", False))
-        plan = workflow.tune_plan(session, _tune_request(job, session.reporter), force, memory=False)
-        steps = [("latents", plan["latents"]), ("tune", plan["tune"])]
-        request = _edit_request(job, plan["tune"]["key"]) if job.edits else None
-        if (job.edits or job.invert) and not _other_frames(job):
-            project = session.project(job.project)
-            inversion = workflow.inversion_entry(project, plan["tune"]["key"], *_inversion(job), session.runtime)
-            steps.append(("inversion", _planned(inversion, force)))
-        if request is not None and not _other_frames(job):
-            fit = None
-            if request.inversion.inversion == "null-text":
-                fit = workflow.null_text_entry(
-                    project, inversion.key, request.settings, request.inversion, session.runtime
-                )
-                steps.append(("null-text", _planned(fit, False)))
-            control = None if request.control is None else workflow.control_key(request.control)
-            fitted = None if fit is None else fit.key
-            entries = workflow.edit_entries(project, inversion.key, request, session.runtime, control, fitted)
-            steps += [("edit", {**_planned(entry, force), "prompt": text}) for text, entry in entries.items()]
-        for kind, step in steps:
-            extra = {k: v for k, v in step.items() if k in ("prompt", "resume_from") and not step["cached"]}
-            row = {"job": job.name, "kind": kind, "key": step["key"], "path": step["path"], "cached": step["cached"]}
-            rows.append({**row, "action": "reuse" if step["cached"] else "compute", **extra})
-    return rows
+        stage = ["tune"]
+        try:
+            for kind, step in _job_plan(session, job, stage):
+                emit(_row(job, kind, step))
+        except Exception as error:
+            if interruption(error) is not None:
+                raise
+            emit(_failed(job, stage[0], error, 0.0))
+            ok = False
+            if not keep_going:
+                return False
+    return ok
+
+
+def _job_plan(session: Any, job: Job, stage: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(kind, entry) of each entry the job's run would reuse or compute, in the run's order."""
+    force, runtime = bool(job.tune.get("force", False)), session.runtime
+    plan = workflow.tune_plan(session, _tune_request(job, session.reporter), force, memory=False)
+    yield from (("latents", plan["latents"]), ("tune", plan["tune"]))
+    tune_key = plan["tune"]["key"]
+    stage[0] = "edit"
+    request = _edit_request(job, tune_key) if job.edits else None  # checked as the run checks it, keys known or not
+    if not (job.edits or job.invert) or _other_frames(job):
+        return
+    stage[0] = "invert"
+    project, choice = session.project(job.project), InversionSettings.named(job.invert)
+    inversion = workflow.inversion_entry(project, tune_key, *_inversion(job), runtime)
+    yield "inversion", _planned(inversion, force)
+    fit = None
+    if choice.inversion == "null-text":
+        sampling = EditSettings.named(job.edit) if request is None else request.settings
+        fit = workflow.null_text_entry(project, inversion.key, sampling, choice, runtime)
+    if request is None:
+        if fit is not None:  # fitted ahead, as `tav invert --inversion null-text` does
+            yield "null-text", _planned(fit, force)
+        return
+    stage[0] = "edit"
+    control = None if request.control is None else workflow.control_key(request.control)
+    entries = workflow.edit_entries(project, inversion.key, request, runtime, control, None if fit is None else fit.key)
+    if fit is not None and (fit.complete or not all(entry.complete for entry in entries.values())):
+        yield "null-text", _planned(fit, False)  # fitted (never forced) only when an edit is sampled
+    yield from (("edit", {**_planned(entry, force), "prompt": text}) for text, entry in entries.items())
+
+
+def _row(job: Job, kind: str, step: dict[str, Any]) -> dict[str, Any]:
+    """A plan's record: the entry, whether it is reused, and (to compute) its prompt or the step it resumes from."""
+    extra = {k: v for k, v in step.items() if k in ("prompt", "resume_from") and not step["cached"]}
+    row = {"job": job.name, "kind": kind, "key": step["key"], "path": step["path"], "cached": step["cached"]}
+    return {**row, "action": "reuse" if step["cached"] else "compute", **extra}
 
 
 def _other_frames(job: Job) -> bool:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.markup import escape
@@ -12,6 +13,9 @@ from tavcli.cli import output, setup
 from tavcli.cli.options import AllowPickleOpt, DeviceOpt, ModelConfigOpt, ModelOpt, PrecisionOpt, QuietOpt
 from tavcli.errors import TavError
 from tavcli.settings.config import Setting
+
+if TYPE_CHECKING:
+    from tavcli.batch import BatchContext, Job, JobProblem
 
 __all__ = ["batch"]
 
@@ -76,7 +80,7 @@ def batch(
 
       tav batch --schema > tav-jobs.schema.json
     """
-    from tavcli.batch import BatchContext, assign, check_frames, failure_record, parse_jobs, process_slot, read_jobs
+    from tavcli.batch import BatchContext, Tally, assign, failure_record, finish, process_slot, settle_current_tunes
 
     chosen = setup.settings(None, model=model, model_config=model_config, device=device, precision=precision)
     context = BatchContext(
@@ -85,6 +89,35 @@ def batch(
         project_for=setup.project_for_clip(None, chosen),
         root=root,
     )
+    jobs, problems = _valid_jobs(jobs_file, context, keep_going)
+    slot = process_slot(chosen["device"].value or "auto")
+    chosen["device"] = Setting(slot.device, chosen["device"].source)
+    session = setup.session(chosen, allow_pickle)
+    mine = assign(jobs, slot.index, slot.count)
+    if slot.count > 1:
+        output.show(
+            f"[dim]process {slot.index + 1} of {slot.count} on {slot.device}: {len(mine)} of {len(jobs)} jobs[/dim]"
+        )
+    tally = Tally(output.print_record)  # what this process's records say, for the end of the batch
+    if slot.index == 0:
+        for problem in problems:
+            tally(failure_record(problem))
+    (_plan if dry_run else _run)(session, mine, keep_going, tally)
+    whole = finish(slot, tally)  # every process waits here for the others: a launcher stops all at one's error
+    if slot.index != 0:
+        return  # the main process speaks for the batch
+    settle_current_tunes(session, jobs, whole.tunes)
+    if whole.failed:
+        raise TavError(
+            f"{len(whole.failed)} of {len(jobs) + len(problems)} jobs {'would fail' if dry_run else 'failed'}",
+            "their records on stdout say why",
+        )
+
+
+def _valid_jobs(jobs_file: str, context: BatchContext, keep_going: bool) -> tuple[list[Job], list[JobProblem]]:
+    """The file's valid jobs and the problems of the others, each shown; with any, only `keep_going` goes on."""
+    from tavcli.batch import check_frames, parse_jobs, read_jobs
+
     jobs, problems = parse_jobs(*read_jobs(jobs_file), context, check=check_frames)  # clips read as `tav tune` does
     for problem in problems:
         output.show(f"[bold red]invalid job:[/bold red] {escape(str(problem))}")
@@ -93,29 +126,29 @@ def batch(
             f"{len(problems)} of {len(jobs) + len(problems)} jobs are invalid; nothing was run",
             "fix them, or pass --keep-going to run the valid ones",
         )
-    process, processes, chosen_device = process_slot(chosen["device"].value or "auto")
-    chosen["device"] = Setting(chosen_device, chosen["device"].source)
-    session = setup.session(chosen, allow_pickle)
-    mine = assign(jobs, process, processes)
-    if processes > 1:
-        output.show(
-            f"[dim]process {process + 1} of {processes} on {chosen_device}: {len(mine)} of {len(jobs)} jobs[/dim]"
-        )
-    if process == 0:
-        for problem in problems:
-            output.print_record(failure_record(problem))
-    from tavcli.batch import plan_jobs, run_jobs
+    return jobs, problems
 
-    if dry_run:
-        rows = plan_jobs(session, mine)
-        for row in rows:
-            output.print_record(row)
+
+def _run(session: Any, jobs: list[Job], keep_going: bool, emit: Callable[[dict[str, Any]], None]) -> None:
+    from tavcli.batch import run_jobs
+
+    run_jobs(session, jobs, keep_going, emit)
+
+
+def _plan(session: Any, jobs: list[Job], keep_going: bool, emit: Callable[[dict[str, Any]], None]) -> None:
+    """The plan's records, and its table on stderr (a job that cannot be planned has its failure record)."""
+    from tavcli.batch import plan_jobs
+
+    rows: list[dict[str, Any]] = []
+
+    def planned(record: dict[str, Any]) -> None:
+        emit(record)
+        if "action" in record:
+            rows.append(record)
+
+    plan_jobs(session, jobs, keep_going, planned)
+    if rows:
         _show_plan(rows)
-        if problems:  # as the run itself would: the invalid jobs fail it
-            raise typer.Exit(1)
-        return
-    if not run_jobs(session, mine, keep_going, output.print_record) or problems:
-        raise typer.Exit(1)
 
 
 def _show_plan(rows: list[dict[str, Any]]) -> None:

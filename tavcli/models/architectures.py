@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tavcli.errors import TavError
 from tavcli.files.atomic import atomic_path
 from tavcli.models.source import quiet_libraries
 
@@ -188,6 +189,10 @@ def save_random_model(folder: Path, parts: Configs, seed: int = SEED) -> None:
         AutoencoderKL(**parts["vae"]).save_pretrained(folder / "vae")
         CLIPTextModel(CLIPTextConfig(**parts["text_encoder"])).save_pretrained(folder / "text_encoder")
     DDIMScheduler(**parts["scheduler"]).save_pretrained(folder / "scheduler")
+    # A signal caught inside a library's save can leave a part without weights; never mark such a model complete.
+    unsaved = [part for part in ("unet", "vae", "text_encoder") if not any((folder / part).glob("*.safetensors"))]
+    if unsaved:
+        raise TavError(f"building the model in {folder} left {', '.join(unsaved)} without weights", "run it again")
     (folder / "tokenizer").mkdir()
     for file in (TINY_CONFIGS / "tokenizer").iterdir():
         shutil.copyfile(str(file), folder / "tokenizer" / file.name)
