@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
@@ -9,9 +12,11 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from PIL import Image
 
 from tavcli.errors import TavError
-from tavcli.media.video import read_clip, write_video
+from tavcli.media.video import read_clip, read_frames, write_video
+from tavcli.settings.options import GIF_MAX_FPS
 from tavcli.settings.requests import FrameSelection, FrameSize, snap_to_multiple
 
 from .conftest import CLIP
@@ -64,8 +69,6 @@ def test_crop_keeps_aspect_ratio_and_stretch_squeezes(tmp_path: Path) -> None:
 def test_reads_other_containers(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"bands{suffix}"
     if suffix == ".gif":
-        from PIL import Image
-
         images = [Image.new("RGB", (40, 30), (i * 40, 0, 0)) for i in range(5)]
         images[0].save(path, save_all=True, append_images=images[1:], duration=100, loop=0)
     else:
@@ -117,14 +120,85 @@ def test_writes_h264_mp4_with_rate_and_size(tmp_path: Path) -> None:
 
 def test_writes_gif_and_png_frames(tmp_path: Path) -> None:
     gif = write_video(_frames(), tmp_path / "out.gif", "gif", Fraction(10))
-    from PIL import Image
-
     with Image.open(gif) as image:
         assert image.n_frames == 4 and image.info["duration"] == 100
     folder = write_video(_frames(), tmp_path / "frames", "frames", Fraction(10))
     assert sorted(p.name for p in folder.iterdir()) == [f"frame_{i:05d}.png" for i in range(4)]
     write_video(_frames(count=2), folder, "frames", Fraction(10))  # replacing a folder works
     assert len(list(folder.iterdir())) == 2
+
+
+# Writes the frames saved in argv[1] as an mp4 at argv[2], on one core only.
+ONE_CORE_WRITE = """
+import os, sys
+from fractions import Fraction
+from pathlib import Path
+import numpy as np
+from tavcli.media.video import write_video
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+write_video(np.load(sys.argv[1]), Path(sys.argv[2]), "mp4", Fraction(15000, 1001))
+"""
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs two cores to give an encoder a different number of them",
+)
+def test_mp4_bytes_do_not_depend_on_the_cores(tmp_path: Path) -> None:
+    """The same frames give the same file, written twice here and once in a process that may use one core:
+    an encoder that sized its threads to the cores wrote other bytes there (pixels up to 53/255 apart)."""
+    frames = _frames(count=8, height=128, width=64)  # x264 slices a frame only from 8 macroblock rows up
+    np.save(tmp_path / "frames.npy", frames)
+    here = [write_video(frames, tmp_path / f"here-{i}.mp4", "mp4", Fraction(15000, 1001)) for i in range(2)]
+    alone = tmp_path / "one-core.mp4"
+    subprocess.run([sys.executable, "-c", ONE_CORE_WRITE, tmp_path / "frames.npy", alone], check=True)
+    assert here[0].read_bytes() == here[1].read_bytes() == alone.read_bytes()
+
+
+def _gif_delays(path: Path) -> list[int]:
+    """Each frame's delay in hundredths of a second, as a reader finds it (Pillow reports milliseconds)."""
+    with Image.open(path) as image:
+        delays = []
+        for index in range(image.n_frames):
+            image.seek(index)
+            delays.append(image.info["duration"] // 10)
+    return delays
+
+
+# NTSC rates and 45 (delays that must alternate), a whole one, and one above what GIFs play
+GIF_RATES = [
+    Fraction(15000, 1001),
+    Fraction(24000, 1001),
+    Fraction(30000, 1001),
+    Fraction(45),
+    Fraction(12),
+    Fraction(60),
+]
+
+
+@pytest.mark.parametrize("fps", GIF_RATES, ids=str)
+def test_gif_plays_at_the_rate_asked(tmp_path: Path, fps: Fraction) -> None:
+    """Delays are whole hundredths: they vary so the clip lasts frames/fps to 1/100 s and no frame drifts
+    (15000/1001 fps as 7/100 s each played 4.7% slow); above GIF_MAX_FPS, frames play at that rate."""
+    count = 30
+    gif = write_video(_frames(count=count, height=8, width=8), tmp_path / "out.gif", "gif", fps)
+    delays = _gif_delays(gif)
+    step = 100 / min(fps, Fraction(GIF_MAX_FPS))  # hundredths of a second per frame
+    assert len(delays) == count
+    assert abs(sum(delays) - count * step) <= Fraction(1, 2)
+    assert all(abs(delay - step) < 1 for delay in delays)
+    assert min(delays) >= 100 / GIF_MAX_FPS  # players slow shorter delays
+
+
+def test_gif_keeps_repeated_frames(tmp_path: Path) -> None:
+    """A frame equal to the one before stays a frame of its own, with its own delay."""
+    frames = _frames(count=5)
+    frames[2] = frames[1]
+    frames[3] = frames[1]
+    gif = write_video(frames, tmp_path / "still.gif", "gif", Fraction(10))
+    assert _gif_delays(gif) == [10] * 5
+    decoded = read_frames(gif)
+    assert decoded.shape == frames.shape and np.array_equal(decoded[1], decoded[3])
 
 
 def test_mp4_needs_even_sizes(tmp_path: Path) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
+from itertools import pairwise
 from pathlib import Path
 
 import av
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from av.codec.context import ThreadType
+from PIL import GifImagePlugin, Image, ImageDraw, ImageOps
 
 from tavcli.choices import OutputFormat
 from tavcli.errors import TavError
@@ -22,7 +25,7 @@ __all__ = [
     "Clip",
     "contact_sheet",
     "frame_count",
-    "gif_delay",
+    "gif_delays",
     "read_frames",
     "side_by_side",
     "probe",
@@ -31,6 +34,13 @@ __all__ = [
 ]
 
 FALLBACK_FPS = Fraction(8)  # for inputs (some GIFs) that state no frame rate
+# libx264 picks its thread count from the cores this process may use (its CPU affinity: the machine,
+# taskset, OpenMP binding, a launcher's pinning) and the bytes depend on the count, so it is fixed here.
+# Frame threads compress as one thread does (slices cost 4-7% in size); 4 take the time x264's own choice
+# of 16 slices took on a 16-core machine.
+X264_THREAD_TYPE = ThreadType.FRAME
+X264_THREADS = 4
+GIF_MAX_DELAY = 65535  # hundredths of a second: the format's 16-bit field
 
 
 @dataclass
@@ -196,9 +206,7 @@ def write_video(frames: np.ndarray, path: Path, fmt: OutputFormat, fps: Fraction
         if fmt == "mp4":
             _write_mp4(frames, temp, fps)
         elif fmt == "gif":
-            images = [Image.fromarray(frame) for frame in frames]
-            duration_ms = 10 * gif_delay(fps)
-            images[0].save(temp, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
+            _write_gif(frames, temp, fps)
         elif fmt == "frames":
             temp.mkdir()
             for index, frame in enumerate(frames):
@@ -208,9 +216,30 @@ def write_video(frames: np.ndarray, path: Path, fmt: OutputFormat, fps: Fraction
     return path
 
 
-def gif_delay(fps: Fraction) -> int:
-    """A GIF frame's delay in hundredths of a second (the format's unit) for `fps`, at most GIF_MAX_FPS."""
-    return min(65535, max(round(100 / fps), round(100 / GIF_MAX_FPS)))
+def gif_delays(fps: Fraction, frames: int) -> list[int]:
+    """Each frame's delay in hundredths of a second (the format's unit) to play `frames` frames at `fps`
+    (at most GIF_MAX_FPS): the steps between their start times rounded to hundredths, so each delay is
+    within 1/100 s of 1/fps and the whole clip within 1/200 s of frames/fps."""
+    step = 100 / min(fps, Fraction(GIF_MAX_FPS))
+    # round half up: the difference of two such roundings is the floor or the ceiling of the step
+    starts = [math.floor(index * step + Fraction(1, 2)) for index in range(frames + 1)]
+    return [min(GIF_MAX_DELAY, later - earlier) for earlier, later in pairwise(starts)]
+
+
+def _write_gif(frames: np.ndarray, path: Path, fps: Fraction) -> None:
+    """A looping GIF with one image per frame, each with its own delay.
+
+    Pillow's GIF writer merges a frame equal to the one before into it (adding up their delays), which
+    would leave fewer frames than the clip has; so each frame is written with Pillow's per-frame helpers.
+    """
+    images = [Image.fromarray(frame).convert("P", palette=Image.Palette.ADAPTIVE) for frame in frames]
+    header, _ = GifImagePlugin.getheader(images[0], info={"loop": 0})
+    with path.open("wb") as file:
+        file.writelines(header)
+        for index, (image, delay) in enumerate(zip(images, gif_delays(fps, len(images)), strict=True)):
+            # the first image uses the header's palette, each later one its own (Pillow takes milliseconds)
+            file.writelines(GifImagePlugin.getdata(image, duration=10 * delay, include_color_table=index > 0))
+        file.write(b";")  # the GIF trailer
 
 
 def _write_mp4(frames: np.ndarray, path: Path, fps: Fraction) -> None:
@@ -220,6 +249,7 @@ def _write_mp4(frames: np.ndarray, path: Path, fps: Fraction) -> None:
     with av.open(str(path), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps.limit_denominator(100_000))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.thread_type, stream.thread_count = X264_THREAD_TYPE, X264_THREADS
         stream.options = {"crf": "18"}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
