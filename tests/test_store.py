@@ -15,7 +15,7 @@ import torch
 
 from tavcli.errors import TavError
 from tavcli.store.entry import Entry
-from tavcli.store.housekeeping import dependents, garbage, listing, remove
+from tavcli.store.housekeeping import dependents, garbage, listing, removal_files, remove
 from tavcli.store.project import STORE_VERSION, Project, cache_key
 
 from .conftest import RunTav
@@ -268,3 +268,97 @@ def test_meta_that_is_not_json_says_so(tmp_path: Path) -> None:
     with pytest.raises(TavError) as raised:
         tune.meta()
     assert "meta.json is not valid JSON (Expecting property name" in raised.value.message
+
+
+def _null_text_edit(project: Project, inversion: Entry) -> tuple[Entry, Entry, Path]:
+    """A null-text fit of `inversion`, an edit sampled with it, and the edit's render."""
+    fit = project.entry("nulltexts", {"inversion": inversion.key, "guidance": 7.5, "iterations": 1})
+    fit.save({"embeddings": torch.zeros(2)}, {})
+    spec = {"inversion": inversion.key, "prompt": "a cat", "inversion_kind": "null-text", "null_text": fit.key}
+    edit = project.entry("edits", spec)
+    edit.save({"latents": torch.ones(2)}, {})
+    render = project.root / "renders" / "a-cat.mp4"
+    render.write_bytes(b"video")
+    (project.root / "renders" / "a-cat.mp4.json").write_text(json.dumps({"edit": {"key": edit.key}}))
+    return fit, edit, render
+
+
+def test_an_edit_sampled_with_null_text_embeddings_is_computed_from_them(tmp_path: Path) -> None:
+    project, entries = _project(tmp_path)
+    fit, edit, render = _null_text_edit(project, entries["inversion"])
+    rows = {(row.kind, row.key): row for row in listing(project)}
+    assert rows[("edits", edit.key)].parent == f"nulltexts/{fit.key}"
+    assert rows[("edits", entries["edit"].key)].parent == f"inversions/{entries['inversion'].key}"  # a plain edit
+    plan = dependents(project, [rows[("inversions", entries["inversion"].key)]])
+    assert [row.kind for row in plan] == ["edits", "edits", "nulltexts", "inversions"]  # children first
+    plan = dependents(project, [rows[("nulltexts", fit.key)]])
+    assert [(row.kind, row.key) for row in plan] == [("edits", edit.key), ("nulltexts", fit.key)]
+    for row in plan:
+        remove(project, row)
+    assert not render.exists() and not render.with_name("a-cat.mp4.json").exists()
+    assert (project.root / "renders" / "a-panda.mp4").exists() and entries["edit"].complete
+    assert garbage(project) == []
+
+
+def test_gc_collects_the_edits_of_a_null_text_fit_removed_behind_its_back(tmp_path: Path) -> None:
+    import shutil
+
+    project, entries = _project(tmp_path)
+    fit, edit, render = _null_text_edit(project, entries["inversion"])
+    shutil.rmtree(fit.path)
+    found = garbage(project)
+    assert [(row.kind, row.key, row.state) for row in found] == [
+        ("edits", edit.key, f"computed from nulltexts/{fit.key}, which is gone")
+    ]
+    assert render in removal_files(project, found[0])  # its render goes with it
+
+
+def _deep_checkpoint(root: Path) -> None:
+    """A checkpoint whose safetensors header nests far deeper than the JSON parser can recurse."""
+    header = b"[" * 100_000 + b"]" * 100_000
+    folder = root / "checkpoints" / "0123456789abcdef"
+    folder.mkdir(parents=True)
+    (folder / "step-00000001.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+
+
+@pytest.mark.parametrize(
+    ("damaged", "said"),
+    [
+        ("meta.json", "meta.json is not valid JSON (lists and objects nested more than 32 levels deep)"),
+        ("project.json", "not JSON (lists and objects nested more than 32 levels deep)"),
+        ("checkpoint", "its safetensors header is damaged"),
+    ],
+)
+def test_deeply_nested_json_is_listed_verified_and_collected_as_damage(
+    damaged: str, said: str, tmp_path: Path, run_tav: RunTav
+) -> None:
+    project, entries = _project(tmp_path)
+    deep = "[" * 100_000 + "]" * 100_000
+    if damaged == "meta.json":
+        (entries["edit"].path / "meta.json").write_text(deep)
+        name = f"edits/{entries['edit'].key}"
+    elif damaged == "project.json":
+        (project.root / "project.json").write_text(deep)
+        name = "project/project.json"
+    else:
+        _deep_checkpoint(project.root)
+        name = "checkpoints/0123456789abcdef"
+    code, out, err = run_tav("ls", "-p", project.root, "--json")
+    assert code == 0 and "Traceback" not in err, err
+    state = {f"{row['kind']}/{row['key']}": row["state"] for row in _records(out)}[name]
+    assert state.startswith("damaged: ") and said in state
+    code, out, err = run_tav("verify", "-p", project.root, "--json")
+    assert code == 1 and "Traceback" not in err, err
+    assert [row["kind"] + "/" + row["key"] for row in _records(out) if not row["ok"]] == [name]
+    code, out, err = run_tav("gc", "-p", project.root, "--yes")
+    assert code == 0 and "Traceback" not in err, err
+    assert name in {row["removed"] for row in _records(out)}
+    assert run_tav("verify", "-p", project.root)[0] == 0
+
+
+def test_a_deeply_nested_hash_memo_is_ignored(tmp_path: Path) -> None:
+    from tavcli.files.hashing import _hash_memo
+
+    memo = tmp_path / "file-hashes.json"
+    memo.write_text("{" + '"a": {' * 100_000 + "}" * 100_001)
+    assert _hash_memo(memo) == {}  # a damaged memo only costs hashing again

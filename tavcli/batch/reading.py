@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tavcli.errors import TavError
+from tavcli.files.reading import MAX_DEPTH, nesting_depth, parse_json
 from tavcli.settings.config import closest
 from tavcli.settings.inputs import require_regular_file
 
@@ -21,11 +22,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["MAX_NESTING", "read_jobs", "read_jsonl", "read_toml"]
+__all__ = ["read_jobs", "read_jsonl", "read_toml"]
 
 # Lists and tables inside one job (or `[defaults]`, or a JSON line): a job uses 3 (`edit` > `lora` > its list).
-# Past this a file is refused before the parsers or the checks after them run out of recursion.
-MAX_NESTING = 32
+# Past `MAX_DEPTH` a file is refused before the checks after the parsers run out of recursion.
 NESTING_HINT = "a job's fields are values, lists of values and tables of them, nested 3 deep at most"
 
 
@@ -85,36 +85,23 @@ def read_jsonl(text: str, source: str) -> list[tuple[str, dict[str, Any]]]:
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
-            data = json.loads(line)
+            data = parse_json(line)
         except json.JSONDecodeError as error:
             raise TavError(
                 f"{source} line {number}, column {error.colno}: {error.msg}", "one JSON object per line"
             ) from None
-        except RecursionError:  # the decoder recursed once per level
+        except ValueError:  # nested deeper than any job is
             raise _too_deep(f"{source} line {number}") from None
         if not isinstance(data, dict):
             raise TavError(f"{source} line {number}: a job must be a JSON object, not {type(data).__name__}")
-        _check_nesting(data, f"{source} line {number}")
         jobs.append((f"{source} line {number}", data))
     return jobs
 
 
 def _check_nesting(table: dict[str, Any], where: str) -> None:
     """Refuse a job nested deeper than any job is: what reads it later (validation, its messages) recurses."""
-    if _nesting(table) > MAX_NESTING:
+    if nesting_depth(table) > MAX_DEPTH:
         raise _too_deep(where)
-
-
-def _nesting(value: Any) -> int:
-    """How many lists and tables deep `value` goes (a string or number: 0), found without recursing."""
-    deepest, pending = 0, [(value, 0)]
-    while pending and deepest <= MAX_NESTING:
-        item, depth = pending.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is not None:
-            deepest = max(deepest, depth + 1)
-            pending += [(child, depth + 1) for child in children]
-    return deepest
 
 
 def _deepest_toml_line(text: str) -> int:
@@ -142,4 +129,4 @@ def _exhausts(text: str) -> bool:
 
 
 def _too_deep(where: str) -> TavError:
-    return TavError(f"{where}: lists and tables nested more than {MAX_NESTING} levels deep", NESTING_HINT)
+    return TavError(f"{where}: lists and tables nested more than {MAX_DEPTH} levels deep", NESTING_HINT)

@@ -56,7 +56,7 @@ def list_store(project: ProjectOpt = None, as_json: JsonOpt = False, quiet: Quie
     for row in rows:
         marker = "*" if row.key in current else ""
         what = escape(_what(row)) if row.state == "complete" else f"[red]{escape(row.state)}[/red]"
-        parent = row.parent.split("/")[-1][:8] if row.parent else ""  # its kind follows from this row's
+        parent = row.parent.split("/")[-1][:8] if row.parent else ""  # its kind shows in its own row
         created = (row.created or "")[5:16].replace("T", " ")
         table.add_row(row.kind, row.key[:8] + marker, what, parent, output.human_size(row.bytes), created)
     output.show(table)
@@ -72,8 +72,8 @@ def remove(
     yes: YesOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Remove entries and everything computed from them (inversions and edits of a tune, their renders
-    and grids), listing every file first.
+    """Remove entries and everything computed from them (a tune's inversions, an inversion's null-text fits
+    and edits, a fit's edits, and the edits' renders and grids), listing every file first.
 
     References go first: pointers and `meta.json`, then the payload, so an interrupted removal never
     leaves an entry that looks complete but is not. An entry a running tav command computes or uses

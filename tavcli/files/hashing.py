@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import os
 import time
 from collections.abc import Iterable
@@ -20,6 +19,7 @@ from typing import Any
 
 from tavcli.errors import TavError
 from tavcli.files.atomic import write_json
+from tavcli.files.reading import read_json
 from tavcli.settings.config import cache_dir
 
 __all__ = ["MEMO_MIN_BYTES", "SETTLED_NS", "content_sha256", "file_sha256", "files_sha256", "lora_file", "lora_sha256"]
@@ -87,7 +87,7 @@ def _stamp(stat: os.stat_result) -> list[int]:
 def _hash_memo(path: Path) -> dict[str, Any]:
     """The remembered hashes (file path -> stamp and SHA-256), read once per process (and per cache folder)."""
     try:
-        memo = json.loads(path.read_text())
+        memo = read_json(path)
     except (OSError, ValueError):
         return {}
     return memo if isinstance(memo, dict) else {}

@@ -85,12 +85,20 @@ class TrainState:
         return cls(
             step=int(metadata["step"]),
             params={name[6:]: t.to(device) for name, t in tensors.items() if name.startswith("param/")},
-            optimizer={"state": optim, "param_groups": json.loads(metadata["param_groups"])},
-            scaler=json.loads(metadata["scaler"]),
+            optimizer={"state": optim, "param_groups": _json(metadata["param_groups"])},
+            scaler=_json(metadata["scaler"]),
             rng=tensors["rng"],
             device_type=metadata["device_type"],
-            losses=json.loads(metadata["losses"]),
+            losses=_json(metadata["losses"]),
         )
+
+
+def _json(text: str) -> Any:
+    """A metadata field's value; ValueError (a damaged checkpoint) however it is broken, deep nesting included."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("its metadata nests too deeply") from None
 
 
 class TuneDiverged(TavError):

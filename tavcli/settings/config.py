@@ -96,6 +96,8 @@ def read_toml(path: Path, allowed: tuple[str, ...]) -> dict[str, str]:
         raise TavError(f"cannot read {path}: {error}") from None
     except tomllib.TOMLDecodeError as error:
         raise TavError(f"{path}: {error}", "fix the TOML syntax") from None
+    except RecursionError:  # the parser recurses per level of nesting; settings are flat
+        raise TavError(f"{path}: its values nest too deeply", 'settings are plain strings: key = "value"') from None
     for key, value in data.items():
         if key not in allowed:
             raise TavError(f"{path}: unknown setting {key!r}{closest(key, allowed)}", f"known: {', '.join(allowed)}")

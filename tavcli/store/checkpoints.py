@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from tavcli.errors import TavError
 from tavcli.files.atomic import atomic_path
+from tavcli.files.reading import parse_json
 from tavcli.store.payload import load_payload, nonfinite, read_header, structure_problem
 from tavcli.store.project import cache_key
 
@@ -45,7 +46,7 @@ class Checkpoints:
         if not steps:
             raise ValueError("it holds no saved state")
         try:
-            return dict(json.loads(read_header(self.path(steps[-1]))["__metadata__"]["run"]))
+            return dict(parse_json(read_header(self.path(steps[-1]))["__metadata__"]["run"]))
         except (KeyError, TypeError) as error:
             raise ValueError(f"{self.path(steps[-1]).name} does not say which run it belongs to ({error})") from None
 

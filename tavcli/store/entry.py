@@ -7,7 +7,6 @@ atomically, and the metadata records its SHA-256 and size. This module imports n
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 import time
@@ -18,6 +17,7 @@ from typing import Any
 
 from tavcli.errors import TavError
 from tavcli.files.atomic import atomic_path, write_json
+from tavcli.files.reading import read_json
 from tavcli.store.payload import load_payload, nonfinite, payload_problems
 
 __all__ = ["KEY", "KINDS", "LOSS_PLOT", "PARENTS", "TENSORS", "Entry", "noun", "timestamp"]
@@ -26,12 +26,14 @@ TENSORS = "tensors.safetensors"
 LOSS_PLOT = "loss.png"  # a picture of the loss per step, beside a tune's or a null-text fit's tensors
 # The entry kinds, each after the kind it is computed from.
 KINDS = ("latents", "embeddings", "tunes", "inversions", "nulltexts", "edits")
-# kind -> (the spec field naming its parent's key, the parent's kind)
+# kind -> where its parent is: (the spec field naming the parent's key, the parent's kind), the first field the
+# spec has. An edit sampled with null-text embeddings is computed from them (they from the inversion), so
+# removing the fit takes the edit; any other edit is computed from its inversion.
 PARENTS = {
-    "tunes": ("latents", "latents"),
-    "inversions": ("tune", "tunes"),
-    "nulltexts": ("inversion", "inversions"),
-    "edits": ("inversion", "inversions"),
+    "tunes": (("latents", "latents"),),
+    "inversions": (("tune", "tunes"),),
+    "nulltexts": (("inversion", "inversions"),),
+    "edits": (("null_text", "nulltexts"), ("inversion", "inversions")),
 }
 KEY = re.compile(r"[0-9a-f]{16}")
 # One entry of each kind, in words.
@@ -76,15 +78,15 @@ class Entry:
     @property
     def parent(self) -> tuple[str, str] | None:
         """(kind, key) of the entry this one was computed from."""
-        if self.kind not in PARENTS or self.spec.get(PARENTS[self.kind][0]) is None:
-            return None
-        field_name, kind = PARENTS[self.kind]
-        return kind, self.spec[field_name]
+        for field_name, kind in PARENTS.get(self.kind, ()):
+            if self.spec.get(field_name) is not None:
+                return kind, str(self.spec[field_name])
+        return None
 
     def meta(self) -> dict[str, Any]:
         """`meta.json`, checked to hold a spec and to list the payload with its hash and size."""
         try:
-            meta = json.loads((self.path / "meta.json").read_text())
+            meta = read_json(self.path / "meta.json")
         except ValueError as error:
             raise _damaged(self.path, f"meta.json is not valid JSON ({error})") from None
         except OSError as error:

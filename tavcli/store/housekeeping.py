@@ -33,8 +33,13 @@ __all__ = [
     "sort_garbage",
 ]
 
-# What each kind of row is computed from (the entries' parents are the store's), for removing children first.
-ROW_PARENTS = {**{kind: parent for kind, (_, parent) in PARENTS.items()}, "checkpoints": "latents", "render": "edits"}
+# The deepest kind each kind of row can be computed from (the entries' parents are the store's), for removing
+# children first.
+ROW_PARENTS = {
+    **{kind: parents[0][1] for kind, parents in PARENTS.items()},
+    "checkpoints": "latents",
+    "render": "edits",
+}
 
 
 @dataclass

@@ -6,10 +6,11 @@ short reason, so that the store tools list damage instead of failing on it.
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 from typing import Any
+
+from tavcli.files.reading import parse_json
 
 __all__ = ["load_payload", "nonfinite", "payload_problems", "read_header", "structure_problem"]
 
@@ -83,7 +84,7 @@ def _header_end(data: bytes) -> int:
 
 def _header(data: bytes) -> dict[str, Any]:
     try:
-        header = json.loads(data[8 : _header_end(data)])
+        header = parse_json(data[8 : _header_end(data)])
         if not isinstance(header, dict) or not all(
             name == "__metadata__" or isinstance(info, dict) and len(info.get("data_offsets", ())) == 2
             for name, info in header.items()

@@ -24,6 +24,7 @@ from filelock import FileLock, Timeout
 
 from tavcli.errors import TavError
 from tavcli.files.atomic import create_json, write_json
+from tavcli.files.reading import parse_json
 from tavcli.store.entry import KEY, Entry, noun
 
 __all__ = ["BUSY", "METHOD_VERSION", "STORE_VERSION", "STATE_FILE", "Project", "cache_key"]
@@ -214,24 +215,24 @@ class Project:
         """`project.json`, checked; rebuilt from the entries when it is missing (see `_rebuilt_state`)."""
         path = self.root / STATE_FILE
         try:
-            text = path.read_text()
+            data = path.read_bytes()  # undecodable bytes are damage, reported as such
         except FileNotFoundError:
             return self._rebuilt_state()
         except OSError as error:
             raise TavError(f"cannot read {path}: {error.strerror}") from None
-        problem = _state_problem(text)
+        problem = _state_problem(data)
         if problem:
             raise TavError(
                 f"damaged {path}: {problem}",
                 f"`tav gc -p {self.root}` removes it; it is then rebuilt from the entries",
             )
-        state: dict[str, Any] = json.loads(text)
+        state: dict[str, Any] = parse_json(data)
         return state
 
     def state_problem(self) -> str | None:
         """Why `project.json` is damaged, or None (also when it is missing: it is rebuilt then)."""
         try:
-            return _state_problem((self.root / STATE_FILE).read_text())
+            return _state_problem((self.root / STATE_FILE).read_bytes())
         except FileNotFoundError:
             return None
         except OSError as error:
@@ -285,7 +286,7 @@ class Project:
     def check_version(self) -> None:
         """Refuse a project written by a newer tav (a damaged `project.json` is left to `state` to report)."""
         try:
-            version = json.loads((self.root / STATE_FILE).read_text()).get("store_version", STORE_VERSION)
+            version = parse_json((self.root / STATE_FILE).read_bytes()).get("store_version", STORE_VERSION)
         except (OSError, ValueError, AttributeError):
             return
         if isinstance(version, int) and version > STORE_VERSION:
@@ -335,10 +336,10 @@ def _refused(kind: str, key: str, why: str) -> TavError:
     return TavError(f"{kind}/{key} {why}", "run it again when that command has finished")
 
 
-def _state_problem(text: str) -> str | None:
-    """Why the text of `project.json` is not a valid state, or None."""
+def _state_problem(data: bytes) -> str | None:
+    """Why the bytes of `project.json` are not a valid state, or None."""
     try:
-        state = json.loads(text)
+        state = parse_json(data)
     except ValueError as error:
         return f"not JSON ({error})"
     if not isinstance(state, dict):

@@ -7,7 +7,7 @@ writing it, reading it, and what a record refers to. It imports no torch.
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, fields
 from fractions import Fraction
 from pathlib import Path
@@ -16,8 +16,9 @@ from typing import Any
 from tavcli.errors import TavError
 from tavcli.files.atomic import write_json
 from tavcli.files.hashing import lora_sha256
+from tavcli.files.reading import read_json
 from tavcli.settings.inputs import require_regular_file
-from tavcli.settings.options import EDIT, INVERT, check_fields
+from tavcli.settings.options import EDIT, INVERT, OptionError, check_fields
 from tavcli.settings.requests import (
     AttentionSettings,
     ControlSpec,
@@ -62,8 +63,8 @@ def read_sidecar(path: Path) -> dict[str, Any]:
     """A sidecar's record; one line naming the file if it is not a tav sidecar."""
     require_regular_file(path, "sidecar", "give the .json written beside an output")
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+        record = read_json(path)
+    except (OSError, ValueError) as error:
         raise TavError(f"{path} is not a tav sidecar: {error}", "give the .json written beside an output") from None
     if not isinstance(record, dict) or not ({"edit", "grid"} & set(record)):
         raise TavError(f"{path} is not a tav sidecar: it records no edit", "give the .json written beside an output")
@@ -139,7 +140,7 @@ def recorded_edit(sidecar: Path, out: Path | None = None) -> RecordedEdit:
             raise ValueError("its prompt or batch is not text")
         # Every setting the edit's key records; a setting it leaves out was at its default.
         values = {s.name: edit[s.name] for s in fields(EditSettings) if edit.get(s.name) is not None}
-        fps = None if output["fps"] is None else float(Fraction(output["fps"]))
+        fps = None if output["fps"] is None else _rate(output["fps"])
         check_fields(EDIT, {**values, "format": output["format"], "fps": fps}, str(sidecar))
         check_fields(INVERT, {"steps": inversion["steps"], "prompt": inversion["prompt"]}, str(sidecar))
         if not isinstance(group, list) or prompt not in group:
@@ -158,7 +159,7 @@ def recorded_edit(sidecar: Path, out: Path | None = None) -> RecordedEdit:
             control = ControlSpec(kind=used["kind"], model=used["model"], video=video, scale=used["scale"])
         chosen = record.get("frames") or {}
         frames = FrameChoice(**{name: chosen.get(name) for name in ("frames", "stride", "start", "window")})
-        loras = tuple((Path(lora["path"]), float(lora["scale"])) for lora in record.get("loras", []))
+        loras = tuple((Path(lora["path"]), _lora_scale(lora["scale"], sidecar)) for lora in record.get("loras", []))
         request = EditRequest(
             project=Path(record["project"]),
             prompts=group,
@@ -179,3 +180,24 @@ def recorded_edit(sidecar: Path, out: Path | None = None) -> RecordedEdit:
     except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as error:
         raise TavError(f"{sidecar} is not a tav sidecar: {error}", "give the .json written beside an output") from None
     return RecordedEdit(sidecar, record, prompt, request)
+
+
+def _rate(recorded: Any) -> float:
+    """A recorded frame rate ("30000/1001" or a number) as a float. One beyond a float's range (1e400, which
+    JSON reads as inf) becomes inf for the range check to refuse by name: a Fraction cannot hold it."""
+    try:
+        return float(Fraction(recorded))
+    except OverflowError:
+        return math.inf
+
+
+def _lora_scale(recorded: Any, sidecar: Path) -> float:
+    """A recorded LoRA scale, refused in one line unless finite, as `--lora PATH:SCALE` is: an infinite one
+    would only show as NaN weights once the model is loaded."""
+    try:
+        scale = float(recorded)
+    except OverflowError:  # an integer of hundreds of digits
+        scale = math.inf
+    if not math.isfinite(scale):
+        raise OptionError(f"{sidecar}: a LoRA's scale must be a finite number, not {scale}", "e.g. 0.8")
+    return scale

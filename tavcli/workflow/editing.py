@@ -393,6 +393,7 @@ def edit_from_sidecar(session: Session, recorded: RecordedEdit, force: bool = Fa
             f"project {request.project} no longer has tune {request.tune_key}",
             f"run the `reproduce` commands in {sidecar} to rebuild it",
         )
+    now: dict[str, Any] | None = None  # the control's identity now, for the key
     if request.control is not None:
         now, then = control_key(request.control), recorded.record["edit"].get("control") or {}
         names = {
@@ -406,14 +407,35 @@ def edit_from_sidecar(session: Session, recorded: RecordedEdit, force: bool = Fa
                 "edit again with --control to render the new one",
             )
     recorded.require_same_loras()
+    # Refused before planning: planning inverts and fits null-text embeddings (minutes on a real model).
+    _require_recorded_key(recorded, _recorded_key_now(session, recorded, now))
     plan = plan_edit(session, request)
-    key = plan.entries[recorded.prompt].key
+    # A sidecar whose frames disagree with its recorded inversion (edited by hand) is only caught here.
+    _require_recorded_key(recorded, plan.entries[recorded.prompt].key)
+    return run_plan(session, plan, request, force, [recorded.prompt])  # its batch is sampled, only it is rendered
+
+
+def _recorded_key_now(session: Session, recorded: RecordedEdit, control: dict[str, Any] | None) -> str:
+    """The key this session gives the recorded edit, from the sidecar's own record of its inversion and
+    null-text fit with this session's precision and --compile: known before anything is computed."""
+    request, runtime, project = recorded.request, session.runtime, Project(recorded.request.project)
+    then = recorded.record["inversion"]  # its other frames and window, as `plan_edit` would choose them
+    steps, prompt = request.invert_steps or request.settings.steps, request.invert_prompt
+    latents, window = then.get("latents"), then.get("window")
+    inversion = inversion_entry(project, str(request.tune_key), steps, prompt, runtime, latents, window)
+    null_text = None
+    if request.inversion.inversion == "null-text":
+        null_text = null_text_entry(project, inversion.key, request.settings, request.inversion, runtime).key
+    return edit_entries(project, inversion.key, request, runtime, control, null_text)[recorded.prompt].key
+
+
+def _require_recorded_key(recorded: RecordedEdit, key: str) -> None:
+    """Refuse to render anything but the edit the sidecar records (another precision or --compile is another)."""
     if key != recorded.key:
         raise TavError(
-            f"{sidecar} records edit {recorded.key}; with this precision and --compile it would be {key}",
+            f"{recorded.sidecar} records edit {recorded.key}; with this precision and --compile it would be {key}",
             f"use the recorded ones: --precision {recorded.precision}{' --compile' if recorded.compiled else ''}",
         )
-    return run_plan(session, plan, request, force, [recorded.prompt])  # its batch is sampled, only it is rendered
 
 
 def _current_inversion(session: Session, project: Project, tune_entry: Entry, steps: int) -> Entry:
