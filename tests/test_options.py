@@ -157,3 +157,23 @@ def test_mistakes_are_reported_before_torch_is_imported(argv: list[str], tmp_pat
     torch_loaded, status, err = tav_in_fresh_python(argv, tmp_path)
     assert not torch_loaded and status in ("1", "2"), err
     assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_every_option_is_named_its_flag_whatever_the_typer_version() -> None:
+    """Flags are lower case, and an option whose metavar is its name in capitals declares its flag:
+    typer 0.27 named an option after a metavar that is its name in capitals (`--DEVICE`), so on a machine with
+    that typer `tav tune --device cuda` was refused."""
+    import inspect
+
+    import typer
+
+    from .conftest import tav_commands
+
+    for name, command in tav_commands().items():
+        for param in command.params:
+            assert all(flag == flag.lower() for flag in param.opts), (name, param.opts)
+        for parameter in inspect.signature(command.callback).parameters.values():
+            for info in getattr(parameter.annotation, "__metadata__", ()):
+                if isinstance(info, typer.models.OptionInfo) and info.metavar == parameter.name.upper():
+                    flags = [*(info.param_decls or ()), info.default]  # under Annotated a first "--flag" is `default`
+                    assert any(isinstance(flag, str) and flag.startswith("--") for flag in flags), (name, parameter)

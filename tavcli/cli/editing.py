@@ -292,6 +292,7 @@ def evaluate_outputs(
     prompt: Annotated[
         Optional[str],
         typer.Option(
+            "--prompt",
             help="Prompt to score against (needed without a tav sidecar) [default: each output's sidecar prompt].",
             metavar="PROMPT",
             show_default=False,

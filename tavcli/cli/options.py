@@ -159,7 +159,10 @@ ClipProjectOpt = Annotated[
 DeviceOpt = Annotated[
     Optional[str],
     typer.Option(
-        metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps [default: config, else auto].", rich_help_panel=RUN
+        "--device",  # named: typer 0.27 took a metavar that is the name in capitals for the flag (--DEVICE)
+        metavar="DEVICE",
+        help="auto, cpu, cuda, cuda:N or mps [default: config, else auto].",
+        rich_help_panel=RUN,
     ),
 ]
 PrecisionOpt = Annotated[

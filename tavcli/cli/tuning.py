@@ -201,7 +201,9 @@ def import_reference(
     ] = None,
     prompt: Annotated[
         Optional[str],
-        typer.Option(help="Its description [default: train_data.prompt].", metavar="PROMPT", show_default=False),
+        typer.Option(
+            "--prompt", help="Its description [default: train_data.prompt].", metavar="PROMPT", show_default=False
+        ),
     ] = None,
     project: ClipProjectOpt = None,
     model: ModelOpt = None,
