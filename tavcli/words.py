@@ -9,8 +9,9 @@ __all__ = ["bare_word", "prompt_words"]
 
 
 def bare_word(text: str) -> str:
-    """A word as given or as written in a prompt: lower case, punctuation dropped ("Skiing." -> "skiing")."""
-    return re.sub(r"[^\w'-]+", "", text.lower())
+    """A word as given or as written in a prompt: lower case, punctuation dropped ("Skiing." -> "skiing", "'man'"
+    -> "man"); an apostrophe or hyphen inside a word stays ("don't", "t-shirt")."""
+    return re.sub(r"[^\w'-]+", "", text.lower()).strip("'-")
 
 
 def prompt_words(prompt: str) -> list[str]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import CLIP, RunTav, one_job, reproduce_in, tav_ok
+from .conftest import CLIP, RunTav, one_job, reproduce_in, tav_in_fresh_python, tav_ok
 
 SMALL = ["--model", "tiny", "--frames", "2", "--width", "32", "--height", "32", "--steps", "10"]  # as one_job
 SOURCE = "a man is skiing"
@@ -62,6 +62,14 @@ def test_bad_attention_options_get_one_line(tuned: Path, run_tav: RunTav) -> Non
     for args, said in cases:
         code, out, err = run_tav("edit", "a dog is skiing", "-p", tuned, *args)
         assert code == 2 and out == "" and said in " ".join(err.split()) and "Traceback" not in err, (args, err)
+
+
+def test_a_source_blend_word_is_refused_before_torch_is_imported(tuned: Path, tmp_path: Path) -> None:
+    """The source prompt comes from the store (the current inversion's, else the tune's), read without torch."""
+    argv = ["edit", "a dog is skiing", "-p", str(tuned), "--cross-replace", "0.5", "--blend-source", "'cat'"]
+    torch_loaded, status, err = tav_in_fresh_python(argv, tmp_path)
+    assert not torch_loaded and status == "2", err
+    assert "is not a word of the source prompt 'a man is skiing'" in " ".join(err.split())
 
 
 def test_every_control_option_is_in_the_key_and_a_plain_edit_keeps_its_key(tuned: Path, run_tav: RunTav) -> None:

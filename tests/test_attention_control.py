@@ -123,6 +123,10 @@ def test_a_word_not_in_the_prompt_is_one_line_naming_its_words(tokenizer: CLIPTo
     assert "'dog' is not a word of 'a man is skiing.'" in str(raised.value)
     assert raised.value.hint is not None and "a, man, is, skiing" in raised.value.hint
     assert word_tokens(tokenizer, "A Man is skiing.", ["man", "SKIING"]) == [2, 4]
+    assert word_tokens(tokenizer, "A Man is skiing.", ["'man'", "skiing!"]) == [2, 4]  # punctuation around a word
+    quoted = word_tokens(tokenizer, "a 'man' is skiing", ["man"])
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("a 'man' is skiing").input_ids)
+    assert "".join(tokens[p].removesuffix("</w>") for p in quoted) == "man"  # its tokens, not the quotes
 
 
 # --- the processors against explicit probabilities -------------------------------------------------------------

@@ -219,6 +219,7 @@ def test_from_sidecar_renders_only_its_prompt_and_only_the_recorded_edit(tuned: 
     edits = sorted(p.name for p in (tuned / "edits").iterdir())
     code, out, err = run_tav("edit", "--from-sidecar", sidecar, "--force")
     assert code == 1 and out == "" and f"records edit {'f' * 16}" in err
+    assert "changed by hand" in err and "--precision" not in err  # the precision is not what differs
     assert sorted(p.name for p in (tuned / "edits").iterdir()) == edits  # refused before sampling
 
 

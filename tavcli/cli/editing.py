@@ -254,6 +254,9 @@ def edit(
         attention=attention,
         loras=tuple(map(lora_path, lora or [])),
     )
+    from tavcli.workflow.source_prompt import check_source_words
+
+    check_source_words(request)  # before torch is imported: in well under a second
     chosen = setup.settings(request.project, device=device, precision=precision)
     session = setup.session(chosen, allow_pickle, compile_unet)
     from tavcli.workflow.editing import edit as run_edit

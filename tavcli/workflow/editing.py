@@ -27,6 +27,7 @@ from tavcli.method.inversion import ddim_inversion
 from tavcli.method.sampling import ddim_sample
 from tavcli.method.windows import windowed
 from tavcli.models.lora import applied_loras
+from tavcli.runtime import Runtime
 from tavcli.settings.options import (
     INVERT,
     OptionError,
@@ -58,6 +59,7 @@ from tavcli.workflow.session import (
     resolve_tune,
     source_frames,
 )
+from tavcli.workflow.source_prompt import source_prompt, stored_inversion
 
 __all__ = [
     "edit",
@@ -242,12 +244,7 @@ def plan_edit(session: Session, request: EditRequest) -> EditPlan:
     if request.tune_step is not None:
         tune_entry = kept_tune(project, tune_entry, request.tune_step)
     steps = request.invert_steps or request.settings.steps
-    choice, source = request.inversion, None
-    if choice.reconstructs:  # inverted with the tune's prompt, which then replaces the unconditional branch
-        source = str(tune_entry.spec["prompt"])
-    elif request.attention.active:  # its maps are the source prompt's: the inversion's, else the tune's
-        current = _stored_inversion(project, tune_entry) if request.tune_key is None and request.frames.tuned else None
-        source = request.invert_prompt or (current and current.spec["prompt"]) or str(tune_entry.spec["prompt"])
+    choice, source = request.inversion, source_prompt(project, tune_entry, request)
     if source is not None:
         request.attention.check_source(source)  # before any model loads
     controlnet = _controlnet(session, request.control)  # before any inversion: what is missing fails at once
@@ -408,10 +405,10 @@ def edit_from_sidecar(session: Session, recorded: RecordedEdit, force: bool = Fa
             )
     recorded.require_same_loras()
     # Refused before planning: planning inverts and fits null-text embeddings (minutes on a real model).
-    _require_recorded_key(recorded, _recorded_key_now(session, recorded, now))
+    _require_recorded_key(recorded, _recorded_key_now(session, recorded, now), session.runtime)
     plan = plan_edit(session, request)
     # A sidecar whose frames disagree with its recorded inversion (edited by hand) is only caught here.
-    _require_recorded_key(recorded, plan.entries[recorded.prompt].key)
+    _require_recorded_key(recorded, plan.entries[recorded.prompt].key, session.runtime)
     return run_plan(session, plan, request, force, [recorded.prompt])  # its batch is sampled, only it is rendered
 
 
@@ -429,29 +426,26 @@ def _recorded_key_now(session: Session, recorded: RecordedEdit, control: dict[st
     return edit_entries(project, inversion.key, request, runtime, control, null_text)[recorded.prompt].key
 
 
-def _require_recorded_key(recorded: RecordedEdit, key: str) -> None:
-    """Refuse to render anything but the edit the sidecar records (another precision or --compile is another)."""
-    if key != recorded.key:
+def _require_recorded_key(recorded: RecordedEdit, key: str, runtime: Runtime) -> None:
+    """Refuse to render anything but the edit the sidecar records: another precision or --compile makes another
+    edit, and so do settings edited by hand (the sidecar no longer describes its own edit)."""
+    if key == recorded.key:
+        return
+    if (runtime.precision, runtime.compile) != (recorded.precision, recorded.compiled):
         raise TavError(
             f"{recorded.sidecar} records edit {recorded.key}; with this precision and --compile it would be {key}",
             f"use the recorded ones: --precision {recorded.precision}{' --compile' if recorded.compiled else ''}",
         )
+    raise TavError(
+        f"{recorded.sidecar} records edit {recorded.key}, but its settings make edit {key}: it was changed by hand",
+        "render from the sidecar as tav wrote it, or run `tav edit` with the settings you want",
+    )
 
 
 def _current_inversion(session: Session, project: Project, tune_entry: Entry, steps: int) -> Entry:
     """The project's inversion for this tune, or a new one with `steps` DDIM steps."""
-    stored = _stored_inversion(project, tune_entry)
+    stored = stored_inversion(project, tune_entry)
     if stored is not None:
         return stored
     artifact = invert(session, project.root, steps=steps)
     return project.find("inversions", artifact.key)
-
-
-def _stored_inversion(project: Project, tune_entry: Entry) -> Entry | None:
-    """The project's current inversion (`tav invert` made it), if it is of this tune's own frames."""
-    key = project.state.get("inversion")
-    if key and (project.root / "inversions" / key / "meta.json").is_file():
-        entry = project.find("inversions", key)
-        if entry.spec.get("tune") == tune_entry.key and not {"latents", "window"} & set(entry.spec):
-            return entry
-    return None
