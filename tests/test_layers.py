@@ -39,6 +39,7 @@ TORCH_FREE = [
     "tavcli.settings.inputs",
     "tavcli.files.atomic",
     "tavcli.files.hashing",
+    "tavcli.files.reading",
     "tavcli.store.project",
     "tavcli.store.entry",
     "tavcli.store.payload",
@@ -54,6 +55,7 @@ TORCH_FREE = [
     "tavcli.media.plots",
     "tavcli.workflow",
     "tavcli.workflow.keys",
+    "tavcli.workflow.source_prompt",
     "tavcli.batch",
 ]
 # Loaded only by the commands that need them (decoding video, ControlNets, launching, low-rank tunes).
