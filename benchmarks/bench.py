@@ -180,19 +180,24 @@ def main() -> None:
         print(json.dumps(run_contention(args, "tiny" if args.config == "tiny" else str(model)), indent=2))
         return
     results: dict[str, Any] = {}
+    failed: dict[str, str] = {}
     for phase in args.phases.split(","):
         command = [sys.executable, __file__, *sys.argv[1:], "--phase", phase]
         print(f"[bench] {phase} ...", file=sys.stderr, flush=True)
         done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"phase {phase} failed:\n{done.stderr}")
-        results[phase] = json.loads(done.stdout.strip().splitlines()[-1])
-    report = json.dumps(summarise(args, results), indent=2)
+        if done.returncode == 0:
+            results[phase] = json.loads(done.stdout.strip().splitlines()[-1])
+        else:  # the other phases still run: one failure costs one figure, not the report
+            failed[phase] = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+            print(f"[bench] {phase} failed:\n{done.stderr}", file=sys.stderr, flush=True)
+        report = json.dumps({**summarise(args, results), **({"failed": failed} if failed else {})}, indent=2)
+        if args.out is not None:  # rewritten whole after each phase: a later timeout keeps the earlier figures
+            temp = args.out.with_suffix(".tmp")
+            temp.write_text(report + "\n")
+            os.replace(temp, args.out)
     print(report)
-    if args.out is not None:  # written whole or not at all: a later step's timeout leaves no half report
-        temp = args.out.with_suffix(".tmp")
-        temp.write_text(report + "\n")
-        os.replace(temp, args.out)
+    if failed:
+        sys.exit(f"{len(failed)} of {len(results) + len(failed)} phases failed: {', '.join(failed)}")
 
 
 def run_contention(args: argparse.Namespace, model: str) -> dict[str, Any]:
@@ -298,7 +303,9 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
     model = str(build_model(args.config, args.workdir / "models"))
     session = Session(runtime)
     found = _edit(args, session, model) if args.phase == "edit" else _unet_phase(args, session, model)
-    found[f"{args.phase}_peak_memory_gb"] = round(_peak_memory(runtime) / 1e9, 3)
+    found.setdefault(f"{args.phase}_peak_memory_gb", _peak_memory_gb(runtime))
+    if runtime.device.type == "cuda":  # what the caching allocator held, beside what tensors used
+        found[f"{args.phase}_peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(runtime.device) / 1e9, 3)
     found["environment"] = _environment(runtime)
     return found
 
@@ -340,14 +347,16 @@ def _tune(args: Any, runtime: Any, components: Any, mean: Any, std: Any, embeds:
 
     torch.manual_seed(0)
     unet = inflate_unet(components.unet)
-    flops = _flops(runtime, lambda: _train_once(unet, runtime, mean, embeds))
     seconds = _training_step_s(args, runtime, unet, components, mean, std, embeds, checkpointing)
     name = "tune_step_checkpointing_s" if checkpointing else "tune_step_s"
+    peak = _peak_memory_gb(runtime)  # the timed steps' own: read before the FLOP count's plain step runs
+    flops = _flops(runtime, lambda: _train_once(unet, runtime, mean, embeds))
     trainable = sum(p.numel() for p in trainable_parameters(unet).values())
     return {
         name: seconds,
         **_flop_report(name, flops, seconds, runtime),
         "trainable_parameters_m": round(trainable / 1e6, 2),
+        f"{args.phase}_peak_memory_gb": peak,
     }
 
 
@@ -365,8 +374,14 @@ def _training_step_s(
 
 
 def _train_once(unet: Any, runtime: Any, sample: Any, embeds: Any) -> None:
+    """One plain training step's forward and backward, gradients for the tuned tensors only (as `tav tune`)."""
     import torch
 
+    from tavcli.method.video_unet import trainable_parameters
+
+    unet.requires_grad_(False)
+    for param in trainable_parameters(unet).values():
+        param.requires_grad_(True)
     unet.train()
     with runtime.autocast():
         loss = unet(sample, torch.tensor([500], device=sample.device), embeds).sample.float().square().mean()
@@ -383,10 +398,15 @@ def _inversion(args: Any, runtime: Any, components: Any, held: Any, latents: Any
     from tavcli.method.windows import windowed
 
     torch.manual_seed(0)
-    unet = windowed(runtime.prepare(inflate_unet(held).to(held.dtype).eval()), args.window)
-    flops = _flops(runtime, lambda: ddim_inversion(unet, components.scheduler, latents, empty, 1))
+    eager = inflate_unet(held).to(held.dtype).eval()
+    unet = windowed(runtime.prepare(eager), args.window)
     seconds = _inversion_step_s(args, runtime, unet, components.scheduler, latents, empty)
-    return {"inversion_step_s": seconds, **_flop_report("inversion_step_s", flops, seconds, runtime)}
+    peak = _peak_memory_gb(runtime)
+    flops = _flops(
+        runtime, lambda: ddim_inversion(windowed(eager, args.window), components.scheduler, latents, empty, 1)
+    )
+    report = {"inversion_step_s": seconds, **_flop_report("inversion_step_s", flops, seconds, runtime)}
+    return {**report, "inversion_peak_memory_gb": peak}
 
 
 def _inversion_step_s(args: Any, runtime: Any, unet: Any, scheduler: Any, latents: Any, empty: Any) -> float:
@@ -407,11 +427,14 @@ def _sampling(args: Any, runtime: Any, components: Any, held: Any, noise: Any, e
     from tavcli.method.video_unet import inflate_unet
 
     torch.manual_seed(0)
-    unet = runtime.prepare(inflate_unet(held).to(held.dtype).eval())
+    eager = inflate_unet(held).to(held.dtype).eval()
+    unet = runtime.prepare(eager)
     cond, uncond = embeds[:1], embeds[1:]
-    flops = _flops(runtime, lambda: ddim_sample(unet, components.scheduler, noise, cond, uncond, 1, 12.5))
     seconds = _sampling_step_s(args, runtime, unet, components.scheduler, noise, cond, uncond)
-    return {"sampling_step_s": seconds, **_flop_report("sampling_step_s", flops, seconds, runtime)}
+    peak = _peak_memory_gb(runtime)
+    flops = _flops(runtime, lambda: ddim_sample(eager, components.scheduler, noise, cond, uncond, 1, 12.5))
+    report = {"sampling_step_s": seconds, **_flop_report("sampling_step_s", flops, seconds, runtime)}
+    return {**report, "sampling_peak_memory_gb": peak}
 
 
 def _sampling_step_s(args: Any, runtime: Any, unet: Any, scheduler: Any, noise: Any, cond: Any, uncond: Any) -> float:
@@ -577,9 +600,15 @@ class _Stamps:
         return round(statistics.median(steps[warmup:]), 4)
 
 
+def _counts_flops(runtime: Any) -> bool:
+    """FLOPs are counted on GPUs only (counting costs a step; on a CPU it adds nothing we use)."""
+    return bool(runtime.device.type == "cuda")
+
+
 def _flops(runtime: Any, step: Callable[[], Any]) -> float | None:
-    """FLOPs of one step, counted on GPU only (counting costs a step; on CPU it adds nothing we use)."""
-    if runtime.device.type != "cuda":
+    """FLOPs of one step of an eager (never a compiled) module, after the timed steps: under a counting mode
+    the compiler gives up on a function for good, so counting a compiled one first would time it eager."""
+    if not _counts_flops(runtime):
         return None
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -606,12 +635,13 @@ def _sync(runtime: Any) -> None:
         torch.cuda.synchronize(runtime.device)
 
 
-def _peak_memory(runtime: Any) -> float:
+def _peak_memory_gb(runtime: Any) -> float:
+    """The peak so far: tensors' peak on a GPU (`max_memory_allocated`), the process's peak RSS on a CPU."""
     import torch
 
     if runtime.device.type == "cuda":
-        return float(torch.cuda.max_memory_allocated(runtime.device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux reports KiB
+        return round(torch.cuda.max_memory_allocated(runtime.device) / 1e9, 3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3)  # Linux reports KiB
 
 
 def _environment(runtime: Any) -> dict[str, Any]:

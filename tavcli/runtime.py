@@ -10,7 +10,7 @@ import torch
 from tavcli.choices import Precision
 from tavcli.errors import TavError
 
-__all__ = ["DTYPES", "Runtime", "available_devices", "resolve_runtime"]
+__all__ = ["DTYPES", "Runtime", "available_devices", "bf16_is_native", "resolve_runtime"]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -62,8 +62,9 @@ def resolve_runtime(device: str = "auto", precision: Precision | str = "auto", c
     except RuntimeError:
         raise TavError(f"unknown device {device!r}", "use auto, cpu, cuda, cuda:N or mps") from None
     _require_device(chosen, device)
+    chosen = _on_its_gpu(chosen)
     if precision == "auto":
-        precision = "fp32" if chosen.type != "cuda" else "bf16" if _has_bf16_cores(chosen) else "fp16"
+        precision = "fp32" if chosen.type != "cuda" else "bf16" if bf16_is_native(chosen) else "fp16"
     if precision not in DTYPES:
         raise TavError(f"unknown precision {precision!r}", "use auto, fp32, fp16 or bf16")
     if precision != "fp32":
@@ -73,6 +74,20 @@ def resolve_runtime(device: str = "auto", precision: Precision | str = "auto", c
     if chosen.type == "cpu":
         keep_freed_memory()
     return Runtime(device=chosen, precision=precision, compile=compile)
+
+
+def _on_its_gpu(device: torch.device) -> torch.device:
+    """A CUDA device with its index (`cuda` -> `cuda:N`, the current GPU), made the current GPU.
+
+    Tensors say `cuda:N`, and `torch.device("cuda") != torch.device("cuda:0")`: with the index, comparisons with
+    a tensor's device hold (the pre-flight finds the UNet's weights already there). Made current, it is the
+    GPU that torch's device-less calls and the remedies tav names (`bf16_is_native`) ask about.
+    """
+    if device.type != "cuda":
+        return device
+    indexed = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    torch.cuda.set_device(indexed)
+    return indexed
 
 
 def _require_device(chosen: torch.device, given: str) -> None:
@@ -95,6 +110,17 @@ def available_devices() -> list[str]:
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     found = [f"cuda:{index} ({torch.cuda.get_device_name(index)})" for index in range(cuda)]
     return [*found, *(["mps"] if torch.backends.mps.is_available() else []), "cpu"]
+
+
+def bf16_is_native(device: torch.device | None = None) -> bool:
+    """Whether bf16 is worth offering on `device`, by the rule `--precision auto` follows: a CUDA GPU with bf16
+    cores. Without a device, the GPU this process computes on (`resolve_runtime` made it current), and False
+    when no CUDA work began: a CPU or MPS run, where tav's own choice is not bf16 either."""
+    if device is None:
+        if not torch.cuda.is_initialized():
+            return False
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device.type == "cuda" and _has_bf16_cores(device)
 
 
 def _has_bf16_cores(device: torch.device) -> bool:

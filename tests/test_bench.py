@@ -226,3 +226,79 @@ def test_fatezero_stored_maps_are_counted_as_its_own_table_gives_them(bench: Mod
     # FateZero's table: 15 GB of maps for 10 inversion steps of 8 frames at 512x512 (SD 1.5, fp16).
     assert round(bench.fatezero_bytes("sd15", 8, 512, 10) / 1e9) == 15
     assert bench.fatezero_bytes("sd15", 24, 512, 50) == 15 * bench.fatezero_bytes("sd15", 8, 512, 10)
+
+
+def test_compile_figures_are_compiled_ones_the_flop_count_runs_on_the_eager_module(
+    bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch._dynamo
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **_: compile_(module, backend="eager"))  # no inductor wait
+    monkeypatch.setattr(bench, "_counts_flops", lambda runtime: True)  # count on the CPU as on a GPU
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    found = bench.run_phase(phase_args(tmp_path, "sampling", compile=True))
+    assert found["sampling_step_s"] > 0
+    # Before: the FLOP count called the compiled UNet first, under a counting mode, and the compiler then
+    # skipped it for good: 0 graphs, and "compile" figures that were eager ones.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("phase", ["tune_checkpointing", "sampling", "inversion"])
+def test_a_phase_peak_is_read_before_the_flop_count_step_runs(
+    bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, phase: str
+) -> None:
+    events: list[str] = []
+    count = bench._flops
+
+    def counting(runtime: Any, step: Any) -> Any:
+        events.append("flops")
+        return count(runtime, step)
+
+    def peak(runtime: Any) -> float:
+        events.append("peak")
+        return 1.0
+
+    monkeypatch.setattr(bench, "_counts_flops", lambda runtime: True)
+    monkeypatch.setattr(bench, "_flops", counting)
+    monkeypatch.setattr(bench, "_peak_memory_gb", peak)
+    found = bench.run_phase(phase_args(tmp_path, phase))
+    # Before: the count's step (for tune_checkpointing a plain, uncheckpointed one) ran first and was the peak.
+    assert events[:2] == ["peak", "flops"], events
+    assert found[f"{phase}_peak_memory_gb"] == 1.0
+
+
+def test_each_phase_result_is_written_as_it_finishes_and_a_failed_phase_costs_only_its_figure(
+    bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import subprocess
+
+    out = tmp_path / "bench.json"
+    seen: list[dict[str, Any]] = []
+    calls: list[str] = []
+
+    def fake_run(command: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
+        phase = command[command.index("--phase") + 1]
+        calls.append(phase)
+        seen.append(json.loads(out.read_text()) if out.exists() else {})
+        if phase == "inversion":
+            return subprocess.CompletedProcess(
+                command, 1, "", "Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory"
+            )
+        figure = {f"{phase}_step_s": 0.5, "environment": {"device_name": "test"}}
+        return subprocess.CompletedProcess(command, 0, json.dumps(figure) + "\n", "")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench, "build_model", lambda config, folder: folder)
+    argv = ["bench.py", "--config", "tiny", "--phases", "tune,inversion,sampling", "--workdir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
+    with pytest.raises(SystemExit, match="1 of 3 phases failed: inversion"):
+        bench.main()
+    assert calls == ["tune", "inversion", "sampling"]  # before: the first failure ended the run
+    assert seen[1]["tune_step_s"] == 0.5  # before: nothing on disk until the last phase had finished
+    report = json.loads(out.read_text())
+    assert report["tune_step_s"] == report["sampling_step_s"] == 0.5
+    assert report["failed"] == {"inversion": "torch.OutOfMemoryError: CUDA out of memory"}

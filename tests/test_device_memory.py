@@ -93,3 +93,42 @@ def test_the_pre_flight_counts_free_and_cached_memory_and_the_unet_not_all_this_
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 500_000)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 300_000)  # a CLIP model, a cached UNet...
     assert _available(cast("VideoUNet", unet), torch.device("cpu")) == 1_000_000 + 200_000 + 440
+
+
+class _Weight:
+    """What the pre-flight reads of a parameter, on a GPU this machine need not have."""
+
+    def __init__(self, device: torch.device, nbytes: int, address: int) -> None:
+        self.device, self.nbytes, self.address = device, nbytes, address
+
+    def data_ptr(self) -> int:
+        return self.address
+
+    def numel(self) -> int:
+        return self.nbytes // 2
+
+    def element_size(self) -> int:
+        return 2
+
+
+def test_the_pre_flight_counts_the_unet_on_the_gpu_that_plain_cuda_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--device cuda` (and auto) gave an index-less `cuda`, unequal to the weights' `cuda:0`: the weights already
+    on the card were not counted, and tunes that fit were refused."""
+    from tavcli.runtime import resolve_runtime
+    from tavcli.workflow.tuning import _available
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "GPU 0")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1_000_000, 8_000_000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 500_000)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 300_000)
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    weights = [_Weight(gpu, 1000, 1), _Weight(gpu, 2000, 2), _Weight(gpu, 2000, 2), _Weight(cpu, 4000, 3)]
+    unet = type("UNet", (), {"parameters": lambda self: iter(weights)})()  # tied weights counted once
+    for device in ("cuda", "auto", "cuda:0"):
+        runtime = resolve_runtime(device, "fp32")
+        assert _available(cast("VideoUNet", unet), runtime.device) == 1_000_000 + 200_000 + 3000, device

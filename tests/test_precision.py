@@ -28,10 +28,12 @@ SMALL = ["-m", "tiny", "--frames", "2", "--width", "32", "--height", "32"]
 
 def _gpus(monkeypatch: pytest.MonkeyPatch, capabilities: list[tuple[int, int]], current: int = 0) -> None:
     """Pretend this machine has CUDA GPUs of these compute capabilities (and emulated bf16 on all of them)."""
+    chosen = [current]  # the current device, which `torch.cuda.set_device` changes
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
-    capability = lambda index=None: capabilities[current if index is None else index]  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: chosen[0])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.__setitem__(0, torch.device(device).index))
+    capability = lambda index=None: capabilities[chosen[0] if index is None else index]  # noqa: E731
     monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: f"GPU {index}")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # emulated counts
@@ -57,6 +59,16 @@ def test_auto_precision_asks_the_chosen_gpu_not_the_current_one(monkeypatch: pyt
     assert resolve_runtime("cuda", "auto").precision == "fp16"  # plain cuda: the current device
 
 
+def test_cuda_without_an_index_is_the_current_gpu_named_with_its_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensors on a GPU say `cuda:N`; an index-less `cuda` compares unequal to it (the pre-flight then missed the
+    UNet's weights already there), so `--device cuda` and `auto` resolve to the GPU with its index."""
+    _gpus(monkeypatch, [(8, 6), (7, 5)], current=1)
+    assert resolve_runtime("cuda", "auto").device == torch.device("cuda", 1)
+    assert resolve_runtime("auto", "fp32").device == torch.device("cuda", 1)
+    assert resolve_runtime("cuda:0", "auto").device == torch.device("cuda", 0)
+    assert torch.cuda.current_device() == 0  # and the run's GPU is made current, for whatever asks torch
+
+
 def test_a_device_that_is_not_here_is_one_line_naming_those_that_are(monkeypatch: pytest.MonkeyPatch) -> None:
     _gpus(monkeypatch, [(8, 0)])
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
@@ -73,7 +85,7 @@ def test_a_device_that_is_not_here_is_one_line_naming_those_that_are(monkeypatch
         resolve_runtime("cuda", "auto")
 
 
-@pytest.mark.parametrize("mixed, expected", [("bf16", "bf16"), ("fp16", "fp16"), ("no", "fp32")])
+@pytest.mark.parametrize("mixed, expected", [("bf16", "bf16"), ("fp16", "fp16")])
 def test_accelerate_mixed_precision_applies_unless_precision_is_given(
     monkeypatch: pytest.MonkeyPatch, mixed: str, expected: str
 ) -> None:
@@ -85,6 +97,28 @@ def test_accelerate_mixed_precision_applies_unless_precision_is_given(
     assert resolve_settings({"precision": None}, None)["precision"].value == "fp16"
 
 
+@pytest.mark.parametrize("where", ["project", "user", "nowhere"])
+def test_accelerates_no_leaves_the_precision_to_the_config_or_auto(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """`accelerate launch` without --mixed_precision says `no`: not a choice of fp32, so it must not override
+    the project's or the user's bf16, nor auto."""
+    from tavcli.settings.config import user_config_path
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    project = tmp_path / "p.tav"
+    project.mkdir()
+    written = {"project": project / "tav.toml", "user": user_config_path()}.get(where)
+    if written is not None:
+        written.parent.mkdir(parents=True, exist_ok=True)
+        written.write_text('precision = "bf16"\n')
+    chosen = resolve_settings({"precision": None}, project)["precision"]
+    expected = ("auto", "default") if written is None else ("bf16", str(written))
+    assert (chosen.value, chosen.source) == expected
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "NO")  # accelerate's values are case-insensitive here
+    assert resolve_settings({"precision": None}, project)["precision"].source == expected[1]
+
+
 def test_an_unsupported_accelerate_precision_is_one_line(monkeypatch: pytest.MonkeyPatch, run_tav: RunTav) -> None:
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
     code, out, err = run_tav("config", "--json")
@@ -93,15 +127,19 @@ def test_an_unsupported_accelerate_precision_is_one_line(monkeypatch: pytest.Mon
         resolve_settings({"precision": None}, None)
 
 
-def test_accelerate_launch_passes_its_mixed_precision(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        (["--mixed_precision", "bf16"], {"value": "bf16", "source": "accelerate (ACCELERATE_MIXED_PRECISION)"}),
+        ([], {"value": "auto", "source": "default"}),  # accelerate then says `no`: tav decides
+    ],
+)
+def test_accelerate_launch_passes_its_mixed_precision(tmp_path: Path, flag: list[str], expected: dict) -> None:
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
-    launch += ["--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "bf16"]
+    launch += ["--num_machines", "1", "--dynamo_backend", "no", *flag]
     done = subprocess.run([*launch, "-m", "tavcli", "config", "--json"], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["precision"] == {
-        "value": "bf16",
-        "source": "accelerate (ACCELERATE_MIXED_PRECISION)",
-    }
+    assert json.loads(done.stdout)["precision"] == expected
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])

@@ -108,11 +108,7 @@ def main() -> None:
         if _parsing_error(error):  # an unknown option, a missing argument, a bad choice: click's, one line too
             return _usage(error)
         if _out_of_memory(error):
-            error = TavError(
-                "the device ran out of memory",
-                "try --gradient-checkpointing, --precision bf16, fewer --frames or a smaller --width/--height; "
-                "`tav tune --dry-run` estimates the peak",
-            )
+            error = _memory_error(_command(sys.argv[1:]))
         if os.environ.get("TAV_DEBUG") or not isinstance(error, (TavError, OSError)):
             raise
         code = _fail(error, getattr(error, "exit_code", 1))
@@ -153,6 +149,34 @@ def _fail(error: TavError | OSError, code: int) -> int:
 def _out_of_memory(error: BaseException) -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(error, torch.OutOfMemoryError)
+
+
+# What lowers each command's peak memory, in that command's own options; {half} is the half precision the GPU
+# computes natively. Commands not listed have no such option.
+_MEMORY_REMEDIES = {
+    "tune": "try --gradient-checkpointing, --rank 8, --precision {half}, fewer --frames or a smaller "
+    "--width/--height; `tav tune --dry-run` estimates the peak",
+    "invert": "try --window 8 (frames per UNet call), --precision {half} or fewer --frames",
+    "edit": "try --window 8 (frames per UNet call), a smaller --batch-size, --precision {half} or fewer --frames",
+    "batch": "try --precision {half}, or in the jobs gradient_checkpointing = true, fewer frames, a smaller "
+    "width and height, or an edit's window",
+    "import": "try fewer --frames, a smaller --width/--height, or --device cpu",
+    "eval": "try --device cpu",
+}
+_ELSEWHERE = "other programs may hold the device's memory"
+
+
+def _memory_error(command: str | None) -> TavError:
+    """Running out of device memory, as one line naming what lowers the peak in `command`'s own options."""
+    from tavcli.runtime import bf16_is_native  # torch is loaded: it raised the error
+
+    half = "bf16" if bf16_is_native() else "fp16"  # bf16 without bf16 cores is emulated: slow
+    return TavError("the device ran out of memory", _MEMORY_REMEDIES.get(command or "", _ELSEWHERE).format(half=half))
+
+
+def _command(args: list[str]) -> str | None:
+    """The command `tav ARGS` runs: the first word that is not an option (the root's options take no value)."""
+    return next((arg for arg in args if not arg.startswith("-")), None)
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -1,8 +1,8 @@
 """Settings from flags, environment, the project's `tav.toml` and the user's `config.toml`.
 
 Precedence, highest first: command-line flag > environment variable > the mixed precision of
-`accelerate launch` (its flag or accelerate's config file) > project `tav.toml` > user `config.toml`
-> built-in default. `tav config` shows each effective value and where it came from.
+`accelerate launch` (its flag or accelerate's config file; its `no` is no choice) > project `tav.toml` >
+user `config.toml` > built-in default. `tav config` shows each effective value and where it came from.
 This module imports no torch, so `tav config` and `tav --help` stay fast.
 """
 
@@ -58,9 +58,10 @@ ENVIRONMENT = {
     "device": "TAV_DEVICE",
     "precision": "TAV_PRECISION",
 }
-# `accelerate launch --mixed_precision P` (or its config file) tells the processes it starts here.
+# `accelerate launch --mixed_precision P` (or its config file) tells the processes it starts here. Its
+# `no` is also what it says when nothing was chosen, so it leaves the precision to tav's settings.
 ACCELERATE_ENV = "ACCELERATE_MIXED_PRECISION"
-ACCELERATE_PRECISIONS = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
+ACCELERATE_PRECISIONS = {"no": None, "fp16": "fp16", "bf16": "bf16"}
 PROJECT_ENV = "TAV_PROJECT"  # the project directory itself, like --project
 PROJECT_KEYS = ("model", "model_config", "device", "precision")  # project_root makes no sense inside a project
 PROJECT_FILE = "tav.toml"
@@ -121,8 +122,8 @@ def resolve_settings(flags: dict[str, str | None], project: Path | None) -> dict
             settings[key] = Setting(flags[key], "flag")
         elif env_name and os.environ.get(env_name):
             settings[key] = Setting(os.environ[env_name], f"env {env_name}")
-        elif key == "precision" and os.environ.get(ACCELERATE_ENV):
-            settings[key] = Setting(_accelerate_precision(os.environ[ACCELERATE_ENV]), f"accelerate ({ACCELERATE_ENV})")
+        elif key == "precision" and (launched := _accelerate_precision(os.environ.get(ACCELERATE_ENV, ""))):
+            settings[key] = Setting(launched, f"accelerate ({ACCELERATE_ENV})")
         elif key in local:
             settings[key] = Setting(local[key], str(project_path))
         elif key in user:
@@ -132,8 +133,11 @@ def resolve_settings(flags: dict[str, str | None], project: Path | None) -> dict
     return settings
 
 
-def _accelerate_precision(mixed_precision: str) -> str:
-    """tav's name for accelerate's mixed precision (`no` is fp32); fp8 is not a precision tav trains in."""
+def _accelerate_precision(mixed_precision: str) -> str | None:
+    """tav's name for accelerate's mixed precision, None for `no` or empty (no choice: `accelerate launch`
+    without --mixed_precision says `no`); fp8 is not a precision tav trains in."""
+    if not mixed_precision:
+        return None
     if mixed_precision.lower() not in ACCELERATE_PRECISIONS:
         raise TavError(
             f"accelerate asks for mixed precision {mixed_precision!r}, which tav does not run",

@@ -104,13 +104,14 @@ class Entry:
         tensors: dict[str, Any],
         facts: Mapping[str, Any],
         extra: dict[str, bytes] | None = None,
-        causes: str | None = "with fp16, try --precision bf16 or fp32",
+        causes: str | None = "with fp16, try --precision fp32",
     ) -> None:
         """Write the tensors (and `extra` files by name, e.g. a picture), then the metadata that lists each
         file with its hash and marks the entry complete.
 
         Tensors holding NaN or inf are refused: a cached wrong result would be reused forever. `causes`
-        is the hint then, from a caller that knows the run (its precision, its LoRAs).
+        is the hint then, from a caller that knows the run (its precision, its LoRAs, its device). The
+        default names fp32 alone: the store knows no device, and bf16 helps only on GPUs with bf16 cores.
         """
         from safetensors.torch import save
 

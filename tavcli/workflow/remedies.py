@@ -9,10 +9,10 @@ from contextlib import contextmanager
 from tavcli.errors import TavError
 from tavcli.method.memory import TuneWontFit
 from tavcli.method.training import TuneDiverged
+from tavcli.runtime import bf16_is_native
 
 __all__ = ["naming_remedies", "overflow_causes", "settings_that_fit"]
 
-_FP16 = "fp16 may have overflowed: try --precision bf16 or fp32"
 _LORA = "a LoRA scale may be too large: try a smaller PATH:SCALE"
 
 
@@ -21,8 +21,14 @@ def overflow_causes(precision: str, loras: object) -> str | None:
     help (bf16 and fp32 share a range, so only fp16 overflows where they would not)."""
     causes = [_LORA] if loras else []
     if precision == "fp16":
-        causes.append(_FP16)
+        causes.append(_fp16_remedy())
     return "; ".join(causes) or None
+
+
+def _fp16_remedy() -> str:
+    """fp16's remedy on this run's device: bf16 (fp32's range at half the memory) only where the GPU computes it
+    natively; elsewhere bf16 is emulated and slow (SDPA falls back to its math path), so fp32."""
+    return f"fp16 may have overflowed: try --precision {'bf16 or fp32' if bf16_is_native() else 'fp32'}"
 
 
 @contextmanager
@@ -33,7 +39,7 @@ def naming_remedies(fused_loras: object) -> Iterator[None]:
         yield
     except TuneDiverged as diverged:
         causes = [f"--lr {diverged.run.learning_rate:g} may be too high"]
-        causes += [_FP16] if diverged.precision == "fp16" else []
+        causes += [_fp16_remedy()] if diverged.precision == "fp16" else []
         causes += [_LORA] if fused_loras else []
         raise TavError(diverged.message, "; ".join(causes)) from None
 
@@ -57,6 +63,8 @@ def _as_flags(changes: dict[str, object]) -> str:
     """`{"checkpointing": True}` -> `--gradient-checkpointing`; `{"width": 384, ...}` -> `--width 384 ...`."""
     words = []
     for field, value in changes.items():
+        if field == "precision" and value == "bf16" and not bf16_is_native():
+            value = "fp16"  # the same two bytes a number, computed natively where bf16 would be emulated
         flag = _FLAGS.get(field, f"--{field}")
         words.append(flag if value is True else f"{flag} {value}")
     return " ".join(words)
