@@ -167,6 +167,7 @@ def main() -> None:
     parser.add_argument("--contention", action="store_true", help="time whole tunes beside other busy processes")
     parser.add_argument("--tune-steps", type=int, default=30, help="training steps of each --contention tune")
     parser.add_argument("--out", type=Path, help="also write the JSON report to this file")
+    parser.add_argument("--build", action="store_true", help="only build the model folder and print its path")
     parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: run one phase in this process
     args = parser.parse_args()
     args.frames = args.frames or CONFIGS[args.config]["frames"]
@@ -176,6 +177,9 @@ def main() -> None:
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = build_model(args.config, args.workdir / "models")
+    if args.build:  # the GPU check builds the folder once, here, so that every later step finds it
+        print(model)
+        return
     if args.contention:
         print(json.dumps(run_contention(args, "tiny" if args.config == "tiny" else str(model)), indent=2))
         return
@@ -303,9 +307,8 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
     model = str(build_model(args.config, args.workdir / "models"))
     session = Session(runtime)
     found = _edit(args, session, model) if args.phase == "edit" else _unet_phase(args, session, model)
-    found.setdefault(f"{args.phase}_peak_memory_gb", _peak_memory_gb(runtime))
-    if runtime.device.type == "cuda":  # what the caching allocator held, beside what tensors used
-        found[f"{args.phase}_peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(runtime.device) / 1e9, 3)
+    if f"{args.phase}_peak_memory_gb" not in found:  # phases that count FLOPs read their peaks before counting
+        found.update(_peaks(runtime, args.phase))
     found["environment"] = _environment(runtime)
     return found
 
@@ -349,14 +352,14 @@ def _tune(args: Any, runtime: Any, components: Any, mean: Any, std: Any, embeds:
     unet = inflate_unet(components.unet)
     seconds = _training_step_s(args, runtime, unet, components, mean, std, embeds, checkpointing)
     name = "tune_step_checkpointing_s" if checkpointing else "tune_step_s"
-    peak = _peak_memory_gb(runtime)  # the timed steps' own: read before the FLOP count's plain step runs
+    peaks = _peaks(runtime, args.phase)  # the timed steps' own: read before the FLOP count's plain step runs
     flops = _flops(runtime, lambda: _train_once(unet, runtime, mean, embeds))
     trainable = sum(p.numel() for p in trainable_parameters(unet).values())
     return {
         name: seconds,
         **_flop_report(name, flops, seconds, runtime),
         "trainable_parameters_m": round(trainable / 1e6, 2),
-        f"{args.phase}_peak_memory_gb": peak,
+        **peaks,
     }
 
 
@@ -401,12 +404,12 @@ def _inversion(args: Any, runtime: Any, components: Any, held: Any, latents: Any
     eager = inflate_unet(held).to(held.dtype).eval()
     unet = windowed(runtime.prepare(eager), args.window)
     seconds = _inversion_step_s(args, runtime, unet, components.scheduler, latents, empty)
-    peak = _peak_memory_gb(runtime)
+    peaks = _peaks(runtime, "inversion")
     flops = _flops(
         runtime, lambda: ddim_inversion(windowed(eager, args.window), components.scheduler, latents, empty, 1)
     )
     report = {"inversion_step_s": seconds, **_flop_report("inversion_step_s", flops, seconds, runtime)}
-    return {**report, "inversion_peak_memory_gb": peak}
+    return {**report, **peaks}
 
 
 def _inversion_step_s(args: Any, runtime: Any, unet: Any, scheduler: Any, latents: Any, empty: Any) -> float:
@@ -431,10 +434,10 @@ def _sampling(args: Any, runtime: Any, components: Any, held: Any, noise: Any, e
     unet = runtime.prepare(eager)
     cond, uncond = embeds[:1], embeds[1:]
     seconds = _sampling_step_s(args, runtime, unet, components.scheduler, noise, cond, uncond)
-    peak = _peak_memory_gb(runtime)
+    peaks = _peaks(runtime, "sampling")
     flops = _flops(runtime, lambda: ddim_sample(eager, components.scheduler, noise, cond, uncond, 1, 12.5))
     report = {"sampling_step_s": seconds, **_flop_report("sampling_step_s", flops, seconds, runtime)}
-    return {**report, "sampling_peak_memory_gb": peak}
+    return {**report, **peaks}
 
 
 def _sampling_step_s(args: Any, runtime: Any, unet: Any, scheduler: Any, noise: Any, cond: Any, uncond: Any) -> float:
@@ -635,13 +638,17 @@ def _sync(runtime: Any) -> None:
         torch.cuda.synchronize(runtime.device)
 
 
-def _peak_memory_gb(runtime: Any) -> float:
-    """The peak so far: tensors' peak on a GPU (`max_memory_allocated`), the process's peak RSS on a CPU."""
+def _peaks(runtime: Any, phase: str) -> dict[str, float]:
+    """The peaks so far, in GB: on a GPU the tensors' (`max_memory_allocated`) and what the caching allocator
+    held (`max_memory_reserved`); on a CPU the process's peak RSS (Linux reports KiB)."""
     import torch
 
     if runtime.device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(runtime.device) / 1e9, 3)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3)  # Linux reports KiB
+        return {
+            f"{phase}_peak_memory_gb": round(torch.cuda.max_memory_allocated(runtime.device) / 1e9, 3),
+            f"{phase}_peak_reserved_gb": round(torch.cuda.max_memory_reserved(runtime.device) / 1e9, 3),
+        }
+    return {f"{phase}_peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3)}
 
 
 def _environment(runtime: Any) -> dict[str, Any]:

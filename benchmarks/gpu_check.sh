@@ -82,26 +82,24 @@ if [ "$smoke" -eq 1 ]; then
   bench=(--config tiny --device cpu --precision fp32 --frames 2 --size 64 --warmup 0 --repeats 1 --edit-steps 1)
   half=(--precision fp32)  # a CPU has no fast fp16: the smoke only proves the command lines
   frames=(--frames 2 --width 64 --height 64)
-  tune_steps=2 invert_steps=2 edit_steps=2 model_config=tiny device=cpu precision=fp32
+  tune_steps=2 invert_steps=2 edit_steps=2 device=cpu precision=fp32
 else
   bench=(--config sd15 --device cuda --precision bf16)
   half=(--precision fp16)
   frames=(--frames 24 --width 512 --height 512)
-  # 100 tune steps give the tune's speed (steps per second) and leave invert and edit their time; no
-  # resumable states are saved (--checkpoint-every 0), so the figure is the training's.
-  tune_steps=100 invert_steps=50 edit_steps=50 model_config=sd15 device=cuda precision=bf16
+  # 80 tune steps give the tune's speed (steps per second) and leave invert and edit their time (100 took 78 s
+  # with the load on an H200); no resumable states are saved (--checkpoint-every 0): the figure is the training's.
+  tune_steps=80 invert_steps=50 edit_steps=50 device=cuda precision=bf16
 fi
-models="${work:-}/bench/models"  # built once, by the model step, where bench.py looks for it
-bench_dir=(--workdir "${work:-}/bench")
+bench_dir=(--workdir "${work:-}/bench")  # the model folder is built there once, by the model step
 
 # 1. The machine: device, compute capability, versions, the SDPA kernels that really run.
 step environment 25 "$py" benchmarks/environment.py "${logs:-}/environment.json" "$precision"
-# 2. The random-weight model folder, once (SD 1.5: 34 s and 4.3 GB on an H200).
-step model 50 "$py" -c "import sys; from pathlib import Path; from tavcli.models.architectures import build_model as b
-m = 'tiny' if sys.argv[1] == 'tiny' else str(b(sys.argv[1], Path(sys.argv[2])))
-Path(sys.argv[3]).write_text(m)" "$model_config" "$models" "${work:-}/model.txt"
+# 2. The random-weight model folder, once, where bench.py looks for it (SD 1.5: 31 s and 4.3 GB on an H200).
+step model 50 bash -c '"$0" benchmarks/bench.py "${@:2}" --build > "$1"' "$py" "${work:-}/model.txt" "${bench[@]}" \
+  "${bench_dir[@]}"
 # 3. The benchmark, one phase per step (each writes its figures when it ends).
-for phase in tune:40 sampling:30 inversion:30 tune_checkpointing:40; do
+for phase in tune:35 sampling:30 inversion:30 tune_checkpointing:35; do
   step "bench_${phase%:*}" "${phase#*:}" "$py" benchmarks/bench.py "${bench[@]}" --phases "${phase%:*}" \
     "${bench_dir[@]}" --out "${logs:-}/bench_${phase%:*}.json"
 done
@@ -111,7 +109,7 @@ model="$(cat "${work:-}/model.txt" 2>/dev/null || echo tiny)"
 project="${work:-}/check.tav"
 tune=(tune "$clip" "a man is skiing" -p "$project" --model "$model" "${frames[@]}" --steps "$tune_steps"
   --device "$device" --checkpoint-every 0 --gradient-checkpointing)
-step tune_dry_run 20 "$py" benchmarks/measured.py "${logs:-}/tune_dry_run.json" "${tune[@]}" --dry-run -q
+step tune_dry_run 35 "$py" benchmarks/measured.py "${logs:-}/tune_dry_run.json" "${tune[@]}" --dry-run -q
 step tune 85 "$py" benchmarks/measured.py "${logs:-}/tune.json" "${tune[@]}"
 step invert 35 "$py" benchmarks/measured.py "${logs:-}/invert.json" invert -p "$project" --steps "$invert_steps" \
   --device "$device"
@@ -121,10 +119,10 @@ step edit_batch_1 55 "$py" benchmarks/measured.py "${logs:-}/edit_batch_1.json" 
 step edit_batch_2 50 "$py" benchmarks/measured.py "${logs:-}/edit_batch_2.json" edit "${prompts[@]}" -p "$project" \
   --steps "$edit_steps" --batch-size 2 --device "$device" --force
 # 5. Last, what matters least: fp16 for the tune and guided steps, then --compile (minutes on a CPU: not in the smoke).
-step bench_fp16 40 "$py" benchmarks/bench.py "${bench[@]}" "${half[@]}" --phases tune,sampling "${bench_dir[@]}" \
+step bench_fp16 45 "$py" benchmarks/bench.py "${bench[@]}" "${half[@]}" --phases tune,sampling "${bench_dir[@]}" \
   --out "${logs:-}/bench_fp16.json"
 if [ "$smoke" -eq 0 ]; then
-  step bench_compile 55 "$py" benchmarks/bench.py "${bench[@]}" --compile --phases sampling "${bench_dir[@]}" \
+  step bench_compile 45 "$py" benchmarks/bench.py "${bench[@]}" --compile --phases sampling "${bench_dir[@]}" \
     --out "${logs:-}/bench_compile.json"
 fi
 

@@ -257,17 +257,17 @@ def test_a_phase_peak_is_read_before_the_flop_count_step_runs(
         events.append("flops")
         return count(runtime, step)
 
-    def peak(runtime: Any) -> float:
+    def peaks(runtime: Any, phase: str) -> dict[str, float]:
         events.append("peak")
-        return 1.0
+        return {f"{phase}_peak_memory_gb": 1.0, f"{phase}_peak_reserved_gb": 2.0}
 
     monkeypatch.setattr(bench, "_counts_flops", lambda runtime: True)
     monkeypatch.setattr(bench, "_flops", counting)
-    monkeypatch.setattr(bench, "_peak_memory_gb", peak)
+    monkeypatch.setattr(bench, "_peaks", peaks)
     found = bench.run_phase(phase_args(tmp_path, phase))
     # Before: the count's step (for tune_checkpointing a plain, uncheckpointed one) ran first and was the peak.
     assert events[:2] == ["peak", "flops"], events
-    assert found[f"{phase}_peak_memory_gb"] == 1.0
+    assert found[f"{phase}_peak_memory_gb"] == 1.0 and found[f"{phase}_peak_reserved_gb"] == 2.0
 
 
 def test_each_phase_result_is_written_as_it_finishes_and_a_failed_phase_costs_only_its_figure(
