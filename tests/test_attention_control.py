@@ -4,7 +4,7 @@ FateZero's stored maps against the ones recomputed from the trajectory, and the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -481,3 +481,62 @@ def test_a_controlled_edit_rounds_under_bf16_autocast_like_a_plain_one(
     assert torch.isfinite(rounded).all()
     plain_error = (rounded_plain.float() - exact_plain).abs().mean()
     assert (rounded.float() - exact).abs().mean() < 3 * plain_error  # bf16's own rounding, not the control's
+
+
+# --- what a controlled edit holds (issue 31, item 13) ----------------------------------------------------------
+
+
+def _own_storage(tensor: torch.Tensor) -> bool:
+    return tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+
+
+def test_a_recorded_layer_keeps_its_items_queries_and_keys_not_the_batchs() -> None:
+    """`kept` held views of the whole batch's queries and keys: the source branch's [uncond, cond] call kept both
+    items' alive for its conditional one. It keeps the item's alone, with the same numbers."""
+    frames = 3
+    torch.manual_seed(2)
+    hidden, text = torch.randn(2 * frames, 16, 16), torch.randn(2 * frames, 77, 12)
+    attn = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8).eval()
+    control = AttentionControl(ControlSchedule(STEPS, 1, 0, frozenset(), ()), [list(range(frames))])
+    processor = ControlledAttention(None, control, "cross", "layer")
+    with torch.no_grad():
+        control.begin("record", record_item=1)
+        control.on_call(None, (torch.zeros(2, 4, frames, 4, 4),), {})
+        processor(attn, hidden, text)
+        q, k = control.recorded[0].kept["layer"]
+        assert torch.equal(q, attn.to_q(hidden)[frames:]) and torch.equal(k, attn.to_k(text)[frames:])
+    assert _own_storage(q) and _own_storage(k)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_the_trajectory_stays_where_it_is_and_each_step_moves_its_own_latent(
+    oracle_video_unet: VideoUNet,
+    scheduler: DDIMScheduler,
+    embed: Callable[[str], torch.Tensor],
+    trajectory: torch.Tensor,
+    tokenizer: CLIPTokenizer,
+    monkeypatch: pytest.MonkeyPatch,
+    window: int | None,
+) -> None:
+    """The whole trajectory went to the device for each group; it stays on the host, and each step moves the one
+    latent it uses (once, whatever the windows) to the prompt's device, with the same numbers."""
+    prompts = ["a dog is skiing"]
+    blend = LocalBlend(word_tokens(tokenizer, SOURCE, ["man"]), [word_tokens(tokenizer, prompts[0], ["dog"])], 5)
+    schedule = _schedule(tokenizer, prompts, blend=blend, fuse_self=True)
+    expected, _ = _edit(oracle_video_unet, scheduler, embed, trajectory, prompts, schedule, window=window)
+    moved: list[torch.Size] = []
+    to = torch.Tensor.to
+
+    def spied(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        to_device = "device" in kwargs or any(isinstance(a, (str, torch.device)) for a in args)
+        if to_device and self.untyped_storage().data_ptr() == trajectory.untyped_storage().data_ptr():
+            moved.append(self.shape)
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spied)
+    blend = LocalBlend(word_tokens(tokenizer, SOURCE, ["man"]), [word_tokens(tokenizer, prompts[0], ["dog"])], 5)
+    schedule = _schedule(tokenizer, prompts, blend=blend, fuse_self=True)
+    out, _ = _edit(oracle_video_unet, scheduler, embed, trajectory, prompts, schedule, window=window)
+    monkeypatch.undo()
+    assert torch.equal(out, expected)
+    assert moved == [trajectory.shape[1:]] * (STEPS + 1)  # the noise, then each step's latent

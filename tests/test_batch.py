@@ -428,3 +428,40 @@ def test_the_current_tune_is_the_last_jobs_in_file_order_whichever_ran_last(tmp_
     tunes = {r["job"]: r["key"] for r in _records(out) if r["kind"] == "tune"}
     assert [r["job"] for r in _records(out)][0] == "last" and tunes["first"] != tunes["last"]
     assert json.loads((tmp_path / "p.tav" / "project.json").read_text())["tune"] == tunes["last"]
+
+
+def test_a_batch_job_keeps_its_clip_scorer_on_the_cpu_until_it_scores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`eval` put CLIP (CLIP-L: 1.7 GB) on the run's device before the tune, beside the UNet training; `tav tune
+    --eval` keeps it on the CPU, and the tune moves it to the device only while it scores: a batch does the same."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tavcli import workflow
+    from tavcli.batch import run_jobs
+    from tavcli.method import metrics
+    from tavcli.progress import Reporter
+
+    job = '[[job]]\nclip = "c.mp4"\nprompt = "a man"\npreview = "a dog"\neval = true\n'
+    jobs, problems = parse_jobs(job, "jobs.toml", tmp_path, jsonl=False)
+    assert not problems
+    made: list[tuple[str, torch.device]] = []
+    handed: list[object] = []
+
+    class Scorer:
+        def __init__(self, name: str, device: torch.device) -> None:
+            made.append((name, device))
+
+    def tune(session: object, request: object, force: bool, preview: object, scorer: object) -> list[object]:
+        handed.append(scorer)
+        return []
+
+    monkeypatch.setattr(metrics, "ClipScorer", Scorer)
+    monkeypatch.setattr(workflow, "tune", tune)
+    gpu = torch.device("cuda", 0)  # never used: the tune is a stand-in
+    session = SimpleNamespace(runtime=SimpleNamespace(device=gpu), reporter=Reporter(), release=lambda model: None)
+    records: list[dict[str, object]] = []
+    assert run_jobs(session, jobs, False, records.append), records
+    assert [device for _, device in made] == [torch.device("cpu")] and isinstance(handed[0], Scorer)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import CLIP
+from .conftest import CLIP, RunTav, one_job
 
 SMALL = {"frames": 2, "width": 32, "height": 32, "edit": {"steps": 1}}
 
@@ -90,3 +90,76 @@ def test_two_processes_leave_the_current_tune_a_single_process_leaves(tmp_path: 
     short = next(r["key"] for r in _records(single.stdout) if r["job"] == "short" and r["kind"] == "tune")
     for name in ("one", "two"):
         assert json.loads((tmp_path / f"{name}.tav" / "project.json").read_text())["tune"] == short, name
+
+
+class _FakeGroups:
+    """torch.distributed as a batch uses it, in one process: groups made, gathered over, destroyed."""
+
+    def __init__(self, initialised: bool) -> None:
+        self.initialised, self.destroyed = initialised, 0
+
+    def install(self, monkeypatch: pytest.MonkeyPatch, processes: int) -> None:
+        import accelerate
+        import torch
+        import torch.distributed as dist
+
+        groups = self
+
+        class PartialState:  # what `accelerate launch` starts: the default group made
+            def __init__(self, cpu: bool = False) -> None:
+                groups.initialised = True
+                self.process_index, self.num_processes, self.device = 0, processes, torch.device("cpu")
+
+        def all_gather_object(shares: list[object], share: object, group: object = None) -> None:
+            shares[:] = [share] * len(shares)
+
+        def destroy_process_group(group: object = None) -> None:
+            assert groups.initialised, "destroyed twice"
+            groups.initialised, groups.destroyed = False, groups.destroyed + 1
+
+        monkeypatch.setattr(accelerate, "PartialState", PartialState)
+        monkeypatch.setattr(dist, "is_initialized", lambda: groups.initialised)
+        monkeypatch.setattr(dist, "new_group", lambda **kwargs: "gloo")
+        monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+        monkeypatch.setattr(dist, "destroy_process_group", destroy_process_group)
+
+
+@pytest.mark.parametrize(
+    ("processes", "initialised", "ending"),
+    [
+        (2, False, "done"),
+        (2, False, "interrupted"),
+        (2, False, "failed"),
+        (2, False, "no slot"),  # the default group made, then the batch's own refused
+        (1, True, "done"),
+        (1, True, "failed"),
+    ],
+)
+def test_the_process_group_is_destroyed_however_the_batch_ends(
+    tmp_path: Path, run_tav: RunTav, monkeypatch: pytest.MonkeyPatch, processes: int, initialised: bool, ending: str
+) -> None:
+    """The group was destroyed only after a batch that ran to its end over several processes: not when a run was
+    interrupted or failed on the way, nor in one process whose group was made before (NCCL warns at exit of a
+    group never destroyed, and may hang there). Every way out destroys it, once."""
+    import tavcli.batch
+
+    groups = _FakeGroups(initialised)
+    groups.install(monkeypatch, processes)
+    monkeypatch.setenv("WORLD_SIZE", str(processes))
+
+    def run_jobs(*args: object) -> bool:
+        if ending == "interrupted":
+            raise KeyboardInterrupt
+        if ending == "failed":
+            raise OSError(28, "No space left on device")
+        return True
+
+    def refused(**kwargs: object) -> None:
+        raise OSError(111, "Connection refused")
+
+    monkeypatch.setattr(tavcli.batch, "run_jobs", run_jobs)
+    if ending == "no slot":
+        monkeypatch.setattr("torch.distributed.new_group", refused)
+    code, _, err = run_tav("batch", one_job(tmp_path, tmp_path / "p.tav", []))
+    assert code == {"done": 0, "interrupted": 130, "failed": 1, "no slot": 1}[ending], err
+    assert groups.destroyed == 1 and not groups.initialised

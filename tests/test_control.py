@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -13,6 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from .conftest import CLIP, RunTav
+
+if TYPE_CHECKING:
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from tavcli.method.video_unet import VideoUNet
 
 SMALL = ["--model", "tiny", "--frames", "3", "--stride", "2", "--width", "64", "--height", "64", "--steps", "1"]
 
@@ -110,3 +116,42 @@ def test_t2i_adapter_conditions_the_edit(tmp_path: Path, run_tav: RunTav) -> Non
     a = load_file(project / "edits" / plain["key"] / "tensors.safetensors")["latents"]
     b = load_file(project / "edits" / adapted["key"] / "tensors.safetensors")["latents"]
     assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("kind", ["controlnet", "adapter"])
+def test_under_windows_each_window_gets_the_residuals_of_its_own_frames(
+    oracle_unet2d: UNet2DConditionModel, oracle_video_unet: VideoUNet, scheduler: DDIMScheduler, kind: str
+) -> None:
+    """Under `--window` the ControlNet ran on all the clip's frames at every step and each window took its slice:
+    its memory grew with the clip. It runs on each window's frames alone, with the same numbers."""
+    from diffusers import ControlNetModel, T2IAdapter
+
+    from tavcli.method.control import ControlGuide
+    from tavcli.method.sampling import ddim_sample
+    from tavcli.method.windows import windowed
+
+    torch.manual_seed(0)
+    model: ControlNetModel | T2IAdapter
+    if kind == "controlnet":
+        model = ControlNetModel.from_unet(oracle_unet2d, conditioning_embedding_out_channels=(8, 16, 32, 32))
+        for param in model.parameters():  # not a fresh ControlNet's zero convolutions
+            torch.nn.init.normal_(param, std=0.05)
+    else:
+        model = T2IAdapter(in_channels=3, channels=[32, 64, 64, 64], num_res_blocks=1, downscale_factor=8)
+    frames = 7  # three windows of 3: [0, 1, 2], [0, 3, 4], [0, 5, 6]
+    maps = np.random.default_rng(0).integers(0, 256, (frames, 128, 128, 3), dtype=np.uint8)
+    guide = ControlGuide(model.eval(), maps, 0.8)
+    batches: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+    call = windowed(oracle_video_unet, 3)
+    noise, text, negative = torch.randn(1, 4, frames, 16, 16), torch.randn(1, 77, 32), torch.randn(1, 77, 32)
+
+    def all_frames(sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> Any:
+        """What sampling did: the residuals of every frame, each window taking its own."""
+        return call(sample, timestep, text, **guide(sample, timestep, text))
+
+    expected = ddim_sample(all_frames, scheduler, noise, text, negative, 2, 7.5)
+    batches.clear()
+    out = ddim_sample(call, scheduler, noise, text, negative, 2, 7.5, control=guide)
+    assert batches == ([2 * 3] * 3 * 2 if kind == "controlnet" else [])  # [uncond, cond] x 3 frames, per window
+    assert torch.equal(out, expected)

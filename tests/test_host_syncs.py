@@ -95,8 +95,10 @@ def _unet(sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, **ex
     return SimpleNamespace(sample=out)
 
 
-def _control(sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> dict[str, Any]:
-    """Per-frame residuals shaped like a ControlNet's (clips * frames first), for the windows to slice."""
+def _control(
+    sample: torch.Tensor, timestep: torch.Tensor | float | int, text: torch.Tensor, frames: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """Per-frame residuals shaped like a ControlNet's (clips * frames first): sliced by the windows, or a window's."""
     residual = sample.transpose(1, 2).flatten(0, 1)
     return {"down_block_additional_residuals": [residual, residual[:, :1]], "mid_block_additional_residual": residual}
 

@@ -10,7 +10,7 @@ Importing it imports no torch: parsing and validating stay fast and testable on 
 """
 
 from tavcli.batch.jobs import BatchContext, Job, JobProblem, check_frames, parse_jobs
-from tavcli.batch.processes import Slot, Tally, assign, finish, process_slot, settle_current_tunes
+from tavcli.batch.processes import Slot, Tally, assign, batch_slot, finish, process_slot, settle_current_tunes
 from tavcli.batch.reading import read_jobs
 from tavcli.batch.running import failure_record, plan_jobs, run_jobs
 from tavcli.batch.schema import job_file_schema
@@ -22,6 +22,7 @@ __all__ = [
     "Slot",
     "Tally",
     "assign",
+    "batch_slot",
     "check_frames",
     "failure_record",
     "finish",

@@ -10,6 +10,9 @@ batch. Torch is imported only when there are several processes.
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -18,7 +21,7 @@ from typing import Any
 from tavcli.batch.jobs import Job
 from tavcli.batch.running import Emit
 
-__all__ = ["Slot", "Tally", "assign", "finish", "process_slot", "settle_current_tunes"]
+__all__ = ["Slot", "Tally", "assign", "batch_slot", "finish", "process_slot", "settle_current_tunes"]
 
 # How long a process that ran its share waits for the others: as long as the longest share takes.
 NO_LIMIT = timedelta(days=365)
@@ -48,6 +51,24 @@ def process_slot(device: str) -> Slot:
     # Made now, while every process is here; gloo waits on a socket, not on the device, for however long.
     group = dist.new_group(backend="gloo", timeout=NO_LIMIT)
     return Slot(state.process_index, state.num_processes, "cpu" if state.device.type == "cpu" else chosen, group)
+
+
+@contextmanager
+def batch_slot(device: str) -> Iterator[Slot]:
+    """This process's slot for the block, and every process group ended after it, however the block ends (done,
+    failed, interrupted; or the slot itself not made): NCCL warns at exit of a group never destroyed, and may
+    hang there."""
+    try:
+        yield process_slot(device)
+    finally:
+        end_process_groups()
+
+
+def end_process_groups() -> None:
+    """Destroy torch's process groups if any were made (by the slot, or in one process before it)."""
+    dist = sys.modules.get("torch.distributed")  # never imported: no group, and no torch to load for it
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()  # every group: nothing else is sent
 
 
 def assign(jobs: list[Job], process: int, processes: int) -> list[Job]:
@@ -81,14 +102,14 @@ class Tally:
 
 
 def finish(slot: Slot, tally: Tally) -> Tally:
-    """The whole batch's tally, once every process has run its share (each waits here for the others)."""
+    """The whole batch's tally, once every process has run its share (each waits here for the others). The
+    groups are ended by `batch_slot`."""
     if slot.group is None:
         return tally
     import torch.distributed as dist
 
     shares: list[Any] = [None] * slot.count
     dist.all_gather_object(shares, (tally.failed, tally.tunes), group=slot.group)
-    dist.destroy_process_group()  # every group: nothing else is sent
     whole = Tally(tally.emit)
     for failed, tunes in shares:
         whole.failed += failed

@@ -181,9 +181,12 @@ def _job_artifacts(session: Any, job: Job, stage: list[str]) -> Any:
     force = bool(job.tune.get("force", False))
     scorer = None
     if job.tune.get("eval"):
+        import torch
+
         from tavcli.method.metrics import ClipScorer
 
-        scorer = ClipScorer(job.tune.get("clip_model", DEFAULT_CLIP_MODEL), session.runtime.device)
+        # On the CPU, as `tav tune --eval` loads it: the tune moves it to the device only while it scores.
+        scorer = ClipScorer(job.tune.get("clip_model", DEFAULT_CLIP_MODEL), torch.device("cpu"))
     tuned = workflow.tune(session, _tune_request(job, session.reporter), force, _preview(job), scorer)
     yield from tuned
     if not job.edits and not job.invert:

@@ -80,7 +80,7 @@ def batch(
 
       tav batch --schema > tav-jobs.schema.json
     """
-    from tavcli.batch import BatchContext, Tally, assign, failure_record, finish, process_slot, settle_current_tunes
+    from tavcli.batch import BatchContext, Tally, assign, batch_slot, failure_record, finish, settle_current_tunes
 
     chosen = setup.settings(None, model=model, model_config=model_config, device=device, precision=precision)
     context = BatchContext(
@@ -90,20 +90,20 @@ def batch(
         root=root,
     )
     jobs, problems = _valid_jobs(jobs_file, context, keep_going)
-    slot = process_slot(chosen["device"].value or "auto")
-    chosen["device"] = Setting(slot.device, chosen["device"].source)
-    session = setup.session(chosen, allow_pickle)
-    mine = assign(jobs, slot.index, slot.count)
-    if slot.count > 1:
-        output.show(
-            f"[dim]process {slot.index + 1} of {slot.count} on {slot.device}: {len(mine)} of {len(jobs)} jobs[/dim]"
-        )
-    tally = Tally(output.print_record)  # what this process's records say, for the end of the batch
-    if slot.index == 0:
-        for problem in problems:
-            tally(failure_record(problem))
-    (_plan if dry_run else _run)(session, mine, keep_going, tally)
-    whole = finish(slot, tally)  # every process waits here for the others: a launcher stops all at one's error
+    with batch_slot(chosen["device"].value or "auto") as slot:  # its process groups ended however this ends
+        chosen["device"] = Setting(slot.device, chosen["device"].source)
+        session = setup.session(chosen, allow_pickle)
+        mine = assign(jobs, slot.index, slot.count)
+        if slot.count > 1:
+            output.show(
+                f"[dim]process {slot.index + 1} of {slot.count} on {slot.device}: {len(mine)} of {len(jobs)} jobs[/dim]"
+            )
+        tally = Tally(output.print_record)  # what this process's records say, for the end of the batch
+        if slot.index == 0:
+            for problem in problems:
+                tally(failure_record(problem))
+        (_plan if dry_run else _run)(session, mine, keep_going, tally)
+        whole = finish(slot, tally)  # every process waits here for the others: a launcher stops all at one's error
     if slot.index != 0:
         return  # the main process speaks for the batch
     settle_current_tunes(session, jobs, whole.tunes)

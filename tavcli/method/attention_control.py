@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import groupby
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +40,20 @@ from tavcli.method.video_unet import sparse_causal_attention, split_heads
 
 __all__ = ["AttentionControl", "ControlSchedule", "SelfKind", "controlling", "layer_grid"]
 
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+
 SelfKind = Literal["spatial", "temporal"]
 Kind = Literal["cross", "spatial", "temporal"]
 Mode = Literal["off", "record", "replay"]
+
+
+def _eager(function: _Function) -> _Function:
+    """`function` run as it is under `--compile` (`torch.compile`), between the compiled pieces of the UNet.
+
+    Traced, what the control reads (its step, its mode, its call's number) would be guarded on, and the whole UNet
+    compiled again at each step; left out, the UNet is compiled once, in pieces around its attention layers.
+    """
+    return cast(_Function, torch.compiler.disable(function))
 
 
 @dataclass(frozen=True)
@@ -119,6 +130,7 @@ class AttentionControl:
             self._spans[device] = [torch.tensor(span, device=device) for span in self.spans]
         return self._spans[device][number]
 
+    @_eager  # read by no graph: the mode and the call's number change every call
     def on_call(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """The UNet's forward pre-hook: a new call of (clips, c, f, h, w) latents."""
         if self.mode == "off":
@@ -184,6 +196,7 @@ class ControlledAttention:
     def __init__(self, inner: Any, control: AttentionControl, kind: Kind, name: str) -> None:
         self.inner, self.control, self.kind, self.name = inner, control, kind, name
 
+    @_eager  # read by no graph: the step and the mode it reads change every call
     def __call__(
         self,
         attn: Attention,
@@ -208,7 +221,7 @@ class ControlledAttention:
         if control.mode == "record":
             item = slice(control.record_item * rows, (control.record_item + 1) * rows)
             if replace:
-                call.kept[self.name] = q[item], k[item]
+                call.kept[self.name] = _alone(q, item), _alone(k, item)
             if blend_maps and blend is not None and blend.source_tokens:
                 grid = layer_grid(call.size, q.shape[1])
                 blend.add_source(call.frames, word_maps(attn, q[item], k[item], blend.source_tokens, grid))
@@ -228,6 +241,10 @@ class ControlledAttention:
                 if kept is not None:
                     out[item] = self._controlled(attn, q[item], k[item], v[item], out[item], *kept, prompt)
         projected: torch.Tensor = attn.to_out[1](attn.to_out[0](out))
+        # Ends as the layer's own processor does (diffusers' divides by 1: a new tensor, not a view of `to_out`'s),
+        # so the graph `--compile` resumes after the layer is given the same kind of tensor whichever path ran.
+        if self.kind != "spatial":
+            projected = projected / attn.rescale_output_factor
         return projected
 
     def _own(
@@ -302,6 +319,12 @@ class ControlledAttention:
         grid = layer_grid(call.size, own.shape[0])  # temporal: rows are positions, tokens are frames
         pooled = F.adaptive_max_pool2d(region[:, None], grid)
         return pooled.flatten(1).T[..., None].to(own.dtype)  # (positions, f, 1)
+
+
+def _alone(tensor: torch.Tensor, rows: slice) -> torch.Tensor:
+    """`tensor[rows]`, copied where the batch holds other items: kept as a view, it would keep all of them alive."""
+    part = tensor[rows]
+    return part if len(part) == len(tensor) else part.clone()
 
 
 def _kind(name: str) -> Kind:

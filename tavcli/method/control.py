@@ -72,19 +72,27 @@ class ControlGuide:
             with torch.no_grad():
                 self.adapter_features = [feature * scale for feature in controlnet(self.condition)]
 
-    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> dict[str, Any]:
-        clips, channels, frames, height, width = sample.shape
-        if frames != len(self.condition):
-            raise TavError(f"the control clip gives {len(self.condition)} maps for {frames} frames")
+    def __call__(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        text: torch.Tensor,
+        frames: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """The residuals for a call on `sample`, which holds the clip's frames `frames` (a window's; None: all)."""
+        clips, channels, count, height, width = sample.shape
+        if frames is None and count != len(self.condition):
+            raise TavError(f"the control clip gives {len(self.condition)} maps for {count} frames")
         if self.adapter_features is not None:  # the UNet consumes this list: a new one per call
-            features = [feature.repeat(clips, 1, 1, 1).to(sample.dtype) for feature in self.adapter_features]
-            return {"down_intrablock_additional_residuals": features}
-        folded = sample.transpose(1, 2).reshape(clips * frames, channels, height, width)
+            chosen = self.adapter_features if frames is None else [feature[frames] for feature in self.adapter_features]
+            return {"down_intrablock_additional_residuals": [f.repeat(clips, 1, 1, 1).to(sample.dtype) for f in chosen]}
+        condition = self.condition if frames is None else self.condition[frames]  # a window's maps alone
+        folded = sample.transpose(1, 2).reshape(clips * count, channels, height, width)
         down, mid = self.controlnet(
             folded.to(self.controlnet.dtype),
             timestep,
-            text.repeat_interleave(frames, dim=0).to(self.controlnet.dtype),
-            controlnet_cond=self.condition.repeat(clips, 1, 1, 1),
+            text.repeat_interleave(count, dim=0).to(self.controlnet.dtype),
+            controlnet_cond=condition.repeat(clips, 1, 1, 1),
             conditioning_scale=self.scale,
             return_dict=False,
         )

@@ -45,7 +45,8 @@ class SourceBranch:
 @dataclass(frozen=True)
 class SourceTrajectory:
     """The cached inversion: `trajectory` (N + 1, 1, c, f, h, w) from the clean latents to the noise, and the
-    embedding `prompt` (1, n, d) it was inverted with."""
+    embedding `prompt` (1, n, d) it was inverted with. The trajectory may stay on the host: each step moves the
+    one latent it uses to the prompt's device."""
 
     trajectory: torch.Tensor
     prompt: torch.Tensor
@@ -69,8 +70,11 @@ class AttentionSteering:
             raise ValueError(f"a trajectory of {len(source.trajectory) - 1} steps for an edit of {steps}")
         self.unet, self.control, self.source, self.prompts = unet, control, source, prompts
         self.guidance_scale, self.guidance_rescale = guidance_scale, guidance_rescale
+        self.device = source.prompt.device  # where the source's latents are used
         # The source's latent before the current step (the branch's), or after it (what blending blends into).
-        self.source_latents = source.noise if isinstance(source, SourceBranch) else source.trajectory[-1]
+        start = source.noise if isinstance(source, SourceBranch) else source.trajectory[-1]
+        self.source_latents = start.to(self.device)
+        self._moved: tuple[int, torch.Tensor] | None = None  # the trajectory's latent the current step uses
 
     def begin(self, ddim: DDIMScheduler, index: int, timestep: torch.Tensor, step: int) -> None:
         control, schedule = self.control, self.control.schedule
@@ -80,7 +84,7 @@ class AttentionSteering:
             if schedule.maps_needed(index) or schedule.blend is not None:  # blending blends into its latents
                 self.record_source(ddim, index, timestep, step)
         else:
-            self.source_latents = self.source.trajectory[self._at(index)]
+            self.source_latents = self._trajectory_latents(index)
             if schedule.maps_needed(index):  # each edit call records its source call just before it runs
 
                 def record_window(number: int) -> None:
@@ -110,11 +114,19 @@ class AttentionSteering:
         """The trajectory's latent that the inversion's call at edit step `index`'s timestep started from."""
         return len(self.source.trajectory) - 2 - index if isinstance(self.source, SourceTrajectory) else 0
 
+    def _trajectory_latents(self, index: int) -> torch.Tensor:
+        """The trajectory's latent of edit step `index` on the device: moved once for all the step's calls."""
+        assert isinstance(self.source, SourceTrajectory)
+        at = self._at(index)
+        if self._moved is None or self._moved[0] != at:
+            self._moved = at, self.source.trajectory[at].to(self.device)
+        return self._moved[1]
+
     def _trajectory_call(self, index: int, timestep: torch.Tensor, number: int) -> None:
         """The inversion's call at this timestep, on the frames of call `number` (the UNet itself, not windowed:
         the windows are the edit's, called one by one)."""
         assert isinstance(self.source, SourceTrajectory)
-        latents = self.source.trajectory[self._at(index)]
+        latents = self._trajectory_latents(index)
         frames = self.control.span(number, latents.device)
         unet = getattr(self.unet, "unet", self.unet)  # a `WindowedUNet`'s own UNet
         unet(latents[:, :, frames], timestep, self.source.prompt)

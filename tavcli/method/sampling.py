@@ -12,18 +12,16 @@ over channels, frames and pixels.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from diffusers import DDIMScheduler, SchedulerMixin
 
 from tavcli.method.inversion import StepCallback, UNetCall
+from tavcli.method.windows import UNetExtra, controlled_call
 
 __all__ = ["Steering", "ddim_sample", "ddim_schedule", "guided_prediction", "guided_step"]
-
-UNetExtra = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, Any]]
-"""`control(x, t, text)`: extra UNet arguments for one call (ControlNet residuals)."""
 
 
 class Steering(Protocol):
@@ -78,8 +76,7 @@ def guided_step(
     """One guided DDIM step from `latents` at `timestep` (`step` as an int): the UNet once on the doubled
     batch `[latents, latents]` with `text` = `[uncond, cond]` embeddings, then the scheduler's step."""
     model_input = ddim.scale_model_input(torch.cat([latents, latents]), timestep)
-    extra = control(model_input, timestep, text) if control is not None else {}
-    pred_uncond, pred_cond = unet(model_input, timestep, text, **extra).sample.chunk(2)
+    pred_uncond, pred_cond = controlled_call(unet, model_input, timestep, text, control).sample.chunk(2)
     pred = guided_prediction(pred_uncond, pred_cond, guidance_scale, guidance_rescale)
     next_latents: torch.Tensor = ddim.step(pred, step, latents, eta=eta, generator=generator).prev_sample
     return next_latents

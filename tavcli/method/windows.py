@@ -11,12 +11,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-__all__ = ["Windows", "WindowedUNet", "call_spans", "windowed"]
+__all__ = ["UNetExtra", "Windows", "WindowedUNet", "call_spans", "controlled_call", "windowed"]
+
+
+class UNetExtra(Protocol):
+    """`control(x, t, text, frames)`: extra UNet arguments (ControlNet residuals) for one call on `x`, which holds
+    the clip's frames `frames` (a window's; None: all of them)."""
+
+    def __call__(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        text: torch.Tensor,
+        frames: torch.Tensor | None = None,
+    ) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -114,24 +127,40 @@ class WindowedUNet:
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
+        control: UNetExtra | None = None,
         **kwargs: Any,
     ) -> UNet2DConditionOutput:
+        """`control` gives each window its own extra arguments, computed on its frames alone (its memory then
+        scales with the window); per-frame `kwargs` are sliced."""
         clips, _, frames = sample.shape[:3]
         if frames <= self.windows.size:
-            return self.unet(sample, timestep, encoder_hidden_states, **kwargs)
+            extra = {} if control is None else control(sample, timestep, encoder_hidden_states)
+            return self.unet(sample, timestep, encoder_hidden_states, **kwargs, **extra)
         key = (frames, sample.device)
         if key not in self._plans:
             self._plans[key] = _Plan.make(self.windows, frames, sample.device)
         plan = self._plans[key]
         total: torch.Tensor | None = None
         for index, weights in zip(plan.indices, plan.weights, strict=True):
+            part = sample[:, :, index]
             extra = {name: _slice_frames(value, clips, frames, index) for name, value in kwargs.items()}
-            out = self.unet(sample[:, :, index], timestep, encoder_hidden_states, **extra).sample
+            if control is not None:
+                extra.update(control(part, timestep, encoder_hidden_states, index))
+            out = self.unet(part, timestep, encoder_hidden_states, **extra).sample
             if total is None:  # shaped like the UNet's output (its channels may differ from the sample's)
                 total = out.new_zeros((*out.shape[:2], frames, *out.shape[3:]), dtype=torch.float32)
             total[:, :, index] += out.float() * weights
         assert total is not None  # there is always at least one span
         return UNet2DConditionOutput(sample=total.to(out.dtype))  # blended in float32, returned in the UNet's dtype
+
+
+def controlled_call(
+    unet: Any, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, control: UNetExtra | None
+) -> UNet2DConditionOutput:
+    """`unet(sample, timestep, text)` with `control`'s extra arguments: over windows, each window's own."""
+    if isinstance(unet, WindowedUNet):
+        return unet(sample, timestep, text, control=control)
+    return unet(sample, timestep, text, **({} if control is None else control(sample, timestep, text)))
 
 
 def windowed(unet: Any, window: int | None) -> Any:

@@ -312,8 +312,8 @@ def _sample_group(session: Session, plan: EditPlan, group: list[str], settings: 
     if not force and all(entry.complete for entry in members):  # 1
         return set()
     components, unet = session.tuned_unet(project, plan.tune)  # 2
-    trajectory = plan.inversion.tensors(runtime.device)["trajectory"]
-    noise = trajectory[-1].expand(len(group), *trajectory.shape[2:])
+    trajectory = plan.inversion.tensors()["trajectory"]  # on the host: attention control moves a step's at a time
+    noise = trajectory[-1].to(runtime.device).expand(len(group), *trajectory.shape[2:])
     label = group[0] if len(group) == 1 else f"{len(group)} prompts"
     loras = members[0].spec.get("loras")  # their identity in the edits' keys
     negative = plan.unconditional if isinstance(plan.unconditional, str) else settings.negative
