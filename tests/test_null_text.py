@@ -167,6 +167,50 @@ def test_an_interrupted_fit_resumes_to_the_same_embeddings(
 
 
 @pytest.mark.slow
+def test_a_fit_that_stops_being_finite_keeps_its_last_good_step_and_resumes_from_it(
+    tmp_path: Path, run_tav: RunTav, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last Adam step of step 3 makes the embedding NaN (its loss was finite): the fit stops there in one
+    line, step 2's state stays on disk, and a rerun resumes from it to the embeddings of an unbroken fit."""
+    import shutil
+
+    from tavcli.store.checkpoints import Checkpoints
+
+    project, uninterrupted = tmp_path / "broken.tav", tmp_path / "unbroken.tav"
+    assert run_tav("tune", CLIP, SOURCE, *SMALL, "-p", project)[0] == 0
+    shutil.copytree(project, uninterrupted)
+    step, calls = torch.optim.Adam.step, []
+
+    def poisoned(self: torch.optim.Adam, *args: Any, **kwargs: Any) -> Any:
+        out = step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:  # one iteration per step: step 3's last
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
+    fit = ["invert", "--steps", "5", "--inversion", "null-text", "--guidance", "7.5", "--null-iterations", "1"]
+    code, out, err = run_tav(*fit, "-p", project)
+    assert code == 1 and out == "" and "Traceback" not in err and len(calls) == 3, err
+    runs = [Checkpoints(folder) for folder in (project / "checkpoints").iterdir()]
+    (fit_states,) = [states for states in runs if "inversion" in states.run()]  # not the tune's
+    assert fit_states.steps() == [2]
+    tensors, _ = fit_states.read(2)  # refuses NaN or inf
+    assert len(tensors["embeddings"]) == 2
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("error: ") and "not finite after step 3" in last and "--null-lr" in last, err
+    monkeypatch.undo()
+    code, out, err = run_tav(*fit, "-p", project)
+    assert code == 0 and "resumed at step 2 of 5" in err, err
+    resumed = json.loads(out.splitlines()[-1])
+    first = json.loads(run_tav(*fit, "-p", uninterrupted)[1].splitlines()[-1])
+    assert resumed["key"] == first["key"]
+    files = [Path(record["path"]) / "tensors.safetensors" for record in (resumed, first)]
+    assert files[0].read_bytes() == files[1].read_bytes()
+
+
+@pytest.mark.slow
 def test_a_null_text_edit_is_reproduced_in_a_fresh_project_and_from_a_batch(
     tuned: Path, tmp_path: Path, run_tav: RunTav
 ) -> None:
@@ -186,3 +230,27 @@ def test_a_null_text_edit_is_reproduced_in_a_fresh_project_and_from_a_batch(
     fitted = tuned / "nulltexts" / sidecar["null_text"]["key"]
     assert run_tav("rm", f"inversions/{sidecar['inversion']['key']}", "-p", tuned, "--yes")[0] == 0
     assert not fitted.exists() and not Path(record["path"]).exists()  # the fit and the edit went with it
+
+
+@pytest.mark.slow
+def test_the_fit_runs_on_frozen_weights_and_gives_their_flags_back(
+    tuned: Path, run_tav: RunTav, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the embedding is differentiated: weights that require a gradient would make autograd keep every
+    layer's input for theirs. The session's tuned UNet is left as it was."""
+    from tavcli.method.null_text import optimise_null_text
+    from tavcli.method.windows import WindowedUNet
+
+    flags = []
+
+    def spied(unet: Any, *args: Any, **kwargs: Any) -> Any:
+        module = unet.unet if isinstance(unet, WindowedUNet) else unet
+        flags.append((module, {param.requires_grad for param in module.parameters()}))
+        return optimise_null_text(unet, *args, **kwargs)
+
+    monkeypatch.setattr("tavcli.workflow.null_text.optimise_null_text", spied)
+    args: list[str | Path] = ["--inversion", "null-text", "--null-iterations", "1", "--guidance", "6", "-p", tuned]
+    assert run_tav("invert", "--steps", "3", *args)[0] == 0
+    ((module, during),) = flags
+    assert during == {False}
+    assert {param.requires_grad for param in module.parameters()} == {True}  # as `inflate_unet` made them

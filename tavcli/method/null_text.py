@@ -14,6 +14,11 @@ below 1e-5 + i * 2e-5: at N = 50 the paper's schedule exactly, and for longer sc
 near half the first rate instead of going negative. The next latent is computed by the very call that
 sampling makes, so sampling with the source prompt and these u_i gives the trajectory they were fitted
 on; a sampled edit with another prompt keeps what that prompt does not change.
+
+Memory: each UNet call that Adam differentiates keeps only its inputs for backward, which recomputes
+its activations (`torch.utils.checkpoint`): per window when the UNet runs over windows, so backward
+holds one window's activations instead of every window's. It costs one more forward per Adam iteration
+and changes no number.
 """
 
 from __future__ import annotations
@@ -21,14 +26,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from diffusers import SchedulerMixin
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from torch.utils.checkpoint import checkpoint
 
 from tavcli.method.inversion import UNetCall
 from tavcli.method.sampling import ddim_schedule, guided_prediction, guided_step
+from tavcli.method.windows import WindowedUNet
 
-__all__ = ["NullTextRun", "NullTextState", "optimise_null_text"]
+__all__ = ["NullTextRun", "NullTextState", "checkpointed", "optimise_null_text"]
 
 TOLERANCE, TOLERANCE_PER_STEP = 1e-5, 2e-5  # the paper's early stop: loss < 1e-5 + i * 2e-5
 ADAM_EPS = 1e-8  # torch's and the paper's, for the mean squared error's gradient
@@ -76,6 +85,7 @@ def optimise_null_text(
     state: NullTextState | None = None,
     on_step: StepDone | None = None,
     on_iteration: IterationDone | None = None,
+    checkpointing: bool = True,
 ) -> NullTextState:
     """The unconditional embedding of every sampling step (see the module's formula).
 
@@ -89,32 +99,76 @@ def optimise_null_text(
         state: the steps done by an interrupted run, to go on from; None starts at z*_N.
         on_step: called with the state after each step (to save it: the run can resume from any step).
         on_iteration: called with (iteration, loss) after each Adam iteration.
+        checkpointing: recompute the activations of the differentiated UNet calls in backward
+            (`checkpointed`); False keeps them all, as the reference does, to the same numbers.
 
     Returns:
         The state after all N steps: `embeddings[i]` is u_i in float32, `losses[i]` the squared error of
         z_{i+1} against z*_{N-1-i} per element, `iterations[i]` the Adam iterations step i took.
+
+    Raises:
+        FloatingPointError: a loss, embedding or latent is NaN or inf; `on_step` has seen only finite steps.
     """
     steps = len(trajectory) - 1
     ddim, timesteps = ddim_schedule(scheduler, steps, trajectory[-1].device)
     state = state or NullTextState(latent=trajectory[-1])
+    fitted = checkpointed(unet) if checkpointing else unet
     for index in range(state.done, steps):
         timestep, step, target = ddim.timesteps[index], timesteps[index], trajectory[steps - 1 - index].float()
         start = state.embeddings[-1] if state.embeddings else empty_embeds
         uncond, taken = _fit(
-            unet, ddim, state.latent, timestep, step, prompt_embeds, start, target, run, index, on_iteration
+            fitted, ddim, state.latent, timestep, step, prompt_embeds, start, target, run, index, on_iteration
         )
         with torch.no_grad():
             text = torch.cat([uncond.to(prompt_embeds.dtype), prompt_embeds])
-            state.latent = guided_step(
+            latent = guided_step(
                 unet, ddim, state.latent, timestep, step, text, run.guidance_scale,
                 guidance_rescale=run.guidance_rescale,
             )  # fmt: skip
+        loss = torch.nn.functional.mse_loss(latent.float(), target).item()
+        _require_finite(uncond, loss, index)  # before `on_step` saves it: a rerun resumes from the step before
+        state.latent = latent
         state.embeddings.append(uncond)
-        state.losses.append(torch.nn.functional.mse_loss(state.latent.float(), target).item())
+        state.losses.append(loss)
         state.iterations.append(taken)
         if on_step is not None:
             on_step(state)
     return state
+
+
+def checkpointed(unet: UNetCall) -> UNetCall:
+    """`unet` with each UNet call checkpointed: inside the windows when it runs over windows, so that backward
+    recomputes (and holds) one window's activations at a time, not the whole call's."""
+    if isinstance(unet, WindowedUNet):
+        return WindowedUNet(_Checkpointed(unet.unet), unet.windows)
+    return _Checkpointed(unet)
+
+
+class _Checkpointed:
+    """A UNet call that keeps only its inputs for backward while autograd records, and runs as is otherwise."""
+
+    def __init__(self, unet: UNetCall) -> None:
+        self.unet = unet
+
+    def __call__(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, **kwargs: Any
+    ) -> UNet2DConditionOutput:
+        if not torch.is_grad_enabled():  # the conditional prediction and the step taken: nothing to recompute
+            return self.unet(sample, timestep, encoder_hidden_states, **kwargs)
+        # Non-reentrant: the recomputation runs under the autocast and RNG state of the first pass.
+        out = checkpoint(self._sample, sample, timestep, encoder_hidden_states, use_reentrant=False, **kwargs)
+        return UNet2DConditionOutput(sample=out)
+
+    def _sample(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        sample: torch.Tensor = self.unet(*args, **kwargs).sample
+        return sample
+
+
+def _require_finite(uncond: torch.Tensor, loss: float, index: int) -> None:
+    """FloatingPointError if step `index`'s embedding or loss is NaN or inf (a non-finite latent makes its loss
+    so): no loss checks the embedding Adam's last update made."""
+    if not math.isfinite(loss) or not bool(torch.isfinite(uncond).all()):
+        raise FloatingPointError(f"the null-text embedding or latent is not finite after step {index + 1}")
 
 
 def _fit(

@@ -1,15 +1,17 @@
 """Null-text embeddings in the store: fitted once per inversion, guidance and Adam budget, resumable.
 
 The fit (`tavcli.method.null_text`) runs on the tuned UNet, windowed as the inversion was, under the
-run's autocast. After each step its state is saved as a checkpoint of the fit's run, so an interrupted
-fit goes on from the last step done; the finished entry holds one embedding per step, the loss per step
-in its metadata and a picture of it (`loss.png`).
+run's autocast, with the UNet's weights frozen (autograd then keeps nothing for their gradients). After
+each step its state is saved as a checkpoint of the fit's run, so an interrupted fit goes on from the last
+step done; a step whose embedding or latent is not finite stops the fit before it is saved. The finished
+entry holds one embedding per step, the loss per step in its metadata and a picture of it (`loss.png`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -64,7 +66,8 @@ def fit_null_text(
             advance(loss=state.losses[-1])
 
         steps, done = len(trajectory) - 1, 0 if state is None else state.done
-        with session.reporter.task("null-text fitting", steps, done) as advance, runtime.autocast():
+        task = session.reporter.task("null-text fitting", steps, done)
+        with task as advance, runtime.autocast(), _frozen(unet):
             try:
                 state = optimise_null_text(
                     windowed(unet, inversion.spec.get("window")),
@@ -96,6 +99,20 @@ def fit_null_text(
     cached = project.produce(entry, compute, force, lock=f"checkpoints-{checkpoints.key}")
     details = {"guidance": settings.guidance, "inversion": inversion.key, "loss_plot": str(entry.path / LOSS_PLOT)}
     return Artifact("null-text", entry.key, entry.path, cached, time.perf_counter() - started, details)
+
+
+@contextlib.contextmanager
+def _frozen(unet: torch.nn.Module) -> Iterator[None]:
+    """`unet`'s weights without gradients while the fit runs (only the embedding is differentiated), their
+    flags restored after: the tuned UNet's weights require gradients (`inflate_unet`), and autograd would
+    keep every layer's input for them, in each checkpointed call's recomputation too."""
+    flags = [param.requires_grad for param in unet.parameters()]
+    unet.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in zip(unet.parameters(), flags, strict=True):
+            param.requires_grad_(flag)
 
 
 def _state_tensors(state: NullTextState) -> dict[str, torch.Tensor]:
