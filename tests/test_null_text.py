@@ -157,13 +157,7 @@ def test_an_interrupted_fit_resumes_to_the_same_embeddings(
     fit = ["invert", "--steps", "5", "--inversion", "null-text", "--guidance", "7.5", *FIT]
     assert run_tav(*fit, "-p", project)[0] == 130
     monkeypatch.undo()
-    code, out, err = run_tav(*fit, "-p", project)
-    assert code == 0 and "resumed at step 2 of 5" in err, err
-    resumed = json.loads(out.splitlines()[-1])
-    first = json.loads(run_tav(*fit, "-p", uninterrupted)[1].splitlines()[-1])
-    assert resumed["key"] == first["key"]
-    files = [Path(record["path"]) / "tensors.safetensors" for record in (resumed, first)]
-    assert files[0].read_bytes() == files[1].read_bytes()
+    _resumes_at_step_2_to_the_uninterrupted_fit(run_tav, fit, project, uninterrupted)
 
 
 @pytest.mark.slow
@@ -201,13 +195,7 @@ def test_a_fit_that_stops_being_finite_keeps_its_last_good_step_and_resumes_from
     last = [line for line in err.splitlines() if line.strip()][-1]
     assert last.startswith("error: ") and "not finite after step 3" in last and "--null-lr" in last, err
     monkeypatch.undo()
-    code, out, err = run_tav(*fit, "-p", project)
-    assert code == 0 and "resumed at step 2 of 5" in err, err
-    resumed = json.loads(out.splitlines()[-1])
-    first = json.loads(run_tav(*fit, "-p", uninterrupted)[1].splitlines()[-1])
-    assert resumed["key"] == first["key"]
-    files = [Path(record["path"]) / "tensors.safetensors" for record in (resumed, first)]
-    assert files[0].read_bytes() == files[1].read_bytes()
+    _resumes_at_step_2_to_the_uninterrupted_fit(run_tav, fit, project, uninterrupted)
 
 
 @pytest.mark.slow
@@ -254,3 +242,16 @@ def test_the_fit_runs_on_frozen_weights_and_gives_their_flags_back(
     ((module, during),) = flags
     assert during == {False}
     assert {param.requires_grad for param in module.parameters()} == {True}  # as `inflate_unet` made them
+
+
+def _resumes_at_step_2_to_the_uninterrupted_fit(
+    run_tav: RunTav, fit: list[str], project: Path, uninterrupted: Path
+) -> None:
+    """The same command goes on from step 2 and stores the very bytes an uninterrupted fit stores."""
+    code, out, err = run_tav(*fit, "-p", project)
+    assert code == 0 and "resumed at step 2 of 5" in err, err
+    resumed = json.loads(out.splitlines()[-1])
+    first = json.loads(run_tav(*fit, "-p", uninterrupted)[1].splitlines()[-1])
+    assert resumed["key"] == first["key"]
+    files = [Path(record["path"]) / "tensors.safetensors" for record in (resumed, first)]
+    assert files[0].read_bytes() == files[1].read_bytes()
