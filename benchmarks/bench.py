@@ -426,7 +426,7 @@ def _sampling(args: Any, runtime: Any, components: Any, held: Any, noise: Any, e
     """Guided sampling steps of the UNet inflated from `held` (the 2D UNet as sampling holds it)."""
     import torch
 
-    from tavcli.method.sampling import ddim_sample
+    from tavcli.method.sampling import Guidance, ddim_sample
     from tavcli.method.video_unet import inflate_unet
 
     torch.manual_seed(0)
@@ -435,19 +435,19 @@ def _sampling(args: Any, runtime: Any, components: Any, held: Any, noise: Any, e
     cond, uncond = embeds[:1], embeds[1:]
     seconds = _sampling_step_s(args, runtime, unet, components.scheduler, noise, cond, uncond)
     peaks = _peaks(runtime, "sampling")
-    flops = _flops(runtime, lambda: ddim_sample(eager, components.scheduler, noise, cond, uncond, 1, 12.5))
+    flops = _flops(runtime, lambda: ddim_sample(eager, components.scheduler, noise, cond, uncond, 1, Guidance(12.5)))
     report = {"sampling_step_s": seconds, **_flop_report("sampling_step_s", flops, seconds, runtime)}
     return {**report, **peaks}
 
 
 def _sampling_step_s(args: Any, runtime: Any, unet: Any, scheduler: Any, noise: Any, cond: Any, uncond: Any) -> float:
     """Median seconds per guided `ddim_sample` step of `unet` (already prepared by the runtime)."""
-    from tavcli.method.sampling import ddim_sample
+    from tavcli.method.sampling import Guidance, ddim_sample
 
     stamps = _Stamps(runtime)
     steps = args.warmup + args.repeats
     with runtime.autocast():
-        ddim_sample(unet, scheduler, noise, cond, uncond, steps, 12.5, on_step=lambda *_: stamps())
+        ddim_sample(unet, scheduler, noise, cond, uncond, steps, Guidance(12.5), on_step=lambda *_: stamps())
     return stamps.median(args.warmup)
 
 
@@ -462,7 +462,7 @@ def _controlled(args: Any, runtime: Any, components: Any, held: Any, noise: Any,
     from tavcli.method.controlled_sampling import AttentionSteering, SourceBranch, SourceTrajectory
     from tavcli.method.local_blend import LocalBlend
     from tavcli.method.prompt_words import token_map, word_tokens
-    from tavcli.method.sampling import ddim_sample
+    from tavcli.method.sampling import Guidance, ddim_sample
     from tavcli.method.video_unet import inflate_unet
     from tavcli.models.loading import encode_prompts
 
@@ -482,11 +482,20 @@ def _controlled(args: Any, runtime: Any, components: Any, held: Any, noise: Any,
     control = AttentionControl(schedule, [list(range(args.frames))])
     trajectory = torch.randn(steps + 1, *noise.shape, generator=torch.Generator().manual_seed(1)).to(noise)
     origin = SourceTrajectory(trajectory, text) if source == "fusion" else SourceBranch(noise, text, text)
-    steering = AttentionSteering(unet, control, origin, 1, 12.5)
+    guidance = Guidance(12.5)
+    steering = AttentionSteering(unet, control, origin, 1, guidance)
     stamps = _Stamps(runtime)
     with controlling(unet, control), runtime.autocast():
         ddim_sample(
-            unet, components.scheduler, noise, cond, uncond, steps, 12.5, on_step=lambda *_: stamps(), steering=steering
+            unet,
+            components.scheduler,
+            noise,
+            cond,
+            uncond,
+            steps,
+            guidance,
+            on_step=lambda *_: stamps(),
+            steering=steering,
         )
     return {f"{args.phase}_step_s": stamps.median(args.warmup)}
 
@@ -522,7 +531,8 @@ def fatezero_bytes(architecture: str, frames: int, size: int, steps: int, bytes_
 def _edit(args: Any, session: Any, model: str) -> dict:
     """Whole edits through the workflow, as `tav edit` runs them, on a project of the bundled clip."""
     from tavcli import workflow
-    from tavcli.settings.requests import EditRequest, EditSettings
+    from tavcli.settings.editing import EditRequest
+    from tavcli.settings.sampling import EditSettings
 
     project = _tuned_project(args, model)
     settings = EditSettings(steps=args.edit_steps)

@@ -32,15 +32,9 @@ from bench import build_model  # noqa: E402
 from tavcli import workflow  # noqa: E402
 from tavcli.method.vae import decode_latents  # noqa: E402
 from tavcli.runtime import resolve_runtime  # noqa: E402
-from tavcli.settings.requests import (  # noqa: E402
-    EditRequest,
-    EditSettings,
-    FrameSelection,
-    FrameSize,
-    InversionSettings,
-    TuneRequest,
-    TuneSettings,
-)
+from tavcli.settings.editing import EditRequest  # noqa: E402
+from tavcli.settings.sampling import EditSettings, InversionSettings  # noqa: E402
+from tavcli.settings.tuning import FrameSelection, FrameSize, TuneRequest, TuneSettings  # noqa: E402
 from tavcli.store.project import Project  # noqa: E402
 
 SOURCE = "a man is skiing"

@@ -264,3 +264,32 @@ def embed() -> Any:
             return embedding
 
     return embed
+
+
+def _guidance_consumer() -> str:
+    """Which sampler the `Guidance.apply` being called serves, from the calls on the stack: attention control's
+    source branch, the null-text fit, the edit's own sampling, or another."""
+    names, frame = set(), sys._getframe(2)
+    while frame is not None:
+        names.add(frame.f_code.co_name)
+        frame = frame.f_back
+    for function, consumer in (("record_source", "branch"), ("optimise_null_text", "null-text")):
+        if function in names:
+            return consumer
+    return "edit" if "ddim_sample" in names else "other"
+
+
+@pytest.fixture
+def guidance_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
+    """Every `Guidance.apply` from now on, as (which sampler it serves, the `Guidance` applied)."""
+    from tavcli.method.sampling import Guidance
+
+    applied: list[tuple[str, Any]] = []
+    apply = Guidance.apply
+
+    def spied(self: Guidance, pred_uncond: Any, pred_cond: Any) -> Any:
+        applied.append((_guidance_consumer(), self))
+        return apply(self, pred_uncond, pred_cond)
+
+    monkeypatch.setattr(Guidance, "apply", spied)
+    return applied

@@ -1,4 +1,4 @@
-"""`--compile` with attention control (issue 31, item 9): the compiled UNet is compiled once for a controlled edit,
+"""`--compile` with attention control: the compiled UNet is compiled once for a controlled edit,
 not once per step, and computes what the eager one does."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from tavcli.method.attention_control import AttentionControl, ControlSchedule, c
 from tavcli.method.controlled_sampling import AttentionSteering, SourceBranch
 from tavcli.method.local_blend import LocalBlend
 from tavcli.method.prompt_words import token_map, word_tokens
-from tavcli.method.sampling import ddim_sample
+from tavcli.method.sampling import Guidance, ddim_sample
 from tavcli.method.windows import call_spans, windowed
 
 from .conftest import TINY_SD
@@ -54,10 +54,10 @@ def _controlled_edit(
     call = windowed(unet, window)
     control = AttentionControl(schedule, call_spans(call, 5))
     source = SourceBranch(noise, embed(SOURCE), embed(""))
-    steering = AttentionSteering(call, control, source, 1, 7.5)
+    steering = AttentionSteering(call, control, source, 1, Guidance(7.5))
     with controlling(unet, control):
         return ddim_sample(
-            call, scheduler, noise, embed(EDIT), embed(""), STEPS, 7.5, on_step=on_step, steering=steering
+            call, scheduler, noise, embed(EDIT), embed(""), STEPS, Guidance(7.5), on_step=on_step, steering=steering
         )
 
 

@@ -4,6 +4,7 @@ FateZero's stored maps against the ones recomputed from the trajectory, and the 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -24,7 +25,7 @@ from tavcli.method.controlled_sampling import AttentionSteering, SourceBranch, S
 from tavcli.method.inversion import ddim_inversion
 from tavcli.method.local_blend import LocalBlend
 from tavcli.method.prompt_words import TokenMap, align_tokens, token_map, word_tokens
-from tavcli.method.sampling import ddim_sample, ddim_schedule
+from tavcli.method.sampling import Guidance, ddim_sample, ddim_schedule
 from tavcli.method.video_unet import sparse_causal_context
 from tavcli.method.windows import call_spans, windowed
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 SOURCE = "a man is skiing"
 STEPS = 4
 BOTH: frozenset[SelfKind] = frozenset({"spatial", "temporal"})
+GUIDANCE = Guidance(7.5)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,29 @@ def trajectory(
     torch.manual_seed(0)
     clean = torch.randn(1, 4, 5, 16, 16)
     return torch.stack(ddim_inversion(oracle_video_unet, scheduler, clean, embed(SOURCE), STEPS))
+
+
+@dataclass(frozen=True)
+class Rig:
+    """What the sampling tests run on: the reference's tiny video UNet and scheduler, prompt embeddings, the
+    source's inversion trajectory and the tokenizer."""
+
+    unet: VideoUNet
+    scheduler: DDIMScheduler
+    embed: Callable[[str], torch.Tensor]
+    trajectory: torch.Tensor
+    tokenizer: CLIPTokenizer
+
+
+@pytest.fixture(scope="module")
+def rig(
+    oracle_video_unet: VideoUNet,
+    scheduler: DDIMScheduler,
+    embed: Callable[[str], torch.Tensor],
+    trajectory: torch.Tensor,
+    tokenizer: CLIPTokenizer,
+) -> Rig:
+    return Rig(oracle_video_unet, scheduler, embed, trajectory, tokenizer)
 
 
 # --- prompts' words and token maps ---------------------------------------------------------------------------
@@ -226,7 +251,7 @@ def test_fractions_count_steps_as_the_references_tables() -> None:
     """Video-P2P and FateZero replace cross-attention at step i while row i of a table of N + 1 rows says so, rows
     [0, int(c (N + 1))) (`get_time_words_attention_alpha`), and self-attention for i < int(N s); both products
     in floating point."""
-    from tavcli.settings.requests import AttentionSettings
+    from tavcli.settings.attention import AttentionSettings
 
     for steps in range(1, 102, 7):
         for fraction in (0.05, 0.1, 0.2, 0.29, 0.3, 0.5, 0.6, 0.7, 0.8, 0.95, 1.0):
@@ -280,13 +305,8 @@ def _probabilities(control: AttentionControl, unet: VideoUNet) -> list[dict[str,
 
 
 @pytest.mark.parametrize("window", [None, 3])
-def test_maps_recomputed_from_the_trajectory_are_those_stored_during_inversion(
-    oracle_video_unet: VideoUNet,
-    scheduler: DDIMScheduler,
-    embed: Callable[[str], torch.Tensor],
-    trajectory: torch.Tensor,
-    window: int | None,
-) -> None:
+def test_maps_recomputed_from_the_trajectory_are_those_stored_during_inversion(rig: Rig, window: int | None) -> None:
+    oracle_video_unet, scheduler, embed, trajectory = rig.unet, rig.scheduler, rig.embed, rig.trajectory
     schedule = ControlSchedule(STEPS, STEPS, STEPS, BOTH, ())  # every layer that can be controlled, every step
     call = windowed(oracle_video_unet, window)
     control = AttentionControl(schedule, call_spans(call, 5))
@@ -301,7 +321,7 @@ def test_maps_recomputed_from_the_trajectory_are_those_stored_during_inversion(
         inverted = torch.stack(ddim_inversion(call, scheduler, trajectory[0], embed(SOURCE), STEPS, store))
         if window is None:
             assert torch.equal(inverted, trajectory)  # recording changes nothing
-        steering = AttentionSteering(call, control, SourceTrajectory(inverted, embed(SOURCE)), 1, 7.5)
+        steering = AttentionSteering(call, control, SourceTrajectory(inverted, embed(SOURCE)), 1, GUIDANCE)
         ddim, steps = ddim_schedule(scheduler, STEPS, torch.device("cpu"))
         for index, (timestep, step) in enumerate(zip(ddim.timesteps, steps, strict=True)):
             with torch.no_grad():
@@ -340,29 +360,27 @@ class ConstantBlend(LocalBlend):
 
 
 def _edit(
-    unet: VideoUNet,
-    scheduler: DDIMScheduler,
-    embed: Callable[[str], torch.Tensor],
-    trajectory: torch.Tensor,
+    rig: Rig,
     prompts: list[str],
     schedule: ControlSchedule | None,
     source: SourceBranch | SourceTrajectory | None = None,
     window: int | None = None,
     steering: type[AttentionSteering] = AttentionSteering,
+    guidance: Guidance = GUIDANCE,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The edits of `prompts` (one batch), negative-prompt style, and the source branch's final latents."""
-    noise = trajectory[-1].expand(len(prompts), -1, -1, -1, -1)
-    texts = torch.cat([embed(p) for p in prompts])
-    negative = embed(SOURCE).expand_as(texts)
-    call = windowed(unet, window)
+    noise = rig.trajectory[-1].expand(len(prompts), -1, -1, -1, -1)
+    texts = torch.cat([rig.embed(p) for p in prompts])
+    negative = rig.embed(SOURCE).expand_as(texts)
+    call = windowed(rig.unet, window)
     if schedule is None:
-        return ddim_sample(call, scheduler, noise, texts, negative, STEPS, 7.5), None
+        return ddim_sample(call, rig.scheduler, noise, texts, negative, STEPS, guidance), None
     frames = 5
     control = AttentionControl(schedule, call_spans(call, frames))
-    source = source or SourceTrajectory(trajectory, embed(SOURCE))
-    steered = steering(call, control, source, len(prompts), 7.5)
-    with controlling(unet, control):
-        out = ddim_sample(call, scheduler, noise, texts, negative, STEPS, 7.5, steering=steered)
+    source = source or SourceTrajectory(rig.trajectory, rig.embed(SOURCE))
+    steered = steering(call, control, source, len(prompts), guidance)
+    with controlling(rig.unet, control):
+        out = ddim_sample(call, rig.scheduler, noise, texts, negative, STEPS, guidance, steering=steered)
     return out, steered.source_latents
 
 
@@ -372,52 +390,27 @@ def _schedule(tokenizer: CLIPTokenizer, prompts: list[str], **changes: object) -
     return ControlSchedule(STEPS, token_maps=maps, **settings)  # type: ignore[arg-type]
 
 
-def test_no_control_changes_nothing_and_the_processors_are_restored(
-    oracle_video_unet: VideoUNet,
-    scheduler: DDIMScheduler,
-    embed: Callable[[str], torch.Tensor],
-    trajectory: torch.Tensor,
-    tokenizer: CLIPTokenizer,
-) -> None:
-    before = {name: type(p) for name, p in oracle_video_unet.attn_processors.items()}
+def test_no_control_changes_nothing_and_the_processors_are_restored(rig: Rig) -> None:
+    before = {name: type(p) for name, p in rig.unet.attn_processors.items()}
     prompts = ["a dog is skiing"]
-    plain, _ = _edit(oracle_video_unet, scheduler, embed, trajectory, prompts, None)
-    idle, _ = _edit(
-        oracle_video_unet,
-        scheduler,
-        embed,
-        trajectory,
-        prompts,
-        _schedule(tokenizer, prompts, cross_steps=0, self_steps=0),
-    )
+    plain, _ = _edit(rig, prompts, None)
+    idle, _ = _edit(rig, prompts, _schedule(rig.tokenizer, prompts, cross_steps=0, self_steps=0))
     assert torch.equal(plain, idle)
-    controlled, _ = _edit(oracle_video_unet, scheduler, embed, trajectory, prompts, _schedule(tokenizer, prompts))
+    controlled, _ = _edit(rig, prompts, _schedule(rig.tokenizer, prompts))
     assert (controlled - plain).abs().max() > 1e-3
-    assert {name: type(p) for name, p in oracle_video_unet.attn_processors.items()} == before
+    assert {name: type(p) for name, p in rig.unet.attn_processors.items()} == before
 
 
-def test_the_source_prompt_fully_replaced_gives_the_source_branch(
-    oracle_video_unet: VideoUNet,
-    scheduler: DDIMScheduler,
-    embed: Callable[[str], torch.Tensor],
-    trajectory: torch.Tensor,
-    tokenizer: CLIPTokenizer,
-) -> None:
-    branch = SourceBranch(trajectory[-1], embed(SOURCE), embed(SOURCE))
-    schedule = _schedule(tokenizer, [SOURCE], cross_steps=STEPS, self_steps=STEPS)
-    out, source = _edit(oracle_video_unet, scheduler, embed, trajectory, [SOURCE], schedule, branch)
+def test_the_source_prompt_fully_replaced_gives_the_source_branch(rig: Rig) -> None:
+    branch = SourceBranch(rig.trajectory[-1], rig.embed(SOURCE), rig.embed(SOURCE))
+    schedule = _schedule(rig.tokenizer, [SOURCE], cross_steps=STEPS, self_steps=STEPS)
+    out, source = _edit(rig, [SOURCE], schedule, branch)
     assert source is not None and (out - source).abs().max() < 1e-5
 
 
-def test_a_blend_mask_of_ones_changes_nothing_and_of_zeros_gives_the_source(
-    oracle_video_unet: VideoUNet,
-    scheduler: DDIMScheduler,
-    embed: Callable[[str], torch.Tensor],
-    trajectory: torch.Tensor,
-    tokenizer: CLIPTokenizer,
-) -> None:
-    prompts = ["a dog is skiing"]
-    args = (oracle_video_unet, scheduler, embed, trajectory, prompts)
+def test_a_blend_mask_of_ones_changes_nothing_and_of_zeros_gives_the_source(rig: Rig) -> None:
+    prompts, tokenizer, trajectory, embed = ["a dog is skiing"], rig.tokenizer, rig.trajectory, rig.embed
+    args = (rig, prompts)
     controlled, _ = _edit(*args, _schedule(tokenizer, prompts))
     ones, _ = _edit(*args, _schedule(tokenizer, prompts, blend=ConstantBlend(1.0, 1)))
     assert (ones - controlled).abs().max() < 5e-5  # x_src + 1 * (x - x_src): x, rounded
@@ -432,15 +425,9 @@ def test_a_blend_mask_of_ones_changes_nothing_and_of_zeros_gives_the_source(
     assert set(real.mask(0, (16, 16)).unique().tolist()) <= {0.0, 1.0}  # a region (the random model's is wide)
 
 
-def test_batch_size_and_windows_do_not_change_the_controlled_result(
-    oracle_video_unet: VideoUNet,
-    scheduler: DDIMScheduler,
-    embed: Callable[[str], torch.Tensor],
-    trajectory: torch.Tensor,
-    tokenizer: CLIPTokenizer,
-) -> None:
-    prompts = ["a dog is skiing", "a man is skiing at sunset"]
-    args = (oracle_video_unet, scheduler, embed, trajectory)
+def test_batch_size_and_windows_do_not_change_the_controlled_result(rig: Rig) -> None:
+    prompts, tokenizer = ["a dog is skiing", "a man is skiing at sunset"], rig.tokenizer
+    args = (rig,)
 
     words = {"a dog is skiing": ["dog"], "a man is skiing at sunset": ["sunset"]}
 
@@ -461,15 +448,9 @@ def test_batch_size_and_windows_do_not_change_the_controlled_result(
     assert (just_in_time - whole).abs().max() > 1e-4  # and windows are windows
 
 
-def test_a_controlled_edit_rounds_under_bf16_autocast_like_a_plain_one(
-    oracle_video_unet: VideoUNet,
-    scheduler: DDIMScheduler,
-    embed: Callable[[str], torch.Tensor],
-    trajectory: torch.Tensor,
-    tokenizer: CLIPTokenizer,
-) -> None:
-    prompts = ["a dog is skiing"]
-    args = (oracle_video_unet, scheduler, embed, trajectory, prompts)
+def test_a_controlled_edit_rounds_under_bf16_autocast_like_a_plain_one(rig: Rig) -> None:
+    prompts, tokenizer = ["a dog is skiing"], rig.tokenizer
+    args = (rig, prompts)
 
     def schedule() -> ControlSchedule:
         blend = LocalBlend(word_tokens(tokenizer, SOURCE, ["man"]), [word_tokens(tokenizer, prompts[0], ["dog"])], 5)
@@ -481,6 +462,44 @@ def test_a_controlled_edit_rounds_under_bf16_autocast_like_a_plain_one(
     assert torch.isfinite(rounded).all()
     plain_error = (rounded_plain.float() - exact_plain).abs().mean()
     assert (rounded.float() - exact).abs().mean() < 3 * plain_error  # bf16's own rounding, not the control's
+
+
+# --- one guidance for every sampler ---------------------------------------------------------------------------
+
+
+def test_the_edit_settings_guidance_reaches_sampling_the_source_branch_and_the_null_text_fit_alike(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, guidance_calls: list[tuple[str, Guidance]]
+) -> None:
+    """One `Guidance` made from the edit settings by name (`guidance_of`) is what plain sampling, attention
+    control's source branch and the null-text fit each apply, every step; a setting changed in it alone (the
+    rescale) changes all three results."""
+    from tavcli.method.null_text import NullTextRun, optimise_null_text
+    from tavcli.settings.sampling import EditSettings
+    from tavcli.workflow.plans import guidance_of
+
+    plain_guidance = guidance_of(EditSettings(guidance=7.5))
+    rescaled = guidance_of(EditSettings(guidance=7.5, guidance_rescale=0.7))
+    assert (plain_guidance, rescaled) == (Guidance(7.5), Guidance(7.5, guidance_rescale=0.7))
+    prompts = ["a dog is skiing"]
+    schedule = _schedule(rig.tokenizer, prompts)
+    branch = SourceBranch(rig.trajectory[-1], rig.embed(SOURCE), rig.embed(""))
+
+    def results(guidance: Guidance) -> dict[str, torch.Tensor]:
+        plain, _ = _edit(rig, prompts, None, guidance=guidance)
+        _, source = _edit(rig, prompts, schedule, branch, guidance=guidance)
+        assert source is not None
+        run = NullTextRun(guidance=guidance, iterations=2, learning_rate=0.1)
+        fit = optimise_null_text(rig.unet, rig.scheduler, list(rig.trajectory), rig.embed(SOURCE), rig.embed(""), run)
+        return {"edit": plain, "branch": source, "null-text": torch.stack(fit.embeddings)}
+
+    applied = guidance_calls  # every `Guidance.apply` until `monkeypatch.undo()`
+    with_rescale = results(rescaled)
+    assert {consumer for consumer, _ in applied} == {"edit", "branch", "null-text"}
+    assert all(guidance == rescaled for _, guidance in applied), applied
+    monkeypatch.undo()
+    without = results(plain_guidance)
+    for consumer, result in with_rescale.items():
+        assert (result - without[consumer]).abs().max() > 1e-6, consumer
 
 
 # --- what a controlled edit holds (issue 31, item 13) ----------------------------------------------------------
@@ -510,20 +529,16 @@ def test_a_recorded_layer_keeps_its_items_queries_and_keys_not_the_batchs() -> N
 
 @pytest.mark.parametrize("window", [None, 3])
 def test_the_trajectory_stays_where_it_is_and_each_step_moves_its_own_latent(
-    oracle_video_unet: VideoUNet,
-    scheduler: DDIMScheduler,
-    embed: Callable[[str], torch.Tensor],
-    trajectory: torch.Tensor,
-    tokenizer: CLIPTokenizer,
+    rig: Rig,
     monkeypatch: pytest.MonkeyPatch,
     window: int | None,
 ) -> None:
     """The whole trajectory went to the device for each group; it stays on the host, and each step moves the one
     latent it uses (once, whatever the windows) to the prompt's device, with the same numbers."""
-    prompts = ["a dog is skiing"]
+    prompts, tokenizer, trajectory = ["a dog is skiing"], rig.tokenizer, rig.trajectory
     blend = LocalBlend(word_tokens(tokenizer, SOURCE, ["man"]), [word_tokens(tokenizer, prompts[0], ["dog"])], 5)
     schedule = _schedule(tokenizer, prompts, blend=blend, fuse_self=True)
-    expected, _ = _edit(oracle_video_unet, scheduler, embed, trajectory, prompts, schedule, window=window)
+    expected, _ = _edit(rig, prompts, schedule, window=window)
     moved: list[torch.Size] = []
     to = torch.Tensor.to
 
@@ -536,7 +551,7 @@ def test_the_trajectory_stays_where_it_is_and_each_step_moves_its_own_latent(
     monkeypatch.setattr(torch.Tensor, "to", spied)
     blend = LocalBlend(word_tokens(tokenizer, SOURCE, ["man"]), [word_tokens(tokenizer, prompts[0], ["dog"])], 5)
     schedule = _schedule(tokenizer, prompts, blend=blend, fuse_self=True)
-    out, _ = _edit(oracle_video_unet, scheduler, embed, trajectory, prompts, schedule, window=window)
+    out, _ = _edit(rig, prompts, schedule, window=window)
     monkeypatch.undo()
     assert torch.equal(out, expected)
     assert moved == [trajectory.shape[1:]] * (STEPS + 1)  # the noise, then each step's latent

@@ -1,4 +1,4 @@
-"""What a controlled edit puts on its device (issue 31, item 13d): the inversion's trajectory stays on the host, and
+"""What a controlled edit puts on its device: the inversion's trajectory stays on the host, and
 each step moves the latent it uses."""
 
 from __future__ import annotations

@@ -356,13 +356,14 @@ def test_non_finite_inversions_and_edits_are_never_stored(
     from diffusers import AutoencoderKL  # the class tavcli.method.vae decodes with
 
     import tavcli.workflow.editing
-    from tavcli.method.inversion import ddim_inversion  # the functions tavcli.workflow.editing calls
+    import tavcli.workflow.inversion
+    from tavcli.method.inversion import ddim_inversion  # the functions tavcli.workflow's modules call
     from tavcli.method.sampling import ddim_sample
 
     if stage == "inversion":
         real = ddim_inversion
         monkeypatch.setattr(
-            tavcli.workflow.editing, "ddim_inversion", lambda *a, **k: [t * float("nan") for t in real(*a, **k)]
+            tavcli.workflow.inversion, "ddim_inversion", lambda *a, **k: [t * float("nan") for t in real(*a, **k)]
         )
     elif stage == "edit":
         real_sample = ddim_sample

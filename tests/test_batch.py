@@ -325,8 +325,8 @@ def test_a_batch_job_stores_its_tune_in_the_precision_asked(
 def test_batch_jobs_take_previews_low_rank_tunes_and_long_clip_edits(
     batch_dir: Path, tiny_lora: Path, run_tav: RunTav
 ) -> None:
-    """Issue 14's options as job fields: rank and previews for the tune; frames, window, a kept state and a
-    LoRA for the edits."""
+    """Options as job fields: rank and previews for the tune; frames, window, a kept state and a LoRA for the
+    edits."""
     shutil.copy(tiny_lora, batch_dir / "style.safetensors")
     job = {
         "clip": "clip.mp4",
@@ -394,7 +394,8 @@ def test_a_dry_run_plans_the_null_text_fit_of_an_invert_only_job(tmp_path: Path,
 def test_a_failure_while_making_the_edits_is_labelled_edit(
     tmp_path: Path, run_tav: RunTav, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A job whose outputs' folder became a file after validation fails at its edit step, and says so."""
+    """A job whose outputs' folder became a file after validation fails at its edit step, and says so (the edit
+    request is checked before its inversion is computed: nothing is inverted for edits that cannot be written)."""
     import tavcli.batch
 
     folder = tmp_path / "renders"
@@ -409,7 +410,7 @@ def test_a_failure_while_making_the_edits_is_labelled_edit(
     code, out, err = run_tav("batch", jobs)
     assert code == 1
     records = _records(out)
-    assert [r["kind"] for r in records] == ["latents", "tune", "inversion", "edit"]
+    assert [r["kind"] for r in records] == ["latents", "tune", "edit"]
     assert records[-1]["error"] == f"--out {folder} is a file, not a folder"
 
 

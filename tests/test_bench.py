@@ -1,5 +1,5 @@
 """The benchmark measures what it says: one model load per phase, `tav tune`'s offloading, the right
-peak FLOP/s for the device, and a 2D baseline run like the video UNet (issue 20, item 9)."""
+peak FLOP/s for the device, and a 2D baseline run like the video UNet."""
 
 from __future__ import annotations
 

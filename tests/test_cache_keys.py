@@ -20,7 +20,7 @@ import torch
 from .conftest import CLIP, RunTav, reproduce_in, tav_commands
 
 if TYPE_CHECKING:
-    from tavcli.settings.requests import TuneSettings
+    from tavcli.settings.tuning import TuneSettings
 
 ROOT = Path(__file__).parent.parent
 SMALL = ["--model", "tiny", "--frames", "4", "--width", "64", "--height", "64", "--steps", "2"]
@@ -224,7 +224,7 @@ def test_every_edit_option_is_run_or_checked_by_key() -> None:
 
 def test_options_not_run_here_are_in_the_keys(tmp_path: Path) -> None:
     from tavcli.runtime import Runtime
-    from tavcli.settings.requests import EditSettings
+    from tavcli.settings.sampling import EditSettings
     from tavcli.store.project import Project
     from tavcli.workflow.keys import edit_spec, inversion_entry, tune_spec
 
@@ -239,13 +239,14 @@ def test_options_not_run_here_are_in_the_keys(tmp_path: Path) -> None:
             != inversion_entry(project, "1" * 16, 2, "", plain).key
         )
     assert project.entry("edits", edit_spec("1" * 16, "a dog", EditSettings(), plain, batch=2)).key != edit.key
-    assert "compile" in tune_spec("1" * 16, "a man", _tune_settings(), "fp32", "joint", compiled=True)
+    assert "compile" in tune_spec("1" * 16, "a man", _tune_settings(), "fp32", compiled=True)
 
 
 def test_minus_zero_is_zero_in_every_key(tmp_path: Path) -> None:
     """`--guidance -0` is `--guidance 0`: the same edit, one entry (JSON would write -0.0 and key it apart)."""
     from tavcli.runtime import Runtime
-    from tavcli.settings.requests import AttentionSettings, EditSettings
+    from tavcli.settings.attention import AttentionSettings
+    from tavcli.settings.sampling import EditSettings
     from tavcli.store.project import Project
     from tavcli.workflow.keys import edit_spec
 
@@ -261,7 +262,7 @@ def test_minus_zero_is_zero_in_every_key(tmp_path: Path) -> None:
 
 
 def _tune_settings() -> TuneSettings:
-    from tavcli.settings.requests import TuneSettings
+    from tavcli.settings.tuning import TuneSettings
 
     return TuneSettings()
 

@@ -98,7 +98,8 @@ def _pause(
 
 
 def _edit_request(project: Path, prompt: str) -> Any:
-    from tavcli.settings.requests import EditRequest, EditSettings
+    from tavcli.settings.editing import EditRequest
+    from tavcli.settings.sampling import EditSettings
 
     return EditRequest(project=project, prompts=[prompt], settings=EditSettings(steps=2))
 
@@ -202,7 +203,7 @@ def test_an_edit_whose_inversion_was_removed_before_it_sampled_says_so(
 def test_rm_refuses_a_kept_tune_while_its_preview_tune_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_tav: RunTav
 ) -> None:
-    from tavcli.settings.requests import FrameSelection, FrameSize, Preview, TuneRequest, TuneSettings
+    from tavcli.settings.tuning import FrameSelection, FrameSize, Preview, TuneRequest, TuneSettings
     from tavcli.workflow import tuning
 
     project = tmp_path / "p.tav"
@@ -247,7 +248,8 @@ def _store(tmp_path: Path) -> tuple[Project, Any, Any]:
 
 
 def test_an_entry_in_use_in_another_thread_is_refused_by_remove_and_left_by_gc(tmp_path: Path, run_tav: RunTav) -> None:
-    from tavcli.store.housekeeping import garbage, listing, remove
+    from tavcli.store.housekeeping import garbage, listing
+    from tavcli.store.removal import remove
 
     project, tune, inversion = _store(tmp_path)
     held, done = threading.Event(), threading.Event()

@@ -127,7 +127,7 @@ def test_under_windows_each_window_gets_the_residuals_of_its_own_frames(
     from diffusers import ControlNetModel, T2IAdapter
 
     from tavcli.method.control import ControlGuide
-    from tavcli.method.sampling import ddim_sample
+    from tavcli.method.sampling import Guidance, ddim_sample
     from tavcli.method.windows import windowed
 
     torch.manual_seed(0)
@@ -150,8 +150,8 @@ def test_under_windows_each_window_gets_the_residuals_of_its_own_frames(
         """What sampling did: the residuals of every frame, each window taking its own."""
         return call(sample, timestep, text, **guide(sample, timestep, text))
 
-    expected = ddim_sample(all_frames, scheduler, noise, text, negative, 2, 7.5)
+    expected = ddim_sample(all_frames, scheduler, noise, text, negative, 2, Guidance(7.5))
     batches.clear()
-    out = ddim_sample(call, scheduler, noise, text, negative, 2, 7.5, control=guide)
+    out = ddim_sample(call, scheduler, noise, text, negative, 2, Guidance(7.5), control=guide)
     assert batches == ([2 * 3] * 3 * 2 if kind == "controlnet" else [])  # [uncond, cond] x 3 frames, per window
     assert torch.equal(out, expected)

@@ -15,7 +15,7 @@ import av
 import pytest
 
 from tavcli.errors import TavError
-from tavcli.settings.requests import FrameSelection
+from tavcli.settings.tuning import FrameSelection
 
 from .conftest import CLIP, RunTav
 

@@ -39,7 +39,7 @@ class _Scorer:
 
 @pytest.mark.slow
 def test_a_preview_tune_and_a_batch_hold_one_tuned_unet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tavcli.settings.requests import FrameSelection, FrameSize, Preview, TuneRequest, TuneSettings
+    from tavcli.settings.tuning import FrameSelection, FrameSize, Preview, TuneRequest, TuneSettings
     from tavcli.workflow import tuning
     from tavcli.workflow.session import Session
 
@@ -86,7 +86,7 @@ def test_a_preview_tune_and_a_batch_hold_one_tuned_unet(tmp_path: Path, monkeypa
 def test_the_pre_flight_counts_free_and_cached_memory_and_the_unet_not_all_this_process_holds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from tavcli.workflow.tuning import _available
+    from tavcli.workflow.tune_planning import _available
 
     unet = torch.nn.Linear(10, 10)  # 440 bytes of weights, on the device in question
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1_000_000, 8_000_000))
@@ -115,7 +115,7 @@ def test_the_pre_flight_counts_the_unet_on_the_gpu_that_plain_cuda_chose(monkeyp
     """`--device cuda` (and auto) gave an index-less `cuda`, unequal to the weights' `cuda:0`: the weights already
     on the card were not counted, and tunes that fit were refused."""
     from tavcli.runtime import resolve_runtime
-    from tavcli.workflow.tuning import _available
+    from tavcli.workflow.tune_planning import _available
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -1,5 +1,5 @@
 """The GPU check comes back whole: two files in OUTDIR (an archive and a summary), budgets that fit the
-deadline, and a step that ran out of time or was skipped counted as not measured (issue 31, items 1-2)."""
+deadline, and a step that ran out of time or was skipped counted as not measured."""
 
 from __future__ import annotations
 

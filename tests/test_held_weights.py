@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from tavcli.method.inversion import ddim_inversion
-from tavcli.method.sampling import ddim_sample
+from tavcli.method.sampling import Guidance, ddim_sample
 from tavcli.progress import Reporter
 from tavcli.runtime import DTYPES, resolve_runtime
-from tavcli.settings.requests import FrameSelection, FrameSize, TuneRequest, TuneSettings
+from tavcli.settings.tuning import FrameSelection, FrameSize, TuneRequest, TuneSettings
 from tavcli.workflow.session import Session, resolve_tune
 
 from .conftest import CLIP, tav_ok
@@ -62,7 +62,7 @@ def _invert_and_sample(runtime: Runtime, components: Components, unet: VideoUNet
     embeds = torch.randn(2, 77, components.text_encoder.config.hidden_size, generator=generator)
     with torch.no_grad(), runtime.autocast():
         noise = ddim_inversion(unet, components.scheduler, latents, embeds[1:], 4)[-1]
-        edited = ddim_sample(unet, components.scheduler, noise, embeds[:1], embeds[1:], 4, 12.5)
+        edited = ddim_sample(unet, components.scheduler, noise, embeds[:1], embeds[1:], 4, Guidance(12.5))
     return torch.cat([noise.float().flatten(), edited.float().flatten()])
 
 

@@ -1,5 +1,5 @@
 """No needless host syncs in the step loops: after the first step, a step reads nothing back from the
-device and copies nothing from the host (issue 20, item 7).
+device and copies nothing from the host.
 
 On a GPU each of these stalls the host until the queued work is done, or copies a few bytes while
 the GPU waits. The CPU cannot show the stalls, so a run on it counts what would cause them:
@@ -26,7 +26,7 @@ from diffusers import DDIMScheduler
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tavcli.method.inversion import ddim_inversion
-from tavcli.method.sampling import ddim_sample
+from tavcli.method.sampling import Guidance, ddim_sample
 from tavcli.method.windows import WindowedUNet, Windows
 
 FRAMES, WINDOWS, STEPS = 7, Windows(4, 1), 4  # three windows: [0,1,2,3] [0,3,4,5] [0,4,5,6]
@@ -141,7 +141,7 @@ def test_sampling_steps_sync_nothing(monkeypatch: pytest.MonkeyPatch, eta: float
             torch.ones(1, 77, 8),
             torch.zeros(1, 77, 8),
             STEPS,
-            guidance_scale=7.5,
+            guidance=Guidance(7.5),
             eta=eta,
             generator=torch.Generator().manual_seed(1),
             on_step=_per_step(counts, marks),

@@ -11,7 +11,7 @@ from diffusers import DDIMScheduler
 from safetensors.torch import load_file
 
 from tavcli.method.inversion import ddim_inversion
-from tavcli.method.sampling import ddim_sample
+from tavcli.method.sampling import Guidance, ddim_sample
 
 from .conftest import ORACLE
 
@@ -53,7 +53,7 @@ def test_guidance_batches_negative_then_prompt(
     cat, dog, empty = embed("a cat"), embed("a dog"), embed("")
 
     def sample(prompt: torch.Tensor, negative: torch.Tensor, guidance: float) -> torch.Tensor:
-        return ddim_sample(oracle_video_unet, scheduler, noise, prompt, negative, 3, guidance)
+        return ddim_sample(oracle_video_unet, scheduler, noise, prompt, negative, 3, Guidance(guidance))
 
     # guidance 1 keeps only the prompt's branch, guidance 0 only the negative's.
     assert torch.allclose(sample(cat, empty, 1.0), sample(cat, dog, 1.0), atol=1e-5)

@@ -11,6 +11,7 @@ import torch
 
 from tavcli.method.inversion import ddim_inversion
 from tavcli.method.null_text import NullTextRun, NullTextState, optimise_null_text
+from tavcli.method.sampling import Guidance
 from tavcli.method.video_unet import VideoUNet, inflate_unet
 from tavcli.method.windows import windowed
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
 FRAMES, WINDOW = 10, 3  # five windows of 3 frames (frame 0 and two more)
-ONE_ITERATION = NullTextRun(guidance_scale=7.5, iterations=1)
+ONE_ITERATION = NullTextRun(guidance=Guidance(7.5), iterations=1)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_checkpointed_calls_on_frozen_weights_change_no_number_of_the_fit(
     unet: VideoUNet, frozen: VideoUNet, scheduler: DDIMScheduler, window: int | None, precision: str
 ) -> None:
     """Against the fit as it was: every activation kept, gradients recorded for the weights too."""
-    run = NullTextRun(guidance_scale=7.5, guidance_rescale=0.3, iterations=4, learning_rate=0.1)
+    run = NullTextRun(guidance=Guidance(7.5, guidance_rescale=0.3), iterations=4, learning_rate=0.1)
     autocast: AbstractContextManager[object] = (
         nullcontext() if precision == "fp32" else torch.autocast("cpu", dtype=torch.bfloat16)
     )

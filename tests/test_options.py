@@ -11,7 +11,8 @@ import pytest
 
 from tavcli.batch import parse_jobs
 from tavcli.errors import TavError
-from tavcli.settings.options import EDIT, INVERT, TUNE, Option, OptionError
+from tavcli.settings.option import Option, OptionError
+from tavcli.settings.options import EDIT, INVERT, TUNE
 from tavcli.store.sidecar import recorded_edit
 
 from .conftest import CLIP, RunTav, tav_in_fresh_python

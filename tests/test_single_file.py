@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from tavcli.models.loading import load_components
 from tavcli.models.names import model_name, parse_model_name, split_lora
 from tavcli.models.resolving import resolve_model
-from tavcli.settings.options import OptionError
+from tavcli.settings.option import OptionError
 
 from .conftest import CLIP, RunTav
 from .ldm_format import ldm_checkpoint

@@ -15,14 +15,16 @@ import torch
 
 from tavcli.errors import TavError
 from tavcli.store.entry import Entry
-from tavcli.store.housekeeping import dependents, garbage, listing, removal_files, remove
+from tavcli.store.housekeeping import dependents, garbage, listing
 from tavcli.store.project import STORE_VERSION, Project, cache_key
+from tavcli.store.removal import removal_files, removal_plan, remove
 
 from .conftest import RunTav
 
 
-def _project(tmp_path: Path) -> tuple[Project, dict[str, Entry]]:
-    """A project with a latents entry, a tune on it, an inversion of that, an edit of that, and a render."""
+def _project(tmp_path: Path, with_edit: bool = True) -> tuple[Project, dict[str, Entry]]:
+    """A project with a latents entry, a tune on it, an inversion of that and (`with_edit`) an edit of that
+    and its render; the tune and inversion are the current ones."""
     project = Project(tmp_path / "p.tav")
     latents = project.entry("latents", {"clip_sha256": "abc"})
     latents.save({"mean": torch.zeros(2)}, {})
@@ -30,14 +32,17 @@ def _project(tmp_path: Path) -> tuple[Project, dict[str, Entry]]:
     tune.save({"w": torch.ones(3)}, {})
     inversion = project.entry("inversions", {"tune": tune.key, "steps": 2, "prompt": ""})
     inversion.save({"trajectory": torch.ones(2)}, {})
-    edit = project.entry("edits", {"inversion": inversion.key, "prompt": "a panda"})
-    edit.save({"latents": torch.ones(2)}, {})
-    renders = project.root / "renders"
-    renders.mkdir()
-    (renders / "a-panda.mp4").write_bytes(b"video")
-    (renders / "a-panda.mp4.json").write_text(json.dumps({"edit": {"key": edit.key}}))
+    entries = {"latents": latents, "tune": tune, "inversion": inversion}
+    if with_edit:
+        edit = project.entry("edits", {"inversion": inversion.key, "prompt": "a panda"})
+        edit.save({"latents": torch.ones(2)}, {})
+        renders = project.root / "renders"
+        renders.mkdir()
+        (renders / "a-panda.mp4").write_bytes(b"video")
+        (renders / "a-panda.mp4.json").write_text(json.dumps({"edit": {"key": edit.key}}))
+        entries["edit"] = edit
     project.update_state(tune=tune.key, inversion=inversion.key)
-    return project, {"latents": latents, "tune": tune, "inversion": inversion, "edit": edit}
+    return project, entries
 
 
 def test_keys_depend_on_every_spec_field_and_kind() -> None:
@@ -362,3 +367,43 @@ def test_a_deeply_nested_hash_memo_is_ignored(tmp_path: Path) -> None:
     memo = tmp_path / "file-hashes.json"
     memo.write_text("{" + '"a": {' * 100_000 + "}" * 100_001)
     assert _hash_memo(memo) == {}  # a damaged memo only costs hashing again
+
+
+def _entry_bytes(root: Path) -> int:
+    """The bytes of the project's entries and renders (not `project.json` or lock files, which stay)."""
+    files = [p for p in root.rglob("*") if p.is_file() and ".locks" not in p.parts and p.name != "project.json"]
+    return sum(p.stat().st_size for p in files)
+
+
+def _tune_and_inversion(tmp_path: Path) -> tuple[Project, Entry, Entry]:
+    """A project with latents, a tune on them and an inversion of that (no edits, no renders)."""
+    project, entries = _project(tmp_path, with_edit=False)
+    return project, entries["tune"], entries["inversion"]
+
+
+def test_a_removal_plans_expected_freed_size_is_what_it_frees(tmp_path: Path) -> None:
+    project, tune, inversion = _tune_and_inversion(tmp_path)
+    plan = removal_plan(project, [tune.key[:6]])
+    assert [(row.kind, row.key) for row in plan.rows] == [("inversions", inversion.key), ("tunes", tune.key)]
+    before = _entry_bytes(project.root)
+    removed: list[str] = []
+    done = plan.execute(on_removed=lambda row: removed.append(f"{row.kind}/{row.key}"))
+    assert [f"{row.kind}/{row.key}" for row in done] == removed == [f"inversions/{inversion.key}", f"tunes/{tune.key}"]
+    assert plan.expected_freed_size == before - _entry_bytes(project.root) > 0
+    assert not tune.path.exists() and not inversion.path.exists()
+    assert project.state["tune"] is None and project.state["inversion"] is None
+
+
+def test_a_removal_plan_whose_entry_came_into_use_is_refused(tmp_path: Path) -> None:
+    project, tune, inversion = _tune_and_inversion(tmp_path)
+    plan = removal_plan(project, [f"inversions/{inversion.key}"])
+    with Project(project.root).using([inversion], doing="this edit"):
+        refused = rf"^inversions/{inversion.key} is in use by a running tav command"
+        with pytest.raises(TavError, match=refused) as raised:
+            plan.execute()
+        assert raised.value.hint == "run it again when that command has finished"
+        assert inversion.complete and project.state["inversion"] == inversion.key
+        with pytest.raises(TavError, match=rf"inversions/{inversion.key} is in use .*: nothing was removed \("):
+            removal_plan(project, [inversion.key])  # `tav rm`'s own check, before anything is shown
+    assert plan.execute() == list(plan.rows)
+    assert not inversion.path.exists() and tune.complete

@@ -58,6 +58,7 @@ def _train(
     seed: int = 33,
     checkpointing: bool = False,
     precision: str = "fp32",
+    weight_decay: float = 1e-2,
     **resumable: Any,
 ) -> tuple[VideoUNet, TrainState, list[float]]:
     torch.manual_seed(0)
@@ -66,7 +67,10 @@ def _train(
     std = torch.full_like(mean, 0.1)
     text = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(3))
     losses: list[float] = []
-    run = TrainingRun(steps=steps, learning_rate=1e-3, seed=seed, gradient_checkpointing=checkpointing, save_every=2)
+    run = TrainingRun(
+        steps=steps, learning_rate=1e-3, weight_decay=weight_decay, seed=seed, gradient_checkpointing=checkpointing,
+        save_every=2,
+    )  # fmt: skip
     scheduler = DDIMScheduler.from_pretrained(TINY_SD / "scheduler")
     runtime = resolve_runtime("cpu", precision)
     state = train_delta(
@@ -106,6 +110,17 @@ def test_training_changes_only_the_tuned_tensors_and_is_reproducible(oracle_unet
     assert all(torch.equal(delta[name], again[name]) for name in delta)
     other_seed = _train(oracle_unet2d, seed=34)[1].params
     assert not all(torch.equal(delta[name], other_seed[name]) for name in delta)
+
+
+def test_weight_decay_is_adamws_decoupled_shrink(oracle_unet2d: UNet2DConditionModel) -> None:
+    """`--weight-decay` reaches AdamW: after one step, each weight differs by lr * decay * its starting value."""
+    _, plain, _ = _train(oracle_unet2d, steps=1, weight_decay=0.0)
+    _, decayed, _ = _train(oracle_unet2d, steps=1, weight_decay=0.5)
+    torch.manual_seed(0)  # the temporal layers' initial weights, as `_train` draws them
+    start = {name: t for name, t in inflate_unet(oracle_unet2d).state_dict().items() if name in plain.params}
+    for name, tensor in plain.params.items():
+        expected = tensor - 1e-3 * 0.5 * start[name]  # AdamW: w <- w (1 - lr wd) - lr * adam's step
+        assert torch.allclose(decayed.params[name], expected, atol=1e-7), name
 
 
 def test_half_precision_training_runs_autocast_and_scales_fp16_losses(oracle_unet2d: UNet2DConditionModel) -> None:

@@ -17,7 +17,7 @@ from PIL import Image
 from tavcli.errors import TavError
 from tavcli.media.video import read_clip, read_frames, write_video
 from tavcli.settings.options import GIF_MAX_FPS
-from tavcli.settings.requests import FrameSelection, FrameSize, snap_to_multiple
+from tavcli.settings.tuning import FrameSelection, FrameSize, snap_to_multiple
 
 from .conftest import CLIP
 

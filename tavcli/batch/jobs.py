@@ -28,19 +28,15 @@ from tavcli.batch.reading import read_jobs, read_jsonl, read_toml
 from tavcli.batch.schema import validate_job
 from tavcli.errors import TavError
 from tavcli.models.names import lora_path, model_name
+from tavcli.settings.attention import AttentionSettings
 from tavcli.settings.config import DEFAULT_MODEL, default_project
+from tavcli.settings.declared import Names
+from tavcli.settings.editing import FrameChoice
 from tavcli.settings.inputs import require_folder
-from tavcli.settings.options import TUNE, OptionError, check_rate
-from tavcli.settings.requests import (
-    AttentionSettings,
-    EditSettings,
-    FrameChoice,
-    FrameSelection,
-    InversionSettings,
-    Names,
-    control_spec,
-    preview_choice,
-)
+from tavcli.settings.option import OptionError
+from tavcli.settings.options import check_rate
+from tavcli.settings.sampling import EditSettings, InversionSettings, control_spec
+from tavcli.settings.tuning import FrameSelection, preview_choice
 
 __all__ = ["BatchContext", "Job", "JobProblem", "check_frames", "parse_jobs", "read_jobs"]
 
@@ -198,7 +194,7 @@ def check_frames(job: Job) -> None:
     its clip so before loading anything); reads the clip's header (and decodes it if that has no count)."""
     from tavcli.media.video import frame_count, probe
 
-    tuned = FrameSelection(**{name: job.tune.get(name, TUNE[name].default) for name in ("frames", "stride", "start")})
+    tuned = FrameSelection.named(job.tune)
     probe(job.clip, tuned)
     chosen = {name: job.edit[name] for name in ("frames", "stride", "start") if name in job.edit}
     if not chosen:

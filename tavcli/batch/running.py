@@ -1,8 +1,8 @@
 """Running batch jobs: this process's share of them, in model order, each as `tav tune/invert/edit` runs it.
 
-Jobs become the same requests the command line makes (`tavcli.settings.requests`) and go through the same
-workflow; `plan_jobs` computes the same keys without computing anything. Torch is imported only
-when work starts.
+Jobs become the same requests the command line makes (`tavcli.settings.tuning`, `tavcli.settings.editing`) and
+go through the same workflow, which plans them too: `plan_jobs` lists what `tavcli.workflow.planning` names,
+computing nothing. Torch is imported only when work starts.
 """
 
 from __future__ import annotations
@@ -11,30 +11,23 @@ import os
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tavcli import workflow
 from tavcli.batch.jobs import Job, JobProblem
 from tavcli.errors import TavError, first_line, interruption
 from tavcli.models.names import split_lora
 from tavcli.progress import Reporter
+from tavcli.settings.attention import AttentionSettings
 from tavcli.settings.config import DEFAULT_CLIP_MODEL
-from tavcli.settings.options import EDIT, INVERT, TUNE
-from tavcli.settings.requests import (
-    AttentionSettings,
-    EditRequest,
-    EditSettings,
-    FrameChoice,
-    FrameSelection,
-    InversionSettings,
-    Names,
-    Preview,
-    TuneRequest,
-    TuneSettings,
-    control_spec,
-    frame_size,
-    preview_choice,
-)
+from tavcli.settings.declared import Names
+from tavcli.settings.editing import EditRequest, FrameChoice
+from tavcli.settings.options import EDIT, INVERT
+from tavcli.settings.sampling import EditSettings, InversionSettings, control_spec
+from tavcli.settings.tuning import FrameSelection, FrameSize, Preview, TuneRequest, TuneSettings, preview_choice
+
+if TYPE_CHECKING:  # torch loads with the workflow's session, only when work starts
+    from tavcli.workflow.session import Artifact, Session
 
 __all__ = ["Emit", "failure_record", "plan_jobs", "run_jobs"]
 
@@ -42,7 +35,7 @@ __all__ = ["Emit", "failure_record", "plan_jobs", "run_jobs"]
 Emit = Callable[[dict[str, Any]], None]
 
 
-def run_jobs(session: Any, jobs: list[Job], keep_going: bool, emit: Emit) -> bool:
+def run_jobs(session: Session, jobs: list[Job], keep_going: bool, emit: Emit) -> bool:
     """Run `jobs` in order, one base-model load per model; emit a record per artifact or failed job.
 
     Returns whether every job succeeded. Without `keep_going` the first failure stops the rest.
@@ -106,25 +99,15 @@ def _failure(name: str, kind: str, message: str, seconds: float) -> dict[str, An
 
 
 def _tune_request(job: Job, reporter: Reporter) -> TuneRequest:
-    """The job's tune as `tav tune` would make it from the same options."""
-    options = {name: job.tune.get(name, option.default) for name, option in TUNE.items()}
+    """The job's tune as `tav tune` would make it from the same options, by name."""
     return TuneRequest(
         clip=job.clip,
         prompt=job.prompt,
         project=job.project,
         model=job.model,
-        selection=FrameSelection(frames=options["frames"], stride=options["stride"], start=options["start"]),
-        size=frame_size(options["width"], options["height"], options["resize"], reporter),
-        settings=TuneSettings(
-            steps=options["steps"],
-            learning_rate=options["lr"],
-            seed=options["seed"],
-            gradient_checkpointing=job.tune.get("gradient_checkpointing", False),
-            checkpoint_every=options["checkpoint_every"],
-            save_precision=options["save_precision"],
-            rank=options["rank"],
-        ),
-        frame_norm=options["frame_norm"],
+        selection=FrameSelection.named(job.tune),
+        size=FrameSize.named(job.tune).snapped(reporter),
+        settings=TuneSettings.named(job.tune),
     )
 
 
@@ -135,9 +118,8 @@ def _preview(job: Job) -> Preview | None:
 
 
 def _edit_request(job: Job, tune_key: str) -> EditRequest:
-    """The job's edits as `tav edit` would make them, of the job's tune and its inversion."""
+    """The job's edits as `tav edit` would make them, of the job's tune (the workflow plans its inversion)."""
     edit = {name: job.edit.get(name, option.default) for name, option in EDIT.items()}
-    invert_steps, invert_prompt = _inversion(job)
     return EditRequest(
         project=job.project,
         prompts=list(job.edits),
@@ -150,8 +132,8 @@ def _edit_request(job: Job, tune_key: str) -> EditRequest:
             job.edit.get("control"), job.edit.get("control_model"), job.edit.get("control_video"), edit["control_scale"]
         ),
         tune_key=tune_key,
-        invert_steps=invert_steps,
-        invert_prompt=invert_prompt,
+        invert_steps=job.invert.get("steps"),
+        invert_prompt=job.invert.get("prompt", INVERT["prompt"].default),
         frames=_frames(job),
         inversion=InversionSettings.named(job.invert),
         attention=AttentionSettings.named(job.edit),
@@ -161,22 +143,22 @@ def _edit_request(job: Job, tune_key: str) -> EditRequest:
 
 def _frames(job: Job) -> FrameChoice:
     """The frames the job inverts and edits (each field None: the tuned selection's)."""
-    return FrameChoice(**{name: job.edit.get(name) for name in ("frames", "stride", "start", "window")})
+    return FrameChoice.named(job.edit)
 
 
-def _inversion(job: Job) -> tuple[int, str]:
-    """The job's inversion steps (default: its sampling steps) and prompt (the job's own for null-text and
-    negative-prompt inversions, as `tav edit --inversion` inverts, and for attention control unless the job names
-    one: its maps are the source prompt's)."""
-    steps = job.invert.get("steps", job.edit.get("steps", EDIT["steps"].default))
-    if InversionSettings.named(job.invert).reconstructs:
-        return steps, job.prompt
-    if job.edits and AttentionSettings.named(job.edit).active:  # its maps are the source prompt's
-        return steps, job.invert.get("prompt") or job.prompt
-    return steps, job.invert.get("prompt", INVERT["prompt"].default)
+def _invert_only(job: Job) -> dict[str, Any]:
+    """A job without edits: its inversion as `tav invert` makes it, by name (`--inversion` null-text also fits)."""
+    invert = job.invert
+    return {
+        "inversion": InversionSettings.named(invert),
+        "steps": invert.get("steps", job.edit.get("steps", INVERT["steps"].default)),
+        "prompt": invert.get("prompt", INVERT["prompt"].default),
+        "settings": EditSettings.named(job.edit),
+        "frames": _frames(job),
+    }
 
 
-def _job_artifacts(session: Any, job: Job, stage: list[str]) -> Any:
+def _job_artifacts(session: Session, job: Job, stage: list[str]) -> Iterator[Artifact]:
     """The job's artifacts as its tune, inversion and edits finish; `stage[0]` names the step under way."""
     force = bool(job.tune.get("force", False))
     scorer = None
@@ -187,29 +169,32 @@ def _job_artifacts(session: Any, job: Job, stage: list[str]) -> Any:
 
         # On the CPU, as `tav tune --eval` loads it: the tune moves it to the device only while it scores.
         scorer = ClipScorer(job.tune.get("clip_model", DEFAULT_CLIP_MODEL), torch.device("cpu"))
-    tuned = workflow.tune(session, _tune_request(job, session.reporter), force, _preview(job), scorer)
+    tuning = _tune_request(job, session.reporter)
+    tuned = workflow.tune(session, tuning, force=force, preview=_preview(job), scorer=scorer)
     yield from tuned
     if not job.edits and not job.invert:
         return
     stage[0] = "invert"
-    tune_key = next(artifact for artifact in reversed(tuned) if artifact.kind == "tune").key
+    project = session.project(job.project)
+    tune = project.find("tunes", next(artifact for artifact in reversed(tuned) if artifact.kind == "tune").key)
     if job.edit.get("tune_step"):  # the state kept at that step of the job's tune
-        project = session.project(job.project)
-        tune_key = workflow.kept_tune(project, project.find("tunes", tune_key), job.edit["tune_step"]).key
-    inverted = workflow.invert(session, job.project, *_inversion(job), force, tune_key=tune_key, frames=_frames(job))
-    yield inverted
-    choice = InversionSettings.named(job.invert)
-    if choice.inversion == "null-text" and not job.edits:  # fitted ahead, as `tav invert --inversion` does
-        project = session.project(job.project)
-        inversion, tuned = project.find("inversions", inverted.key), project.find("tunes", tune_key)
-        sampling = EditSettings.named(job.edit)
-        yield workflow.fit_null_text(session, project, tuned, inversion, sampling, choice, force)
-    if job.edits:
-        stage[0] = "edit"
-        yield from workflow.edit(session, _edit_request(job, tune_key), force)
+        tune = workflow.kept_tune(project, tune, job.edit["tune_step"])
+    if not job.edits:  # inverted (and fitted) ahead, as `tav invert --inversion` does
+        yield from workflow.invert_for_edits(session, job.project, force=force, tune_key=tune.key, **_invert_only(job))
+        return
+    stage[0] = "edit"
+    request = _edit_request(job, tune.key)  # checked before its inversion is computed
+    stage[0] = "invert"
+    needed = workflow.inversion_needed(project, tune, request)
+    frames = request.frames
+    yield workflow.invert(
+        session, job.project, steps=needed.steps, prompt=needed.prompt, force=force, tune_key=tune.key, frames=frames
+    )
+    stage[0] = "edit"
+    yield from workflow.edit(session, request, force=force)
 
 
-def plan_jobs(session: Any, jobs: list[Job], keep_going: bool, emit: Emit) -> bool:
+def plan_jobs(session: Session, jobs: list[Job], keep_going: bool, emit: Emit) -> bool:
     """Emit what running `jobs` would reuse and what it would compute (a row per entry), computing nothing.
 
     A job that cannot be planned gets the failure record its run would get; returns whether every job was
@@ -231,34 +216,35 @@ def plan_jobs(session: Any, jobs: list[Job], keep_going: bool, emit: Emit) -> bo
     return ok
 
 
-def _job_plan(session: Any, job: Job, stage: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(kind, entry) of each entry the job's run would reuse or compute, in the run's order."""
+def _job_plan(session: Session, job: Job, stage: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(kind, entry) of each entry the job's run would reuse or compute, in the run's order, as the workflow
+    plans them."""
     force, runtime = bool(job.tune.get("force", False)), session.runtime
-    plan = workflow.tune_plan(session, _tune_request(job, session.reporter), force, memory=False)
+    tune_request = _tune_request(job, session.reporter)
+    plan = workflow.tune_plan(session, tune_request, force=force, memory=False)
     yield from (("latents", plan["latents"]), ("tune", plan["tune"]))
-    tune_key = plan["tune"]["key"]
+    tune = workflow.tune_entry(session, tune_request)
     stage[0] = "edit"
-    request = _edit_request(job, tune_key) if job.edits else None  # checked as the run checks it, keys known or not
+    request = _edit_request(job, tune.key) if job.edits else None  # checked as the run checks it, keys known or not
     if not (job.edits or job.invert) or _other_frames(job):
         return
     stage[0] = "invert"
-    project, choice = session.project(job.project), InversionSettings.named(job.invert)
-    inversion = workflow.inversion_entry(project, tune_key, *_inversion(job), runtime)
-    yield "inversion", _planned(inversion, force)
-    fit = None
-    if choice.inversion == "null-text":
-        sampling = EditSettings.named(job.edit) if request is None else request.settings
-        fit = workflow.null_text_entry(project, inversion.key, sampling, choice, runtime)
-    if request is None:
-        if fit is not None:  # fitted ahead, as `tav invert --inversion null-text` does
-            yield "null-text", _planned(fit, force)
+    project = session.project(job.project)
+    if request is None:  # `tav invert --inversion`: the inversion, and a null-text fit made ahead
+        ahead = _invert_only(job)
+        prompt = workflow.command_inversion(tune, ahead["inversion"], ahead["prompt"])
+        inversion = workflow.inversion_entry(project, tune.key, ahead["steps"], prompt, runtime)
+        yield "inversion", _planned(inversion, force)
+        fit = workflow.null_text_needed(project, inversion.key, ahead["settings"], ahead["inversion"], runtime)
+        yield from [] if fit is None else [("null-text", _planned(fit, force))]
         return
+    needed = workflow.inversion_needed(project, tune, request)
+    inversion = workflow.inversion_entry(project, tune.key, needed.steps, needed.prompt, runtime)
+    yield "inversion", _planned(inversion, force)
     stage[0] = "edit"
-    control = None if request.control is None else workflow.control_key(request.control)
-    entries = workflow.edit_entries(project, inversion.key, request, runtime, control, None if fit is None else fit.key)
-    if fit is not None and (fit.complete or not all(entry.complete for entry in entries.values())):
-        yield "null-text", _planned(fit, False)  # fitted (never forced) only when an edit is sampled
-    yield from (("edit", {**_planned(entry, force), "prompt": text}) for text, entry in entries.items())
+    for kind, entry, prompt in workflow.edit_needs(project, inversion.key, request, runtime).entries():
+        planned = _planned(entry, force and kind == "edit")  # a fit is never forced: only the edits are
+        yield kind, planned if prompt is None else {**planned, "prompt": prompt}
 
 
 def _row(job: Job, kind: str, step: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, create_model
 
 from tavcli.settings.config import closest
-from tavcli.settings.options import EDIT, INVERT, TUNE, Option
+from tavcli.settings.option import Option
+from tavcli.settings.options import EDIT, INVERT, TUNE
 
 __all__ = ["JOB_FIELDS", "job_file_schema", "validate_job"]
 
@@ -44,7 +45,6 @@ OTHER_FIELDS: dict[str, tuple[Any, str, str]] = {
     "eval": (StrictBool, "true or false", "as tav tune --eval: score each preview with CLIP"),
     "clip_model": (StrictStr, "a string", "as tav tune --clip-model"),
     "project": (StrictStr, "a string", "the project directory (default: beside the clip)"),
-    "gradient_checkpointing": (StrictBool, "true or false", "as tav tune --gradient-checkpointing"),
     "force": (StrictBool, "true or false", "recompute every step of the job"),
     "out": (StrictStr, "a string", "as tav edit --out"),
     "control": (StrictStr, "a string", "as tav edit --control"),
@@ -58,7 +58,6 @@ TUNE_ONLY = (
     "variant",
     "lora",
     "project",
-    "gradient_checkpointing",
     "force",
     "eval",
     "clip_model",

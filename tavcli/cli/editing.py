@@ -33,37 +33,28 @@ from tavcli.cli.options import (
     QuietOpt,
     WindowOpt,
     declared,
+    guidance_flags,
     settings_flags,
 )
 from tavcli.errors import TavError
-from tavcli.settings.options import EDIT, INVERT, OptionError
-from tavcli.settings.requests import (
-    FLAGS,
-    AttentionSettings,
-    EditRequest,
-    EditSettings,
-    FrameChoice,
-    InversionSettings,
-    control_spec,
-)
+from tavcli.settings.attention import AttentionSettings
+from tavcli.settings.declared import FLAGS
+from tavcli.settings.editing import EditRequest, FrameChoice
+from tavcli.settings.option import OptionError
+from tavcli.settings.options import EDIT, INVERT
+from tavcli.settings.sampling import EditSettings, InversionSettings, control_spec
 
 __all__ = ["edit", "evaluate_outputs", "invert"]
 
 
+@guidance_flags("guidance", INVERSION)
 @settings_flags("inversion", INVERT, INVERSION)
 def invert(
     project: ProjectOpt = None,
     steps: Annotated[int, declared(INVERT["steps"])] = INVERT["steps"].default,
     prompt: Annotated[str, declared(INVERT["prompt"])] = INVERT["prompt"].default,
     inversion: InversionSettings = InversionSettings(),  # noqa: B008 (one flag per field: settings_flags)
-    guidance: Annotated[
-        Optional[float],
-        declared(EDIT["guidance"], INVERSION, help="Null-text: the guidance the edits will use [default: 12.5]."),
-    ] = None,
-    guidance_rescale: Annotated[
-        Optional[float],
-        declared(EDIT["guidance_rescale"], INVERSION, help="Null-text: the edits' --guidance-rescale [default: 0]."),
-    ] = None,
+    guidance: dict[str, float] = {},  # noqa: B006 (the guidance flags given, by name: guidance_flags)
     frames: ChosenFramesOpt = None,
     stride: ChosenStrideOpt = None,
     start: ChosenStartOpt = None,
@@ -90,21 +81,21 @@ def invert(
 
       tav invert -p skiing.tav --inversion null-text --guidance 7.5
     """
-    if inversion.inversion != "null-text" and (guidance is not None or guidance_rescale is not None):
-        raise OptionError("--guidance and --guidance-rescale are what --inversion null-text fits at: give it too")
-    sampling = EditSettings(
-        steps=steps,
-        guidance=EDIT["guidance"].default if guidance is None else guidance,
-        guidance_rescale=guidance_rescale or 0.0,
-    )
+    if inversion.inversion != "null-text" and guidance:
+        raise OptionError(f"{EDIT[next(iter(guidance))].flag} is what --inversion null-text fits at: give it too")
+    sampling = EditSettings.named({"steps": steps, **guidance})
     inversion.check(sampling, None, FLAGS)
     choice = FrameChoice(frames=frames, stride=stride, start=start, window=window)
     project_dir = setup.existing_project(project)
     chosen = setup.settings(project_dir, device=device, precision=precision)
     session = setup.session(chosen, allow_pickle, compile_unet)
-    from tavcli.workflow.editing import invert_for_edits
+    from tavcli.workflow.inversion import invert_for_edits
 
-    output.report(invert_for_edits(session, project_dir, inversion, steps, prompt, sampling, force, choice))
+    made = invert_for_edits(
+        session, project_dir, inversion=inversion, steps=steps, prompt=prompt, settings=sampling, force=force,
+        frames=choice,
+    )  # fmt: skip
+    output.report(made)
 
 
 @settings_flags("attention", EDIT, ATTENTION)
@@ -235,7 +226,7 @@ def edit(
         session = setup.session(chosen, allow_pickle, compile_unet or recorded.compiled)
         from tavcli.workflow.editing import edit_from_sidecar
 
-        output.report(edit_from_sidecar(session, recorded, force))
+        output.report(edit_from_sidecar(session, recorded, force=force))
         return
     from tavcli.models.names import lora_path
 
@@ -268,7 +259,7 @@ def edit(
         from tavcli.method.metrics import ClipScorer
 
         scorer = ClipScorer(clip_model, torch.device("cpu"))
-    artifacts = run_edit(session, request, force)
+    artifacts = run_edit(session, request, force=force)
     if scorer is not None:
         from tavcli.workflow.rendering import score_edit
 
@@ -280,7 +271,7 @@ def edit(
 
         shown = artifacts
         if attention.active:  # each prompt's plain edit beside its controlled one
-            plain = run_edit(session, replace(request, attention=AttentionSettings()), force)
+            plain = run_edit(session, replace(request, attention=AttentionSettings()), force=force)
             shown = [edit for pair in zip(plain, artifacts, strict=True) for edit in pair]
             artifacts = shown
         artifacts.append(render_grid(session, request.project, shown, fps))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, TypeVar, cast
@@ -19,7 +19,8 @@ import typer
 from tavcli.choices import Precision
 from tavcli.cli.output import set_quiet
 from tavcli.settings.config import DEFAULT_CLIP_MODEL
-from tavcli.settings.options import SELECTION, TUNE, Option
+from tavcli.settings.option import Option
+from tavcli.settings.options import EDIT, GUIDANCE, SELECTION
 
 __all__ = [
     "AllowPickleOpt",
@@ -33,8 +34,6 @@ __all__ = [
     "DeviceOpt",
     "DryRunOpt",
     "ForceOpt",
-    "FramesOpt",
-    "HeightOpt",
     "JsonOpt",
     "ModelConfigOpt",
     "ModelOpt",
@@ -42,13 +41,11 @@ __all__ = [
     "ProjectOpt",
     "QuietOpt",
     "RevisionOpt",
-    "StartOpt",
-    "StrideOpt",
     "VariantOpt",
-    "WidthOpt",
     "WindowOpt",
     "YesOpt",
     "declared",
+    "guidance_flags",
     "settings_flags",
 ]
 
@@ -87,36 +84,76 @@ def declared(
 Command = TypeVar("Command", bound=Callable[..., Any])
 
 
-def settings_flags(parameter: str, options: dict[str, Option], panel: str) -> Callable[[Command], Command]:
+def settings_flags(
+    parameter: str, options: dict[str, Option], panel: str, panels: Mapping[str, str] | None = None
+) -> Callable[[Command], Command]:
     """Give a command one flag per field of its settings parameter `parameter` (a dataclass whose fields are
-    declared `options`, e.g. `EditSettings`), in its place, and call it with the settings built from them by
-    name: a field added to the settings is a flag of the command, with no change to the command."""
+    declared `options`, e.g. `EditSettings`; a field is the option whose `attribute` it is), in its place, in
+    `panel` (or the field's in `panels`), and call it with the settings built from them: a field added to the
+    settings is a flag of the command, with no change to the command."""
 
     def decorate(command: Command) -> Command:
-        signature = inspect.signature(command, eval_str=True)
-        settings_type = signature.parameters[parameter].annotation
-        flags = [
-            inspect.Parameter(
-                setting.name,
-                inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                default=None if options[setting.name].many else options[setting.name].default,
-                annotation=Annotated[_value_type(options[setting.name]), declared(options[setting.name], panel)],
+        settings_type = inspect.signature(command, eval_str=True).parameters[parameter].annotation
+        of_field = {option.attribute: option for option in options.values()}
+        flags = {
+            setting.name: (
+                _value_type(of_field[setting.name]),
+                declared(of_field[setting.name], (panels or {}).get(setting.name, panel)),
+                None if of_field[setting.name].many else of_field[setting.name].default,
             )
             for setting in fields(settings_type)
-        ]
-        params = list(signature.parameters.values())
-        at = list(signature.parameters).index(parameter)
-
-        @functools.wraps(command)
-        def with_settings(**given: Any) -> Any:
-            chosen = {setting.name: given.pop(setting.name) for setting in fields(settings_type)}
-            return command(**given, **{parameter: settings_type(**chosen)})
-
-        # typer reads the parameters from `__signature__` (inspect.signature does).
-        cast(Any, with_settings).__signature__ = signature.replace(parameters=[*params[:at], *flags, *params[at + 1 :]])
-        return cast(Command, with_settings)
+        }
+        return _with_flags(command, parameter, flags, lambda chosen: settings_type(**chosen))
 
     return decorate
+
+
+def guidance_flags(parameter: str, panel: str) -> Callable[[Command], Command]:
+    """Give a command (`tav invert`) one flag per guidance option (`GUIDANCE`: what a null-text fit is made at),
+    each None unless given, and call it with those given as `parameter`, by name: a new guidance setting is a
+    flag of the command, with no change to the command."""
+    flags = {
+        name: (
+            Optional[EDIT[name].kind],
+            declared(
+                EDIT[name],
+                panel,
+                help=f"Null-text: the edits' {EDIT[name].flag}, the fit's [default: {EDIT[name].default}].",
+            ),
+            None,
+        )
+        for name in GUIDANCE
+    }
+    return lambda command: _with_flags(
+        command, parameter, flags, lambda given: {name: value for name, value in given.items() if value is not None}
+    )
+
+
+def _with_flags(
+    command: Command,
+    parameter: str,
+    flags: dict[str, tuple[Any, Any, Any]],
+    build: Callable[[dict[str, Any]], Any],
+) -> Command:
+    """`command` with its parameter `parameter` replaced by `flags` ({name: (type, typer option, default)}), in
+    its place; called with `parameter` = `build` of the flags' values by name."""
+    signature = inspect.signature(command, eval_str=True)
+    params = list(signature.parameters.values())
+    at = list(signature.parameters).index(parameter)
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    added = [
+        inspect.Parameter(name, kind, default=default, annotation=Annotated[value_type, option])
+        for name, (value_type, option, default) in flags.items()
+    ]
+
+    @functools.wraps(command)
+    def with_flags(**given: Any) -> Any:
+        chosen = {name: given.pop(name) for name in flags}
+        return command(**given, **{parameter: build(chosen)})
+
+    # typer reads the parameters from `__signature__` (inspect.signature does).
+    cast(Any, with_flags).__signature__ = signature.replace(parameters=[*params[:at], *added, *params[at + 1 :]])
+    return cast(Command, with_flags)
 
 
 def _value_type(option: Option) -> Any:
@@ -248,13 +285,6 @@ JsonOpt = Annotated[
 ]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show the plan and change nothing.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do it without asking.")]
-
-# The frame options of `tav tune`, also taken by `tav import` (as overrides of the reference's run).
-FramesOpt = Annotated[int, declared(TUNE["frames"], FRAMES)]
-StrideOpt = Annotated[int, declared(TUNE["stride"], FRAMES)]
-StartOpt = Annotated[int, declared(TUNE["start"], FRAMES)]
-WidthOpt = Annotated[int, declared(TUNE["width"], FRAMES)]
-HeightOpt = Annotated[int, declared(TUNE["height"], FRAMES)]
 
 # The frames `tav invert` and `tav edit` work on (default: the tuned ones).
 ChosenFramesOpt = Annotated[Optional[str], declared(SELECTION["frames"], FRAMES, metavar="N|all")]

@@ -16,7 +16,7 @@ from tavcli.settings.config import PROJECT_FILE, Setting, as_dict, chosen_projec
 
 if TYPE_CHECKING:
     from tavcli.store.housekeeping import Listing
-    from tavcli.store.project import Project
+    from tavcli.store.removal import RemovalPlan
 
 __all__ = ["collect_garbage", "list_store", "remove", "show_config", "verify"]
 
@@ -81,18 +81,9 @@ def remove(
 
     Example: tav rm -p skiing.tav tunes/3fe8 --dry-run
     """
-    from tavcli.store.housekeeping import dependents, held, listing, match
+    from tavcli.store.removal import removal_plan
 
-    store = setup.open_store(project)
-    rows = listing(store)
-    plan = dependents(store, [match(rows, key) for key in keys])
-    # Refused rather than waited for: a running tune or batch may hold an entry for hours.
-    for row in plan:
-        why = held(store, row)
-        if why is not None:
-            hint = "run `tav rm` again when it has finished"
-            raise TavError(f"{row.kind}/{row.key} {why}: nothing was removed", hint)
-    _remove_with_plan(store, plan, "remove", dry_run, yes)
+    _carry_out(removal_plan(setup.open_store(project), keys), "remove", dry_run, yes)
 
 
 def collect_garbage(
@@ -111,13 +102,9 @@ def collect_garbage(
 
     Example: tav gc -p skiing.tav --checkpoints --dry-run
     """
-    from tavcli.store.housekeeping import sort_garbage
+    from tavcli.store.removal import garbage_plan
 
-    store = setup.open_store(project)
-    rows, left = sort_garbage(store, checkpoints)
-    for row, why in left:  # never waited for: a running command may hold it for hours
-        output.show(f"[dim]left alone: {row.kind}/{row.key} {escape(why)}[/dim]")
-    _remove_with_plan(store, rows, "collect", dry_run, yes)
+    _carry_out(garbage_plan(setup.open_store(project), checkpoints), "collect", dry_run, yes)
 
 
 def verify(project: ProjectOpt = None, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
@@ -182,17 +169,18 @@ def show_config(project: ProjectOpt = None, as_json: JsonOpt = False, quiet: Qui
             output.show(f"{name}: {escape(path)}{exists}")
 
 
-def _remove_with_plan(store: Project, rows: list[Listing], verb: str, dry_run: bool, yes: bool) -> None:
-    """Show what goes, every file of it, and the bytes it frees; then (after --yes or a confirmation) remove it."""
-    from tavcli.store.housekeeping import removal_files
-    from tavcli.store.housekeeping import remove as remove_row
-
+def _carry_out(plan: RemovalPlan, verb: str, dry_run: bool, yes: bool) -> None:
+    """Show the plan: what is left alone, what goes, every file of it, and the bytes it frees; then (after
+    --yes or a confirmation) execute it, one record per row removed."""
+    for row, why in plan.left:  # never waited for: a running command may hold it for hours
+        output.show(f"[dim]left alone: {row.kind}/{row.key} {escape(why)}[/dim]")
+    rows = plan.rows
     for row in rows:
         why = _what(row) if row.state == "complete" else row.state
         output.show(f"  {row.kind}/{row.key}  {output.human_size(row.bytes):>9}  [dim]{escape(why)}[/dim]")
-        for path in removal_files(store, row):
+        for path in plan.files(row):
             output.show(f"      [dim]{escape(str(path))}[/dim]")
-    freed = output.human_size(sum(row.bytes for row in rows))
+    freed = output.human_size(plan.expected_freed_size)
     plural = "entry" if len(rows) == 1 else "entries"
     output.show(f"{'would free' if dry_run else 'frees'} {freed} in {len(rows)} {plural}")
     if dry_run or not rows:
@@ -201,9 +189,11 @@ def _remove_with_plan(store: Project, rows: list[Listing], verb: str, dry_run: b
         if not sys.stdin.isatty():
             raise TavError("not confirmed: nothing was removed", f"pass --yes to {verb} without asking")
         typer.confirm(f"{verb.capitalize()} {len(rows)} entries?", abort=True)
-    for row in rows:
-        remove_row(store, row)
-        output.print_record({"removed": f"{row.kind}/{row.key}", "path": str(row.path), "bytes": row.bytes})
+    plan.execute(on_removed=_report_removed)
+
+
+def _report_removed(row: Listing) -> None:
+    output.print_record({"removed": f"{row.kind}/{row.key}", "path": str(row.path), "bytes": row.bytes})
 
 
 def _what(row: Listing) -> str:

@@ -8,7 +8,6 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from tavcli.choices import FrameNorm, ResizeMode, SavePrecision
 from tavcli.cli import output, setup
 from tavcli.cli.options import (
     DEFAULT_CLIP_MODEL,
@@ -24,23 +23,24 @@ from tavcli.cli.options import (
     CompileOpt,
     DeviceOpt,
     ForceOpt,
-    FramesOpt,
-    HeightOpt,
     ModelConfigOpt,
     ModelOpt,
     PrecisionOpt,
     QuietOpt,
     RevisionOpt,
-    StartOpt,
-    StrideOpt,
     VariantOpt,
-    WidthOpt,
     declared,
+    settings_flags,
 )
 from tavcli.errors import TavError
 from tavcli.settings.options import TUNE
+from tavcli.settings.tuning import FrameSelection, FrameSize, TuneRequest, TuneSettings, preview_choice
 
 __all__ = ["demo", "import_reference", "tune"]
+
+
+# The panels of the tune settings that are not about training.
+TUNE_PANELS = {"gradient_checkpointing": RUN, "checkpoint_every": STORE, "save_precision": STORE, "frame_norm": MODEL}
 
 
 def _shown_default(name: str) -> str:
@@ -48,6 +48,9 @@ def _shown_default(name: str) -> str:
     return f"{TUNE[name].help} [default: {TUNE[name].default}]"
 
 
+@settings_flags("size", TUNE, FRAMES)
+@settings_flags("selection", TUNE, FRAMES)
+@settings_flags("settings", TUNE, TRAINING, panels=TUNE_PANELS)
 def tune(
     video: Annotated[
         Path, typer.Argument(help="The clip: mp4, mov, webm, mkv or gif.", metavar="VIDEO", show_default=False)
@@ -69,22 +72,9 @@ def tune(
             show_default=False,
         ),
     ] = None,
-    frames: FramesOpt = TUNE["frames"].default,
-    stride: StrideOpt = TUNE["stride"].default,
-    start: StartOpt = TUNE["start"].default,
-    width: WidthOpt = TUNE["width"].default,
-    height: HeightOpt = TUNE["height"].default,
-    resize: Annotated[ResizeMode, declared(TUNE["resize"], FRAMES)] = TUNE["resize"].default,
-    steps: Annotated[int, declared(TUNE["steps"], TRAINING)] = TUNE["steps"].default,
-    lr: Annotated[float, declared(TUNE["lr"], TRAINING)] = TUNE["lr"].default,
-    seed: Annotated[int, declared(TUNE["seed"], TRAINING)] = TUNE["seed"].default,
-    frame_norm: Annotated[FrameNorm, declared(TUNE["frame_norm"], MODEL)] = TUNE["frame_norm"].default,
-    gradient_checkpointing: Annotated[
-        bool, typer.Option(help="Trade compute for memory (same results).", rich_help_panel=RUN)
-    ] = False,
-    checkpoint_every: Annotated[int, declared(TUNE["checkpoint_every"], STORE)] = TUNE["checkpoint_every"].default,
-    save_precision: Annotated[SavePrecision, declared(TUNE["save_precision"], STORE)] = TUNE["save_precision"].default,
-    rank: Annotated[int, declared(TUNE["rank"], TRAINING)] = TUNE["rank"].default,
+    selection: FrameSelection = FrameSelection(),  # noqa: B008 (one flag per field: settings_flags)
+    size: FrameSize = FrameSize(),  # noqa: B008
+    settings: TuneSettings = TuneSettings(),  # noqa: B008
     # None: not given, so that one given without --preview is refused rather than ignored
     preview: Annotated[Optional[str], declared(TUNE["preview"], PREVIEW, metavar="PROMPT")] = None,
     preview_every: Annotated[
@@ -125,7 +115,6 @@ def tune(
       tav tune skiing.mp4 "a man is skiing" --rank 16
     """
     from tavcli.media.video import probe
-    from tavcli.settings.requests import FrameSelection, TuneRequest, TuneSettings, frame_size, preview_choice
 
     previewed = preview_choice(preview, preview_every, preview_steps, evaluate)  # the rule batch files follow
 
@@ -136,23 +125,14 @@ def tune(
         prompt=prompt,
         project=project_dir,
         model=setup.model_for(chosen, lora or [], revision, variant),
-        selection=FrameSelection(frames=frames, stride=stride, start=start),
-        size=frame_size(width, height, resize, output.RichReporter()),
-        settings=TuneSettings(
-            steps=steps,
-            learning_rate=lr,
-            seed=seed,
-            gradient_checkpointing=gradient_checkpointing,
-            checkpoint_every=checkpoint_every,
-            save_precision=save_precision,
-            rank=rank,
-        ),
-        frame_norm=frame_norm,
+        selection=selection,
+        size=size.snapped(output.RichReporter()),
+        settings=settings,
     )
     probe(video, request.selection)  # a bad or short clip is reported before anything heavy loads
     session = setup.session(chosen, allow_pickle, compile_unet)
     if dry_run:
-        from tavcli.workflow.tuning import tune_plan
+        from tavcli.workflow.tune_planning import tune_plan
 
         plan = tune_plan(session, request, force=force)
         output.print_record(plan)
@@ -229,7 +209,6 @@ def import_reference(
     """
     from tavcli.media.video import probe
     from tavcli.method.reference import read_reference
-    from tavcli.settings.requests import FrameSelection, TuneRequest, TuneSettings, frame_size
 
     recorded = read_reference(folder, allow_pickle).settings
     clip_path = clip or (folder / recorded["clip"] if recorded.get("clip") else None)
@@ -254,14 +233,17 @@ def import_reference(
         selection=FrameSelection(
             frames=given(frames, "frames"), stride=given(stride, "stride"), start=given(start, "start")
         ),
-        size=frame_size(given(width, "width"), given(height, "height"), "stretch", output.RichReporter()),
-        settings=TuneSettings(
-            steps=given(None, "steps"), learning_rate=given(None, "lr", "learning_rate"), seed=given(None, "seed")
+        size=FrameSize(width=given(width, "width"), height=given(height, "height"), resize="stretch").snapped(
+            output.RichReporter()
+        ),
+        # The reference run's training settings, as its config.yaml records them (`learning_rate`).
+        settings=TuneSettings.named(
+            {name: given(None, name, TUNE[name].attribute) for name in ("steps", "lr", "seed")}
         ),
     )
     probe(clip_path, request.selection)
     session = setup.session(chosen, allow_pickle)
-    from tavcli.workflow.tuning import import_tune
+    from tavcli.workflow.importing import import_tune
 
     output.report(import_tune(session, folder, request))
 
@@ -282,7 +264,8 @@ def demo(
 
       tav edit -p tav-demo.tav "a panda is skiing" "a man is skiing at sunset" --steps 20
     """
-    from tavcli.settings.requests import EditRequest, EditSettings, FrameSelection, FrameSize, TuneRequest, TuneSettings
+    from tavcli.settings.editing import EditRequest
+    from tavcli.settings.sampling import EditSettings
 
     session = setup.session(setup.settings(None, model="tiny"), allow_pickle=False)
     from tavcli.workflow.editing import edit as run_edit

@@ -19,7 +19,7 @@ from tavcli.files.atomic import atomic_path
 from tavcli.media.captions import drawable
 from tavcli.settings.inputs import require_regular_file
 from tavcli.settings.options import GIF_MAX_FPS
-from tavcli.settings.requests import FrameSelection, FrameSize
+from tavcli.settings.tuning import FrameSelection, FrameSize
 
 __all__ = [
     "Clip",

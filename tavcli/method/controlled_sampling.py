@@ -23,7 +23,7 @@ from diffusers import DDIMScheduler
 
 from tavcli.method.attention_control import AttentionControl
 from tavcli.method.inversion import UNetCall
-from tavcli.method.sampling import guided_step
+from tavcli.method.sampling import Guidance, guided_step
 
 __all__ = ["AttentionSteering", "SourceBranch", "SourceTrajectory"]
 
@@ -54,7 +54,7 @@ class SourceTrajectory:
 
 class AttentionSteering:
     """Runs the source call before each step of a controlled edit of `prompts` prompts (its guided batch
-    `[uncond x prompts, cond x prompts]`), and local blending after it."""
+    `[uncond x prompts, cond x prompts]`), and local blending after it; a source branch steps at `guidance`."""
 
     def __init__(
         self,
@@ -62,14 +62,13 @@ class AttentionSteering:
         control: AttentionControl,
         source: SourceBranch | SourceTrajectory,
         prompts: int,
-        guidance_scale: float,
-        guidance_rescale: float = 0.0,
+        guidance: Guidance,
     ) -> None:
         steps = control.schedule.steps
         if isinstance(source, SourceTrajectory) and len(source.trajectory) != steps + 1:
             raise ValueError(f"a trajectory of {len(source.trajectory) - 1} steps for an edit of {steps}")
         self.unet, self.control, self.source, self.prompts = unet, control, source, prompts
-        self.guidance_scale, self.guidance_rescale = guidance_scale, guidance_rescale
+        self.guidance = guidance  # the edit's: the branch is sampled as the edit is
         self.device = source.prompt.device  # where the source's latents are used
         # The source's latent before the current step (the branch's), or after it (what blending blends into).
         start = source.noise if isinstance(source, SourceBranch) else source.trajectory[-1]
@@ -101,9 +100,8 @@ class AttentionSteering:
         if isinstance(source, SourceBranch):
             control.begin("record", record_item=1)  # the conditional half of [uncond, cond]
             self.source_latents = guided_step(
-                self.unet, ddim, self.source_latents, timestep, step, source.text(index), self.guidance_scale,
-                guidance_rescale=self.guidance_rescale,
-            )  # fmt: skip
+                self.unet, ddim, self.source_latents, timestep, step, source.text(index), self.guidance
+            )
         else:
             control.begin("record")
             for number in range(len(control.spans)):

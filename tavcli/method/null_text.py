@@ -7,8 +7,8 @@ source prompt's embedding c, and `z_0 = z*_N`, for i = 0 .. N-1 in sampling orde
     u_i   = argmin_u  | step_w(z_i, t_i; u, c) - z*_{N-1-i} |^2      (Adam, from u_{i-1}; u_{-1} = empty prompt)
     z_i+1 = step_w(z_i, t_i; u_i, c)
 
-where `step_w` is the guided DDIM step sampling takes (`tavcli.method.sampling.guided_step`, guidance
-rescale included). Each u_i is (1, n, d), shared by every frame of the clip. Adam runs at most
+where `step_w` is the guided DDIM step sampling takes (`tavcli.method.sampling.guided_step`, at the run's
+`Guidance`: its rescale included). Each u_i is (1, n, d), shared by every frame of the clip. Adam runs at most
 `iterations` times per step at lr = `learning_rate` * (1 - i / max(100, 2N)) and stops once the loss is
 below 1e-5 + i * 2e-5: at N = 50 the paper's schedule exactly, and for longer schedules it still ends
 near half the first rate instead of going negative. The next latent is computed by the very call that
@@ -34,7 +34,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch.utils.checkpoint import checkpoint
 
 from tavcli.method.inversion import UNetCall
-from tavcli.method.sampling import ddim_schedule, guided_prediction, guided_step
+from tavcli.method.sampling import Guidance, ddim_schedule, guided_step
 from tavcli.method.windows import WindowedUNet
 
 __all__ = ["NullTextRun", "NullTextState", "checkpointed", "optimise_null_text"]
@@ -47,8 +47,7 @@ ADAM_EPS = 1e-8  # torch's and the paper's, for the mean squared error's gradien
 class NullTextRun:
     """What determines the optimisation besides the model and the trajectory: guidance and Adam's budget."""
 
-    guidance_scale: float
-    guidance_rescale: float = 0.0
+    guidance: Guidance
     iterations: int = 10
     learning_rate: float = 1e-2
 
@@ -121,10 +120,7 @@ def optimise_null_text(
         )
         with torch.no_grad():
             text = torch.cat([uncond.to(prompt_embeds.dtype), prompt_embeds])
-            latent = guided_step(
-                unet, ddim, state.latent, timestep, step, text, run.guidance_scale,
-                guidance_rescale=run.guidance_rescale,
-            )  # fmt: skip
+            latent = guided_step(unet, ddim, state.latent, timestep, step, text, run.guidance)
         loss = torch.nn.functional.mse_loss(latent.float(), target).item()
         _require_finite(uncond, loss, index)  # before `on_step` saves it: a rerun resumes from the step before
         state.latent = latent
@@ -200,7 +196,7 @@ def _fit(
     taken = 0
     for taken in range(1, run.iterations + 1):
         pred_uncond = unet(model_input, timestep, uncond.to(prompt_embeds.dtype)).sample
-        pred = guided_prediction(pred_uncond, pred_cond, run.guidance_scale, run.guidance_rescale)
+        pred = run.guidance.apply(pred_uncond, pred_cond)
         previous = ddim.step(pred, step, latent).prev_sample
         loss = torch.nn.functional.mse_loss(previous.float(), target)
         value = loss.item()

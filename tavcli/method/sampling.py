@@ -2,17 +2,19 @@
 
 Each step runs the UNet once on a doubled batch `[uncond, cond]` and combines the two predictions:
 
-    pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
-    pred = r * pred * std(pred_cond) / std(pred) + (1 - r) * pred   (guidance_rescale r > 0 only)
-    x    = DDIMScheduler.step(pred, t, x, eta)          (eta = 0: deterministic DDIM)
+    pred = pred_uncond + w * (pred_cond - pred_uncond)                (w: `Guidance.guidance`)
+    pred = r * pred * std(pred_cond) / std(pred) + (1 - r) * pred     (r: `Guidance.guidance_rescale`, r > 0 only)
+    x    = DDIMScheduler.step(pred, t, x, eta)                        (eta = 0: deterministic DDIM)
 
 The rescale (Lin et al. 2023, section 3.4) is diffusers' `rescale_noise_cfg`; its std runs per batch item,
-over channels, frames and pixels.
+over channels, frames and pixels. The first two lines are `Guidance.apply`, the one place they are computed:
+plain sampling, the source branch of attention control and the null-text fit all take one `Guidance`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -21,7 +23,7 @@ from diffusers import DDIMScheduler, SchedulerMixin
 from tavcli.method.inversion import StepCallback, UNetCall
 from tavcli.method.windows import UNetExtra, controlled_call
 
-__all__ = ["Steering", "ddim_sample", "ddim_schedule", "guided_prediction", "guided_step"]
+__all__ = ["Guidance", "Steering", "ddim_sample", "ddim_schedule", "guided_step"]
 
 
 class Steering(Protocol):
@@ -47,16 +49,22 @@ def ddim_schedule(scheduler: SchedulerMixin, num_steps: int, device: torch.devic
     return ddim, ddim.timesteps.tolist()
 
 
-def guided_prediction(
-    pred_uncond: torch.Tensor, pred_cond: torch.Tensor, guidance_scale: float, guidance_rescale: float = 0.0
-) -> torch.Tensor:
-    """The guided prediction of the formula above, rescaled when `guidance_rescale` > 0."""
-    pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
-    if guidance_rescale > 0:  # lazy for start-up: the pipeline module costs 1.5 s to import
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance: the scale w and the rescale r of the formula above. The fields are named as the
+    edit settings name them (`--guidance`, `--guidance-rescale`), so the workflow builds one by name."""
 
-        pred = rescale_noise_cfg(pred, pred_cond, guidance_rescale=guidance_rescale)
-    return pred
+    guidance: float
+    guidance_rescale: float = 0.0
+
+    def apply(self, pred_uncond: torch.Tensor, pred_cond: torch.Tensor) -> torch.Tensor:
+        """The guided prediction of the formula above, rescaled when `guidance_rescale` > 0."""
+        pred = pred_uncond + self.guidance * (pred_cond - pred_uncond)
+        if self.guidance_rescale > 0:  # lazy for start-up: the pipeline module costs 1.5 s to import
+            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+            pred = rescale_noise_cfg(pred, pred_cond, guidance_rescale=self.guidance_rescale)
+        return pred
 
 
 def guided_step(
@@ -66,18 +74,18 @@ def guided_step(
     timestep: torch.Tensor,
     step: int,
     text: torch.Tensor,
-    guidance_scale: float,
+    guidance: Guidance,
     *,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     control: UNetExtra | None = None,
-    guidance_rescale: float = 0.0,
 ) -> torch.Tensor:
     """One guided DDIM step from `latents` at `timestep` (`step` as an int): the UNet once on the doubled
-    batch `[latents, latents]` with `text` = `[uncond, cond]` embeddings, then the scheduler's step."""
+    batch `[latents, latents]` with `text` = `[uncond, cond]` embeddings, `guidance` applied, then the
+    scheduler's step."""
     model_input = ddim.scale_model_input(torch.cat([latents, latents]), timestep)
     pred_uncond, pred_cond = controlled_call(unet, model_input, timestep, text, control).sample.chunk(2)
-    pred = guided_prediction(pred_uncond, pred_cond, guidance_scale, guidance_rescale)
+    pred = guidance.apply(pred_uncond, pred_cond)
     next_latents: torch.Tensor = ddim.step(pred, step, latents, eta=eta, generator=generator).prev_sample
     return next_latents
 
@@ -90,12 +98,11 @@ def ddim_sample(
     prompt_embeds: torch.Tensor,
     negative_prompt_embeds: torch.Tensor | Sequence[torch.Tensor],
     num_steps: int,
-    guidance_scale: float,
+    guidance: Guidance,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     on_step: StepCallback | None = None,
     control: UNetExtra | None = None,
-    guidance_rescale: float = 0.0,
     steering: Steering | None = None,
 ) -> torch.Tensor:
     """Denoise `latents` (b, c, f, h, w) from pure noise to clean latents and return them.
@@ -104,8 +111,8 @@ def ddim_sample(
     unconditional branch (the empty prompt's embedding unless the user gave a negative prompt), or one
     such embedding per step (null-text inversion's, `tavcli.method.null_text`). `eta > 0` adds DDIM's
     stochastic term, drawn from `generator`. `control(x, t, text)` returns extra UNet arguments for each
-    call (ControlNet residuals, see `tavcli.method.control.ControlGuide`). `guidance_rescale` mixes in the
-    guided prediction rescaled to the conditional one's spread (0: off). `steering` works around each step.
+    call (ControlNet residuals, see `tavcli.method.control.ControlGuide`). `guidance` combines the two
+    predictions of each step (`Guidance.apply`). `steering` works around each step.
     """
     ddim, steps = ddim_schedule(scheduler, num_steps, latents.device)
     if isinstance(negative_prompt_embeds, torch.Tensor):
@@ -118,9 +125,8 @@ def ddim_sample(
         if steering is not None:
             steering.begin(ddim, index, timestep, step)
         latents = guided_step(
-            unet, ddim, latents, timestep, step, text, guidance_scale,
-            eta=eta, generator=generator, control=control, guidance_rescale=guidance_rescale,
-        )  # fmt: skip
+            unet, ddim, latents, timestep, step, text, guidance, eta=eta, generator=generator, control=control
+        )
         if steering is not None:
             latents = steering.end(index, latents)
         if on_step is not None:

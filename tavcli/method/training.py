@@ -42,6 +42,7 @@ class TrainingRun:
 
     steps: int = 500
     learning_rate: float = 3e-5
+    weight_decay: float = 1e-2  # AdamW's, decoupled: each step scales the weights by 1 - lr * weight_decay
     seed: int = 33  # of the training noise and timesteps
     gradient_checkpointing: bool = False
     save_every: int = 0  # hand the state to `save` every N steps (0: only when stopped)
@@ -158,7 +159,7 @@ def train_delta(
     # 1. What trains: the adapters when the tune has them, else the tuned projections.
     params = _start_training(unet, run.gradient_checkpointing)
     # 2. The optimizer, the fp16 loss scaler and the generator, where `resume` left them.
-    optimizer, scaler = _optimizer(params, run.learning_rate, runtime)
+    optimizer, scaler = _optimizer(params, run, runtime)
     generator = runtime.generator(run.seed)
     step, losses = _restore(resume, params, optimizer, scaler, generator)
     model = runtime.prepare(unet)  # what is called; `unet` names the parameters
@@ -219,15 +220,15 @@ def _start_training(unet: VideoUNet, gradient_checkpointing: bool) -> dict[str, 
 
 
 def _optimizer(
-    params: dict[str, nn.Parameter], learning_rate: float, runtime: Runtime
+    params: dict[str, nn.Parameter], run: TrainingRun, runtime: Runtime
 ) -> tuple[torch.optim.AdamW, torch.amp.GradScaler]:
-    """The reference's AdamW (fused on GPUs: one kernel for all tensors, the same update) and a loss scaler
-    that is active only in fp16."""
+    """The reference's AdamW at the run's learning rate and weight decay (fused on GPUs: one kernel for all
+    tensors, the same update) and a loss scaler that is active only in fp16."""
     optimizer = torch.optim.AdamW(
         params.values(),
-        lr=learning_rate,
+        lr=run.learning_rate,
         betas=(0.9, 0.999),
-        weight_decay=1e-2,
+        weight_decay=run.weight_decay,
         eps=1e-8,
         fused=runtime.device.type == "cuda",
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tavcli.errors import TavError
 from tavcli.settings.inputs import require_regular_file
-from tavcli.settings.options import OptionError
+from tavcli.settings.option import OptionError
 
 __all__ = [
     "HUB_ID",

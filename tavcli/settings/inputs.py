@@ -12,7 +12,7 @@ import stat
 from pathlib import Path
 
 from tavcli.errors import TavError
-from tavcli.settings.options import OptionError
+from tavcli.settings.option import OptionError
 
 __all__ = ["require_folder", "require_prompt", "require_regular_file"]
 

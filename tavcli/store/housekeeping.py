@@ -1,18 +1,19 @@
 """Looking after a project: what it holds (damage included), what a removal takes with it, what `tav gc`
-may remove, and removing it. Nothing here raises on a damaged store: damage is listed, never fatal.
+may remove (removing it is `tavcli.store.removal`'s).
+Nothing here raises on a damaged store: damage is listed, never fatal.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tavcli.errors import TavError
+from tavcli.store import locks
 from tavcli.store.checkpoints import Checkpoints
-from tavcli.store.entry import KEY, KINDS, PARENTS, Entry, timestamp
+from tavcli.store.entry import KINDS, PARENTS, Entry, timestamp
 from tavcli.store.project import STATE_FILE, Project
 from tavcli.store.sidecar import edit_keys, output_files, read_sidecar
 
@@ -27,8 +28,6 @@ __all__ = [
     "match",
     "pid_alive",
     "problems",
-    "remove",
-    "removal_files",
     "renders",
     "sort_garbage",
 ]
@@ -185,8 +184,8 @@ def held(project: Project, row: Listing) -> str | None:
     """Why a live process holds `row` (computing, writing or using it: `tav rm` refuses it, `tav gc` leaves
     it), or None."""
     if row.kind in KINDS:
-        return project.in_use(row.kind, row.key)
-    if row.kind == "checkpoints" and project.busy(f"checkpoints-{row.key}"):
+        return locks.in_use(project.root, row.kind, row.key)
+    if row.kind == "checkpoints" and locks.busy(project.root, f"checkpoints-{row.key}"):
         return "is being trained by a running tav command"
     return None
 
@@ -237,51 +236,6 @@ def _garbage(project: Project, checkpoints: bool) -> list[Listing]:
         if pid.isdigit() and not pid_alive(int(pid)):
             found.append(Listing("temp", temp.name, temp, "left by a process that died", _path_bytes(temp)))
     return sorted(found, key=_removal_rank)
-
-
-def removal_files(project: Project, row: Listing) -> list[Path]:
-    """Every file and folder that removing `row` deletes: the entry's files, and renders and grids of edits."""
-    if row.kind == "render":
-        render = next((r for r in renders(project) if r.sidecar == row.path), None)
-        return [p for p in render.files if p.exists()] if render else [row.path]
-    files = sorted(p for p in row.path.rglob("*") if p.is_file()) if row.path.is_dir() else [row.path]
-    if row.kind == "edits":
-        files += [path for render in renders(project) if row.key in render.edits for path in render.files]
-    return [path for path in files if path.exists()]
-
-
-def remove(project: Project, row: Listing) -> None:
-    """Remove references before payloads: pointers, then `meta.json` (the entry stops counting), then files.
-
-    An entry a live process computes or uses is refused in one line (`Project.removing`): a command may
-    hold one for hours, and removing it under the command would break it or leave an orphan.
-    """
-    if row.kind == "render":
-        _remove_render(project, row.path)
-        return
-    if row.kind in ("temp", "project"):
-        shutil.rmtree(row.path) if row.path.is_dir() else row.path.unlink(missing_ok=True)
-        return
-    with project.removing(row.kind, row.key):
-        if KEY.fullmatch(row.key) and project.state_problem() is None:
-            state = project.state
-            pointers = {name: None for name in ("tune", "inversion") if state.get(name) == row.key}
-            if pointers:
-                project.update_state(**pointers)
-        if row.kind == "edits":
-            for render in renders(project):
-                if row.key in render.edits:
-                    _remove_render(project, render.sidecar)
-        (row.path / "meta.json").unlink(missing_ok=True)
-    shutil.rmtree(row.path, ignore_errors=True)
-
-
-def _remove_render(project: Project, sidecar: Path) -> None:
-    render = next((r for r in renders(project) if r.sidecar == sidecar), None)
-    files = list(render.files) if render else [sidecar]
-    sidecar.unlink(missing_ok=True)  # the reference first
-    for path in files:
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _removal_rank(row: Listing) -> int:

@@ -3,29 +3,27 @@
 `CLIP.tav/` holds one folder per entry kind (`latents/`, `embeddings/`, `tunes/`, `inversions/`,
 `edits/`), each entry `KIND/KEY/` (see `tavcli.store.entry`), and `project.json` naming the tune and
 inversion `tav edit` uses now (layout: docs/store.md). `KEY` is a hash of the entry's spec (every
-input that determines it) and `METHOD_VERSION`. Locks make concurrent runs compute each entry once.
+input that determines it) and `METHOD_VERSION`. This module owns the keys, `produce` (each entry computed
+once, under its lock) and `project.json`; the lock protocol itself is `tavcli.store.locks`'s.
 This module imports no torch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
-import os
-import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
-
-from filelock import FileLock, Timeout
 
 from tavcli.errors import TavError
 from tavcli.files.atomic import create_json, write_json
 from tavcli.files.reading import parse_json
+from tavcli.store import locks
 from tavcli.store.entry import KEY, Entry, noun
+from tavcli.store.locks import BUSY
 
 __all__ = ["BUSY", "METHOD_VERSION", "STORE_VERSION", "STATE_FILE", "Project", "cache_key"]
 
@@ -34,14 +32,6 @@ METHOD_VERSION = 1
 # Bump when the layout changes: an older tav refuses a newer project instead of misreading it.
 STORE_VERSION = 1
 STATE_FILE = "project.json"
-# Held briefly while a command starts using entries or a removal checks for users, so neither races the other.
-USES_LOCK = "uses"
-BUSY = "is being computed or written by a running tav command"  # its own lock is held
-READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)  # no lock file can be made: nobody writes here
-
-# This process's use locks (`.locks/use-KIND-KEY-PID.lock`) by path: the lock and how many holds it has.
-_uses: dict[Path, list[Any]] = {}
-_uses_guard = threading.Lock()
 
 
 def cache_key(spec: dict[str, Any]) -> str:
@@ -60,6 +50,11 @@ class Project:
     # --- entries -------------------------------------------------------------------------------
 
     def entry(self, kind: str, spec: Mapping[str, Any]) -> Entry:
+        """Entry `kind/KEY` for `spec`: where a spec becomes a key (`cache_key` of the kind and the spec).
+
+        The spec must name every input that determines the entry (built in `tavcli.workflow.keys`), so equal
+        inputs find the same folder and any change finds another. Nothing is read or written here.
+        """
         key = cache_key({"kind": kind, **spec})
         return Entry(kind=kind, key=key, path=self.root / kind / key, spec=dict(spec))
 
@@ -68,6 +63,11 @@ class Project:
         return Entry(kind=kind, key=key, path=self.root / kind / key, spec={})
 
     def find(self, kind: str, key: str) -> Entry:
+        """Entry `kind/key` with the spec its `meta.json` records (for following a key to what it holds).
+
+        Refuses in one line an entry that is not complete (no `meta.json`: never computed, interrupted or
+        removed) and, through `Entry.meta`, one whose `meta.json` is damaged or lists no payload.
+        """
         entry = self.at(kind, key)
         if not entry.complete:
             raise TavError(f"project {self.root} has no complete {kind[:-1]} {key}", "run `tav tune` again")
@@ -99,116 +99,29 @@ class Project:
             compute()
         return False
 
-    # --- entries in use -----------------------------------------------------------------------------
-
-    @contextmanager
-    def using(self, entries: Iterable[Entry], doing: str = "this command") -> Iterator[None]:
-        """Hold `entries` in use while the block runs: `tav rm` refuses them and `tav gc` leaves them.
-
-        Each process holds its own lock file per entry (`.locks/use-KIND-KEY-PID.lock`), so any number
-        of commands can use an entry at once, and the kernel drops the hold of one that dies. An entry
-        already removed is one line naming it (`doing`: what was running, e.g. "this edit").
-        """
-        held: list[Path] = []
-        try:
-            with self.lock(USES_LOCK, quiet=True, optional=True):
-                for entry in entries:
-                    if not entry.complete:
-                        raise TavError(
-                            f"the {noun(entry.kind)} {entry.key} was removed by another tav command while {doing} ran",
-                            "run it again",
-                        )
-                    path = self._use_path(entry.kind, entry.key, os.getpid())
-                    if _hold_use(path):
-                        held.append(path)
-            yield
-        finally:
-            for path in held:
-                _release_use(path)
-
-    def users(self, kind: str, key: str) -> list[int]:
-        """The ids of the live processes that hold entry `kind/key` in use (see `using`)."""
-        found = []
-        for path in sorted((self.root / ".locks").glob(f"use-{kind}-{key}-*.lock")):
-            pid = path.stem.rsplit("-", 1)[-1]
-            if pid.isdigit() and self.busy(path.stem):
-                found.append(int(pid))
-        return found
-
-    def in_use(self, kind: str, key: str) -> str | None:
-        """Why a live process holds entry `kind/key` (computing, writing or using it), or None."""
-        if self.busy(f"{kind}-{key}"):
-            return BUSY
-        with self.lock(USES_LOCK, quiet=True, optional=True):  # probing a use lock must not block taking it
-            pids = self.users(kind, key)
-        return _used_by(pids) if pids else None
-
-    @contextmanager
-    def removing(self, kind: str, key: str) -> Iterator[None]:
-        """Hold entry `kind/key` for removal, or refuse in one line while a live process computes or uses it.
-
-        The block runs under the entry's lock and the uses lock: no command starts using the entry
-        meanwhile, so once its `meta.json` is gone (in the block) none ever will.
-        """
-        with contextlib.ExitStack() as held:
-            if not held.enter_context(self.lock(f"{kind}-{key}", wait=False)):
-                raise _refused(kind, key, BUSY)
-            held.enter_context(self.lock(USES_LOCK, quiet=True))
-            pids = self.users(kind, key)
-            if pids:
-                raise _refused(kind, key, _used_by(pids))
-            yield
-
     def _parent(self, entry: Entry) -> Entry | None:
         if entry.parent is None:
             return None
         return self.at(*entry.parent)
 
-    def _use_path(self, kind: str, key: str, pid: int) -> Path:
-        return self.root / ".locks" / f"use-{kind}-{key}-{pid}.lock"
+    # --- locks (the protocol is `tavcli.store.locks`'s; these keep the project's own calls short) -----------
 
-    # --- locks and state ------------------------------------------------------------------------
-
-    @contextmanager
-    def lock(self, name: str, wait: bool = True, quiet: bool = False, optional: bool = False) -> Iterator[bool]:
-        """An exclusive OS file lock, released by the kernel if its holder dies (so no stale locks); yields
-        whether it is held. Without `wait` a busy lock is not waited for (yields False); `quiet` waits
-        without a note (for locks held only for a moment); `optional` goes on unlocked in a project this
-        user cannot write to (where no tav command can remove or write anything either)."""
-        folder = self.root / ".locks"
-        file_lock = FileLock(str(folder / f"{name}.lock"), thread_local=False)
-        held: bool | None = True  # None: busy
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            file_lock.acquire(timeout=0)
-        except Timeout:
-            held = None
-        except OSError as error:
-            if not optional or error.errno not in READ_ONLY:
-                raise
-            held = False
-        if held is None and wait:
-            if not quiet:
-                self.on_wait(f"waiting for another tav process working on {name} in {self.root}")
-            file_lock.acquire()
-            held = True
-        try:
-            yield bool(held)
-        finally:
-            if held:
-                file_lock.release()
+    def lock(
+        self, name: str, wait: bool = True, quiet: bool = False, optional: bool = False
+    ) -> AbstractContextManager[bool]:
+        """Lock `name` in this project, telling `on_wait` when it is busy (see `locks.lock`)."""
+        return locks.lock(self.root, name, wait=wait, quiet=quiet, optional=optional, on_wait=self.on_wait)
 
     def busy(self, name: str) -> bool:
-        """Whether a live process holds lock `name` right now."""
-        file_lock = FileLock(str(self.root / ".locks" / f"{name}.lock"), thread_local=False)
-        try:
-            file_lock.acquire(timeout=0)
-        except Timeout:
-            return True
-        except OSError:
-            return False
-        file_lock.release()
-        return False
+        """Whether a live process holds lock `name` right now (see `locks.busy`)."""
+        return locks.busy(self.root, name)
+
+    def using(self, entries: Iterable[Entry], doing: str = "this command") -> AbstractContextManager[None]:
+        """Hold `entries` in use while the block runs: `tav rm` refuses them, `tav gc` leaves them (see
+        `locks.using`)."""
+        return locks.using(self.root, entries, doing)
+
+    # --- state ------------------------------------------------------------------------------------------
 
     @property
     def state(self) -> dict[str, Any]:
@@ -301,39 +214,6 @@ class Project:
         self.check_version()
         with self.lock("project"):
             write_json(self.root / STATE_FILE, {**self.state, "store_version": STORE_VERSION, **changes})
-
-
-def _hold_use(path: Path) -> bool:
-    """Take (or count one more hold of) this process's use lock `path`; False where it cannot be made."""
-    with _uses_guard:
-        if path in _uses:
-            _uses[path][1] += 1
-            return True
-        file_lock = FileLock(str(path), thread_local=False)
-        try:
-            file_lock.acquire(timeout=0)  # named after this process: only a dead one could have held it
-        except OSError:  # a read-only project: nothing can remove anything from it either
-            return False
-        _uses[path] = [file_lock, 1]
-        return True
-
-
-def _release_use(path: Path) -> None:
-    """Drop one hold of a use lock; the last one releases it and deletes its file."""
-    with _uses_guard:
-        _uses[path][1] -= 1
-        if _uses[path][1] == 0:
-            _uses.pop(path)[0].release()
-            with contextlib.suppress(OSError):
-                path.unlink()
-
-
-def _used_by(pids: list[int]) -> str:
-    return f"is in use by a running tav command (process {', '.join(map(str, pids))})"
-
-
-def _refused(kind: str, key: str, why: str) -> TavError:
-    return TavError(f"{kind}/{key} {why}", "run it again when that command has finished")
 
 
 def _state_problem(data: bytes) -> str | None:

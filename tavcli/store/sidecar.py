@@ -17,16 +17,12 @@ from tavcli.errors import TavError
 from tavcli.files.atomic import write_json
 from tavcli.files.hashing import lora_sha256
 from tavcli.files.reading import read_json
+from tavcli.settings.attention import AttentionSettings
+from tavcli.settings.editing import EditRequest, FrameChoice
 from tavcli.settings.inputs import require_regular_file
-from tavcli.settings.options import EDIT, INVERT, OptionError, check_fields
-from tavcli.settings.requests import (
-    AttentionSettings,
-    ControlSpec,
-    EditRequest,
-    EditSettings,
-    FrameChoice,
-    InversionSettings,
-)
+from tavcli.settings.option import OptionError, check_fields
+from tavcli.settings.options import EDIT, INVERT
+from tavcli.settings.sampling import ControlSpec, EditSettings, InversionSettings
 
 __all__ = [
     "RecordedEdit",

@@ -6,8 +6,11 @@ module per concern:
 - `session`: the models loaded in this process (`Session`), the project and tune a command works
   on, prompt embeddings, and the `Artifact` records commands print;
 - `keys`: what each store entry's key is made of, and how `tav ls` describes it (torch-free);
-- `tuning`: `tune`, `tune_plan`, `import_tune`;
-- `editing`: `invert`, `plan_edit`, `edit`, `edit_from_sidecar`; `plans`: the `EditPlan` they pass on;
+- `tuning`: `tune`; `tune_planning`: `tune_plan`, `tune_entry` (what a tune request resolves to, computing
+  nothing); `importing`: `import_tune`;
+- `planning`: what an edit or inversion needs from the store, from keys alone (batch's dry run lists it);
+- `inversion`: `invert`, `invert_for_edits` (`tav invert`);
+- `editing`: `plan_edit`, `edit`, `edit_from_sidecar`; `plans`: the `EditPlan` they pass on;
 - `null_text`: `fit_null_text`, null-text embeddings in the store;
 - `rendering`: an edit's output (name, rate, reuse), grids and scores; `records`: what their sidecars say;
 - `remedies`: what to try when a result is not finite, worded as flags.
@@ -24,12 +27,18 @@ from typing import Any
 # Where the names below live, torch-free modules (requests, keys) first; each name is imported on first use
 # (code inside tavcli imports the modules themselves).
 MODULES = (
-    "tavcli.settings.requests",
+    "tavcli.settings.tuning",
+    "tavcli.settings.sampling",
+    "tavcli.settings.editing",
     "tavcli.workflow.keys",
     "tavcli.workflow.plans",
     "tavcli.workflow.session",
+    "tavcli.workflow.tune_planning",
     "tavcli.workflow.tuning",
+    "tavcli.workflow.importing",
+    "tavcli.workflow.planning",
     "tavcli.workflow.null_text",
+    "tavcli.workflow.inversion",
     "tavcli.workflow.editing",
     "tavcli.workflow.rendering",
 )
@@ -41,25 +50,30 @@ __all__ = [
     "Session",
     "TuneRequest",
     "TuneSettings",
+    "command_inversion",
     "control_key",
     "describe",
     "edit",
     "edit_entries",
+    "edit_needs",
     "edit_spec",
     "edit_from_sidecar",
     "fit_null_text",
-    "frame_size",
     "import_tune",
     "inversion_entry",
+    "inversion_needed",
     "invert",
+    "invert_for_edits",
     "kept_steps",
     "kept_tune",
     "latents_entry",
     "null_text_entry",
+    "null_text_needed",
     "plan_edit",
     "prompt_embeddings",
     "render_grid",
     "tune",
+    "tune_entry",
     "tune_plan",
     "tune_run",
     "tune_spec",

@@ -1,7 +1,8 @@
-"""`tav invert` and `tav edit`: resolve the project, tune and inversion, then sample each group of prompts.
+"""`tav edit`: plan an edit (its tune, inversion, null-text fit and control), then sample each group of prompts.
 
-`plan_edit` resolves everything an edit needs before any sampling; `edit` samples what the store
-lacks (a whole UNet batch at a time) and hands each prompt to `rendering` for its output.
+`plan_edit` resolves everything an edit needs before any sampling (what `tavcli.workflow.planning` names, made
+when missing); `run_plan` samples what the store lacks (a whole UNet batch at a time) and hands each prompt to
+`rendering` for its output.
 """
 
 from __future__ import annotations
@@ -9,63 +10,44 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from tavcli.errors import TavError
-from tavcli.files.hashing import file_sha256
-from tavcli.media.video import (
-    frame_count,
-    read_clip,
-)
+from tavcli.media.video import read_clip
 from tavcli.method.attention_control import controlling
 from tavcli.method.control import ControlGuide, canny_maps, load_controlnet, require_opencv
-from tavcli.method.inversion import ddim_inversion
 from tavcli.method.sampling import ddim_sample
 from tavcli.method.windows import windowed
 from tavcli.models.lora import applied_loras
 from tavcli.runtime import Runtime
-from tavcli.settings.options import (
-    INVERT,
-    OptionError,
-    check_fields,
-)
-from tavcli.settings.requests import ControlSpec, EditRequest, EditSettings, FrameChoice, InversionSettings
+from tavcli.settings.editing import EditRequest
+from tavcli.settings.sampling import ControlSpec, EditSettings
 from tavcli.store.entry import Entry
 from tavcli.store.project import Project
 from tavcli.store.sidecar import RecordedEdit
 from tavcli.store.specs import ClipFacts
 from tavcli.workflow.attention import attention_steering
-from tavcli.workflow.keys import (
-    control_key,
-    edit_entries,
-    inversion_entry,
-    latents_entry,
-    null_text_entry,
-)
+from tavcli.workflow.inversion import current_inversion, invert
+from tavcli.workflow.keys import control_key, inversion_entry
 from tavcli.workflow.null_text import fit_null_text
-from tavcli.workflow.plans import EditPlan
+from tavcli.workflow.planning import edit_needs, inversion_needed
+from tavcli.workflow.plans import EditPlan, guidance_of
 from tavcli.workflow.remedies import overflow_causes
 from tavcli.workflow.rendering import render_edit
 from tavcli.workflow.session import (
     Artifact,
     Session,
-    encode_latents,
     prompt_embeddings,
     recorded_frames,
     resolve_tune,
     source_frames,
 )
-from tavcli.workflow.source_prompt import source_prompt, stored_inversion
 
 __all__ = [
     "edit",
     "edit_from_sidecar",
-    "invert",
-    "invert_for_edits",
     "kept_steps",
     "kept_tune",
     "plan_edit",
@@ -73,130 +55,16 @@ __all__ = [
 ]
 
 
-def invert(
-    session: Session,
-    project_root: Path,
-    steps: int = 50,
-    prompt: str = "",
-    force: bool = False,
-    tune_key: str | None = None,
-    frames: FrameChoice | None = None,
-) -> Artifact:
-    """DDIM-invert the clip's posterior-mean latents with a tune (default: the project's current one, whose
-    inversion this becomes), on the tuned frames or on `frames` (encoded first if the store lacks them)."""
-    check_fields(INVERT, {"steps": steps, "prompt": prompt}, "inversion")
-    project, tune_entry = resolve_tune(session, project_root, tune_key)
-    runtime = session.runtime
-    chosen = choose_frames(session, project, tune_entry, frames or FrameChoice())
-    latents_key = None if chosen.latents.key == tune_entry.spec["latents"] else chosen.latents.key
-    entry = inversion_entry(project, tune_entry.key, steps, prompt, runtime, latents_key, chosen.window)
-    started = time.perf_counter()
-
-    def compute() -> None:
-        components, unet = session.tuned_unet(project, tune_entry)
-        stats = chosen.latents.tensors(runtime.device)
-        latents = stats["mean"] * components.vae.config.scaling_factor
-        embeds = prompt_embeddings(session, project, components.source, [prompt])
-        with session.reporter.task("inverting", steps) as advance, runtime.autocast():
-            trajectory = ddim_inversion(
-                windowed(unet, chosen.window), components.scheduler, latents, embeds, steps, lambda *_: advance()
-            )
-        facts = {"seconds": time.perf_counter() - started, "device": runtime.device.type}
-        entry.save({"trajectory": torch.stack(trajectory).float()}, facts)
-
-    with project.using([chosen.latents], "this inversion"):  # its tune is held by `produce`
-        cached = project.produce(entry, compute, force)
-    if tune_key is None:
-        project.update_state(inversion=entry.key)
-    details = {"steps": steps, "frames": chosen.count, **({"window": chosen.window} if chosen.window else {})}
-    return Artifact("inversion", entry.key, entry.path, cached, time.perf_counter() - started, details)
-
-
-def invert_for_edits(
-    session: Session,
-    project_root: Path,
-    choice: InversionSettings,
-    steps: int = 50,
-    prompt: str = "",
-    settings: EditSettings | None = None,
-    force: bool = False,
-    frames: FrameChoice | None = None,
-) -> list[Artifact]:
-    """`tav invert`: the inversion edits of `choice` start from. A plain DDIM inversion becomes the project's
-    current one. Null-text and negative-prompt inversions invert with the tune's prompt (the one `tav edit
-    --inversion` uses) and leave the current one as it is, so a plain `tav edit` stays the reference's;
-    null-text also fits its embeddings at `settings`' guidance, so that edits at that guidance reuse them."""
-    if not choice.reconstructs:
-        return [invert(session, project_root, steps, prompt, force, frames=frames)]
-    project, tune_entry = resolve_tune(session, project_root, None)
-    source = str(tune_entry.spec["prompt"])
-    if prompt and prompt != source:
-        raise OptionError(
-            f"--inversion {choice.inversion} inverts with the tune's prompt ({source!r}), not --prompt {prompt!r}",
-            "leave out --prompt",
-        )
-    inverted = invert(session, project_root, steps, source, force, tune_key=tune_entry.key, frames=frames)
-    if choice.inversion != "null-text":
-        return [inverted]
-    inversion = project.find("inversions", inverted.key)
-    sampling = settings or EditSettings(steps=steps)
-    fitted = fit_null_text(session, project, tune_entry, inversion, sampling, choice, force)
-    return [inverted, fitted]
-
-
-@dataclass(frozen=True)
-class ChosenFrames:
-    """The frames an inversion works on: their latents entry, how many, and the window (None: all at once)."""
-
-    latents: Entry
-    count: int
-    window: int | None
-
-
-def choose_frames(session: Session, project: Project, tune_entry: Entry, choice: FrameChoice) -> ChosenFrames:
-    """The tuned frames, or the selection `choice` makes of the same clip (its latents encoded if missing)."""
-    tuned = project.find("latents", tune_entry.spec["latents"])
-    clip = tuned.meta()["clip"]
-    tuned_selection, size = recorded_frames(clip)
-    path = None  # the clip file, read only when other frames need it
-
-    def length() -> int:
-        nonlocal path
-        path = _tuned_clip(tuned, clip)
-        return frame_count(path)
-
-    selection = choice.selection(tuned_selection, length)  # the rule batch validation applies too
-    frames = selection.frames
-    window = choice.window if choice.window is not None and choice.window < frames else None
-    if selection == tuned_selection:
-        return ChosenFrames(tuned, frames, window)
-    path = path or _tuned_clip(tuned, clip)
-    source = session.source(tune_entry.meta()["model"]["model"])
-    entry = latents_entry(project, source, tuned.spec["clip_sha256"], selection, size, session.runtime.precision)
-    encode_latents(session, project, entry, source.name, path, selection, size)
-    return ChosenFrames(entry, frames, window)
-
-
-def _tuned_clip(tuned: Entry, clip: ClipFacts) -> Path:
-    """The clip the project was tuned on, checked to be the very file (other frames are read from it)."""
-    path = Path(clip["path"])
-    if not path.is_file():
-        raise TavError(f"the tuned clip {path} is gone: other frames than the tuned ones are read from it")
-    if file_sha256(path) != tuned.spec["clip_sha256"]:
-        raise TavError(f"{path} has changed since the project was tuned on it", "tune again on the new clip")
-    return path
-
-
-def edit(session: Session, request: EditRequest, force: bool = False) -> list[Artifact]:
+def edit(session: Session, request: EditRequest, *, force: bool = False) -> list[Artifact]:
     """Render one clip per prompt from the inverted noise (inverting first if needed), each with a sidecar.
 
     Up to `request.batch_size` prompts are sampled together (one UNet batch), which keeps a GPU busy.
     """
-    return run_plan(session, plan_edit(session, request), request, force)
+    return run_plan(session, plan_edit(session, request), request, force=force)
 
 
 def run_plan(
-    session: Session, plan: EditPlan, request: EditRequest, force: bool = False, shown: list[str] | None = None
+    session: Session, plan: EditPlan, request: EditRequest, *, force: bool = False, shown: list[str] | None = None
 ) -> list[Artifact]:
     """Sample what the store lacks of a planned edit, then render the `shown` prompts (default: all).
 
@@ -239,36 +107,32 @@ def _used(plan: EditPlan) -> list[Entry]:
 
 
 def plan_edit(session: Session, request: EditRequest) -> EditPlan:
-    """Resolve the project, tune and inversion (inverting now if needed) and the control, before any sampling."""
+    """Resolve the project, tune and inversion (inverting now if needed), the null-text fit (fitting it now if an
+    edit is to be sampled) and the control, before any sampling: the entries `tavcli.workflow.planning` names."""
     project, tune_entry = resolve_tune(session, request.project, request.tune_key)
     if request.tune_step is not None:
         tune_entry = kept_tune(project, tune_entry, request.tune_step)
-    steps = request.invert_steps or request.settings.steps
-    choice, source = request.inversion, source_prompt(project, tune_entry, request)
-    if source is not None:
-        request.attention.check_source(source)  # before any model loads
+    needed = inversion_needed(project, tune_entry, request)
+    request.attention.check_source(needed.prompt)  # before any model loads (no words: nothing to check)
     controlnet = _controlnet(session, request.control)  # before any inversion: what is missing fails at once
-    if source is None and request.tune_key is None and request.tune_step is None and request.frames.tuned:
-        inversion = _current_inversion(session, project, tune_entry, steps)
+    if needed.current:
+        inversion = current_inversion(session, project, tune_entry, needed.steps)
     else:
-        prompt = request.invert_prompt if source is None else source
-        artifact = invert(session, request.project, steps, prompt, tune_key=tune_entry.key, frames=request.frames)
+        artifact = invert(
+            session, request.project, steps=needed.steps, prompt=needed.prompt, tune_key=tune_entry.key,
+            frames=request.frames,
+        )  # fmt: skip
         inversion = project.find("inversions", artifact.key)
-    null_text = None
-    if choice.inversion == "null-text":
-        null_text = null_text_entry(project, inversion.key, request.settings, choice, session.runtime)
+    needs = edit_needs(project, inversion.key, request, session.runtime)
     latents = project.find("latents", inversion.spec.get("latents") or tune_entry.spec["latents"])
     clip = latents.meta()["clip"]
-    guide, control = _control(session, latents, clip, request.control, controlnet)
-    entries = edit_entries(
-        project, inversion.key, request, session.runtime, control, None if null_text is None else null_text.key
-    )
-    if null_text is not None and not all(entry.complete for entry in entries.values()):  # else nothing samples
-        fit_null_text(session, project, tune_entry, inversion, request.settings, choice)
-    unconditional = null_text or (source if choice.inversion == "negative-prompt" else None)
+    guide = _guide(session, latents, clip, request.control, controlnet)
+    if needs.null_text is not None and needs.samples:  # else nothing samples
+        fit_null_text(session, project, tune_entry, inversion, request.settings, request.inversion)
+    negative_prompt = needed.prompt if request.inversion.inversion == "negative-prompt" else None
     return EditPlan(
-        project, tune_entry, inversion, clip, entries, request.groups, guide, request.loras, unconditional,
-        request.attention,
+        project, tune_entry, inversion, clip, needs.edits, request.groups, guide, request.loras,
+        needs.null_text or negative_prompt, request.attention,
     )  # fmt: skip
 
 
@@ -339,12 +203,11 @@ def _sample_group(session: Session, plan: EditPlan, group: list[str], settings: 
                     prompt_embeds=prompts,
                     negative_prompt_embeds=unconditional,
                     num_steps=settings.steps,
-                    guidance_scale=settings.guidance,
+                    guidance=guidance_of(settings),
                     eta=settings.eta,
                     generator=runtime.generator(settings.seed),
                     on_step=lambda *_: advance(),
                     control=plan.guide,
-                    guidance_rescale=settings.guidance_rescale,
                     steering=steering,
                 )
 
@@ -367,20 +230,20 @@ def _controlnet(session: Session, control: ControlSpec | None) -> Any:
     return controlnet
 
 
-def _control(
+def _guide(
     session: Session, latents: Entry, clip: ClipFacts, control: ControlSpec | None, controlnet: Any
-) -> tuple[ControlGuide | None, dict[str, Any] | None]:
-    """The ControlNet guide for the edited frames (`latents`, `clip`), and what identifies it in the edits' keys."""
+) -> ControlGuide | None:
+    """The ControlNet guide for the edited frames (`latents`, `clip`)."""
     if control is None:
-        return None, None
+        return None
     if control.video is not None:
         maps = read_clip(control.video, *recorded_frames(clip)).frames
     else:
         maps = canny_maps(source_frames(session, latents, clip))
-    return ControlGuide(controlnet, maps, control.scale), control_key(control)
+    return ControlGuide(controlnet, maps, control.scale)
 
 
-def edit_from_sidecar(session: Session, recorded: RecordedEdit, force: bool = False) -> list[Artifact]:
+def edit_from_sidecar(session: Session, recorded: RecordedEdit, *, force: bool = False) -> list[Artifact]:
     """Render an output again from its sidecar (`tavcli.store.sidecar.recorded_edit`): same project, tune,
     inversion, settings and batch, after checking that its ControlNet and condition clip are unchanged
     and that this session computes the very edit recorded (its key: the same precision and --compile)."""
@@ -390,7 +253,6 @@ def edit_from_sidecar(session: Session, recorded: RecordedEdit, force: bool = Fa
             f"project {request.project} no longer has tune {request.tune_key}",
             f"run the `reproduce` commands in {sidecar} to rebuild it",
         )
-    now: dict[str, Any] | None = None  # the control's identity now, for the key
     if request.control is not None:
         now, then = control_key(request.control), recorded.record["edit"].get("control") or {}
         names = {
@@ -405,14 +267,15 @@ def edit_from_sidecar(session: Session, recorded: RecordedEdit, force: bool = Fa
             )
     recorded.require_same_loras()
     # Refused before planning: planning inverts and fits null-text embeddings (minutes on a real model).
-    _require_recorded_key(recorded, _recorded_key_now(session, recorded, now), session.runtime)
+    _require_recorded_key(recorded, _recorded_key_now(session, recorded), session.runtime)
     plan = plan_edit(session, request)
     # A sidecar whose frames disagree with its recorded inversion (edited by hand) is only caught here.
     _require_recorded_key(recorded, plan.entries[recorded.prompt].key, session.runtime)
-    return run_plan(session, plan, request, force, [recorded.prompt])  # its batch is sampled, only it is rendered
+    # Its whole batch is sampled (the batch decides the numbers); only it is rendered.
+    return run_plan(session, plan, request, force=force, shown=[recorded.prompt])
 
 
-def _recorded_key_now(session: Session, recorded: RecordedEdit, control: dict[str, Any] | None) -> str:
+def _recorded_key_now(session: Session, recorded: RecordedEdit) -> str:
     """The key this session gives the recorded edit, from the sidecar's own record of its inversion and
     null-text fit with this session's precision and --compile: known before anything is computed."""
     request, runtime, project = recorded.request, session.runtime, Project(recorded.request.project)
@@ -420,10 +283,7 @@ def _recorded_key_now(session: Session, recorded: RecordedEdit, control: dict[st
     steps, prompt = request.invert_steps or request.settings.steps, request.invert_prompt
     latents, window = then.get("latents"), then.get("window")
     inversion = inversion_entry(project, str(request.tune_key), steps, prompt, runtime, latents, window)
-    null_text = None
-    if request.inversion.inversion == "null-text":
-        null_text = null_text_entry(project, inversion.key, request.settings, request.inversion, runtime).key
-    return edit_entries(project, inversion.key, request, runtime, control, null_text)[recorded.prompt].key
+    return edit_needs(project, inversion.key, request, runtime).edits[recorded.prompt].key
 
 
 def _require_recorded_key(recorded: RecordedEdit, key: str, runtime: Runtime) -> None:
@@ -440,12 +300,3 @@ def _require_recorded_key(recorded: RecordedEdit, key: str, runtime: Runtime) ->
         f"{recorded.sidecar} records edit {recorded.key}, but its settings make edit {key}: it was changed by hand",
         "render from the sidecar as tav wrote it, or run `tav edit` with the settings you want",
     )
-
-
-def _current_inversion(session: Session, project: Project, tune_entry: Entry, steps: int) -> Entry:
-    """The project's inversion for this tune, or a new one with `steps` DDIM steps."""
-    stored = stored_inversion(project, tune_entry)
-    if stored is not None:
-        return stored
-    artifact = invert(session, project.root, steps=steps)
-    return project.find("inversions", artifact.key)

@@ -14,17 +14,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 from tavcli.files.hashing import content_sha256, files_sha256, lora_sha256
 from tavcli.models.source import ModelSource
-from tavcli.settings.options import EDIT
-from tavcli.settings.requests import (
-    AttentionSettings,
-    ControlSpec,
-    EditRequest,
-    EditSettings,
-    FrameSelection,
-    FrameSize,
-    InversionSettings,
-    TuneSettings,
-)
+from tavcli.settings.attention import AttentionSettings
+from tavcli.settings.editing import EditRequest
+from tavcli.settings.options import EDIT, GUIDANCE
+from tavcli.settings.sampling import ControlSpec, EditSettings, InversionSettings
+from tavcli.settings.tuning import FrameSelection, FrameSize, TuneSettings
 from tavcli.store.entry import Entry
 from tavcli.store.project import Project
 from tavcli.store.specs import (
@@ -102,25 +96,14 @@ def _embeddings_what(spec: dict[str, Any]) -> str:
 
 
 def tune_spec(
-    latents_key: str, prompt: str, settings: TuneSettings, precision: str, frame_norm: str, compiled: bool = False
+    latents_key: str, prompt: str, settings: TuneSettings, precision: str, compiled: bool = False
 ) -> TuneSpec:
     """Everything that determines a tune (`tune_run` drops the steps to name its training run). The fields
     set only sometimes are absent otherwise, so that keys made before they existed stay."""
-    spec: TuneSpec = {
-        "latents": latents_key,
-        "prompt": prompt,
-        "steps": settings.steps,
-        "learning_rate": settings.learning_rate,
-        "seed": settings.seed,
-        "precision": precision,
-        "frame_norm": frame_norm,
-    }
+    # The settings' keyed fields by name (a new one is in the spec with no change here).
+    spec = cast(TuneSpec, {"latents": latents_key, "prompt": prompt, **settings.keyed(), "precision": precision})
     if compiled:
         spec["compile"] = True
-    if settings.save_precision != "fp32":
-        spec["save_precision"] = settings.save_precision
-    if settings.rank:
-        spec["rank"] = settings.rank
     return spec
 
 
@@ -182,17 +165,26 @@ NULL_TEXT_FORMULA = 1
 def null_text_entry(
     project: Project, inversion_key: str, settings: EditSettings, inversion: InversionSettings, runtime: Runtime
 ) -> Entry:
-    """The store entry of an inversion's null-text embeddings: fitted at the edit's guidance (and guidance
-    rescale) with the inversion settings' Adam budget, in the run's precision and compilation."""
-    spec: NullTextSpec = {
-        "inversion": inversion_key,
-        "guidance": settings.guidance,
-        "iterations": inversion.null_iterations,
-        "learning_rate": inversion.null_lr,
-        "formula": NULL_TEXT_FORMULA,
-    }
-    if settings.guidance_rescale:
-        spec["guidance_rescale"] = settings.guidance_rescale
+    """The store entry of an inversion's null-text embeddings: fitted at the edit's guidance (every setting
+    declared `guides`: one declared `key_omits_default` only away from its default, after the others, as
+    `guidance_rescale` was added) with the inversion settings' Adam budget, in the run's precision and
+    compilation."""
+    guidance = {name: getattr(settings, name) for name in GUIDANCE}
+    spec = cast(
+        NullTextSpec,
+        {
+            "inversion": inversion_key,
+            **{name: value for name, value in guidance.items() if not EDIT[name].key_omits_default},
+            "iterations": inversion.null_iterations,
+            "learning_rate": inversion.null_lr,
+            "formula": NULL_TEXT_FORMULA,
+            **{
+                name: value
+                for name, value in guidance.items()
+                if EDIT[name].key_omits_default and value != EDIT[name].default
+            },
+        },
+    )
     if runtime.precision != "fp32":
         spec["precision"] = runtime.precision
     if runtime.compile:

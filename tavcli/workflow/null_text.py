@@ -19,11 +19,12 @@ from tavcli.errors import TavError
 from tavcli.media.plots import loss_png
 from tavcli.method.null_text import NullTextRun, NullTextState, optimise_null_text
 from tavcli.method.windows import windowed
-from tavcli.settings.requests import EditSettings, InversionSettings
+from tavcli.settings.sampling import EditSettings, InversionSettings
 from tavcli.store.checkpoints import Checkpoints
 from tavcli.store.entry import LOSS_PLOT, Entry
 from tavcli.store.project import Project
 from tavcli.workflow.keys import null_text_entry
+from tavcli.workflow.plans import guidance_of
 from tavcli.workflow.session import Artifact, Session, prompt_embeddings
 
 __all__ = ["fit_null_text"]
@@ -43,12 +44,7 @@ def fit_null_text(
     entry = null_text_entry(project, inversion.key, settings, choice, runtime)
     checkpoints = Checkpoints.of_run(project.root, dict(entry.spec))
     started = time.perf_counter()
-    run = NullTextRun(
-        guidance_scale=settings.guidance,
-        guidance_rescale=settings.guidance_rescale,
-        iterations=choice.null_iterations,
-        learning_rate=choice.null_lr,
-    )
+    run = NullTextRun(guidance=guidance_of(settings), iterations=choice.null_iterations, learning_rate=choice.null_lr)
 
     def compute() -> None:
         components, unet = session.tuned_unet(project, tune_entry)

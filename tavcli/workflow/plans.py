@@ -1,4 +1,5 @@
-"""The contract between planning an edit, sampling it, rendering it and recording it."""
+"""The contract between planning an edit, sampling it, rendering it and recording it, and the guidance every
+sampler of an edit is given (`guidance_of`)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tavcli.method.control import ControlGuide
-from tavcli.settings.requests import AttentionSettings
+from tavcli.method.sampling import Guidance
+from tavcli.settings.attention import AttentionSettings
+from tavcli.settings.options import GUIDANCE
+from tavcli.settings.sampling import EditSettings
 from tavcli.store.entry import Entry
 from tavcli.store.project import Project
 from tavcli.store.specs import ClipFacts
 
-__all__ = ["EditPlan"]
+__all__ = ["EditPlan", "guidance_of"]
 
 
 @dataclass
@@ -30,3 +34,9 @@ class EditPlan:
     # source prompt (negative-prompt inversion).
     unconditional: Entry | str | None = None
     attention: AttentionSettings = field(default_factory=AttentionSettings)  # off by default
+
+
+def guidance_of(settings: EditSettings) -> Guidance:
+    """The classifier-free guidance of `settings`, made of the edit options declared `guides=True` by name: what
+    plain sampling, attention control's source branch and the null-text fit are all given."""
+    return Guidance(**{name: getattr(settings, name) for name in GUIDANCE})

@@ -15,8 +15,9 @@ import torch
 
 from tavcli import __version__
 from tavcli.models.names import parse_model_name
-from tavcli.settings.options import EDIT, INVERT
-from tavcli.settings.requests import ControlSpec, EditRequest, EditSettings, InversionSettings
+from tavcli.settings.editing import EditRequest
+from tavcli.settings.options import EDIT, GUIDANCE, INVERT, TUNE
+from tavcli.settings.sampling import ControlSpec, EditSettings, InversionSettings
 from tavcli.store.entry import Entry
 from tavcli.store.specs import ClipFacts
 from tavcli.workflow.plans import EditPlan
@@ -76,12 +77,7 @@ def _reproduce(session: Session, plan: EditPlan, request: EditRequest, prompt: s
     tune_cmd += [] if model.revision is None else ["--revision", model.revision]
     tune_cmd += [] if model.variant is None else ["--variant", model.variant]
     tune_cmd += [part for path, scale in model.loras for part in ("--lora", f"{path}:{scale}")]
-    tune_cmd += ["--frames", clip["frames"], "--stride", clip["stride"], "--start", clip["start"]]
-    tune_cmd += ["--width", clip["width"], "--height", clip["height"], "--resize", clip["resize"]]
-    tune_cmd += ["--steps", tune["steps"], "--lr", tune["learning_rate"], "--seed", tune["seed"]]
-    tune_cmd += ["--frame-norm", tune["frame_norm"], *_numerics(tune, meta.get("device")), *trust]
-    tune_cmd += [] if not tune.get("rank") else ["--rank", tune["rank"]]
-    tune_cmd += [] if not tune.get("save_precision") else ["--save-precision", tune["save_precision"]]
+    tune_cmd += [*_tune_flags(clip, tune), *_numerics(tune, meta.get("device")), *trust]
     frames = [] if request.frames.tuned else _frame_flags(request, plan.clip)
     invert_cmd = ["tav", "invert", "--project", project, "--steps", inversion["steps"], *frames]
     invert_cmd += ["--prompt", inversion["prompt"]] if inversion["prompt"] else []
@@ -100,6 +96,18 @@ def _reproduce(session: Session, plan: EditPlan, request: EditRequest, prompt: s
         edit_cmd += ["--control-scale", control["scale"]]
         edit_cmd += [] if control["video"] is None else ["--control-video", control["video"]]
     return [shlex.join(map(str, cmd)) for cmd in (tune_cmd, invert_cmd, edit_cmd)]
+
+
+def _tune_flags(clip: ClipFacts, tune: dict[str, Any]) -> list[Any]:
+    """`--frames 24 ... --steps 500 --lr 3e-05 ...`: each `tav tune` option the tune's clip facts (frames, size)
+    or key (its settings, by field name) record; one the key leaves out is at its default."""
+    recorded: dict[str, Any] = {**clip, **tune}
+    flags: list[Any] = []
+    for option in TUNE.values():
+        value = recorded.get(option.attribute)
+        if value is not None and value is not False:
+            flags += [option.flag] if value is True else [option.flag, value]
+    return flags
 
 
 def _setting_flags(edit_spec: dict[str, Any]) -> list[Any]:
@@ -129,9 +137,11 @@ def _attention_flags(request: EditRequest) -> list[Any]:
 
 
 def _fit_flags(edit_spec: dict[str, Any]) -> list[Any]:
-    """The guidance a null-text fit is made at, as `tav invert` takes it."""
-    rescale = edit_spec.get("guidance_rescale")
-    return ["--guidance", edit_spec["guidance"], *(["--guidance-rescale", rescale] if rescale else [])]
+    """The guidance a null-text fit is made at, as `tav invert` takes it: each setting declared `guides` as the
+    edit's key records it (one it leaves out is at its default)."""
+    options = [EDIT[name] for name in GUIDANCE]
+    recorded = [(o.flag, edit_spec[o.name]) for o in options if not o.key_omits_default or o.name in edit_spec]
+    return [part for flag, value in recorded for part in (flag, value)]
 
 
 def _inversion_record(plan: EditPlan, request: EditRequest) -> dict[str, Any]:

@@ -26,8 +26,8 @@ from tavcli.media.video import (
 )
 from tavcli.method.vae import decode_latents
 from tavcli.progress import Reporter
+from tavcli.settings.editing import EditRequest
 from tavcli.settings.options import EDIT, GIF_MAX_FPS
-from tavcli.settings.requests import EditRequest
 from tavcli.store.project import Project
 from tavcli.store.sidecar import read_sidecar, sidecar_of, write_sidecar
 from tavcli.store.specs import ClipFacts

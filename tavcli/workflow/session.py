@@ -23,7 +23,7 @@ from tavcli.models.resolving import resolve_model
 from tavcli.models.source import Components, ModelSource
 from tavcli.progress import Reporter
 from tavcli.runtime import Runtime
-from tavcli.settings.requests import FrameSelection, FrameSize
+from tavcli.settings.tuning import FrameSelection, FrameSize
 from tavcli.store.entry import Entry
 from tavcli.store.project import Project
 from tavcli.store.specs import ClipFacts, LatentsFacts, LoraIdentity

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tavcli.errors import TavError
-from tavcli.settings.requests import EditRequest
+from tavcli.settings.editing import EditRequest
 from tavcli.store.entry import Entry
 from tavcli.store.project import Project
 

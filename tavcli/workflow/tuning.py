@@ -1,11 +1,12 @@
-"""`tav tune` and `tav import`: the clip's latents (encoded once), the tune and its resumable training run
-(checkpoints, the GPU memory pre-flight, `--dry-run`'s plan), and previews rendered while it trains."""
+"""`tav tune`: the clip's latents (encoded once), the tune and its resumable training run (checkpoints), and
+previews rendered while it trains. What a request resolves to, its plan and the memory pre-flight are
+`tavcli.workflow.tune_planning`'s."""
 
 from __future__ import annotations
 
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -13,42 +14,37 @@ import torch
 
 from tavcli import __version__
 from tavcli.errors import interruption
-from tavcli.files.hashing import file_sha256
 from tavcli.media.plots import loss_png
-from tavcli.media.video import probe
 from tavcli.method.low_rank import add_low_rank_adapters, temporal_init_digest
-from tavcli.method.memory import card_fits, check_fits, probe_tune, tune_estimate
-from tavcli.method.reference import extract_delta, read_reference
 from tavcli.method.training import TrainingRun, TrainState, TuneInterrupted, stop_requests, train_delta
-from tavcli.method.video_unet import VideoUNet, inflate_unet
+from tavcli.method.video_unet import inflate_unet
 from tavcli.models.resolving import variant_of, weight_files
-from tavcli.models.source import ModelSource
-from tavcli.runtime import DTYPES, Runtime
-from tavcli.settings.inputs import require_folder, require_prompt
-from tavcli.settings.requests import EditRequest, EditSettings, Preview, TuneRequest, TuneSettings
+from tavcli.runtime import DTYPES
+from tavcli.settings.editing import EditRequest
+from tavcli.settings.sampling import EditSettings
+from tavcli.settings.tuning import Preview, TuneRequest, TuneSettings
 from tavcli.store.checkpoints import Checkpoints
-from tavcli.store.entry import LOSS_PLOT, TENSORS, Entry
-from tavcli.store.project import Project
+from tavcli.store.entry import LOSS_PLOT, TENSORS
 from tavcli.store.specs import TuneFacts
 from tavcli.workflow.editing import edit
 from tavcli.workflow.keys import (
-    latents_entry,
     tune_run,
-    tune_spec,
 )
-from tavcli.workflow.remedies import naming_remedies, settings_that_fit
+from tavcli.workflow.remedies import naming_remedies
 from tavcli.workflow.rendering import render_preview_sheet, score_edit
 from tavcli.workflow.session import Artifact, Session, encode_latents, prompt_embeddings
+from tavcli.workflow.tune_planning import ResolvedTune, check_memory, resolve_request, tune_entry_of
 
 if TYPE_CHECKING:  # metrics loads CLIP's image processing, which only --eval needs
     from tavcli.method.metrics import ClipScorer
 
-__all__ = ["import_tune", "load_train_state", "tune", "tune_plan"]
+__all__ = ["encode_clip", "load_train_state", "tune"]
 
 
 def tune(
     session: Session,
     request: TuneRequest,
+    *,
     force: bool = False,
     preview: Preview | None = None,
     scorer: ClipScorer | None = None,
@@ -120,9 +116,9 @@ def _render_preview(
 def _tune(session: Session, request: TuneRequest, force: bool, fresh: bool, current: bool) -> tuple[Artifact, Artifact]:
     """The clip's latents and one tune of `request.settings.steps` steps (`fresh`: training ignores checkpoints;
     `current`: it becomes the project's current tune)."""
-    resolved = _resolve(session, request)
-    latents_artifact = _encode(session, resolved, request, fresh)
-    entry, run, checkpoints = _tune_entry(session, request, resolved)
+    resolved = resolve_request(session, request)
+    latents_artifact = encode_clip(session, resolved, request, fresh)
+    entry, run, checkpoints = tune_entry_of(session, request, resolved)
     source, project, settings = resolved.source, resolved.project, request.settings
     started = time.perf_counter()
 
@@ -173,116 +169,7 @@ def _tune(session: Session, request: TuneRequest, force: bool, fresh: bool, curr
     return latents_artifact, tuned
 
 
-def tune_plan(session: Session, request: TuneRequest, force: bool = False, memory: bool = True) -> dict[str, Any]:
-    """What `tune` would reuse and compute (and, with `memory`, its estimated peak memory), computing nothing.
-
-    `resume_from` is the step of the checkpoint training would start from (None: from scratch).
-    """
-    resolved = _resolve(session, request)
-    entry, _, checkpoints = _tune_entry(session, request, resolved)
-    latents, settings, size = resolved.latents, request.settings, request.size
-    plan: dict[str, Any] = {
-        "kind": "plan",
-        "latents": {"key": latents.key, "path": str(latents.path), "cached": latents.complete and not force},
-        "tune": {
-            "key": entry.key,
-            "path": str(entry.path),
-            "cached": entry.complete and not force,
-            "resume_from": None if force else checkpoints.latest_step(settings.steps),
-        },
-    }
-    if not memory:
-        return plan
-    with torch.random.fork_rng(devices=[]):
-        unet = inflate_unet(session.model_to_train(resolved.source.name).unet, frame_norm=request.frame_norm)
-        if settings.rank:
-            add_low_rank_adapters(unet, settings.rank)  # so only the adapters count as trained
-    frames, checkpointing, precision = (
-        request.selection.frames,
-        settings.gradient_checkpointing,
-        session.runtime.precision,
-    )
-    probe = probe_tune(unet, precision)
-    estimate = tune_estimate(unet, probe, frames, size.height, size.width, checkpointing, precision)
-    return {
-        **plan,
-        "memory": {
-            "peak_bytes": estimate.total,
-            "weights_bytes": estimate.weights,
-            "training_state_bytes": estimate.training_state,
-            "activation_bytes": estimate.activations,
-            "summary": estimate.describe(),
-            "frames_that_fit": card_fits(estimate, probe),
-        },
-    }
-
-
-def import_tune(session: Session, folder: Path, request: TuneRequest) -> list[Artifact]:
-    """Store the tuned tensors of a reference Tune-A-Video output folder as a tune of `request.clip`."""
-    resolved = _resolve(session, request)
-    run = read_reference(folder, session.allow_pickle)
-    latents_artifact = _encode(session, resolved, request, force=False)
-    spec = {
-        **tune_spec(resolved.latents.key, request.prompt, request.settings, "fp32", "joint"),
-        "imported": file_sha256(run.weights_file),
-    }
-    project, source = resolved.project, resolved.source
-    entry = project.entry("tunes", spec)
-    started = time.perf_counter()
-
-    def compute() -> None:
-        unet = inflate_unet(session.model_to_train(source.name).unet)
-        delta = extract_delta(run.weights, unet)
-        facts: TuneFacts = {
-            "model": source.identity,
-            "clip": resolved.latents.meta()["clip"],
-            "imported_from": str(folder.resolve()),
-            "losses": [],
-            "tav_version": __version__,
-        }
-        entry.save(delta, facts)
-
-    cached = project.produce(entry, compute)
-    project.update_state(tune=entry.key, inversion=None)
-    delta_bytes = (entry.path / TENSORS).stat().st_size
-    details = {"prompt": request.prompt, "imported_from": str(folder), "delta_bytes": delta_bytes}
-    return [latents_artifact, Artifact("tune", entry.key, entry.path, cached, time.perf_counter() - started, details)]
-
-
-@dataclass(frozen=True)
-class _Resolved:
-    """A tune request resolved: the model it loads, its project, and the entry of the clip's latents."""
-
-    source: ModelSource
-    project: Project
-    latents: Entry
-
-
-def _resolve(session: Session, request: TuneRequest) -> _Resolved:
-    """Check the request's clip and project, then find its model (choosing a weights variant) and latents."""
-    require_prompt(request.prompt)
-    probe(request.clip, request.selection)  # a bad clip should fail before a slow model load
-    require_folder(request.project, "--project")
-    source = session.source(request.model, choose_variant=True)
-    project = session.project(request.project)
-    clip_sha256 = file_sha256(request.clip)
-    latents = latents_entry(project, source, clip_sha256, request.selection, request.size, session.runtime.precision)
-    return _Resolved(source, project, latents)
-
-
-def _tune_entry(
-    session: Session, request: TuneRequest, resolved: _Resolved
-) -> tuple[Entry, dict[str, Any], Checkpoints]:
-    """The tune's entry, its training run (its spec without the steps) and that run's checkpoints."""
-    runtime = session.runtime
-    spec = tune_spec(
-        resolved.latents.key, request.prompt, request.settings, runtime.precision, request.frame_norm, runtime.compile
-    )
-    run = tune_run(spec)
-    return resolved.project.entry("tunes", spec), run, Checkpoints.of_run(resolved.project.root, run)
-
-
-def _encode(session: Session, resolved: _Resolved, request: TuneRequest, force: bool) -> Artifact:
+def encode_clip(session: Session, resolved: ResolvedTune, request: TuneRequest, force: bool) -> Artifact:
     """The clip's VAE posterior (mean, std), encoded once per model, clip content, frames and size."""
     project, source = resolved.project, resolved.source
     return encode_latents(
@@ -292,7 +179,7 @@ def _encode(session: Session, resolved: _Resolved, request: TuneRequest, force: 
 
 def _train(
     session: Session,
-    resolved: _Resolved,
+    resolved: ResolvedTune,
     checkpoints: Checkpoints,
     run: dict[str, Any],
     request: TuneRequest,
@@ -303,7 +190,7 @@ def _train(
     runtime, settings = session.runtime, request.settings
     source, project = resolved.source, resolved.project
     components = session.model_to_train(source.name)
-    unet = inflate_unet(components.unet, frame_norm=request.frame_norm, seed=settings.seed)
+    unet = inflate_unet(components.unet, frame_norm=settings.frame_norm, seed=settings.seed)
     initial = temporal_init_digest(unet)
     resume = _resume_point(session, checkpoints, settings.steps, force)
     if resume is not None and resume.step == settings.steps:
@@ -316,7 +203,7 @@ def _train(
     embeds = prompt_embeddings(session, project, source, [request.prompt])
     session.offload_frozen(source.name)  # the latents and the embedding are all tuning needs
     if runtime.device.type == "cuda":
-        _check_memory(unet, stats["mean"].shape, settings, runtime)
+        check_memory(unet, stats["mean"].shape, settings, runtime)
     first = resume.step if resume else 0
     written: list[int] = []  # this run's intermediate checkpoints: only the newest is kept
 
@@ -337,13 +224,7 @@ def _train(
             stats["std"],
             components.vae.config.scaling_factor,
             embeds,
-            TrainingRun(
-                steps=settings.steps,
-                learning_rate=settings.learning_rate,
-                seed=settings.seed,
-                gradient_checkpointing=settings.gradient_checkpointing,
-                save_every=settings.checkpoint_every,
-            ),
+            _training_run(settings),
             runtime,
             advance,
             resume=resume,
@@ -357,25 +238,11 @@ def _train(
     return state, initial
 
 
-def _check_memory(unet: VideoUNet, shape: torch.Size, settings: TuneSettings, runtime: Runtime) -> None:
-    """Stop a GPU tune that would run out of memory half-way, naming settings that fit."""
-    frames, height, width = shape[2], shape[3] * 8, shape[4] * 8
-    checkpointing, precision = settings.gradient_checkpointing, runtime.precision
-    activations = probe_tune(unet, precision)
-    estimate = tune_estimate(unet, activations, frames, height, width, checkpointing, precision)
-    with settings_that_fit():
-        check_fits(estimate, activations, _available(unet, runtime.device))
-
-
-def _available(unet: VideoUNet, device: torch.device) -> int:
-    """Bytes a tune may count on: free device memory, plus what torch caches unused, plus the UNet's weights
-    already there (the estimate counts them). Everything else this process holds stays held."""
-    free, _ = torch.cuda.mem_get_info(device)
-    cached: int = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    resident: dict[int, int] = {
-        p.data_ptr(): p.numel() * p.element_size() for p in unet.parameters() if p.device == device
-    }
-    return free + cached + sum(resident.values())
+def _training_run(settings: TuneSettings) -> TrainingRun:
+    """The method's run of the tune settings, field by field of the same name (a new training setting is passed
+    with no change here); checkpoints go to `save` every `checkpoint_every` steps."""
+    shared = {run.name: getattr(settings, run.name) for run in fields(TrainingRun) if hasattr(settings, run.name)}
+    return TrainingRun(**shared, save_every=settings.checkpoint_every)
 
 
 def load_train_state(checkpoints: Checkpoints, step: int, device: torch.device) -> TrainState:
