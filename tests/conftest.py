@@ -6,6 +6,7 @@ import shutil
 import sys
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
@@ -269,7 +270,8 @@ def embed() -> Any:
 def _guidance_consumer() -> str:
     """Which sampler the `Guidance.apply` being called serves, from the calls on the stack: attention control's
     source branch, the null-text fit, the edit's own sampling, or another."""
-    names, frame = set(), sys._getframe(2)
+    names: set[str] = set()
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         names.add(frame.f_code.co_name)
         frame = frame.f_back

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -464,5 +465,5 @@ def test_a_batch_job_keeps_its_clip_scorer_on_the_cpu_until_it_scores(
     gpu = torch.device("cuda", 0)  # never used: the tune is a stand-in
     session = SimpleNamespace(runtime=SimpleNamespace(device=gpu), reporter=Reporter(), release=lambda model: None)
     records: list[dict[str, object]] = []
-    assert run_jobs(session, jobs, False, records.append), records
+    assert run_jobs(cast(Any, session), jobs, False, records.append), records
     assert [device for _, device in made] == [torch.device("cpu")] and isinstance(handed[0], Scorer)

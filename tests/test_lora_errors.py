@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -143,11 +144,11 @@ def test_keep_going_survives_any_failure_of_a_job(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(running, "_job_artifacts", artifacts)
     records: list[dict[str, object]] = []
-    assert not running.run_jobs(Session(), [job("bad"), job("good")], True, records.append)
+    assert not running.run_jobs(cast(Any, Session()), [job("bad"), job("good")], True, records.append)
     assert [(r["job"], r["error"] is None) for r in records] == [("bad", False), ("good", True)]
     assert "RuntimeError" in str(records[0]["error"]) and "size mismatch" not in str(records[0]["error"])
     records.clear()
-    assert not running.run_jobs(Session(), [job("bad"), job("good")], False, records.append)
+    assert not running.run_jobs(cast(Any, Session()), [job("bad"), job("good")], False, records.append)
     assert [r["job"] for r in records] == ["bad"]  # without --keep-going the first failure stops the rest
 
 

@@ -185,13 +185,11 @@ def _job_artifacts(session: Session, job: Job, stage: list[str]) -> Iterator[Art
     stage[0] = "edit"
     request = _edit_request(job, tune.key)  # checked before its inversion is computed
     stage[0] = "invert"
-    needed = workflow.inversion_needed(project, tune, request)
-    frames = request.frames
-    yield workflow.invert(
-        session, job.project, steps=needed.steps, prompt=needed.prompt, force=force, tune_key=tune.key, frames=frames
-    )
+    plan = workflow.plan_edit(session, request, force_inversion=force)  # `force` recomputes every step
+    if plan.inverted is not None:
+        yield plan.inverted
     stage[0] = "edit"
-    yield from workflow.edit(session, request, force=force)
+    yield from workflow.run_plan(session, plan, request, force=force)
 
 
 def plan_jobs(session: Session, jobs: list[Job], keep_going: bool, emit: Emit) -> bool:
@@ -231,11 +229,9 @@ def _job_plan(session: Session, job: Job, stage: list[str]) -> Iterator[tuple[st
     stage[0] = "invert"
     project = session.project(job.project)
     if request is None:  # `tav invert --inversion`: the inversion, and a null-text fit made ahead
-        ahead = _invert_only(job)
-        prompt = workflow.command_inversion(tune, ahead["inversion"], ahead["prompt"])
-        inversion = workflow.inversion_entry(project, tune.key, ahead["steps"], prompt, runtime)
+        ahead = {name: value for name, value in _invert_only(job).items() if name != "frames"}  # the tuned ones
+        inversion, fit = workflow.invert_needs(project, tune, runtime=runtime, **ahead)
         yield "inversion", _planned(inversion, force)
-        fit = workflow.null_text_needed(project, inversion.key, ahead["settings"], ahead["inversion"], runtime)
         yield from [] if fit is None else [("null-text", _planned(fit, force))]
         return
     needed = workflow.inversion_needed(project, tune, request)

@@ -245,7 +245,7 @@ def import_reference(
     session = setup.session(chosen, allow_pickle)
     from tavcli.workflow.importing import import_tune
 
-    output.report(import_tune(session, folder, request))
+    output.report(import_tune(session, request, folder=folder))
 
 
 def demo(

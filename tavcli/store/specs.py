@@ -98,7 +98,9 @@ class _TuneSpec(TypedDict):
 
 
 class TuneSpec(_TuneSpec, total=False):
-    """A tune; `compile`, `save_precision` (unless fp32), `rank` (when low-rank) and `imported` only when set."""
+    """A tune; `compile`, `save_precision` (unless fp32), `rank` (when low-rank) and `imported` only when set.
+    Beside these, every keyed tune setting by its field name (`TuneSettings.keyed`: a new one, such as
+    `weight_decay` away from its default, is in the spec with no change here)."""
 
     compile: bool
     save_precision: str

@@ -17,7 +17,7 @@ from tavcli.models.source import Components
 from tavcli.settings.attention import AttentionSettings
 from tavcli.settings.sampling import EditSettings
 from tavcli.store.specs import LoraIdentity
-from tavcli.workflow.plans import EditPlan, guidance_of
+from tavcli.workflow.plans import EditPlan
 from tavcli.workflow.session import Session, prompt_embeddings
 
 __all__ = ["attention_steering"]
@@ -67,7 +67,7 @@ def attention_steering(
     else:  # the branch starts from the inverted noise, with the unconditional branch that gives the clip back
         # Null-text: its embedding per step, the edit's too; negative-prompt inversion: the source prompt's.
         source = SourceBranch(trajectory[-1], text, unconditional if isinstance(unconditional, list) else text)
-    steering = AttentionSteering(unet, control, source, len(group), guidance_of(settings))
+    steering = AttentionSteering(unet, control, source, len(group), plan.guidance)
     return control, steering
 
 

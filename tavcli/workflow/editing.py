@@ -106,7 +106,7 @@ def _used(plan: EditPlan) -> list[Entry]:
     return [plan.tune, plan.inversion, plan.project.at("latents", latents), *fitted]
 
 
-def plan_edit(session: Session, request: EditRequest) -> EditPlan:
+def plan_edit(session: Session, request: EditRequest, *, force_inversion: bool = False) -> EditPlan:
     """Resolve the project, tune and inversion (inverting now if needed), the null-text fit (fitting it now if an
     edit is to be sampled) and the control, before any sampling: the entries `tavcli.workflow.planning` names."""
     project, tune_entry = resolve_tune(session, request.project, request.tune_key)
@@ -115,24 +115,28 @@ def plan_edit(session: Session, request: EditRequest) -> EditPlan:
     needed = inversion_needed(project, tune_entry, request)
     request.attention.check_source(needed.prompt)  # before any model loads (no words: nothing to check)
     controlnet = _controlnet(session, request.control)  # before any inversion: what is missing fails at once
+    inverted = None
     if needed.current:
         inversion = current_inversion(session, project, tune_entry, needed.steps)
     else:
-        artifact = invert(
-            session, request.project, steps=needed.steps, prompt=needed.prompt, tune_key=tune_entry.key,
-            frames=request.frames,
+        inverted = invert(
+            session, request.project, steps=needed.steps, prompt=needed.prompt, force=force_inversion,
+            tune_key=tune_entry.key, frames=request.frames,
         )  # fmt: skip
-        inversion = project.find("inversions", artifact.key)
+        inversion = project.find("inversions", inverted.key)
     needs = edit_needs(project, inversion.key, request, session.runtime)
     latents = project.find("latents", inversion.spec.get("latents") or tune_entry.spec["latents"])
     clip = latents.meta()["clip"]
     guide = _guide(session, latents, clip, request.control, controlnet)
     if needs.null_text is not None and needs.samples:  # else nothing samples
-        fit_null_text(session, project, tune_entry, inversion, request.settings, request.inversion)
+        fit_null_text(
+            session, project, tune=tune_entry, inversion=inversion, settings=request.settings,
+            choice=request.inversion,
+        )  # fmt: skip
     negative_prompt = needed.prompt if request.inversion.inversion == "negative-prompt" else None
     return EditPlan(
         project, tune_entry, inversion, clip, needs.edits, request.groups, guide, request.loras,
-        needs.null_text or negative_prompt, request.attention,
+        needs.null_text or negative_prompt, request.attention, guidance_of(request.settings), inverted,
     )  # fmt: skip
 
 
@@ -203,7 +207,7 @@ def _sample_group(session: Session, plan: EditPlan, group: list[str], settings: 
                     prompt_embeds=prompts,
                     negative_prompt_embeds=unconditional,
                     num_steps=settings.steps,
-                    guidance=guidance_of(settings),
+                    guidance=plan.guidance,
                     eta=settings.eta,
                     generator=runtime.generator(settings.seed),
                     on_step=lambda *_: advance(),
@@ -280,9 +284,9 @@ def _recorded_key_now(session: Session, recorded: RecordedEdit) -> str:
     null-text fit with this session's precision and --compile: known before anything is computed."""
     request, runtime, project = recorded.request, session.runtime, Project(recorded.request.project)
     then = recorded.record["inversion"]  # its other frames and window, as `plan_edit` would choose them
-    steps, prompt = request.invert_steps or request.settings.steps, request.invert_prompt
+    needed = inversion_needed(project, project.find("tunes", str(request.tune_key)), request)
     latents, window = then.get("latents"), then.get("window")
-    inversion = inversion_entry(project, str(request.tune_key), steps, prompt, runtime, latents, window)
+    inversion = inversion_entry(project, str(request.tune_key), needed.steps, needed.prompt, runtime, latents, window)
     return edit_needs(project, inversion.key, request, runtime).edits[recorded.prompt].key
 
 

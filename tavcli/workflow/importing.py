@@ -21,7 +21,7 @@ from tavcli.workflow.tuning import encode_clip
 __all__ = ["import_tune"]
 
 
-def import_tune(session: Session, folder: Path, request: TuneRequest) -> list[Artifact]:
+def import_tune(session: Session, request: TuneRequest, *, folder: Path) -> list[Artifact]:
     """Store the tuned tensors of a reference Tune-A-Video output folder as a tune of `request.clip`."""
     resolved = resolve_request(session, request)
     run = read_reference(folder, session.allow_pickle)

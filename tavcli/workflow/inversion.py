@@ -107,7 +107,9 @@ def invert_for_edits(
         return [inverted]
     inverted_entry = project.find("inversions", inverted.key)
     sampling = settings or EditSettings(steps=steps)
-    fitted = fit_null_text(session, project, tune_entry, inverted_entry, sampling, inversion, force)
+    fitted = fit_null_text(
+        session, project, tune=tune_entry, inversion=inverted_entry, settings=sampling, choice=inversion, force=force
+    )
     return [inverted, fitted]
 
 

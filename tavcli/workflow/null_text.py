@@ -33,7 +33,8 @@ __all__ = ["fit_null_text"]
 def fit_null_text(
     session: Session,
     project: Project,
-    tune_entry: Entry,
+    *,
+    tune: Entry,
     inversion: Entry,
     settings: EditSettings,
     choice: InversionSettings,
@@ -47,7 +48,7 @@ def fit_null_text(
     run = NullTextRun(guidance=guidance_of(settings), iterations=choice.null_iterations, learning_rate=choice.null_lr)
 
     def compute() -> None:
-        components, unet = session.tuned_unet(project, tune_entry)
+        components, unet = session.tuned_unet(project, tune)
         trajectory = list(inversion.tensors(runtime.device)["trajectory"])
         prompt = str(inversion.spec["prompt"])
         # The source prompt's embedding from the very text-encoder call sampling makes ([prompt, ""]).

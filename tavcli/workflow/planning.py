@@ -16,13 +16,21 @@ from tavcli.settings.option import OptionError
 from tavcli.settings.sampling import EditSettings, InversionSettings
 from tavcli.store.entry import Entry
 from tavcli.store.project import Project
-from tavcli.workflow.keys import control_key, edit_entries, null_text_entry
+from tavcli.workflow.keys import control_key, edit_entries, inversion_entry, null_text_entry
 from tavcli.workflow.source_prompt import source_prompt
 
 if TYPE_CHECKING:  # torch-free: the runtime is only passed on
     from tavcli.runtime import Runtime
 
-__all__ = ["EditNeeds", "InversionNeeded", "command_inversion", "edit_needs", "inversion_needed", "null_text_needed"]
+__all__ = [
+    "EditNeeds",
+    "InversionNeeded",
+    "command_inversion",
+    "edit_needs",
+    "inversion_needed",
+    "invert_needs",
+    "null_text_needed",
+]
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,22 @@ def command_inversion(tune: Entry, inversion: InversionSettings, prompt: str) ->
             "leave out --prompt",
         )
     return source
+
+
+def invert_needs(
+    project: Project,
+    tune: Entry,
+    *,
+    inversion: InversionSettings,
+    steps: int,
+    prompt: str,
+    settings: EditSettings,
+    runtime: Runtime,
+) -> tuple[Entry, Entry | None]:
+    """What `tav invert --inversion` makes of `tune`'s own frames: the inversion (with the prompt
+    `command_inversion` chooses) and, for null-text, the fit at `settings`' guidance."""
+    entry = inversion_entry(project, tune.key, steps, command_inversion(tune, inversion, prompt), runtime)
+    return entry, null_text_needed(project, entry.key, settings, inversion, runtime)
 
 
 def null_text_needed(

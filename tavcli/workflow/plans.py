@@ -9,11 +9,12 @@ from pathlib import Path
 from tavcli.method.control import ControlGuide
 from tavcli.method.sampling import Guidance
 from tavcli.settings.attention import AttentionSettings
-from tavcli.settings.options import GUIDANCE
+from tavcli.settings.options import EDIT, GUIDANCE
 from tavcli.settings.sampling import EditSettings
 from tavcli.store.entry import Entry
 from tavcli.store.project import Project
 from tavcli.store.specs import ClipFacts
+from tavcli.workflow.session import Artifact
 
 __all__ = ["EditPlan", "guidance_of"]
 
@@ -34,6 +35,8 @@ class EditPlan:
     # source prompt (negative-prompt inversion).
     unconditional: Entry | str | None = None
     attention: AttentionSettings = field(default_factory=AttentionSettings)  # off by default
+    guidance: Guidance = field(default_factory=lambda: Guidance(EDIT["guidance"].default))  # every sampler's
+    inverted: Artifact | None = None  # the inversion planning made or found (None: the project's current one)
 
 
 def guidance_of(settings: EditSettings) -> Guidance:
