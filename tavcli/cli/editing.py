@@ -15,14 +15,12 @@ from tavcli.cli.options import (
     ATTENTION,
     CONTROL,
     DEFAULT_CLIP_MODEL,
+    FRAMES,
     INVERSION,
     OUTPUT,
     RUN,
     SAMPLING,
     AllowPickleOpt,
-    ChosenFramesOpt,
-    ChosenStartOpt,
-    ChosenStrideOpt,
     ClipModelOpt,
     CompileOpt,
     DeviceOpt,
@@ -31,7 +29,6 @@ from tavcli.cli.options import (
     PrecisionOpt,
     ProjectOpt,
     QuietOpt,
-    WindowOpt,
     declared,
     guidance_flags,
     settings_flags,
@@ -41,13 +38,14 @@ from tavcli.settings.attention import AttentionSettings
 from tavcli.settings.declared import FLAGS
 from tavcli.settings.editing import EditRequest, FrameChoice
 from tavcli.settings.option import OptionError
-from tavcli.settings.options import EDIT, INVERT
+from tavcli.settings.options import EDIT, INVERT, SELECTION
 from tavcli.settings.sampling import EditSettings, InversionSettings, control_spec
 
 __all__ = ["edit", "evaluate_outputs", "invert"]
 
 
 @guidance_flags("guidance", INVERSION)
+@settings_flags("chosen_frames", SELECTION, FRAMES)
 @settings_flags("inversion", INVERT, INVERSION)
 def invert(
     project: ProjectOpt = None,
@@ -55,10 +53,7 @@ def invert(
     prompt: Annotated[str, declared(INVERT["prompt"])] = INVERT["prompt"].default,
     inversion: InversionSettings = InversionSettings(),  # noqa: B008 (one flag per field: settings_flags)
     guidance: dict[str, float] = {},  # noqa: B006 (the guidance flags given, by name: guidance_flags)
-    frames: ChosenFramesOpt = None,
-    stride: ChosenStrideOpt = None,
-    start: ChosenStartOpt = None,
-    window: WindowOpt = None,
+    chosen_frames: FrameChoice = FrameChoice(),  # noqa: B008 (one flag per field: settings_flags)
     compile_unet: CompileOpt = False,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
@@ -85,7 +80,6 @@ def invert(
         raise OptionError(f"{EDIT[next(iter(guidance))].flag} is what --inversion null-text fits at: give it too")
     sampling = EditSettings.named({"steps": steps, **guidance})
     inversion.check(sampling, None, FLAGS)
-    choice = FrameChoice(frames=frames, stride=stride, start=start, window=window)
     project_dir = setup.existing_project(project)
     chosen = setup.settings(project_dir, device=device, precision=precision)
     session = setup.session(chosen, allow_pickle, compile_unet)
@@ -93,12 +87,13 @@ def invert(
 
     made = invert_for_edits(
         session, project_dir, inversion=inversion, steps=steps, prompt=prompt, settings=sampling, force=force,
-        frames=choice,
+        frames=chosen_frames,
     )  # fmt: skip
     output.report(made)
 
 
 @settings_flags("attention", EDIT, ATTENTION)
+@settings_flags("chosen_frames", SELECTION, FRAMES)
 @settings_flags("inversion", INVERT, INVERSION)
 @settings_flags("settings", EDIT, SAMPLING)
 def edit(
@@ -123,10 +118,7 @@ def edit(
             show_default=False,
         ),
     ] = None,
-    frames: ChosenFramesOpt = None,
-    stride: ChosenStrideOpt = None,
-    start: ChosenStartOpt = None,
-    window: WindowOpt = None,
+    chosen_frames: FrameChoice = FrameChoice(),  # noqa: B008 (one flag per field: settings_flags)
     tune_step: Annotated[Optional[int], declared(EDIT["tune_step"], SAMPLING)] = EDIT["tune_step"].default,
     lora: Annotated[
         Optional[list[str]],
@@ -239,7 +231,7 @@ def edit(
         fps=fps,
         batch_size=batch_size,
         control=control_spec(control, control_model, control_video, control_scale),
-        frames=FrameChoice(frames=frames, stride=stride, start=start, window=window),
+        frames=chosen_frames,
         tune_step=tune_step,
         inversion=inversion,
         attention=attention,

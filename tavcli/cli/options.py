@@ -20,13 +20,10 @@ from tavcli.choices import Precision
 from tavcli.cli.output import set_quiet
 from tavcli.settings.config import DEFAULT_CLIP_MODEL
 from tavcli.settings.option import Option
-from tavcli.settings.options import EDIT, GUIDANCE, SELECTION
+from tavcli.settings.options import EDIT, GUIDANCE
 
 __all__ = [
     "AllowPickleOpt",
-    "ChosenFramesOpt",
-    "ChosenStartOpt",
-    "ChosenStrideOpt",
     "ClipModelOpt",
     "ClipProjectOpt",
     "CompileOpt",
@@ -42,7 +39,6 @@ __all__ = [
     "QuietOpt",
     "RevisionOpt",
     "VariantOpt",
-    "WindowOpt",
     "YesOpt",
     "declared",
     "guidance_flags",
@@ -158,9 +154,11 @@ def _with_flags(
 
 def _value_type(option: Option) -> Any:
     """The type typer parses a declared option's value as: a choice is one of its values; a repeatable
-    option a list of them (None when not given)."""
+    option a list of them; either None when not given, for an option whose default is None."""
     one = Literal[option.allowed] if option.allowed else option.kind
-    return Optional[list[one]] if option.many else one  # type: ignore[valid-type]
+    if option.many:
+        return Optional[list[one]]  # type: ignore[valid-type]
+    return Optional[one] if option.default is None else one
 
 
 QuietOpt = Annotated[
@@ -285,9 +283,3 @@ JsonOpt = Annotated[
 ]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show the plan and change nothing.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do it without asking.")]
-
-# The frames `tav invert` and `tav edit` work on (default: the tuned ones).
-ChosenFramesOpt = Annotated[Optional[str], declared(SELECTION["frames"], FRAMES, metavar="N|all")]
-ChosenStrideOpt = Annotated[Optional[int], declared(SELECTION["stride"], FRAMES)]
-ChosenStartOpt = Annotated[Optional[int], declared(SELECTION["start"], FRAMES)]
-WindowOpt = Annotated[Optional[int], declared(SELECTION["window"], FRAMES)]

@@ -154,7 +154,7 @@ def recorded_edit(sidecar: Path, out: Path | None = None) -> RecordedEdit:
             video = None if used["video"] is None else Path(used["video"])
             control = ControlSpec(kind=used["kind"], model=used["model"], video=video, scale=used["scale"])
         chosen = record.get("frames") or {}
-        frames = FrameChoice(**{name: chosen.get(name) for name in ("frames", "stride", "start", "window")})
+        frames = FrameChoice.named(chosen)
         loras = tuple((Path(lora["path"]), _lora_scale(lora["scale"], sidecar)) for lora in record.get("loras", []))
         request = EditRequest(
             project=Path(record["project"]),
