@@ -295,3 +295,17 @@ def guidance_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
 
     monkeypatch.setattr(Guidance, "apply", spied)
     return applied
+
+
+def load_benchmark(name: str) -> Any:
+    """`benchmarks/NAME.py` as a module (the folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        f"tav_{name}", Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

@@ -4,7 +4,6 @@ peak FLOP/s for the device, and a 2D baseline run like the video UNet."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -13,17 +12,13 @@ from typing import Any
 import pytest
 import torch
 
-BENCH = Path(__file__).parent.parent / "benchmarks" / "bench.py"
+from .conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    """benchmarks/bench.py as a module (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location("tav_bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
+    """benchmarks/bench.py as a module."""
+    module: ModuleType = load_benchmark("bench")
     return module
 
 

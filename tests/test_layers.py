@@ -57,6 +57,7 @@ TORCH_FREE = [
     "tavcli.store.specs",
     "tavcli.models.source",
     "tavcli.models.names",
+    "tavcli.models.families",
     "tavcli.models.hub",
     "tavcli.models.architectures",
     "tavcli.models.tiny",

@@ -74,6 +74,10 @@ class VideoUNet(UNet2DConditionModel):  # type: ignore[misc]  # diffusers is not
         text = encoder_hidden_states.repeat_interleave(frames, dim=0)
         if isinstance(timestep, torch.Tensor) and timestep.ndim == 1 and timestep.numel() == batch:
             timestep = timestep.repeat_interleave(frames)
+        if kwargs.get("added_cond_kwargs"):  # SDXL's pooled text and size numbers: one per clip, so per frame
+            kwargs["added_cond_kwargs"] = {
+                name: value.repeat_interleave(frames, dim=0) for name, value in kwargs["added_cond_kwargs"].items()
+            }
         out = super().forward(folded, timestep, text, **kwargs).sample
         out = out.reshape(batch, frames, -1, height, width).transpose(1, 2)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)

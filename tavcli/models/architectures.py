@@ -1,8 +1,9 @@
-"""The real Stable Diffusion architectures (SD 1.5, SD 2.1 base, SD 2.1 768-v), declared once.
+"""The real Stable Diffusion architectures (SD 1.5, SD 2.1 base, SD 2.1 768-v, SDXL base 1.0), declared once.
 
 No model hub is reachable from tests and CI, yet tavcli must work on the real models: their
 per-block head counts, linear or convolutional projections, attention upcasting, 1024-wide
-OpenCLIP text and v-prediction all change the code paths taken. This module declares each
+OpenCLIP text, v-prediction and SDXL's two text encoders, size conditioning and deep transformer blocks all
+change the code paths taken. This module declares each
 architecture's configs and builds diffusers folders of them with seeded random weights, at full
 size (benchmarks) or *narrow*: fewer channels and text layers, every structural choice kept.
 
@@ -91,6 +92,43 @@ _SD2_UNET = _SD_UNET | {
     "use_linear_projection": True,
 }
 
+# SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0): three levels, the first without attention; 1, 2 and
+# 10 transformer blocks per attention; the two encoders' penultimate states concatenated (768 + 1280 = 2048)
+# as text; the second's pooled projection (1280) and six size numbers (6 x 256) as the added "text_time" input.
+_SDXL_UNET = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20],  # diffusers' SDXL config: heads per block (64 channels each)
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "upcast_attention": False,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # 6 x 256 size numbers + the 1280-wide pooled text
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "act_fn": "silu",
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "mid_block_scale_factor": 1,
+    "center_input_sample": False,
+    "sample_size": 128,
+}
+_SDXL_TEXT_2 = _CLIP_TEXT | {  # OpenCLIP ViT-bigG/14 as a CLIPTextModelWithProjection
+    "hidden_size": 1280,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "intermediate_size": 5120,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+
 ARCHITECTURES: dict[str, Configs] = {
     "sd15": {
         "unet": _SD_UNET
@@ -117,9 +155,23 @@ ARCHITECTURES: dict[str, Configs] = {
         "text_encoder": _SD2_TEXT,
         "scheduler": _SD_SCHEDULER | {"prediction_type": "v_prediction"},
     },
+    "sdxl": {
+        "unet": _SDXL_UNET,
+        "vae": _SD_VAE | {"scaling_factor": 0.13025, "force_upcast": True, "sample_size": 1024},
+        "text_encoder": _SD15_TEXT,
+        "text_encoder_2": _SDXL_TEXT_2,
+        "scheduler": _SD_SCHEDULER | {"timestep_spacing": "leading"},
+    },
 }
 # Narrow: a tenth of SD's widths (SD 2.x's rounded so its 5/10/20 heads keep one head size), 2 text layers.
-_NARROW_UNET = {"sd15": [32, 64, 128, 128], "sd21-base": [40, 80, 160, 160], "sd21-v": [40, 80, 160, 160]}
+_NARROW_UNET = {
+    "sd15": [32, 64, 128, 128],
+    "sd21-base": [40, 80, 160, 160],
+    "sd21-v": [40, 80, 160, 160],
+    "sdxl": [40, 80, 160],
+}
+# SDXL's text widths narrowed too (its encoders are 123M and 695M parameters), and what depends on them.
+_NARROW_SDXL_TEXT = {"text_encoder": 32, "text_encoder_2": 64}
 _NARROW_VAE = [32, 64, 128, 128]
 _NARROW_TEXT_LAYERS = 2
 
@@ -132,11 +184,34 @@ def configs(name: str, narrow: bool = False, changes: Mapping[str, Mapping[str, 
     if narrow:
         parts["unet"] |= _narrowed(parts["unet"], _NARROW_UNET[name])
         parts["vae"] |= _narrowed(parts["vae"], _NARROW_VAE)
-        parts["text_encoder"]["num_hidden_layers"] = _NARROW_TEXT_LAYERS
+        for part in ("text_encoder", "text_encoder_2"):
+            if part in parts:
+                parts[part]["num_hidden_layers"] = _NARROW_TEXT_LAYERS
+        if name == "sdxl":
+            parts |= _narrow_sdxl_text(parts)
     for part, change in (changes or {}).items():
         parts[part] |= change
     _check(parts["unet"])
     return parts
+
+
+def _narrow_sdxl_text(parts: Configs) -> Configs:
+    """SDXL's encoders at the narrow widths, with the UNet's text width (their sum) and added input (the size
+    numbers' embeddings and the second encoder's projection) to match."""
+    text = {
+        part: parts[part] | {"hidden_size": width, "intermediate_size": 4 * width, "num_attention_heads": 4}
+        for part, width in _NARROW_SDXL_TEXT.items()
+    }
+    projection = _NARROW_SDXL_TEXT["text_encoder_2"]
+    text["text_encoder"]["projection_dim"] = _NARROW_SDXL_TEXT["text_encoder"]
+    text["text_encoder_2"]["projection_dim"] = projection
+    time_embed = 8
+    unet = parts["unet"] | {
+        "cross_attention_dim": sum(_NARROW_SDXL_TEXT.values()),
+        "addition_time_embed_dim": time_embed,
+        "projection_class_embeddings_input_dim": 6 * time_embed + projection,
+    }
+    return {**text, "unet": unet}
 
 
 def _narrowed(config: dict[str, Any], widths: list[int]) -> dict[str, Any]:
@@ -169,7 +244,9 @@ def build_model(
     parts = configs(name, narrow, changes)
     tokens = json.loads((TINY_CONFIGS / "text_encoder.json").read_text())
     special = {key: tokens[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    parts["text_encoder"] = special | parts["text_encoder"]
+    for part in ("text_encoder", "text_encoder_2"):
+        if part in parts:
+            parts[part] = special | parts[part]
     with atomic_path(folder) as temp:
         save_random_model(temp, parts)
     return folder
@@ -180,20 +257,38 @@ def save_random_model(folder: Path, parts: Configs, seed: int = SEED) -> None:
     (deterministic), the tiny model's tokenizer, and model_index.json last: it marks a complete model."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     quiet_libraries()
+    weighted = ["unet", "vae", "text_encoder", *(["text_encoder_2"] if "text_encoder_2" in parts else [])]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         UNet2DConditionModel(**parts["unet"]).save_pretrained(folder / "unet")
         AutoencoderKL(**parts["vae"]).save_pretrained(folder / "vae")
         CLIPTextModel(CLIPTextConfig(**parts["text_encoder"])).save_pretrained(folder / "text_encoder")
+        if "text_encoder_2" in parts:  # SDXL's second encoder, with its projection of the pooled state
+            config = CLIPTextConfig(**parts["text_encoder_2"])
+            CLIPTextModelWithProjection(config).save_pretrained(folder / "text_encoder_2")
     DDIMScheduler(**parts["scheduler"]).save_pretrained(folder / "scheduler")
     # A signal caught inside a library's save can leave a part without weights; never mark such a model complete.
-    unsaved = [part for part in ("unet", "vae", "text_encoder") if not any((folder / part).glob("*.safetensors"))]
+    unsaved = [part for part in weighted if not any((folder / part).glob("*.safetensors"))]
     if unsaved:
         raise TavError(f"building the model in {folder} left {', '.join(unsaved)} without weights", "run it again")
-    (folder / "tokenizer").mkdir()
-    for file in (TINY_CONFIGS / "tokenizer").iterdir():
-        shutil.copyfile(str(file), folder / "tokenizer" / file.name)
-    shutil.copyfile(str(TINY_CONFIGS / "model_index.json"), folder / "model_index.json")
+    tokenizers = ["tokenizer", *(["tokenizer_2"] if "text_encoder_2" in parts else [])]
+    for tokenizer in tokenizers:
+        (folder / tokenizer).mkdir()
+        for file in (TINY_CONFIGS / "tokenizer").iterdir():
+            shutil.copyfile(str(file), folder / tokenizer / file.name)
+    if "text_encoder_2" not in parts:
+        shutil.copyfile(str(TINY_CONFIGS / "model_index.json"), folder / "model_index.json")
+        return
+    index = json.loads((TINY_CONFIGS / "model_index.json").read_text())  # as StableDiffusionXLPipeline saves it
+    index = {key: value for key, value in index.items() if key not in ("safety_checker", "requires_safety_checker")}
+    index |= {
+        "_class_name": "StableDiffusionXLPipeline",
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "image_encoder": [None, None],
+        "force_zeros_for_empty_prompt": True,
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))

@@ -18,7 +18,9 @@ from tavcli.media.video import read_clip
 from tavcli.method.low_rank import add_low_rank_adapters, load_low_rank, merge_low_rank, temporal_init_digest
 from tavcli.method.vae import decode_latents, encode_clip
 from tavcli.method.video_unet import VideoUNet, inflate_unet
+from tavcli.models.families import require_supported
 from tavcli.models.loading import encode_prompts, load_components
+from tavcli.models.names import parse_model_name
 from tavcli.models.resolving import resolve_model
 from tavcli.models.source import Components, ModelSource
 from tavcli.progress import Reporter
@@ -92,6 +94,7 @@ class Session:
         prefer_fp16 = choose_variant and self.runtime.precision != "fp32"
         if (name, prefer_fp16) not in self._sources:
             resolved = resolve_model(name, self.allow_pickle, self.reporter.note, prefer_fp16)
+            require_supported(resolved.folder, parse_model_name(resolved.name).base)  # before anything loads
             self._sources[(name, prefer_fp16)] = resolved
         return self._sources[(name, prefer_fp16)]
 

@@ -1,0 +1,63 @@
+"""Which model families tavcli computes, read from a model folder's configs before anything loads.
+
+tavcli's UNet takes noisy latents, a timestep and one text embedding per clip: the SD 1.x and 2.x text-to-image
+UNets. A UNet that also needs inputs tavcli does not provide (a mask and masked image, a depth map, image
+embeddings, SDXL's pooled text and size numbers) would fail deep inside diffusers, or worse compute
+something else, so it is refused in one line when the model is resolved. Torch-free.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tavcli.errors import TavError
+from tavcli.files.reading import read_json
+
+__all__ = ["require_supported"]
+
+# A UNet's extra input channels beside the 4 latent ones, by what they are for.
+_EXTRA_CHANNELS = {
+    5: "a depth-to-image model (its UNet also takes a depth map)",
+    7: "an upscaling model (its UNet also takes a small image)",
+    9: "an inpainting model (its UNet also takes a mask and an image)",
+}
+
+
+def require_supported(folder: Path, name: str) -> None:
+    """Refuse, in one line naming what model `name` (at `folder`) is, a UNet tavcli cannot drive."""
+    unet = _config(folder / "unet" / "config.json")
+    index = _config(folder / "model_index.json")
+    what = _unsupported(unet, index)
+    if what is not None:
+        raise TavError(
+            f"{name} is {what}: tavcli tunes and edits text-to-image SD 1.x and 2.x models",
+            "e.g. CompVis/stable-diffusion-v1-4",
+        )
+
+
+def _unsupported(unet: dict[str, Any], index: dict[str, Any]) -> str | None:
+    """What the model is, in words, when its UNet needs inputs tavcli does not give; None when it does not."""
+    channels = unet.get("in_channels", 4)
+    if channels != 4:
+        return _EXTRA_CHANNELS.get(channels, f"a model whose UNet takes {channels} input channels, not 4")
+    if unet.get("addition_embed_type") == "text_time":
+        if index.get("requires_aesthetics_score") or "text_encoder" not in index:
+            return "the SDXL refiner (its UNet also takes an aesthetic score)"
+        return "an SDXL model (not yet: its UNet also takes pooled text and size numbers)"
+    if unet.get("addition_embed_type") or unet.get("class_embed_type") or unet.get("encoder_hid_dim_type"):
+        return "a model whose UNet takes image or class conditioning"
+    if index.get("_class_name") == "StableDiffusionImageVariationPipeline":
+        return "an image-variation model (conditioned on images, not text)"
+    return None
+
+
+def _config(path: Path) -> dict[str, Any]:
+    """A config file's settings; {} where the folder has none (a diffusers folder always has the UNet's)."""
+    if not path.is_file():
+        return {}
+    try:
+        value = read_json(path)
+    except (OSError, ValueError) as error:
+        raise TavError(f"{path} cannot be read as a model config: {error}") from None
+    return value if isinstance(value, dict) else {}
