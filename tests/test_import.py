@@ -14,7 +14,7 @@ from .conftest import CLIP, ORACLE, TINY_SD, RunTav
 from .reference_format import write_reference_output
 
 
-def _reference_folder(path: Path, tamper: bool = False, pickled: bool = False) -> Path:
+def _reference_folder(path: Path, tamper: bool = False, pickled: bool = False, seed: int = 33) -> Path:
     """The layout the reference script writes: unet/ with the full video UNet, and config.yaml."""
     weights = {
         **load_file(TINY_SD / "unet" / "diffusion_pytorch_model.safetensors"),
@@ -31,7 +31,7 @@ def _reference_folder(path: Path, tamper: bool = False, pickled: bool = False) -
         f'  video_path: "{CLIP}"\n'
         '  prompt: "a man is skiing"\n'
         "  n_sample_frames: 4\n  width: 32\n  height: 32\n  sample_start_idx: 0\n  sample_frame_rate: 2\n"
-        "learning_rate: 3e-5\nmax_train_steps: 300\nseed: 33\n"
+        f"learning_rate: 3e-5\nmax_train_steps: 300\nseed: {seed}\n"
     )
     unet_config = json.loads((TINY_SD / "unet" / "config.json").read_text())
     return write_reference_output(path, weights, unet_config, run, pickled)
@@ -63,11 +63,13 @@ def test_import_refuses_other_bases_and_pickles(tmp_path: Path, run_tav: RunTav)
     tampered = _reference_folder(tmp_path / "tampered", tamper=True)
     code, _, err = run_tav("import", tampered, "-p", tmp_path / "a.tav")
     assert code == 1 and "tuned from another base model" in err and "conv_in.weight" in err
-    pickled = _reference_folder(tmp_path / "pickled", pickled=True)
+    pickled = _reference_folder(tmp_path / "pickled", pickled=True, seed=0)
     code, _, err = run_tav("import", pickled, "-p", tmp_path / "b.tav")
     assert code == 1 and "--trust-pickle" in err
-    code, _, err = run_tav("import", pickled, "-p", tmp_path / "b.tav", "--trust-pickle")
+    code, out, err = run_tav("import", pickled, "-p", tmp_path / "b.tav", "--trust-pickle")
     assert code == 0, err
+    tune = json.loads(out.splitlines()[-1])
+    assert json.loads((Path(tune["path"]) / "meta.json").read_text())["spec"]["seed"] == 0  # the run's, not 33
     code, _, err = run_tav(
         "import", pickled, "-p", tmp_path / "b.tav", "--trust-pickle", "--clip", tmp_path / "typo.mp4"
     )

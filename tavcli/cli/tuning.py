@@ -222,8 +222,10 @@ def import_reference(
     chosen = setup.settings(project_dir, model=base, model_config=model_config, device=device)
 
     def given(value: Any, option: str, key: str | None = None) -> Any:
-        """A flag, else the reference run's setting (`key`, default the option's name), else tav tune's default."""
-        return value if value is not None else recorded.get(key or option) or TUNE[option].default
+        """A flag, else the reference run's setting (`key`, default the option's name), else tav tune's default
+        (a recorded 0, a seed or a start frame, is a setting)."""
+        chosen = recorded.get(key or option) if value is None else value
+        return TUNE[option].default if chosen is None else chosen
 
     request = TuneRequest(
         clip=clip_path,
