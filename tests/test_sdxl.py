@@ -125,3 +125,18 @@ def test_a_tune_of_sdxl_trains_the_papers_set_eight_times_sd15s() -> None:
     sd15, sdxl = counts("sd15", [4]), counts("sdxl", [4])
     assert 8 < sdxl["trained"] / sd15["trained"] < 9 and sdxl["of which temporal"] < sdxl["trained"]
     assert sdxl["--rank 4"] < sdxl["trained"] / 100
+
+
+def test_the_sdxl_refiner_is_told_from_the_base_by_its_configs(tmp_path: Path) -> None:
+    """The refiner's UNet is SDXL's too; its pipeline has no first text encoder and takes an aesthetic score."""
+    import json
+
+    from tavcli.errors import TavError
+    from tavcli.models.families import require_supported
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"in_channels": 4, "addition_embed_type": "text_time"}))
+    refiner = {"text_encoder": [None, None], "requires_aesthetics_score": True}
+    (tmp_path / "model_index.json").write_text(json.dumps(refiner))
+    with pytest.raises(TavError, match=r"^refiner is the SDXL refiner \(its UNet also takes an aesthetic score\)"):
+        require_supported(tmp_path, "refiner")

@@ -42,7 +42,8 @@ def _unsupported(unet: dict[str, Any], index: dict[str, Any]) -> str | None:
     if channels != 4:
         return _EXTRA_CHANNELS.get(channels, f"a model whose UNet takes {channels} input channels, not 4")
     if unet.get("addition_embed_type") == "text_time":
-        if index.get("requires_aesthetics_score") or "text_encoder" not in index:
+        first_encoder = not index or any(index.get("text_encoder") or ())  # the refiner's is [null, null]
+        if index.get("requires_aesthetics_score") or not first_encoder:
             return "the SDXL refiner (its UNet also takes an aesthetic score)"
         return "an SDXL model (not yet: its UNet also takes pooled text and size numbers)"
     if unet.get("addition_embed_type") or unet.get("class_embed_type") or unet.get("encoder_hid_dim_type"):
