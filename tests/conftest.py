@@ -309,3 +309,19 @@ def load_benchmark(name: str) -> Any:
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def without_temporal_output(unet: Any) -> Any:
+    """`unet` inflated (seeded, in eval mode) with its temporal attention's output zeroed: on one-frame clips (or
+    copies of one frame) the video UNet is then the image model."""
+    import torch
+
+    from tavcli.method.video_unet import inflate_unet
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        video = inflate_unet(unet).eval()
+    for name, param in video.named_parameters():
+        if ".attn_temp.to_out" in name:
+            torch.nn.init.zeros_(param)
+    return video

@@ -29,7 +29,7 @@ from tavcli.models.loading import load_components
 from tavcli.models.resolving import resolve_model
 from tavcli.runtime import resolve_runtime
 
-from .conftest import CLIP, RunTav
+from .conftest import CLIP, RunTav, without_temporal_output
 from .ldm_format import ldm_checkpoint
 from .reference_format import write_reference_output
 
@@ -161,12 +161,7 @@ def test_full_width_sd15_tune_trains_every_tensor(full_unet: Callable[[str], UNe
 
 def _one_frame_outputs(image: UNet2DConditionModel, video_of: UNet2DConditionModel) -> tuple[torch.Tensor, ...]:
     """`image`'s output, and that of the inflated `video_of` with its temporal output zeroed, on 1-frame clips."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        video = inflate_unet(video_of).eval()
-    for name, param in video.named_parameters():
-        if ".attn_temp.to_out" in name:
-            torch.nn.init.zeros_(param)
+    video = without_temporal_output(video_of)
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn(2, 4, 1, 16, 16, generator=generator)
     text = torch.randn(2, 77, image.config.cross_attention_dim, generator=generator)

@@ -15,7 +15,7 @@ from tavcli.method.video_unet import (
     trainable_parameters,
 )
 
-from .conftest import ORACLE, TINY_SD
+from .conftest import ORACLE, TINY_SD, without_temporal_output
 
 
 def test_reproduces_reference_forward_pass(oracle_video_unet: VideoUNet) -> None:
@@ -48,10 +48,7 @@ def test_inflation_shares_frozen_weights_and_copies_tuned_ones(oracle_unet2d: UN
 
 def test_one_frame_clip_equals_image_model_when_temporal_path_is_zero(oracle_unet2d: UNet2DConditionModel) -> None:
     """With one frame, sparse-causal attention is self-attention and joint GroupNorm is per-frame."""
-    unet = inflate_unet(oracle_unet2d).eval()
-    for name, param in unet.named_parameters():
-        if ".attn_temp.to_out" in name:
-            torch.nn.init.zeros_(param)
+    unet = without_temporal_output(oracle_unet2d)
     sample = torch.randn(2, 4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     text = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -14,7 +14,7 @@ from diffusers import UNet2DConditionModel
 from tavcli.method.video_unet import inflate_unet, trainable_parameters
 from tavcli.models.architectures import build_model, configs
 
-from .conftest import CLIP, RunTav, load_benchmark
+from .conftest import CLIP, RunTav, load_benchmark, without_temporal_output
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +55,7 @@ def test_the_inflated_sdxl_unet_at_one_frame_is_diffusers_sdxl_unet(
 ) -> None:
     """Zero temporal output: every frame of a clip is the image model's output, SDXL's pooled text and size
     numbers given once per clip (the video UNet repeats them per frame)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        video = inflate_unet(UNet2DConditionModel.from_pretrained(sdxl / "unet")).eval()
-    for name, param in video.named_parameters():
-        if ".attn_temp.to_out" in name:
-            torch.nn.init.zeros_(param)
+    video = without_temporal_output(UNet2DConditionModel.from_pretrained(sdxl / "unet"))
     generator = torch.Generator().manual_seed(1)
     frame = torch.randn(2, 4, 1, 8, 8, generator=generator)
     text = torch.randn(2, 77, sdxl_unet.config.cross_attention_dim, generator=generator)

@@ -154,7 +154,6 @@ def _invert_only(job: Job) -> dict[str, Any]:
         "steps": invert.get("steps", job.edit.get("steps", INVERT["steps"].default)),
         "prompt": invert.get("prompt", INVERT["prompt"].default),
         "settings": EditSettings.named(job.edit),
-        "frames": _frames(job),
     }
 
 
@@ -180,7 +179,9 @@ def _job_artifacts(session: Session, job: Job, stage: list[str]) -> Iterator[Art
     if job.edit.get("tune_step"):  # the state kept at that step of the job's tune
         tune = workflow.kept_tune(project, tune, job.edit["tune_step"])
     if not job.edits:  # inverted (and fitted) ahead, as `tav invert --inversion` does
-        yield from workflow.invert_for_edits(session, job.project, force=force, tune_key=tune.key, **_invert_only(job))
+        yield from workflow.invert_for_edits(
+            session, job.project, force=force, tune_key=tune.key, frames=_frames(job), **_invert_only(job)
+        )
         return
     stage[0] = "edit"
     request = _edit_request(job, tune.key)  # checked before its inversion is computed
@@ -229,8 +230,7 @@ def _job_plan(session: Session, job: Job, stage: list[str]) -> Iterator[tuple[st
     stage[0] = "invert"
     project = session.project(job.project)
     if request is None:  # `tav invert --inversion`: the inversion, and a null-text fit made ahead
-        ahead = {name: value for name, value in _invert_only(job).items() if name != "frames"}  # the tuned ones
-        inversion, fit = workflow.invert_needs(project, tune, runtime=runtime, **ahead)
+        inversion, fit = workflow.invert_needs(project, tune, runtime=runtime, **_invert_only(job))
         yield "inversion", _planned(inversion, force)
         yield from [] if fit is None else [("null-text", _planned(fit, force))]
         return

@@ -95,9 +95,7 @@ _SD2_UNET = _SD_UNET | {
 # SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0): three levels, the first without attention; 1, 2 and
 # 10 transformer blocks per attention; the two encoders' penultimate states concatenated (768 + 1280 = 2048)
 # as text; the second's pooled projection (1280) and six size numbers (6 x 256) as the added "text_time" input.
-_SDXL_UNET = {
-    "in_channels": 4,
-    "out_channels": 4,
+_SDXL_UNET = _SD_UNET | {
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     "block_out_channels": [320, 640, 1280],
@@ -110,14 +108,6 @@ _SDXL_UNET = {
     "addition_embed_type": "text_time",
     "addition_time_embed_dim": 256,
     "projection_class_embeddings_input_dim": 2816,  # 6 x 256 size numbers + the 1280-wide pooled text
-    "norm_num_groups": 32,
-    "norm_eps": 1e-5,
-    "act_fn": "silu",
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "mid_block_scale_factor": 1,
-    "center_input_sample": False,
     "sample_size": 128,
 }
 _SDXL_TEXT_2 = _CLIP_TEXT | {  # OpenCLIP ViT-bigG/14 as a CLIPTextModelWithProjection
