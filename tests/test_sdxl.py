@@ -1,7 +1,8 @@
 """SDXL base 1.0, declared beside SD 1.5 and 2.1 (narrow, random weights): diffusers' own pipeline loads it, the
-inflated UNet at one frame is diffusers' SDXL UNet with its added inputs given per clip, the trained set is the
-paper's rule on SDXL's blocks, and until tavcli conditions it the command line refuses it in one line, as it
-refuses UNets that need inputs it never gives (inpainting, depth)."""
+inflated UNet at one frame is diffusers' SDXL UNet with its added inputs given per clip, prompts are encoded and a
+one-frame edit is sampled exactly as `StableDiffusionXLPipeline` does, the trained set is the paper's rule on
+SDXL's blocks, and UNets that need inputs tavcli never gives (inpainting, depth, the refiner) are refused in one
+line."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from tavcli.method.conditioning import pack_pooled
 from tavcli.method.video_unet import inflate_unet, trainable_parameters
 from tavcli.models.architectures import build_model, configs
 
@@ -44,10 +46,12 @@ def test_the_declared_sdxl_is_diffusers_own_and_keeps_every_structural_choice(sd
     assert pipe.config.force_zeros_for_empty_prompt
 
 
+TIME_IDS = torch.tensor([256.0, 256.0, 0.0, 0.0, 256.0, 256.0])
+
+
 def _added(batch: int, width: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(2)
-    time_ids = torch.tensor([[256.0, 256.0, 0.0, 0.0, 256.0, 256.0]]).expand(batch, -1)
-    return {"text_embeds": torch.randn(batch, width, generator=generator), "time_ids": time_ids}
+    return {"text_embeds": torch.randn(batch, width, generator=generator), "time_ids": TIME_IDS.expand(batch, -1)}
 
 
 def test_the_inflated_sdxl_unet_at_one_frame_is_diffusers_sdxl_unet(
@@ -56,15 +60,17 @@ def test_the_inflated_sdxl_unet_at_one_frame_is_diffusers_sdxl_unet(
     """Zero temporal output: every frame of a clip is the image model's output, SDXL's pooled text and size
     numbers given once per clip (the video UNet repeats them per frame)."""
     video = without_temporal_output(UNet2DConditionModel.from_pretrained(sdxl / "unet"))
+    video.time_ids = TIME_IDS
     generator = torch.Generator().manual_seed(1)
     frame = torch.randn(2, 4, 1, 8, 8, generator=generator)
     text = torch.randn(2, 77, sdxl_unet.config.cross_attention_dim, generator=generator)
     added = _added(2, sdxl_unet.config.projection_class_embeddings_input_dim - 6 * 8)
+    packed = pack_pooled(text, added["text_embeds"])
     with torch.no_grad():
         image = sdxl_unet(frame[:, :, 0], 500, text, added_cond_kwargs=added).sample
-        one = video(frame, 500, text, added_cond_kwargs=added).sample[:, :, 0]
+        one = video(frame, 500, packed).sample[:, :, 0]
         # Three copies of the frame: sparse-causal attention then attends to copies of itself.
-        three = video(frame.expand(-1, -1, 3, -1, -1), 500, text, added_cond_kwargs=added).sample
+        three = video(frame.expand(-1, -1, 3, -1, -1), 500, packed).sample
     assert torch.equal(one, image)
     for index in range(3):
         torch.testing.assert_close(three[:, :, index], image, atol=1e-5, rtol=0)
@@ -96,10 +102,18 @@ def _refused(run_tav: RunTav, model: Path, tmp_path: Path) -> str:
     return err
 
 
-def test_an_sdxl_model_is_refused_in_one_line_before_anything_is_computed(
-    sdxl: Path, run_tav: RunTav, tmp_path: Path
+def test_an_sdxl_unet_without_the_second_text_encoder_is_refused_in_one_line(
+    run_tav: RunTav, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    assert "is an SDXL model" in _refused(run_tav, sdxl, tmp_path)
+    import json
+    import shutil
+
+    model = build_model("sdxl", tmp_path_factory.mktemp("m") / "m", narrow=True)
+    index = json.loads((model / "model_index.json").read_text())
+    del index["text_encoder_2"], index["tokenizer_2"]
+    (model / "model_index.json").write_text(json.dumps(index))
+    shutil.rmtree(model / "text_encoder_2")
+    assert "without SDXL's second text encoder" in _refused(run_tav, model, tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -45,10 +45,14 @@ GIF_MAX_DELAY = 65535  # hundredths of a second: the format's 16-bit field
 
 @dataclass
 class Clip:
-    """Selected frames as uint8 RGB (f, h, w, 3), and the frame rate they play at (source fps / stride)."""
+    """Selected frames as uint8 RGB (f, h, w, 3), the frame rate they play at (source fps / stride), the
+    (height, width) of the upright frames as decoded, and the (top, left) of the crop taken once they were
+    scaled to cover the size (0, 0 when stretched): SDXL's size conditioning."""
 
     frames: np.ndarray
     fps: Fraction
+    original: tuple[int, int] = (0, 0)
+    crop_top_left: tuple[int, int] = (0, 0)
 
 
 def _open(path: Path) -> av.container.InputContainer:
@@ -105,10 +109,20 @@ def _fit(image: Image.Image, size: FrameSize) -> Image.Image:
     return ImageOps.fit(image, target, Image.Resampling.BICUBIC)  # scale to cover, crop the centre
 
 
+def crop_top_left(original: tuple[int, int], size: FrameSize) -> tuple[int, int]:
+    """Where `_fit` crops frames of `original` (height, width), in the frames scaled to cover `size`."""
+    if size.resize == "stretch":
+        return 0, 0
+    height, width = original
+    scale = max(size.width / width, size.height / height)
+    return round((height * scale - size.height) / 2), round((width * scale - size.width) / 2)
+
+
 def read_clip(path: Path, selection: FrameSelection, size: FrameSize) -> Clip:
     """Decode the selected frames of `path`, resized to `size`."""
     probe(path, selection)
     frames: list[np.ndarray] = []
+    original = (0, 0)
     decoded = 0
     with _open(path) as container:
         stream = container.streams.video[0]
@@ -116,7 +130,9 @@ def read_clip(path: Path, selection: FrameSelection, size: FrameSize) -> Clip:
         try:
             for decoded, frame in enumerate(container.decode(stream), start=1):
                 if decoded - 1 in selection:
-                    frames.append(np.asarray(_fit(_upright(frame), size)))
+                    upright = _upright(frame)
+                    original = (upright.height, upright.width)
+                    frames.append(np.asarray(_fit(upright, size)))
                     if len(frames) == selection.frames:
                         break
         except av.FFmpegError as error:
@@ -126,7 +142,7 @@ def read_clip(path: Path, selection: FrameSelection, size: FrameSize) -> Clip:
     if len(frames) < selection.frames:
         raise TavError(f"{path} has {decoded} frames, too few for {_describe(selection)}", _suggest(selection, decoded))
     fps = Fraction(rate) if rate else FALLBACK_FPS
-    return Clip(frames=np.stack(frames), fps=fps / selection.stride)
+    return Clip(np.stack(frames), fps / selection.stride, original, crop_top_left(original, size))
 
 
 def _describe(selection: FrameSelection) -> str:

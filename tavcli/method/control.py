@@ -15,6 +15,7 @@ import torch
 from diffusers import ControlNetModel, T2IAdapter
 
 from tavcli.errors import TavError, first_line
+from tavcli.method.conditioning import split_text
 from tavcli.models.hub import local_folder, local_only, unreachable
 from tavcli.models.source import quiet_libraries
 
@@ -62,8 +63,16 @@ def canny_maps(frames: np.ndarray, low: int = 100, high: int = 200) -> np.ndarra
 class ControlGuide:
     """Computes the ControlNet (or T2I-Adapter) residuals for a video UNet call on (b, c, f, h, w) latents."""
 
-    def __init__(self, controlnet: ControlNetModel | T2IAdapter, maps: np.ndarray, scale: float) -> None:
+    def __init__(
+        self,
+        controlnet: ControlNetModel | T2IAdapter,
+        maps: np.ndarray,
+        scale: float,
+        time_ids: torch.Tensor | None = None,
+    ) -> None:
+        """`time_ids`: an SDXL ControlNet's size numbers, the clip's (`VideoUNet.time_ids`)."""
         self.controlnet = controlnet
+        self.time_ids = time_ids
         # (f, 3, H, W) in [0, 1]: the ControlNet's conditioning input.
         self.condition = torch.from_numpy(maps).permute(0, 3, 1, 2).to(controlnet.device, controlnet.dtype) / 255
         self.scale = scale
@@ -88,12 +97,14 @@ class ControlGuide:
             return {"down_intrablock_additional_residuals": [f.repeat(clips, 1, 1, 1).to(sample.dtype) for f in chosen]}
         condition = self.condition if frames is None else self.condition[frames]  # a window's maps alone
         folded = sample.transpose(1, 2).reshape(clips * count, channels, height, width)
+        sequence, added = split_text(text.to(self.controlnet.dtype), self.controlnet.config, self.time_ids)
         down, mid = self.controlnet(
             folded.to(self.controlnet.dtype),
             timestep,
-            text.repeat_interleave(count, dim=0).to(self.controlnet.dtype),
+            sequence.repeat_interleave(count, dim=0),
             controlnet_cond=condition.repeat(clips, 1, 1, 1),
             conditioning_scale=self.scale,
+            added_cond_kwargs=None if added is None else {k: v.repeat_interleave(count, 0) for k, v in added.items()},
             return_dict=False,
         )
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}

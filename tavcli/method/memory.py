@@ -28,6 +28,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from tavcli.errors import TavError
+from tavcli.method.conditioning import pooled_width
 from tavcli.method.training import trained_parameters
 from tavcli.method.video_unet import VideoUNet
 from tavcli.runtime import Runtime
@@ -191,7 +192,8 @@ def _saved_bytes(unet: VideoUNet, frames: int, precision: str) -> SavedBytes:
     handles = [h for m in blocks for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
     try:
         sample = torch.zeros(1, unet.config.in_channels, frames, height, width, device=device)
-        text = torch.zeros(1, 77, unet.config.cross_attention_dim, device=device)
+        rows = 77 if pooled_width(unet.config) is None else 78  # SDXL's pooled embedding rides as one more row
+        text = torch.zeros(1, rows, unet.config.cross_attention_dim, device=device)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Runtime(device, precision).autocast():
             out = unet(sample, torch.tensor([500], device=device), text).sample
         out.float().sum().backward()

@@ -27,6 +27,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
 from tavcli.choices import FrameNorm
+from tavcli.method.conditioning import split_text
 
 __all__ = [
     "TRAINABLE_MODULE_SUFFIXES",
@@ -56,9 +57,14 @@ class ClipLayout:
 
 
 class VideoUNet(UNet2DConditionModel):  # type: ignore[misc]  # diffusers is not followed: Any to mypy
-    """A `UNet2DConditionModel` that takes clips: `sample` is (b, c, f, h, w), one text embedding per clip."""
+    """A `UNet2DConditionModel` that takes clips: `sample` is (b, c, f, h, w), one text embedding per clip.
+
+    An SDXL UNet's text carries its pooled embedding as a last row (`tavcli.method.conditioning`), and the UNet
+    holds the clip's size numbers in `time_ids`; both are given to every frame.
+    """
 
     clip_layout: ClipLayout
+    time_ids: torch.Tensor | None = None
 
     def forward(
         self,
@@ -71,12 +77,13 @@ class VideoUNet(UNet2DConditionModel):  # type: ignore[misc]  # diffusers is not
         batch, channels, frames, height, width = sample.shape
         self.clip_layout.frames = frames
         folded = sample.transpose(1, 2).reshape(batch * frames, channels, height, width)
-        text = encoder_hidden_states.repeat_interleave(frames, dim=0)
+        sequence, added = split_text(encoder_hidden_states, self.config, self.time_ids)
+        text = sequence.repeat_interleave(frames, dim=0)
         if isinstance(timestep, torch.Tensor) and timestep.ndim == 1 and timestep.numel() == batch:
             timestep = timestep.repeat_interleave(frames)
-        if kwargs.get("added_cond_kwargs"):  # SDXL's pooled text and size numbers: one per clip, so per frame
+        if added is not None:  # SDXL's pooled text and size numbers: one per clip, so per frame
             kwargs["added_cond_kwargs"] = {
-                name: value.repeat_interleave(frames, dim=0) for name, value in kwargs["added_cond_kwargs"].items()
+                name: value.repeat_interleave(frames, dim=0) for name, value in added.items()
             }
         out = super().forward(folded, timestep, text, **kwargs).sample
         out = out.reshape(batch, frames, -1, height, width).transpose(1, 2)
@@ -236,13 +243,19 @@ def _add_temporal_attention(block: BasicTransformerBlock, layout: ClipLayout) ->
     block.register_forward_hook(_TemporalAttentionHook(layout))
 
 
-def inflate_unet(unet: UNet2DConditionModel, frame_norm: FrameNorm = "joint", seed: int | None = None) -> VideoUNet:
+def inflate_unet(
+    unet: UNet2DConditionModel,
+    frame_norm: FrameNorm = "joint",
+    seed: int | None = None,
+    time_ids: torch.Tensor | None = None,
+) -> VideoUNet:
     """Return the video UNet for `unet`, sharing its frozen weights (the tuned projections are copies).
 
     New temporal modules are initialised in float32 from torch's global RNG, or from `seed` (reproducibly,
     leaving the global RNG as it was): a tune's seed re-creates the temporal weights it started from.
     `frame_norm="joint"` (the reference) normalises ResNet features over all frames of a clip;
-    `"frame"` normalises each frame alone, like the image model.
+    `"frame"` normalises each frame alone, like the image model. An SDXL UNet needs its clip's `time_ids`
+    (`tavcli.method.conditioning.SizeConditioning`).
     """
     if frame_norm not in ("joint", "frame"):
         raise ValueError(f"frame_norm must be 'joint' or 'frame', not {frame_norm!r}")
@@ -252,7 +265,7 @@ def inflate_unet(unet: UNet2DConditionModel, frame_norm: FrameNorm = "joint", se
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return inflate_unet(unet, frame_norm)
+            return inflate_unet(unet, frame_norm, time_ids=time_ids)
     with torch.device("meta"):
         video: VideoUNet = VideoUNet.from_config(unet.config)
     video.load_state_dict(unet.state_dict(), strict=True, assign=True)
@@ -263,6 +276,7 @@ def inflate_unet(unet: UNet2DConditionModel, frame_norm: FrameNorm = "joint", se
             module.weight = nn.Parameter(module.weight.detach().clone(), module.weight.requires_grad)
     layout = ClipLayout()
     video.clip_layout = layout
+    video.time_ids = time_ids
 
     for module in list(video.modules()):
         if isinstance(module, BasicTransformerBlock):

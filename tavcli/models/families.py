@@ -1,9 +1,10 @@
 """Which model families tavcli computes, read from a model folder's configs before anything loads.
 
 tavcli's UNet takes noisy latents, a timestep and one text embedding per clip: the SD 1.x and 2.x text-to-image
-UNets. A UNet that also needs inputs tavcli does not provide (a mask and masked image, a depth map, image
-embeddings, SDXL's pooled text and size numbers) would fail deep inside diffusers, or worse compute
-something else, so it is refused in one line when the model is resolved. Torch-free.
+UNets, and SDXL's, which also takes pooled text and size numbers (`tavcli.method.conditioning`). A UNet that
+needs inputs tavcli does not provide (a mask and masked image, a depth map, image embeddings, the SDXL
+refiner's aesthetic score) would fail deep inside diffusers, or worse compute something else, so it is refused
+in one line when the model is resolved. Torch-free.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def require_supported(folder: Path, name: str) -> None:
     what = _unsupported(unet, index)
     if what is not None:
         raise TavError(
-            f"{name} is {what}: tavcli tunes and edits text-to-image SD 1.x and 2.x models",
+            f"{name} is {what}: tavcli tunes and edits text-to-image SD 1.x, 2.x and SDXL models",
             "e.g. CompVis/stable-diffusion-v1-4",
         )
 
@@ -45,7 +46,9 @@ def _unsupported(unet: dict[str, Any], index: dict[str, Any]) -> str | None:
         first_encoder = not index or any(index.get("text_encoder") or ())  # the refiner's is [null, null]
         if index.get("requires_aesthetics_score") or not first_encoder:
             return "the SDXL refiner (its UNet also takes an aesthetic score)"
-        return "an SDXL model (not yet: its UNet also takes pooled text and size numbers)"
+        if not any(index.get("text_encoder_2") or ()):
+            return "an SDXL UNet without SDXL's second text encoder (no text_encoder_2 in model_index.json)"
+        return None
     if unet.get("addition_embed_type") or unet.get("class_embed_type") or unet.get("encoder_hid_dim_type"):
         return "a model whose UNet takes image or class conditioning"
     if index.get("_class_name") == "StableDiffusionImageVariationPipeline":

@@ -17,7 +17,7 @@ from torch import nn
 
 from tavcli.errors import TavError, first_line, interruption
 from tavcli.files.hashing import lora_file
-from tavcli.models.source import Components, ModelSource
+from tavcli.models.source import Components
 from tavcli.settings.inputs import require_regular_file
 
 __all__ = ["applied_loras", "fuse_loras", "load_lora", "lora_base_guess", "lora_loader"]
@@ -30,20 +30,24 @@ MISMATCH = re.compile(
 )
 
 
-def lora_loader(tokenizer: Any, text_encoder: Any, vae: Any, unet: Any, scheduler: Any) -> Any:
-    """A pipeline made only to load LoRAs: diffusers' LoRA loading maps a file's keys onto these modules."""
-    from diffusers import StableDiffusionPipeline
+def lora_loader(components: Components, unet: Any | None = None) -> Any:
+    """A pipeline made only to load LoRAs: diffusers' LoRA loading maps a file's keys onto these modules (`unet`
+    instead of the model's own 2D UNet where given). SDXL's pipeline reads SDXL's formats (kohya's and
+    diffusers' keys, both text encoders)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    parts = {
+        "vae": components.vae,
+        "text_encoder": components.text_encoder,
+        "tokenizer": components.tokenizer,
+        "unet": components.unet if unet is None else unet,
+        "scheduler": components.scheduler,
+    }
+    if components.text_encoder_2 is not None:
+        return StableDiffusionXLPipeline(
+            **parts, text_encoder_2=components.text_encoder_2, tokenizer_2=components.tokenizer_2
+        )
+    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def load_lora(pipe: Any, path: Path, adapter_name: str) -> None:
@@ -64,14 +68,14 @@ def load_lora(pipe: Any, path: Path, adapter_name: str) -> None:
             raise TavError(f"cannot load the LoRA {path}: {first_line(error)}") from None
         raise TavError(
             f"the LoRA {path} does not fit this model: its tensor shapes are another model's"
-            + lora_base_guess(_lora_keys(path, weights), str(error)),
+            + lora_base_guess(_foreign_keys(pipe, path, weights), str(error)),
             _lora_hint(pipe),
         ) from None
     if not any(adapter_name in names for names in pipe.get_list_adapters().values()):
         # diffusers only warns when no key names a part of this model: the LoRA would change nothing
         raise TavError(
             f"the LoRA {path} adapts nothing in this model: none of its keys name one of its layers"
-            + lora_base_guess(_lora_keys(path, weights), ""),
+            + lora_base_guess(_foreign_keys(pipe, path, weights), ""),
             _lora_hint(pipe),
         )
 
@@ -107,6 +111,11 @@ def lora_base_guess(keys: list[str], mismatches: str) -> str:
     return ""
 
 
+def _foreign_keys(pipe: Any, path: Path, weights: str | None) -> list[str]:
+    """The LoRA's keys, where they can tell another base: SDXL's marks say nothing about an SDXL model's LoRA."""
+    return [] if getattr(pipe, "text_encoder_2", None) is not None else _lora_keys(path, weights)
+
+
 def _lora_keys(path: Path, weights: str | None) -> list[str]:
     """The tensor names of the LoRA file loaded (`_lora_weights`), read from its header (none when unknown)."""
     from safetensors import SafetensorError, safe_open
@@ -128,10 +137,10 @@ def _lora_hint(pipe: Any) -> str:
     return f"use a LoRA made for {base} models" if base else "use a LoRA made for this model's base"
 
 
-def fuse_loras(source: ModelSource, *parts: Any) -> None:
+def fuse_loras(components: Components) -> None:
     """Fuse each LoRA into the UNet and text encoder weights with diffusers' LoRA loading (needs peft)."""
-    pipe = lora_loader(*parts)
-    for index, (path, scale) in enumerate(source.loras):
+    pipe = lora_loader(components)
+    for index, (path, scale) in enumerate(components.source.loras):
         load_lora(pipe, path, f"lora{index}")
         pipe.fuse_lora(lora_scale=scale, adapter_names=[f"lora{index}"])
         pipe.unload_lora_weights()
@@ -151,7 +160,7 @@ def applied_loras(components: Components, unet: nn.Module, loras: tuple[tuple[Pa
         yield
         return
     module = getattr(unet, "_orig_mod", unet)  # the module itself under --compile
-    pipe = lora_loader(components.tokenizer, components.text_encoder, components.vae, module, components.scheduler)
+    pipe = lora_loader(components, module)
     names = [f"edit{index}" for index in range(len(loras))]
     try:
         for name, (path, _) in zip(names, loras, strict=True):

@@ -25,6 +25,7 @@ from tavcli.settings.config import DEFAULT_MODEL
 __all__ = ["COMPONENTS", "OFFLINE_HINT", "resolve_model", "variant_of", "weight_files"]
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # beside those, in an SDXL folder
 
 
 WEIGHTED = ("unet", "vae", "text_encoder")  # the parts with weights (and weight variants)
@@ -81,7 +82,7 @@ def _local_model(path: Path, variant: str | None, prefer_fp16: bool) -> ModelSou
     if missing:
         raise TavError(f"{path} is not a diffusers Stable Diffusion folder (missing {', '.join(missing)})")
     chosen = _variant(str(path), variant, prefer_fp16, lambda wanted: _has_weights(folder, wanted))
-    files = (p for part in COMPONENTS for p in (folder / part).rglob("*") if p.is_file())
+    files = (p for part in (*COMPONENTS, *SDXL_COMPONENTS) for p in (folder / part).rglob("*") if p.is_file())
     name = ModelSpec(str(folder), variant=chosen).name
     return ModelSource(name=name, folder=folder, revision=f"sha256-{files_sha256(folder, files)}")
 
@@ -97,8 +98,10 @@ def _hub_model(spec: ModelSpec, allow_pickle: bool, prefer_fp16: bool) -> ModelS
     )
 
     def fetch(variant: str | None) -> Path:
-        patterns = ["model_index.json", *(f"{part}/*.json" for part in COMPONENTS), "tokenizer/*.txt"]
-        patterns += [f"{part}/{name}" for part in WEIGHTED for name in weight_files(part, allow_pickle, variant)]
+        parts = (*COMPONENTS, *SDXL_COMPONENTS)  # patterns matching nothing fetch nothing
+        patterns = ["model_index.json", *(f"{part}/*.json" for part in parts), "tokenizer*/*.txt"]
+        weighted = (*WEIGHTED, "text_encoder_2")
+        patterns += [f"{part}/{name}" for part in weighted for name in weight_files(part, allow_pickle, variant)]
         offline = local_only()
         return Path(
             snapshot_download(spec.base, revision=spec.revision, allow_patterns=patterns, local_files_only=offline)
@@ -132,8 +135,9 @@ def _variant(model: str, asked: str | None, prefer_fp16: bool, available: Callab
 
 
 def _has_weights(folder: Path, variant: str) -> bool:
-    """Whether every weighted part of a model folder has `variant` weights."""
-    return all(any(any((folder / part).glob(name)) for name in weight_files(part, False, variant)) for part in WEIGHTED)
+    """Whether every weighted part of a model folder (SDXL's second text encoder too) has `variant` weights."""
+    parts = (*WEIGHTED, *(["text_encoder_2"] if (folder / "text_encoder_2").is_dir() else []))
+    return all(any(any((folder / part).glob(name)) for name in weight_files(part, False, variant)) for part in parts)
 
 
 def variant_of(source: ModelSource) -> str | None:
@@ -149,8 +153,9 @@ def weight_files(part: str, allow_pickle: bool = False, variant: str | None = No
     Hub repositories hold several variants (`.fp16`, `non_ema`); these patterns download and count
     only those that are loaded.
     """
-    safe = "model" if part == "text_encoder" else "diffusion_pytorch_model"
-    pickled = "pytorch_model" if part == "text_encoder" else "diffusion_pytorch_model"
+    text = part.startswith("text_encoder")
+    safe = "model" if text else "diffusion_pytorch_model"
+    pickled = "pytorch_model" if text else "diffusion_pytorch_model"
     kinds = [(safe, "safetensors"), *([(pickled, "bin")] if allow_pickle else [])]
     infix = f".{variant}" if variant else ""
     return [f"{stem}{infix}{shard}.{suffix}" for stem, suffix in kinds for shard in ("", "-*")]

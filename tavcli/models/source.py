@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: importing them would load torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 __all__ = ["Components", "ModelSource", "quiet_libraries"]
 
@@ -22,6 +22,7 @@ class ModelSource:
     folder: Path
     revision: str  # hub commit, or a content hash of a local folder's weights (and of its LoRAs)
     loras: tuple[tuple[Path, float], ...] = ()  # fused into the base weights when loaded, in order
+    vae: Path | None = None  # a diffusers VAE folder loaded instead of the model's own (`--vae`)
 
     @property
     def identity(self) -> dict[str, str]:
@@ -35,7 +36,9 @@ class ModelSource:
 
 @dataclass
 class Components:
-    """The loaded parts of a Stable Diffusion model (the UNet still 2D)."""
+    """The loaded parts of a Stable Diffusion model (the UNet still 2D); SDXL's second tokenizer and text encoder
+    where the model has them, and whether it conditions the empty prompt on zeros (SDXL's
+    `force_zeros_for_empty_prompt`)."""
 
     source: ModelSource
     tokenizer: CLIPTokenizer
@@ -43,6 +46,13 @@ class Components:
     vae: AutoencoderKL
     unet: UNet2DConditionModel
     scheduler: DDIMScheduler
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    zero_empty_prompt: bool = False
+
+    @property
+    def text_encoders(self) -> list[CLIPTextModel | CLIPTextModelWithProjection]:
+        return [self.text_encoder] if self.text_encoder_2 is None else [self.text_encoder, self.text_encoder_2]
 
 
 def quiet_libraries() -> None:

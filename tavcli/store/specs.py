@@ -33,9 +33,7 @@ class LoraIdentity(TypedDict):
     scale: float
 
 
-class ClipFacts(TypedDict):
-    """A latents entry's clip: the file, its frame rate (a fraction, as text) and the frames taken."""
-
+class _ClipFacts(TypedDict):
     path: str
     fps: str
     frames: int
@@ -44,6 +42,13 @@ class ClipFacts(TypedDict):
     width: int
     height: int
     resize: ResizeMode
+
+
+class ClipFacts(_ClipFacts, total=False):
+    """A latents entry's clip: the file, its frame rate (a fraction, as text) and the frames taken; SDXL's six
+    size numbers (`tavcli.method.conditioning.SizeConditioning`) in entries made since SDXL came."""
+
+    size_conditioning: list[int]
 
 
 class SelectionSpec(TypedDict):

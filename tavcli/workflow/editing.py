@@ -42,6 +42,7 @@ from tavcli.workflow.session import (
     prompt_embeddings,
     recorded_frames,
     resolve_tune,
+    size_time_ids,
     source_frames,
 )
 
@@ -244,7 +245,7 @@ def _guide(
         maps = read_clip(control.video, *recorded_frames(clip)).frames
     else:
         maps = canny_maps(source_frames(session, latents, clip))
-    return ControlGuide(controlnet, maps, control.scale)
+    return ControlGuide(controlnet, maps, control.scale, size_time_ids(clip))
 
 
 def edit_from_sidecar(session: Session, recorded: RecordedEdit, *, force: bool = False) -> list[Artifact]:

@@ -15,6 +15,7 @@ from diffusers import UNet2DConditionModel
 
 from tavcli.errors import TavError
 from tavcli.media.video import read_clip
+from tavcli.method.conditioning import SizeConditioning
 from tavcli.method.low_rank import add_low_rank_adapters, load_low_rank, merge_low_rank, temporal_init_digest
 from tavcli.method.vae import decode_latents, encode_clip
 from tavcli.method.video_unet import VideoUNet, inflate_unet
@@ -39,6 +40,7 @@ __all__ = [
     "prompt_embeddings",
     "recorded_frames",
     "resolve_tune",
+    "size_time_ids",
     "source_frames",
 ]
 
@@ -108,7 +110,7 @@ class Session:
             loaded = load_components(source, self.runtime.device, self.runtime.dtype, self.allow_pickle)
             self._components[source.identity_key] = loaded
         components = self._components[source.identity_key]
-        for module in (components.vae, components.text_encoder):
+        for module in (components.vae, *components.text_encoders):
             if module.device != self.runtime.device:
                 module.to(self.runtime.device)
         return components
@@ -147,8 +149,8 @@ class Session:
         if self.runtime.device.type != "cuda":
             return
         components = self.model(name)
-        components.vae.to("cpu")
-        components.text_encoder.to("cpu")
+        for module in (components.vae, *components.text_encoders):
+            module.to("cpu")
         torch.cuda.empty_cache()
 
     def release(self, name: str) -> None:
@@ -169,7 +171,8 @@ class Session:
         if tune_entry.key not in self._tuned:
             self._tuned.clear()  # one tuned UNet at a time (~0.3 GB each at SD 1.5 size): previews and jobs move on
             spec, held = tune_entry.spec, self.sampling_unet(meta["model"]["model"])
-            unet = inflate_unet(held, frame_norm=spec["frame_norm"], seed=spec.get("seed"))
+            time_ids = size_time_ids(meta["clip"])
+            unet = inflate_unet(held, frame_norm=spec["frame_norm"], seed=spec.get("seed"), time_ids=time_ids)
             delta = tune_entry.tensors(self.runtime.device)
             if spec.get("rank"):
                 _apply_low_rank(unet, delta, spec["rank"], meta.get("temporal_init"), tune_entry.path)
@@ -255,12 +258,19 @@ def encode_latents(
                 "width": size.width,
                 "height": size.height,
                 "resize": size.resize,
+                "size_conditioning": [*frames.original, *frames.crop_top_left, size.height, size.width],
             }
         }
         entry.save({"mean": mean, "std": std}, facts)
 
     cached = project.produce(entry, compute, force)
     return Artifact("latents", entry.key, entry.path, cached, time.perf_counter() - started)
+
+
+def size_time_ids(clip: ClipFacts) -> torch.Tensor | None:
+    """SDXL's size numbers for a clip, as its latents entry recorded them (None where it recorded none)."""
+    recorded = clip.get("size_conditioning")
+    return None if recorded is None else SizeConditioning.of(recorded).time_ids()
 
 
 def recorded_frames(clip: ClipFacts) -> tuple[FrameSelection, FrameSize]:

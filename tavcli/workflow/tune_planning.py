@@ -10,6 +10,7 @@ import torch
 
 from tavcli.files.hashing import file_sha256
 from tavcli.media.video import probe
+from tavcli.method.conditioning import pooled_width
 from tavcli.method.low_rank import add_low_rank_adapters
 from tavcli.method.memory import card_fits, check_fits, probe_tune, tune_estimate
 from tavcli.method.video_unet import VideoUNet, inflate_unet
@@ -83,8 +84,11 @@ def tune_plan(session: Session, request: TuneRequest, *, force: bool = False, me
     }
     if not memory:
         return plan
+    base = session.model_to_train(resolved.source.name).unet
+    # The probe's memory does not depend on SDXL's size numbers, which the clip gives once it is read.
+    time_ids = torch.zeros(6) if pooled_width(base.config) is not None else None
     with torch.random.fork_rng(devices=[]):
-        unet = inflate_unet(session.model_to_train(resolved.source.name).unet, frame_norm=request.settings.frame_norm)
+        unet = inflate_unet(base, frame_norm=request.settings.frame_norm, time_ids=time_ids)
         if settings.rank:
             add_low_rank_adapters(unet, settings.rank)  # so only the adapters count as trained
     frames, checkpointing, precision = (

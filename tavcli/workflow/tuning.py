@@ -32,7 +32,7 @@ from tavcli.workflow.keys import (
 )
 from tavcli.workflow.remedies import naming_remedies
 from tavcli.workflow.rendering import render_preview_sheet, score_edit
-from tavcli.workflow.session import Artifact, Session, encode_latents, prompt_embeddings
+from tavcli.workflow.session import Artifact, Session, encode_latents, prompt_embeddings, size_time_ids
 from tavcli.workflow.tune_planning import ResolvedTune, check_memory, resolve_request, tune_entry_of
 
 if TYPE_CHECKING:  # metrics loads CLIP's image processing, which only --eval needs
@@ -190,7 +190,8 @@ def _train(
     runtime, settings = session.runtime, request.settings
     source, project = resolved.source, resolved.project
     components = session.model_to_train(source.name)
-    unet = inflate_unet(components.unet, frame_norm=settings.frame_norm, seed=settings.seed)
+    time_ids = size_time_ids(resolved.latents.meta()["clip"])
+    unet = inflate_unet(components.unet, frame_norm=settings.frame_norm, seed=settings.seed, time_ids=time_ids)
     initial = temporal_init_digest(unet)
     resume = _resume_point(session, checkpoints, settings.steps, force)
     if resume is not None and resume.step == settings.steps:
