@@ -149,6 +149,8 @@ def _job(name: str, where: str, data: dict[str, Any], base: Path, context: Batch
             tune[key] = _model_name(tune[key], base)
     if "lora" in tune:
         tune["lora"] = _loras(tune["lora"], base, Names(""))
+    if "vae" in tune:
+        tune["vae"] = str(_path(tune["vae"], base))
     edit = dict(fields.get("edit", {}))
     for key in ("out", "control_video"):
         if key in edit:
@@ -215,10 +217,10 @@ def check_frames(job: Job) -> None:
 
 
 def _job_model(tune: dict[str, Any], context: BatchContext) -> str:
-    """The job's model name, with its model config, LoRAs, revision and variant (as `tav tune` builds it)."""
+    """The job's model name, with its model config, LoRAs, revision, variant and VAE (as `tav tune` builds it)."""
     base, loras = str(tune.get("model", context.model)), list(tune.get("lora", ()))
     config, revision, variant = tune.get("model_config"), tune.get("revision"), tune.get("variant")
-    return model_name(base, config, loras, context.model_config, revision, variant)
+    return model_name(base, config, loras, context.model_config, revision, variant, tune.get("vae"))
 
 
 def _confine(field: str, path: Path | None, root: Path | None) -> None:

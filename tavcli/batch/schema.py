@@ -37,6 +37,7 @@ OTHER_FIELDS: dict[str, tuple[Any, str, str]] = {
     "model_config": (StrictStr, "a string", "as tav tune --model-config"),
     "revision": (StrictStr, "a string", "as tav tune --revision"),
     "variant": (StrictStr, "a string", "as tav tune --variant"),
+    "vae": (StrictStr, "a string", "as tav tune --vae, relative to the batch file"),
     "lora": (
         list[StrictStr],
         'a list like ["style.safetensors:0.8"]',
@@ -56,6 +57,7 @@ TUNE_ONLY = (
     "model_config",
     "revision",
     "variant",
+    "vae",
     "lora",
     "project",
     "force",

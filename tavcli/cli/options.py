@@ -254,6 +254,17 @@ VariantOpt = Annotated[
         show_default=False,
     ),
 ]
+VaeOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--vae",
+        metavar="PATH",
+        help="A VAE to use instead of the model's own: a diffusers VAE folder or a .safetensors file "
+        "(e.g. SDXL's fp16-fixed VAE). Part of the model's identity, so edits of the tune use it too.",
+        rich_help_panel=MODEL,
+        show_default=False,
+    ),
+]
 AllowPickleOpt = Annotated[
     bool,
     typer.Option(

@@ -25,15 +25,19 @@ def settings(project: Path | None, **flags: str | None) -> dict[str, Setting]:
 
 
 def model_for(
-    chosen: dict[str, Setting], loras: Sequence[str] = (), revision: str | None = None, variant: str | None = None
+    chosen: dict[str, Setting],
+    loras: Sequence[str] = (),
+    revision: str | None = None,
+    variant: str | None = None,
+    vae: str | None = None,
 ) -> str:
-    """The model a command tunes: --model with --model-config, --lora, --revision and --variant folded in."""
+    """The model a command tunes: --model with --model-config, --lora, --revision, --variant and --vae folded in."""
     from tavcli.models.names import model_name
 
     base, config = chosen["model"].value or "", chosen["model_config"]
     if config.source == "flag":
-        return model_name(base, config.value, loras, revision=revision, variant=variant)
-    return model_name(base, loras=loras, default_config=config.value, revision=revision, variant=variant)
+        return model_name(base, config.value, loras, revision=revision, variant=variant, vae=vae)
+    return model_name(base, loras=loras, default_config=config.value, revision=revision, variant=variant, vae=vae)
 
 
 def session(chosen: dict[str, Setting], allow_pickle: bool, compile_unet: bool = False) -> Session:

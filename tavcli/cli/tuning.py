@@ -28,6 +28,7 @@ from tavcli.cli.options import (
     PrecisionOpt,
     QuietOpt,
     RevisionOpt,
+    VaeOpt,
     VariantOpt,
     declared,
     settings_flags,
@@ -63,6 +64,7 @@ def tune(
     model_config: ModelConfigOpt = None,
     revision: RevisionOpt = None,
     variant: VariantOpt = None,
+    vae: VaeOpt = None,
     lora: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -124,7 +126,7 @@ def tune(
         clip=video,
         prompt=prompt,
         project=project_dir,
-        model=setup.model_for(chosen, lora or [], revision, variant),
+        model=setup.model_for(chosen, lora or [], revision, variant, vae),
         selection=selection,
         size=size.snapped(output.RichReporter()),
         settings=settings,

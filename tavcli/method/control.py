@@ -19,7 +19,7 @@ from tavcli.method.conditioning import split_text
 from tavcli.models.hub import local_folder, local_only, unreachable
 from tavcli.models.source import quiet_libraries
 
-__all__ = ["ControlGuide", "canny_maps", "load_controlnet", "require_opencv"]
+__all__ = ["ControlGuide", "canny_maps", "load_controlnet", "require_fits", "require_opencv"]
 
 
 def load_controlnet(name: str, device: torch.device, dtype: torch.dtype) -> ControlNetModel | T2IAdapter:
@@ -40,6 +40,24 @@ def load_controlnet(name: str, device: torch.device, dtype: torch.dtype) -> Cont
             f"cannot load the ControlNet {name!r}: {first_line(error)}", "give a local ControlNet folder"
         ) from None
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def require_fits(controlnet: ControlNetModel | T2IAdapter, unet: dict[str, Any], name: str) -> None:
+    """Refuse, in one line, a ControlNet or T2I-Adapter made for another base than the UNet's (`unet`: its config):
+    an SD 1.5 ControlNet on SDXL would fail deep inside diffusers."""
+    xl = unet.get("addition_embed_type") == "text_time"
+    if isinstance(controlnet, T2IAdapter):
+        made_for_xl = controlnet.config.adapter_type == "full_adapter_xl"
+        fits, theirs = made_for_xl == xl, "SDXL" if made_for_xl else "SD 1.x/2.x"
+    else:
+        width = controlnet.config.cross_attention_dim
+        fits, theirs = width == unet.get("cross_attention_dim"), f"{width}-wide text"
+    if not fits:
+        ours = "SDXL" if xl else f"SD with {unet.get('cross_attention_dim')}-wide text"
+        raise TavError(
+            f"the control model {name!r} was made for {theirs}, and this tune's model is {ours}",
+            "give a ControlNet or T2I-Adapter made for the tune's base model",
+        )
 
 
 def require_opencv() -> Any:

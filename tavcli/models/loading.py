@@ -42,8 +42,7 @@ def load_components(
             if second
             else None
         )
-        vae_folder = source.vae or folder / "vae"
-        vae = AutoencoderKL.from_pretrained(vae_folder, use_safetensors=safe, variant=None if source.vae else variant)
+        vae = _vae(source, safe, variant)
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=safe, variant=variant)
         scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
     except (OSError, ValueError) as error:
@@ -68,6 +67,17 @@ def load_components(
     vae.to(device=device, dtype=torch.float32 if upcast else dtype)
     unet.to(device=device)
     return components
+
+
+def _vae(source: ModelSource, safe: bool | None, variant: str | None) -> AutoencoderKL:
+    """The model's VAE, or the one `--vae` names: a diffusers folder, or a single file read with the model's own
+    VAE config (a file holds no config)."""
+    if source.vae is None:
+        return AutoencoderKL.from_pretrained(source.folder / "vae", use_safetensors=safe, variant=variant)
+    if source.vae.is_dir():
+        return AutoencoderKL.from_pretrained(source.vae, use_safetensors=safe)
+    vae: AutoencoderKL = AutoencoderKL.from_single_file(str(source.vae), config=str(source.folder / "vae"))
+    return vae
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
-"""The model name a tune records: `BASE[|revision=REV][|variant=V][|config=CONFIG][|lora=PATH:SCALE]...`.
+"""The model name a tune records: `BASE[|revision=REV][|variant=V][|config=CONFIG][|vae=VAE][|lora=PATH:SCALE]...`.
 
-`--model`, `--revision`, `--variant`, `--model-config` and each `--lora` fold into one string,
+`--model`, `--revision`, `--variant`, `--model-config`, `--vae` and each `--lora` fold into one string,
 stored in the tune, so that `tav edit` loads exactly the model the tune was trained on (a variant
 chosen when loading is folded in too). This module imports no torch, so batch files are checked
 quickly.
@@ -30,11 +30,12 @@ __all__ = [
     "model_name",
     "parse_model_name",
     "split_lora",
+    "vae_path",
 ]
 
 CONFIG_MARK = "|config="
 LORA_MARK = "|lora="
-MARKS = ("revision", "variant", "config")  # `|KEY=VALUE` after the base, in this order, then the LoRAs
+MARKS = ("revision", "variant", "config", "vae")  # `|KEY=VALUE` after the base, in this order, then the LoRAs
 # Single-file checkpoints by suffix; all but .safetensors are pickles (loading one can run code).
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -49,6 +50,7 @@ class ModelSpec:
     loras: tuple[tuple[Path, float], ...] = ()  # fused into the base weights, in order
     revision: str | None = None  # a hub model's branch, tag or commit
     variant: str | None = None  # weights variant ("fp16"), NO_VARIANT, or None: decided when loading
+    vae: str | None = None  # a VAE folder or .safetensors file loaded instead of the model's own
 
     @property
     def name(self) -> str:
@@ -107,8 +109,10 @@ def model_name(
     default_config: str | None = None,
     revision: str | None = None,
     variant: str | None = None,
+    vae: str | None = None,
 ) -> str:
-    """The name that carries `--model-config`, `--lora PATH[:SCALE]`, `--revision` and `--variant` with `--model`.
+    """The name that carries `--model-config`, `--lora PATH[:SCALE]`, `--revision`, `--variant` and `--vae` with
+    `--model`.
 
     `config` was asked for (an error for a model that is no single file); `default_config` comes
     from settings and only concerns single files.
@@ -130,7 +134,24 @@ def model_name(
     for given in loras:
         file, scale = lora_path(given)
         fused.append((file.resolve(), scale))
-    return ModelSpec(base, config or None, tuple(fused), revision or None, variant or None).name
+    vae = str(vae_path(vae)) if vae else None
+    return ModelSpec(base, config or None, tuple(fused), revision or None, variant or None, vae).name
+
+
+def vae_path(given: str) -> Path:
+    """`--vae`: a diffusers VAE folder (with its config.json) or a .safetensors file, made absolute."""
+    path = Path(given).expanduser().resolve()
+    hint = "give a diffusers VAE folder (config.json and weights) or a VAE .safetensors file"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TavError(f"--vae {given}: no config.json in that folder", hint)
+        return path
+    if not path.exists():
+        raise TavError(f"--vae {given}: no such folder or file", hint)
+    require_regular_file(path, "VAE file", hint)
+    if path.suffix.lower() != ".safetensors":
+        raise TavError(f"--vae {given}: not a .safetensors file", hint)
+    return path
 
 
 def parse_model_name(name: str) -> ModelSpec:
@@ -139,4 +160,6 @@ def parse_model_name(name: str) -> ModelSpec:
     base, *marks = head.split("|")
     fields = dict(mark.partition("=")[::2] for mark in marks)
     fused = tuple((Path(path), scale) for path, scale in map(split_lora, loras))
-    return ModelSpec(base, fields.get("config"), fused, fields.get("revision"), fields.get("variant"))
+    return ModelSpec(
+        base, fields.get("config"), fused, fields.get("revision"), fields.get("variant"), fields.get("vae")
+    )

@@ -46,6 +46,17 @@ def resolve_model(
     edits load it too. A name without a variant loads the main weights.
     """
     spec = parse_model_name(name)
+    if spec.vae is not None:  # the base model, then its VAE swapped: part of the identity
+        plain = ModelSpec(spec.base, spec.config, spec.loras, spec.revision, spec.variant)
+        base = resolve_model(plain.name, allow_pickle, note, prefer_fp16)
+        vae = Path(spec.vae)
+        if not vae.exists():
+            raise TavError(f"the VAE {vae} is gone", "tune again with --vae pointing at it")
+        files = [f for f in vae.rglob("*") if f.is_file()] if vae.is_dir() else [vae]
+        revision = f"{base.revision}+vae-{files_sha256(vae if vae.is_dir() else vae.parent, files)[:16]}"
+        chosen = parse_model_name(base.name)
+        name = ModelSpec(chosen.base, chosen.config, chosen.loras, chosen.revision, chosen.variant, spec.vae).name
+        return ModelSource(name=name, folder=base.folder, revision=revision, loras=base.loras, vae=vae)
     if spec.loras:
         plain = ModelSpec(spec.base, spec.config, (), spec.revision, spec.variant)
         base = resolve_model(plain.name, allow_pickle, note, prefer_fp16)

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from tavcli.errors import TavError
+from tavcli.files.reading import read_json
 from tavcli.media.video import read_clip
 from tavcli.method.attention_control import controlling
-from tavcli.method.control import ControlGuide, canny_maps, load_controlnet, require_opencv
+from tavcli.method.control import ControlGuide, canny_maps, load_controlnet, require_fits, require_opencv
 from tavcli.method.sampling import ddim_sample
 from tavcli.method.windows import windowed
 from tavcli.models.lora import applied_loras
@@ -115,7 +116,9 @@ def plan_edit(session: Session, request: EditRequest, *, force_inversion: bool =
         tune_entry = kept_tune(project, tune_entry, request.tune_step)
     needed = inversion_needed(project, tune_entry, request)
     request.attention.check_source(needed.prompt)  # before any model loads (no words: nothing to check)
-    controlnet = _controlnet(session, request.control)  # before any inversion: what is missing fails at once
+    controlnet = _controlnet(
+        session, request.control, tune_entry
+    )  # before any inversion: what is missing fails at once
     inverted = None
     if needed.current:
         inversion = current_inversion(session, project, tune_entry, needed.steps)
@@ -225,11 +228,14 @@ def _sample_group(session: Session, plan: EditPlan, group: list[str], settings: 
     return computed
 
 
-def _controlnet(session: Session, control: ControlSpec | None) -> Any:
-    """The control's model, loaded, and OpenCV checked where canny maps of the source are needed."""
+def _controlnet(session: Session, control: ControlSpec | None, tune: Entry) -> Any:
+    """The control's model, loaded and checked against the tune's base model, and OpenCV checked where canny maps
+    of the source are needed."""
     if control is None:
         return None
     controlnet = load_controlnet(control.model, session.runtime.device, session.runtime.dtype)
+    model = session.source(tune.meta()["model"]["model"])
+    require_fits(controlnet, read_json(model.folder / "unet" / "config.json"), control.model)
     if control.video is None:
         require_opencv()
     return controlnet

@@ -76,6 +76,7 @@ def _reproduce(session: Session, plan: EditPlan, request: EditRequest, prompt: s
     tune_cmd += [] if model.config is None else ["--model-config", model.config]
     tune_cmd += [] if model.revision is None else ["--revision", model.revision]
     tune_cmd += [] if model.variant is None else ["--variant", model.variant]
+    tune_cmd += [] if model.vae is None else ["--vae", model.vae]
     tune_cmd += [part for path, scale in model.loras for part in ("--lora", f"{path}:{scale}")]
     tune_cmd += [*_tune_flags(clip, tune), *_numerics(tune, meta.get("device")), *trust]
     frames = [] if request.frames.tuned else _frame_flags(request, plan.clip)
