@@ -158,3 +158,17 @@ def test_a_half_precision_run_keeps_a_force_upcast_vae_in_float32(sdxl: Path) ->
     components = load_components(ModelSource("sdxl", sdxl, "test"), torch.device("cpu"), torch.float16)
     assert components.vae.dtype == torch.float32 and components.text_encoder_2 is not None
     assert components.text_encoder_2.dtype == torch.float16
+
+
+def test_sdxl_takes_its_own_defaults_where_the_flags_say_nothing(sdxl: Path, run_tav: RunTav, tmp_path: Path) -> None:
+    """The paper's 24 frames do not fit a 24 GB card on SDXL: its own defaults are 6 frames, checkpointed."""
+    tune: list[str | Path] = ["tune", CLIP, "a man is skiing", "--model", sdxl, "-p", tmp_path / "d.tav", "--dry-run"]
+    code, out, err = run_tav(*tune)
+    assert code == 0, err
+    assert "SDXL model: --frames 6, --gradient-checkpointing by default" in err
+    plan = json.loads(out.splitlines()[0])
+    assert "6 frames at 512x512" in plan["memory"]["summary"] and "gradient checkpointing" in plan["memory"]["summary"]
+    code, out, err = run_tav(*tune, "--frames", "3", "--no-gradient-checkpointing")
+    assert code == 0 and "by default" not in err, err
+    summary = json.loads(out.splitlines()[0])["memory"]["summary"]
+    assert "3 frames at 512x512" in summary and "checkpointing" not in summary

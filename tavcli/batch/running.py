@@ -17,7 +17,6 @@ from tavcli import workflow
 from tavcli.batch.jobs import Job, JobProblem
 from tavcli.errors import TavError, first_line, interruption
 from tavcli.models.names import split_lora
-from tavcli.progress import Reporter
 from tavcli.settings.attention import AttentionSettings
 from tavcli.settings.config import DEFAULT_CLIP_MODEL
 from tavcli.settings.declared import Names
@@ -98,17 +97,19 @@ def _failure(name: str, kind: str, message: str, seconds: float) -> dict[str, An
     }
 
 
-def _tune_request(job: Job, reporter: Reporter) -> TuneRequest:
-    """The job's tune as `tav tune` would make it from the same options, by name."""
-    return TuneRequest(
+def _tune_request(job: Job, session: Session) -> TuneRequest:
+    """The job's tune as `tav tune` would make it from the same options, by name (the model's own defaults for
+    those the job leaves out)."""
+    request = TuneRequest(
         clip=job.clip,
         prompt=job.prompt,
         project=job.project,
         model=job.model,
         selection=FrameSelection.named(job.tune),
-        size=FrameSize.named(job.tune).snapped(reporter),
+        size=FrameSize.named(job.tune).snapped(session.reporter),
         settings=TuneSettings.named(job.tune),
     )
+    return workflow.with_model_defaults(session, request, given=set(job.tune))
 
 
 def _preview(job: Job) -> Preview | None:
@@ -168,7 +169,7 @@ def _job_artifacts(session: Session, job: Job, stage: list[str]) -> Iterator[Art
 
         # On the CPU, as `tav tune --eval` loads it: the tune moves it to the device only while it scores.
         scorer = ClipScorer(job.tune.get("clip_model", DEFAULT_CLIP_MODEL), torch.device("cpu"))
-    tuning = _tune_request(job, session.reporter)
+    tuning = _tune_request(job, session)
     tuned = workflow.tune(session, tuning, force=force, preview=_preview(job), scorer=scorer)
     yield from tuned
     if not job.edits and not job.invert:
@@ -219,7 +220,7 @@ def _job_plan(session: Session, job: Job, stage: list[str]) -> Iterator[tuple[st
     """(kind, entry) of each entry the job's run would reuse or compute, in the run's order, as the workflow
     plans them."""
     force, runtime = bool(job.tune.get("force", False)), session.runtime
-    tune_request = _tune_request(job, session.reporter)
+    tune_request = _tune_request(job, session)
     plan = workflow.tune_plan(session, tune_request, force=force, memory=False)
     yield from (("latents", plan["latents"]), ("tune", plan["tune"]))
     tune = workflow.tune_entry(session, tune_request)

@@ -67,8 +67,10 @@ def declared(
     text = (help or option.help) + (f" [{option.bounds()}]" if numeric and option.bounds() else "")
     if option.allowed:
         metavar = metavar or "|".join(option.allowed)
+    # A switch can be turned off too: a model's own defaults may turn it on (`MODEL_DEFAULTS`).
+    flag = f"{option.flag}/--no-{option.flag[2:]}" if option.kind is bool else option.flag
     return typer.Option(
-        option.flag,
+        flag,
         *([short] if short else []),
         parser=option.parse if numeric else None,
         metavar=metavar or option.metavar,

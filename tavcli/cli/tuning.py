@@ -34,6 +34,7 @@ from tavcli.cli.options import (
     settings_flags,
 )
 from tavcli.errors import TavError
+from tavcli.settings.option import Option
 from tavcli.settings.options import TUNE
 from tavcli.settings.tuning import FrameSelection, FrameSize, TuneRequest, TuneSettings, preview_choice
 
@@ -53,6 +54,7 @@ def _shown_default(name: str) -> str:
 @settings_flags("selection", TUNE, FRAMES)
 @settings_flags("settings", TUNE, TRAINING, panels=TUNE_PANELS)
 def tune(
+    context: typer.Context,
     video: Annotated[
         Path, typer.Argument(help="The clip: mp4, mov, webm, mkv or gif.", metavar="VIDEO", show_default=False)
     ],
@@ -133,9 +135,10 @@ def tune(
     )
     probe(video, request.selection)  # a bad or short clip is reported before anything heavy loads
     session = setup.session(chosen, allow_pickle, compile_unet)
-    if dry_run:
-        from tavcli.workflow.tune_planning import tune_plan
+    from tavcli.workflow.tune_planning import tune_plan, with_model_defaults
 
+    request = with_model_defaults(session, request, given=_given(context, TUNE))
+    if dry_run:
         plan = tune_plan(session, request, force=force)
         output.print_record(plan)
         state = "cached" if plan["tune"]["cached"] else f"to train (from step {plan['tune']['resume_from'] or 0})"
@@ -163,6 +166,16 @@ def tune(
     tuned = next(artifact for artifact in reversed(artifacts) if artifact.kind == "tune").details
     delta, unet = tuned["delta_bytes"], tuned["base_unet_bytes"]
     output.show(f"delta {delta / 1e6:.2f} MB, {_against(delta, unet)}")
+
+
+def _given(context: typer.Context, options: dict[str, Option]) -> set[str]:
+    """The options of `options` set on this command line (by name), not left at their defaults."""
+
+    def given(option: Option) -> bool:
+        source = context.get_parameter_source(option.attribute)
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    return {name for name, option in options.items() if given(option)}
 
 
 def _against(delta: int, unet: int) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 from tavcli.errors import TavError
 from tavcli.files.reading import read_json
 
-__all__ = ["require_supported"]
+__all__ = ["model_family", "require_supported"]
 
 # A UNet's extra input channels beside the 4 latent ones, by what they are for.
 _EXTRA_CHANNELS = {
@@ -35,6 +35,11 @@ def require_supported(folder: Path, name: str) -> None:
             f"{name} is {what}: tavcli tunes and edits text-to-image SD 1.x, 2.x and SDXL models",
             "e.g. CompVis/stable-diffusion-v1-4",
         )
+
+
+def model_family(folder: Path) -> str:
+    """`sdxl` for an SDXL model (its UNet takes pooled text and size numbers), else `sd` (SD 1.x and 2.x)."""
+    return "sdxl" if _config(folder / "unet" / "config.json").get("addition_embed_type") == "text_time" else "sd"
 
 
 def _unsupported(unet: dict[str, Any], index: dict[str, Any]) -> str | None:

@@ -21,7 +21,7 @@ from tavcli.choices import (
 from tavcli.settings.attention_options import ATTENTION
 from tavcli.settings.option import Option, OptionError
 
-__all__ = ["EDIT", "GIF_MAX_FPS", "GUIDANCE", "INVERT", "SELECTION", "TUNE", "check_rate"]
+__all__ = ["EDIT", "GIF_MAX_FPS", "GUIDANCE", "INVERT", "MODEL_DEFAULTS", "SELECTION", "TUNE", "check_rate"]
 
 # GIF frame delays are whole hundredths of a second, and players stretch a delay below 2 to 10.
 GIF_MAX_FPS = 50.0
@@ -36,7 +36,9 @@ MIN_SIDE, MAX_SIDE = 8, 4096  # pixels: one latent pixel; beyond any SD model's 
 TUNE = {
     option.name: option
     for option in (
-        Option("--frames", int, 24, "Number of frames to tune on (at most what the clip has).", low=1),
+        Option(
+            "--frames", int, 24, "Number of frames to tune on (at most what the clip has; SDXL: 6 by default).", low=1
+        ),
         Option("--stride", int, 2, "Take every S-th frame.", low=1),
         Option("--start", int, 0, "First frame (0-based).", low=0),
         Option(
@@ -105,7 +107,7 @@ TUNE = {
             "--gradient-checkpointing",
             bool,
             False,
-            "Trade compute for memory (same results).",
+            "Trade compute for memory (same results; on by default for SDXL).",
             keyed=False,
         ),
         Option(
@@ -151,6 +153,12 @@ TUNE = {
 def _ddim_steps(help: str) -> Option:
     return Option("--steps", int, 50, help, low=1, high=DDIM_MAX_STEPS, why="50 is the usual choice")
 
+
+# A model family's own defaults for the tune options its flags leave unset (`tavcli.models.families.model_family`),
+# where the paper's (24 frames at 512x512) do not fit a 24 GB card: SDXL trains 8.3x SD 1.5's tensors on a
+# 2.6B-parameter UNet, and the pre-flight fits it 6 frames at 512x512 in half precision with gradient
+# checkpointing, which computes the same numbers (docs/performance.md, "SDXL memory").
+MODEL_DEFAULTS: dict[str, dict[str, object]] = {"sdxl": {"frames": 6, "gradient_checkpointing": True}}
 
 # Which frames `tav invert` and `tav edit` work on: any number, not only the tuned ones (long clips).
 SELECTION = {

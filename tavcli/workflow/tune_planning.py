@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -14,9 +15,12 @@ from tavcli.method.conditioning import pooled_width
 from tavcli.method.low_rank import add_low_rank_adapters
 from tavcli.method.memory import card_fits, check_fits, probe_tune, tune_estimate
 from tavcli.method.video_unet import VideoUNet, inflate_unet
+from tavcli.models.families import model_family
 from tavcli.models.source import ModelSource
 from tavcli.runtime import Runtime
+from tavcli.settings.declared import named_fields
 from tavcli.settings.inputs import require_folder, require_prompt
+from tavcli.settings.options import MODEL_DEFAULTS, TUNE
 from tavcli.settings.tuning import TuneRequest, TuneSettings
 from tavcli.store.checkpoints import Checkpoints
 from tavcli.store.entry import Entry
@@ -25,7 +29,15 @@ from tavcli.workflow.keys import latents_entry, tune_run, tune_spec
 from tavcli.workflow.remedies import settings_that_fit
 from tavcli.workflow.session import Session
 
-__all__ = ["ResolvedTune", "check_memory", "resolve_request", "tune_entry", "tune_entry_of", "tune_plan"]
+__all__ = [
+    "ResolvedTune",
+    "check_memory",
+    "resolve_request",
+    "tune_entry",
+    "tune_entry_of",
+    "tune_plan",
+    "with_model_defaults",
+]
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,22 @@ class ResolvedTune:
     source: ModelSource
     project: Project
     latents: Entry
+
+
+def with_model_defaults(session: Session, request: TuneRequest, given: Collection[str]) -> TuneRequest:
+    """`request` with its model family's own defaults (`MODEL_DEFAULTS`, by `tav tune` option name) for the
+    options not in `given`, said in a note; unchanged for a family that has none (SD 1.x and 2.x)."""
+    family = model_family(session.source(request.model, choose_variant=True).folder)
+    chosen = {name: value for name, value in MODEL_DEFAULTS.get(family, {}).items() if name not in given}
+    if not chosen:
+        return request
+    parts = {"selection": request.selection, "size": request.size, "settings": request.settings}
+    defaulted = {part: replace(value, **named_fields(type(value), TUNE, chosen)) for part, value in parts.items()}
+    listed = ", ".join(
+        TUNE[name].flag if value is True else f"{TUNE[name].flag} {value}" for name, value in chosen.items()
+    )
+    session.reporter.note(f"{family.upper()} model: {listed} by default (what fits a 24 GB card; flags choose others)")
+    return replace(request, **defaulted)
 
 
 def resolve_request(session: Session, request: TuneRequest) -> ResolvedTune:
