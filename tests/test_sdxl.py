@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from tavcli.method.conditioning import pack_pooled
 from tavcli.method.video_unet import inflate_unet, trainable_parameters
@@ -149,3 +149,31 @@ def test_the_sdxl_refiner_is_told_from_the_base_by_its_configs(tmp_path: Path) -
     (tmp_path / "model_index.json").write_text(json.dumps(refiner))
     with pytest.raises(TavError, match=r"^refiner is the SDXL refiner \(its UNet also takes an aesthetic score\)"):
         require_supported(tmp_path, "refiner")
+
+
+def test_a_training_step_on_sdxl_moves_the_papers_set_and_nothing_else(sdxl: Path) -> None:
+    """One AdamW step of `train_delta` on the narrow SDXL, its text packed with the pooled row and the clip's size
+    numbers held by the UNet: every attention query of all 70 blocks and the temporal output projections move
+    (those start at zero: the rest of each temporal attention only gets gradient once they are not), and no
+    other weight, the frozen 2D UNet included, changes."""
+    from tavcli.method.training import TrainingRun, train_delta
+    from tavcli.runtime import Runtime
+
+    unet = UNet2DConditionModel.from_pretrained(sdxl / "unet")
+    frozen = {name: value.clone() for name, value in unet.state_dict().items()}
+    with torch.random.fork_rng(devices=[]):
+        video = inflate_unet(unet, seed=0, time_ids=TIME_IDS)
+    before = {name: value.clone() for name, value in video.state_dict().items()}
+    generator = torch.Generator().manual_seed(4)
+    mean, std = torch.randn(1, 4, 2, 8, 8, generator=generator), torch.rand(1, 4, 2, 8, 8, generator=generator)
+    text = pack_pooled(torch.randn(1, 77, 96, generator=generator), torch.randn(1, 64, generator=generator))
+    run = TrainingRun(steps=1, learning_rate=1e-3)
+    train_delta(
+        video, DDIMScheduler(), mean, std, 0.13025, text, run, Runtime(torch.device("cpu"), "fp32"), lambda **_: None
+    )
+    moved = {name for name, value in video.state_dict().items() if not torch.equal(value, before[name])}
+    trained = set(trainable_parameters(video))
+    queries = {name for name in trained if name.endswith(("attn1.to_q.weight", "attn2.to_q.weight"))}
+    assert len(queries) == 140 and queries <= moved <= trained
+    assert {name for name in moved if "attn_temp.to_out.0" in name} == {n for n in trained if "attn_temp.to_out.0" in n}
+    assert all(torch.equal(value, frozen[name]) for name, value in unet.state_dict().items())

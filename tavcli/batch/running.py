@@ -109,7 +109,8 @@ def _tune_request(job: Job, session: Session) -> TuneRequest:
         size=FrameSize.named(job.tune).snapped(session.reporter),
         settings=TuneSettings.named(job.tune),
     )
-    return workflow.with_model_defaults(session, request, given=set(job.tune))
+    defaulted: TuneRequest = workflow.with_model_defaults(session, request, given=set(job.tune))
+    return defaulted
 
 
 def _preview(job: Job) -> Preview | None:

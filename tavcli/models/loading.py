@@ -51,7 +51,7 @@ def load_components(
     if not any(name.endswith("attn2") for name, _ in unet.named_modules()):
         raise TavError(
             f"the UNet in {folder / 'unet'} has no cross-attention blocks: it is not a text-to-image UNet",
-            "use a Stable Diffusion 1.x/2.x model",
+            "use a Stable Diffusion 1.x, 2.x or SDXL model",
         )
     zero_empty = isinstance(index, dict) and bool(index.get("force_zeros_for_empty_prompt"))
     components = Components(

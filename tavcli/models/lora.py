@@ -1,7 +1,7 @@
 """LoRAs, all of their loading in one place: onto a model's modules as peft adapters, fused into the base
 weights of a model named with `lora=PATH:SCALE` (`fuse_loras`, before a tune), or applied to a tuned model
 for one edit (`applied_loras`); and what a file that does not fit this model says about the base it was
-made for.
+made for. A LoRA adapts the UNet and each text encoder it has weights for: SDXL's second one too.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ MISMATCH = re.compile(
 
 def lora_loader(components: Components, unet: Any | None = None) -> Any:
     """A pipeline made only to load LoRAs: diffusers' LoRA loading maps a file's keys onto these modules (`unet`
-    instead of the model's own 2D UNet where given). SDXL's pipeline reads SDXL's formats (kohya's and
-    diffusers' keys, both text encoders)."""
+    instead of the model's own 2D UNet where given). SDXL's pipeline reads SDXL's formats (kohya's `lora_unet_`,
+    `lora_te1_` and `lora_te2_` keys, and diffusers'), and loads, weighs, fuses and unloads adapters on its
+    `text_encoder_2` as on the others."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     parts = {
@@ -45,7 +46,7 @@ def lora_loader(components: Components, unet: Any | None = None) -> Any:
     }
     if components.text_encoder_2 is not None:
         return StableDiffusionXLPipeline(
-            **parts, text_encoder_2=components.text_encoder_2, tokenizer_2=components.tokenizer_2
+            **parts, text_encoder_2=components.text_encoder_2, tokenizer_2=components.tokenizer_2, add_watermarker=False
         )
     return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
@@ -131,14 +132,17 @@ def _lora_keys(path: Path, weights: str | None) -> list[str]:
 
 
 def _lora_hint(pipe: Any) -> str:
-    """Which LoRAs would fit: those of this model's base, named where its text width tells it."""
+    """Which LoRAs would fit: those of this model's base, named where its second text encoder (SDXL) or its text
+    width tells it."""
     width = getattr(pipe.unet.config, "cross_attention_dim", None)
     base = CROSS_ATTENTION_BASES.get(width) if isinstance(width, int) else None
+    base = "SDXL" if getattr(pipe, "text_encoder_2", None) is not None else base
     return f"use a LoRA made for {base} models" if base else "use a LoRA made for this model's base"
 
 
 def fuse_loras(components: Components) -> None:
-    """Fuse each LoRA into the UNet and text encoder weights with diffusers' LoRA loading (needs peft)."""
+    """Fuse each LoRA, at its scale, into the weights of the UNet and of each text encoder it has weights for
+    (SDXL's two) with diffusers' LoRA loading (needs peft); the adapters are then taken off every part."""
     pipe = lora_loader(components)
     for index, (path, scale) in enumerate(components.source.loras):
         load_lora(pipe, path, f"lora{index}")
@@ -148,13 +152,15 @@ def fuse_loras(components: Components) -> None:
 
 @contextmanager
 def applied_loras(components: Components, unet: nn.Module, loras: tuple[tuple[Path, float], ...]) -> Iterator[None]:
-    """Within the block, `unet` and `components.text_encoder` carry `loras` (path, scale), in order.
+    """Within the block, `unet` and the text encoders (`components.text_encoders`: SDXL's two) carry `loras`
+    (path, scale), in order.
 
     Styles at edit time: a tuned model's `to_q` projections are the tune's own tensors, so a LoRA fused into
     the base model before the tune's delta is loaded would lose its `to_q` part. Here the LoRAs are peft
-    adapters on the tuned video UNet (and the text encoder, when the file has text-encoder weights): each
-    adapted layer computes its own weights, tuned ones included, plus scale * B @ A. Nothing is fused, so
-    the shared base weights never change, and unloading restores the exact tuned model.
+    adapters on the tuned video UNet (and on each text encoder the file has weights for): each adapted layer
+    computes its own weights, tuned ones included, plus scale * B @ A. Nothing is fused, so the shared base
+    weights never change, and unloading (from the UNet and every text encoder, grad flags given back) restores the
+    exact tuned model.
     """
     if not loras:
         yield
@@ -162,6 +168,11 @@ def applied_loras(components: Components, unet: nn.Module, loras: tuple[tuple[Pa
     module = getattr(unet, "_orig_mod", unet)  # the module itself under --compile
     pipe = lora_loader(components, module)
     names = [f"edit{index}" for index in range(len(loras))]
+    # peft freezes every base parameter it adapts a model's layers around; unloading leaves them frozen, and CPU
+    # kernels can round differently for frozen weights, so the exact model needs its flags back too.
+    flags = [
+        (param, param.requires_grad) for part in (module, *components.text_encoders) for param in part.parameters()
+    ]
     try:
         for name, (path, _) in zip(names, loras, strict=True):
             load_lora(pipe, path, name)
@@ -169,3 +180,5 @@ def applied_loras(components: Components, unet: nn.Module, loras: tuple[tuple[Pa
         yield
     finally:
         pipe.unload_lora_weights()
+        for param, flag in flags:
+            param.requires_grad_(flag)

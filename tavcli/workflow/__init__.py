@@ -78,6 +78,7 @@ __all__ = [
     "tune_entry",
     "tune_plan",
     "tune_run",
+    "with_model_defaults",
     "tune_spec",
 ]
 

@@ -209,9 +209,8 @@ def prompt_embeddings(
     prompts: list[str],
     loras: list[LoraIdentity] | None = None,
 ) -> torch.Tensor:
-    """CLIP text embeddings of `prompts` (stacked), computed once per model, precision and prompts.
-
-    `loras` identifies edit-time LoRAs the text encoder carries now (`tavcli.models.lora.applied_loras`)."""
+    """Text embeddings of `prompts` (stacked; SDXL's with its pooled row), computed once per model, precision and
+    prompts. `loras` identifies edit-time LoRAs the text encoders carry now (`tavcli.models.lora.applied_loras`)."""
     entry = embeddings_entry(project, source, prompts, session.runtime.precision, loras)
 
     def compute() -> None:

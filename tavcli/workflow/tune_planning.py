@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -28,6 +28,8 @@ from tavcli.store.project import Project
 from tavcli.workflow.keys import latents_entry, tune_run, tune_spec
 from tavcli.workflow.remedies import settings_that_fit
 from tavcli.workflow.session import Session
+
+SettingsT = TypeVar("SettingsT")
 
 __all__ = [
     "ResolvedTune",
@@ -56,13 +58,17 @@ def with_model_defaults(session: Session, request: TuneRequest, given: Collectio
     chosen = {name: value for name, value in MODEL_DEFAULTS.get(family, {}).items() if name not in given}
     if not chosen:
         return request
-    parts = {"selection": request.selection, "size": request.size, "settings": request.settings}
-    defaulted = {part: replace(value, **named_fields(type(value), TUNE, chosen)) for part, value in parts.items()}
+
+    def defaulted(settings: SettingsT) -> SettingsT:
+        changed: SettingsT = replace(cast(Any, settings), **named_fields(type(settings), TUNE, chosen))
+        return changed
+
     listed = ", ".join(
         TUNE[name].flag if value is True else f"{TUNE[name].flag} {value}" for name, value in chosen.items()
     )
     session.reporter.note(f"{family.upper()} model: {listed} by default (what fits a 24 GB card; flags choose others)")
-    return replace(request, **defaulted)
+    selection, size, settings = defaulted(request.selection), defaulted(request.size), defaulted(request.settings)
+    return replace(request, selection=selection, size=size, settings=settings)
 
 
 def resolve_request(session: Session, request: TuneRequest) -> ResolvedTune:
