@@ -4,6 +4,8 @@
     python benchmarks/bench.py --config tiny            # seconds, for a quick look
     python benchmarks/bench.py --config sd15 --device cuda --precision bf16   # SD 1.5 shapes, 24x512x512
     python benchmarks/bench.py --config sd21-v --device cuda   # SD 2.1 768-v (also sd21-base), 24x768x768
+    python benchmarks/bench.py --config sdxl --device cuda --precision bf16   # SDXL base 1.0 shapes, 6x512x512
+    python benchmarks/bench.py --config sdxl-narrow --frames 2 --size 64      # SDXL narrow: seconds on a CPU
 
 Random weights of the named architecture are built once, saved with `save_pretrained` and loaded
 back through tavcli's own loading code, once per measurement, into a `tavcli.workflow.Session`.
@@ -53,8 +55,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-# Architectures come from tavcli.models.architectures (random weights, full size); `mid` is SD 1.5's structure at
-# a fifth of its UNet width, for the CPU targets; `tiny` is tavcli's built-in model.
+# Architectures come from tavcli.models.architectures (random weights, full size, or `narrow`: every structural
+# choice kept, a tenth of the widths); `mid` is SD 1.5's structure at a fifth of its UNet width, for the CPU
+# targets; `tiny` is tavcli's built-in model. SDXL at what `tav tune` gives it by default, 6 frames of 512x512
+# (`tavcli.settings.options.MODEL_DEFAULTS`: what the pre-flight fits a 24 GB card): a UNet forward over them is
+# half SD 1.5's over 24 frames of 512x512 (9.5 against 19.3 TFLOP, counted by torch.utils.flop_counter); 8 frames
+# of 768x768 would be 1.5 times SD 1.5's, 8 of 1024x1024 2.8 times.
 MID = {
     "unet": {"block_out_channels": [64, 128, 256, 256], "cross_attention_dim": 256, "sample_size": 32},
     "vae": {"block_out_channels": [32, 64, 128, 128]},
@@ -72,6 +78,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "sd15": {"frames": 24, "size": 512, "architecture": "sd15"},
     "sd21-base": {"frames": 24, "size": 512, "architecture": "sd21-base"},
     "sd21-v": {"frames": 24, "size": 768, "architecture": "sd21-v"},
+    "sdxl": {"frames": 6, "size": 512, "architecture": "sdxl"},
+    "sdxl-narrow": {"frames": 6, "size": 128, "architecture": "sdxl", "narrow": True},
 }
 PHASES = ("tune", "tune_checkpointing", "inversion", "sampling", "edit", "unet2d")
 # Attention control (`--phases sampling,sampling_branch,sampling_fusion`): guided steps with every control on.
@@ -144,7 +152,41 @@ def build_model(config: str, folder: Path) -> Path:
         return resolve_model("tiny").folder
     from tavcli.models.architectures import build_model as build_architecture
 
-    return build_architecture(spec["architecture"], folder / config, changes=spec.get("changes"))
+    narrow = bool(spec.get("narrow", False))
+    return build_architecture(spec["architecture"], folder / config, narrow=narrow, changes=spec.get("changes"))
+
+
+def time_ids(unet: Any, size: int) -> Any:
+    """SDXL's six size numbers for a `size` x `size` clip taken whole (nothing cropped), as an inflated SDXL UNet
+    needs them; None for a UNet without them (SD 1.x/2.x)."""
+    if getattr(unet.config, "addition_embed_type", None) != "text_time":
+        return None
+    from tavcli.method.conditioning import SizeConditioning
+
+    return SizeConditioning(original=(size, size), crop_top_left=(0, 0), target=(size, size)).time_ids()
+
+
+def image_unet(unet: Any, size: int) -> Any:
+    """`unet` itself, or for SDXL the same weights (shared) in a 2D UNet that takes the packed text tensor (the
+    pooled embedding as its last row) and the clip's size numbers as the video UNet does: the 2D baseline then
+    differs from the video UNet by the inflation alone."""
+    ids = time_ids(unet, size)
+    if ids is None:
+        return unet
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from tavcli.method.conditioning import split_text
+
+    class PackedTextUNet(UNet2DConditionModel):  # type: ignore[misc]  # diffusers is not followed: Any to mypy
+        def forward(self, sample: Any, timestep: Any, encoder_hidden_states: Any, **kwargs: Any) -> Any:
+            sequence, added = split_text(encoder_hidden_states, self.config, ids)
+            return super().forward(sample, timestep, sequence, added_cond_kwargs=added, **kwargs)
+
+    with torch.device("meta"):
+        plain = PackedTextUNet.from_config(unet.config)
+    plain.load_state_dict(unet.state_dict(), strict=True, assign=True)
+    return plain.train(unet.training)
 
 
 def main() -> None:
@@ -349,7 +391,7 @@ def _tune(args: Any, runtime: Any, components: Any, mean: Any, std: Any, embeds:
     from tavcli.method.video_unet import inflate_unet, trainable_parameters
 
     torch.manual_seed(0)
-    unet = inflate_unet(components.unet)
+    unet = inflate_unet(components.unet, time_ids=time_ids(components.unet, args.size))
     seconds = _training_step_s(args, runtime, unet, components, mean, std, embeds, checkpointing)
     name = "tune_step_checkpointing_s" if checkpointing else "tune_step_s"
     peaks = _peaks(runtime, args.phase)  # the timed steps' own: read before the FLOP count's plain step runs
@@ -401,7 +443,7 @@ def _inversion(args: Any, runtime: Any, components: Any, held: Any, latents: Any
     from tavcli.method.windows import windowed
 
     torch.manual_seed(0)
-    eager = inflate_unet(held).to(held.dtype).eval()
+    eager = inflate_unet(held, time_ids=time_ids(held, args.size)).to(held.dtype).eval()
     unet = windowed(runtime.prepare(eager), args.window)
     seconds = _inversion_step_s(args, runtime, unet, components.scheduler, latents, empty)
     peaks = _peaks(runtime, "inversion")
@@ -430,7 +472,7 @@ def _sampling(args: Any, runtime: Any, components: Any, held: Any, noise: Any, e
     from tavcli.method.video_unet import inflate_unet
 
     torch.manual_seed(0)
-    eager = inflate_unet(held).to(held.dtype).eval()
+    eager = inflate_unet(held, time_ids=time_ids(held, args.size)).to(held.dtype).eval()
     unet = runtime.prepare(eager)
     cond, uncond = embeds[:1], embeds[1:]
     seconds = _sampling_step_s(args, runtime, unet, components.scheduler, noise, cond, uncond)
@@ -467,7 +509,7 @@ def _controlled(args: Any, runtime: Any, components: Any, held: Any, noise: Any,
     from tavcli.models.loading import encode_prompts
 
     torch.manual_seed(0)
-    unet = runtime.prepare(inflate_unet(held).to(held.dtype).eval())
+    unet = runtime.prepare(inflate_unet(held, time_ids=time_ids(held, args.size)).to(held.dtype).eval())
     source_prompt, prompt = "a man is skiing", "a dog is skiing"
     with torch.no_grad():
         cond, uncond, text = encode_prompts(components, [prompt, "", source_prompt]).float().split(1)
@@ -583,8 +625,10 @@ def _unet2d(args: Any, session: Any, components: Any, latents: Any, std: Any, em
     runtime, frames = session.runtime, latents.shape[2]
     folded, folded_std = _fold(latents), _fold(std)
     cond, uncond = embeds[:1].expand(frames, -1, -1), embeds[1:].expand(frames, -1, -1)
-    tune = _training_step_s(args, runtime, components.unet, components, folded, folded_std, cond)
-    unet, scheduler = runtime.prepare(session.sampling_unet(components.source.name).eval()), components.scheduler
+    trained = image_unet(components.unet, args.size)
+    tune = _training_step_s(args, runtime, trained, components, folded, folded_std, cond)
+    held = image_unet(session.sampling_unet(components.source.name), args.size)
+    unet, scheduler = runtime.prepare(held.eval()), components.scheduler
     return {
         "unet2d_tune_step_s": tune,
         "unet2d_inversion_step_s": _inversion_step_s(args, runtime, unet, scheduler, folded, uncond),

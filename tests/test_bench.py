@@ -297,3 +297,29 @@ def test_each_phase_result_is_written_as_it_finishes_and_a_failed_phase_costs_on
     report = json.loads(out.read_text())
     assert report["tune_step_s"] == report["sampling_step_s"] == 0.5
     assert report["failed"] == {"inversion": "torch.OutOfMemoryError: CUDA out of memory"}
+
+
+@pytest.mark.parametrize("phase", ["sampling", "unet2d"])
+def test_sdxl_phases_give_the_unets_the_clip_size_numbers_and_the_2d_baseline_the_packed_text(
+    bench: ModuleType, tmp_path_factory: pytest.TempPathFactory, phase: str
+) -> None:
+    from diffusers import UNet2DConditionModel
+
+    workdir = tmp_path_factory.getbasetemp() / "bench-sdxl-narrow"  # one narrow SDXL folder for both phases
+    found = bench.run_phase(phase_args(workdir, phase, config="sdxl-narrow"))
+    # Before: the video UNet had no size numbers and the 2D UNet took the pooled row for a 78th token: both failed.
+    assert found["sampling_step_s" if phase == "sampling" else "unet2d_sampling_step_s"] > 0
+    config = UNet2DConditionModel.load_config(bench.build_model("sdxl-narrow", workdir / "models") / "unet")
+    assert config["block_out_channels"] == [40, 80, 160]  # narrow, as the CPU smoke needs
+    sdxl = argparse.Namespace(config=argparse.Namespace(**config))
+    assert bench.time_ids(sdxl, 64).tolist() == [64, 64, 0, 0, 64, 64]  # the whole frame, nothing cropped
+    assert bench.time_ids(argparse.Namespace(config=argparse.Namespace(addition_embed_type=None)), 64) is None
+
+
+def test_the_sdxl_config_is_what_tav_tune_gives_sdxl_by_default(bench: ModuleType) -> None:
+    from tavcli.settings.options import MODEL_DEFAULTS, TUNE
+
+    defaults = {name: MODEL_DEFAULTS["sdxl"].get(name, TUNE[name].default) for name in ("frames", "width", "height")}
+    assert bench.CONFIGS["sdxl"]["frames"] == defaults["frames"]  # the GPU check's SDXL steps take the defaults
+    assert bench.CONFIGS["sdxl"]["size"] == defaults["width"] == defaults["height"]
+    assert bench.CONFIGS["sdxl-narrow"]["narrow"] and not bench.CONFIGS["sdxl"].get("narrow")
