@@ -161,7 +161,7 @@ def time_ids(unet: Any, size: int) -> Any:
     needs them; None for a UNet without them (SD 1.x/2.x)."""
     if getattr(unet.config, "addition_embed_type", None) != "text_time":
         return None
-    from tavcli.method.conditioning import SizeConditioning
+    from tavcli.models.conditioning import SizeConditioning
 
     return SizeConditioning(original=(size, size), crop_top_left=(0, 0), target=(size, size)).time_ids()
 
@@ -176,7 +176,7 @@ def image_unet(unet: Any, size: int) -> Any:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from tavcli.method.conditioning import split_text
+    from tavcli.models.conditioning import split_text
 
     class PackedTextUNet(UNet2DConditionModel):  # type: ignore[misc]  # diffusers is not followed: Any to mypy
         def forward(self, sample: Any, timestep: Any, encoder_hidden_states: Any, **kwargs: Any) -> Any:

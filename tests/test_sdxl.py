@@ -12,9 +12,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
-from tavcli.method.conditioning import pack_pooled
 from tavcli.method.video_unet import inflate_unet, trainable_parameters
 from tavcli.models.architectures import build_model, configs
+from tavcli.models.conditioning import pack_pooled
 
 from .conftest import CLIP, RunTav, load_benchmark, without_temporal_output
 

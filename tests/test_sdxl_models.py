@@ -116,7 +116,7 @@ def _outputs(components: Any, unet: Any) -> list[torch.Tensor]:
         second = components.text_encoder_2(ids)
         outputs = [components.text_encoder(ids)[0], second[0], second.text_embeds]
         if hasattr(unet, "time_ids"):  # the video UNet, on two frames: the pooled text packed as a last text row
-            from tavcli.method.conditioning import pack_pooled
+            from tavcli.models.conditioning import pack_pooled
 
             latents = torch.randn(1, 4, 2, 8, 8, generator=generator)
             outputs.append(unet(latents, 500, pack_pooled(text, pooled)).sample)

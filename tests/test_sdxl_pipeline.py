@@ -11,9 +11,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
-from tavcli.method.conditioning import SizeConditioning, pack_pooled, split_text
 from tavcli.method.sampling import Guidance, ddim_sample
 from tavcli.models.architectures import build_model
+from tavcli.models.conditioning import SizeConditioning, pack_pooled, split_text
 from tavcli.models.loading import encode_prompts, load_components
 from tavcli.models.source import Components, ModelSource
 

@@ -15,7 +15,7 @@ import torch
 from diffusers import ControlNetModel, T2IAdapter
 
 from tavcli.errors import TavError, first_line
-from tavcli.method.conditioning import split_text
+from tavcli.models.conditioning import split_text
 from tavcli.models.hub import local_folder, local_only, unreachable
 from tavcli.models.source import quiet_libraries
 

@@ -28,9 +28,9 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from tavcli.errors import TavError
-from tavcli.method.conditioning import pooled_width
 from tavcli.method.training import trained_parameters
 from tavcli.method.video_unet import VideoUNet
+from tavcli.models.conditioning import pooled_width
 from tavcli.runtime import Runtime
 
 __all__ = [
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 MARGIN = 1.1
-CARDS_GIB = (8, 12, 16, 24)  # the card sizes `tav tune --dry-run` says what fits on
+CARDS_GIB = (8, 12, 16, 24, 40, 80)  # the card sizes `tav tune --dry-run` says what fits on (SDXL needs the last)
 CUDA_CONTEXT = 2**29  # what the CUDA context and allocator take of a card before tavcli allocates anything
 MAX_FRAMES = 128  # what the card table counts up to
 PROBE_FRAMES = (3, 5)  # two clip lengths past 2, so frames attend to frame 0 and the previous one

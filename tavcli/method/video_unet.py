@@ -27,7 +27,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
 from tavcli.choices import FrameNorm
-from tavcli.method.conditioning import split_text
+from tavcli.models.conditioning import split_text
 
 __all__ = [
     "TRAINABLE_MODULE_SUFFIXES",
@@ -59,7 +59,7 @@ class ClipLayout:
 class VideoUNet(UNet2DConditionModel):  # type: ignore[misc]  # diffusers is not followed: Any to mypy
     """A `UNet2DConditionModel` that takes clips: `sample` is (b, c, f, h, w), one text embedding per clip.
 
-    An SDXL UNet's text carries its pooled embedding as a last row (`tavcli.method.conditioning`), and the UNet
+    An SDXL UNet's text carries its pooled embedding as a last row (`tavcli.models.conditioning`), and the UNet
     holds the clip's size numbers in `time_ids`; both are given to every frame.
     """
 
@@ -255,7 +255,7 @@ def inflate_unet(
     leaving the global RNG as it was): a tune's seed re-creates the temporal weights it started from.
     `frame_norm="joint"` (the reference) normalises ResNet features over all frames of a clip;
     `"frame"` normalises each frame alone, like the image model. An SDXL UNet needs its clip's `time_ids`
-    (`tavcli.method.conditioning.SizeConditioning`).
+    (`tavcli.models.conditioning.SizeConditioning`).
     """
     if frame_norm not in ("joint", "frame"):
         raise ValueError(f"frame_norm must be 'joint' or 'frame', not {frame_norm!r}")

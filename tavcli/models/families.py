@@ -1,7 +1,7 @@
 """Which model families tavcli computes, read from a model folder's configs before anything loads.
 
 tavcli's UNet takes noisy latents, a timestep and one text embedding per clip: the SD 1.x and 2.x text-to-image
-UNets, and SDXL's, which also takes pooled text and size numbers (`tavcli.method.conditioning`). A UNet that
+UNets, and SDXL's, which also takes pooled text and size numbers (`tavcli.models.conditioning`). A UNet that
 needs inputs tavcli does not provide (a mask and masked image, a depth map, image embeddings, the SDXL
 refiner's aesthetic score) would fail deep inside diffusers, or worse compute something else, so it is refused
 in one line when the model is resolved. Torch-free.

@@ -9,7 +9,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from tavcli.errors import TavError, first_line
 from tavcli.files.reading import read_json
-from tavcli.method.conditioning import pack_pooled
+from tavcli.models.conditioning import pack_pooled
 from tavcli.models.lora import fuse_loras
 from tavcli.models.resolving import variant_of
 from tavcli.models.source import Components, ModelSource, quiet_libraries
@@ -85,7 +85,7 @@ def encode_prompts(components: Components, prompts: list[str]) -> torch.Tensor:
     """(len(prompts), n, d) text embeddings, padded to the tokenizer's full length, as diffusers' pipelines make them.
 
     SD 1.x/2.x: the text encoder's last hidden states. SDXL: both encoders' penultimate hidden states side by
-    side, and the second's pooled embedding as a last row (`tavcli.method.conditioning`); the empty prompt is
+    side, and the second's pooled embedding as a last row (`tavcli.models.conditioning`); the empty prompt is
     zeros where the model's `force_zeros_for_empty_prompt` says so (as the pipeline makes its default negative).
     """
     if components.text_encoder_2 is None or components.tokenizer_2 is None:

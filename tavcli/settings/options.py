@@ -156,8 +156,8 @@ def _ddim_steps(help: str) -> Option:
 
 # A model family's own defaults for the tune options its flags leave unset (`tavcli.models.families.model_family`),
 # where the paper's (24 frames at 512x512) do not fit a 24 GB card: SDXL trains 8.3x SD 1.5's tensors on a
-# 2.6B-parameter UNet, and the pre-flight fits it 6 frames at 512x512 in half precision with gradient
-# checkpointing, which computes the same numbers (docs/performance.md, "SDXL memory").
+# 2.6B-parameter UNet, and the pre-flight fits it 7 frames at 512x512 at most in half precision with gradient
+# checkpointing (which computes the same numbers); 6 leave 0.7 GiB to spare (docs/performance.md, "SDXL memory").
 MODEL_DEFAULTS: dict[str, dict[str, object]] = {"sdxl": {"frames": 6, "gradient_checkpointing": True}}
 
 # Which frames `tav invert` and `tav edit` work on: any number, not only the tuned ones (long clips).

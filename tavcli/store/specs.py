@@ -46,7 +46,7 @@ class _ClipFacts(TypedDict):
 
 class ClipFacts(_ClipFacts, total=False):
     """A latents entry's clip: the file, its frame rate (a fraction, as text) and the frames taken; SDXL's six
-    size numbers (`tavcli.method.conditioning.SizeConditioning`) in entries made since SDXL came."""
+    size numbers (`tavcli.models.conditioning.SizeConditioning`) in entries made since SDXL came."""
 
     size_conditioning: list[int]
 

@@ -15,10 +15,10 @@ from diffusers import UNet2DConditionModel
 
 from tavcli.errors import TavError
 from tavcli.media.video import read_clip
-from tavcli.method.conditioning import SizeConditioning
 from tavcli.method.low_rank import add_low_rank_adapters, load_low_rank, merge_low_rank, temporal_init_digest
 from tavcli.method.vae import decode_latents, encode_clip
 from tavcli.method.video_unet import VideoUNet, inflate_unet
+from tavcli.models.conditioning import SizeConditioning
 from tavcli.models.families import require_supported
 from tavcli.models.loading import encode_prompts, load_components
 from tavcli.models.names import parse_model_name

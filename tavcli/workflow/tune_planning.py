@@ -11,10 +11,10 @@ import torch
 
 from tavcli.files.hashing import file_sha256
 from tavcli.media.video import probe
-from tavcli.method.conditioning import pooled_width
 from tavcli.method.low_rank import add_low_rank_adapters
 from tavcli.method.memory import card_fits, check_fits, probe_tune, tune_estimate
 from tavcli.method.video_unet import VideoUNet, inflate_unet
+from tavcli.models.conditioning import pooled_width
 from tavcli.models.families import model_family
 from tavcli.models.source import ModelSource
 from tavcli.runtime import Runtime
