@@ -158,6 +158,44 @@ def test_a_half_precision_run_keeps_a_force_upcast_vae_in_float32(sdxl: Path) ->
     components = load_components(ModelSource("sdxl", sdxl, "test"), torch.device("cpu"), torch.float16)
     assert components.vae.dtype == torch.float32 and components.text_encoder_2 is not None
     assert components.text_encoder_2.dtype == torch.float16
+    # SD's pipeline never upcasts, though diffusers' config default says `force_upcast` for every VAE.
+    from tavcli.models.resolving import resolve_model
+
+    sd = load_components(resolve_model("tiny"), torch.device("cpu"), torch.float16)
+    assert sd.vae.config.force_upcast and sd.vae.dtype == torch.float16
+
+
+def test_the_size_numbers_are_rounded_to_the_runs_precision_as_the_pipeline_makes_them() -> None:
+    """diffusers builds `add_time_ids` in the text's dtype: under bf16 a 854-wide clip is 856 wide to SDXL."""
+    from types import SimpleNamespace
+
+    from tavcli.runtime import Runtime
+    from tavcli.store.specs import ClipFacts
+    from tavcli.workflow.session import Session, size_time_ids
+
+    clip: ClipFacts = {"path": "c.mp4", "fps": "30", "frames": 6, "stride": 2, "start": 0, "width": 512,
+                       "height": 512, "resize": "crop", "size_conditioning": [480, 854, 0, 21, 512, 512]}  # fmt: skip
+    sdxl = SimpleNamespace(config=SimpleNamespace(
+        addition_embed_type="text_time", projection_class_embeddings_input_dim=2816, addition_time_embed_dim=256
+    ))  # fmt: skip
+    for precision, width in (("fp32", 854), ("fp16", 854), ("bf16", 856)):
+        time_ids = size_time_ids(Session(Runtime(torch.device("cpu"), precision)), clip, sdxl)
+        assert time_ids is not None and time_ids.tolist() == [480, width, 0, 21, 512, 512]
+    sd = SimpleNamespace(config=SimpleNamespace(addition_embed_type=None))
+    assert size_time_ids(Session(Runtime(torch.device("cpu"), "fp32")), clip, sd) is None
+
+
+def test_a_vae_that_normalises_latents_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Playground v2.5's VAE config has `latents_mean`/`latents_std`, which the SDXL pipeline applies; tavcli
+    does not, so such a model is refused rather than computed wrongly."""
+    from tavcli.errors import TavError
+    from tavcli.models.families import require_supported
+
+    for part, config in (("unet", {"in_channels": 4}), ("vae", {"latents_mean": [0.0] * 4})):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TavError, match="normalises latents by a mean and std"):
+        require_supported(tmp_path, "playground")
 
 
 def test_sdxl_takes_its_own_defaults_where_the_flags_say_nothing(sdxl: Path, run_tav: RunTav, tmp_path: Path) -> None:

@@ -197,7 +197,7 @@ def check_frames(job: Job) -> None:
     from tavcli.media.video import frame_count, probe
 
     tuned = FrameSelection.named(job.tune)
-    probe(job.clip, tuned)
+    probe(job.clip, tuned if "frames" in job.tune else None)  # else the model's own count, checked when it runs
     chosen = {name: job.edit[name] for name in ("frames", "stride", "start") if name in job.edit}
     if not chosen:
         return  # the tuned frames: just checked

@@ -133,11 +133,14 @@ def tune(
         size=size.snapped(output.RichReporter()),
         settings=settings,
     )
-    probe(video, request.selection)  # a bad or short clip is reported before anything heavy loads
+    given = _given(context, TUNE)
+    # A bad clip, or one too short for the frames asked for, is reported before anything heavy loads; the frame
+    # count may still be the model's own (checked once the model is known).
+    probe(video, request.selection if "frames" in given else None)
     session = setup.session(chosen, allow_pickle, compile_unet)
     from tavcli.workflow.tune_planning import tune_plan, with_model_defaults
 
-    request = with_model_defaults(session, request, given=_given(context, TUNE))
+    request = with_model_defaults(session, request, given=given)
     if dry_run:
         plan = tune_plan(session, request, force=force)
         output.print_record(plan)

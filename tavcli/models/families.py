@@ -30,6 +30,10 @@ def require_supported(folder: Path, name: str) -> None:
     unet = _config(folder / "unet" / "config.json")
     index = _config(folder / "model_index.json")
     what = _unsupported(unet, index)
+    if what is None and _config(folder / "vae" / "config.json").get("latents_mean") is not None:
+        what = (
+            "a model whose VAE normalises latents by a mean and std (e.g. Playground v2.5), which tavcli does not apply"
+        )
     if what is not None:
         raise TavError(
             f"{name} is {what}: tavcli tunes and edits text-to-image SD 1.x, 2.x and SDXL models",

@@ -23,8 +23,9 @@ def load_components(
     """Load tokenizers, text encoders, VAE, 2D UNet and DDIM scheduler from `source.folder` (and the VAE
     `source.vae` names, where it names one).
 
-    The text encoders and VAE are cast to `dtype` (they are frozen), except a half-precision VAE whose config
-    says `force_upcast` (SDXL's overflows in fp16): it stays float32, as diffusers' SDXL pipeline decodes. The
+    The text encoders and VAE are cast to `dtype` (they are frozen), except an SDXL model's VAE under fp16 when
+    its config says `force_upcast` (SDXL's overflows in fp16): it stays float32, as diffusers' SDXL pipeline
+    decodes. The
     UNet stays float32 until the caller decides (tuning needs float32 master weights).
     """
     quiet_libraries()
@@ -53,7 +54,8 @@ def load_components(
             f"the UNet in {folder / 'unet'} has no cross-attention blocks: it is not a text-to-image UNet",
             "use a Stable Diffusion 1.x, 2.x or SDXL model",
         )
-    zero_empty = isinstance(index, dict) and bool(index.get("force_zeros_for_empty_prompt"))
+    # SDXL's pipeline zeros the empty prompt unless its config says otherwise; SD's never does.
+    zero_empty = second and bool(index.get("force_zeros_for_empty_prompt", True))
     components = Components(
         source, tokenizer, text_encoder, vae, unet, scheduler, tokenizer_2, text_encoder_2, zero_empty
     )
@@ -63,7 +65,8 @@ def load_components(
         module.requires_grad_(False).eval()
     for encoder in components.text_encoders:
         encoder.to(device=device, dtype=dtype)
-    upcast = vae.config.get("force_upcast", False) and dtype == torch.float16
+    # As SDXL's pipeline does (SD's never upcasts: diffusers' config default `force_upcast` is true for every VAE).
+    upcast = second and vae.config.get("force_upcast", False) and dtype == torch.float16
     vae.to(device=device, dtype=torch.float32 if upcast else dtype)
     unet.to(device=device)
     return components

@@ -251,7 +251,7 @@ def _guide(
         maps = read_clip(control.video, *recorded_frames(clip)).frames
     else:
         maps = canny_maps(source_frames(session, latents, clip))
-    return ControlGuide(controlnet, maps, control.scale, size_time_ids(clip))
+    return ControlGuide(controlnet, maps, control.scale, size_time_ids(session, clip, controlnet))
 
 
 def edit_from_sidecar(session: Session, recorded: RecordedEdit, *, force: bool = False) -> list[Artifact]:

@@ -18,7 +18,7 @@ from tavcli.media.video import read_clip
 from tavcli.method.low_rank import add_low_rank_adapters, load_low_rank, merge_low_rank, temporal_init_digest
 from tavcli.method.vae import decode_latents, encode_clip
 from tavcli.method.video_unet import VideoUNet, inflate_unet
-from tavcli.models.conditioning import SizeConditioning
+from tavcli.models.conditioning import SizeConditioning, pooled_width
 from tavcli.models.families import require_supported
 from tavcli.models.loading import encode_prompts, load_components
 from tavcli.models.names import parse_model_name
@@ -171,7 +171,7 @@ class Session:
         if tune_entry.key not in self._tuned:
             self._tuned.clear()  # one tuned UNet at a time (~0.3 GB each at SD 1.5 size): previews and jobs move on
             spec, held = tune_entry.spec, self.sampling_unet(meta["model"]["model"])
-            time_ids = size_time_ids(meta["clip"])
+            time_ids = size_time_ids(self, meta["clip"], held)
             unet = inflate_unet(held, frame_norm=spec["frame_norm"], seed=spec.get("seed"), time_ids=time_ids)
             delta = tune_entry.tensors(self.runtime.device)
             if spec.get("rank"):
@@ -266,10 +266,20 @@ def encode_latents(
     return Artifact("latents", entry.key, entry.path, cached, time.perf_counter() - started)
 
 
-def size_time_ids(clip: ClipFacts) -> torch.Tensor | None:
-    """SDXL's size numbers for a clip, as its latents entry recorded them (None where it recorded none)."""
+def size_time_ids(session: Session, clip: ClipFacts, model: Any) -> torch.Tensor | None:
+    """SDXL's size numbers for a clip (its latents entry recorded them), for `model` (a UNet or a ControlNet):
+    None for one that takes none (SD 1.x/2.x, a T2I-Adapter). They
+    are rounded to the run's precision, as diffusers' pipeline and SDXL training script make them (in the
+    text's dtype: under bf16, 854 is 856)."""
+    if pooled_width(model.config) is None:
+        return None
     recorded = clip.get("size_conditioning")
-    return None if recorded is None else SizeConditioning.of(recorded).time_ids()
+    if recorded is None:
+        raise TavError(
+            f"the clip {clip['path']} was encoded before tavcli recorded SDXL's size numbers",
+            "tune again with --force",
+        )
+    return SizeConditioning.of(recorded).time_ids().to(session.runtime.dtype).float()
 
 
 def recorded_frames(clip: ClipFacts) -> tuple[FrameSelection, FrameSize]:

@@ -190,7 +190,7 @@ def _train(
     runtime, settings = session.runtime, request.settings
     source, project = resolved.source, resolved.project
     components = session.model_to_train(source.name)
-    time_ids = size_time_ids(resolved.latents.meta()["clip"])
+    time_ids = size_time_ids(session, resolved.latents.meta()["clip"], components.unet)
     unet = inflate_unet(components.unet, frame_norm=settings.frame_norm, seed=settings.seed, time_ids=time_ids)
     initial = temporal_init_digest(unet)
     resume = _resume_point(session, checkpoints, settings.steps, force)
