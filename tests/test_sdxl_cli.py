@@ -210,3 +210,31 @@ def test_sdxl_takes_its_own_defaults_where_the_flags_say_nothing(sdxl: Path, run
     assert code == 0 and "by default" not in err, err
     summary = json.loads(out.splitlines()[0])["memory"]["summary"]
     assert "3 frames at 512x512" in summary and "checkpointing" not in summary
+
+
+def test_an_sdxl_hub_model_fetches_every_part_it_loads(
+    sdxl: Path, run_tav: RunTav, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub download asks for SDXL's second text encoder and tokenizer too: a snapshot holding only what the
+    download's patterns select (as the hub filters them) tunes."""
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    files = [path.relative_to(sdxl).as_posix() for path in sdxl.rglob("*") if path.is_file()]
+    snapshot = tmp_path / "snapshots" / "0123abcd"
+
+    def download(repo_id: str, allow_patterns: list[str] | None = None, **kwargs: object) -> str:
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns):
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(sdxl / name, snapshot / name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    tune: list[str | Path] = ["tune", CLIP, "a man is skiing", "--model", "org/sdxl", *SMALL, "--steps", "1"]
+    code, out, err = run_tav(*tune, "-p", tmp_path / "h.tav")
+    assert code == 0, err
+    assert {"text_encoder_2/model.safetensors", "tokenizer_2/merges.txt"} <= {
+        path.relative_to(snapshot).as_posix() for path in snapshot.rglob("*")
+    }
