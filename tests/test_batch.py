@@ -462,6 +462,7 @@ def test_a_batch_job_keeps_its_clip_scorer_on_the_cpu_until_it_scores(
 
     monkeypatch.setattr(metrics, "ClipScorer", Scorer)
     monkeypatch.setattr(workflow, "tune", tune)
+    monkeypatch.setattr(workflow, "with_model_defaults", lambda session, request, given: request)  # no model here
     gpu = torch.device("cuda", 0)  # never used: the tune is a stand-in
     session = SimpleNamespace(runtime=SimpleNamespace(device=gpu), reporter=Reporter(), release=lambda model: None)
     records: list[dict[str, object]] = []
