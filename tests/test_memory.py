@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from tavcli.errors import TavError
 from tavcli.method.low_rank import add_low_rank_adapters, low_rank_parameters
@@ -32,42 +29,15 @@ from tavcli.method.video_unet import VideoUNet, inflate_unet, trainable_paramete
 from tavcli.runtime import Runtime
 from tavcli.workflow.remedies import settings_that_fit
 
-from .conftest import CLIP, RunTav
+from .conftest import CLIP, RunTav, load_benchmark
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
 
-class LiveBytes(TorchDispatchMode):
-    """The peak of the bytes held by live tensor storages: on the CPU, what `torch.cuda.max_memory_allocated`
-    counts on a GPU (without the allocator's rounding). Every op's outputs pass through here, backward's too;
-    a storage counts until it is freed."""
-
-    def __init__(self, *held: torch.Tensor) -> None:
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.now = self.peak = 0
-        for tensor in held:
-            self.track(tensor)
-
-    def track(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        if id(storage) in self.live:
-            return
-        self.live[id(storage)] = storage.nbytes()
-        self.now += storage.nbytes()
-        self.peak = max(self.peak, self.now)
-        weakref.finalize(storage, self._free, id(storage))
-
-    def _free(self, key: int) -> None:
-        self.now -= self.live.pop(key, 0)
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
-                self.track(tensor)
-        return out
+# The peak of the bytes held by live tensor storages: on the CPU, what `torch.cuda.max_memory_allocated` counts on a
+# GPU (without the allocator's rounding). One counter, the benchmark's, checks the estimates here and there.
+LiveBytes = load_benchmark("sdxl_memory").LiveBytes
 
 
 def _measured_peak(unet: VideoUNet, precision: str, frames: int, size: int) -> int:
