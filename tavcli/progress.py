@@ -1,7 +1,8 @@
 """How library code reports notes and progress without knowing who is watching.
 
 Library functions take a `Reporter`; the base class is silent (tests, scripts), the command line
-passes one that draws Rich progress bars on stderr.
+passes one that draws Rich progress bars on stderr, and the app one that its page polls (and whose Stop
+button asks a tune to stop as Ctrl-C does).
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ class Reporter:
     def task(self, description: str, total: int, completed: int = 0) -> Iterator[Advance]:
         """A unit of work of `total` steps (`completed` already done); call the yielded function after each step."""
         yield _ignore
+
+    def stop_requested(self) -> bool:
+        """Whether whoever watches asks the work to stop at its next safe point (a tune: after its current step,
+        its state saved, as at Ctrl-C). This base class never asks."""
+        return False
 
 
 def _ignore(units: int = 1, **fields: Any) -> None:

@@ -88,6 +88,13 @@ def isolated_cache(
     assert there_before or not beside_clip.exists(), f"the test made a project in the package: {beside_clip}"
 
 
+def gif_frame_count(image: Any) -> int:
+    """The frames of an animated picture (Pillow types `n_frames` only on some of its image classes)."""
+    from PIL import ImageSequence
+
+    return sum(1 for _ in ImageSequence.Iterator(image))
+
+
 def tav_ok(*args: object) -> None:
     """Run `tav ARGS...` in-process (for module fixtures, which cannot use `run_tav`) and require success."""
     from tavcli.cli import main

@@ -25,10 +25,12 @@ ALLOWED = {
     "method": {"core", "runtime", "models"},
     "workflow": {"core", "runtime", "settings", "files", "media", "store", "models", "method"},
     "batch": {"core", "runtime", "settings", "files", "media", "store", "models", "method", "workflow"},
-    "cli": {"core", "runtime", "settings", "files", "media", "store", "models", "method", "workflow", "batch"},
+    "ui": {"core", "runtime", "settings", "files", "media", "store", "models", "method", "workflow", "batch"},
+    "cli": {"core", "runtime", "settings", "files", "media", "store", "models", "method", "workflow", "batch", "ui"},
 }
 CORE = {"tavcli", "tavcli.errors", "tavcli.progress", "tavcli.choices", "tavcli.cores", "tavcli.words"}
-# Imported by `tav --help`, `tav ls` and the other store commands before any model work: no torch at import.
+# Imported by `tav --help`, `tav ls` and the other store commands before any model work, and by the app's page
+# before its first job: no torch at import.
 TORCH_FREE = [
     "tavcli.cli",
     "tavcli.choices",
@@ -67,6 +69,9 @@ TORCH_FREE = [
     "tavcli.workflow.planning",
     "tavcli.workflow.source_prompt",
     "tavcli.batch",
+    # `tav ui`'s page is up before the first job loads torch.
+    "tavcli.ui.app",
+    "tavcli.ui.serve",
 ]
 # Loaded only by the commands that need them (decoding video, ControlNets, launching, low-rank tunes).
 HEAVY = ["torch", "av", "cv2", "accelerate", "peft"]

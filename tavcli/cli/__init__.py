@@ -1,7 +1,7 @@
 """The `tav` command line: this module registers the commands and turns failures into one line.
 
 The commands live one group per module: `tuning` (tune, import, demo), `editing` (invert, edit,
-eval), `batch`, and `store` (ls, rm, gc, verify, config); their shared options are declared once
+eval), `batch`, `store` (ls, rm, gc, verify, config) and `ui`; their shared options are declared once
 in `options`, what goes to stdout and stderr is decided in `output`, and `setup` turns options into
 settings, a session and a project. Heavy libraries are imported inside the commands, after their
 inputs are checked, so `tav --help` and every mistake answer at once.
@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from tavcli import __version__
-from tavcli.cli import batch, editing, store, tuning
+from tavcli.cli import batch, editing, store, tuning, ui
 from tavcli.cores import choose_wait_policy
 from tavcli.errors import Interrupted, TavError, interruption
 
@@ -55,6 +55,7 @@ COMMANDS: list[tuple[str, Callable[..., Any], str]] = [
     ("gc", store.collect_garbage, "Remove what nothing uses or can use."),
     ("verify", store.verify, "Check every entry's bytes and values."),
     ("config", store.show_config, "Show the settings and where each came from."),
+    ("ui", ui.serve_app, "Open projects in a web app on this machine."),
 ]
 for name, command, summary in COMMANDS:
     app.command(name, short_help=summary)(command)

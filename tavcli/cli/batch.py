@@ -12,7 +12,7 @@ from rich.markup import escape
 from tavcli.cli import output, setup
 from tavcli.cli.options import AllowPickleOpt, DeviceOpt, ModelConfigOpt, ModelOpt, PrecisionOpt, QuietOpt
 from tavcli.errors import TavError
-from tavcli.settings.config import Setting
+from tavcli.settings.config import Setting, project_for_clip
 
 if TYPE_CHECKING:
     from tavcli.batch import BatchContext, Job, JobProblem
@@ -86,7 +86,7 @@ def batch(
     context = BatchContext(
         model=chosen["model"].value or "",
         model_config=chosen["model_config"].value,
-        project_for=setup.project_for_clip(None, chosen),
+        project_for=project_for_clip(None, chosen),
         root=root,
     )
     jobs, problems = _valid_jobs(jobs_file, context, keep_going)

@@ -29,6 +29,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from tavcli.files.sizes import human_size
 from tavcli.progress import Advance, Reporter
 
 if TYPE_CHECKING:
@@ -86,15 +87,6 @@ def report(artifacts: list[Artifact]) -> None:
         print_record(artifact.record())
         state = "[green]cached[/green]" if artifact.cached else f"done in {artifact.seconds:.1f}s"
         stderr.print(f"{artifact.kind:<9} {state}  {escape(str(artifact.path))}")
-
-
-def human_size(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} TB"
 
 
 class _StepsPerSecond(ProgressColumn):

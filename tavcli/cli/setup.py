@@ -5,18 +5,18 @@ Nothing here imports torch until a session is made, so the commands check their 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tavcli.errors import TavError
-from tavcli.settings.config import Setting, default_project, find_project, project_from, resolve_settings
+from tavcli.settings.config import Setting, find_project, project_from, resolve_settings
 
 if TYPE_CHECKING:
     from tavcli.store.project import Project
     from tavcli.workflow.session import Session
 
-__all__ = ["existing_project", "model_for", "open_store", "project_for_clip", "session", "settings"]
+__all__ = ["existing_project", "model_for", "open_store", "session", "settings"]
 
 
 def settings(project: Path | None, **flags: str | None) -> dict[str, Setting]:
@@ -49,17 +49,6 @@ def session(chosen: dict[str, Setting], allow_pickle: bool, compile_unet: bool =
     device, precision = chosen["device"].value or "auto", chosen["precision"].value or "auto"
     runtime = resolve_runtime(device, precision, compile=compile_unet)
     return Session(runtime, RichReporter(), allow_pickle)
-
-
-def project_for_clip(flag: Path | None, chosen: dict[str, Setting]) -> Callable[[Path], Path]:
-    """Where a clip's project is: --project, $TAV_PROJECT, PROJECT_ROOT/CLIP.tav (config), else beside the clip."""
-    named = project_from(flag)
-    root = chosen["project_root"].value
-    if named is not None:
-        return lambda clip: Path(named.value or "")
-    if root:
-        return lambda clip: Path(root).expanduser() / default_project(clip).name
-    return default_project
 
 
 def existing_project(flag: Path | None) -> Path:

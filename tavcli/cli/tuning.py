@@ -34,6 +34,7 @@ from tavcli.cli.options import (
     settings_flags,
 )
 from tavcli.errors import TavError
+from tavcli.settings.config import project_for_clip
 from tavcli.settings.option import Option
 from tavcli.settings.options import TUNE
 from tavcli.settings.tuning import FrameSelection, FrameSize, TuneRequest, TuneSettings, preview_choice
@@ -122,7 +123,7 @@ def tune(
 
     previewed = preview_choice(preview, preview_every, preview_steps, evaluate)  # the rule batch files follow
 
-    project_dir = setup.project_for_clip(project, setup.settings(None))(video)
+    project_dir = project_for_clip(project, setup.settings(None))(video)
     chosen = setup.settings(project_dir, model=model, model_config=model_config, device=device, precision=precision)
     request = TuneRequest(
         clip=video,
@@ -235,7 +236,7 @@ def import_reference(
     text = prompt or recorded.get("prompt")
     if clip_path is None or not text:
         raise TavError("which clip and prompt was it tuned on? config.yaml does not say", "pass --clip and --prompt")
-    project_dir = setup.project_for_clip(project, setup.settings(None))(clip_path)
+    project_dir = project_for_clip(project, setup.settings(None))(clip_path)
     base = model or recorded.get("base_model")
     chosen = setup.settings(project_dir, model=base, model_config=model_config, device=device)
 

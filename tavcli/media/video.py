@@ -30,6 +30,7 @@ __all__ = [
     "side_by_side",
     "probe",
     "read_clip",
+    "thumbnails",
     "write_video",
 ]
 
@@ -183,6 +184,22 @@ def read_frames(path: Path) -> np.ndarray:
     if not frames:
         raise TavError(f"{path} has a video stream but no frames")
     return np.stack(frames)
+
+
+def thumbnails(path: Path, height: int) -> list[Image.Image]:
+    """Every frame of a clip, upright, scaled to `height` pixels as it is decoded (a long clip stays small)."""
+    images = []
+    with _open(path) as container:
+        try:
+            for frame in container.decode(container.streams.video[0]):
+                image = _upright(frame).convert("RGB")
+                width = max(1, round(image.width * height / image.height))
+                images.append(image.resize((width, height), Image.Resampling.BILINEAR))
+        except av.FFmpegError as error:
+            raise TavError(f"{path} could not be decoded: {error}") from None
+    if not images:
+        raise TavError(f"{path} has a video stream but no frames")
+    return images
 
 
 CAPTION_HEIGHT = 16  # pixels of caption above each clip in a grid (even, for H.264)

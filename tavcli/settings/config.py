@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "closest",
     "default_project",
     "find_project",
+    "project_for_clip",
     "read_toml",
     "resolve_settings",
     "user_config_path",
@@ -192,3 +194,14 @@ def closest(word: str, known: tuple[str, ...] | list[str]) -> str:
 
 def as_dict(settings: dict[str, Setting]) -> dict[str, Any]:
     return {key: {"value": s.value, "source": s.source} for key, s in settings.items()}
+
+
+def project_for_clip(flag: Path | None, chosen: dict[str, Setting]) -> Callable[[Path], Path]:
+    """Where a clip's project is: --project, $TAV_PROJECT, PROJECT_ROOT/CLIP.tav (config), else beside the clip."""
+    named = project_from(flag)
+    root = chosen["project_root"].value
+    if named is not None:
+        return lambda clip: Path(named.value or "")
+    if root:
+        return lambda clip: Path(root).expanduser() / default_project(clip).name
+    return default_project

@@ -230,7 +230,7 @@ def _train(
             advance,
             resume=resume,
             save=save,
-            stop_requested=stop,
+            stop_requested=lambda: stop() or session.reporter.stop_requested(),
         )
     save(state)  # the finished run's state, so a longer tune can continue from it
     # Earlier interrupted runs' states below this one are superseded; finished tunes' states stay.
