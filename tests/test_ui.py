@@ -181,8 +181,8 @@ def test_an_upload_over_the_limit_or_no_clip_is_refused(studio: Studio, tmp_path
         studio.take_clip(big, uploaded=True)
     text = tmp_path / "notes.mp4"
     text.write_text("not a video")
-    with pytest.raises(TavError, match="is not a video file PyAV can read"):
-        studio.take_clip(text, uploaded=False)
+    with pytest.raises(TavError, match="^notes.mp4 is not a video file PyAV can read"):
+        studio.take_clip(text, uploaded=True)  # named as the user named it
     with pytest.raises(TavError, match="is no clip tav reads"):
         studio.take_clip(Path(__file__), uploaded=False)
     assert not studio.uploads.exists() or not any(studio.uploads.iterdir())  # nothing kept of a refused upload
@@ -202,7 +202,35 @@ def test_work_on_a_folder_the_app_does_not_serve_is_refused(studio: Studio, tmp_
 
 def test_opening_a_project_that_is_not_there_is_one_line(studio: Studio, tmp_path: Path) -> None:
     status, _ = handlers.open_project(studio, str(tmp_path / "none.tav"))
-    assert status == f"**error:** no project at {tmp_path / 'none.tav'} (create one from a clip on the Project tab)"
+    said = f"no project at {tmp_path / 'none.tav'} (create one from a clip on the Project tab)"
+    assert status == f"**error:** {views.plain(said)}"
+
+
+def test_a_folder_that_is_no_project_is_never_opened_nor_served(
+    studio: Studio, tmp_path: Path, run_tav: RunTav
+) -> None:
+    folder = tmp_path / "photos"
+    (folder / "edits" / "holiday").mkdir(parents=True)
+    (folder / "edits" / "holiday" / "clip.mp4").write_bytes(b"mine")
+    status, _ = handlers.open_project(studio, str(folder))
+    assert status.startswith("**error:**") and "is a folder, but no tav project" in status
+    assert str(folder) not in studio.roots
+    code, _, err = run_tav("ui", folder)
+    assert code == 1 and "is a folder, but no tav project" in err
+    assert (folder / "edits" / "holiday" / "clip.mp4").read_bytes() == b"mine"
+
+
+def test_a_fresh_page_invites_rather_than_errs(studio: Studio) -> None:
+    assert handlers.fill(studio, None)[0] == "Open a project, or start one from a clip on the Project tab."
+
+
+def test_a_prompt_shows_as_text_never_as_markup() -> None:
+    from markdown_it import MarkdownIt
+
+    prompt = "a man ![px](https://1.1.1.1/t.png) <img src=x onerror=alert(1)> `code` *skiing*"
+    shown = MarkdownIt().render(views.plain(prompt))
+    assert "<img" not in shown and "<em>" not in shown and "<code>" not in shown
+    assert "https://1.1.1.1/t.png" in shown and "&lt;img src=x onerror=alert(1)&gt;" in shown
 
 
 def test_a_tuned_project_fills_the_tune_tab(tuned: Path) -> None:
@@ -346,3 +374,26 @@ def test_ticked_words_and_a_weight_are_the_reweight_flag(studio: Studio, tuned: 
     unknown = handlers.edit(studio, *form, 0.5, 0, [], [], ["tiger"], 2.0, "")
     assert unknown.startswith("**error:** --reweight tiger: 'tiger' is not a word of 'a panda is skiing'")
     assert studio.queue.jobs() == []
+
+
+def test_one_tune_per_project_at_a_time_and_stop_stops_the_running_one(tmp_path: Path) -> None:
+    gate = threading.Event()
+
+    def slow_model(reporter: Any) -> Any:
+        gate.wait(10)
+        raise TavError("no model here")
+
+    studio = Studio([], tmp_path / "u", 1, make=slow_model)
+    project = studio.add(tmp_path / "p.tav")
+    first = studio.submit_tune(_tune_form(project, frames=4))
+    while first.state != "running":
+        time.sleep(0.01)
+    again = handlers.tune(studio, str(project), str(CLIP), "a man is skiing", "tiny", 4, 2, 0, 64, 64, 5, 33, "", 100)
+    said = "tune 'a man is skiing' is running on this project (Stop it, or wait for it to end)"
+    assert again == f"**error:** {views.plain(said)}"
+    assert handlers.stop(studio, str(project)).startswith("stopping tune")
+    assert first.stop.is_set() and studio.current(project, "tune") is first
+    gate.set()
+    _wait(first)
+    assert handlers.stop(studio, str(project)) == "no tune is running on this project"
+    studio.queue.close()

@@ -156,7 +156,8 @@ def test_the_server_hands_out_no_file_outside_its_folders(served: tuple[str, Stu
     inside = Path(studio.roots[0]) / "link-out.txt"
     inside.parent.mkdir(parents=True, exist_ok=True)
     inside.symlink_to(secret)
-    for path in (secret, inside, Path(studio.roots[0]) / ".." / ".." / secret.name, Path("/etc/passwd")):
+    outside = [secret, inside, Path(studio.roots[0]) / ".." / ".." / secret.name, Path("/etc/passwd")]
+    for path in [*outside, "https://1.1.1.1/x.png", "http://127.0.0.1:9/x"]:  # addresses: never fetched
         try:
             with urllib.request.urlopen(f"{url}gradio_api/file={path}") as answer:
                 body = answer.read()
@@ -174,3 +175,29 @@ def test_an_upload_over_the_limit_is_refused_before_it_is_stored(served: tuple[s
     big = b"\0" * (studio.upload_limit + 1)
     answer = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.mp4", big, "video/mp4")}, timeout=60)
     assert answer.status_code == 413, answer.text[:200]
+
+
+def test_tav_ui_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "tavcli", "ui", "--port", str(port), "--uploads", str(tmp_path / "up")]
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stderr is not None
+        said = server.stderr.readline()  # `serving ... at URL`, once the server answers
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as answer:
+            assert answer.status == 200
+        server.send_signal(signal.SIGINT)
+        _, err = server.communicate(timeout=30)
+    finally:
+        server.kill()
+    err = said + err
+    assert server.returncode == 0, err
+    assert f"at http://127.0.0.1:{port}/" in err and "stopping" in err

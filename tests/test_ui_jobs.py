@@ -13,7 +13,7 @@ import torch
 from tavcli.store.project import Project
 from tavcli.ui.forms import EditForm, TuneForm
 from tavcli.ui.jobs import Job
-from tavcli.ui.studio import Studio
+from tavcli.ui.studio import Studio, project_summary
 from tests.conftest import CLIP, tav_ok
 
 SIZE = {"frames": 4, "width": 64, "height": 64}
@@ -36,7 +36,7 @@ def studio(tmp_path: Path) -> Iterator[Studio]:
 
 def test_stop_keeps_the_state_and_tune_again_resumes_to_the_same_tune(studio: Studio, tmp_path: Path) -> None:
     project = studio.projects[0]
-    form = TuneForm(CLIP, "a man is skiing", project, "tiny", {**SIZE, "steps": 12})
+    form = TuneForm(CLIP, "a man is skiing", project, "tiny", {**SIZE, "steps": 12, "seed": 7})
     job = studio.submit_tune(form)
     while len(job.losses) < 2 and not job.finished:
         time.sleep(0.005)
@@ -46,6 +46,13 @@ def test_stop_keeps_the_state_and_tune_again_resumes_to_the_same_tune(studio: St
     stopped_at = len(job.losses)
     assert job.error == f"tune interrupted at step {stopped_at} of 12; its state is saved"
     assert 2 <= stopped_at < 12 and not Project(project).complete_keys("tunes")
+    # A reloaded page fills the Tune tab from the stopped run: Tune with it resumes.
+    summary = project_summary(project)
+    assert (summary["seed"], summary["frames"], summary["prompt"]) == (
+        7,
+        4,
+        "a man is skiing",
+    ) and "steps" not in summary
 
     resumed = _finish(studio.submit_tune(form))
     assert resumed.state == "done", resumed.error
@@ -55,7 +62,7 @@ def test_stop_keeps_the_state_and_tune_again_resumes_to_the_same_tune(studio: St
     # The same tune as one uninterrupted `tav tune`: the same losses and tensors.
     whole = tmp_path / "whole.tav"
     size = [f"--{name}={value}" for name, value in SIZE.items()]
-    tav_ok("tune", CLIP, "a man is skiing", "-p", whole, "--model", "tiny", "--steps", "12", *size, "-q")
+    tav_ok("tune", CLIP, "a man is skiing", "-p", whole, "-m", "tiny", "--steps", "12", "--seed", "7", *size, "-q")
     [key] = Project(project).complete_keys("tunes")
     assert Project(whole).complete_keys("tunes") == [key]
     ours, theirs = Project(project).at("tunes", key), Project(whole).at("tunes", key)
@@ -72,4 +79,21 @@ def test_an_edit_job_renders_each_prompt_and_the_grid(studio: Studio) -> None:
     kinds = [made.kind for made in job.made]
     assert kinds == ["edit", "edit", "grid"]
     assert all(made.path.is_file() for made in job.made)
-    assert studio.latest(project, "edit") is job
+    assert studio.current(project, "edit") is job
+
+
+def test_a_tune_with_previews_shows_them_and_its_whole_loss_curve(studio: Studio) -> None:
+    from PIL import Image
+
+    from tavcli.ui.views import loss_picture, tune_previews
+
+    project = studio.projects[0]
+    options = {**SIZE, "steps": 4, "preview_every": 2}
+    job = _finish(studio.submit_tune(TuneForm(CLIP, "a man is skiing", project, "tiny", options, "a panda")))
+    assert job.state == "done", job.error
+    shown = tune_previews(job)
+    assert [Path(file).suffix for file in shown] == [".mp4", ".mp4", ".png"]  # steps 2 and 4, then the sheet
+    picture = loss_picture(job)  # the finished tune's own curve, every step
+    final = [made for made in job.made if made.kind == "tune"][-1]
+    with Image.open(final.details["loss_plot"]) as stored:
+        assert picture is not None and picture.tobytes() == stored.convert("RGB").tobytes()

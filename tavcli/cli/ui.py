@@ -74,11 +74,10 @@ def serve_app(
     login = credentials(host, auth)
     if importlib.util.find_spec("gradio") is None:
         raise TavError("tav ui needs Gradio, which is not installed", 'pip install "tavcli[ui]"')
+    from tavcli.ui.library import open_project
+
     for project in projects or []:
-        if not project.is_dir():
-            raise TavError(
-                f"no project at {project}", "`tav tune CLIP PROMPT` makes one, or start from a clip in the app"
-            )
+        open_project(project)  # a folder that is no project is refused, never served
     from tavcli.ui.serve import default_uploads, serve
     from tavcli.ui.studio import Studio
 

@@ -90,7 +90,7 @@ def build(studio: Studio) -> gr.Blocks:
                     stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
                 tune_progress = gr.Markdown(elem_id="tune-progress")
                 loss = gr.Image(label="Loss", interactive=False, elem_id="loss")
-                previews = gr.Gallery(label="Previews", columns=4, height="auto")
+                previews = gr.Gallery(label="Previews", columns=4, height="auto", visible=False)
             with gr.Tab("Edit", id="edit-tab"):
                 prompts = gr.Textbox(label="Edit prompts, one per line", lines=3, elem_id="prompts")
                 with gr.Row():
@@ -112,7 +112,7 @@ def build(studio: Studio) -> gr.Blocks:
                 edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
                 edit_progress = gr.Markdown(elem_id="edit-progress")
                 results = gr.HTML(elem_id="results")
-            with gr.Tab("Library", id="library-tab"):
+            with gr.Tab("Library", id="library-tab") as library_tab:
                 table = gr.Dataframe(headers=handlers.LIBRARY_COLUMNS, interactive=False, elem_id="library")
                 with gr.Row():
                     key = gr.Textbox(label="Entry key (a unique prefix is enough) or KIND/KEY", elem_id="key")
@@ -128,7 +128,7 @@ def build(studio: Studio) -> gr.Blocks:
         tune_form = [project, clip, prompt, model_box, *frames, steps, seed, preview, preview_every]
         edit_form = [project, prompts, *edit_fields, negative, inversion, cross, self_replace]
         edit_form += [blend_source, blend_edit, reweight, scale, loras]
-        filled = [status, clip, prompt, model_box, *frames, steps, blend_source, table, shown]
+        filled = [status, clip, prompt, model_box, *frames, steps, seed, blend_source, table, shown]
 
         page.load(lambda: handlers.restore(studio), [], [project])
         project.change(lambda p: handlers.fill(studio, p), [project], filled)
@@ -145,6 +145,7 @@ def build(studio: Studio) -> gr.Blocks:
         remove_button.click(lambda p, k: handlers.remove(studio, p, k), [project, key], [library_note, table])
         verify_button.click(lambda p: handlers.verify(studio, p), [project], [library_note, table])
         gc_button.click(lambda p: handlers.collect(studio, p), [project], [library_note, table])
+        library_tab.select(lambda p: handlers.entries(studio, p), [project], [library_note, table])
         poll_out = [tune_progress, loss, previews, edit_progress, results, jobs, shown]
         timer.tick(lambda p, s: handlers.poll(studio, p, s), [project, shown], poll_out)
     built: gr.Blocks = page

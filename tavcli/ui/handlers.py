@@ -20,6 +20,7 @@ __all__ = [
     "LIBRARY_COLUMNS",
     "collect",
     "edit",
+    "entries",
     "fill",
     "frame_strip",
     "offer_words",
@@ -40,7 +41,7 @@ T = TypeVar("T")
 def error_line(error: TavError | OSError) -> str:
     """The one line the command line would print, for the page's status."""
     text = str(error) if isinstance(error, TavError) else f"{getattr(error, 'filename', '') or ''} {error.strerror}"
-    return f"**error:** {text.strip()}"
+    return f"**error:** {views.plain(text.strip())}"
 
 
 def _checked(work: Callable[[], T], failed: Callable[[str], T]) -> T:
@@ -66,26 +67,30 @@ def fill(studio: Studio, given: str | None) -> tuple[Any, ...]:
     """The Tune tab from the project's current tune (its clip, prompt, model, frames, size, steps), the words of
     its prompt offered for blending, and its library."""
 
+    if not given:  # a fresh page: nothing chosen yet
+        return ("Open a project, or start one from a clip on the Project tab.", *[gr.skip()] * 13)
+
     def work() -> tuple[Any, ...]:
-        root = _project(given)
+        root = Path(given)
         if root in studio.projects:
             studio.chosen = root
         made = root.is_dir()  # a clip's project is made by its first tune
         summary = project_summary(root) if made else {}
         rows = library.library_rows(library.open_project(root)) if made else []
         values = [summary.get(name, gr.skip()) for name in ("clip", "prompt", "model")]
-        values += [summary.get(name, gr.skip()) for name in ("frames", "stride", "start", "width", "height", "steps")]
+        shown = ("frames", "stride", "start", "width", "height", "steps", "seed")
+        values += [summary.get(name, gr.skip()) for name in shown]
         words = gr.CheckboxGroup(choices=prompt_words(summary.get("prompt", "")), value=[])
-        note = f"project {root}" + ("" if summary else " (not tuned yet)")
+        note = views.plain(f"project {root}" + ("" if summary else " (not tuned yet)"))
         return (note, *values, words, rows, {})
 
-    return _checked(work, lambda line: (line, *[gr.skip()] * 12))
+    return _checked(work, lambda line: (line, *[gr.skip()] * 13))
 
 
 def open_project(studio: Studio, given: str) -> tuple[Any, Any]:
     def work() -> tuple[Any, Any]:
         root = studio.open(given)
-        return f"opened {root}", gr.Dropdown(choices=[str(p) for p in studio.projects], value=str(root))
+        return views.plain(f"opened {root}"), gr.Dropdown(choices=[str(p) for p in studio.projects], value=str(root))
 
     return _checked(work, lambda line: (line, gr.skip()))
 
@@ -98,7 +103,7 @@ def take_clip(studio: Studio, given: str | None, uploaded: bool) -> tuple[Any, A
             raise TavError("give a clip: upload one or type its path")
         clip, root = studio.take_clip(Path(str(given).strip()).expanduser(), uploaded)
         projects = gr.Dropdown(choices=[str(p) for p in studio.projects], value=str(root))
-        return f"clip {clip.name}: project {root}; describe it on the Tune tab", projects, str(clip)
+        return views.plain(f"clip {clip.name}: project {root}; describe it on the Tune tab"), projects, str(clip)
 
     return _checked(work, lambda line: (line, gr.skip(), gr.skip()))
 
@@ -109,9 +114,9 @@ def frame_strip(clip: str, frames: Any, stride: Any, start: Any) -> tuple[Any, s
 
     def work() -> tuple[Any, str]:
         if not clip:
-            return None, ""
+            return None, gr.skip()
         values = parsed(FrameSelection.OPTIONS, {"frames": frames, "stride": stride, "start": start})
-        return strip(Path(clip), FrameSelection.named(values)), ""
+        return strip(Path(clip), FrameSelection.named(values)), gr.skip()
 
     return _checked(work, lambda line: (gr.skip(), line))
 
@@ -129,18 +134,20 @@ def tune(studio: Studio, given: str | None, clip: str, prompt: str, model: str, 
         )
         job = studio.submit_tune(form)
         place = studio.queue.place(job)
-        return f"queued {job.title}" + (f", {place} in line" if place > 1 else "")
+        return views.plain(f"queued {job.title}" + (f", {place} in line" if place > 1 else ""))
 
     return _checked(work, lambda line: line)
 
 
 def stop(studio: Studio, given: str | None) -> str:
     """Stop the project's running tune after its current step, its state kept (Tune again resumes)."""
-    job = studio.latest(Path(given), "tune") if given else None
+    job = studio.current(Path(given), "tune") if given else None
     if job is None or job.finished:
         return "no tune is running on this project"
     studio.queue.request_stop(job)
-    return f"stopping {job.title} after its current step; Tune again resumes it"
+    if job.state == "stopped":  # it was queued: dropped
+        return views.plain(f"{job.title} will not run")
+    return views.plain(f"stopping {job.title} after its current step; Tune again resumes it")
 
 
 def offer_words(prompts: str, *ticked: list[str] | None) -> tuple[Any, ...]:
@@ -154,7 +161,7 @@ def edit(studio: Studio, given: str | None, prompts: str, steps: Any, guidance: 
     negative, inversion, cross, self_replace, blend_source, blend_edit, reweighted, weight, loras = rest
     reweight = ",".join(f"{word}={weight}" for word in reweighted or ())
     options = {"steps": steps, "guidance": guidance, "seed": seed, "negative": negative or "", "inversion": inversion}
-    options |= {"cross_replace": float(cross or 0), "self_replace": float(self_replace or 0)}
+    options |= {"cross_replace": cross or 0, "self_replace": self_replace or 0}
 
     def work() -> str:
         form = EditForm(
@@ -163,7 +170,7 @@ def edit(studio: Studio, given: str | None, prompts: str, steps: Any, guidance: 
         )  # fmt: skip
         job = studio.submit_edit(form)
         place = studio.queue.place(job)
-        return f"queued {job.title}" + (f", {place} in line" if place > 1 else "")
+        return views.plain(f"queued {job.title}" + (f", {place} in line" if place > 1 else ""))
 
     return _checked(work, lambda line: line)
 
@@ -175,6 +182,13 @@ def _library(given: str | None, act: Callable[[Any], str]) -> tuple[str, Any]:
         return note, library.library_rows(project)
 
     return _checked(work, lambda line: (line, gr.skip()))
+
+
+def entries(studio: Studio, given: str | None) -> tuple[str, Any]:
+    """The Library as it is now (a terminal may have changed the store since)."""
+    if given and not Path(given).exists():
+        return "nothing stored yet: the project is made by its first tune", []
+    return _library(given, lambda project: "")
 
 
 def remove(studio: Studio, given: str | None, key: str) -> tuple[str, Any]:
@@ -192,13 +206,17 @@ def collect(studio: Studio, given: str | None) -> tuple[str, Any]:
     return _library(given, library.collect_garbage)
 
 
+def _gallery(files: list[str]) -> Any:
+    return gr.Gallery(value=files, visible=bool(files))
+
+
 def poll(studio: Studio, given: str | None, shown: dict[str, Any]) -> tuple[Any, ...]:
     """Every second: the project's newest tune and edit jobs as they stand, and the job list. What has not
     changed since the last tick is skipped, so that playing videos are not reloaded."""
     root = Path(given) if given else None
-    tuned = studio.latest(root, "tune") if root else None
-    edited = studio.latest(root, "edit") if root else None
-    losses = (tuned.id, len(tuned.losses)) if tuned else None
+    tuned = studio.current(root, "tune") if root else None
+    edited = studio.current(root, "edit") if root else None
+    losses = (tuned.id, len(tuned.losses), tuned.state) if tuned else None
     made = (tuned.id, len(tuned.made)) if tuned else None
     result = (edited.id, edited.state) if edited else None
     now = {"losses": losses, "made": made, "result": result}
@@ -209,7 +227,7 @@ def poll(studio: Studio, given: str | None, shown: dict[str, Any]) -> tuple[Any,
     return (
         views.progress_text(tuned, studio.queue),
         changed("losses", lambda: views.loss_picture(tuned)),
-        changed("made", lambda: views.tune_previews(tuned)),
+        changed("made", lambda: _gallery(views.tune_previews(tuned))),
         views.progress_text(edited, studio.queue),
         changed("result", lambda: views.results_html(edited)),
         views.jobs_table(studio.queue),

@@ -4,7 +4,6 @@ files from), clips taken in, and tune and edit jobs queued on the workflow's fun
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from collections.abc import Callable
@@ -13,12 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 from tavcli.errors import TavError
 from tavcli.files.atomic import atomic_path
+from tavcli.files.hashing import file_sha256
 from tavcli.progress import Reporter
 from tavcli.settings.config import project_for_clip, resolve_settings
 from tavcli.settings.inputs import require_regular_file
+from tavcli.store.housekeeping import listing
 from tavcli.ui.forms import EditForm, TuneForm, edit_request, tune_request
 from tavcli.ui.jobs import Job, JobQueue
-from tavcli.ui.library import open_project
+from tavcli.ui.library import is_project, open_project
 from tavcli.ui.safety import served
 
 if TYPE_CHECKING:
@@ -86,14 +87,20 @@ class Studio:
             size = given.stat().st_size
             if size > self.upload_limit:
                 raise TavError(f"the upload is {size / 1e6:.0f} MB, over the limit of {self.upload_limit / 1e6:.0f} MB")
+            try:
+                probe(given)  # before it is kept: nothing is kept of a clip that is refused
+            except TavError as error:
+                raise TavError(error.message.replace(str(given), given.name), error.hint) from None
             given = self._keep_upload(given)
         clip = Path(os.path.abspath(given))
         probe(clip)
         project = project_for_clip(None, resolve_settings({}, None))(clip)
+        if project.is_dir() and any(project.iterdir()) and not is_project(project):
+            raise TavError(f"{project} is a folder, but no tav project", "set --project or TAV_PROJECT elsewhere")
         return clip, self.add(project)
 
     def _keep_upload(self, upload: Path) -> Path:
-        digest = hashlib.sha256(upload.read_bytes()).hexdigest()[:8]
+        digest = file_sha256(upload)[:8]
         stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in upload.stem).strip("-") or "clip"
         kept = self.uploads / f"{stem}-{digest}{upload.suffix.lower()}"
         if not kept.is_file():
@@ -107,6 +114,9 @@ class Studio:
         from tavcli.media.video import probe
 
         self._require_served(form.project)
+        waiting = self.current(form.project, "tune")
+        if waiting is not None and not waiting.finished:
+            raise TavError(f"{waiting.title} is {waiting.state} on this project", "Stop it, or wait for it to end")
         request, preview, given = tune_request(form)
         probe(request.clip, request.selection if "frames" in given else None)
 
@@ -123,6 +133,7 @@ class Studio:
         from tavcli.workflow.source_prompt import check_source_words
 
         self._require_served(form.project)
+        open_project(form.project)  # edits need a tuned project: refused now, not when the job starts
         request = edit_request(form)
         check_source_words(request)
 
@@ -136,9 +147,15 @@ class Studio:
         title = f"edit {', '.join(map(repr, request.prompts))}"
         return self.queue.submit("edit", title, str(form.project), work)
 
-    def latest(self, project: Path, kind: str) -> Job | None:
-        """The newest job of `kind` on `project`: what the page shows after a reload."""
-        return next((job for job in self.queue.jobs() if job.kind == kind and job.project == str(project)), None)
+    def current(self, project: Path, kind: str) -> Job | None:
+        """The job of `kind` on `project` the page shows (after a reload too) and Stop stops: the running one,
+        else the next queued, else the newest."""
+        jobs = [job for job in self.queue.jobs() if job.kind == kind and job.project == str(project)]
+        for state in ("running", "queued"):
+            found = [job for job in jobs if job.state == state]
+            if found:
+                return found[-1]  # jobs are newest first: the first asked
+        return jobs[0] if jobs else None
 
     def _require_served(self, project: Path) -> None:
         if not served(project, self.projects) and not served(project, [self.uploads]):
@@ -146,20 +163,27 @@ class Studio:
 
 
 def project_summary(root: Path) -> dict[str, Any]:
-    """What the project's current tune was made from, to fill the Tune tab: clip, prompt, model, frames, size,
-    steps ({} for a project never tuned)."""
+    """What the project's newest tune was made from, to fill the Tune tab: the clip, prompt, model, frames, size,
+    seed, and steps ({} for a project never tuned). A training run stopped since the current tune was made
+    (Stop, Ctrl-C) is the newer one: Tune with its settings resumes it (its steps are not recorded)."""
     project = open_project(root)
+    runs = [row for row in listing(project) if row.kind == "checkpoints" and "latents" in row.spec and row.created]
     key = project.state.get("tune")
-    if not key:
+    tune = project.find("tunes", str(key)) if key else None
+    stopped = max(runs, key=lambda row: str(row.created), default=None)
+    if stopped is not None and (tune is None or str(stopped.created) > str(tune.meta().get("created", ""))):
+        spec, steps = stopped.spec, None
+    elif tune is not None:
+        spec, steps = dict(tune.spec), tune.spec["steps"]
+    else:
         return {}
-    tune = project.find("tunes", str(key))
-    latents = project.find("latents", tune.spec["latents"])
-    clip = latents.meta()["clip"]
+    latents = project.find("latents", spec["latents"])
     return {
-        "clip": clip["path"],
-        "prompt": tune.spec["prompt"],
+        "clip": latents.meta()["clip"]["path"],
+        "prompt": spec["prompt"],
         "model": latents.spec["model"]["model"],
         **latents.spec["selection"],
         **{name: latents.spec["size"][name] for name in ("width", "height")},
-        "steps": tune.spec["steps"],
+        "seed": spec["seed"],
+        **({"steps": steps} if steps else {}),
     }

@@ -4,6 +4,7 @@ results side by side with their downloads and the `tav edit` command that makes 
 from __future__ import annotations
 
 import html
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,16 @@ from tavcli.media.plots import loss_curve
 from tavcli.store.sidecar import read_sidecar, sidecar_of
 from tavcli.ui.jobs import Job, JobQueue
 
-__all__ = ["FILE_ROUTE", "file_url", "jobs_table", "loss_picture", "progress_text", "results_html", "tune_previews"]
+__all__ = [
+    "FILE_ROUTE",
+    "file_url",
+    "jobs_table",
+    "loss_picture",
+    "plain",
+    "progress_text",
+    "results_html",
+    "tune_previews",
+]
 
 FILE_ROUTE = "/gradio_api/file="  # where the server hands out files under its allowed folders
 
@@ -26,11 +36,17 @@ def file_url(path: Path) -> str:
     return FILE_ROUTE + quote(str(path.absolute()))
 
 
+def plain(text: str) -> str:
+    """`text` shown as it is in a Markdown line: a prompt's `![x](https://...)` or `<img>` is text, not a
+    picture fetched from another machine."""
+    return re.sub(r"([\\`*_\[\]<>!&~|])", r"\\\1", text)  # what makes markup inside a line
+
+
 def progress_text(job: Job | None, queue: JobQueue) -> str:
     """One or two lines: queued (and its place), the task with its steps, ETA and last loss, or how it ended."""
     if job is None:
         return ""
-    head = f"**{html.escape(job.title, quote=False)}**: "
+    head = f"**{plain(job.title)}**: "
     if job.state == "queued":
         place = queue.place(job)
         return head + (f"queued, {_ordinal(place)} in line" if place else "queued")
@@ -39,7 +55,7 @@ def progress_text(job: Job | None, queue: JobQueue) -> str:
         if task is None:
             return head + "loading the model"
         if job.notes:  # `resuming from step 40`, a rounded size: what the terminal would print
-            head = f"{head}{html.escape(job.notes[-1], quote=False)}; "
+            head = f"{head}{plain(job.notes[-1])}; "
         eta = task.eta_seconds(time.monotonic())
         parts = [f"{task.description} {task.completed} of {task.total}"]
         parts += [] if eta is None else [f"about {_duration(eta)} left"]
@@ -49,12 +65,19 @@ def progress_text(job: Job | None, queue: JobQueue) -> str:
     if job.state == "done":
         return head + f"done{seconds}"
     ended = "stopped" if job.state == "stopped" else "failed"
-    return head + f"{ended}{seconds}: {html.escape(job.error or '', quote=False)}"
+    return head + f"{ended}{seconds}: {plain(job.error or '')}"
 
 
 def loss_picture(job: Job | None) -> Image.Image | None:
-    """The tune's loss per step so far (None before the first step)."""
-    if job is None or not job.losses:
+    """The tune's loss per step so far (None before the first step); once it is done, the tune's own loss curve,
+    every step of it (a resumed run's steps before the stop included)."""
+    if job is None:
+        return None
+    tuned = [made for made in job.made if getattr(made, "kind", "") == "tune" and "loss_plot" in made.details]
+    if job.state == "done" and tuned:
+        with Image.open(tuned[-1].details["loss_plot"]) as picture:
+            return picture.convert("RGB")
+    if not job.losses:
         return None
     return loss_curve(list(job.losses), title=f"{job.title}, {len(job.losses)} steps this run")
 
