@@ -105,6 +105,11 @@ def test_a_user_tunes_stops_resumes_edits_and_cleans_up(
     step = int(re.search(r"interrupted at step (\d+) of 40", stopped).group(1))  # type: ignore[union-attr]
     page.locator("#tune").click()
     assert f"resuming from step {step}" in _until(page, "#tune-progress", rf"resuming from step {step}")
+    page.reload()  # the tune runs in the server: the reopened page shows the project and where the tune is
+    page.wait_for_selector("#project")
+    page.get_by_role("tab", name="Tune").click()
+    _until(page, "#tune-progress", r"tuning \d+ of 40|done")
+    assert page.locator("#tune-prompt textarea").input_value() == "a man is skiing"
     _until(page, "#tune-progress", r"done")
     page.wait_for_selector("#loss img")
     _shot(page, "tune", tmp_path)
@@ -121,6 +126,11 @@ def test_a_user_tunes_stops_resumes_edits_and_cleans_up(
         timeout=30_000,
     )
     print(f"Edit to playing videos in {time.monotonic() - clicked:.2f} s")
+    # They play in step: pausing one pauses the others, playing one plays them all.
+    page.locator("#results video").nth(1).evaluate("video => video.pause()")
+    page.wait_for_function("[...document.querySelectorAll('#results video')].every(v => v.paused)", timeout=5_000)
+    page.locator("#results video").nth(2).evaluate("video => video.play()")
+    page.wait_for_function("[...document.querySelectorAll('#results video')].every(v => !v.paused)", timeout=5_000)
     commands = page.locator("#results .tav-command").all_inner_texts()
     assert len(commands) == 2 and all(c.startswith("tav edit ") for c in commands)
     _shot(page, "edit", tmp_path)
