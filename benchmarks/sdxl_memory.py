@@ -47,7 +47,7 @@ from tavcli.method.memory import (
     probe_activations,
     tune_estimate,
 )
-from tavcli.method.training import trained_parameters
+from tavcli.method.training import start_training, trained_parameters
 from tavcli.method.video_unet import VideoUNet, inflate_unet
 from tavcli.models.architectures import ARCHITECTURES, configs
 from tavcli.models.conditioning import pooled_width
@@ -232,13 +232,7 @@ def measured_peak(unet: VideoUNet, precision: str, frames: int, size: int, check
     """Peak live bytes of a training step's forward and backward on the CPU, the UNet's weights counted as held,
     with diffusers' gradient checkpointing as `tav tune --gradient-checkpointing` enables it. No optimizer step:
     add AdamW's two moments (8 bytes a trained parameter) to compare with an estimate."""
-    params = trained_parameters(unet)
-    unet.requires_grad_(False)
-    for param in params.values():
-        param.requires_grad_(True)
-    unet.train()
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
+    params = start_training(unet, checkpointing)  # as a tune does: only the trained tensors take gradients
     rows = 77 if pooled_width(unet.config) is None else 78  # SDXL's pooled embedding rides as one more row
     text = torch.zeros(1, rows, unet.config.cross_attention_dim)
     sample = torch.zeros(1, unet.config.in_channels, frames, size // 8, size // 8)

@@ -29,6 +29,7 @@ __all__ = [
     "TuneDiverged",
     "TuneInterrupted",
     "TrainState",
+    "start_training",
     "stop_requests",
     "train_delta",
     "trained_parameters",
@@ -157,7 +158,7 @@ def train_delta(
     """
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
     # 1. What trains: the adapters when the tune has them, else the tuned projections.
-    params = _start_training(unet, run.gradient_checkpointing)
+    params = start_training(unet, run.gradient_checkpointing)
     # 2. The optimizer, the fp16 loss scaler and the generator, where `resume` left them.
     optimizer, scaler = _optimizer(params, run, runtime)
     generator = runtime.generator(run.seed)
@@ -207,7 +208,7 @@ def trained_parameters(unet: VideoUNet) -> dict[str, nn.Parameter]:
     return low_rank_parameters(unet) or trainable_parameters(unet)
 
 
-def _start_training(unet: VideoUNet, gradient_checkpointing: bool) -> dict[str, nn.Parameter]:
+def start_training(unet: VideoUNet, gradient_checkpointing: bool) -> dict[str, nn.Parameter]:
     """Make only the trained tensors require grad and put `unet` in training mode; return those tensors."""
     params = trained_parameters(unet)
     unet.requires_grad_(False)
