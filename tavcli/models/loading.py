@@ -25,8 +25,7 @@ def load_components(
 
     The text encoders and VAE are cast to `dtype` (they are frozen), except an SDXL model's VAE under fp16 when
     its config says `force_upcast` (SDXL's overflows in fp16): it stays float32, as diffusers' SDXL pipeline
-    decodes. The
-    UNet stays float32 until the caller decides (tuning needs float32 master weights).
+    decodes. The UNet stays float32 until the caller decides (tuning needs float32 master weights).
     """
     quiet_libraries()
     folder, safe, variant = source.folder, (None if allow_pickle else True), variant_of(source)

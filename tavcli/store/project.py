@@ -73,6 +73,12 @@ class Project:
             raise TavError(f"project {self.root} has no complete {kind[:-1]} {key}", "run `tav tune` again")
         return Entry(kind=kind, key=key, path=entry.path, spec=entry.meta()["spec"])
 
+    @property
+    def recognised(self) -> bool:
+        """Whether the folder holds a tav project: its `project.json`, or a clip's latents (a project's first
+        entry). A front end that serves or cleans a folder asks first (the app opens no other folder)."""
+        return (self.root / STATE_FILE).is_file() or bool(self.complete_keys("latents"))
+
     def complete_keys(self, kind: str) -> list[str]:
         """Keys of the entries of `kind` that are complete."""
         folder = self.root / kind

@@ -14,7 +14,6 @@ from tavcli.ui.studio import Studio
 
 __all__ = ["CSS", "HEAD", "build"]
 
-TUNE_NUMBERS = ("frames", "stride", "start", "width", "height", "steps", "seed")
 EDIT_NUMBERS = ("steps", "guidance", "seed")
 
 # Edits play in step: playing, pausing or seeking one does the same to the others (media events do not bubble,
@@ -77,7 +76,7 @@ def build(studio: Studio) -> gr.Blocks:
                         value=model, label="Model (hub id, folder, file or tiny)", scale=2, elem_id="tune-model"
                     )
                 with gr.Row():
-                    frames = [_number(TUNE[name], name, "tune") for name in TUNE_NUMBERS[:5]]
+                    frames = [_number(TUNE[name], name, "tune") for name in handlers.TUNE_NUMBERS[:5]]
                 with gr.Row():
                     steps, seed = (_number(TUNE[name], name, "tune") for name in ("steps", "seed"))
                     preview = gr.Textbox(

@@ -51,12 +51,9 @@ def tune_request(form: TuneForm) -> tuple[TuneRequest, Preview | None, set[str]]
     """The request `tav tune CLIP PROMPT -p PROJECT --model MODEL ...` makes, its previews, and the options given
     (so that a model's own defaults, SDXL's frames, apply where the page left the default)."""
     values = parsed(TUNE, form.options)
-    preview = preview_choice(
-        form.preview.strip() or None,
-        values.pop("preview_every", None) if form.preview.strip() else None,
-        values.pop("preview_steps", None) if form.preview.strip() else None,
-    )
-    values = {name: value for name, value in values.items() if name not in ("preview_every", "preview_steps")}
+    every, steps = values.pop("preview_every", None), values.pop("preview_steps", None)
+    wanted = form.preview.strip() or None  # the page always sends the interval: it counts only with a prompt
+    preview = preview_choice(wanted, every if wanted else None, steps if wanted else None)
     request = TuneRequest(
         clip=form.clip,
         prompt=form.prompt,

@@ -13,11 +13,14 @@ from tavcli.errors import TavError
 from tavcli.settings.tuning import FrameSelection
 from tavcli.ui import library, views
 from tavcli.ui.forms import EditForm, TuneForm, offered_words, parsed
+from tavcli.ui.jobs import Job
 from tavcli.ui.studio import Studio, project_summary
 from tavcli.words import prompt_words
 
 __all__ = [
+    "FILLED",
     "LIBRARY_COLUMNS",
+    "TUNE_NUMBERS",
     "collect",
     "edit",
     "entries",
@@ -35,6 +38,8 @@ __all__ = [
 ]
 
 LIBRARY_COLUMNS = library.COLUMNS
+TUNE_NUMBERS = ("frames", "stride", "start", "width", "height", "steps", "seed")  # the Tune tab's number fields
+FILLED = ("clip", "prompt", "model", *TUNE_NUMBERS)  # what opening a project fills in, from its tune
 T = TypeVar("T")
 
 
@@ -57,18 +62,27 @@ def _project(given: str | None) -> Path:
     return Path(given)
 
 
+def _project_list(studio: Studio, chosen: Path | None) -> Any:
+    return gr.Dropdown(choices=[str(p) for p in studio.projects], value=str(chosen) if chosen else None)
+
+
+def _queued(studio: Studio, job: Job) -> str:
+    place = studio.queue.place(job)
+    return views.plain(f"queued {job.title}" + (f", {place} in line" if place > 1 else ""))
+
+
 def restore(studio: Studio) -> Any:
     """A page (re)opened: the project list, showing the project last chosen (its jobs show as they stand)."""
-    chosen = str(studio.chosen) if studio.chosen else None
-    return gr.Dropdown(choices=[str(p) for p in studio.projects], value=chosen)
+    return _project_list(studio, studio.chosen)
 
 
 def fill(studio: Studio, given: str | None) -> tuple[Any, ...]:
     """The Tune tab from the project's current tune (its clip, prompt, model, frames, size, steps), the words of
     its prompt offered for blending, and its library."""
 
+    unchanged = [gr.skip()] * (len(FILLED) + 3)  # the fields, the blend words, the library, the poll's memo
     if not given:  # a fresh page: nothing chosen yet
-        return ("Open a project, or start one from a clip on the Project tab.", *[gr.skip()] * 13)
+        return ("Open a project, or start one from a clip on the Project tab.", *unchanged)
 
     def work() -> tuple[Any, ...]:
         root = Path(given)
@@ -77,20 +91,18 @@ def fill(studio: Studio, given: str | None) -> tuple[Any, ...]:
         made = root.is_dir()  # a clip's project is made by its first tune
         summary = project_summary(root) if made else {}
         rows = library.library_rows(library.open_project(root)) if made else []
-        values = [summary.get(name, gr.skip()) for name in ("clip", "prompt", "model")]
-        shown = ("frames", "stride", "start", "width", "height", "steps", "seed")
-        values += [summary.get(name, gr.skip()) for name in shown]
+        values = [summary.get(name, gr.skip()) for name in FILLED]
         words = gr.CheckboxGroup(choices=prompt_words(summary.get("prompt", "")), value=[])
         note = views.plain(f"project {root}" + ("" if summary else " (not tuned yet)"))
         return (note, *values, words, rows, {})
 
-    return _checked(work, lambda line: (line, *[gr.skip()] * 13))
+    return _checked(work, lambda line: (line, *unchanged))
 
 
 def open_project(studio: Studio, given: str) -> tuple[Any, Any]:
     def work() -> tuple[Any, Any]:
         root = studio.open(given)
-        return views.plain(f"opened {root}"), gr.Dropdown(choices=[str(p) for p in studio.projects], value=str(root))
+        return views.plain(f"opened {root}"), _project_list(studio, root)
 
     return _checked(work, lambda line: (line, gr.skip()))
 
@@ -102,8 +114,8 @@ def take_clip(studio: Studio, given: str | None, uploaded: bool) -> tuple[Any, A
         if not given or not str(given).strip():
             raise TavError("give a clip: upload one or type its path")
         clip, root = studio.take_clip(Path(str(given).strip()).expanduser(), uploaded)
-        projects = gr.Dropdown(choices=[str(p) for p in studio.projects], value=str(root))
-        return views.plain(f"clip {clip.name}: project {root}; describe it on the Tune tab"), projects, str(clip)
+        note = views.plain(f"clip {clip.name}: project {root}; describe it on the Tune tab")
+        return note, _project_list(studio, root), str(clip)
 
     return _checked(work, lambda line: (line, gr.skip(), gr.skip()))
 
@@ -124,7 +136,7 @@ def frame_strip(clip: str, frames: Any, stride: Any, start: Any) -> tuple[Any, s
 def tune(studio: Studio, given: str | None, clip: str, prompt: str, model: str, *values: Any) -> str:
     """Queue a tune of the form's settings (`tav tune`'s checks first)."""
     *numbers, preview, preview_every = values
-    options = dict(zip(("frames", "stride", "start", "width", "height", "steps", "seed"), numbers, strict=True))
+    options = dict(zip(TUNE_NUMBERS, numbers, strict=True))
 
     def work() -> str:
         if not clip:
@@ -132,9 +144,7 @@ def tune(studio: Studio, given: str | None, clip: str, prompt: str, model: str, 
         form = TuneForm(
             Path(clip), prompt, _project(given), model, {**options, "preview_every": preview_every}, preview
         )
-        job = studio.submit_tune(form)
-        place = studio.queue.place(job)
-        return views.plain(f"queued {job.title}" + (f", {place} in line" if place > 1 else ""))
+        return _queued(studio, studio.submit_tune(form))
 
     return _checked(work, lambda line: line)
 
@@ -168,9 +178,7 @@ def edit(studio: Studio, given: str | None, prompts: str, steps: Any, guidance: 
             _project(given), prompts or "", options, tuple(blend_source or ()), tuple(blend_edit or ()),
             reweight, loras or "",
         )  # fmt: skip
-        job = studio.submit_edit(form)
-        place = studio.queue.place(job)
-        return views.plain(f"queued {job.title}" + (f", {place} in line" if place > 1 else ""))
+        return _queued(studio, studio.submit_edit(form))
 
     return _checked(work, lambda line: line)
 

@@ -9,14 +9,13 @@ from pathlib import Path
 from tavcli.errors import TavError
 from tavcli.files.sizes import human_size
 from tavcli.store.housekeeping import fix, listing, problems
-from tavcli.store.project import STATE_FILE, Project
+from tavcli.store.project import Project
 from tavcli.store.removal import garbage_plan, removal_plan
 from tavcli.workflow.keys import describe
 
 __all__ = [
     "COLUMNS",
     "collect_garbage",
-    "is_project",
     "library_rows",
     "open_project",
     "remove_entry",
@@ -26,19 +25,13 @@ __all__ = [
 COLUMNS = ["kind", "key", "what", "from", "size", "created", "current"]
 
 
-def is_project(root: Path) -> bool:
-    """Whether `root` holds a tav project: its `project.json`, or a clip's latents (a project's first entry).
-    Any other folder is refused, so that the app never serves it nor collects its files as garbage."""
-    return (root / STATE_FILE).is_file() or any((root / "latents").glob("*/meta.json"))
-
-
 def open_project(root: Path) -> Project:
     """The project at `root`, refused in one line when there is none (or a newer tav wrote it)."""
     if not root.is_dir():
         raise TavError(f"no project at {root}", "create one from a clip on the Project tab")
-    if not is_project(root):
-        raise TavError(f"{root} is a folder, but no tav project", "a project is the NAME.tav folder `tav tune` made")
     project = Project(root)
+    if not project.recognised:  # never served, nor its files collected as garbage
+        raise TavError(f"{root} is a folder, but no tav project", "a project is the NAME.tav folder `tav tune` made")
     project.check_version()
     return project
 

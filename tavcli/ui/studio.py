@@ -17,9 +17,10 @@ from tavcli.progress import Reporter
 from tavcli.settings.config import project_for_clip, resolve_settings
 from tavcli.settings.inputs import require_regular_file
 from tavcli.store.housekeeping import listing
+from tavcli.store.project import Project
 from tavcli.ui.forms import EditForm, TuneForm, edit_request, tune_request
 from tavcli.ui.jobs import Job, JobQueue
-from tavcli.ui.library import is_project, open_project
+from tavcli.ui.library import open_project
 from tavcli.ui.safety import served
 
 if TYPE_CHECKING:
@@ -87,15 +88,17 @@ class Studio:
             size = given.stat().st_size
             if size > self.upload_limit:
                 raise TavError(f"the upload is {size / 1e6:.0f} MB, over the limit of {self.upload_limit / 1e6:.0f} MB")
-            try:
-                probe(given)  # before it is kept: nothing is kept of a clip that is refused
-            except TavError as error:
-                raise TavError(error.message.replace(str(given), given.name), error.hint) from None
-            given = self._keep_upload(given)
         clip = Path(os.path.abspath(given))
-        probe(clip)
+        try:
+            probe(clip)  # before an upload is kept: nothing is kept of a clip that is refused
+        except TavError as error:
+            if not uploaded:
+                raise
+            raise TavError(error.message.replace(str(clip), given.name), error.hint) from None  # as the user named it
+        if uploaded:
+            clip = self._keep_upload(clip)
         project = project_for_clip(None, resolve_settings({}, None))(clip)
-        if project.is_dir() and any(project.iterdir()) and not is_project(project):
+        if project.is_dir() and any(project.iterdir()) and not Project(project).recognised:
             raise TavError(f"{project} is a folder, but no tav project", "set --project or TAV_PROJECT elsewhere")
         return clip, self.add(project)
 

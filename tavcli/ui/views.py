@@ -73,7 +73,7 @@ def loss_picture(job: Job | None) -> Image.Image | None:
     every step of it (a resumed run's steps before the stop included)."""
     if job is None:
         return None
-    tuned = [made for made in job.made if getattr(made, "kind", "") == "tune" and "loss_plot" in made.details]
+    tuned = [made for made in job.made if made.kind == "tune" and "loss_plot" in made.details]
     if job.state == "done" and tuned:
         with Image.open(tuned[-1].details["loss_plot"]) as picture:
             return picture.convert("RGB")
@@ -86,8 +86,8 @@ def tune_previews(job: Job | None) -> list[str]:
     """The preview edits a tune rendered at its kept steps, and the sheet of them all, as files to show."""
     if job is None:
         return []
-    shown = [str(made.path) for made in job.made if getattr(made, "kind", "") == "edit"]
-    sheet = next((made for made in job.made if getattr(made, "kind", "") == "preview"), None)
+    shown = [str(made.path) for made in job.made if made.kind == "edit"]
+    sheet = next((made for made in job.made if made.kind == "preview"), None)
     return shown + ([str(sheet.path)] if sheet is not None else [])
 
 

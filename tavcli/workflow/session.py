@@ -268,9 +268,8 @@ def encode_latents(
 
 def size_time_ids(session: Session, clip: ClipFacts, model: Any) -> torch.Tensor | None:
     """SDXL's size numbers for a clip (its latents entry recorded them), for `model` (a UNet or a ControlNet):
-    None for one that takes none (SD 1.x/2.x, a T2I-Adapter). They
-    are rounded to the run's precision, as diffusers' pipeline and SDXL training script make them (in the
-    text's dtype: under bf16, 854 is 856)."""
+    None for one that takes none (SD 1.x/2.x, a T2I-Adapter). They are rounded to the run's precision, as
+    diffusers' pipeline and SDXL training script make them (in the text's dtype: under bf16, 854 is 856)."""
     if pooled_width(model.config) is None:
         return None
     recorded = clip.get("size_conditioning")
