@@ -68,6 +68,7 @@ def test_another_host_needs_a_user_and_password() -> None:
         (["--host", "0.0.0.0"], "--host 0.0.0.0 lets other machines in"),
         (["--auth", "nobody"], "--auth takes USER:PASSWORD"),
         (["no-such.tav"], "no project at no-such.tav"),
+        (["--max-upload", "99999999999999999999"], "Invalid value for '--max-upload'"),
     ],
 )
 def test_tav_ui_refuses_in_one_line(run_tav: RunTav, args: list[str], said: str) -> None:

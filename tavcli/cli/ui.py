@@ -15,6 +15,7 @@ from tavcli.errors import TavError
 __all__ = ["serve_app"]
 
 UPLOAD_LIMIT_MB = 500
+UPLOAD_MAX_MB = 1_000_000  # 1 TB: no clip is larger, and a larger limit overflows the web server's integers
 
 
 def serve_app(
@@ -50,7 +51,7 @@ def serve_app(
         ),
     ] = None,
     max_upload: Annotated[
-        int, typer.Option("--max-upload", help="Largest clip to accept, in MB.", min=1, metavar="MB")
+        int, typer.Option("--max-upload", help="Largest clip to accept, in MB.", min=1, max=UPLOAD_MAX_MB, metavar="MB")
     ] = UPLOAD_LIMIT_MB,
     quiet: QuietOpt = False,
 ) -> None:
